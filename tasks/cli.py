@@ -1,0 +1,176 @@
+"""``nightrec``: run the pipeline for a date, and read what it published.
+
+    nightrec run --interactions PATH --ds YYYY-MM-DD [--items PATH] [--users PATH] [--top-k N]
+    nightrec recs --user ID [--ds DATE]
+    nightrec export --out FILE.parquet [--ds DATE]
+    nightrec sample --out DIR
+
+Object store: with ``S3_ENDPOINT_URL`` set, that store is used as it is (AWS when it names AWS,
+or with ``--no-embedded-s3`` and no endpoint at all). Otherwise the embedded SeaweedFS server is
+started if needed (tasks/s3server.py) and used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tasks import layout, s3server, settings, storage
+
+RESULT_PREFIX = "NIGHTREC_RESULT "
+
+
+def use_object_store(embedded: bool = True) -> str:
+    """Point this process at the object store; start the embedded one when that is the choice."""
+    if settings.s3_endpoint_url() or not embedded:
+        return settings.s3_endpoint_url() or "AWS (boto3 default endpoint)"
+    cfg = s3server.up(s3server.ServerConfig.from_env())
+    os.environ.update(s3server.client_env(cfg))
+    storage._client.cache_clear()
+    return cfg.endpoint_url
+
+
+def upload_snapshot(ds: str, interactions: Path, items: Path | None, users: Path | None) -> None:
+    """Make ``raw/*/ds=<ds>/`` exactly these files (older files of that ds are removed)."""
+    for table, path in (("interactions", interactions), ("items", items), ("users", users)):
+        prefix = layout.raw_prefix(ds, table)
+        storage.delete(storage.list_uris(prefix))
+        if path is not None:
+            if not path.is_file():
+                raise FileNotFoundError(f"{table} file not found: {path}")
+            storage.upload_from(path, prefix + layout.safe_token(path.name, "file name"))
+
+
+def _cmd_run(args) -> int:
+    ds = settings.check_ds(args.ds)
+    endpoint = use_object_store(not args.no_embedded_s3)
+    upload_snapshot(ds, args.interactions, args.items, args.users)
+    conf = {"force_publish": args.force_publish}
+    if args.top_k:
+        conf["top_k"] = args.top_k
+    state = settings.state_dir()
+    log_path = state / "logs" / f"run-ds={ds}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        sys.executable, str(settings.project_root() / "scripts" / "run_dag.py"),
+        "--ds", ds, "--conf", json.dumps(conf), "--state", str(state),
+    ]
+    print(f"running nightly_recommendations for ds={ds} on {endpoint} (log: {log_path})",
+          flush=True)
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+    result = next(
+        (json.loads(line[len(RESULT_PREFIX):]) for line in proc.stdout.splitlines()
+         if line.startswith(RESULT_PREFIX)),
+        None,
+    )
+    if result is None:
+        print(f"nightrec run: FAILED before the DAG ran (exit {proc.returncode}); see {log_path}",
+              file=sys.stderr)
+        _tail(log_path)
+        return 1
+    if result.get("failed_task"):
+        print(f"nightrec run: FAILED in task {result['failed_task']}: {result['error']} "
+              f"(log: {log_path})", file=sys.stderr)
+        return 1
+    if result["tasks"].get("publish") != "success":
+        print(f"nightrec run: nothing published for ds={ds}: the model was not blessed by the "
+              f"gate (see {layout.run_uri(ds, 'evaluate', 'metrics.json')}); the previous table "
+              "stays latest", file=sys.stderr)
+        return 1
+    m = storage.read_json(layout.manifest_uri(ds))
+    print(f"published {m['rows']} rows for {m['users']} users, model {m['model_version']}, "
+          f"data {m['data_version'][:12]}")
+    print(f"table:    {layout.recs_prefix(ds)}")
+    print(f"manifest: {layout.manifest_uri(ds)}")
+    print(f"latest:   {layout.latest_uri()}")
+    return 0
+
+
+def _tail(path: Path, n: int = 30) -> None:
+    lines = path.read_text(errors="replace").splitlines()[-n:]
+    print("\n".join(lines), file=sys.stderr)
+
+
+def _cmd_recs(args) -> int:
+    from tasks.reader import RecommendationReader, TableNotFound
+
+    use_object_store(not args.no_embedded_s3)
+    try:
+        df = RecommendationReader().for_user(args.user, ds=args.ds)
+    except TableNotFound as e:
+        print(f"nightrec recs: {e}", file=sys.stderr)
+        return 1
+    if df.empty:
+        print(f"nightrec recs: user {args.user!r} has no recommendations", file=sys.stderr)
+        return 1
+    print(df.head(args.k).to_string(index=False))
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from tasks.reader import RecommendationReader, TableNotFound
+
+    use_object_store(not args.no_embedded_s3)
+    try:
+        df = RecommendationReader().table(ds=args.ds)
+    except TableNotFound as e:
+        print(f"nightrec export: {e}", file=sys.stderr)
+        return 1
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    df.to_parquet(args.out, index=False)
+    print(f"wrote {len(df)} rows for {df['user_id'].nunique()} users to {args.out}")
+    return 0
+
+
+def _cmd_sample(args) -> int:
+    from tasks import sample_data
+
+    return sample_data.main(["--out", str(args.out)])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nightrec", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name, fn, help_):
+        p = sub.add_parser(name, help=help_)
+        p.set_defaults(fn=fn)
+        p.add_argument("--no-embedded-s3", action="store_true",
+                       help="never start the embedded S3; use the AWS default chain")
+        return p
+
+    r = add("run", _cmd_run, "upload a snapshot for ds and run the DAG through Airflow")
+    r.add_argument("--interactions", type=Path, required=True)
+    r.add_argument("--ds", required=True)
+    r.add_argument("--items", type=Path)
+    r.add_argument("--users", type=Path)
+    r.add_argument("--top-k", type=int)
+    r.add_argument("--force-publish", action="store_true")
+    c = add("recs", _cmd_recs, "print one user's published recommendations")
+    c.add_argument("--user", required=True)
+    c.add_argument("--ds")
+    c.add_argument("-k", type=int, default=20, help="rows to print")
+    e = add("export", _cmd_export, "write a whole published table to a local Parquet file")
+    e.add_argument("--out", type=Path, required=True)
+    e.add_argument("--ds")
+    s = add("sample", _cmd_sample, "write seeded sample data (sizes from params.yaml)")
+    s.add_argument("--out", type=Path, required=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"nightrec {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

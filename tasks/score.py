@@ -1,0 +1,101 @@
+"""Step 8, score: every user against every item, seen items excluded, top-K, as Parquet parts.
+
+Reads the ``full`` model's embeddings (numpy only; no deep-learning import) and all of ds's
+interactions as the seen set, so nothing the user already interacted with is recommended. Users
+go in index order, which is ``user_id`` order, so the parts are sorted by ``user_id``. Parts are
+written to ``staging/recommendations/ds=<ds>/<run_key>/``; only publish makes them visible.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+
+from tasks import layout, ranking, schema, settings, storage
+
+PARAMS = ["score.top_k", "score.user_chunk", "publish.rows_per_part", "publish.row_group_size"]
+
+
+def recommendations_frame(
+    users: np.ndarray, items: np.ndarray, scores: np.ndarray, *, user_ids: np.ndarray,
+    item_ids: np.ndarray, model_version: str, ds: str,
+) -> pd.DataFrame:
+    """Long table from (n, K) top-K arrays; empty slots (item -1) are dropped."""
+    k = items.shape[1]
+    valid = items.reshape(-1) >= 0
+    rank = np.tile(np.arange(1, k + 1, dtype=np.int32), len(users))[valid]
+    return pd.DataFrame(
+        {
+            schema.USER_ID: np.repeat(user_ids[users], k)[valid],
+            schema.RANK: rank,
+            schema.ITEM_ID: item_ids[items.reshape(-1)[valid]],
+            schema.SCORE: scores.reshape(-1)[valid].astype(np.float32),
+            schema.MODEL_VERSION: model_version,
+            schema.DS: ds,
+        }
+    )
+
+
+def score_all(
+    emb: dict[str, np.ndarray], seen_df: pd.DataFrame, *, user_ids: np.ndarray,
+    item_ids: np.ndarray, top_k: int, user_chunk: int, model_version: str, ds: str,
+):
+    """Yield recommendation frames, ``user_chunk`` users at a time, in user order."""
+    n_users, n_items = emb["user"].shape[0], emb["item"].shape[0]
+    seen = ranking.seen_matrix(
+        seen_df, n_users=n_users, n_items=n_items, user_col=schema.USER_IDX,
+        item_col=schema.ITEM_IDX,
+    )
+    for users, items, scores in ranking.iter_top_k(
+        emb["user"], emb["item"], emb["item_bias"], seen, np.arange(n_users),
+        k=top_k, chunk=user_chunk,
+    ):
+        yield recommendations_frame(
+            users, items, scores, user_ids=user_ids, item_ids=item_ids,
+            model_version=model_version, ds=ds,
+        )
+
+
+def run(ds: str, evaluated: dict, run_key: str, params: dict | None = None,
+        top_k: int | None = None) -> dict:
+    """Score into staging; returns ``{"parts": [uri...], "rows": n, ...}``."""
+    p = settings.step_params(PARAMS, params)
+    k = int(top_k or p["score.top_k"])
+    emb = dict(np.load(io.BytesIO(storage.read_bytes(evaluated["full_embeddings"]))))
+    seen_df = pd.concat(
+        [storage.read_parquet(evaluated[n], columns=[schema.USER_IDX, schema.ITEM_IDX])
+         for n in ("train", "valid", "test")]
+    )
+    user_ids = storage.read_parquet(evaluated["user_features"])[schema.USER_ID].to_numpy(str)
+    item_ids = storage.read_parquet(evaluated["item_features"])[schema.ITEM_ID].to_numpy(str)
+    prefix = layout.staging_prefix(ds, run_key)
+    storage.delete(storage.list_uris(prefix))  # a retried task starts from an empty staging dir
+    parts, rows, buffer, buffered = [], 0, [], 0
+
+    def flush() -> None:
+        nonlocal buffer, buffered, rows
+        if not buffer:
+            return
+        frame = pd.concat(buffer, ignore_index=True)
+        uri = storage.join(prefix, f"part-{len(parts):05d}.parquet")
+        storage.write_parquet(frame, uri, row_group_size=int(p["publish.row_group_size"]))
+        parts.append(uri)
+        rows += len(frame)
+        buffer, buffered = [], 0
+
+    for frame in score_all(
+        emb, seen_df, user_ids=user_ids, item_ids=item_ids, top_k=k,
+        user_chunk=int(p["score.user_chunk"]), model_version=evaluated["model_version"], ds=ds,
+    ):
+        buffer.append(frame)
+        buffered += len(frame)
+        if buffered >= int(p["publish.rows_per_part"]):
+            flush()
+    flush()
+    return {
+        "parts": parts, "rows": rows, "top_k": k, "staging": prefix,
+        "model_version": evaluated["model_version"], "data_version": evaluated["data_version"],
+        "metrics": evaluated["metrics"],
+    }

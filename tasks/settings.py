@@ -1,0 +1,96 @@
+"""Where things are: the project root, params.yaml, the local state folder and the object store.
+
+Tunables come from ``params.yaml`` only. Locations and endpoints come from the environment:
+
+- ``NIGHTREC_HOME``: project root (default: the checkout this package lives in).
+- ``NIGHTREC_PARAMS``: path of params.yaml (default ``$NIGHTREC_HOME/params.yaml``).
+- ``NIGHTREC_STATE``: git-ignored local state (default ``$NIGHTREC_HOME/.nightrec``).
+- ``NIGHTREC_BUCKET``: bucket (default ``nightrec``).
+- ``S3_ENDPOINT_URL``: S3 endpoint; unset means AWS itself, as boto3 does.
+- ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_DEFAULT_REGION``: the usual AWS chain.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_BUCKET = "nightrec"
+_DS_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+def project_root() -> Path:
+    """The project checkout (holds params.yaml, dvc.yaml, dags/ and expectations/)."""
+    env = os.environ.get("NIGHTREC_HOME")
+    return Path(env).resolve() if env else Path(__file__).resolve().parents[1]
+
+
+def state_dir() -> Path:
+    """Git-ignored folder for local state: Airflow home, S3 data, DVC workspaces."""
+    env = os.environ.get("NIGHTREC_STATE")
+    path = Path(env) if env else project_root() / ".nightrec"
+    path.mkdir(parents=True, exist_ok=True)
+    return path.resolve()
+
+
+def params_path() -> Path:
+    env = os.environ.get("NIGHTREC_PARAMS")
+    return Path(env).resolve() if env else project_root() / "params.yaml"
+
+
+@lru_cache(maxsize=8)
+def _load_params(path: str, mtime: float) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+def load_params(path: str | Path | None = None) -> dict[str, Any]:
+    """params.yaml as a dict (cached per file modification time). Callers must not mutate it."""
+    p = Path(path) if path else params_path()
+    return _load_params(str(p), p.stat().st_mtime)
+
+
+def bucket() -> str:
+    return os.environ.get("NIGHTREC_BUCKET", DEFAULT_BUCKET)
+
+
+def s3_endpoint_url() -> str | None:
+    """The S3 endpoint, or None to let boto3 talk to AWS."""
+    return os.environ.get("S3_ENDPOINT_URL") or None
+
+
+def check_ds(ds: str) -> str:
+    """Return ``ds`` if it is a real ``YYYY-MM-DD`` date, else raise ValueError.
+
+    Every object key built from a ds goes through here, so a ds can never carry a path.
+    """
+    if not isinstance(ds, str) or not _DS_RE.match(ds):
+        raise ValueError(f"ds must be a date as YYYY-MM-DD, got {ds!r}")
+    dt.date.fromisoformat(ds)  # rejects 2026-02-30
+    return ds
+
+
+class StepParams(dict):
+    """The slice of params.yaml a step declared it reads; reading anything else is a bug.
+
+    ``dvc.yaml`` lists the same keys per stage (``tests/test_dvc.py``), so DVC reruns a stage
+    exactly when one of its own knobs changes.
+    """
+
+    def __init__(self, params: dict[str, Any], keys: list[str]):
+        super().__init__()
+        for dotted in keys:
+            node: Any = params
+            for part in dotted.split("."):
+                node = node[part]
+            self[dotted] = node
+
+
+def step_params(keys: list[str], params: dict[str, Any] | None = None) -> StepParams:
+    return StepParams(params if params is not None else load_params(), keys)
