@@ -1,0 +1,104 @@
+"""Shared fixtures. Airflow reads its settings at import, so they are set here, first.
+
+- ``s3``: a real SeaweedFS server (tasks/s3server.py) on free ports in a temp folder, for the
+  session; the environment points boto3, DVC and nightrec at it.
+- ``test_params``: params.yaml with a smaller sample and fewer epochs, via NIGHTREC_PARAMS.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+ML100K = ROOT.parent / "shared" / "data" / "ml-100k"
+_TMP = Path(tempfile.mkdtemp(prefix="nightrec-tests-"))
+
+os.environ["NIGHTREC_STATE"] = str(_TMP / "state")
+os.environ["AIRFLOW_HOME"] = str(_TMP / "airflow")
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(ROOT / "dags")
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = f"sqlite:///{_TMP}/airflow/airflow.db"
+os.environ["GX_ANALYTICS_ENABLED"] = "false"
+os.environ["KERAS_BACKEND"] = os.environ.get("KERAS_BACKEND", "tensorflow")
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+for var in ("S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+    os.environ.pop(var, None)
+
+TEST_PARAMS = _TMP / "params.yaml"
+_params = yaml.safe_load((ROOT / "params.yaml").read_text())
+_params["sample"].update(n_users=600, n_items=300, n_interactions=15000)
+_params["train"].update(epochs=8)
+TEST_PARAMS.write_text(yaml.safe_dump(_params))
+os.environ["NIGHTREC_PARAMS"] = str(TEST_PARAMS)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _free_port_below(limit: int) -> int:
+    """A free port p with p + 10000 free too (weed's gRPC port)."""
+    for _ in range(200):
+        p = free_port()
+        if p + 10000 < 65536 and p < limit:
+            try:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p + 10000))
+                return p
+            except OSError:
+                continue
+    raise RuntimeError("no free port pair")
+
+
+@pytest.fixture(scope="session")
+def s3():
+    from tasks import s3server, storage
+
+    cfg = s3server.ServerConfig(
+        data_dir=_TMP / "s3",
+        s3_port=free_port(),
+        master_port=_free_port_below(55000),
+        volume_port=_free_port_below(55000),
+        filer_port=_free_port_below(55000),
+        admin_port=_free_port_below(55000),
+    )
+    s3server.up(cfg)
+    os.environ.update(s3server.client_env(cfg))
+    storage._client.cache_clear()
+    yield cfg
+    s3server.down(cfg)
+
+
+@pytest.fixture(scope="session")
+def airflow_db():
+    """A migrated Airflow metadata DB (SQLite) for dag.test()."""
+    home = Path(os.environ["AIRFLOW_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    subprocess.run([str(Path(sys.executable).parent / "airflow"), "db", "migrate"], check=True,
+                   stdout=subprocess.DEVNULL)
+    return home
+
+
+@pytest.fixture(scope="session")
+def sample(tmp_path_factory):
+    from tasks import sample_data, settings
+
+    out = tmp_path_factory.mktemp("sample")
+    return sample_data.write_sample(out, **sample_data.sample_kwargs(settings.load_params()))
+
+
+@pytest.fixture
+def ml100k():
+    if not (ML100K / "u.data").exists():
+        pytest.skip(f"MovieLens-100K not present at {ML100K}")
+    return ML100K

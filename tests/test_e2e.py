@@ -1,0 +1,175 @@
+"""End to end: the real DAG through Airflow (dag.test) against the real SeaweedFS server.
+
+dag.test() does not raise when a task fails, so every test asserts run and task states.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tasks import layout, storage
+from tasks.reader import RecommendationReader
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.e2e
+DS1, DS2, DS_BAD = "2026-11-27", "2026-11-28", "2026-11-29"
+
+
+def run_dag(ds: str, **conf):
+    from airflow.dag_processing.dagbag import DagBag
+
+    dag = DagBag(dag_folder=str(ROOT / "dags")).get_dag("nightly_recommendations")
+    logical = dt.datetime.fromisoformat(ds).replace(hour=2, tzinfo=dt.timezone.utc)
+    dr = dag.test(logical_date=logical, run_conf={"ds": ds, **conf})
+    return dr, {ti.task_id: str(ti.state) for ti in dr.get_task_instances()}
+
+
+def upload(ds: str, sample: dict, interactions: bytes | None = None) -> None:
+    for table in ("interactions", "items", "users"):
+        storage.delete(storage.list_uris(layout.raw_prefix(ds, table)))
+        data = interactions if (table == "interactions" and interactions) else sample[table].read_bytes()
+        storage.write_bytes(layout.raw_prefix(ds, table) + f"{table}.csv", data)
+
+
+def _partition_parts(ds: str) -> list[str]:
+    return [u for u in storage.list_uris(layout.recs_prefix(ds)) if u.endswith(".parquet")]
+
+
+@pytest.fixture(scope="module")
+def first_run(s3, airflow_db, sample):
+    upload(DS1, sample)
+    dr, states = run_dag(DS1)
+    return dr, states
+
+
+def test_run_publishes_table_with_schema_and_counts(first_run, sample):
+    dr, states = first_run
+    assert str(dr.state) == "success", states
+    assert all(s == "success" for s in states.values()), states
+    manifest = storage.read_json(layout.manifest_uri(DS1))
+    table = RecommendationReader().table(DS1)
+    assert list(table.columns) == ["user_id", "rank", "item_id", "score", "model_version", "ds"]
+    k = manifest["top_k"]
+    assert k == 100
+    clean = storage.read_parquet(layout.run_uri(DS1, "clean", "interactions.parquet"))
+    assert table["user_id"].nunique() == clean["user_id"].nunique() == manifest["users"]
+    assert len(table) == manifest["users"] * k == manifest["rows"]
+    assert (table.groupby("user_id")["rank"].agg(["min", "max"]).values == [1, k]).all()
+    assert not (table.groupby("user_id")["score"].diff() > 0).any()
+    seen = set(zip(clean["user_id"], clean["item_id"]))
+    assert not any(pair in seen for pair in zip(table["user_id"], table["item_id"]))
+    assert (table["ds"] == DS1).all() and (table["model_version"] == manifest["model_version"]).all()
+    latest = storage.read_json(layout.latest_uri())
+    assert latest["ds"] == DS1 and latest["manifest"] == layout.manifest_uri(DS1)
+
+
+def test_manifest_matches_the_parts(first_run):
+    manifest = storage.read_json(layout.manifest_uri(DS1))
+    listed = sorted(f"s3://{storage.split_uri(layout.recs_prefix(DS1))[0]}/{p['key']}"
+                    for p in manifest["parts"])
+    assert listed == _partition_parts(DS1)
+    total = 0
+    for part in manifest["parts"]:
+        data = storage.read_bytes(storage.s3_uri(part["key"]))
+        assert storage.sha256(data) == part["sha256"] and len(data) == part["bytes"]
+        rows = len(pd.read_parquet(io.BytesIO(data)))
+        assert rows == part["rows"]
+        total += rows
+    assert total == manifest["rows"]
+    assert storage.list_uris(layout.staging_prefix(DS1, "x").rsplit("/", 2)[0]) == []
+
+
+def test_dvc_remote_holds_the_split(first_run):
+    meta = storage.read_json(layout.run_uri(DS1, "split", "meta.json"))
+    version = meta["data_version"]
+    manifest = storage.read_json(layout.manifest_uri(DS1))
+    assert manifest["data_version"] == version
+    remote = storage.list_uris(layout.dvc_remote_uri())
+    # DVC 3 stores a directory listing as files/md5/<2 chars>/<rest>.dir, and each file by md5.
+    dir_obj = [u for u in remote if u.endswith(f"/{version[:2]}/{version[2:]}.dir")]
+    assert len(dir_obj) == 1
+    listing = json.loads(storage.read_bytes(dir_obj[0]))
+    assert sorted(e["relpath"] for e in listing) == ["test.parquet", "train.parquet", "valid.parquet"]
+    for entry in listing:
+        md5 = entry["md5"]
+        blob = [u for u in remote if u.endswith(f"/{md5[:2]}/{md5[2:]}")]
+        assert len(blob) == 1
+        ours = storage.read_bytes(layout.run_uri(DS1, "split", entry["relpath"]))
+        assert storage.read_bytes(blob[0]) == ours
+
+
+def test_great_expectations_suite_ran(first_run):
+    report = storage.read_json(layout.run_uri(DS1, "validate", "report.json"))
+    suite = json.loads((ROOT / "expectations" / "clean_interactions.json").read_text())
+    assert report["success"] is True
+    assert report["expectations"]["n_expectations"] == len(suite["expectations"])
+    published = storage.read_json(layout.run_uri(DS1, "publish", "validation.json"))
+    assert published["success"] is True and published["n_expectations"] == 10
+
+
+def test_rerun_same_ds_replaces_partition(first_run):
+    before = storage.read_json(layout.manifest_uri(DS1))
+    dr, states = run_dag(DS1)
+    assert str(dr.state) == "success", states
+    after = storage.read_json(layout.manifest_uri(DS1))
+    table = RecommendationReader().table(DS1)
+    assert len(table) == after["rows"] == before["rows"]
+    assert not table.duplicated(["user_id", "rank"]).any()
+    assert len(_partition_parts(DS1)) == len(after["parts"])
+    # A naive reader of the whole prefix also sees each row once.
+    naive = pd.concat(pd.read_parquet(io.BytesIO(storage.read_bytes(u))) for u in _partition_parts(DS1))
+    assert len(naive) == after["rows"]
+
+
+def test_invalid_rows_past_threshold_fail_and_keep_previous_table(first_run, sample):
+    latest_before = storage.read_json(layout.latest_uri())
+    good = sample["interactions"].read_text()
+    n = good.count("\n")
+    bad_rows = "".join(f"{i},x{i},banana,not-a-time\n" for i in range(n // 10))
+    upload(DS_BAD, sample, (good + bad_rows).encode())
+    dr, states = run_dag(DS_BAD)
+    assert str(dr.state) == "failed"
+    assert states["validate"] == "failed"
+    assert states["publish"] in ("upstream_failed", "skipped", "None")
+    assert not storage.exists(layout.manifest_uri(DS_BAD))
+    assert storage.read_json(layout.latest_uri()) == latest_before
+    assert len(RecommendationReader().table()) == storage.read_json(
+        layout.manifest_uri(latest_before["ds"]))["rows"]
+    report = storage.read_json(layout.run_uri(DS_BAD, "validate", "report.json"))
+    assert report["quarantine"]["success"] is False
+    quarantine = storage.read_parquet(layout.run_uri(DS_BAD, "clean", "quarantine.parquet"))
+    assert (quarantine["reason"] == "unparseable_value").sum() == n // 10
+    alerts = storage.list_uris(storage.s3_uri(f"alerts/ds={DS_BAD}/"))
+    assert any(".validate." in a for a in alerts)
+
+
+def test_cli_run_on_movielens_100k(s3, ml100k, tmp_path):
+    """Acceptance: u.data + items + users for 2026-11-28 gives 943 users x K valid rows."""
+    env_bin = Path(sys.executable).parent
+    cmd = [str(env_bin / "nightrec"), "run", "--interactions", str(ml100k / "u.data"),
+           "--items", str(ml100k / "items.csv"), "--users", str(ml100k / "users.csv"),
+           "--ds", DS2]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "recommendations/ds=2026-11-28/" in run.stdout
+    out = tmp_path / "r.parquet"
+    subprocess.run([str(env_bin / "nightrec"), "export", "--out", str(out)], check=True)
+    table = pd.read_parquet(out)
+    k = 100
+    assert table["user_id"].nunique() == 943 and len(table) == 943 * k
+    assert (table.groupby("user_id")["rank"].apply(lambda r: list(r) == list(range(1, k + 1)))).all()
+    assert not (table.groupby("user_id")["score"].diff() > 0).any()
+    rated = pd.read_csv(ml100k / "u.data", sep="\t", names=["u", "i", "r", "t"], dtype=str)
+    seen = set(zip(rated["u"], rated["i"]))
+    assert not any(pair in seen for pair in zip(table["user_id"], table["item_id"]))
+    recs = subprocess.run([str(env_bin / "nightrec"), "recs", "--user", "196", "-k", "3"],
+                          capture_output=True, text=True, check=True)
+    assert recs.stdout.count(DS2) == 3
