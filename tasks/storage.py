@@ -20,7 +20,7 @@ from tasks import settings
 
 
 @lru_cache(maxsize=4)
-def _client(endpoint: str | None, key_id: str | None):
+def _client(endpoint: str | None, credential_fingerprint: str):
     import boto3
     from botocore.config import Config
 
@@ -31,13 +31,15 @@ def _client(endpoint: str | None, key_id: str | None):
         connect_timeout=5,
         read_timeout=60,
     )
-    # Credentials are not passed: boto3's own chain reads AWS_* / profiles / instance roles.
-    return boto3.client("s3", endpoint_url=endpoint, config=cfg)
+    # Credentials are not passed: boto3's own chain reads AWS_* / profiles / instance roles. A
+    # fresh Session, because the default one caches the credentials it resolved first.
+    return boto3.session.Session().client("s3", endpoint_url=endpoint, config=cfg)
 
 
 def s3_client():
     """A boto3 S3 client for ``S3_ENDPOINT_URL`` (or AWS when unset)."""
-    return _client(settings.s3_endpoint_url(), os.environ.get("AWS_ACCESS_KEY_ID"))
+    creds = f"{os.environ.get('AWS_ACCESS_KEY_ID')}:{os.environ.get('AWS_SECRET_ACCESS_KEY')}"
+    return _client(settings.s3_endpoint_url(), sha256(creds.encode()))
 
 
 def s3_uri(key: str, bucket: str | None = None) -> str:
