@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-ML100K = ROOT.parent / "shared" / "data" / "ml-100k"
+ML100K = Path(os.environ.get("NIGHTREC_ML100K", ROOT.parent / "shared" / "data" / "ml-100k"))
 _TMP = Path(tempfile.mkdtemp(prefix="nightrec-tests-"))
 
 os.environ["NIGHTREC_STATE"] = str(_TMP / "state")
