@@ -24,6 +24,7 @@ import datetime as dt
 
 from airflow.sdk import Param, dag, get_current_context, task
 
+
 def _on_failure(context) -> None:
     from tasks.alerts import record_failure
 
@@ -62,7 +63,7 @@ def _ds() -> str:
 @dag(
     dag_id="nightly_recommendations",
     schedule="0 2 * * *",
-    start_date=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc),
+    start_date=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
     catchup=False,
     max_active_runs=1,
     default_args=DEFAULT_ARGS,

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     dag = bag.get_dag(args.dag_id)
     conf = {**json.loads(args.conf), "ds": args.ds}
-    logical = dt.datetime.fromisoformat(args.ds).replace(hour=2, tzinfo=dt.timezone.utc)
+    logical = dt.datetime.fromisoformat(args.ds).replace(hour=2, tzinfo=dt.UTC)
     dr = dag.test(logical_date=logical, run_conf=conf)
     states = {ti.task_id: str(ti.state) for ti in dr.get_task_instances()}
     result = {"dag_id": args.dag_id, "run_id": dr.run_id, "state": str(dr.state), "tasks": states}

@@ -32,7 +32,7 @@ def record_failure(*, dag_id: str, run_id: str, task_id: str, ds: str | None, er
         "task_id": task_id,
         "ds": ds,
         "error": error,
-        "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     log.error("task failed: %s.%s (run %s, ds %s): %s", dag_id, task_id, run_id, ds, error)
     path = local_alert_path(run_id)

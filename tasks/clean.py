@@ -45,7 +45,7 @@ def _to_number(values: pd.Series) -> pd.Series:
 def _seconds(ts: pd.Series, source: pd.Series) -> pd.Series:
     """Per source file: if its finite timestamps look like milliseconds, divide by 1000."""
     out = ts.copy()
-    for src, idx in ts.groupby(source, sort=False).groups.items():
+    for idx in ts.groupby(source, sort=False).groups.values():
         finite = ts.loc[idx][np.isfinite(ts.loc[idx])]
         if len(finite) and finite.median() > _MS_THRESHOLD:
             out.loc[idx] = ts.loc[idx] / 1000.0
@@ -153,14 +153,14 @@ def clean_interactions(
     counts = Counter(reason.dropna())
     invalid = sum(n for r, n in counts.items() if r in schema.INVALID_REASONS)
     stats = {
-        "raw_rows": int(len(df)),
-        "clean_rows": int(len(clean)),
+        "raw_rows": len(df),
+        "clean_rows": len(clean),
         "quarantined_rows": int(reason.notna().sum()),
         "by_reason": {k: int(v) for k, v in sorted(counts.items())},
         "invalid_rows": int(invalid),
         "invalid_fraction": float(invalid / len(df)) if len(df) else 0.0,
-        "n_users": int(len(users)),
-        "n_items": int(len(items)),
+        "n_users": len(users),
+        "n_items": len(items),
     }
     return clean, quarantine.reset_index(drop=True), stats
 

@@ -62,7 +62,7 @@ def _cmd_run(args) -> int:
     print(f"running nightly_recommendations for ds={ds} on {endpoint} (log: {log_path})",
           flush=True)
     with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, check=False)
     result = next(
         (json.loads(line[len(RESULT_PREFIX):]) for line in proc.stdout.splitlines()
          if line.startswith(RESULT_PREFIX)),

@@ -53,7 +53,7 @@ def evaluate_embeddings(
     for name, recs in (("model", model_recs), ("popularity", pop_recs)):
         shown = recs[:, : min(ks)]
         out[name]["catalogue_coverage"] = float(len(np.unique(shown[shown >= 0])) / n_items)
-    out["n_test_users"] = int(len(users))
+    out["n_test_users"] = len(users)
     return out
 
 

@@ -83,7 +83,7 @@ def parse_text(data: bytes, *, source: str, delimiter: str | None = None) -> pd.
     sep = delimiter or sniff_delimiter(first)
     fields = [f.strip().strip('"') for f in first.split(sep)]
     has_header = any(_canonical(f) == schema.USER_ID for f in fields)
-    read_kwargs = dict(sep=sep, dtype=str, keep_default_na=False, na_values=[""])
+    read_kwargs = {"sep": sep, "dtype": str, "keep_default_na": False, "na_values": [""]}
     if sep == "::":
         read_kwargs["engine"] = "python"
     if has_header:

@@ -122,7 +122,7 @@ def run(ds: str, scored: dict, params: dict | None = None) -> dict:
             {"key": storage.split_uri(uri)[1], "bytes": len(data), "rows": len(frame),
              "sha256": storage.sha256(data)}
         )
-    created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     manifest = build_manifest(
         ds=ds, parts=parts, scored={**scored, "users": int(table[schema.USER_ID].nunique())},
         created_at=created,

@@ -8,7 +8,7 @@ cut is argpartition's deterministic choice, not necessarily the lowest index.)
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd

@@ -40,7 +40,7 @@ class RecommendationReader:
     def _part(self, part: dict, filters=None) -> pd.DataFrame:
         data = storage.read_bytes(storage.s3_uri(part["key"], self.bucket))
         if storage.sha256(data) != part["sha256"]:
-            raise IOError(f"{part['key']}: checksum differs from the manifest")
+            raise OSError(f"{part['key']}: checksum differs from the manifest")
         return pq.read_table(io.BytesIO(data), filters=filters).to_pandas()
 
     def table(self, ds: str | None = None) -> pd.DataFrame:

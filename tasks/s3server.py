@@ -45,7 +45,7 @@ class ServerConfig:
     bucket: str = settings.DEFAULT_BUCKET
 
     @classmethod
-    def from_env(cls) -> "ServerConfig":
+    def from_env(cls) -> ServerConfig:
         env = os.environ
         return cls(
             data_dir=Path(env.get("S3_DATA_DIR") or settings.state_dir() / "s3"),
@@ -195,17 +195,16 @@ def up(cfg: ServerConfig | None = None) -> ServerConfig:
         )
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **credentials(cfg)}
-    log = open(cfg.log_file, "ab")
-    proc = subprocess.Popen(
-        _command(cfg),
-        cwd=cfg.data_dir,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,  # a Ctrl-C in the caller's terminal does not reach it
-    )
-    log.close()
+    with open(cfg.log_file, "ab") as log:
+        proc = subprocess.Popen(
+            _command(cfg),
+            cwd=cfg.data_dir,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # a Ctrl-C in the caller's terminal does not reach it
+        )
     cfg.pid_file.write_text(str(proc.pid))
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:

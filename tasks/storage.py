@@ -12,9 +12,10 @@ import io
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from tasks import settings
 

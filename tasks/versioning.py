@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from tasks import layout, settings, storage, split
+from tasks import layout, settings, split, storage
 
 SPLIT_DIR = "data/split"
 INPUT = "data/augment/interactions.parquet"
@@ -38,7 +38,7 @@ def _dvc(ws: Path, *args: str) -> str:
         filter(None, [str(settings.project_root()), env.get("PYTHONPATH")])
     )
     cmd = [sys.executable, "-m", "dvc", *args]
-    proc = subprocess.run(cmd, cwd=ws, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=ws, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise DvcError(f"`dvc {' '.join(args)}` failed ({proc.returncode}): {proc.stderr.strip()}")
     return proc.stdout

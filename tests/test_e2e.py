@@ -27,7 +27,7 @@ def run_dag(ds: str, **conf):
     from airflow.dag_processing.dagbag import DagBag
 
     dag = DagBag(dag_folder=str(ROOT / "dags")).get_dag("nightly_recommendations")
-    logical = dt.datetime.fromisoformat(ds).replace(hour=2, tzinfo=dt.timezone.utc)
+    logical = dt.datetime.fromisoformat(ds).replace(hour=2, tzinfo=dt.UTC)
     dr = dag.test(logical_date=logical, run_conf={"ds": ds, **conf})
     return dr, {ti.task_id: str(ti.state) for ti in dr.get_task_instances()}
 
@@ -157,7 +157,7 @@ def test_cli_run_on_movielens_100k(s3, ml100k, tmp_path):
     cmd = [str(env_bin / "nightrec"), "run", "--interactions", str(ml100k / "u.data"),
            "--items", str(ml100k / "items.csv"), "--users", str(ml100k / "users.csv"),
            "--ds", DS2]
-    run = subprocess.run(cmd, capture_output=True, text=True)
+    run = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "recommendations/ds=2026-11-28/" in run.stdout
     out = tmp_path / "r.parquet"

@@ -1,6 +1,7 @@
 """Imports point one way: dags/ may import tasks/, tasks/ never imports airflow."""
 
 import ast
+import itertools
 import subprocess
 import sys
 import warnings
@@ -61,7 +62,7 @@ def test_nightly_dag_structure(airflow_db):
     order = ["ingest", "clean", "validate", "augment", "split", "train", "evaluate", "score",
              "publish"]
     assert set(order) | {"gate"} == set(dag.task_ids)
-    for up, down in zip(order, order[1:]):
+    for up, down in itertools.pairwise(order):
         assert down in dag.get_task(up).downstream_task_ids, (up, down)
     assert "score" in dag.get_task("gate").downstream_task_ids
     for t in dag.tasks:

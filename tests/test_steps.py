@@ -16,8 +16,8 @@ T0 = 1_780_000_000  # 2026-05-28
 
 
 def _clean(raw, **kw):
-    args = dict(ds=DS, min_rating=0.5, max_rating=5.0, min_timestamp="1995-01-01",
-                min_user_interactions=1, min_item_interactions=1)
+    args = {"ds": DS, "min_rating": 0.5, "max_rating": 5.0, "min_timestamp": "1995-01-01",
+            "min_user_interactions": 1, "min_item_interactions": 1}
     args.update(kw)
     return clean.clean_interactions(raw, **args)
 
