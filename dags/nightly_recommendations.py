@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime as dt
 
 from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException
 
 
 def _on_failure(context) -> None:
@@ -33,10 +34,21 @@ def _on_failure(context) -> None:
     logical = context.get("logical_date")
     ds = params.get("ds") or (logical.strftime("%Y-%m-%d") if logical else None)
     err = context.get("exception")
-    record_failure(
-        dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id, ds=ds,
-        error=f"{type(err).__name__}: {err}" if err else "unknown error",
-    )
+    if isinstance(err, AirflowFailException):  # raised by _permanent with the cause's name
+        error = str(err)
+    else:
+        error = f"{type(err).__name__}: {err}" if err else "unknown error"
+    record_failure(dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id, ds=ds, error=error)
+
+
+def _permanent(fn, *args, **kwargs):
+    """Call a step; a PermanentError (bad input) fails the task at once, without retries."""
+    from tasks.errors import PermanentError
+
+    try:
+        return fn(*args, **kwargs)
+    except PermanentError as e:
+        raise AirflowFailException(f"{type(e).__name__}: {e}") from e
 
 
 DEFAULT_ARGS = {
@@ -84,7 +96,7 @@ def nightly_recommendations():
         from tasks import ingest as step
 
         ds = _ds()
-        return {"ds": ds, **step.run(ds)}
+        return {"ds": ds, **_permanent(step.run, ds)}
 
     @task(doc_md="Parse, quarantine bad rows with a reason, dedupe, k-core, index.")
     def clean(prev: dict) -> dict:
@@ -96,7 +108,7 @@ def nightly_recommendations():
     def validate(prev: dict) -> dict:
         from tasks import validate as step
 
-        return {"ds": prev["ds"], **step.run(prev["ds"], prev)}
+        return {"ds": prev["ds"], **_permanent(step.run, prev["ds"], prev)}
 
     @task(doc_md="Labels, weights and side-feature tables.")
     def augment(prev: dict) -> dict:
@@ -150,7 +162,7 @@ def nightly_recommendations():
     def publish(prev: dict) -> dict:
         from tasks import publish as step
 
-        return {"ds": prev["ds"], **step.run(prev["ds"], prev)}
+        return {"ds": prev["ds"], **_permanent(step.run, prev["ds"], prev)}
 
     evaluated = evaluate(train(split(augment(validate(clean(ingest()))))))
     scored = score(evaluated)

@@ -25,6 +25,7 @@ from pathlib import PurePosixPath
 import pandas as pd
 
 from tasks import layout, schema, settings, storage
+from tasks.errors import PermanentError
 
 PARAMS = ["ingest.delimiter"]
 
@@ -38,7 +39,7 @@ _TEXT_SUFFIXES = {".csv", ".tsv", ".data", ".dat", ".txt", ".base", ".test"}
 _DELIMITERS = ["::", "\t", ",", ";", "|"]
 
 
-class IngestError(ValueError):
+class IngestError(PermanentError, ValueError):
     """The snapshot cannot be read at all (no files, unknown format, no user/item columns)."""
 
 

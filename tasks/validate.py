@@ -22,6 +22,7 @@ from typing import Any
 import pandas as pd
 
 from tasks import layout, settings, storage
+from tasks.errors import PermanentError
 
 PARAMS = [
     "validate.max_invalid_fraction",
@@ -34,7 +35,7 @@ PARAMS = [
 log = logging.getLogger(__name__)
 
 
-class ContractError(RuntimeError):
+class ContractError(PermanentError):
     """The data broke its contract; the message lists every failure."""
 
 

@@ -138,6 +138,7 @@ def test_invalid_rows_past_threshold_fail_and_keep_previous_table(first_run, sam
     dr, states = run_dag(DS_BAD)
     assert str(dr.state) == "failed"
     assert states["validate"] == "failed"
+    assert dr.get_task_instance("validate").try_number == 1  # bad data is not retried
     assert states["publish"] in ("upstream_failed", "skipped", "None")
     assert not storage.exists(layout.manifest_uri(DS_BAD))
     assert storage.read_json(layout.latest_uri()) == latest_before
@@ -173,3 +174,23 @@ def test_cli_run_on_movielens_100k(s3, ml100k, tmp_path):
     recs = subprocess.run([str(env_bin / "nightrec"), "recs", "--user", "196", "-k", "3"],
                           capture_output=True, text=True, check=True)
     assert recs.stdout.count(DS2) == 3
+
+
+def _latest():
+    return storage.read_json(layout.latest_uri()) if storage.exists(layout.latest_uri()) else None
+
+
+def test_cli_run_failure_names_the_task_and_error_in_one_line(s3, sample, tmp_path):
+    latest_before = _latest()
+    bad = tmp_path / "bad.csv"
+    good = sample["interactions"].read_text()
+    bad.write_text(good + "".join(f"{i},,3,1780000000\n" for i in range(good.count("\n") // 5)))
+    run = subprocess.run(
+        [str(Path(sys.executable).parent / "nightrec"), "run", "--interactions", str(bad),
+         "--ds", "2026-11-30"], capture_output=True, text=True, check=False,
+    )
+    assert run.returncode == 1
+    line = next(ln for ln in run.stderr.splitlines() if ln.startswith("nightrec run: FAILED"))
+    assert "in task validate: ContractError: data contract broken: invalid rows" in line
+    assert "missing_field" in line
+    assert _latest() == latest_before
