@@ -162,3 +162,25 @@ def test_sample_data_is_seeded_and_structured():
     counts = inter.groupby("item_id").size().sort_values(ascending=False)
     assert counts.iloc[:10].sum() > 3 * counts.iloc[-10:].sum()  # skewed popularity
     assert set(inter["rating"]) <= {1, 2, 3, 4, 5}
+
+
+@pytest.mark.parametrize("k", [1, 7, 40, 64])
+def test_top_k_exact_with_ties_seen_items_and_k_above_unseen(k):
+    """Same items in the same order as a float64 brute force sorted by (-score, item index)."""
+    rng = np.random.default_rng(k)
+    n_users, n_items = 300, 60
+    u = rng.integers(-2, 3, size=(n_users, 4)).astype(np.float32)  # small ints: many exact ties
+    v = rng.integers(-2, 3, size=(n_items, 4)).astype(np.float32)
+    bias = rng.integers(0, 2, size=n_items).astype(np.float32)
+    pairs = pd.DataFrame({"u": rng.integers(0, n_users, 4000), "i": rng.integers(0, n_items, 4000)})
+    seen = ranking.seen_matrix(pairs, n_users=n_users, n_items=n_items, user_col="u", item_col="i")
+    got = np.concatenate([r for _, r, _ in ranking.iter_top_k(u, v, bias, seen, np.arange(n_users),
+                                                              k=k, chunk=50, threads=2)])
+    full = u.astype(np.float64) @ v.T.astype(np.float64) + bias
+    dense_seen = seen.toarray() > 0
+    for row in range(n_users):
+        unseen = np.flatnonzero(~dense_seen[row])
+        order = unseen[np.lexsort((unseen, -full[row, unseen]))][:k]
+        want = np.full(k, -1)
+        want[: len(order)] = order
+        assert got[row].tolist() == want.tolist(), row
