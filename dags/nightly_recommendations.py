@@ -4,18 +4,29 @@
 Turns one day's interaction snapshot (`raw/interactions/ds=<ds>/` in the bucket) into a published
 top-K table (`recommendations/ds=<ds>/` + `_manifest.json`, then `recommendations/_latest.json`).
 
-**Runs** daily at 02:00 UTC for that day's date (catchup off, one run at a time). **By hand**:
-trigger with `{"ds": "YYYY-MM-DD"}`; Airflow 3 manual runs have no logical date, so the param is
-how you name the partition. Optional: `top_k` (1..1000), `force_publish` (publish even if the gate
-refuses; logged).
+**Schedule**: daily at 02:00 UTC for that day's date; catchup off; one run at a time.
+
+**Manual trigger** (UI, `airflow dags trigger`, REST). Every param is checked against its schema
+before anything runs:
+
+| param | default | meaning |
+|---|---|---|
+| `ds` | the logical date | partition `YYYY-MM-DD`; manual runs in Airflow 3 have no logical date, so give it |
+| `retrain` | `true` | `false`: skip split/train/evaluate and score with the current champion |
+| `model_version` | none | score with this registered model (implies no retraining) |
+| `top_k` | `score.top_k` | recommendations per user, 1..1000 |
+| `force_publish` | `false` | publish even if the gate does not bless the model (logged, not promoted) |
+| `dry_run` | `false` | run and validate everything; publish and promote nothing |
 
 **Stages**: ingest -> clean (quarantine with reasons) -> validate (Great Expectations; a broken
-contract stops the run) -> augment -> split (DVC, pushed; its hash is the `data_version`) ->
-train -> evaluate (full ranking vs popularity) -> gate -> score -> publish.
+contract stops the run, without retries) -> augment -> choose -> split (DVC, pushed; its hash is
+the `data_version`) -> train -> evaluate (full ranking vs popularity) -> gate -> register (the
+blessed model becomes champion; emits the `nightrec_champion` asset) -> score -> publish. `report`
+always runs last and uploads `reports/ds=<ds>/report.html`.
 
-**If it fails**: nothing new is visible to readers; the previous table stays latest. Each task's
-outputs live under `runs/ds=<ds>/<task>/`, so clearing and rerunning a task replaces only those.
-Code: `tasks/` in the repo; every step runs without Airflow too.
+**If it fails**: nothing new is visible to readers; the previous table stays latest. An alert
+record lands in `alerts/ds=<ds>/`. Each task's outputs live under `runs/ds=<ds>/<task>/`, so
+clearing and rerunning a task replaces only those. **Backfill**: see the README.
 """
 
 from __future__ import annotations
@@ -23,53 +34,19 @@ from __future__ import annotations
 import datetime as dt
 
 from airflow.sdk import Param, dag, get_current_context, task
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk.exceptions import AirflowSkipException
 
-
-def _on_failure(context) -> None:
-    from tasks.alerts import record_failure
-
-    ti = context["task_instance"]
-    params = context.get("params") or {}
-    logical = context.get("logical_date")
-    ds = params.get("ds") or (logical.strftime("%Y-%m-%d") if logical else None)
-    err = context.get("exception")
-    if isinstance(err, AirflowFailException):  # raised by _permanent with the cause's name
-        error = str(err)
-    else:
-        error = f"{type(err).__name__}: {err}" if err else "unknown error"
-    record_failure(dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id, ds=ds, error=error)
-
-
-def _permanent(fn, *args, **kwargs):
-    """Call a step; a PermanentError (bad input) fails the task at once, without retries."""
-    from tasks.errors import PermanentError
-
-    try:
-        return fn(*args, **kwargs)
-    except PermanentError as e:
-        raise AirflowFailException(f"{type(e).__name__}: {e}") from e
-
-
-DEFAULT_ARGS = {
-    "on_failure_callback": _on_failure,
-    "owner": "nightrec",
-    "retries": 2,
-    "retry_delay": dt.timedelta(seconds=30),
-    "retry_exponential_backoff": True,
-    "execution_timeout": dt.timedelta(hours=2),
-}
-
-
-def _ds() -> str:
-    """The run's partition: the `ds` param when given, else the run's logical date."""
-    from tasks.settings import check_ds
-
-    ctx = get_current_context()
-    ds = ctx["params"].get("ds") or (ctx.get("logical_date") and ctx["logical_date"].strftime("%Y-%m-%d"))
-    if not ds:
-        raise ValueError("a manual run needs the `ds` param (YYYY-MM-DD): it has no logical date")
-    return check_ds(ds)
+from orchestration.common import (
+    CHAMPION,
+    default_args,
+    dry_run_param,
+    ds_param,
+    model_version_param,
+    permanent,
+    run_ds,
+    run_key,
+    top_k_param,
+)
 
 
 @dag(
@@ -78,16 +55,18 @@ def _ds() -> str:
     start_date=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
     catchup=False,
     max_active_runs=1,
-    default_args=DEFAULT_ARGS,
+    default_args=default_args(),
     doc_md=__doc__,
     tags=["nightrec"],
     params={
-        "ds": Param(None, type=["null", "string"], pattern=r"^\d{4}-\d{2}-\d{2}$",
-                    description="Partition date YYYY-MM-DD; defaults to the run's logical date."),
-        "top_k": Param(None, type=["null", "integer"], minimum=1, maximum=1000,
-                       description="Recommendations per user; default score.top_k in params.yaml."),
+        "ds": ds_param(),
+        "retrain": Param(True, type="boolean",
+                         description="false: score with the champion, no training."),
+        "model_version": model_version_param("Score with this registered model (no training)."),
+        "top_k": top_k_param(),
         "force_publish": Param(False, type="boolean",
                                description="Publish even when the gate does not bless the model."),
+        "dry_run": dry_run_param(),
     },
 )
 def nightly_recommendations():
@@ -95,8 +74,8 @@ def nightly_recommendations():
     def ingest() -> dict:
         from tasks import ingest as step
 
-        ds = _ds()
-        return {"ds": ds, **_permanent(step.run, ds)}
+        ds = run_ds()
+        return {"ds": ds, **permanent(step.run, ds)}
 
     @task(doc_md="Parse, quarantine bad rows with a reason, dedupe, k-core, index.")
     def clean(prev: dict) -> dict:
@@ -108,13 +87,20 @@ def nightly_recommendations():
     def validate(prev: dict) -> dict:
         from tasks import validate as step
 
-        return {"ds": prev["ds"], **_permanent(step.run, prev["ds"], prev)}
+        return {"ds": prev["ds"], **permanent(step.run, prev["ds"], prev)}
 
     @task(doc_md="Labels, weights and side-feature tables.")
     def augment(prev: dict) -> dict:
         from tasks import augment as step
 
-        return {"ds": prev["ds"], **step.run(prev["ds"], prev)}
+        return {"ds": prev["ds"], "clean": prev["interactions"], **step.run(prev["ds"], prev)}
+
+    @task.branch(doc_md="Train a new model (default), or score with a registered one.")
+    def choose() -> str:
+        params = get_current_context()["params"]
+        if params.get("retrain", True) and not params.get("model_version"):
+            return "split"
+        return "load_model"
 
     @task(doc_md="DVC stage: per-user temporal split, pushed to the DVC remote; data_version.")
     def split(prev: dict) -> dict:
@@ -134,7 +120,10 @@ def nightly_recommendations():
 
         return {"ds": prev["ds"], **step.run(prev["ds"], prev)}
 
-    @task.short_circuit(doc_md="Go on to score and publish only for a blessed model or a forced run.")
+    @task.short_circuit(
+        doc_md="Go on only for a blessed model or a forced run; else publish nothing.",
+        ignore_downstream_trigger_rules=False,
+    )
     def gate(prev: dict) -> bool:
         import logging
 
@@ -143,31 +132,78 @@ def nightly_recommendations():
         if prev["blessed"]:
             log.info("blessed: %s", prev["gate"])
         elif forced:
-            log.warning("NOT blessed but force_publish=true; publishing anyway: %s", prev["gate"])
+            log.warning("NOT blessed but force_publish=true; publishing anyway (the model is not "
+                        "promoted): %s", prev["gate"])
         else:
-            log.warning("NOT blessed; nothing is published and the previous table stays latest: %s",
-                        prev["gate"])
+            log.warning("NOT blessed; nothing is published and the previous table stays latest: "
+                        "%s", prev["gate"])
         return bool(prev["blessed"] or forced)
 
-    @task(doc_md="Top-K unseen items for every user, into staging parts.")
+    @task(doc_md="Register a blessed model and make it champion (not on dry runs).")
+    def register(prev: dict) -> dict:
+        from tasks import registry
+
+        params = get_current_context()["params"]
+        if not prev["blessed"] or params.get("dry_run"):
+            return {"model": prev["model"], "promoted": False}
+        model = registry.register(prev["model"], ds=prev["ds"], metrics_uri=prev["metrics"])
+        registry.set_champion(model["model_version"])
+        return {"model": {**model, "metrics": prev["metrics"]}, "promoted": True}
+
+    @task(outlets=[CHAMPION], doc_md="Announce a new champion (triggers rescore_recommendations).")
+    def announce(prev: dict, *, outlet_events=None) -> None:
+        if not prev["promoted"]:
+            raise AirflowSkipException("no new champion")
+        outlet_events[CHAMPION].extra = {"model_version": prev["model"]["model_version"],
+                                         "ds": prev["model"].get("ds")}
+
+    @task(doc_md="Resolve the pinned model_version, or the champion, from the registry.")
+    def load_model() -> dict:
+        from tasks import registry
+
+        version = get_current_context()["params"].get("model_version") or registry.champion()
+        if not version:
+            raise registry.ModelNotFound("retrain=false but there is no champion yet")
+        return {"model": permanent(registry.model_uris, version), "promoted": False}
+
+    @task(trigger_rule="none_failed_min_one_success",
+          doc_md="Top-K unseen items for every user of the chosen model, into staging parts.")
     def score(prev: dict) -> dict:
         from tasks import score as step
 
         ctx = get_current_context()
-        run_key = "".join(c if c.isalnum() or c in "._-" else "_" for c in ctx["run_id"])[:100]
-        out = step.run(prev["ds"], prev, run_key=run_key, top_k=ctx["params"].get("top_k"))
+        chosen = [x for x in ctx["ti"].xcom_pull(task_ids=["register", "load_model"]) if x]
+        out = step.run(prev["ds"], chosen[0]["model"], prev["clean"], run_key=run_key(),
+                       top_k=ctx["params"].get("top_k"))
         return {"ds": prev["ds"], **out}
 
     @task(doc_md="Validate the table, write parts and manifest, then flip the latest pointer.")
     def publish(prev: dict) -> dict:
         from tasks import publish as step
 
-        return {"ds": prev["ds"], **_permanent(step.run, prev["ds"], prev)}
+        dry = bool(get_current_context()["params"].get("dry_run"))
+        return {"ds": prev["ds"], **permanent(step.run, prev["ds"], prev, dry_run=dry)}
 
-    evaluated = evaluate(train(split(augment(validate(clean(ingest()))))))
-    scored = score(evaluated)
-    gate(evaluated) >> scored
-    publish(scored)
+    @task(doc_md="Build the run report (HTML with plots) and upload it; runs whatever happened.")
+    def report() -> str:
+        from tasks import report as step
+
+        ctx = get_current_context()
+        found = ctx["ti"].get_task_states(dag_id=ctx["dag"].dag_id, run_ids=[ctx["run_id"]])
+        states = {t: str(s) for t, s in found.get(ctx["run_id"], {}).items() if t != "report"}
+        return step.run(run_ds(), run_id=ctx["run_id"], task_states=states)
+
+    prepared = augment(validate(clean(ingest())))
+    split_out = split(prepared)
+    loaded = load_model()
+    prepared >> choose() >> [split_out, loaded]
+    evaluated = evaluate(train(split_out))
+    registered = register(evaluated)
+    gate(evaluated) >> registered
+    announce(registered)
+    scored = score(prepared)
+    [registered, loaded] >> scored
+    publish(scored) >> report().as_teardown()
 
 
 nightly_recommendations()

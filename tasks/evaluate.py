@@ -87,7 +87,16 @@ def run(ds: str, trained: dict[str, str], params: dict | None = None) -> dict:
     )
     uri = layout.run_uri(ds, "evaluate", "metrics.json")
     storage.write_json(uri, result)
-    return {**trained, "metrics": uri, "blessed": result["gate"]["blessed"], "gate": result["gate"]}
+    model = {
+        "embeddings": trained["full_embeddings"],
+        "users": trained["user_features"],
+        "items": trained["item_features"],
+        "model_version": trained["model_version"],
+        "data_version": trained["data_version"],
+        "metrics": uri,
+    }
+    return {"model": model, "metrics": uri, "blessed": result["gate"]["blessed"],
+            "gate": result["gate"]}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -98,8 +98,11 @@ def _later_latest(ds: str) -> str | None:
     return current if current > ds else None
 
 
-def run(ds: str, scored: dict, params: dict | None = None) -> dict:
-    """Validate and publish the staged parts of ``scored``; return the manifest's URI and ids."""
+def run(ds: str, scored: dict, params: dict | None = None, dry_run: bool = False) -> dict:
+    """Validate and publish the staged parts of ``scored``; return the manifest's URI and ids.
+
+    ``dry_run``: validate only, then remove the staged parts; readers see no change.
+    """
     settings.check_ds(ds)
     frames = [storage.read_parquet(u) for u in scored["parts"]]
     table = pd.concat(frames, ignore_index=True)
@@ -111,6 +114,10 @@ def run(ds: str, scored: dict, params: dict | None = None) -> dict:
         failed = [f["expectation"] for f in report["failures"]] + report["ranking_problems"]
         raise ContractError(f"recommendation table broke its contract: {failed}")
 
+    if dry_run:
+        storage.delete(storage.list_uris(scored["staging"]))
+        log.info("dry run: %d rows validated, nothing published for ds=%s", len(table), ds)
+        return {"dry_run": True, "rows": len(table), "manifest": None}
     staged = [(u, storage.read_bytes(u)) for u in scored["parts"]]
     pid = publish_id([storage.sha256(b) for _, b in staged])
     prefix = layout.recs_prefix(ds)

@@ -1,8 +1,10 @@
 """Step 8, score: every user against every item, seen items excluded, top-K, as Parquet parts.
 
-Reads the ``full`` model's embeddings (numpy only; no deep-learning import) and all of ds's
-interactions as the seen set, so nothing the user already interacted with is recommended. Users
-go in index order, which is ``user_id`` order, so the parts are sorted by ``user_id``. Parts are
+Scores with a model dict: the run's own ``full`` refit, or a registered model (re-score, a pinned
+``model_version``). Embeddings are read with numpy only (no deep-learning import). All of ds's
+cleaned interactions, mapped by external id onto the model's index, are the seen set, so nothing
+a user already interacted with is recommended. Users go in index order, which is ``user_id``
+order, so the parts are sorted by ``user_id``. Parts are
 written to ``staging/recommendations/ds=<ds>/<run_key>/``; only publish makes them visible.
 """
 
@@ -58,18 +60,40 @@ def score_all(
         )
 
 
-def run(ds: str, evaluated: dict, run_key: str, params: dict | None = None,
+def _id_index(uri: str, idx_col: str, id_col: str) -> np.ndarray:
+    """External ids in index order (position i holds the id of index i)."""
+    table = storage.read_parquet(uri, columns=[idx_col, id_col]).sort_values(idx_col)
+    if not np.array_equal(table[idx_col].to_numpy(), np.arange(len(table))):
+        raise ValueError(f"{uri}: {idx_col} is not 0..n-1")
+    return table[id_col].to_numpy(dtype=str)
+
+
+def seen_in_model_space(
+    seen: pd.DataFrame, user_ids: np.ndarray, item_ids: np.ndarray
+) -> pd.DataFrame:
+    """Map (user_id, item_id) pairs onto the model's indices; pairs it does not know drop out
+    (a user or item new since the model was trained has no embedding to score with)."""
+    u = pd.Index(user_ids).get_indexer(seen[schema.USER_ID].astype(str))
+    i = pd.Index(item_ids).get_indexer(seen[schema.ITEM_ID].astype(str))
+    keep = (u >= 0) & (i >= 0)
+    return pd.DataFrame({schema.USER_IDX: u[keep], schema.ITEM_IDX: i[keep]})
+
+
+def run(ds: str, model: dict, seen_uri: str, run_key: str, params: dict | None = None,
         top_k: int | None = None) -> dict:
-    """Score into staging; returns ``{"parts": [uri...], "rows": n, ...}``."""
+    """Score every user of ``model`` into staging; returns ``{"parts": [uri...], "rows": n, ...}``.
+
+    ``model``: ``embeddings``, ``users``, ``items`` URIs and ``model_version``/``data_version``
+    (a fresh training run's, or a registered one: tasks/registry.py). ``seen_uri``: the cleaned
+    interactions up to ds, which are excluded from each user's recommendations.
+    """
     p = settings.step_params(PARAMS, params)
     k = int(top_k or p["score.top_k"])
-    emb = dict(np.load(io.BytesIO(storage.read_bytes(evaluated["full_embeddings"]))))
-    seen_df = pd.concat(
-        [storage.read_parquet(evaluated[n], columns=[schema.USER_IDX, schema.ITEM_IDX])
-         for n in ("train", "valid", "test")]
-    )
-    user_ids = storage.read_parquet(evaluated["user_features"])[schema.USER_ID].to_numpy(str)
-    item_ids = storage.read_parquet(evaluated["item_features"])[schema.ITEM_ID].to_numpy(str)
+    emb = dict(np.load(io.BytesIO(storage.read_bytes(model["embeddings"]))))
+    user_ids = _id_index(model["users"], schema.USER_IDX, schema.USER_ID)
+    item_ids = _id_index(model["items"], schema.ITEM_IDX, schema.ITEM_ID)
+    seen = storage.read_parquet(seen_uri, columns=[schema.USER_ID, schema.ITEM_ID])
+    seen_df = seen_in_model_space(seen, user_ids, item_ids)
     prefix = layout.staging_prefix(ds, run_key)
     storage.delete(storage.list_uris(prefix))  # a retried task starts from an empty staging dir
     parts, rows, buffer, buffered = [], 0, [], 0
@@ -87,7 +111,7 @@ def run(ds: str, evaluated: dict, run_key: str, params: dict | None = None,
 
     for frame in score_all(
         emb, seen_df, user_ids=user_ids, item_ids=item_ids, top_k=k,
-        user_chunk=int(p["score.user_chunk"]), model_version=evaluated["model_version"], ds=ds,
+        user_chunk=int(p["score.user_chunk"]), model_version=model["model_version"], ds=ds,
     ):
         buffer.append(frame)
         buffered += len(frame)
@@ -96,6 +120,6 @@ def run(ds: str, evaluated: dict, run_key: str, params: dict | None = None,
     flush()
     return {
         "parts": parts, "rows": rows, "top_k": k, "staging": prefix,
-        "model_version": evaluated["model_version"], "data_version": evaluated["data_version"],
-        "metrics": evaluated["metrics"],
+        "model_version": model["model_version"], "data_version": model["data_version"],
+        "metrics": model.get("metrics"),
     }

@@ -1,0 +1,99 @@
+"""Helpers shared by nightrec's DAG files.
+
+Only wiring lives here: the partition date, default task arguments, the failure callback and
+the "bad input is not retried" wrapper. Step logic is in ``tasks/``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+
+from airflow.sdk import Asset, Param, get_current_context
+from airflow.sdk.exceptions import AirflowFailException
+
+# Emitted when a blessed model becomes champion; the re-score DAG is scheduled on it.
+CHAMPION = Asset(name="nightrec_champion", uri="nightrec://models/champion")
+
+DS_PATTERN = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$"
+MODEL_VERSION_PATTERN = r"^[a-z][a-z0-9]{0,15}-[0-9]{8}-[0-9a-f]{8}$"  # = tasks.registry
+
+
+def ds_param() -> Param:
+    return Param(None, type=["null", "string"], pattern=DS_PATTERN,
+                 description="Partition date YYYY-MM-DD; defaults to the run's logical date.")
+
+
+def top_k_param() -> Param:
+    return Param(None, type=["null", "integer"], minimum=1, maximum=1000,
+                 description="Recommendations per user (1..1000); default score.top_k.")
+
+
+def model_version_param(description: str) -> Param:
+    return Param(None, type=["null", "string"], pattern=MODEL_VERSION_PATTERN,
+                 description=description)
+
+
+def dry_run_param() -> Param:
+    return Param(False, type="boolean",
+                 description="Run and validate everything, publish and promote nothing.")
+
+
+def run_ds() -> str:
+    """The run's partition: the ``ds`` param when given, else the run's logical date."""
+    from tasks.settings import check_ds
+
+    ctx = get_current_context()
+    logical = ctx.get("logical_date")
+    ds = ctx["params"].get("ds") or (logical.strftime("%Y-%m-%d") if logical else None)
+    if not ds:
+        raise AirflowFailException("a manual run needs the `ds` param (YYYY-MM-DD)")
+    return check_ds(ds)
+
+
+def run_key() -> str:
+    """The run id as one safe key segment (staging prefixes are per run)."""
+    run_id = get_current_context()["run_id"]
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in run_id)[:100]
+
+
+def on_failure(context) -> None:
+    """Write an alert record naming the run, the task and the error (tasks/alerts.py)."""
+    from tasks.alerts import record_failure
+
+    ti = context["task_instance"]
+    params = context.get("params") or {}
+    logical = context.get("logical_date")
+    ds = params.get("ds") or (logical.strftime("%Y-%m-%d") if logical else None)
+    err = context.get("exception")
+    if isinstance(err, AirflowFailException):  # raised by permanent() with the cause's name
+        error = str(err)
+    else:
+        error = f"{type(err).__name__}: {err}" if err else "unknown error"
+    record_failure(dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id, ds=ds, error=error)
+
+
+def permanent(fn, *args, **kwargs):
+    """Call a step; a PermanentError (bad input) fails the task at once, without retries."""
+    from tasks.errors import PermanentError
+
+    try:
+        return fn(*args, **kwargs)
+    except PermanentError as e:
+        raise AirflowFailException(f"{type(e).__name__}: {e}") from e
+
+
+def default_args() -> dict:
+    """Retries with exponential backoff, a timeout and the alert callback, for every task.
+
+    ``NIGHTREC_RETRY_DELAY_S`` (default 30) sets the first retry delay; tests shorten it.
+    """
+    return {
+        "owner": "nightrec",
+        "retries": 2,
+        "retry_delay": dt.timedelta(seconds=float(os.environ.get("NIGHTREC_RETRY_DELAY_S", "30"))),
+        "retry_exponential_backoff": True,
+        "max_retry_delay": dt.timedelta(minutes=10),
+        "execution_timeout": dt.timedelta(hours=2),
+        "on_failure_callback": on_failure,
+    }

@@ -1,0 +1,216 @@
+"""The run report: one static HTML page per run, readable in a minute, that opens offline.
+
+``reports/ds=<ds>/report.html`` in the bucket, with plots as inline PNGs (matplotlib): data
+volumes and quarantine counts, the validation summary (linking the GE result), training curves,
+model vs popularity (and the champion's) metrics over the last ``report.history_runs`` runs, the
+score distribution, and coverage and popularity of what was recommended. A missing input (the run
+failed before that step) becomes a line saying so, never an error: the report runs after every
+run, failed ones included. ``runs/ds=<ds>/report/summary.json`` feeds ``nightrec status``.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import io
+import json
+import logging
+
+import numpy as np
+import pandas as pd
+
+from tasks import layout, schema, settings, storage
+
+PARAMS = ["report.history_runs", "report.sample_rows"]
+log = logging.getLogger(__name__)
+
+
+def _maybe_json(uri: str):
+    return storage.read_json(uri) if storage.exists(uri) else None
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _figure(title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.set_title(title)
+    return fig, ax
+
+
+def plot_volumes(stats: dict) -> str:
+    fig, ax = _figure("Rows: raw, clean, and quarantined by reason")
+    labels = ["raw", "clean", *stats["by_reason"].keys()]
+    values = [stats["raw_rows"], stats["clean_rows"], *stats["by_reason"].values()]
+    colors = ["#4c72b0", "#55a868"] + ["#c44e52"] * len(stats["by_reason"])
+    ax.barh(labels, values, color=colors)
+    ax.set_xscale("symlog")
+    for i, v in enumerate(values):
+        ax.text(v, i, f" {v:,}", va="center", fontsize=8)
+    return _png(fig)
+
+
+def plot_training(history: dict) -> str:
+    fig, ax = _figure(f"Training (best epoch {history.get('best_epoch')})")
+    for key in ("loss", "val_loss"):
+        if key in history:
+            ax.plot(range(1, len(history[key]) + 1), history[key], marker="o", label=key)
+    ax.set_xlabel("epoch")
+    ax.legend()
+    return _png(fig)
+
+
+def plot_history(rows: list[dict], metric: str) -> str:
+    fig, ax = _figure(f"{metric} over the last runs")
+    frame = pd.DataFrame(rows).sort_values("ds")
+    for col, style in (("model", "o-"), ("popularity", "s--")):
+        ax.plot(frame["ds"], frame[col], style, label=col)
+    ax.tick_params(axis="x", rotation=45, labelsize=7)
+    ax.legend()
+    return _png(fig)
+
+
+def plot_scores(scores: np.ndarray) -> str:
+    fig, ax = _figure("Score distribution of published recommendations")
+    ax.hist(scores[np.isfinite(scores)], bins=50, color="#4c72b0")
+    ax.set_xlabel("score")
+    return _png(fig)
+
+
+def plot_popularity(rec_pop: np.ndarray, cat_pop: np.ndarray) -> str:
+    fig, ax = _figure("Popularity of recommended items vs the catalogue")
+    bins = np.logspace(0, np.log10(max(cat_pop.max(), 1) + 1), 30)
+    ax.hist(cat_pop + 1, bins=bins, alpha=0.6, density=True, label="catalogue (per item)")
+    ax.hist(rec_pop + 1, bins=bins, alpha=0.6, density=True, label="recommended (per slot)")
+    ax.set_xscale("log")
+    ax.set_xlabel("interactions per item + 1")
+    ax.legend()
+    return _png(fig)
+
+
+def metric_history(ds: str, metric: str, n: int) -> list[dict]:
+    """``[{"ds", "model", "popularity"}]`` for up to n runs up to ds that have metrics."""
+    prefix = storage.s3_uri("runs/")
+    days = sorted({u[len(prefix):].split("/", 1)[0].removeprefix("ds=")
+                   for u in storage.list_uris(prefix) if u.endswith("/evaluate/metrics.json")})
+    rows = []
+    for day in [d for d in days if d <= ds][-n:]:
+        m = storage.read_json(layout.run_uri(day, "evaluate", "metrics.json"))
+        rows.append({"ds": day, "model": m["model"][metric], "popularity": m["popularity"][metric]})
+    return rows
+
+
+def build_report(ds: str, *, run_id: str, task_states: dict[str, str], p) -> tuple[str, dict]:
+    """Return ``(html, summary)`` for the run from what its steps left in the bucket."""
+    sections: list[tuple[str, str]] = []
+
+    def add(title: str, body: str) -> None:
+        sections.append((title, body))
+
+    def img(b64: str, alt: str) -> str:
+        return f'<img class="plot" alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
+
+    failed = {t: s for t, s in task_states.items() if s in ("failed", "upstream_failed")}
+    rows = "".join(f"<tr><td>{html.escape(t)}</td><td class='{s}'>{s}</td></tr>"
+                   for t, s in task_states.items())
+    add("Tasks", f"<table>{rows}</table>")
+
+    stats = _maybe_json(layout.run_uri(ds, "clean", "stats.json"))
+    if stats:
+        add("Data volumes and quarantine", img(plot_volumes(stats), "volumes") +
+            f"<p>invalid share {stats['invalid_fraction']:.2%}</p>")
+    else:
+        add("Data volumes and quarantine", "<p>clean did not run.</p>")
+
+    val = _maybe_json(layout.run_uri(ds, "validate", "report.json"))
+    if val:
+        fails = "".join(f"<li>{html.escape(f['expectation'])}: {html.escape(json.dumps(f['observed'], default=str))}</li>"
+                        for f in val["expectations"]["failures"])
+        verdict = "passed" if val["success"] else "FAILED"
+        add("Validation", f"<p>Contract {verdict}: {val['expectations']['n_expectations']} "
+            f"expectations; invalid share {val['quarantine']['invalid_fraction']:.2%} (max "
+            f"{val['quarantine']['max_invalid_fraction']:.2%}).</p><ul>{fails}</ul>"
+            f"<p>GE result: <code>{layout.run_uri(ds, 'validate', 'report.json')}</code></p>")
+
+    hist = _maybe_json(layout.run_uri(ds, "train", "holdout") + "/history.json")
+    if hist:
+        add("Training", img(plot_training(hist), "training curves"))
+
+    metrics = _maybe_json(layout.run_uri(ds, "evaluate", "metrics.json"))
+    if metrics:
+        g = metrics["gate"]
+        keys = [k for k in metrics["model"] if k.endswith("_at_10") or k == "catalogue_coverage"]
+        table = "".join(f"<tr><td>{k}</td><td>{metrics['model'][k]:.4f}</td>"
+                        f"<td>{metrics['popularity'][k]:.4f}</td></tr>" for k in keys)
+        history = metric_history(ds, g["metric"], int(p["report.history_runs"]))
+        add("Evaluation", f"<p>Gate on {g['metric']}: model {g['model']:.4f} vs threshold "
+            f"{g['threshold']:.4f} -> {'blessed' if g['blessed'] else 'NOT blessed'}</p>"
+            f"<table><tr><th>metric</th><th>model</th><th>popularity</th></tr>{table}</table>"
+            + img(plot_history(history, g["metric"]), "metric history"))
+
+    manifest = _maybe_json(layout.manifest_uri(ds))
+    summary_extra = {}
+    if manifest and manifest.get("publish_id"):
+        rng = np.random.default_rng(0)
+        parts = manifest["parts"]
+        frames = [storage.read_parquet(storage.s3_uri(pt["key"]), columns=[schema.ITEM_ID, schema.SCORE])
+                  for pt in parts]
+        recs = pd.concat(frames, ignore_index=True)
+        if len(recs) > int(p["report.sample_rows"]):
+            recs = recs.iloc[rng.choice(len(recs), int(p["report.sample_rows"]), replace=False)]
+        clean = storage.read_parquet(layout.run_uri(ds, "clean", "interactions.parquet"),
+                                     columns=[schema.ITEM_ID])
+        pop = clean[schema.ITEM_ID].value_counts()
+        rec_pop = pop.reindex(recs[schema.ITEM_ID]).fillna(0).to_numpy()
+        coverage = recs[schema.ITEM_ID].nunique() / max(len(pop), 1)
+        add("Published recommendations",
+            f"<p>{manifest['rows']:,} rows for {manifest['users']:,} users, model "
+            f"{html.escape(manifest['model_version'])}; catalogue coverage {coverage:.1%}; mean "
+            f"popularity of recommended items {rec_pop.mean():.1f} vs catalogue "
+            f"{pop.mean():.1f}.</p>" + img(plot_scores(recs[schema.SCORE].to_numpy()), "scores")
+            + img(plot_popularity(rec_pop, pop.to_numpy()), "popularity"))
+        summary_extra = {"rows": manifest["rows"], "model_version": manifest["model_version"]}
+    else:
+        add("Published recommendations", "<p>Nothing was published by this run.</p>")
+
+    state = "failed" if failed else "success"
+    now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    body = "".join(f"<section><h2>{html.escape(t)}</h2>{b}</section>" for t, b in sections)
+    page = f"""<!doctype html><html><head><meta charset="utf-8">
+<title>nightrec run {html.escape(ds)}</title><style>
+body{{font-family:sans-serif;max-width:960px;margin:2em auto;color:#222}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:2px 8px;font-size:13px}}
+.failed,.upstream_failed{{color:#c00;font-weight:bold}}.success{{color:#080}}
+img.plot{{display:block;margin:8px 0;max-width:100%}}
+</style></head><body><h1>nightrec: ds={html.escape(ds)} &mdash; {state}</h1>
+<p>run <code>{html.escape(run_id)}</code>, report written {now}</p>{body}</body></html>"""
+    summary = {"ds": ds, "run_id": run_id, "state": state, "tasks": task_states,
+               "failed": failed, "written_at": now, **summary_extra}
+    return page, summary
+
+
+def report_uri(ds: str) -> str:
+    return storage.s3_uri(f"reports/ds={settings.check_ds(ds)}/report.html")
+
+
+def run(ds: str, *, run_id: str, task_states: dict[str, str], params: dict | None = None) -> str:
+    p = settings.step_params(PARAMS, params)
+    page, summary = build_report(ds, run_id=run_id, task_states=task_states, p=p)
+    uri = report_uri(ds)
+    storage.write_bytes(uri, page.encode(), content_type="text/html")
+    summary["report"] = uri
+    storage.write_json(layout.run_uri(ds, "report", "summary.json"), summary)
+    log.info("run report: %s", uri)
+    return uri
