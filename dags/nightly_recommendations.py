@@ -75,7 +75,8 @@ def nightly_recommendations():
         from tasks import ingest as step
 
         ds = run_ds()
-        return {"ds": ds, **permanent(step.run, ds)}
+        started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        return {"ds": ds, "started_at": started, **permanent(step.run, ds)}
 
     @task(doc_md="Parse, quarantine bad rows with a reason, dedupe, k-core, index.")
     def clean(prev: dict) -> dict:
@@ -191,7 +192,10 @@ def nightly_recommendations():
         ctx = get_current_context()
         found = ctx["ti"].get_task_states(dag_id=ctx["dag"].dag_id, run_ids=[ctx["run_id"]])
         states = {t: str(s) for t, s in found.get(ctx["run_id"], {}).items() if t != "report"}
-        return step.run(run_ds(), run_id=ctx["run_id"], task_states=states)
+        # dag_run.start_date is the logical date under dag.test(); ingest stamps the real start.
+        started = (ctx["ti"].xcom_pull(task_ids="ingest") or {}).get("started_at")
+        return step.run(run_ds(), run_id=ctx["run_id"], task_states=states,
+                        started_at=dt.datetime.fromisoformat(started) if started else None)
 
     prepared = augment(validate(clean(ingest())))
     split_out = split(prepared)

@@ -1,8 +1,8 @@
 """Run one DAG for one ds through Airflow in this process (``dag.test()``), and report.
 
 Called by ``nightrec run`` in a subprocess, so Airflow's settings are in the environment before
-Airflow is imported. Prints one JSON line prefixed ``NIGHTREC_RESULT `` at the end: the run's
-state, each task's state, and the first failed task with its error. Exit 0 only on success.
+Airflow is imported. Writes ``--result-file`` (JSON) at the end: the run's state, each task's
+state, and the first failed task with its error. Exit 0 only on success.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ds", required=True)
     parser.add_argument("--conf", default="{}", help="JSON run conf (params)")
     parser.add_argument("--state", required=True, type=Path)
+    parser.add_argument("--result-file", required=True, type=Path)
     args = parser.parse_args(argv)
     for k, v in airflow_env(args.state).items():
         os.environ.setdefault(k, v)
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         alert = read_failure(dr.run_id) or {}
         result["failed_task"] = alert.get("task_id") or failed[0]
         result["error"] = alert.get("error", "see the task log above")
-    print("NIGHTREC_RESULT " + json.dumps(result), flush=True)
+    args.result_file.write_text(json.dumps(result))
     return 0 if result["state"] == "success" and states.get("publish") == "success" else 1
 
 

@@ -3,6 +3,7 @@
     nightrec run --interactions PATH --ds YYYY-MM-DD [--items PATH] [--users PATH] [--top-k N]
     nightrec recs --user ID [--ds DATE]
     nightrec export --out FILE.parquet [--ds DATE]
+    nightrec status [--limit N]
     nightrec sample --out DIR
 
 Object store: with ``S3_ENDPOINT_URL`` set, that store is used as it is (AWS when it names AWS,
@@ -15,13 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from tasks import layout, s3server, settings, storage
 
-RESULT_PREFIX = "NIGHTREC_RESULT "
+DAG_TASKS = ("ingest", "clean", "validate", "augment", "choose", "split", "train", "evaluate",
+             "gate", "register", "score", "publish", "report")
 
 
 def use_object_store(embedded: bool = True) -> str:
@@ -55,19 +59,19 @@ def _cmd_run(args) -> int:
     state = settings.state_dir()
     log_path = state / "logs" / f"run-ds={ds}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    result_path = state / "logs" / f"result-ds={ds}.json"
+    result_path.unlink(missing_ok=True)
     cmd = [
         sys.executable, str(settings.project_root() / "scripts" / "run_dag.py"),
         "--ds", ds, "--conf", json.dumps(conf), "--state", str(state),
+        "--result-file", str(result_path),
     ]
     print(f"running nightly_recommendations for ds={ds} on {endpoint} (log: {log_path})",
           flush=True)
     with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, check=False)
-    result = next(
-        (json.loads(line[len(RESULT_PREFIX):]) for line in proc.stdout.splitlines()
-         if line.startswith(RESULT_PREFIX)),
-        None,
-    )
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        _follow(proc, log_path)
+    result = json.loads(result_path.read_text()) if result_path.exists() else None
     if result is None:
         print(f"nightrec run: FAILED before the DAG ran (exit {proc.returncode}); see {log_path}",
               file=sys.stderr)
@@ -89,6 +93,26 @@ def _cmd_run(args) -> int:
     print(f"manifest: {layout.manifest_uri(ds)}")
     print(f"latest:   {layout.latest_uri()}")
     return 0
+
+
+_TASK_END = re.compile(r"\[DAG TEST\] end task task_id=(\w+)")
+
+
+def _follow(proc: subprocess.Popen, log_path: Path) -> None:
+    """Show a progress bar of finished tasks (read from the run's log) until ``proc`` exits."""
+    from tqdm import tqdm
+
+    total = len(DAG_TASKS)
+    seen: set[str] = set()
+    with tqdm(total=total, desc="tasks", unit="task", file=sys.stdout,
+              disable=not sys.stdout.isatty()) as bar:
+        while proc.poll() is None:
+            time.sleep(0.5)
+            done = set(_TASK_END.findall(log_path.read_text(errors="replace")))
+            for task in sorted(done - seen):
+                bar.set_postfix_str(task)
+                bar.update(1)
+            seen |= done
 
 
 def _tail(path: Path, n: int = 30) -> None:
@@ -127,6 +151,39 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def run_summaries(limit: int) -> list[dict]:
+    """The newest ``limit`` run summaries the report task left (``runs/ds=*/report/``)."""
+    prefix = storage.s3_uri("runs/")
+    uris = [u for u in storage.list_uris(prefix) if u.endswith("/report/summary.json")]
+    return [storage.read_json(u) for u in sorted(uris, reverse=True)[:limit]]
+
+
+def _cmd_status(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from tasks import registry
+
+    use_object_store(not args.no_embedded_s3)
+    console = Console()
+    table = Table(title="last runs")
+    for col in ("ds", "state", "duration", "failed", "rows", "model", "run"):
+        table.add_column(col)
+    for s in run_summaries(args.limit):
+        duration = f"{s['duration_s']:.0f}s" if s.get("duration_s") is not None else "-"
+        table.add_row(s["ds"], s["state"], duration, ", ".join(s.get("failed", {})) or "-",
+                      f"{s.get('rows', '-')}", s.get("model_version", "-"), s["run_id"])
+    console.print(table)
+    latest = storage.read_json(layout.latest_uri()) if storage.exists(layout.latest_uri()) else None
+    console.print(f"champion: {registry.champion() or 'none'}")
+    if latest:
+        console.print(f"latest table: ds={latest['ds']} model={latest['model_version']} "
+                      f"({latest['manifest']})")
+    else:
+        console.print("latest table: none published yet")
+    return 0
+
+
 def _cmd_sample(args) -> int:
     from tasks import sample_data
 
@@ -158,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = add("export", _cmd_export, "write a whole published table to a local Parquet file")
     e.add_argument("--out", type=Path, required=True)
     e.add_argument("--ds")
+    st = add("status", _cmd_status, "last runs, the champion and the latest table")
+    st.add_argument("--limit", type=int, default=10)
     s = add("sample", _cmd_sample, "write seeded sample data (sizes from params.yaml)")
     s.add_argument("--out", type=Path, required=True)
     return parser

@@ -195,7 +195,11 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:2px 8px;fo
 .failed,.upstream_failed{{color:#c00;font-weight:bold}}.success{{color:#080}}
 img.plot{{display:block;margin:8px 0;max-width:100%}}
 </style></head><body><h1>nightrec: ds={html.escape(ds)} &mdash; {state}</h1>
-<p>run <code>{html.escape(run_id)}</code>, report written {now}</p>{body}</body></html>"""
+<p>run <code>{html.escape(run_id)}</code>, report written {now}</p>{body}
+<script>/* lets a headless browser check that every plot decoded */
+addEventListener("load", () => {{ document.body.dataset.plotsRendered =
+  [...document.images].filter(i => i.classList.contains("plot") && i.naturalWidth > 0).length; }});
+</script></body></html>"""
     summary = {"ds": ds, "run_id": run_id, "state": state, "tasks": task_states,
                "failed": failed, "written_at": now, **summary_extra}
     return page, summary
@@ -205,9 +209,13 @@ def report_uri(ds: str) -> str:
     return storage.s3_uri(f"reports/ds={settings.check_ds(ds)}/report.html")
 
 
-def run(ds: str, *, run_id: str, task_states: dict[str, str], params: dict | None = None) -> str:
+def run(ds: str, *, run_id: str, task_states: dict[str, str], params: dict | None = None,
+        started_at: dt.datetime | None = None) -> str:
     p = settings.step_params(PARAMS, params)
     page, summary = build_report(ds, run_id=run_id, task_states=task_states, p=p)
+    if started_at is not None:
+        summary["started_at"] = started_at.isoformat(timespec="seconds")
+        summary["duration_s"] = round((dt.datetime.now(dt.UTC) - started_at).total_seconds(), 1)
     uri = report_uri(ds)
     storage.write_bytes(uri, page.encode(), content_type="text/html")
     summary["report"] = uri

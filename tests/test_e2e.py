@@ -8,6 +8,8 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -156,6 +158,38 @@ def test_retrain_false_scores_with_the_champion_and_dry_run_publishes_nothing(fi
     assert registry.champion() == champion
 
 
+def test_s3_unavailable_for_a_first_attempt_then_the_retry_succeeds(first_run, sample,
+                                                                  monkeypatch):
+    """The first try of clean talks to a closed port (a real connection refusal); the retry, on
+    the real endpoint, succeeds and the run publishes."""
+    import socket
+
+    from tasks import clean
+
+    ds = "2026-11-26"
+    upload(ds, sample)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    real_run, calls = clean.run, []
+
+    def flaky_run(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            return real_run(*args, **kwargs)
+        with monkeypatch.context() as m:
+            m.setenv("S3_ENDPOINT_URL", dead)
+            return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(clean, "run", flaky_run)
+    dr, states = run_dag(ds, retrain=False)
+    assert str(dr.state) == "success", states
+    assert len(calls) == 2 and dr.get_task_instance("clean").try_number == 2
+    alert = [a for a in storage.list_uris(storage.s3_uri(f"alerts/ds={ds}/")) if ".clean." in a]
+    assert alert == []  # recovered by its retry: nobody is alerted
+    assert storage.read_json(layout.manifest_uri(ds))["rows"] > 0
+
+
 def test_invalid_rows_past_threshold_fail_and_keep_previous_table(first_run, sample):
     latest_before = storage.read_json(layout.latest_uri())
     good = sample["interactions"].read_text()
@@ -221,3 +255,25 @@ def test_cli_run_failure_names_the_task_and_error_in_one_line(s3, sample, tmp_pa
     assert "in task validate: ContractError: data contract broken: invalid rows" in line
     assert "missing_field" in line
     assert _latest() == latest_before
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
+def test_report_renders_with_its_plots_in_headless_chromium(first_run, tmp_path):
+    page = tmp_path / "report.html"
+    page.write_bytes(storage.read_bytes(storage.s3_uri(f"reports/ds={DS1}/report.html")))
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+             "--no-first-run", "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+             "--virtual-time-budget=5000"]
+    dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    assert 'data-plots-rendered="5"' in dom
+    shot = tmp_path / "report.png"
+    subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1000,2600", page.as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    assert shot.stat().st_size > 20_000
+    if os.environ.get("NIGHTREC_SAVE_SCREENSHOT"):
+        shutil.copy(shot, os.environ["NIGHTREC_SAVE_SCREENSHOT"])

@@ -210,7 +210,7 @@ def test_real_scheduler_runs_the_nightly_dag_and_rescore_follows_the_asset(airfl
 
     # Bad params are refused at trigger time, with a message, and start nothing.
     for conf, field in BAD_CONFS:
-        status, body = api.call("POST", "/api/v2/dags/nightly_recommendations/dagRuns",
+        _status, body = api.call("POST", "/api/v2/dags/nightly_recommendations/dagRuns",
                                 {"logical_date": None, "conf": conf}, expect=(400, 422))
         assert field in json.dumps(body), (conf, body)
     assert _runs(api, "nightly_recommendations") == []
@@ -250,7 +250,7 @@ def test_real_scheduler_runs_the_nightly_dag_and_rescore_follows_the_asset(airfl
 def test_components_listen_on_localhost_only(airflow_stack):
     """While up, every listening socket of our processes is on 127.0.0.1 (the fixture's
     teardown then asserts that stopping the components leaves no process behind)."""
-    api, home = airflow_stack
+    _api, home = airflow_stack
     ours = _left_behind(home)
     assert ours, "the components should be running now"
     for p in ours:
