@@ -146,17 +146,17 @@ def nightly_recommendations():
 
         params = get_current_context()["params"]
         if not prev["blessed"] or params.get("dry_run"):
-            return {"model": prev["model"], "promoted": False}
+            return {"ds": prev["ds"], "model": prev["model"], "promoted": False}
         model = registry.register(prev["model"], ds=prev["ds"], metrics_uri=prev["metrics"])
         registry.set_champion(model["model_version"])
-        return {"model": {**model, "metrics": prev["metrics"]}, "promoted": True}
+        return {"ds": prev["ds"], "model": {**model, "metrics": prev["metrics"]}, "promoted": True}
 
     @task(outlets=[CHAMPION], doc_md="Announce a new champion (triggers rescore_recommendations).")
     def announce(prev: dict, *, outlet_events=None) -> None:
         if not prev["promoted"]:
             raise AirflowSkipException("no new champion")
         outlet_events[CHAMPION].extra = {"model_version": prev["model"]["model_version"],
-                                         "ds": prev["model"].get("ds")}
+                                         "ds": prev["ds"]}
 
     @task(doc_md="Resolve the pinned model_version, or the champion, from the registry.")
     def load_model() -> dict:

@@ -8,7 +8,7 @@ blessed model becomes champion, or **by hand** with params:
 
 | param | default | meaning |
 |---|---|---|
-| `ds` | the latest published ds | whose cleaned interactions to use as the seen set, and which partition to publish |
+| `ds` | the asset event's `ds`, else the latest published ds | whose cleaned interactions to use as the seen set, and which partition to publish |
 | `model_version` | the champion | a registered model to score with |
 | `top_k` | `score.top_k` | recommendations per user, 1..1000 |
 | `dry_run` | `false` | score and validate; publish nothing |
@@ -60,8 +60,12 @@ def rescore_recommendations():
         from tasks import layout, registry, settings, storage
         from tasks.reader import RecommendationReader
 
-        params = get_current_context()["params"]
-        ds = settings.check_ds(params["ds"]) if params.get("ds") else RecommendationReader().latest_ds()
+        ctx = get_current_context()
+        params = ctx["params"]
+        event_ds = [e.extra.get("ds") for events in (ctx.get("triggering_asset_events") or {}).values()
+                    for e in events if e.extra.get("ds")]
+        ds = params.get("ds") or (event_ds[-1] if event_ds else RecommendationReader().latest_ds())
+        ds = settings.check_ds(ds)
         version = params.get("model_version") or registry.champion()
         if not version:
             raise registry.ModelNotFound("no model_version given and no champion registered")

@@ -141,6 +141,28 @@ def test_blessed_model_is_registered_as_champion_and_report_uploaded(first_run):
     assert page.count('<img class="plot"') == 5 and "blessed" in page
 
 
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
+def test_report_renders_with_its_plots_in_headless_chromium(first_run, tmp_path):
+    page = tmp_path / "report.html"
+    page.write_bytes(storage.read_bytes(storage.s3_uri(f"reports/ds={DS1}/report.html")))
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+             "--no-first-run", "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+             "--virtual-time-budget=5000"]
+    dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    assert 'data-plots-rendered="5"' in dom
+    shot = tmp_path / "report.png"
+    subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1000,2600", page.as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    assert shot.stat().st_size > 20_000
+    if os.environ.get("NIGHTREC_SAVE_SCREENSHOT"):
+        shutil.copy(shot, os.environ["NIGHTREC_SAVE_SCREENSHOT"])
+
+
 def test_retrain_false_scores_with_the_champion_and_dry_run_publishes_nothing(first_run):
     from tasks import registry
 
@@ -256,24 +278,3 @@ def test_cli_run_failure_names_the_task_and_error_in_one_line(s3, sample, tmp_pa
     assert "missing_field" in line
     assert _latest() == latest_before
 
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
-def test_report_renders_with_its_plots_in_headless_chromium(first_run, tmp_path):
-    page = tmp_path / "report.html"
-    page.write_bytes(storage.read_bytes(storage.s3_uri(f"reports/ds={DS1}/report.html")))
-    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-             "--no-first-run", "--disable-background-networking", "--disable-component-update",
-             "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
-             "--virtual-time-budget=5000"]
-    dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True,
-                         timeout=120, check=True).stdout
-    assert 'data-plots-rendered="5"' in dom
-    shot = tmp_path / "report.png"
-    subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1000,2600", page.as_uri()],
-                   capture_output=True, timeout=120, check=True)
-    assert shot.stat().st_size > 20_000
-    if os.environ.get("NIGHTREC_SAVE_SCREENSHOT"):
-        shutil.copy(shot, os.environ["NIGHTREC_SAVE_SCREENSHOT"])
