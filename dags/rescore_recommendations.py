@@ -66,6 +66,8 @@ def rescore_recommendations():
                     for e in events if e.extra.get("ds")]
         ds = params.get("ds") or (event_ds[-1] if event_ds else RecommendationReader().latest_ds())
         ds = settings.check_ds(ds)
+        logging.getLogger("nightrec.rescore").info(
+            "rescore plan: ds=%s (param %s, asset events %s)", ds, params.get("ds"), event_ds)
         version = params.get("model_version") or registry.champion()
         if not version:
             raise registry.ModelNotFound("no model_version given and no champion registered")

@@ -142,7 +142,9 @@ def build_report(ds: str, *, run_id: str, task_states: dict[str, str], p) -> tup
         add("Validation", f"<p>Contract {verdict}: {val['expectations']['n_expectations']} "
             f"expectations; invalid share {val['quarantine']['invalid_fraction']:.2%} (max "
             f"{val['quarantine']['max_invalid_fraction']:.2%}).</p><ul>{fails}</ul>"
-            f"<p>GE result: <code>{layout.run_uri(ds, 'validate', 'report.json')}</code></p>")
+            f"<p><a href=\"data_docs/index.html\">Great Expectations Data Docs</a> (beside this "
+            f"report); the raw result is <code>{layout.run_uri(ds, 'validate', 'report.json')}"
+            "</code>.</p>")
 
     hist = _maybe_json(layout.run_uri(ds, "train", "holdout") + "/history.json")
     if hist:

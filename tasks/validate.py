@@ -7,8 +7,9 @@ Two checks, both must pass:
 - the Great Expectations suite ``validate.suite`` (JSON in expectations/) passes on the cleaned
   interactions. Its ``$PARAMETER`` bounds come from params.yaml and the run's ds.
 
-The report (``runs/ds=<ds>/validate/report.json``) is written either way; on failure the task
-raises :class:`ContractError` naming each failing expectation and what was observed.
+The report (``runs/ds=<ds>/validate/report.json``) and GE's Data Docs site
+(``reports/ds=<ds>/data_docs/index.html``) are written either way; on failure the task raises
+:class:`ContractError` naming each failing expectation and what was observed.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -53,23 +55,38 @@ def load_suite(path: Path):
     return suite
 
 
-def run_suite(df: pd.DataFrame, suite_path: Path, parameters: dict[str, Any]) -> dict:
-    """Run one GE suite on a frame. Returns {success, n_expectations, failures: [...]}."""
+def run_suite(
+    df: pd.DataFrame, suite_path: Path, parameters: dict[str, Any], docs_dir: Path | None = None
+) -> dict:
+    """Run one GE suite on a frame. Returns {success, n_expectations, failures: [...]}.
+
+    With ``docs_dir``, GE also builds its Data Docs site (HTML) for this validation there.
+    """
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
 
     ctx = gx.get_context(mode="ephemeral")
+    actions = []
+    if docs_dir is not None:
+        ctx.add_data_docs_site(site_name="local", site_config={
+            "class_name": "SiteBuilder",
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend",
+                              "base_directory": str(docs_dir)},
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        })
+        actions.append(gx.checkpoint.UpdateDataDocsAction(name="data_docs"))
     suite = ctx.suites.add(load_suite(suite_path))
     asset = ctx.data_sources.add_pandas("nightrec").add_dataframe_asset(suite.name)
     batch = asset.add_batch_definition_whole_dataframe("whole")
     vd = ctx.validation_definitions.add(
         gx.ValidationDefinition(name=f"{suite.name}_check", data=batch, suite=suite)
     )
-    res = vd.run(
-        batch_parameters={"dataframe": df},
-        expectation_parameters=parameters,
+    checkpoint = ctx.checkpoints.add(gx.Checkpoint(
+        name=f"{suite.name}_checkpoint", validation_definitions=[vd], actions=actions,
         result_format="SUMMARY",
-    )
+    ))
+    outcome = checkpoint.run(batch_parameters={"dataframe": df}, expectation_parameters=parameters)
+    res = next(iter(outcome.run_results.values()))
     failures = []
     for r in res.results:
         if not r.success:
@@ -104,13 +121,14 @@ def suite_parameters(p: settings.StepParams, ds: str) -> dict[str, Any]:
 
 
 def check_contract(
-    clean: pd.DataFrame, stats: dict, *, ds: str, p: settings.StepParams
+    clean: pd.DataFrame, stats: dict, *, ds: str, p: settings.StepParams,
+    docs_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Pure-ish core (runs GE in memory). Returns the report; ``report['success']`` is the verdict."""
     max_frac = p["validate.max_invalid_fraction"]
     quarantine_ok = stats["invalid_fraction"] <= max_frac
     suite_path = settings.project_root() / p["validate.suite"]
-    ge = run_suite(clean, suite_path, suite_parameters(p, ds))
+    ge = run_suite(clean, suite_path, suite_parameters(p, ds), docs_dir=docs_dir)
     return {
         "ds": ds,
         "success": quarantine_ok and ge["success"],
@@ -141,7 +159,13 @@ def run(ds: str, cleaned: dict[str, str], params: dict | None = None) -> dict[st
     p = settings.step_params(PARAMS, params)
     clean = storage.read_parquet(cleaned["interactions"])
     stats = storage.read_json(cleaned["stats"])
-    report = check_contract(clean, stats, ds=ds, p=p)
+    with tempfile.TemporaryDirectory() as tmp:
+        report = check_contract(clean, stats, ds=ds, p=p, docs_dir=Path(tmp))
+        docs = storage.s3_uri(f"reports/ds={ds}/data_docs/")
+        storage.delete(storage.list_uris(docs))
+        for f in storage.iter_files(Path(tmp)):
+            storage.upload_from(f, docs + f.relative_to(tmp).as_posix())
+    report["data_docs"] = docs + "index.html"
     out = {**cleaned, "validation_report": layout.run_uri(ds, "validate", "report.json")}
     storage.write_json(out["validation_report"], report)
     if not report["success"]:

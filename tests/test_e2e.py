@@ -113,6 +113,9 @@ def test_great_expectations_suite_ran(first_run):
     suite = json.loads((ROOT / "expectations" / "clean_interactions.json").read_text())
     assert report["success"] is True
     assert report["expectations"]["n_expectations"] == len(suite["expectations"])
+    docs = storage.list_uris(storage.s3_uri(f"reports/ds={DS1}/data_docs/"))
+    assert report["data_docs"] in docs
+    assert any("/validations/clean_interactions/" in d and d.endswith(".html") for d in docs)
     published = storage.read_json(layout.run_uri(DS1, "publish", "validation.json"))
     assert published["success"] is True and published["n_expectations"] == 10
 
@@ -278,3 +281,13 @@ def test_cli_run_failure_names_the_task_and_error_in_one_line(s3, sample, tmp_pa
     assert "missing_field" in line
     assert _latest() == latest_before
 
+
+
+def test_cli_status_lists_runs_champion_and_latest(s3, first_run):
+    from tasks import registry
+
+    out = subprocess.run([str(Path(sys.executable).parent / "nightrec"), "status", "--limit", "20"],
+                         capture_output=True, text=True, check=True, env={**os.environ, "COLUMNS": "200"})
+    assert DS1 in out.stdout and "success" in out.stdout
+    assert f"champion: {registry.champion()}" in out.stdout
+    assert f"ds={storage.read_json(layout.latest_uri())['ds']}" in out.stdout
