@@ -162,10 +162,8 @@ def nightly_recommendations():
     def load_model() -> dict:
         from tasks import registry
 
-        version = get_current_context()["params"].get("model_version") or registry.champion()
-        if not version:
-            raise registry.ModelNotFound("retrain=false but there is no champion yet")
-        return {"model": permanent(registry.model_uris, version), "promoted": False}
+        version = get_current_context()["params"].get("model_version")
+        return {"model": permanent(registry.resolve, version), "promoted": False}
 
     @task(trigger_rule="none_failed_min_one_success",
           doc_md="Top-K unseen items for every user of the chosen model, into staging parts.")

@@ -68,10 +68,8 @@ def rescore_recommendations():
         ds = settings.check_ds(ds)
         logging.getLogger("nightrec.rescore").info(
             "rescore plan: ds=%s (param %s, asset events %s)", ds, params.get("ds"), event_ds)
-        version = params.get("model_version") or registry.champion()
-        if not version:
-            raise registry.ModelNotFound("no model_version given and no champion registered")
-        model = permanent(registry.model_uris, version)
+        model = permanent(registry.resolve, params.get("model_version"))
+        version = model["model_version"]
         current = storage.read_json(layout.manifest_uri(ds)) if storage.exists(
             layout.manifest_uri(ds)) else {}
         if current.get("model_version") == version and not params.get("model_version"):

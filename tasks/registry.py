@@ -18,13 +18,14 @@ import datetime as dt
 import re
 
 from tasks import layout, storage
+from tasks.errors import PermanentError
 
 MODEL_VERSION_RE = re.compile(r"^[a-z][a-z0-9]{0,15}-\d{8}-[0-9a-f]{8}$")
 FILES = ("embeddings.npz", "users.parquet", "items.parquet", "meta.json")
 
 
-class ModelNotFound(LookupError):
-    pass
+class ModelNotFound(PermanentError, LookupError):
+    """No such registered model (or no champion yet): retrying will not make one appear."""
 
 
 def check_version(version: str) -> str:
@@ -54,6 +55,14 @@ def model_uris(version: str) -> dict[str, str]:
         "model_version": version,
         "data_version": meta["data_version"],
     }
+
+
+def resolve(version: str | None) -> dict:
+    """``model_uris`` of ``version``, or of the champion when it is None."""
+    version = version or champion()
+    if not version:
+        raise ModelNotFound("no model_version given and no champion registered yet")
+    return model_uris(version)
 
 
 def register(model: dict, *, ds: str, metrics_uri: str | None) -> dict:

@@ -1,0 +1,59 @@
+"""The model registry against the real local S3: register, champion, resolve, refusals."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from tasks import registry, storage
+from tasks.errors import PermanentError
+
+
+@pytest.fixture
+def empty_bucket(s3, monkeypatch):
+    name = "nightrec-registry-test"
+    client = storage.s3_client()
+    if name not in [b["Name"] for b in client.list_buckets()["Buckets"]]:
+        client.create_bucket(Bucket=name)
+    monkeypatch.setenv("NIGHTREC_BUCKET", name)
+    storage.delete(storage.list_uris(storage.s3_uri("models/")))
+    return name
+
+
+def _trained_model(version: str) -> dict:
+    base = storage.s3_uri(f"runs/ds=2026-11-01/train/{version}/")
+    storage.write_bytes(base + "embeddings.npz", b"npz bytes")
+    storage.write_parquet(pd.DataFrame({"user_idx": [0], "user_id": ["u"]}), base + "users.parquet")
+    storage.write_parquet(pd.DataFrame({"item_idx": [0], "item_id": ["i"]}), base + "items.parquet")
+    return {"embeddings": base + "embeddings.npz", "users": base + "users.parquet",
+            "items": base + "items.parquet", "model_version": version, "data_version": "abc"}
+
+
+def test_no_champion_is_a_permanent_error(empty_bucket):
+    assert issubclass(registry.ModelNotFound, PermanentError)
+    with pytest.raises(registry.ModelNotFound, match="no champion"):
+        registry.resolve(None)
+    with pytest.raises(registry.ModelNotFound):
+        registry.resolve("mf-20261101-0123abcd")
+
+
+@pytest.mark.parametrize("bad", ["../mf-20261101-0123abcd", "mf-20261101-0123abcd/x", "MF-1", ""])
+def test_versions_that_could_escape_their_prefix_are_refused(empty_bucket, bad):
+    with pytest.raises(ValueError):
+        registry.model_prefix(bad)
+
+
+def test_register_promote_and_resolve(empty_bucket):
+    a, b = "mf-20261101-0000000a", "mf-20261102-0000000b"
+    registry.register(_trained_model(a), ds="2026-11-01", metrics_uri=None)
+    registry.register(_trained_model(b), ds="2026-11-02", metrics_uri=None)
+    assert registry.list_models() == [a, b]
+    registry.set_champion(a)
+    record = registry.set_champion(b)
+    assert record["previous"] == a and registry.champion() == b
+    resolved = registry.resolve(None)
+    assert resolved["model_version"] == b and resolved["data_version"] == "abc"
+    assert storage.read_bytes(resolved["embeddings"]) == b"npz bytes"
+    with pytest.raises(registry.ModelNotFound):
+        registry.set_champion("mf-20261103-0000000c")
+    assert registry.champion() == b
