@@ -4,9 +4,15 @@ For each test user, every item is ranked (the user's train and valid items exclu
 top ``max(evaluate.k)`` is compared with the user's held-out positives (see tasks/metrics.py).
 The popularity baseline ranks items by their count of train positives, with the same exclusions.
 
+The current champion (tasks/registry.py), when there is one, is scored on the same split, its
+embeddings re-indexed onto this run's users and items by external id; its metrics are recorded
+(and plotted by the report) but do not gate yet: regression gating is the models issue's. The
+champion was refit on everything up to its own ds, so test events it has already seen make its
+figure optimistic; a fair comparison needs a global time cutoff after the champion's ds.
+
 The gate blesses the model when ``model[gate_metric] >= popularity[gate_metric] * (1 + lift)``
-(``evaluate.gate_metric``, ``evaluate.min_lift_over_popularity``). Champion comparison and the
-registry are the models issue's. ``metrics.json`` records both sides and the verdict.
+(``evaluate.gate_metric``, ``evaluate.min_lift_over_popularity``). ``metrics.json`` records every
+side and the verdict.
 """
 
 from __future__ import annotations
@@ -24,9 +30,11 @@ PARAMS = ["evaluate.k", "evaluate.gate_metric", "evaluate.min_lift_over_populari
 
 
 def evaluate_embeddings(
-    emb: dict[str, np.ndarray], parts: dict[str, pd.DataFrame], *, ks: list[int]
+    emb: dict[str, np.ndarray], parts: dict[str, pd.DataFrame], *, ks: list[int],
+    champion: dict[str, np.ndarray] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Metrics of the model and of popularity on ``parts['test']``: ``{"model", "popularity"}``."""
+    """Metrics on ``parts['test']`` of the model, of popularity and, when given, of the champion
+    (its embeddings already aligned to this run's indices: :func:`align_embeddings`)."""
     n_users, n_items = emb["user"].shape[0], emb["item"].shape[0]
     known = pd.concat([parts["train"], parts["valid"]])
     seen = ranking.seen_matrix(
@@ -44,17 +52,59 @@ def evaluate_embeddings(
 
     pos = parts["train"][parts["train"][schema.LABEL] == 1]
     counts = np.bincount(pos[schema.ITEM_IDX], minlength=n_items).astype(np.float32)
-    model_recs = rank(emb["user"], emb["item"], emb["item_bias"])
-    pop_recs = rank(np.zeros((n_users, 1), np.float32), np.zeros((n_items, 1), np.float32), counts)
-    out = {
-        "model": metrics.all_metrics(model_recs, rel, ks),
-        "popularity": metrics.all_metrics(pop_recs, rel, ks),
+    recs = {
+        "model": rank(emb["user"], emb["item"], emb["item_bias"]),
+        "popularity": rank(np.zeros((n_users, 1), np.float32), np.zeros((n_items, 1), np.float32),
+                           counts),
     }
-    for name, recs in (("model", model_recs), ("popularity", pop_recs)):
-        shown = recs[:, : min(ks)]
+    if champion is not None:
+        recs["champion"] = rank(champion["user"], champion["item"], champion["item_bias"])
+    out = {name: metrics.all_metrics(r, rel, ks) for name, r in recs.items()}
+    for name, r in recs.items():
+        shown = r[:, : min(ks)]
         out[name]["catalogue_coverage"] = float(len(np.unique(shown[shown >= 0])) / n_items)
     out["n_test_users"] = len(users)
     return out
+
+
+def align_embeddings(
+    emb: dict[str, np.ndarray], *, model_users: np.ndarray, model_items: np.ndarray,
+    user_ids: np.ndarray, item_ids: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """Re-index another model's embeddings onto this run's users and items (by external id).
+
+    Users it never saw get a zero vector (their ranking is by item bias alone); items it never
+    saw get a bias of -1e30, so they rank below every item it knows.
+    """
+    u = pd.Index(model_users).get_indexer(user_ids)
+    i = pd.Index(model_items).get_indexer(item_ids)
+    d = emb["user"].shape[1]
+    user = np.zeros((len(user_ids), d), np.float32)
+    user[u >= 0] = emb["user"][u[u >= 0]]
+    item = np.zeros((len(item_ids), d), np.float32)
+    item[i >= 0] = emb["item"][i[i >= 0]]
+    bias = np.full(len(item_ids), -1e30, np.float32)
+    bias[i >= 0] = emb["item_bias"][i[i >= 0]]
+    return {"user": user, "item": item, "item_bias": bias}
+
+
+def _champion_for(trained: dict) -> tuple[str | None, dict | None]:
+    """The current champion's embeddings aligned to this run, or (None, None) if none."""
+    from tasks import registry, score
+
+    version = registry.champion()
+    if version is None:
+        return None, None
+    model = registry.model_uris(version)
+    emb = dict(np.load(io.BytesIO(storage.read_bytes(model["embeddings"]))))
+    aligned = align_embeddings(
+        emb,
+        model_users=score._id_index(model["users"], schema.USER_IDX, schema.USER_ID),
+        model_items=score._id_index(model["items"], schema.ITEM_IDX, schema.ITEM_ID),
+        user_ids=score._id_index(trained["user_features"], schema.USER_IDX, schema.USER_ID),
+        item_ids=score._id_index(trained["item_features"], schema.ITEM_IDX, schema.ITEM_ID),
+    )
+    return version, aligned
 
 
 def gate(result: dict, *, gate_metric: str, min_lift: float) -> dict:
@@ -69,8 +119,8 @@ def gate(result: dict, *, gate_metric: str, min_lift: float) -> dict:
     }
 
 
-def _evaluate(emb, parts, p: settings.StepParams) -> dict:
-    result = evaluate_embeddings(emb, parts, ks=list(p["evaluate.k"]))
+def _evaluate(emb, parts, p: settings.StepParams, champion=None) -> dict:
+    result = evaluate_embeddings(emb, parts, ks=list(p["evaluate.k"]), champion=champion)
     result["gate"] = gate(
         result, gate_metric=p["evaluate.gate_metric"], min_lift=p["evaluate.min_lift_over_popularity"]
     )
@@ -81,9 +131,11 @@ def run(ds: str, trained: dict[str, str], params: dict | None = None) -> dict:
     p = settings.step_params(PARAMS, params)
     emb = dict(np.load(io.BytesIO(storage.read_bytes(trained["holdout_embeddings"]))))
     parts = {n: storage.read_parquet(trained[n]) for n in ("train", "valid", "test")}
-    result = _evaluate(emb, parts, p)
+    champion_version, champion = _champion_for(trained)
+    result = _evaluate(emb, parts, p, champion=champion)
     result.update(
-        ds=ds, model_version=trained["model_version"], data_version=trained["data_version"]
+        ds=ds, model_version=trained["model_version"], data_version=trained["data_version"],
+        champion_version=champion_version,
     )
     uri = layout.run_uri(ds, "evaluate", "metrics.json")
     storage.write_json(uri, result)

@@ -75,8 +75,9 @@ def plot_training(history: dict) -> str:
 def plot_history(rows: list[dict], metric: str) -> str:
     fig, ax = _figure(f"{metric} over the last runs")
     frame = pd.DataFrame(rows).sort_values("ds")
-    for col, style in (("model", "o-"), ("popularity", "s--")):
-        ax.plot(frame["ds"], frame[col], style, label=col)
+    for col, style in (("model", "o-"), ("champion", "^:"), ("popularity", "s--")):
+        if col in frame and frame[col].notna().any():
+            ax.plot(frame["ds"], frame[col], style, label=col)
     ax.tick_params(axis="x", rotation=45, labelsize=7)
     ax.legend()
     return _png(fig)
@@ -101,14 +102,16 @@ def plot_popularity(rec_pop: np.ndarray, cat_pop: np.ndarray) -> str:
 
 
 def metric_history(ds: str, metric: str, n: int) -> list[dict]:
-    """``[{"ds", "model", "popularity"}]`` for up to n runs up to ds that have metrics."""
+    """``[{"ds", "model", "champion", "popularity"}]`` for up to n runs up to ds with metrics
+    (``champion`` is None for a run that had no champion to compare with)."""
     prefix = storage.s3_uri("runs/")
     days = sorted({u[len(prefix):].split("/", 1)[0].removeprefix("ds=")
                    for u in storage.list_uris(prefix) if u.endswith("/evaluate/metrics.json")})
     rows = []
     for day in [d for d in days if d <= ds][-n:]:
         m = storage.read_json(layout.run_uri(day, "evaluate", "metrics.json"))
-        rows.append({"ds": day, "model": m["model"][metric], "popularity": m["popularity"][metric]})
+        rows.append({"ds": day, "model": m["model"][metric], "popularity": m["popularity"][metric],
+                     "champion": m.get("champion", {}).get(metric)})
     return rows
 
 
@@ -154,12 +157,21 @@ def build_report(ds: str, *, run_id: str, task_states: dict[str, str], p) -> tup
     if metrics:
         g = metrics["gate"]
         keys = [k for k in metrics["model"] if k.endswith("_at_10") or k == "catalogue_coverage"]
-        table = "".join(f"<tr><td>{k}</td><td>{metrics['model'][k]:.4f}</td>"
-                        f"<td>{metrics['popularity'][k]:.4f}</td></tr>" for k in keys)
+        champ = metrics.get("champion")
+
+        def cell(side: dict | None, key: str) -> str:
+            return f"<td>{side[key]:.4f}</td>" if side else "<td>-</td>"
+
+        table = "".join(f"<tr><td>{k}</td>{cell(metrics['model'], k)}{cell(champ, k)}"
+                        f"{cell(metrics['popularity'], k)}</tr>" for k in keys)
         history = metric_history(ds, g["metric"], int(p["report.history_runs"]))
         add("Evaluation", f"<p>Gate on {g['metric']}: model {g['model']:.4f} vs threshold "
             f"{g['threshold']:.4f} -> {'blessed' if g['blessed'] else 'NOT blessed'}</p>"
-            f"<table><tr><th>metric</th><th>model</th><th>popularity</th></tr>{table}</table>"
+            f"<table><tr><th>metric</th><th>model</th><th>champion "
+            f"{html.escape(str(metrics.get('champion_version') or '(none)'))}</th>"
+            f"<th>popularity</th></tr>{table}</table>"
+            "<p>The champion was fit on all data up to its own ds, so events of this test split "
+            "that it had already seen make its figure optimistic.</p>"
             + img(plot_history(history, g["metric"]), "metric history"))
 
     manifest = _maybe_json(layout.manifest_uri(ds))

@@ -129,6 +129,9 @@ def test_rerun_same_ds_replaces_partition(first_run):
     assert len(table) == after["rows"] == before["rows"]
     assert not table.duplicated(["user_id", "rank"]).any()
     assert len(_partition_parts(DS1)) == len(after["parts"])
+    metrics = storage.read_json(layout.run_uri(DS1, "evaluate", "metrics.json"))
+    assert metrics["champion_version"] == before["model_version"]  # the first run's model
+    assert set(metrics["champion"]) == set(metrics["model"])
     # A naive reader of the whole prefix also sees each row once.
     naive = pd.concat(pd.read_parquet(io.BytesIO(storage.read_bytes(u))) for u in _partition_parts(DS1))
     assert len(naive) == after["rows"]

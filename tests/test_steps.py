@@ -184,3 +184,15 @@ def test_top_k_exact_with_ties_seen_items_and_k_above_unseen(k):
         want = np.full(k, -1)
         want[: len(order)] = order
         assert got[row].tolist() == want.tolist(), row
+
+
+def test_align_embeddings_maps_by_external_id_and_sinks_unknown_items():
+    from tasks.evaluate import align_embeddings
+
+    emb = {"user": np.array([[1.0], [2.0]], np.float32), "item": np.array([[3.0], [4.0]], np.float32),
+           "item_bias": np.array([0.5, 0.25], np.float32)}
+    out = align_embeddings(emb, model_users=np.array(["a", "b"]), model_items=np.array(["x", "y"]),
+                           user_ids=np.array(["b", "new"]), item_ids=np.array(["y", "z", "x"]))
+    assert out["user"].ravel().tolist() == [2.0, 0.0]
+    assert out["item"].ravel().tolist() == [4.0, 0.0, 3.0]
+    assert out["item_bias"][[0, 2]].tolist() == [0.25, 0.5] and out["item_bias"][1] < -1e29
