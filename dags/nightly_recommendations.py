@@ -38,7 +38,7 @@ from airflow.sdk.exceptions import AirflowSkipException
 
 from orchestration.common import (
     CHAMPION,
-    default_args,
+    dag_kwargs,
     dry_run_param,
     ds_param,
     model_version_param,
@@ -52,12 +52,8 @@ from orchestration.common import (
 @dag(
     dag_id="nightly_recommendations",
     schedule="0 2 * * *",
-    start_date=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
-    catchup=False,
-    max_active_runs=1,
-    default_args=default_args(),
     doc_md=__doc__,
-    tags=["nightrec"],
+    **dag_kwargs(),
     params={
         "ds": ds_param(),
         "retrain": Param(True, type="boolean",

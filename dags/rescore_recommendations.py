@@ -20,13 +20,11 @@ but whose publish failed, this is what puts the champion's table in front of rea
 
 from __future__ import annotations
 
-import datetime as dt
-
 from airflow.sdk import dag, get_current_context, task
 
 from orchestration.common import (
     CHAMPION,
-    default_args,
+    dag_kwargs,
     dry_run_param,
     ds_param,
     model_version_param,
@@ -39,12 +37,8 @@ from orchestration.common import (
 @dag(
     dag_id="rescore_recommendations",
     schedule=[CHAMPION],
-    start_date=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
-    catchup=False,
-    max_active_runs=1,
-    default_args=default_args(),
     doc_md=__doc__,
-    tags=["nightrec"],
+    **dag_kwargs(),
     params={
         "ds": ds_param(),
         "model_version": model_version_param("Registered model to score with; default champion."),

@@ -53,8 +53,9 @@ def run_ds() -> str:
 
 def run_key() -> str:
     """The run id as one safe key segment (staging prefixes are per run)."""
-    run_id = get_current_context()["run_id"]
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in run_id)[:100]
+    from tasks.layout import sanitize_token
+
+    return sanitize_token(get_current_context()["run_id"])
 
 
 def on_failure(context) -> None:
@@ -81,6 +82,17 @@ def permanent(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except PermanentError as e:
         raise AirflowFailException(f"{type(e).__name__}: {e}") from e
+
+
+def dag_kwargs() -> dict:
+    """What every nightrec DAG shares: start date, no catchup, one run at a time, task defaults."""
+    return {
+        "start_date": dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
+        "catchup": False,
+        "max_active_runs": 1,
+        "default_args": default_args(),
+        "tags": ["nightrec"],
+    }
 
 
 def default_args() -> dict:

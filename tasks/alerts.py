@@ -10,19 +10,14 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import re
 
-from tasks import settings, storage
+from tasks import layout, settings, storage
 
 log = logging.getLogger(__name__)
 
 
-def _token(value: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", value)[:120]
-
-
 def local_alert_path(run_id: str):
-    return settings.state_dir() / "alerts" / f"{_token(run_id)}.json"
+    return settings.state_dir() / "alerts" / f"{layout.sanitize_token(run_id)}.json"
 
 
 def record_failure(*, dag_id: str, run_id: str, task_id: str, ds: str | None, error: str) -> dict:
@@ -40,7 +35,7 @@ def record_failure(*, dag_id: str, run_id: str, task_id: str, ds: str | None, er
     path.write_text(json.dumps(record, indent=2))
     try:
         if ds and settings.check_ds(ds):
-            key = f"alerts/ds={ds}/{_token(run_id)}.{_token(task_id)}.json"
+            key = f"alerts/ds={ds}/{layout.sanitize_token(run_id)}.{layout.sanitize_token(task_id)}.json"
             storage.write_json(storage.s3_uri(key), record)
     except Exception as e:  # noqa: BLE001 - the alert must not mask the original failure
         log.warning("could not upload the alert record: %s", type(e).__name__)

@@ -165,14 +165,10 @@ def clean_interactions(
     return clean, quarantine.reset_index(drop=True), stats
 
 
-def _core_kwargs(p: settings.StepParams) -> dict:
-    return {k.split(".", 1)[1]: v for k, v in p.items()}
-
-
 def run(ds: str, ingested: dict[str, str], params: dict | None = None) -> dict[str, str]:
     p = settings.step_params(PARAMS, params)
     raw = storage.read_parquet(ingested["interactions"])
-    clean, quarantine, stats = clean_interactions(raw, ds=ds, **_core_kwargs(p))
+    clean, quarantine, stats = clean_interactions(raw, ds=ds, **settings.core_kwargs(p))
     out = {
         "interactions": layout.run_uri(ds, "clean", "interactions.parquet"),
         "quarantine": layout.run_uri(ds, "clean", "quarantine.parquet"),
@@ -195,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     p = settings.step_params(PARAMS)
     clean, quarantine, stats = clean_interactions(
-        storage.read_parquet(args.input), ds=args.ds, **_core_kwargs(p)
+        storage.read_parquet(args.input), ds=args.ds, **settings.core_kwargs(p)
     )
     storage.write_parquet(clean, storage.join(args.out_dir, "interactions.parquet"))
     storage.write_parquet(quarantine, storage.join(args.out_dir, "quarantine.parquet"))

@@ -99,10 +99,10 @@ def _champion_for(trained: dict) -> tuple[str | None, dict | None]:
     emb = dict(np.load(io.BytesIO(storage.read_bytes(model["embeddings"]))))
     aligned = align_embeddings(
         emb,
-        model_users=score._id_index(model["users"], schema.USER_IDX, schema.USER_ID),
-        model_items=score._id_index(model["items"], schema.ITEM_IDX, schema.ITEM_ID),
-        user_ids=score._id_index(trained["user_features"], schema.USER_IDX, schema.USER_ID),
-        item_ids=score._id_index(trained["item_features"], schema.ITEM_IDX, schema.ITEM_ID),
+        model_users=score.ids_by_index(model["users"], schema.USER_IDX, schema.USER_ID),
+        model_items=score.ids_by_index(model["items"], schema.ITEM_IDX, schema.ITEM_ID),
+        user_ids=score.ids_by_index(trained["user_features"], schema.USER_IDX, schema.USER_ID),
+        item_ids=score.ids_by_index(trained["item_features"], schema.ITEM_IDX, schema.ITEM_ID),
     )
     return version, aligned
 

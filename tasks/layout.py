@@ -28,6 +28,12 @@ def safe_token(value: str, what: str = "value") -> str:
     return value
 
 
+def sanitize_token(value: str, max_len: int = 100) -> str:
+    """Turn any id (an Airflow run id, a task id) into one safe key segment."""
+    token = re.sub(r"\.{2,}", "_", re.sub(r"[^A-Za-z0-9._-]", "_", value))[:max_len]
+    return token if token[:1].isalnum() else f"x{token}"[:max_len]
+
+
 def raw_prefix(ds: str, table: str = "interactions") -> str:
     if table not in ("interactions", "items", "users"):
         raise ValueError(f"unknown raw table {table!r}")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import io
 import logging
 
 import numpy as np
@@ -104,7 +105,8 @@ def run(ds: str, scored: dict, params: dict | None = None, dry_run: bool = False
     ``dry_run``: validate only, then remove the staged parts; readers see no change.
     """
     settings.check_ds(ds)
-    frames = [storage.read_parquet(u) for u in scored["parts"]]
+    staged = [storage.read_bytes(u) for u in scored["parts"]]  # each part downloaded once
+    frames = [pd.read_parquet(io.BytesIO(data)) for data in staged]
     table = pd.concat(frames, ignore_index=True)
     report = validate_table(
         table, ds=ds, model_version=scored["model_version"], top_k=scored["top_k"]
@@ -118,11 +120,10 @@ def run(ds: str, scored: dict, params: dict | None = None, dry_run: bool = False
         storage.delete(storage.list_uris(scored["staging"]))
         log.info("dry run: %d rows validated, nothing published for ds=%s", len(table), ds)
         return {"dry_run": True, "rows": len(table), "manifest": None}
-    staged = [(u, storage.read_bytes(u)) for u in scored["parts"]]
-    pid = publish_id([storage.sha256(b) for _, b in staged])
+    pid = publish_id([storage.sha256(b) for b in staged])
     prefix = layout.recs_prefix(ds)
     parts = []
-    for n, ((_, data), frame) in enumerate(zip(staged, frames)):
+    for n, (data, frame) in enumerate(zip(staged, frames, strict=True)):
         uri = storage.join(prefix, f"part-{pid}-{n:05d}.parquet")
         storage.write_bytes(uri, data)
         parts.append(

@@ -130,7 +130,7 @@ def _score_range(user_vecs, item_t, bias, indptr, indices, lo, hi, k, block, out
                      out_items[b - lo : e - lo], out_scores[b - lo : e - lo])
 
 
-def top_k_block(user_vecs, item_t, bias, indptr, indices, k, *, pool=None, block=64):
+def top_k_block(user_vecs, item_t, bias, indptr, indices, k, *, pool=None, workers=1, block=64):
     """Top-k for a block of users (rows of ``user_vecs``, CSR ``indptr``/``indices`` aligned).
 
     With a thread pool, the block is split between its workers. Each worker runs a
@@ -141,7 +141,6 @@ def top_k_block(user_vecs, item_t, bias, indptr, indices, k, *, pool=None, block
     n = len(user_vecs)
     items = np.empty((n, k), np.int32)
     best = np.empty((n, k), np.float32)
-    workers = pool._max_workers if pool is not None else 1
     step = max(block, -(-n // workers))
     jobs = [(lo, min(lo + step, n)) for lo in range(0, n, step)]
     args = (user_vecs, item_t, bias, indptr, indices)
@@ -187,5 +186,6 @@ def iter_top_k(
             items, best = top_k_block(
                 np.ascontiguousarray(user_vecs[batch], dtype=np.float32), item_t, bias,
                 sub.indptr.astype(np.int64), sub.indices.astype(np.int32), k, pool=pool,
+                workers=threads,
             )
             yield batch, items, best

@@ -60,7 +60,7 @@ def score_all(
         )
 
 
-def _id_index(uri: str, idx_col: str, id_col: str) -> np.ndarray:
+def ids_by_index(uri: str, idx_col: str, id_col: str) -> np.ndarray:
     """External ids in index order (position i holds the id of index i)."""
     table = storage.read_parquet(uri, columns=[idx_col, id_col]).sort_values(idx_col)
     if not np.array_equal(table[idx_col].to_numpy(), np.arange(len(table))):
@@ -90,8 +90,8 @@ def run(ds: str, model: dict, seen_uri: str, run_key: str, params: dict | None =
     p = settings.step_params(PARAMS, params)
     k = int(top_k or p["score.top_k"])
     emb = dict(np.load(io.BytesIO(storage.read_bytes(model["embeddings"]))))
-    user_ids = _id_index(model["users"], schema.USER_IDX, schema.USER_ID)
-    item_ids = _id_index(model["items"], schema.ITEM_IDX, schema.ITEM_ID)
+    user_ids = ids_by_index(model["users"], schema.USER_IDX, schema.USER_ID)
+    item_ids = ids_by_index(model["items"], schema.ITEM_IDX, schema.ITEM_ID)
     seen = storage.read_parquet(seen_uri, columns=[schema.USER_ID, schema.ITEM_ID])
     seen_df = seen_in_model_space(seen, user_ids, item_ids)
     prefix = layout.staging_prefix(ds, run_key)

@@ -92,5 +92,10 @@ class StepParams(dict):
             self[dotted] = node
 
 
+def core_kwargs(p: StepParams) -> dict[str, Any]:
+    """``{"clean.min_rating": x}`` -> ``{"min_rating": x}``: a step's params as core kwargs."""
+    return {k.split(".", 1)[1]: v for k, v in p.items()}
+
+
 def step_params(keys: list[str], params: dict[str, Any] | None = None) -> StepParams:
     return StepParams(params if params is not None else load_params(), keys)

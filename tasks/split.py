@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     p = settings.step_params(PARAMS)
     parts = split_interactions(
-        storage.read_parquet(args.input), **{k.split(".", 1)[1]: v for k, v in p.items()}
+        storage.read_parquet(args.input), **settings.core_kwargs(p)
     )
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     for name, frame in parts.items():

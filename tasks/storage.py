@@ -12,7 +12,6 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -188,7 +187,3 @@ def upload_from(path: Path, uri: str) -> None:
         s3_client().upload_file(str(path), b, k)
     else:
         write_bytes(uri, path.read_bytes())
-
-
-def iter_files(folder: Path) -> Iterator[Path]:
-    yield from sorted(p for p in folder.rglob("*") if p.is_file())

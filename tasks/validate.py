@@ -163,8 +163,8 @@ def run(ds: str, cleaned: dict[str, str], params: dict | None = None) -> dict[st
         report = check_contract(clean, stats, ds=ds, p=p, docs_dir=Path(tmp))
         docs = storage.s3_uri(f"reports/ds={ds}/data_docs/")
         storage.delete(storage.list_uris(docs))
-        for f in storage.iter_files(Path(tmp)):
-            storage.upload_from(f, docs + f.relative_to(tmp).as_posix())
+        for f in storage.list_uris(tmp):
+            storage.upload_from(Path(f), docs + Path(f).relative_to(tmp).as_posix())
     report["data_docs"] = docs + "index.html"
     out = {**cleaned, "validation_report": layout.run_uri(ds, "validate", "report.json")}
     storage.write_json(out["validation_report"], report)
