@@ -15,14 +15,17 @@ before anything runs:
 | `retrain` | `true` | `false`: skip split/train/evaluate and score with the current champion |
 | `model_version` | none | score with this registered model (implies no retraining) |
 | `top_k` | `score.top_k` | recommendations per user, 1..1000 |
+| `shards` | `score.shards` | score shards (mapped tasks over user_id ranges), 1..256 |
 | `force_publish` | `false` | publish even if the gate does not bless the model (logged, not promoted) |
 | `dry_run` | `false` | run and validate everything; publish and promote nothing |
 
 **Stages**: ingest -> clean (quarantine with reasons) -> validate (Great Expectations; a broken
 contract stops the run, without retries) -> augment -> choose -> split (DVC, pushed; its hash is
 the `data_version`) -> train -> evaluate (full ranking vs popularity) -> gate -> register (the
-blessed model becomes champion; emits the `nightrec_champion` asset) -> score -> publish. `report`
-always runs last and uploads `reports/ds=<ds>/report.html`.
+blessed model becomes champion; emits the `nightrec_champion` asset) -> plan_shards -> score (one
+mapped task per user shard; a failed shard retries alone) -> publish (GE suite, a per-ds claim,
+parts, manifest, then the latest pointer by conditional write; retention). `report` always runs
+last and uploads `reports/ds=<ds>/report.html`.
 
 **If it fails**: nothing new is visible to readers; the previous table stays latest. An alert
 record lands in `alerts/ds=<ds>/`. Each task's outputs live under `runs/ds=<ds>/<task>/`, so
@@ -45,6 +48,7 @@ from orchestration.common import (
     permanent,
     run_ds,
     run_key,
+    shards_param,
     top_k_param,
 )
 
@@ -60,6 +64,7 @@ from orchestration.common import (
                          description="false: score with the champion, no training."),
         "model_version": model_version_param("Score with this registered model (no training)."),
         "top_k": top_k_param(),
+        "shards": shards_param(),
         "force_publish": Param(False, type="boolean",
                                description="Publish even when the gate does not bless the model."),
         "dry_run": dry_run_param(),
@@ -124,26 +129,30 @@ def nightly_recommendations():
     def gate(prev: dict) -> bool:
         import logging
 
+        from tasks import evaluate
+
         forced = bool(get_current_context()["params"].get("force_publish"))
+        decision = evaluate.record_decision(prev["ds"], prev["gate"], forced=forced)
         log = logging.getLogger("nightrec.gate")
         if prev["blessed"]:
             log.info("blessed: %s", prev["gate"])
         elif forced:
-            log.warning("NOT blessed but force_publish=true; publishing anyway (the model is not "
-                        "promoted): %s", prev["gate"])
+            log.warning("OVERRIDE: NOT blessed (%s) but force_publish=true; publishing anyway, "
+                        "the model is not promoted: %s", prev["gate"]["reason"], prev["gate"])
         else:
-            log.warning("NOT blessed; nothing is published and the previous table stays latest: "
-                        "%s", prev["gate"])
-        return bool(prev["blessed"] or forced)
+            log.warning("NOT blessed (%s); nothing is published and the previous table stays "
+                        "latest: %s", prev["gate"]["reason"], prev["gate"])
+        return decision["publish"]
 
     @task(doc_md="Register a blessed model and make it champion (not on dry runs).")
     def register(prev: dict) -> dict:
-        from tasks import registry
+        from tasks import registry, settings
 
         params = get_current_context()["params"]
         if not prev["blessed"] or params.get("dry_run"):
             return {"ds": prev["ds"], "model": prev["model"], "promoted": False}
-        model = registry.register(prev["model"], ds=prev["ds"], metrics_uri=prev["metrics"])
+        model = registry.register(prev["model"], ds=prev["ds"], metrics_uri=prev["metrics"],
+                                  gate=prev["gate"], params=settings.load_params())
         registry.set_champion(model["model_version"])
         return {"ds": prev["ds"], "model": {**model, "metrics": prev["metrics"]}, "promoted": True}
 
@@ -162,22 +171,32 @@ def nightly_recommendations():
         return {"model": permanent(registry.resolve, version), "promoted": False}
 
     @task(trigger_rule="none_failed_min_one_success",
-          doc_md="Top-K unseen items for every user of the chosen model, into staging parts.")
-    def score(prev: dict) -> dict:
+          doc_md="Split the chosen model's users into user_id ranges, one score task each.")
+    def plan_shards(prev: dict) -> list[dict]:
         from tasks import score as step
 
         ctx = get_current_context()
         chosen = [x for x in ctx["ti"].xcom_pull(task_ids=["register", "load_model"]) if x]
-        out = step.run(prev["ds"], chosen[0]["model"], prev["clean"], run_key=run_key(),
-                       top_k=ctx["params"].get("top_k"))
-        return {"ds": prev["ds"], **out}
+        if not chosen:  # the gate stopped an unblessed model: register and load_model skipped
+            raise AirflowSkipException("no model to score: the gate did not pass")
+        return step.plan(prev["ds"], chosen[0]["model"], prev["clean"], run_key=run_key(),
+                         top_k=ctx["params"].get("top_k"), shards=ctx["params"].get("shards"))
 
-    @task(doc_md="Validate the table, write parts and manifest, then flip the latest pointer.")
-    def publish(prev: dict) -> dict:
+    @task(doc_md="Top-K unseen items for one shard's users, into that shard's staging parts.")
+    def score(spec: dict) -> dict:
+        from tasks import score as step
+
+        return step.run_shard(spec)
+
+    @task(doc_md="Validate all shards' table, claim the ds, write parts and manifest, then move "
+                 "the latest pointer (conditional write); retention.")
+    def publish(shards: list[dict]) -> dict:
         from tasks import publish as step
+        from tasks.score import collect
 
+        scored = collect(list(shards))
         dry = bool(get_current_context()["params"].get("dry_run"))
-        return {"ds": prev["ds"], **permanent(step.run, prev["ds"], prev, dry_run=dry)}
+        return {"ds": scored["ds"], **permanent(step.run, scored["ds"], scored, dry_run=dry)}
 
     @task(doc_md="Build the run report (HTML with plots) and upload it; runs whatever happened.")
     def report() -> str:
@@ -199,9 +218,9 @@ def nightly_recommendations():
     registered = register(evaluated)
     gate(evaluated) >> registered
     announce(registered)
-    scored = score(prepared)
-    [registered, loaded] >> scored
-    publish(scored) >> report().as_teardown()
+    planned = plan_shards(prepared)
+    [registered, loaded] >> planned
+    publish(score.expand(spec=planned)) >> report().as_teardown()
 
 
 nightly_recommendations()

@@ -11,6 +11,7 @@ blessed model becomes champion, or **by hand** with params:
 | `ds` | the asset event's `ds`, else the latest published ds | whose cleaned interactions to use as the seen set, and which partition to publish |
 | `model_version` | the champion | a registered model to score with |
 | `top_k` | `score.top_k` | recommendations per user, 1..1000 |
+| `shards` | `score.shards` | score shards (mapped tasks over user_id ranges), 1..256 |
 | `dry_run` | `false` | score and validate; publish nothing |
 
 When that ds's table was already published by that model (the usual case right after a nightly
@@ -30,6 +31,7 @@ from orchestration.common import (
     model_version_param,
     permanent,
     run_key,
+    shards_param,
     top_k_param,
 )
 
@@ -43,6 +45,7 @@ from orchestration.common import (
         "ds": ds_param(),
         "model_version": model_version_param("Registered model to score with; default champion."),
         "top_k": top_k_param(),
+        "shards": shards_param(),
         "dry_run": dry_run_param(),
     },
 )
@@ -73,22 +76,31 @@ def rescore_recommendations():
         seen = layout.run_uri(ds, "clean", "interactions.parquet")
         return {"ds": ds, "model": model, "seen": seen}
 
-    @task(doc_md="Top-K unseen items for every user of the model, into staging parts.")
-    def score(prev: dict) -> dict:
+    @task(doc_md="Split the model's users into user_id ranges, one score task each.")
+    def plan_shards(prev: dict) -> list[dict]:
         from tasks import score as step
 
-        top_k = get_current_context()["params"].get("top_k")
-        out = step.run(prev["ds"], prev["model"], prev["seen"], run_key=run_key(), top_k=top_k)
-        return {"ds": prev["ds"], **out}
+        params = get_current_context()["params"]
+        return step.plan(prev["ds"], prev["model"], prev["seen"], run_key=run_key(),
+                         top_k=params.get("top_k"), shards=params.get("shards"))
 
-    @task(doc_md="Validate the table, write parts and manifest, then flip the latest pointer.")
-    def publish(prev: dict) -> dict:
+    @task(doc_md="Top-K unseen items for one shard's users, into that shard's staging parts.")
+    def score(spec: dict) -> dict:
+        from tasks import score as step
+
+        return step.run_shard(spec)
+
+    @task(doc_md="Validate all shards' table, claim the ds, write parts and manifest, then move "
+                 "the latest pointer (conditional write); retention.")
+    def publish(shards: list[dict]) -> dict:
         from tasks import publish as step
+        from tasks.score import collect
 
+        scored = collect(list(shards))
         dry = bool(get_current_context()["params"].get("dry_run"))
-        return {"ds": prev["ds"], **permanent(step.run, prev["ds"], prev, dry_run=dry)}
+        return {"ds": scored["ds"], **permanent(step.run, scored["ds"], scored, dry_run=dry)}
 
-    publish(score(plan()))
+    publish(score.expand(spec=plan_shards(plan())))
 
 
 rescore_recommendations()

@@ -15,18 +15,25 @@ from airflow.sdk.exceptions import AirflowFailException
 # Emitted when a blessed model becomes champion; the re-score DAG is scheduled on it.
 CHAMPION = Asset(name="nightrec_champion", uri="nightrec://models/champion")
 
-DS_PATTERN = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$"
-MODEL_VERSION_PATTERN = r"^[a-z][a-z0-9]{0,15}-[0-9]{8}-[0-9a-f]{8}$"  # = tasks.registry
+# "(?![\s\S])" is end-of-string in both Python (which jsonschema uses, where "$" would also
+# match before a trailing newline) and ECMA regexes (the UI's).
+DS_PATTERN = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}(?![\s\S])"
+MODEL_VERSION_PATTERN = r"^[a-z][a-z0-9]{0,15}-[0-9]{8}-[0-9a-f]{8}(?![\s\S])"  # = tasks.registry
 
 
 def ds_param() -> Param:
-    return Param(None, type=["null", "string"], pattern=DS_PATTERN,
+    return Param(None, type=["null", "string"], pattern=DS_PATTERN, format="date",
                  description="Partition date YYYY-MM-DD; defaults to the run's logical date.")
 
 
 def top_k_param() -> Param:
     return Param(None, type=["null", "integer"], minimum=1, maximum=1000,
                  description="Recommendations per user (1..1000); default score.top_k.")
+
+
+def shards_param() -> Param:
+    return Param(None, type=["null", "integer"], minimum=1, maximum=256,
+                 description="Score shards, one mapped task each (1..256); default score.shards.")
 
 
 def model_version_param(description: str) -> Param:

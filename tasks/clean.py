@@ -1,30 +1,65 @@
-"""Step 2, clean: parse the raw strings, quarantine bad rows with a reason, dedupe, k-core, index.
+"""Step 2, clean: judge every raw row, quarantine the bad ones with a reason, dedupe, k-core, index.
 
-Each raw row ends in exactly one of two tables (``tests/test_clean.py`` checks the sum):
+Each raw row that ingest passed on ends in exactly one of two tables (``stats.json`` has the sum):
 
-- ``interactions``: ``user_id, item_id`` (str), ``rating`` (float, NaN when the feed has none),
-  ``timestamp`` (int64 unix seconds), ``user_idx, item_idx`` (dense int32 indices);
-- ``quarantine``: the raw strings plus ``source_file, raw_row, reason``.
+- ``interactions``: ``user_id, item_id`` (str, stripped), ``rating`` (float64 in
+  clean.min_rating..max_rating, NaN when the file has no rating column: implicit feedback),
+  ``timestamp`` (int64 unix seconds), ``user_idx, item_idx`` (int32 dense 0..n-1 in sorted order
+  of the external id; this run's index, which training and scoring use);
+- ``quarantine``: the raw strings plus ``source_file, raw_row, raw_text, reason``.
 
-Reasons, checked in this order (first match wins): ``missing_field`` (no user, item or
-timestamp), ``unparseable_value`` (timestamp or rating not a number), ``not_finite`` (NaN/inf),
-``rating_out_of_range`` (outside clean.min_rating..max_rating), ``timestamp_out_of_range``
-(before clean.min_timestamp, or after the end of the run's day ``ds``), ``duplicate_event``
-(policy: the latest event per (user, item) wins; on equal timestamps the later raw row wins), and
-``below_k_core`` (users/items under clean.min_user_interactions/min_item_interactions, applied
-until stable). Timestamps above 1e11 in a file are taken as milliseconds for that whole file.
+Reasons, in precedence order (a row failing several rules gets the first; ``schema.REASONS``):
 
-Indices: users and items are numbered in sorted order of their external id. (Stable across runs
-is the data-stages issue's job.)
+1. ``wrong_field_count``, ``invalid_encoding``: ingest could not split the line into fields, or a
+   field is not UTF-8;
+2. ``repeated_header``: the row is a header line again (user and item fields are column names);
+3. ``missing_field``: user, item or timestamp empty; or rating empty in a file with ratings;
+4. ``unparseable_id``: an id that does not match clean.id_pattern (RE2, after stripping blanks) or
+   is longer than clean.max_id_length, or a Parquet float id that is not an exact integer;
+5. ``not_finite``: rating or timestamp NaN or +-inf (as text, or overflowing a double);
+6. ``unparseable_value``: rating not a number, timestamp neither a number nor ISO 8601 text;
+7. ``rating_out_of_range``: outside clean.min_rating..clean.max_rating;
+8. ``timestamp_out_of_range``: before clean.min_timestamp, or after the end of the run's day;
+9. ``item_not_in_catalogue``: an items table was given for ds and does not list the item;
+10. ``duplicate_event``: the dedupe policy. Per (user, item) the latest event wins; on equal
+    timestamps the one later in the snapshot (files in name order, rows in file order);
+11. ``below_k_core``: user with fewer than clean.min_user_interactions events, or item with fewer
+    than clean.min_item_interactions, removed repeatedly until none is left.
+
+Reasons 1-9 are *invalid* (they count towards validate.max_invalid_fraction); 10-11 are policy.
+
+Timestamps: numbers are unix time, in the unit clean.timestamp_unit (``s``, ``ms``, ``us``,
+``ns``) or, with ``auto``, decided per source file from the median of its numeric timestamps:
+above 1e17 ns, above 1e14 us, above 1e11 ms, else seconds (1e11 s is the year 5138, 1e11 ms is
+1973). Fractions of a second are dropped. ISO 8601 text is read as UTC unless it has an offset.
+
+Stable ids: beside the per-run dense index, every external id gets an int64 index that never
+changes: ``state/id_map/<users|items>/`` keeps the map (id, stable index, first ds) as numbered
+generations, each the whole map, written only when new ids arrive (appended in sorted order after
+the highest index) and created with a conditional PUT, so two writers cannot hand one index to two
+ids. ``runs/ds=<ds>/clean/user_ids.parquet`` and ``item_ids.parquet`` give each run's
+``*_idx -> *_id -> *_stable_idx``. Ids of rows that reach the clean table are mapped; an index is
+never reused, even if the run later fails validation.
+
+Memory: ``run`` reads ingest's Parquet in batches of clean.batch_rows; it keeps one byte per row
+plus the parsed valid rows (needed whole for dedupe and k-core), then writes the quarantine in a
+second pass over the same batches.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import re
+import tempfile
 from collections import Counter
+from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from tasks import layout, schema, settings, storage
 
@@ -32,152 +67,551 @@ PARAMS = [
     "clean.min_rating",
     "clean.max_rating",
     "clean.min_timestamp",
+    "clean.timestamp_unit",
+    "clean.id_pattern",
+    "clean.max_id_length",
     "clean.min_user_interactions",
     "clean.min_item_interactions",
+    "clean.batch_rows",
 ]
-_MS_THRESHOLD = 1e11  # 1e11 s is year 5138; 1e11 ms is 1973
+DEFAULT_ID_PATTERN = r"^[\pL\pN_][\pL\pN_.:@/=-]*$"
+DEFAULT_MAX_ID_LENGTH = 256
+DEDUPE_POLICY = (
+    "latest event per (user_id, item_id) wins; on equal timestamps the one later in the snapshot"
+)
+_UNIT_SCALE = {"s": 1.0, "ms": 1e3, "us": 1e6, "ns": 1e9}
+_AUTO_THRESHOLDS = [(1e17, "ns"), (1e14, "us"), (1e11, "ms")]
+_CODE = {r: np.int8(i + 1) for i, r in enumerate(schema.REASONS)}  # 0: the row is kept
+_REASON_BY_CODE = np.array([None, *schema.REASONS], dtype=object)
+_NAN_TEXT = ["nan", "+nan", "-nan"]
+QUARANTINE_SCHEMA = pa.schema(
+    [(c, pa.string()) for c in schema.INTERACTION_COLUMNS]
+    + [(schema.SOURCE_FILE, pa.string()), (schema.RAW_ROW, pa.int64()),
+       (schema.RAW_TEXT, pa.string()), (schema.REASON, pa.string())]
+)
+log = logging.getLogger(__name__)
 
 
-def _to_number(values: pd.Series) -> pd.Series:
-    return pd.to_numeric(values, errors="coerce").astype("float64")
+# --- row-local rules --------------------------------------------------------------------------
 
 
-def _seconds(ts: pd.Series, source: pd.Series) -> pd.Series:
-    """Per source file: if its finite timestamps look like milliseconds, divide by 1000."""
-    out = ts.copy()
-    for idx in ts.groupby(source, sort=False).groups.values():
-        finite = ts.loc[idx][np.isfinite(ts.loc[idx])]
-        if len(finite) and finite.median() > _MS_THRESHOLD:
-            out.loc[idx] = ts.loc[idx] / 1000.0
+def _column(batch: pa.RecordBatch | pa.Table, name: str) -> pa.Array:
+    if name not in batch.schema.names:
+        return pa.nulls(batch.num_rows, pa.string())
+    col = batch.column(name)
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    return col if col.type == pa.string() else col.cast(pa.string())
+
+
+def _np(mask: pa.Array) -> np.ndarray:
+    return np.asarray(pc.fill_null(mask, False).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _empty(text: pa.Array) -> np.ndarray:
+    return _np(pc.fill_null(pc.equal(text, ""), True))
+
+
+def _id_ok(ids: pa.Array, pattern: str, max_len: int) -> np.ndarray:
+    """Per value: matches ``pattern`` (RE2) and is at most ``max_len`` characters. Each distinct
+    id is checked once."""
+    enc = pc.dictionary_encode(ids)
+    ok = pc.and_(pc.match_substring_regex(enc.dictionary, pattern),
+                 pc.less_equal(pc.utf8_length(enc.dictionary), max_len))
+    return _np(pc.take(ok, enc.indices))
+
+
+def _numbers(text: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(values as float64, parsed mask). NaN/inf text parses (to NaN/inf); other junk does not."""
+    text = pc.if_else(pc.equal(text, ""), pa.scalar(None, pa.string()), text)
+    try:
+        values = pc.cast(text, pa.float64()).to_numpy(zero_copy_only=False)
+        return np.asarray(values, dtype="float64"), _np(pc.is_valid(text))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        values = pd.to_numeric(pd.Series(text.to_pandas()), errors="coerce").to_numpy("float64")
+        nan_text = _np(pc.is_in(pc.utf8_lower(text), pa.array(_NAN_TEXT)))
+        return values, ~np.isnan(values) | nan_text
+
+
+def _iso_seconds(text: pa.Array, todo: np.ndarray) -> np.ndarray:
+    """ISO 8601 text -> unix seconds (float, NaN where not a date), only where ``todo``."""
+    out = np.full(len(text), np.nan)
+    if todo.any():
+        idx = np.flatnonzero(todo)
+        parsed = pd.to_datetime(pd.Series(pc.take(text, pa.array(idx)).to_pandas()),
+                                format="ISO8601", utc=True, errors="coerce")
+        secs = (parsed - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
+        out[idx] = secs.to_numpy(dtype="float64", na_value=np.nan)
     return out
+
+
+def check_rows(
+    batch: pa.RecordBatch | pa.Table, *, id_pattern: str, max_id_length: int,
+    min_rating: float, max_rating: float,
+) -> tuple[np.ndarray, pd.DataFrame]:
+    """Rules 1-7 (those that need only the row itself) on one batch of ingest's output.
+
+    Returns ``codes`` (int8 per row, 0 = passes, else ``schema.REASONS[code - 1]``) and the parsed
+    values of every row: ``user_id, item_id`` (stripped), ``rating`` (NaN = none),
+    ``ts`` (float, in the file's unit), ``ts_iso`` (bool: ``ts`` came from ISO text, in seconds).
+    """
+    n = batch.num_rows
+    codes = np.zeros(n, dtype=np.int8)
+
+    def mark(mask: np.ndarray, reason: str) -> None:
+        codes[(codes == 0) & mask] = _CODE[reason]
+
+    user = pc.utf8_trim_whitespace(_column(batch, schema.USER_ID))
+    item = pc.utf8_trim_whitespace(_column(batch, schema.ITEM_ID))
+    ts_text = pc.utf8_trim_whitespace(_column(batch, schema.TIMESTAMP))
+    rating_text = pc.utf8_trim_whitespace(_column(batch, schema.RATING))
+    parse_error = _column(batch, schema.PARSE_ERROR)
+
+    for reason in (schema.REASON_FIELD_COUNT, schema.REASON_ENCODING):
+        mark(_np(pc.equal(parse_error, reason)), reason)
+    aliases = schema.COLUMN_ALIASES
+    mark(_np(pc.is_in(pc.utf8_lower(user), pa.array(aliases[schema.USER_ID])))
+         & _np(pc.is_in(pc.utf8_lower(item), pa.array(aliases[schema.ITEM_ID]))),
+         schema.REASON_REPEATED_HEADER)
+    has_rating = _np(pc.is_valid(rating_text))  # null: the file has no rating column
+    mark(_empty(user) | _empty(item) | _empty(ts_text) | (has_rating & _empty(rating_text)),
+         schema.REASON_MISSING_FIELD)
+    mark(_np(pc.equal(parse_error, schema.REASON_UNPARSEABLE_ID))
+         | ~_id_ok(user, id_pattern, max_id_length) | ~_id_ok(item, id_pattern, max_id_length),
+         schema.REASON_UNPARSEABLE_ID)
+
+    ts, ts_parsed = _numbers(ts_text)
+    rating, rating_parsed = _numbers(rating_text)
+    rating_parsed &= has_rating
+    iso = _iso_seconds(ts_text, ~ts_parsed & (codes == 0))
+    ts_iso = ~np.isnan(iso)
+    ts = np.where(ts_iso, iso, ts)
+    mark((ts_parsed & ~np.isfinite(ts)) | (rating_parsed & ~np.isfinite(rating)),
+         schema.REASON_NOT_FINITE)
+    mark(~(ts_parsed | ts_iso) | (has_rating & ~rating_parsed), schema.REASON_UNPARSEABLE)
+    rating = np.where(has_rating, rating, np.nan)
+    with np.errstate(invalid="ignore"):
+        mark(has_rating & ((rating < min_rating) | (rating > max_rating)),
+             schema.REASON_RATING_RANGE)
+    parsed = pd.DataFrame({
+        schema.USER_ID: user.to_pandas(), schema.ITEM_ID: item.to_pandas(),
+        schema.RATING: rating, "ts": ts, "ts_iso": ts_iso,
+    })
+    return codes, parsed
+
+
+# --- rules over the whole table -------------------------------------------------------------
+
+
+def timestamp_unit(ts: np.ndarray, unit: str = "auto") -> str:
+    """``unit``, or for ``auto`` the unit that the median of the finite ``ts`` suggests."""
+    if unit != "auto":
+        if unit not in _UNIT_SCALE:
+            raise ValueError(f"clean.timestamp_unit must be auto, s, ms, us or ns, got {unit!r}")
+        return unit
+    finite = ts[np.isfinite(ts)]
+    median = float(np.median(finite)) if len(finite) else 0.0
+    return next((u for bound, u in _AUTO_THRESHOLDS if median > bound), "s")
+
+
+def _kcore_codes(u: np.ndarray, i: np.ndarray, *, min_user: int, min_item: int) -> np.ndarray:
+    keep = np.ones(len(u), dtype=bool)
+    nu, ni = (int(u.max()) + 1, int(i.max()) + 1) if len(u) else (0, 0)
+    while True:
+        ucount = np.bincount(u[keep], minlength=nu)
+        icount = np.bincount(i[keep], minlength=ni)
+        bad = keep & ((ucount[u] < min_user) | (icount[i] < min_item))
+        if not bad.any():
+            return keep
+        keep &= ~bad
 
 
 def kcore(df: pd.DataFrame, *, min_user: int, min_item: int) -> pd.Series:
     """Boolean mask of rows that survive the iterated (min_user, min_item) k-core."""
-    keep = pd.Series(True, index=df.index)
-    while True:
-        sub = df[keep]
-        ucount = sub.groupby(schema.USER_ID)[schema.ITEM_ID].transform("size")
-        icount = sub.groupby(schema.ITEM_ID)[schema.USER_ID].transform("size")
-        bad = sub.index[(ucount < min_user) | (icount < min_item)]
-        if len(bad) == 0:
-            return keep
-        keep.loc[bad] = False
+    u = pd.factorize(df[schema.USER_ID])[0]
+    i = pd.factorize(df[schema.ITEM_ID])[0]
+    return pd.Series(_kcore_codes(u, i, min_user=min_user, min_item=min_item), index=df.index)
+
+
+def judge_table(
+    parsed: pd.DataFrame, *, ds: str, min_timestamp: str, timestamp_unit_param: str,
+    catalogue: set[str] | None, min_user_interactions: int, min_item_interactions: int,
+) -> tuple[np.ndarray, pd.DataFrame, dict]:
+    """Rules 8-11 on the rows that passed ``check_rows`` (in snapshot order, with ``source_file``).
+
+    Returns (codes per row of ``parsed``, the clean table, ``{"timestamp_units": {file: unit}}``).
+    """
+    settings.check_ds(ds)
+    n = len(parsed)
+    codes = np.zeros(n, dtype=np.int8)
+
+    def mark(mask: np.ndarray, reason: str) -> None:
+        codes[(codes == 0) & mask] = _CODE[reason]
+
+    ts = parsed["ts"].to_numpy(dtype="float64", copy=True)
+    iso = parsed["ts_iso"].to_numpy(dtype=bool)
+    units = {}
+    files = pd.Categorical(parsed[schema.SOURCE_FILE])
+    order = np.argsort(files.codes, kind="stable")
+    bounds = np.searchsorted(files.codes[order], np.arange(len(files.categories) + 1))
+    for k, name in enumerate(files.categories):
+        idx = order[bounds[k]: bounds[k + 1]]
+        numeric = idx[~iso[idx]]
+        unit = timestamp_unit(ts[numeric], timestamp_unit_param)
+        units[str(name)] = unit
+        ts[numeric] = ts[numeric] / _UNIT_SCALE[unit]
+    seconds = np.floor(ts)
+    lo = pd.Timestamp(min_timestamp, tz="UTC").timestamp()
+    hi = (pd.Timestamp(ds, tz="UTC") + pd.Timedelta(days=1)).timestamp()
+    mark((seconds < lo) | (seconds >= hi), schema.REASON_TIMESTAMP_RANGE)
+    if catalogue is not None:
+        known = pa.array(sorted(catalogue), pa.string())
+        mark(~_np(pc.is_in(pa.array(parsed[schema.ITEM_ID], pa.string()), known)),
+             schema.REASON_NOT_IN_CATALOGUE)
+
+    u_codes, users = pd.factorize(parsed[schema.USER_ID])
+    i_codes, items = pd.factorize(parsed[schema.ITEM_ID])
+    u_codes, i_codes = u_codes.astype(np.int32), i_codes.astype(np.int32)
+    ok = np.flatnonzero(codes == 0)
+    order = ok[np.lexsort((ok, seconds[ok], i_codes[ok], u_codes[ok]))]
+    same_as_next = (u_codes[order][:-1] == u_codes[order][1:]) & (
+        i_codes[order][:-1] == i_codes[order][1:])
+    codes[order[:-1][same_as_next]] = _CODE[schema.REASON_DUPLICATE]
+
+    ok = np.flatnonzero(codes == 0)
+    keep = _kcore_codes(u_codes[ok], i_codes[ok], min_user=min_user_interactions,
+                        min_item=min_item_interactions)
+    codes[ok[~keep]] = _CODE[schema.REASON_KCORE]
+    ok = ok[keep]
+
+    # Dense indices in sorted order of the external id (score relies on user order = id order);
+    # rows by user index, then time, then item index.
+    user_rank = _sorted_rank(users, u_codes[ok])
+    item_rank = _sorted_rank(items, i_codes[ok])
+    final = np.lexsort((item_rank, seconds[ok], user_rank))
+    ok, user_rank, item_rank = ok[final], user_rank[final], item_rank[final]
+    clean = pd.DataFrame({
+        schema.USER_ID: users.take(u_codes[ok]).astype("str").array,
+        schema.ITEM_ID: items.take(i_codes[ok]).astype("str").array,
+        schema.RATING: parsed[schema.RATING].to_numpy(dtype="float64")[ok],
+        schema.TIMESTAMP: seconds[ok].astype("int64"),
+        schema.USER_IDX: user_rank,
+        schema.ITEM_IDX: item_rank,
+    })
+    return codes, clean, {"timestamp_units": units}
+
+
+def _sorted_rank(uniques: pd.Index, codes: np.ndarray) -> np.ndarray:
+    """Dense 0..m-1 rank, in sorted order of the external id, of the uniques that ``codes`` use."""
+    used = np.unique(codes)
+    names = uniques.take(used).astype(str)
+    rank_of_used = np.empty(len(used), dtype=np.int32)
+    rank_of_used[names.argsort()] = np.arange(len(used), dtype=np.int32)
+    return rank_of_used[np.searchsorted(used, codes)]
+
+
+# --- the whole step -----------------------------------------------------------------------------
+
+
+def _quarantine_rows(batch: pa.RecordBatch | pa.Table, codes: np.ndarray) -> pa.Table:
+    sel = pa.array(np.flatnonzero(codes))
+    raw_row = batch.column(schema.RAW_ROW)
+    if isinstance(raw_row, pa.ChunkedArray):
+        raw_row = raw_row.combine_chunks()
+    cols = [pc.take(_column(batch, c), sel) for c in schema.INTERACTION_COLUMNS]
+    cols += [pc.take(_column(batch, schema.SOURCE_FILE), sel),
+             pc.take(raw_row.cast(pa.int64()), sel),
+             pc.take(_column(batch, schema.RAW_TEXT), sel),
+             pa.array(_REASON_BY_CODE[codes[codes != 0]], pa.string())]
+    return pa.Table.from_arrays(cols, schema=QUARANTINE_SCHEMA)
+
+
+def _file_codes(names: pa.Array, file_ids: dict[str, int]) -> np.ndarray:
+    """Small int codes for file names (a python string per row would cost ~60 bytes each)."""
+    enc = pc.dictionary_encode(names)
+    local = np.array([file_ids.setdefault(str(f), len(file_ids))
+                      for f in enc.dictionary.to_pylist()], dtype=np.int32)
+    return local[np.asarray(enc.indices.to_numpy(zero_copy_only=False), dtype=np.int64)]
+
+
+def clean_batches(
+    batches: Callable[[], Iterable[pa.RecordBatch | pa.Table]], *, ds: str, min_rating: float,
+    max_rating: float, min_timestamp: str, min_user_interactions: int,
+    min_item_interactions: int, timestamp_unit: str = "auto",
+    id_pattern: str = DEFAULT_ID_PATTERN, max_id_length: int = DEFAULT_MAX_ID_LENGTH,
+    catalogue: Iterable[str] | None = None,
+    write_quarantine: Callable[[pa.Table], None] | None = None,
+) -> tuple[pd.DataFrame, dict]:
+    """The step over ingest's output given as a re-iterable of batches (read twice: to judge,
+    then to copy the rejected rows' raw text to ``write_quarantine``). Returns (clean, stats)."""
+    settings.check_ds(ds)
+    code_parts, parsed_parts, file_parts, offset = [], [], [], 0
+    file_ids: dict[str, int] = {}
+    for batch in batches():
+        codes, parsed = check_rows(batch, id_pattern=id_pattern, max_id_length=max_id_length,
+                                   min_rating=min_rating, max_rating=max_rating)
+        keep = np.flatnonzero(codes == 0)
+        parsed = parsed.iloc[keep].copy()
+        parsed["pos"] = keep + offset
+        file_parts.append(_file_codes(pc.take(_column(batch, schema.SOURCE_FILE),
+                                              pa.array(keep)), file_ids))
+        code_parts.append(codes)
+        parsed_parts.append(parsed)
+        offset += batch.num_rows
+    codes = np.concatenate(code_parts) if code_parts else np.zeros(0, np.int8)
+    parsed = (pd.concat(parsed_parts, ignore_index=True) if parsed_parts else
+              pd.DataFrame(columns=[schema.USER_ID, schema.ITEM_ID, schema.RATING, "ts",
+                                    "ts_iso", "pos"]))
+    parsed[schema.SOURCE_FILE] = pd.Categorical.from_codes(
+        np.concatenate(file_parts) if file_parts else np.zeros(0, np.int32),
+        categories=pd.Index(list(file_ids), dtype=object))
+    del parsed_parts, file_parts
+    pa.default_memory_pool().release_unused()  # the batches' buffers
+    late, clean, info = judge_table(
+        parsed, ds=ds, min_timestamp=min_timestamp, timestamp_unit_param=timestamp_unit,
+        catalogue=None if catalogue is None else {str(c).strip() for c in catalogue},
+        min_user_interactions=min_user_interactions, min_item_interactions=min_item_interactions,
+    )
+    codes[parsed["pos"].to_numpy(dtype=np.int64)] = late
+    del parsed, late
+
+    by_file: dict[str, Counter] = {}
+    rows_by_file: Counter = Counter()
+    offset = 0
+    for batch in batches():
+        part = codes[offset: offset + batch.num_rows]
+        offset += batch.num_rows
+        files = _column(batch, schema.SOURCE_FILE)
+        for entry in pc.value_counts(files).to_pylist():
+            rows_by_file[entry["values"]] += entry["counts"]
+        if not part.any():
+            continue
+        q = _quarantine_rows(batch, part)
+        pairs = Counter(zip(q.column(schema.SOURCE_FILE).to_pylist(),
+                            q.column(schema.REASON).to_pylist()))
+        for (f, r), k in pairs.items():
+            by_file.setdefault(f, Counter())[r] += k
+        if write_quarantine is not None:
+            write_quarantine(q)
+    counts = Counter(dict(zip(*np.unique(codes[codes != 0], return_counts=True))))
+    by_reason = {_REASON_BY_CODE[c]: int(k) for c, k in sorted(counts.items())}
+    invalid = sum(k for r, k in by_reason.items() if r in schema.INVALID_REASONS)
+    stats = {
+        "raw_rows": len(codes),
+        "clean_rows": len(clean),
+        "quarantined_rows": int((codes != 0).sum()),
+        "by_reason": dict(sorted(by_reason.items())),
+        "invalid_rows": int(invalid),
+        "invalid_fraction": float(invalid / len(codes)) if len(codes) else 0.0,
+        "n_users": int(clean[schema.USER_ID].nunique()),
+        "n_items": int(clean[schema.ITEM_ID].nunique()),
+        "by_file": {f: {"rows": int(n), "quarantined": dict(sorted(by_file.get(f, {}).items()))}
+                    for f, n in sorted(rows_by_file.items())},
+        "timestamp_units": info["timestamp_units"],
+        "dedupe_policy": DEDUPE_POLICY,
+        "k_core": {"min_user_interactions": min_user_interactions,
+                   "min_item_interactions": min_item_interactions,
+                   "removed_rows": by_reason.get(schema.REASON_KCORE, 0)},
+        "catalogue_items": None if catalogue is None else len(set(catalogue)),
+    }
+    return clean, stats
+
+
+def _as_raw_table(raw: pd.DataFrame) -> pa.Table:
+    cols = {}
+    for c in schema.RAW_COLUMNS:
+        if c == schema.RAW_ROW:
+            values = raw[c] if c in raw else pd.Series(np.arange(1, len(raw) + 1))
+            cols[c] = pa.array(np.asarray(values, dtype=np.int64))
+        elif c in raw:
+            try:
+                arr = pa.array(raw[c], from_pandas=True)
+            except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed python types
+                arr = pa.array([None if pd.isna(v) else str(v) for v in raw[c]], pa.string())
+            cols[c] = arr if arr.type == pa.string() else arr.cast(pa.string())
+        else:
+            cols[c] = pa.nulls(len(raw), pa.string())
+    return pa.table(cols)
 
 
 def clean_interactions(
-    raw: pd.DataFrame,
-    *,
-    ds: str,
-    min_rating: float,
-    max_rating: float,
-    min_timestamp: str,
-    min_user_interactions: int,
-    min_item_interactions: int,
+    raw: pd.DataFrame, *, ds: str, min_rating: float, max_rating: float, min_timestamp: str,
+    min_user_interactions: int, min_item_interactions: int, timestamp_unit: str = "auto",
+    id_pattern: str = DEFAULT_ID_PATTERN, max_id_length: int = DEFAULT_MAX_ID_LENGTH,
+    catalogue: Iterable[str] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """Pure core. Returns ``(interactions, quarantine, stats)``; see the module docstring."""
-    settings.check_ds(ds)
-    df = raw.reset_index(drop=True)
-    reason = pd.Series(None, index=df.index, dtype=object)
-
-    def mark(mask: pd.Series, code: str) -> None:
-        reason.loc[mask & reason.isna()] = code
-
-    user = df[schema.USER_ID].astype("string").str.strip()
-    item = df[schema.ITEM_ID].astype("string").str.strip()
-    ts_raw = df[schema.TIMESTAMP].astype("string").str.strip()
-    rating_raw = df[schema.RATING].astype("string").str.strip()
-    missing = (
-        user.isna() | (user == "") | item.isna() | (item == "") | ts_raw.isna() | (ts_raw == "")
+    """Pure core on a frame of ingest's output. Returns ``(interactions, quarantine, stats)``."""
+    table = _as_raw_table(raw.reset_index(drop=True))
+    parts: list[pa.Table] = []
+    clean, stats = clean_batches(
+        lambda: [table], ds=ds, min_rating=min_rating, max_rating=max_rating,
+        min_timestamp=min_timestamp, min_user_interactions=min_user_interactions,
+        min_item_interactions=min_item_interactions, timestamp_unit=timestamp_unit,
+        id_pattern=id_pattern, max_id_length=max_id_length, catalogue=catalogue,
+        write_quarantine=parts.append,
     )
-    mark(missing.fillna(True), schema.REASON_MISSING_FIELD)
+    quarantine = pa.concat_tables([QUARANTINE_SCHEMA.empty_table(), *parts]).to_pandas()
+    return clean, quarantine, stats
 
-    ts = _to_number(ts_raw)
-    rating = _to_number(rating_raw)
-    has_rating = rating_raw.notna() & (rating_raw != "")
-    nan_text = ts_raw.str.lower().isin(["nan", "inf", "-inf", "infinity"]) | rating_raw.str.lower(
-    ).isin(["nan", "inf", "-inf", "infinity"])
-    mark(nan_text.fillna(False), schema.REASON_NOT_FINITE)
-    unparseable = ts.isna() | (has_rating & rating.isna())
-    mark(unparseable.fillna(False), schema.REASON_UNPARSEABLE)
-    mark(~np.isfinite(ts) | (has_rating & ~np.isfinite(rating)), schema.REASON_NOT_FINITE)
 
-    ok = reason.isna()
-    ts = ts.where(ok)
-    ts.loc[ok] = _seconds(ts[ok], df.loc[ok, schema.SOURCE_FILE])
-    rating = rating.where(has_rating)
-    mark(has_rating & ((rating < min_rating) | (rating > max_rating)), schema.REASON_RATING_RANGE)
-    lo = pd.Timestamp(min_timestamp, tz="UTC").timestamp()
-    hi = (pd.Timestamp(ds, tz="UTC") + pd.Timedelta(days=1)).timestamp()
-    mark(ok & ((ts < lo) | (ts >= hi)), schema.REASON_TIMESTAMP_RANGE)
+# --- stable ids ---------------------------------------------------------------------------------
 
-    good = pd.DataFrame(
-        {
-            schema.USER_ID: user,
-            schema.ITEM_ID: item,
-            schema.RATING: rating,
-            schema.TIMESTAMP: ts,
-            schema.RAW_ROW: np.arange(len(df)),
-        }
-    )[reason.isna()]
-    # Dedupe: the latest event per (user, item); on equal timestamps the later raw row.
-    order = good.sort_values([schema.TIMESTAMP, schema.RAW_ROW], kind="stable")
-    dup = order.duplicated([schema.USER_ID, schema.ITEM_ID], keep="last")
-    reason.loc[dup[dup].index] = schema.REASON_DUPLICATE
-    good = good[reason.loc[good.index].isna()]
+_GEN = re.compile(r"map-(\d{6})\.parquet$")
 
-    keep = kcore(good, min_user=min_user_interactions, min_item=min_item_interactions)
-    reason.loc[keep[~keep].index] = schema.REASON_KCORE
-    good = good[keep]
 
-    users = np.sort(good[schema.USER_ID].unique())
-    items = np.sort(good[schema.ITEM_ID].unique())
-    clean = pd.DataFrame(
-        {
-            schema.USER_ID: good[schema.USER_ID].astype(str).to_numpy(),
-            schema.ITEM_ID: good[schema.ITEM_ID].astype(str).to_numpy(),
-            schema.RATING: good[schema.RATING].to_numpy(dtype="float64"),
-            schema.TIMESTAMP: good[schema.TIMESTAMP].to_numpy(dtype="int64"),
-            schema.USER_IDX: np.searchsorted(users, good[schema.USER_ID]).astype("int32"),
-            schema.ITEM_IDX: np.searchsorted(items, good[schema.ITEM_ID]).astype("int32"),
-        }
-    )
-    clean = clean.sort_values([schema.USER_IDX, schema.TIMESTAMP, schema.ITEM_IDX], kind="stable")
-    clean = clean.reset_index(drop=True)
+def assign_stable_ids(
+    ids: np.ndarray, known: pd.DataFrame | None, *, ds: str, id_col: str, stable_col: str
+) -> tuple[np.ndarray, pd.DataFrame | None]:
+    """Stable int64 index per id in ``ids``; new ids are appended in sorted order.
 
-    quarantine = df[reason.notna()].copy()
-    quarantine[schema.REASON] = reason[reason.notna()]
-    for col in schema.INTERACTION_COLUMNS:
-        quarantine[col] = quarantine[col].astype("string").astype(object)
+    ``known``: the map so far (``id_col, stable_col, first_ds``) or None. Returns (indices, the
+    new map), the map None when no id was new.
+    """
+    known = known if known is not None else pd.DataFrame(
+        {id_col: pd.Series([], dtype=object), stable_col: pd.Series([], dtype="int64"),
+         schema.FIRST_DS: pd.Series([], dtype=object)})
+    index = pd.Index(known[id_col].astype(str))
+    pos = index.get_indexer(ids.astype(str))
+    new_ids = np.sort(np.unique(ids[pos < 0].astype(str)))
+    updated = None
+    if len(new_ids):
+        start = int(known[stable_col].max()) + 1 if len(known) else 0
+        added = pd.DataFrame({id_col: new_ids,
+                              stable_col: np.arange(start, start + len(new_ids), dtype="int64"),
+                              schema.FIRST_DS: ds})
+        updated = pd.concat([known, added], ignore_index=True)
+        index = pd.Index(updated[id_col].astype(str))
+        pos = index.get_indexer(ids.astype(str))
+    stable = (updated if updated is not None else known)[stable_col].to_numpy(dtype="int64")
+    return stable[pos], updated
 
-    counts = Counter(reason.dropna())
-    invalid = sum(n for r, n in counts.items() if r in schema.INVALID_REASONS)
-    stats = {
-        "raw_rows": len(df),
-        "clean_rows": len(clean),
-        "quarantined_rows": int(reason.notna().sum()),
-        "by_reason": {k: int(v) for k, v in sorted(counts.items())},
-        "invalid_rows": int(invalid),
-        "invalid_fraction": float(invalid / len(df)) if len(df) else 0.0,
-        "n_users": len(users),
-        "n_items": len(items),
-    }
-    return clean, quarantine.reset_index(drop=True), stats
+
+def _latest_generation(prefix: str) -> tuple[int, str | None]:
+    gens = [(int(m.group(1)), u) for u in storage.list_uris(prefix) if (m := _GEN.search(u))]
+    return max(gens) if gens else (0, None)
+
+
+def _create_exclusive(uri: str, data: bytes) -> bool:
+    """Write ``uri`` only if it does not exist yet (S3 ``If-None-Match: *``); False if it did."""
+    if storage.is_s3(uri):
+        from botocore.exceptions import ClientError
+
+        bucket, key = storage.split_uri(uri)
+        try:
+            storage.s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+            return True
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code")
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                return False
+            raise
+    path = Path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(path, "xb") as f:
+            f.write(data)
+        return True
+    except FileExistsError:
+        return False
+
+
+def update_id_map(prefix: str, ids: np.ndarray, *, ds: str, id_col: str, stable_col: str,
+                  attempts: int = 5) -> tuple[np.ndarray, int]:
+    """Stable indices of ``ids`` from the map under ``prefix``, appending new ids to it.
+
+    Returns (indices, number of new ids). Raises RuntimeError if other writers keep winning.
+    """
+    for _ in range(attempts):
+        gen, uri = _latest_generation(prefix)
+        known = storage.read_parquet(uri) if uri else None
+        stable, updated = assign_stable_ids(ids, known, ds=ds, id_col=id_col,
+                                            stable_col=stable_col)
+        if updated is None:
+            return stable, 0
+        target = storage.join(prefix, f"map-{gen + 1:06d}.parquet")
+        if _create_exclusive(target, storage.parquet_bytes(updated)):
+            return stable, len(updated) - (0 if known is None else len(known))
+        log.info("id map %s: generation %d taken by another writer; retrying", prefix, gen + 1)
+    raise RuntimeError(f"id map {prefix}: lost {attempts} races for a new generation")
+
+
+def _index_tables(clean: pd.DataFrame, id_map_prefixes: dict[str, str], ds: str):
+    out, new = {}, {}
+    for kind, id_col, idx_col, stable_col in (
+        ("users", schema.USER_ID, schema.USER_IDX, schema.USER_STABLE_IDX),
+        ("items", schema.ITEM_ID, schema.ITEM_IDX, schema.ITEM_STABLE_IDX),
+    ):
+        table = clean[[idx_col, id_col]].drop_duplicates(idx_col).sort_values(idx_col)
+        stable, n_new = update_id_map(id_map_prefixes[kind], table[id_col].to_numpy(), ds=ds,
+                                      id_col=id_col, stable_col=stable_col)
+        table[stable_col] = stable
+        out[kind], new[kind] = table.reset_index(drop=True), n_new
+    return out, new
+
+
+def _catalogue(ingested: dict[str, str]) -> set[str] | None:
+    uri = ingested.get("items")
+    if not uri:
+        return None
+    items = storage.read_parquet(uri)
+    if schema.ITEM_ID not in items.columns:
+        log.warning("the items table %s has no item id column; no catalogue check", uri)
+        return None
+    return set(items[schema.ITEM_ID].dropna().astype(str).str.strip())
+
+
+def _core_kwargs(p: settings.StepParams) -> dict:
+    kwargs = settings.core_kwargs(p)
+    kwargs.pop("batch_rows")
+    return kwargs
+
+
+def clean_file(
+    local: Path, *, ds: str, p: settings.StepParams, quarantine_path: Path,
+    catalogue: set[str] | None,
+) -> tuple[pd.DataFrame, dict]:
+    """``clean_batches`` over a local Parquet file of ingest's output, batch by batch."""
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(local)
+    columns = [c for c in schema.RAW_COLUMNS if c in pf.schema_arrow.names]
+    with pq.ParquetWriter(quarantine_path, QUARANTINE_SCHEMA, compression="zstd") as writer:
+        clean, stats = clean_batches(
+            lambda: pf.iter_batches(batch_size=int(p["clean.batch_rows"]), columns=columns),
+            ds=ds, catalogue=catalogue, write_quarantine=writer.write_table, **_core_kwargs(p),
+        )
+    return clean, stats
 
 
 def run(ds: str, ingested: dict[str, str], params: dict | None = None) -> dict[str, str]:
     p = settings.step_params(PARAMS, params)
-    raw = storage.read_parquet(ingested["interactions"])
-    clean, quarantine, stats = clean_interactions(raw, ds=ds, **settings.core_kwargs(p))
     out = {
         "interactions": layout.run_uri(ds, "clean", "interactions.parquet"),
         "quarantine": layout.run_uri(ds, "clean", "quarantine.parquet"),
         "stats": layout.run_uri(ds, "clean", "stats.json"),
+        "user_ids": layout.run_uri(ds, "clean", "user_ids.parquet"),
+        "item_ids": layout.run_uri(ds, "clean", "item_ids.parquet"),
     }
+    with tempfile.TemporaryDirectory(prefix="nightrec-clean-") as tmp:
+        local = storage.download_to(ingested["interactions"], Path(tmp) / "raw.parquet")
+        qpath = Path(tmp) / "quarantine.parquet"
+        clean, stats = clean_file(local, ds=ds, p=p, quarantine_path=qpath,
+                                  catalogue=_catalogue(ingested))
+        storage.upload_from(qpath, out["quarantine"])
+    if ingested.get("files"):
+        files = storage.read_json(ingested["files"])
+        stats["blank_lines"] = files.get("blank_lines", 0)
+        stats["ignored_files"] = files.get("ignored", [])
+    tables, new = _index_tables(
+        clean, {k: layout.id_map_prefix(k) for k in ("users", "items")}, ds)
+    stats["new_stable_ids"] = new
     storage.write_parquet(clean, out["interactions"])
-    storage.write_parquet(quarantine, out["quarantine"])
+    storage.write_parquet(tables["users"], out["user_ids"])
+    storage.write_parquet(tables["items"], out["item_ids"])
     storage.write_json(out["stats"], stats)
-    for side in ("items", "users"):
+    log.info("clean: %d of %d rows kept; quarantined by reason %s", stats["clean_rows"],
+             stats["raw_rows"], stats["by_reason"])
+    for side in ("items", "users", "files"):
         if side in ingested:
             out[side] = ingested[side]
     return out
@@ -185,16 +619,26 @@ def run(ds: str, ingested: dict[str, str], params: dict | None = None) -> dict[s
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="clean a raw-string interactions parquet")
-    parser.add_argument("--input", required=True)
+    parser.add_argument("--input", required=True, type=Path)
     parser.add_argument("--ds", required=True)
     parser.add_argument("--out-dir", required=True)
+    parser.add_argument("--items", help="items table (Parquet) to check item ids against")
+    parser.add_argument("--id-map", help="URI prefix of the stable id maps (default: "
+                        "<out-dir>/id_map)")
     args = parser.parse_args(argv)
     p = settings.step_params(PARAMS)
-    clean, quarantine, stats = clean_interactions(
-        storage.read_parquet(args.input), ds=args.ds, **settings.core_kwargs(p)
-    )
+    catalogue = _catalogue({"items": args.items} if args.items else {})
+    with tempfile.TemporaryDirectory(prefix="nightrec-clean-") as tmp:
+        qpath = Path(tmp) / "quarantine.parquet"
+        clean, stats = clean_file(args.input, ds=args.ds, p=p, quarantine_path=qpath,
+                                  catalogue=catalogue)
+        storage.upload_from(qpath, storage.join(args.out_dir, "quarantine.parquet"))
+    id_map = args.id_map or storage.join(args.out_dir, "id_map")
+    tables, stats["new_stable_ids"] = _index_tables(
+        clean, {k: storage.join(id_map, k) for k in ("users", "items")}, args.ds)
     storage.write_parquet(clean, storage.join(args.out_dir, "interactions.parquet"))
-    storage.write_parquet(quarantine, storage.join(args.out_dir, "quarantine.parquet"))
+    for kind in ("users", "items"):
+        storage.write_parquet(tables[kind], storage.join(args.out_dir, f"{kind[:-1]}_ids.parquet"))
     storage.write_json(storage.join(args.out_dir, "stats.json"), stats)
     return 0
 

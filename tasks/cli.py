@@ -5,6 +5,9 @@
     nightrec export --out FILE.parquet [--ds DATE]
     nightrec status [--limit N]
     nightrec sample --out DIR
+    nightrec models list | show VERSION | promote VERSION | rollback
+    nightrec serve [--host H] [--port P] [--ds DATE]          (read-only HTTP, tasks/serve.py)
+    nightrec bench-scoring [--users N --items N --dim D --k K ...]   (tasks/bench_scoring.py)
 
 Object store: with ``S3_ENDPOINT_URL`` set, that store is used as it is (AWS when it names AWS,
 or with ``--no-embedded-s3`` and no endpoint at all). Otherwise the embedded SeaweedFS server is
@@ -25,7 +28,7 @@ from pathlib import Path
 from tasks import layout, s3server, settings, storage
 
 DAG_TASKS = ("ingest", "clean", "validate", "augment", "choose", "split", "train", "evaluate",
-             "gate", "register", "score", "publish", "report")
+             "gate", "register", "plan_shards", "score", "publish", "report")
 
 
 def use_object_store(embedded: bool = True) -> str:
@@ -190,6 +193,51 @@ def _cmd_sample(args) -> int:
     return sample_data.main(["--out", str(args.out)])
 
 
+def _cmd_serve(args) -> int:
+    from tasks import serve
+
+    use_object_store(not args.no_embedded_s3)
+    return serve.main(["--host", args.host]
+                      + (["--port", str(args.port)] if args.port is not None else [])
+                      + (["--ds", args.ds] if args.ds else [])) or 0
+
+
+def _cmd_models(args) -> int:
+    """The registry: list models, show one, promote one to champion, roll the champion back."""
+    from tasks import registry
+
+    use_object_store(not args.no_embedded_s3)
+    try:
+        if args.action == "list":
+            champ = registry.champion()
+            versions = registry.list_models()
+            if not versions:
+                print("no registered models")
+            for v in versions:
+                m = registry.meta(v)
+                gate = m.get("gate") or {}
+                print(f"{'*' if v == champ else ' '} {v}  ds={m['ds']}  data={m['data_version'][:12]}"
+                      f"  {gate.get('metric', 'metric')}={gate.get('model', float('nan')):.4f}"
+                      f"  registered={m['registered_at']}")
+        elif args.action == "show":
+            m = registry.meta(registry.check_version(args.version))
+            m["champion"] = registry.champion() == args.version
+            print(json.dumps(m, indent=2, sort_keys=True, default=str))
+        elif args.action == "promote":
+            rec = registry.set_champion(registry.check_version(args.version),
+                                        reason=f"promoted by hand ({os.environ.get('USER', '?')})")
+            print(f"champion: {rec['model_version']} (was {rec['previous']}); trigger "
+                  "rescore_recommendations to publish with it")
+        else:
+            rec = registry.rollback()
+            print(f"champion: {rec['model_version']} (rolled back from {rec['previous']}); "
+                  "trigger rescore_recommendations to publish with it")
+    except registry.ModelNotFound as e:
+        print(f"nightrec models {args.action}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nightrec", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -219,16 +267,47 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--limit", type=int, default=10)
     s = add("sample", _cmd_sample, "write seeded sample data (sizes from params.yaml)")
     s.add_argument("--out", type=Path, required=True)
+    # parsed by tasks/bench_scoring.py itself (main() hands it the arguments untouched)
+    sub.add_parser("bench-scoring", add_help=False,
+                   help="scoring kernel vs faiss and the sgemm floor; last line is JSON")
+    sv = add("serve", _cmd_serve, "read-only HTTP: GET /recommendations/<user_id>?k=")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, help="default serve.port; 0 picks a free one")
+    sv.add_argument("--ds", help="serve this ds instead of following the latest pointer")
+    m = add("models", _cmd_models, "the model registry: list, show, promote, rollback")
+    m.add_argument("action", choices=["list", "show", "promote", "rollback"])
+    m.add_argument("version", nargs="?", help="model version (show, promote)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench-scoring"]:
+        from tasks import bench_scoring
+
+        bench_scoring.main(argv[1:])
+        return 0
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "models" and args.action in ("show", "promote") and not args.version:
+        parser.error(f"models {args.action} needs a VERSION")
+    from botocore.exceptions import BotoCoreError, ClientError
+
     try:
         return args.fn(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"nightrec {args.command}: {e}", file=sys.stderr)
         return 2
+    except ClientError as e:  # e.g. a wrong credential (403) or a missing bucket (404)
+        err = e.response.get("Error", {})
+        print(f"nightrec {args.command}: the object store refused "
+              f"{e.operation_name}: {err.get('Code', '?')} {err.get('Message', '')} "
+              f"(bucket {settings.bucket()!r} at {settings.s3_endpoint_url() or 'AWS'}; "
+              "check the credentials and the bucket)", file=sys.stderr)
+        return 1
+    except BotoCoreError as e:  # no credentials, endpoint unreachable, ...
+        print(f"nightrec {args.command}: object store error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

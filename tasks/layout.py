@@ -6,9 +6,12 @@ raw/items/ds=<ds>/<file>                 optional item catalogue
 raw/users/ds=<ds>/<file>                 optional user attributes
 runs/ds=<ds>/<step>/...                  each step's outputs for that ds (replaced on rerun)
 dvcstore/                                the DVC remote (content-addressed)
-staging/recommendations/ds=<ds>/<run>/   score parts before publish (never read downstream)
+staging/recommendations/ds=<ds>/<run>/shard-NNNNN/   one score shard's parts (not for readers)
 recommendations/ds=<ds>/part-*.parquet   the published table, described by _manifest.json
+recommendations/ds=<ds>/_publishing.json a publisher's claim on that ds while it writes
 recommendations/_latest.json             pointer to the newest published manifest
+recommendations/_latest.lock             held while a publisher moves that pointer
+state/id_map/<users|items>/map-NNNNNN.parquet   stable id -> index map, one generation per change
 ```
 """
 
@@ -23,7 +26,7 @@ _SAFE_TOKEN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 def safe_token(value: str, what: str = "value") -> str:
     """Return ``value`` if it can be one path segment of a key (no '/', '..', spaces, unicode)."""
-    if not isinstance(value, str) or not _SAFE_TOKEN.match(value) or ".." in value:
+    if not isinstance(value, str) or not _SAFE_TOKEN.fullmatch(value) or ".." in value:
         raise ValueError(f"{what} must match {_SAFE_TOKEN.pattern} without '..', got {value!r}")
     return value
 
@@ -54,6 +57,33 @@ def staging_prefix(ds: str, run_key: str) -> str:
     return storage.s3_uri(key)
 
 
+def staging_ds_prefix(ds: str) -> str:
+    """Every run's staging for one ds (retention removes it with the partition)."""
+    return storage.s3_uri(f"staging/recommendations/ds={settings.check_ds(ds)}/")
+
+
+def shard_prefix(ds: str, run_key: str, shard: int) -> str:
+    """One score shard's own staging folder: a retried shard replaces only this."""
+    if not isinstance(shard, int) or not 0 <= shard < 100_000:
+        raise ValueError(f"shard must be an int in 0..99999, got {shard!r}")
+    return staging_prefix(ds, run_key) + f"shard-{shard:05d}/"
+
+
+def recs_root() -> str:
+    return storage.s3_uri("recommendations/")
+
+
+def ds_of_prefix(uri: str) -> str | None:
+    """``.../ds=2026-11-28/`` -> ``2026-11-28``; None for anything that is not a ds folder."""
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    if not name.startswith("ds="):
+        return None
+    try:
+        return settings.check_ds(name[3:])
+    except ValueError:
+        return None
+
+
 def recs_prefix(ds: str) -> str:
     return storage.s3_uri(f"recommendations/ds={settings.check_ds(ds)}/")
 
@@ -62,5 +92,24 @@ def manifest_uri(ds: str) -> str:
     return recs_prefix(ds) + "_manifest.json"
 
 
+def claim_uri(ds: str) -> str:
+    return recs_prefix(ds) + "_publishing.json"
+
+
 def latest_uri() -> str:
     return storage.s3_uri("recommendations/_latest.json")
+
+
+def latest_lock_uri() -> str:
+    """Held by a publisher while it reads and replaces the latest pointer (tasks/publish.py)."""
+    return storage.s3_uri("recommendations/_latest.lock")
+
+
+def id_map_prefix(kind: str) -> str:
+    """Where the stable external-id -> index map of ``kind`` ("users" or "items") lives.
+
+    Not per ds: it is the one piece of state that carries across runs (tasks/clean.py).
+    """
+    if kind not in ("users", "items"):
+        raise ValueError(f"unknown id map {kind!r}")
+    return storage.s3_uri(f"state/id_map/{kind}/")

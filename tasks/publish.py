@@ -1,29 +1,48 @@
 """Step 9, publish: make the scored table visible to readers, all at once or not at all.
 
-Order of writes (each S3 PUT is atomic; the table becomes visible only at step 4):
+The protocol. Every write is one S3 PUT, atomic on its own. Who may write is decided by
+conditional PUTs: ``If-None-Match: *`` (create only if absent) for locks and first writes, and
+``If-Match: <etag>`` (replace only the version read) as a guard on every replace. Mutual
+exclusion rests on create-if-absent alone, because SeaweedFS 4.48, the embedded store, lets two
+racing ``If-Match`` PUTs both succeed now and then (measured; its ``If-None-Match`` holds, as
+both do on AWS S3).
 
-1. validate the staged table with ``expectations/recommendations.json`` and check that ranks are
-   1..n per user with scores non-increasing;
-2. copy the staged parts to ``recommendations/ds=<ds>/part-<publish_id>-NNNNN.parquet``, where
-   ``publish_id`` is a hash of the parts' contents;
-3. write ``recommendations/ds=<ds>/_manifest.json``: parts with bytes, rows and sha256, totals,
-   model and data versions, schema, creation time. The manifest *is* the table: readers read the
-   parts it lists and nothing else;
-4. point ``recommendations/_latest.json`` at that manifest, unless the latest already names a
-   later ds (a backfill never moves readers back in time);
-5. delete the partition's parts that the new manifest does not list (a previous publish of the
-   same ds), and the staging prefix.
+1. **Validate** the staged table (all shards' parts) with ``expectations/recommendations.json``,
+   plus checks that ranks are 1..n per user with non-increasing scores, rows sorted by
+   ``user_id``, no user split over two parts, and each part's schema is the contract's.
+2. **Claim the ds**: create ``recommendations/ds=<ds>/_publishing.json`` if absent. A second
+   publisher of the same ds finds it and stops with ``PublishConflict`` before writing
+   anything. A claim names its owner (the run) and expires after ``publish.claim_ttl_s``; the
+   same run's retry, or anyone after expiry, deletes it and creates its own, so a crashed
+   publisher blocks nobody for long.
+3. **Write the parts** at content-addressed keys ``part-<publish_id>-NNNNN.parquet``
+   (``publish_id`` hashes the parts' checksums): a key never changes content, so a reader that
+   holds a manifest can range-read its parts safely.
+4. **Commit the manifest** ``recommendations/ds=<ds>/_manifest.json``, conditional on it being
+   the version seen just after claiming (or absent). This fences a publisher whose claim expired
+   and was taken over: its commit fails instead of overwriting the newer one. The manifest *is*
+   the table of that ds: readers read exactly the parts it lists.
+5. **Move the latest pointer** ``recommendations/_latest.json`` last: under the short
+   ``recommendations/_latest.lock`` (publishers of different ds may race here), read it, leave
+   it if it names a later ds (a backfill never moves readers back in time), else replace it
+   conditionally on the ETag read (or create it if absent).
+6. Delete the ds's parts the new manifest does not list, the run's staging, and the claim; then
+   apply retention (``publish.retention_days``), never touching the ds the latest pointer names.
 
-A failure before 3 leaves the previous table of that ds (if any) and the latest pointer as they
-were; extra staged or copied objects are never listed by any manifest.
+A failure before 4 leaves that ds's previous table (if any) and the pointer as they were.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import io
+import itertools
+import json
 import logging
+import time
+import uuid
 
 import numpy as np
 import pandas as pd
@@ -31,7 +50,7 @@ import pandas as pd
 from tasks import layout, schema, settings, storage
 from tasks.validate import ContractError, run_suite
 
-PARAMS = ["publish.row_group_size"]
+PARAMS = ["publish.retention_days", "publish.claim_ttl_s"]
 SUITE = "expectations/recommendations.json"
 SCHEMA = {
     schema.USER_ID: "string",
@@ -41,7 +60,34 @@ SCHEMA = {
     schema.MODEL_VERSION: "string",
     schema.DS: "string",
 }
+
+
+def arrow_schema():
+    """The published table's Arrow schema: ``SCHEMA``, in the contract's column order."""
+    import pyarrow as pa
+
+    return pa.schema([(name, pa.type_for_alias(kind)) for name, kind in SCHEMA.items()])
+
+
+POINTER_ATTEMPTS = 5
+POINTER_LOCK_TTL_S = 60.0  # the pointer lock is held for two requests; a crash frees it then
 log = logging.getLogger(__name__)
+
+
+def _store_errors() -> tuple[type[BaseException], ...]:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    return (OSError, BotoCoreError, ClientError)
+
+
+_STORE_ERRORS = _store_errors()
+
+
+class PublishConflict(RuntimeError):
+    """Another publisher holds this ds, or committed first; nothing of this publish is visible.
+
+    Transient: a retry after the other publish ends succeeds.
+    """
 
 
 def check_rankings(df: pd.DataFrame) -> list[str]:
@@ -59,6 +105,15 @@ def check_rankings(df: pd.DataFrame) -> list[str]:
     return problems
 
 
+def check_parts(parts: list[dict]) -> list[str]:
+    """Problems with the parts' user ranges: each part's users come after the previous part's."""
+    return [
+        f"user {b['min_user_id']!r} is split over parts {i} and {i + 1}"
+        for i, (a, b) in enumerate(itertools.pairwise(parts))
+        if b["rows"] and a["rows"] and b["min_user_id"] <= a["max_user_id"]
+    ]
+
+
 def validate_table(df: pd.DataFrame, *, ds: str, model_version: str, top_k: int) -> dict:
     report = run_suite(
         df, settings.project_root() / SUITE,
@@ -73,9 +128,46 @@ def publish_id(checksums: list[str]) -> str:
     return hashlib.sha256("".join(checksums).encode()).hexdigest()[:12]
 
 
+def describe_part(data: bytes, table) -> dict:
+    """What the manifest says about one part, from its bytes and its decoded Arrow table."""
+    import pyarrow.compute as pc
+
+    users = table.column(schema.USER_ID)
+    meta = _parquet_metadata(data)
+    return {
+        "bytes": len(data),
+        "rows": table.num_rows,
+        "users": len(pc.unique(users)) if table.num_rows else 0,
+        "min_user_id": pc.min(users).as_py() if table.num_rows else None,
+        "max_user_id": pc.max(users).as_py() if table.num_rows else None,
+        "row_groups": meta.num_row_groups,
+        "footer_bytes": int.from_bytes(data[-8:-4], "little") + 8,
+        "sha256": storage.sha256(data),
+    }
+
+
+def _parquet_metadata(data: bytes):
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(io.BytesIO(data)).metadata
+
+
+def popular_items(seen_uri: str | None, k: int) -> list[dict]:
+    """The ``k`` items with the most interactions up to ds (ties: lower item_id first), for
+    readers that serve unknown users. Empty when no seen set is given."""
+    if not seen_uri:
+        return []
+    seen = storage.read_parquet(seen_uri, columns=[schema.ITEM_ID])
+    counts = seen[schema.ITEM_ID].astype(str).value_counts()
+    top = counts.reset_index().set_axis([schema.ITEM_ID, "interactions"], axis=1)
+    top = top.sort_values(["interactions", schema.ITEM_ID], ascending=[False, True]).head(k)
+    return [{schema.ITEM_ID: str(i), "interactions": int(n)}
+            for i, n in zip(top[schema.ITEM_ID], top["interactions"], strict=True)]
+
+
 def build_manifest(*, ds: str, parts: list[dict], scored: dict, created_at: str) -> dict:
     return {
-        "format_version": 1,
+        "format_version": 2,
         "ds": ds,
         "table": layout.recs_prefix(ds),
         "created_at": created_at,
@@ -86,31 +178,239 @@ def build_manifest(*, ds: str, parts: list[dict], scored: dict, created_at: str)
         "users": scored["users"],
         "parts": parts,
         "schema": SCHEMA,
+        "sorted_by": [schema.USER_ID, schema.RANK],
         "metrics": scored.get("metrics"),
     }
 
 
-def _later_latest(ds: str) -> str | None:
-    """The ds of the current latest pointer if it is later than ``ds``."""
-    uri = layout.latest_uri()
-    if not storage.exists(uri):
-        return None
-    current = storage.read_json(uri).get("ds", "")
-    return current if current > ds else None
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
 
 
-def run(ds: str, scored: dict, params: dict | None = None, dry_run: bool = False) -> dict:
-    """Validate and publish the staged parts of ``scored``; return the manifest's URI and ids.
+def _iso(t: dt.datetime) -> str:
+    return t.isoformat(timespec="seconds")
 
-    ``dry_run``: validate only, then remove the staged parts; readers see no change.
+
+def _acquire(uri: str, *, owner: str, ttl_s: float, busy) -> dict:
+    """Take the lock object ``uri``; returns its record with the ETag (for ``_release``).
+
+    Only create-if-absent (``If-None-Match: *``) decides who holds it, the one conditional
+    write SeaweedFS makes atomic too (its ``If-Match`` is not, under a race: see the README). A
+    lock held by ``owner`` itself (a retry) or expired is deleted, then created again: of two
+    publishers doing that at once, one creates it. ``busy(held)`` builds the error raised
+    while another owner's lock is live.
     """
+    for _ in range(4):
+        now = _now()
+        record = {"owner": owner, "token": uuid.uuid4().hex, "claimed_at": _iso(now),
+                  "expires_at": _iso(now + dt.timedelta(seconds=float(ttl_s)))}
+        try:
+            return {**record, "uri": uri, "etag": storage.write_json(uri, record,
+                                                                    if_none_match=True)}
+        except storage.PreconditionFailed:
+            pass
+        found = storage.read_versioned(uri)
+        if found is None:
+            continue  # released between our two requests: try to create it again
+        held, etag = json.loads(found[0]), found[1]
+        expired = dt.datetime.fromisoformat(held["expires_at"]) <= now
+        if held.get("owner") != owner and not expired:
+            raise busy(held)
+        log.warning("replacing the lock %s of %s (%s)", uri, held.get("owner"),
+                    "expired" if expired else "same owner: a retry")
+        storage.delete_if_match(uri, etag)
+    raise PublishConflict(f"the lock {uri} kept changing; another publisher is taking it")
+
+
+def _release(lock: dict) -> None:
+    """Delete our lock, unless another publisher has taken it over since (then leave theirs)."""
+    if not storage.delete_if_match(lock["uri"], lock["etag"]):
+        log.warning("the lock %s is no longer ours (taken over after it expired?)", lock["uri"])
+
+
+def claim_ds(ds: str, *, owner: str, ttl_s: float) -> dict:
+    """Take the per-ds publish claim ``recommendations/ds=<ds>/_publishing.json``.
+
+    Raises PublishConflict while another owner's claim is live; the same owner (a retry of the
+    same run) or anyone after expiry takes it over.
+    """
+    uri = layout.claim_uri(ds)
+
+    def busy(held: dict) -> PublishConflict:
+        return PublishConflict(
+            f"ds={ds} is being published by {held.get('owner')} (claimed "
+            f"{held.get('claimed_at')}, claim expires {held.get('expires_at')}); this publisher "
+            f"({owner}) stopped before writing anything. Retry after that publish ends; {uri} "
+            "is its claim."
+        )
+
+    return {**_acquire(uri, owner=owner, ttl_s=ttl_s, busy=busy), "ds": ds}
+
+
+def release_claim(claim: dict) -> None:
+    _release(claim)
+
+
+@contextlib.contextmanager
+def pointer_lock(owner: str):
+    """Hold ``recommendations/_latest.lock`` for a read-then-write of the latest pointer.
+
+    Publishers of different ds may move the pointer at the same time; this short lock (held for
+    two requests) serialises them. Waits for another holder up to ``POINTER_LOCK_TTL_S``, after
+    which a crashed holder's lock has expired and is taken over.
+    """
+    uri = layout.latest_lock_uri()
+    deadline = time.monotonic() + POINTER_LOCK_TTL_S + 5
+
+    def busy(held: dict) -> PublishConflict:
+        return PublishConflict(f"the latest pointer is locked by {held.get('owner')} until "
+                               f"{held.get('expires_at')} ({uri})")
+
+    while True:
+        try:
+            lock = _acquire(uri, owner=owner, ttl_s=POINTER_LOCK_TTL_S, busy=busy)
+            break
+        except PublishConflict:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    try:
+        yield lock
+    finally:
+        _release(lock)
+
+
+def commit_manifest(ds: str, manifest: dict, *, expected: dict | None) -> str:
+    """Write the manifest only if it is still the version seen after claiming; returns its ETag."""
+    try:
+        if expected is None:
+            return storage.write_json(layout.manifest_uri(ds), manifest, if_none_match=True)
+        return storage.write_json(layout.manifest_uri(ds), manifest, if_match=expected["etag"])
+    except storage.PreconditionFailed as e:
+        raise PublishConflict(
+            f"ds={ds}: another publisher committed a manifest while this one "
+            f"({manifest.get('publisher')}) was writing (its claim had expired and was taken "
+            "over); this publish is not visible"
+        ) from e
+
+
+def move_latest(ds: str, record: dict, *, manifest_etag: str, owner: str) -> bool:
+    """Compare-and-swap the latest pointer to ``record``; False when it names a later ds.
+
+    Under ``pointer_lock``; the write is still conditional on the ETag read (or on there being
+    no pointer), so a writer that skips the lock cannot be overwritten unseen. Raises
+    PublishConflict when our manifest was replaced meanwhile (a newer publish of the same ds
+    moves the pointer itself) or the pointer keeps changing under us.
+    """
+    with pointer_lock(owner):
+        return _swap_latest(ds, record, manifest_etag=manifest_etag)
+
+
+def _swap_latest(ds: str, record: dict, *, manifest_etag: str) -> bool:
+    uri = layout.latest_uri()
+    for _ in range(POINTER_ATTEMPTS):
+        found = storage.read_versioned(uri)
+        current, etag = (json.loads(found[0]), found[1]) if found else (None, None)
+        if current and current.get("ds", "") > ds:
+            log.warning("latest stays at ds=%s: this run publishes the earlier ds=%s",
+                        current["ds"], ds)
+            return False
+        head = storage.head(layout.manifest_uri(ds))
+        if head is None or head["etag"] != manifest_etag:
+            raise PublishConflict(f"ds={ds}: the manifest was replaced by a newer publish before "
+                                  "the latest pointer moved; that publish moves it")
+        try:
+            if etag is None:
+                storage.write_json(uri, record, if_none_match=True)
+            else:
+                storage.write_json(uri, record, if_match=etag)
+            return True
+        except storage.PreconditionFailed:
+            log.info("latest pointer changed while moving it to ds=%s; reading it again", ds)
+    raise PublishConflict(f"the latest pointer changed {POINTER_ATTEMPTS} times in a row while "
+                          f"moving it to ds={ds}")
+
+
+def expired_partitions(published: list[str], *, latest: str, keep_days: int,
+                       protect: tuple[str, ...] = ()) -> list[str]:
+    """The ds values retention deletes: older than ``keep_days`` days before ``latest``.
+
+    ``keep_days``: int >= 1 (1 keeps only the latest ds). ``latest`` and ``protect`` are never
+    returned, whatever their age.
+    """
+    if not isinstance(keep_days, int) or keep_days < 1:
+        raise ValueError(f"publish.retention_days must be an int >= 1, got {keep_days!r}")
+    cutoff = (dt.date.fromisoformat(latest) - dt.timedelta(days=keep_days - 1)).isoformat()
+    return sorted(d for d in set(published)
+                  if d < cutoff and d != latest and d not in protect)
+
+
+def apply_retention(*, keep_days: int, protect: tuple[str, ...] = ()) -> list[str]:
+    """Delete published partitions (and their staging) older than the retention window.
+
+    The window ends at the ds the latest pointer names, so the latest table is never deleted.
+    A partition whose publish claim is live (a backfill being written) is skipped. Its manifest
+    goes first, so a partition is unpublished before any of its parts disappears.
+    """
+    found = storage.read_versioned(layout.latest_uri())
+    if found is None:
+        return []
+    latest = json.loads(found[0])["ds"]
+    published = {d: u for u in storage.list_prefixes(layout.recs_root())
+                 if (d := layout.ds_of_prefix(u))}
+    staging = {d: u for u in storage.list_prefixes(storage.s3_uri("staging/recommendations/"))
+               if (d := layout.ds_of_prefix(u))}
+    doomed = expired_partitions([*published, *staging], latest=latest, keep_days=keep_days,
+                                protect=protect)
+    deleted = []
+    for ds in doomed:
+        objects = [storage.list_uris(where[ds]) for where in (published, staging) if ds in where]
+        if not any(objects):  # an empty "folder" (some stores, SeaweedFS among them, list them)
+            continue
+        held = storage.read_versioned(layout.claim_uri(ds))
+        if held and dt.datetime.fromisoformat(json.loads(held[0])["expires_at"]) > _now():
+            log.warning("retention skips ds=%s: a publisher holds it", ds)
+            continue
+        storage.delete([layout.manifest_uri(ds)])  # unpublished first, then its objects
+        storage.delete([u for found in objects for u in found])
+        deleted.append(ds)
+    if deleted:
+        log.info("retention (%d days up to ds=%s) deleted ds=%s", keep_days, latest, deleted)
+    return deleted
+
+
+def run(ds: str, scored: dict, params: dict | None = None, dry_run: bool = False,
+        publisher: str | None = None) -> dict:
+    """Validate and publish the staged parts of ``scored`` (``tasks.score.collect``'s dict).
+
+    ``publisher``: who is publishing, for the claim (default: the run key in ``scored``; a retry
+    of the same run takes its own stale claim over). ``dry_run``: validate only, then remove the
+    staged parts; readers see no change. Returns the manifest's URI, counts and ids.
+    """
+    import pyarrow.parquet as pq
+
     settings.check_ds(ds)
+    p = settings.step_params(PARAMS, params)
+    keep_days = int(p["publish.retention_days"])
+    expired_partitions([], latest=ds, keep_days=keep_days)  # a bad setting fails before writing
+    if scored.get("ds", ds) != ds:
+        raise ValueError(f"scored table is for ds={scored['ds']}, not {ds}")
     staged = [storage.read_bytes(u) for u in scored["parts"]]  # each part downloaded once
-    frames = [pd.read_parquet(io.BytesIO(data)) for data in staged]
+    tables = [pq.read_table(io.BytesIO(data)) for data in staged]
+    described = [describe_part(d, t) for d, t in zip(staged, tables, strict=True)]
+    frames = [t.to_pandas() for t in tables]
     table = pd.concat(frames, ignore_index=True)
     report = validate_table(
         table, ds=ds, model_version=scored["model_version"], top_k=scored["top_k"]
     )
+    report["ranking_problems"] += check_parts(described) + [
+        f"part {i} has schema {t.schema}" for i, t in enumerate(tables)
+        if not t.schema.equals(arrow_schema(), check_metadata=False)
+    ]
+    if "rows" in scored and scored["rows"] != len(table):
+        report["ranking_problems"].append(f"shards reported {scored['rows']} rows, "
+                                          f"parts hold {len(table)}")
+    report["success"] = report["success"] and not report["ranking_problems"]
     storage.write_json(layout.run_uri(ds, "publish", "validation.json"), report)
     if not report["success"]:
         failed = [f["expectation"] for f in report["failures"]] + report["ranking_problems"]
@@ -120,36 +420,63 @@ def run(ds: str, scored: dict, params: dict | None = None, dry_run: bool = False
         storage.delete(storage.list_uris(scored["staging"]))
         log.info("dry run: %d rows validated, nothing published for ds=%s", len(table), ds)
         return {"dry_run": True, "rows": len(table), "manifest": None}
-    pid = publish_id([storage.sha256(b) for b in staged])
-    prefix = layout.recs_prefix(ds)
-    parts = []
-    for n, (data, frame) in enumerate(zip(staged, frames, strict=True)):
-        uri = storage.join(prefix, f"part-{pid}-{n:05d}.parquet")
-        storage.write_bytes(uri, data)
-        parts.append(
-            {"key": storage.split_uri(uri)[1], "bytes": len(data), "rows": len(frame),
-             "sha256": storage.sha256(data)}
-        )
-    created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    manifest = build_manifest(
-        ds=ds, parts=parts, scored={**scored, "users": int(table[schema.USER_ID].nunique())},
-        created_at=created,
-    )
-    manifest["publish_id"] = pid
-    storage.write_json(layout.manifest_uri(ds), manifest)
 
-    later = _later_latest(ds)
-    if later:
-        log.warning("latest stays at ds=%s: this run publishes the earlier ds=%s", later, ds)
-    else:
-        storage.write_json(
-            layout.latest_uri(),
-            {"ds": ds, "manifest": layout.manifest_uri(ds), "publish_id": pid,
-             "model_version": manifest["model_version"], "updated_at": created},
+    pid = publish_id([d["sha256"] for d in described])
+    owner = publisher or scored.get("run_key") or f"anonymous-{uuid.uuid4().hex[:8]}"
+    popular = popular_items(scored.get("seen"), int(scored["top_k"]))
+    claim = claim_ds(ds, owner=owner, ttl_s=float(p["publish.claim_ttl_s"]))
+    prefix = layout.recs_prefix(ds)
+    written: list[str] = []
+    try:
+        before = storage.head(layout.manifest_uri(ds))
+        parts = []
+        for n, (data, desc) in enumerate(zip(staged, described, strict=True)):
+            uri = storage.join(prefix, f"part-{pid}-{n:05d}.parquet")
+            etag = storage.write_bytes(uri, data)
+            written.append(uri)
+            parts.append({"key": storage.split_uri(uri)[1], "etag": etag, **desc})
+        created = _iso(_now())
+        manifest = build_manifest(
+            ds=ds, parts=parts, scored={**scored, "users": int(table[schema.USER_ID].nunique())},
+            created_at=created,
         )
-    listed = {f"s3://{storage.split_uri(prefix)[0]}/{p['key']}" for p in parts}
-    stale = [u for u in storage.list_uris(prefix) if u.endswith(".parquet") and u not in listed]
-    storage.delete(stale + storage.list_uris(scored["staging"]))
+        manifest.update(publish_id=pid, publisher=owner, popular=popular)
+        manifest_etag = commit_manifest(ds, manifest, expected=before)
+        written = []  # committed: these parts are the table now
+        moved = move_latest(
+            ds, {"ds": ds, "manifest": layout.manifest_uri(ds), "publish_id": pid,
+                 "model_version": manifest["model_version"], "updated_at": created},
+            manifest_etag=manifest_etag, owner=owner,
+        )
+        listed = {f"s3://{storage.split_uri(prefix)[0]}/{pt['key']}" for pt in parts}
+        stale = [u for u in storage.list_uris(prefix)
+                 if u.endswith(".parquet") and u not in listed]
+        storage.delete(stale + storage.list_uris(scored["staging"]))
+    except BaseException:
+        _forget_unlisted(ds, written)
+        raise
+    finally:
+        release_claim(claim)
+    try:
+        expired = apply_retention(keep_days=keep_days, protect=(ds,))
+    except _STORE_ERRORS as e:  # the table is published; the next publish retries retention
+        log.warning("retention failed (the table is published; next run retries): %s", e)
+        expired = []
     log.info("published %d rows for %d users at %s", manifest["rows"], manifest["users"], prefix)
     return {"manifest": layout.manifest_uri(ds), "rows": manifest["rows"], "publish_id": pid,
-            "latest_moved": later is None}
+            "users": manifest["users"], "latest_moved": moved, "expired": expired}
+
+
+def _forget_unlisted(ds: str, written: list[str]) -> None:
+    """After a failed publish, delete the parts it wrote that no committed manifest lists."""
+    if not written:
+        return
+    try:
+        found = storage.read_versioned(layout.manifest_uri(ds))
+        listed = set()
+        if found:
+            bucket = storage.split_uri(layout.recs_prefix(ds))[0]
+            listed = {f"s3://{bucket}/{pt['key']}" for pt in json.loads(found[0])["parts"]}
+        storage.delete([u for u in written if u not in listed])
+    except _STORE_ERRORS as e:  # best effort: unlisted parts are not part of any table anyway
+        log.warning("could not remove the parts of a failed publish of ds=%s: %s", ds, e)

@@ -1,53 +1,347 @@
 """Read the published recommendations, the way downstream services should.
 
-``RecommendationReader().table()`` gives the latest complete table; ``table(ds=...)`` a given
-day's; ``for_user("196")`` one user's rows. Everything goes through ``_latest.json`` and the
-manifest, so a reader never sees parts of a table that is still being written, and checks each
-part's sha256 against the manifest.
+```python
+reader = RecommendationReader()
+reader.for_user("196")            # one user's rows from the latest table, by rank
+reader.table(ds="2026-11-28")     # a whole given day's table (pandas)
+for frame in reader.iter_batches():  # the whole latest table, one part at a time
+    ...
+table = reader.open()             # one table pinned: lookups and iteration see the same version
+table.for_user("196"); table.stats
+```
+
+Everything goes through ``_latest.json`` and the manifest, so a reader only ever reads the parts
+of one committed manifest: never a table still being written, never two tables mixed. Whole
+parts are checked against the manifest's sha256. A single-user lookup reads only what it needs:
+the manifest's per-part ``min_user_id``/``max_user_id`` pick the one part, the part's Parquet
+footer (one range request, then cached per part) gives each row group's ``user_id`` min/max, and
+only the row groups that can hold the user are fetched, as byte ranges conditional on the part's
+ETag, with their Parquet page CRCs verified.
+
+Parts are content-addressed and never rewritten, but a newer publish of the same ds deletes the
+parts the new manifest does not list. A read that finds a listed part gone (or changed) raises
+``TableChanged``; ``table()`` and ``for_user()`` then start again from the pointer (a few times),
+an iterator cannot (it has already handed out rows), so it raises.
 """
 
 from __future__ import annotations
 
+import bisect
 import io
+import json
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
 
 import pandas as pd
-import pyarrow.parquet as pq
 
 from tasks import layout, schema, settings, storage
+from tasks.publish import arrow_schema
+
+RETRIES = 3
+FOOTER_READ = 64 * 1024  # what pyarrow reads from a file's end to find its footer
 
 
 class TableNotFound(LookupError):
     pass
 
 
+class TableChanged(RuntimeError):
+    """A part the manifest lists is gone or different: a newer publish replaced the table."""
+
+
+def _missing(e: Exception) -> bool:
+    code = str(getattr(e, "response", {}).get("Error", {}).get("Code", ""))
+    return code in ("404", "NoSuchKey", "NotFound")
+
+
+class _Stats:
+    """Requests and bytes fetched from the store, and row groups decoded (thread-safe)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.requests = self.bytes = self.row_groups = 0
+
+    def add(self, *, requests: int = 0, nbytes: int = 0, row_groups: int = 0) -> None:
+        with self._lock:
+            self.requests += requests
+            self.bytes += nbytes
+            self.row_groups += row_groups
+
+    def as_dict(self) -> dict:
+        return {"requests": self.requests, "bytes": self.bytes, "row_groups": self.row_groups}
+
+
+class _RangeFile(io.RawIOBase):
+    """A read-only, seekable view of one S3 object that fetches only the byte ranges read.
+
+    ``tail``: on the first read that falls in the last ``tail`` bytes, those are fetched in one
+    request and kept (the Parquet footer). Every request is conditional on ``etag``.
+    """
+
+    def __init__(self, uri: str, size: int, etag: str | None, stats: _Stats, tail: int = 0):
+        super().__init__()
+        self.uri, self.size, self.etag, self.stats = uri, size, etag, stats
+        self.tail_len, self.tail = min(tail, size), None
+        self.pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def _fetch(self, start: int, length: int) -> bytes:
+        try:
+            data = storage.read_range(self.uri, start, length, if_match=self.etag)
+        except storage.PreconditionFailed as e:
+            raise TableChanged(f"{self.uri} changed since its manifest was read") from e
+        except Exception as e:
+            if _missing(e):
+                raise TableChanged(f"{self.uri} is gone: a newer publish replaced it") from e
+            raise
+        self.stats.add(requests=1, nbytes=len(data))
+        return data
+
+    def read(self, n: int = -1) -> bytes:
+        end = self.size if n is None or n < 0 else min(self.size, self.pos + n)
+        if end <= self.pos:
+            return b""
+        tail_start = self.size - self.tail_len
+        if self.tail_len and self.pos >= tail_start:
+            if self.tail is None:
+                self.tail = self._fetch(tail_start, self.tail_len)
+            out = self.tail[self.pos - tail_start : end - tail_start]
+        else:
+            out = self._fetch(self.pos, end - self.pos)
+        self.pos += len(out)
+        return out
+
+    def readinto(self, buf) -> int:
+        data = self.read(len(buf))
+        buf[: len(data)] = data
+        return len(data)
+
+
+class _Footer:
+    """One part's Parquet metadata and its row groups' user_id min/max."""
+
+    def __init__(self, metadata):
+        self.metadata = metadata
+        col = metadata.schema.names.index(schema.USER_ID)
+        self.ranges = []
+        for i in range(metadata.num_row_groups):
+            st = metadata.row_group(i).column(col).statistics
+            ok = st is not None and st.has_min_max
+            self.ranges.append((st.min, st.max) if ok else None)
+
+    def row_groups_for(self, user_id: str) -> list[int]:
+        return [i for i, r in enumerate(self.ranges) if r is None or r[0] <= user_id <= r[1]]
+
+
+class FooterCache:
+    """Parquet footers by part key (parts never change content, so entries never go stale)."""
+
+    def __init__(self, max_parts: int = 512):
+        self.max_parts = max_parts
+        self._items: OrderedDict[str, _Footer] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> _Footer | None:
+        with self._lock:
+            found = self._items.get(key)
+            if found is not None:
+                self._items.move_to_end(key)
+            return found
+
+    def put(self, key: str, footer: _Footer) -> None:
+        with self._lock:
+            self._items[key] = footer
+            self._items.move_to_end(key)
+            while len(self._items) > self.max_parts:
+                self._items.popitem(last=False)
+
+
+class PublishedTable:
+    """One committed table (one manifest): point lookups, iteration, the whole table.
+
+    Thread-safe; ``stats`` counts what it fetched (requests, bytes, row groups decoded).
+    """
+
+    def __init__(self, manifest: dict, *, bucket: str, footers: FooterCache | None = None):
+        self.manifest = manifest
+        self.bucket = bucket
+        self.footers = footers or FooterCache()
+        self.stats = _Stats()
+        self.parts = manifest["parts"]
+        ranged = all(p.get("max_user_id") is not None or not p["rows"] for p in self.parts)
+        # format 1 manifests have no per-part user range: every part may hold any user
+        self._maxes = [p.get("max_user_id") or "" for p in self.parts] if ranged else None
+
+    @property
+    def ds(self) -> str:
+        return self.manifest["ds"]
+
+    @property
+    def publish_id(self) -> str | None:
+        return self.manifest.get("publish_id")
+
+    @property
+    def model_version(self) -> str:
+        return self.manifest["model_version"]
+
+    def _uri(self, part: dict) -> str:
+        return storage.s3_uri(part["key"], self.bucket)
+
+    def parts_for(self, user_id: str) -> list[dict]:
+        """The parts whose user range holds ``user_id`` (at most one in a format-2 table)."""
+        if self._maxes is None:
+            return list(self.parts)
+        i = bisect.bisect_left(self._maxes, user_id)
+        return [p for p in self.parts[i : i + 1]
+                if p["rows"] and p["min_user_id"] <= user_id <= p["max_user_id"]]
+
+    def _footer(self, part: dict, f: _RangeFile) -> _Footer:
+        key = f"{self.bucket}/{part['key']}:{part.get('etag')}"
+        found = self.footers.get(key)
+        if found is None:
+            import pyarrow.parquet as pq
+
+            found = _Footer(pq.ParquetFile(f).metadata)
+            self.footers.put(key, found)
+        return found
+
+    def _range_file(self, part: dict) -> _RangeFile:
+        # pyarrow reads the last 64 KiB first, then the rest of a longer footer: one request
+        tail = max(int(part.get("footer_bytes") or 0), FOOTER_READ)
+        return _RangeFile(self._uri(part), int(part["bytes"]), part.get("etag"), self.stats, tail)
+
+    def warm(self, max_parts: int | None = None) -> int:
+        """Fetch the footers of the first ``max_parts`` parts (default: as many as the cache
+        holds), so that no lookup pays for them; returns how many were fetched."""
+        todo = [p for p in self.parts if p["rows"]][: max_parts or self.footers.max_parts]
+        for part in todo:
+            self._footer(part, self._range_file(part))
+        return len(todo)
+
+    def lookup(self, user_id: str):
+        """One user's rows as an Arrow table (sorted by rank; empty when the user has none)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        user_id = str(user_id)
+        found = []
+        for part in self.parts_for(user_id):
+            f = self._range_file(part)
+            footer = self._footer(part, f)
+            groups = footer.row_groups_for(user_id)
+            if not groups:
+                continue
+            pf = pq.ParquetFile(f, metadata=footer.metadata, page_checksum_verification=True)
+            t = pf.read_row_groups(groups)
+            self.stats.add(row_groups=len(groups))
+            found.append(t.filter(pc.equal(t[schema.USER_ID], user_id)))
+        if not found:
+            return arrow_schema().empty_table()
+        out = pa.concat_tables(found)
+        return out.sort_by(schema.RANK) if len(found) > 1 else out
+
+    def for_user(self, user_id: str) -> pd.DataFrame:
+        return self.lookup(user_id).to_pandas()
+
+    def _part_bytes(self, part: dict) -> bytes:
+        try:
+            data = storage.read_bytes(self._uri(part))
+        except Exception as e:
+            if _missing(e):
+                raise TableChanged(f"{part['key']} is gone: a newer publish replaced it") from e
+            raise
+        self.stats.add(requests=1, nbytes=len(data))
+        if storage.sha256(data) != part["sha256"]:
+            raise OSError(f"{part['key']}: checksum differs from the manifest")
+        return data
+
+    def iter_parts(self) -> Iterator[pd.DataFrame]:
+        """The whole table, one part (at most ``publish.rows_per_part`` rows) at a time."""
+        import pyarrow.parquet as pq
+
+        for part in self.parts:
+            yield pq.read_table(io.BytesIO(self._part_bytes(part))).to_pandas()
+
+    def to_pandas(self) -> pd.DataFrame:
+        frames = list(self.iter_parts())
+        if not frames:
+            return arrow_schema().empty_table().to_pandas()
+        return pd.concat(frames, ignore_index=True)
+
+    def popular(self, k: int) -> list[dict]:
+        """The manifest's most popular items (for unknown users), at most ``k``."""
+        return list(self.manifest.get("popular") or [])[:k]
+
+
 class RecommendationReader:
-    def __init__(self, bucket: str | None = None):
+    def __init__(self, bucket: str | None = None, *, footer_cache_parts: int = 512):
         self.bucket = bucket or settings.bucket()
+        self.footers = FooterCache(footer_cache_parts)
+
+    def _here(self, uri: str) -> str:
+        return storage.s3_uri(storage.split_uri(uri)[1], self.bucket)
+
+    def latest(self) -> dict:
+        """The latest pointer: ``{"ds", "manifest", "publish_id", "model_version", ...}``."""
+        found = storage.read_versioned(self._here(layout.latest_uri()))
+        if found is None:
+            raise TableNotFound("nothing has been published yet (no recommendations/_latest.json)")
+        return json.loads(found[0])
 
     def latest_ds(self) -> str:
-        uri = layout.latest_uri()
-        if not storage.exists(uri):
-            raise TableNotFound("nothing has been published yet (no recommendations/_latest.json)")
-        return storage.read_json(uri)["ds"]
+        return self.latest()["ds"]
+
+    def version(self, ds: str | None = None) -> str | None:
+        """A cheap token that changes whenever what ``open(ds)`` would return changes: the ETag
+        of the latest pointer (or of ds's manifest). None when there is nothing yet."""
+        uri = layout.manifest_uri(settings.check_ds(ds)) if ds else layout.latest_uri()
+        found = storage.head(self._here(uri))
+        return found["etag"] if found else None
 
     def manifest(self, ds: str | None = None) -> dict:
         ds = settings.check_ds(ds) if ds else self.latest_ds()
-        uri = layout.manifest_uri(ds)
-        if not storage.exists(uri):
+        found = storage.read_versioned(self._here(layout.manifest_uri(ds)))
+        if found is None:
             raise TableNotFound(f"no published table for ds={ds}")
-        return storage.read_json(uri)
+        return json.loads(found[0])
 
-    def _part(self, part: dict, filters=None) -> pd.DataFrame:
-        data = storage.read_bytes(storage.s3_uri(part["key"], self.bucket))
-        if storage.sha256(data) != part["sha256"]:
-            raise OSError(f"{part['key']}: checksum differs from the manifest")
-        return pq.read_table(io.BytesIO(data), filters=filters).to_pandas()
+    def open(self, ds: str | None = None) -> PublishedTable:
+        """The table of ``ds`` (default: the latest), pinned to its current manifest."""
+        return PublishedTable(self.manifest(ds), bucket=self.bucket, footers=self.footers)
+
+    def _retrying(self, ds: str | None, fn):
+        for attempt in range(RETRIES):
+            try:
+                return fn(self.open(ds))
+            except TableChanged:
+                if attempt == RETRIES - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     def table(self, ds: str | None = None) -> pd.DataFrame:
-        m = self.manifest(ds)
-        return pd.concat([self._part(p) for p in m["parts"]], ignore_index=True)
+        """The whole table of ``ds`` (default latest) in memory, every part checksum-verified."""
+        return self._retrying(ds, PublishedTable.to_pandas)
+
+    def iter_batches(self, ds: str | None = None) -> Iterator[pd.DataFrame]:
+        """The whole table, one part at a time (bounded memory); TableChanged if it is replaced
+        mid-way (start again)."""
+        return self.open(ds).iter_parts()
 
     def for_user(self, user_id: str, ds: str | None = None) -> pd.DataFrame:
-        m = self.manifest(ds)
-        frames = [self._part(p, filters=[(schema.USER_ID, "=", str(user_id))]) for p in m["parts"]]
-        return pd.concat(frames, ignore_index=True).sort_values(schema.RANK, ignore_index=True)
+        """One user's rows, by rank (empty when the user has none)."""
+        return self._retrying(ds, lambda t: t.for_user(user_id))

@@ -15,8 +15,14 @@ WEIGHT = "weight"
 SPLIT = "split"
 
 REASON = "reason"  # quarantine reason code
-RAW_ROW = "raw_row"  # 0-based row number in the ingested snapshot
-SOURCE_FILE = "source_file"
+RAW_ROW = "raw_row"  # where the row is in SOURCE_FILE: text, 1-based line; Parquet, 1-based row
+SOURCE_FILE = "source_file"  # the raw object's name under raw/interactions/ds=<ds>/
+PARSE_ERROR = "parse_error"  # a reason code ingest already knows (bad field count, encoding)
+RAW_TEXT = "raw_text"  # the raw line, kept only for rows ingest could not split into fields
+
+USER_STABLE_IDX = "user_stable_idx"  # int64 index of an external user id, stable across runs
+ITEM_STABLE_IDX = "item_stable_idx"
+FIRST_DS = "first_ds"  # the ds on which an external id was first given its stable index
 
 RANK = "rank"
 SCORE = "score"
@@ -24,23 +30,46 @@ MODEL_VERSION = "model_version"
 DS = "ds"
 
 INTERACTION_COLUMNS = [USER_ID, ITEM_ID, RATING, TIMESTAMP]
+# Ingest's output: the interaction columns as raw strings, plus where each row came from.
+RAW_COLUMNS = [*INTERACTION_COLUMNS, SOURCE_FILE, RAW_ROW, PARSE_ERROR, RAW_TEXT]
+
 RECOMMENDATION_COLUMNS = [USER_ID, RANK, ITEM_ID, SCORE, MODEL_VERSION, DS]
 
-# Quarantine reason codes. "Invalid" reasons count towards validate.max_invalid_fraction;
-# policy reasons (duplicates, k-core) are normal hygiene and do not.
+# Input column names (lower-cased, spaces as '_') that mean a schema column.
+COLUMN_ALIASES = {
+    USER_ID: ("user_id", "userid", "user", "uid", "customer_id", "visitorid", "visitor_id"),
+    ITEM_ID: ("item_id", "itemid", "item", "movie_id", "movieid", "product_id", "iid"),
+    RATING: ("rating", "score", "value"),
+    TIMESTAMP: ("timestamp", "ts", "time", "event_time", "unix_timestamp", "datetime"),
+}
+
+# Quarantine reason codes, in precedence order: a row failing several rules gets the first.
+# "Invalid" reasons count towards validate.max_invalid_fraction; policy reasons (duplicates,
+# k-core) are normal hygiene and do not. README "Quarantine reason codes" explains each.
+REASON_FIELD_COUNT = "wrong_field_count"
+REASON_ENCODING = "invalid_encoding"
+REASON_REPEATED_HEADER = "repeated_header"
 REASON_MISSING_FIELD = "missing_field"
-REASON_UNPARSEABLE = "unparseable_value"
+REASON_UNPARSEABLE_ID = "unparseable_id"
 REASON_NOT_FINITE = "not_finite"
+REASON_UNPARSEABLE = "unparseable_value"
 REASON_RATING_RANGE = "rating_out_of_range"
 REASON_TIMESTAMP_RANGE = "timestamp_out_of_range"
+REASON_NOT_IN_CATALOGUE = "item_not_in_catalogue"
 REASON_DUPLICATE = "duplicate_event"
 REASON_KCORE = "below_k_core"
-INVALID_REASONS = frozenset(
-    {
-        REASON_MISSING_FIELD,
-        REASON_UNPARSEABLE,
-        REASON_NOT_FINITE,
-        REASON_RATING_RANGE,
-        REASON_TIMESTAMP_RANGE,
-    }
+REASONS = (
+    REASON_FIELD_COUNT,
+    REASON_ENCODING,
+    REASON_REPEATED_HEADER,
+    REASON_MISSING_FIELD,
+    REASON_UNPARSEABLE_ID,
+    REASON_NOT_FINITE,
+    REASON_UNPARSEABLE,
+    REASON_RATING_RANGE,
+    REASON_TIMESTAMP_RANGE,
+    REASON_NOT_IN_CATALOGUE,
+    REASON_DUPLICATE,
+    REASON_KCORE,
 )
+INVALID_REASONS = frozenset(REASONS) - {REASON_DUPLICATE, REASON_KCORE}

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 DEFAULT_BUCKET = "nightrec"
-_DS_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_DS_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
 
 
 def project_root() -> Path:
@@ -70,7 +70,7 @@ def check_ds(ds: str) -> str:
 
     Every object key built from a ds goes through here, so a ds can never carry a path.
     """
-    if not isinstance(ds, str) or not _DS_RE.match(ds):
+    if not isinstance(ds, str) or not _DS_RE.fullmatch(ds):
         raise ValueError(f"ds must be a date as YYYY-MM-DD, got {ds!r}")
     dt.date.fromisoformat(ds)  # rejects 2026-02-30
     return ds

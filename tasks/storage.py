@@ -3,6 +3,11 @@
 A URI is either ``s3://bucket/key`` or a local path, so every step's ``run()`` works the same
 under Airflow (S3) and under ``dvc repro`` (local files). A single S3 PUT is atomic: readers see
 the whole object or none of it; multi-object atomicity is the publisher's job (tasks/publish.py).
+
+Conditional requests (S3 only) are how two writers avoid overwriting each other: a PUT with
+``if_none_match=True`` creates the object only if no object has the key, and one with
+``if_match=<etag>`` replaces it only if it is still the version the caller read. A lost race
+raises ``PreconditionFailed``. AWS S3 and SeaweedFS honour both (tests/test_publish.py checks).
 """
 
 from __future__ import annotations
@@ -67,6 +72,18 @@ def join(uri: str, *parts: str) -> str:
     return out
 
 
+class PreconditionFailed(RuntimeError):
+    """A conditional request lost: the object is not (or no longer) the version the caller saw."""
+
+
+_LOST_RACE = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
+_MISSING = {"404", "NoSuchKey", "NotFound"}
+
+
+def _error_code(e) -> str:
+    return str(e.response.get("Error", {}).get("Code", ""))
+
+
 def read_bytes(uri: str) -> bytes:
     if is_s3(uri):
         b, k = split_uri(uri)
@@ -74,12 +91,80 @@ def read_bytes(uri: str) -> bytes:
     return Path(uri).read_bytes()
 
 
-def write_bytes(uri: str, data: bytes, *, content_type: str = "application/octet-stream") -> None:
-    """Write ``data`` whole. Local writes go through a temp file and a rename, like S3's PUT."""
+def read_versioned(uri: str) -> tuple[bytes, str] | None:
+    """``(data, etag)`` of an S3 object, or None when there is none (for a later ``if_match``)."""
+    from botocore.exceptions import ClientError
+
+    b, k = split_uri(uri)
+    try:
+        obj = s3_client().get_object(Bucket=b, Key=k)
+    except ClientError as e:
+        if _error_code(e) in _MISSING:
+            return None
+        raise
+    return obj["Body"].read(), obj["ETag"]
+
+
+def read_range(uri: str, start: int, length: int, *, if_match: str | None = None) -> bytes:
+    """``length`` bytes of an S3 object from ``start``; ``start < 0`` means the last ``length``.
+
+    ``if_match``: fail with PreconditionFailed unless the object still has that ETag.
+    """
+    from botocore.exceptions import ClientError
+
+    b, k = split_uri(uri)
+    rng = f"bytes=-{length}" if start < 0 else f"bytes={start}-{start + length - 1}"
+    kwargs = {"IfMatch": if_match} if if_match else {}
+    try:
+        return s3_client().get_object(Bucket=b, Key=k, Range=rng, **kwargs)["Body"].read()
+    except ClientError as e:
+        if _error_code(e) in _LOST_RACE:
+            raise PreconditionFailed(f"{uri} is no longer version {if_match}") from e
+        raise
+
+
+def head(uri: str) -> dict | None:
+    """``{"etag", "bytes"}`` of an S3 object, or None when there is none."""
+    from botocore.exceptions import ClientError
+
+    b, k = split_uri(uri)
+    try:
+        h = s3_client().head_object(Bucket=b, Key=k)
+    except ClientError as e:
+        if _error_code(e) in _MISSING:
+            return None
+        raise
+    return {"etag": h["ETag"], "bytes": int(h["ContentLength"])}
+
+
+def write_bytes(
+    uri: str, data: bytes, *, content_type: str = "application/octet-stream",
+    if_match: str | None = None, if_none_match: bool = False,
+) -> str | None:
+    """Write ``data`` whole; returns the new ETag (S3) or None (local).
+
+    Local writes go through a temp file and a rename, like S3's PUT. ``if_none_match`` (create
+    only) and ``if_match`` (replace only that version) are S3 conditional writes; a lost race
+    raises PreconditionFailed.
+    """
     if is_s3(uri):
+        from botocore.exceptions import ClientError
+
         b, k = split_uri(uri)
-        s3_client().put_object(Bucket=b, Key=k, Body=data, ContentType=content_type)
-        return
+        cond = {"IfMatch": if_match} if if_match else {}
+        if if_none_match:
+            cond["IfNoneMatch"] = "*"
+        try:
+            out = s3_client().put_object(Bucket=b, Key=k, Body=data, ContentType=content_type,
+                                         **cond)
+        except ClientError as e:
+            if cond and _error_code(e) in _LOST_RACE | _MISSING:
+                what = "exists already" if if_none_match else f"is no longer version {if_match}"
+                raise PreconditionFailed(f"{uri} {what}") from e
+            raise
+        return out.get("ETag")
+    if if_match or if_none_match:
+        raise ValueError(f"conditional writes need an s3:// URI, got {uri!r}")
     path = Path(uri)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -97,7 +182,7 @@ def exists(uri: str) -> bool:
             s3_client().head_object(Bucket=b, Key=k)
             return True
         except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            if _error_code(e) in _MISSING:
                 return False
             raise
     return Path(uri).exists()
@@ -111,6 +196,27 @@ def list_uris(prefix_uri: str) -> list[str]:
         return sorted(f"s3://{b}/{o['Key']}" for p in pages for o in p.get("Contents", []))
     root = Path(prefix_uri)
     return sorted(str(p) for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def list_prefixes(prefix_uri: str) -> list[str]:
+    """The "folders" directly under an S3 prefix (S3 common prefixes), as sorted URIs."""
+    b, k = split_uri(prefix_uri.rstrip("/") + "/")
+    pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=b, Prefix=k, Delimiter="/")
+    return sorted(f"s3://{b}/{c['Prefix']}" for p in pages for c in p.get("CommonPrefixes", []))
+
+
+def delete_if_match(uri: str, etag: str) -> bool:
+    """Delete an S3 object only if it is still version ``etag``; False when it is not (or gone)."""
+    from botocore.exceptions import ClientError
+
+    b, k = split_uri(uri)
+    try:
+        s3_client().delete_object(Bucket=b, Key=k, IfMatch=etag)
+    except ClientError as e:
+        if _error_code(e) in _LOST_RACE | _MISSING:
+            return False
+        raise
+    return True
 
 
 def delete(uris: list[str]) -> None:
@@ -142,9 +248,15 @@ def read_json(uri: str) -> Any:
     return json.loads(read_bytes(uri))
 
 
-def write_json(uri: str, obj: Any) -> None:
-    data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
-    write_bytes(uri, data, content_type="application/json")
+def json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
+
+
+def write_json(uri: str, obj: Any, *, if_match: str | None = None,
+               if_none_match: bool = False) -> str | None:
+    """Write ``obj`` as JSON; returns the ETag. Conditional as ``write_bytes``."""
+    return write_bytes(uri, json_bytes(obj), content_type="application/json", if_match=if_match,
+                       if_none_match=if_none_match)
 
 
 def read_parquet(uri: str, columns: list[str] | None = None):

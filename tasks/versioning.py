@@ -8,22 +8,32 @@ lock, and the checkout's own ``.dvc`` is never touched by the DAG. The workspace
 
 ``data_version`` is DVC's md5 of the ``data/split`` directory from ``dvc.lock``: the same bytes
 give the same version on any machine, and ``dvc pull`` with that lock fetches exactly them.
+Before the push, the split is checked (tasks/validate.py ``check_split``): a broken split stops
+the run and reaches neither the remote nor the run's outputs. ``python -m tasks.versioning fetch
+<data_version> --out DIR`` (:func:`fetch`) brings any pushed version back from the remote.
 """
 
 from __future__ import annotations
 
+import argparse
+import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
+import pandas as pd
 import yaml
 
-from tasks import layout, settings, split, storage
+from tasks import layout, settings, split, storage, validate
 
 SPLIT_DIR = "data/split"
 INPUT = "data/augment/interactions.parquet"
+log = logging.getLogger(__name__)
 
 
 class DvcError(RuntimeError):
@@ -34,6 +44,9 @@ def _dvc(ws: Path, *args: str) -> str:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("DVC_NO_ANALYTICS", "1")
+    # A stage reads the workspace's params.yaml, the file DVC hashes into dvc.lock, not the
+    # process's NIGHTREC_PARAMS: what DVC records is what the stage used.
+    env["NIGHTREC_PARAMS"] = str((ws / "params.yaml").resolve())
     env["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(settings.project_root()), env.get("PYTHONPATH")])
     )
@@ -48,8 +61,8 @@ def workspace(ds: str) -> Path:
     return settings.state_dir() / "dvc" / f"ds={settings.check_ds(ds)}"
 
 
-def prepare_workspace(ws: Path, params: dict) -> None:
-    """Create or refresh a no-SCM DVC workspace whose remote is the bucket's dvcstore."""
+def prepare_remote(ws: Path) -> None:
+    """Create (if need be) a no-SCM DVC repository in ``ws`` whose remote is the dvcstore."""
     ws.mkdir(parents=True, exist_ok=True)
     if not (ws / ".dvc").exists():
         _dvc(ws, "init", "--no-scm", "-q")
@@ -58,6 +71,11 @@ def prepare_workspace(ws: Path, params: dict) -> None:
     endpoint = settings.s3_endpoint_url()
     if endpoint:
         _dvc(ws, "remote", "modify", "store", "endpointurl", endpoint)
+
+
+def prepare_workspace(ws: Path, params: dict) -> None:
+    """Create or refresh a no-SCM DVC workspace whose remote is the bucket's dvcstore."""
+    prepare_remote(ws)
     shutil.copyfile(settings.project_root() / "dvc.yaml", ws / "dvc.yaml")
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=True))
 
@@ -71,21 +89,85 @@ def data_version(ws: Path) -> str:
 
 
 def run(ds: str, augmented: dict[str, str], params: dict | None = None) -> dict[str, str]:
-    """Reproduce and push the split for ``ds``; publish its files and ``data_version``."""
+    """Reproduce the split for ``ds``, check it (the split suite and the leakage checks of
+    tasks/validate.py: a broken split raises ContractError and is neither pushed nor
+    published), push it; publish its files and ``data_version``."""
     params = params if params is not None else settings.load_params()
     ws = workspace(ds)
+    clock, timings = time.perf_counter(), {}
+
+    def lap(what: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[what] = round(now - clock, 2)
+        clock = now
+
     prepare_workspace(ws, params)
     storage.download_to(augmented["interactions"], ws / INPUT)
+    lap("prepare")
     _dvc(ws, "repro", "--single-item", "split")
-    _dvc(ws, "push", "split")
     version = data_version(ws)
+    lap("repro")
+    parts = {name: pd.read_parquet(ws / SPLIT_DIR / f"{name}.parquet") for name in split.PARTS}
+    report = validate.check_split(parts, ds=ds, method=params["split"]["method"],
+                                  p=settings.step_params(validate.PARAMS, params))
+    report["data_version"] = version
+    report["data_docs"] = validate.record_results(ds, [report["expectations"]])
     out = {k: v for k, v in augmented.items() if k != "interactions"}
+    out["split_validation"] = layout.run_uri(ds, "split", "validation.json")
+    storage.write_json(out["split_validation"], report)
+    lap("check")
+    if not report["success"]:
+        raise validate.ContractError(validate.describe_failure(report))
+    _dvc(ws, "push", "split")
+    lap("push")
     for part in split.PARTS:
         out[part] = layout.run_uri(ds, "split", f"{part}.parquet")
         storage.upload_from(ws / SPLIT_DIR / f"{part}.parquet", out[part])
-    meta = {"ds": ds, "data_version": version, "dvc_remote": layout.dvc_remote_uri()}
+    meta = {"ds": ds, "data_version": version, "dvc_remote": layout.dvc_remote_uri(),
+            "stats": split.split_stats(parts)}
+    lap("publish")
     meta["dvc_lock"] = (ws / "dvc.lock").read_text()
+    meta["timings_s"] = timings
     out["split_meta"] = layout.run_uri(ds, "split", "meta.json")
     storage.write_json(out["split_meta"], meta)
     out["data_version"] = version
+    log.info("split %s: %s", version, timings)
     return out
+
+
+def fetch(version: str, dest: Path) -> Path:
+    """Fetch the split of a past ``data_version`` from the DVC remote into ``dest`` (its
+    ``train/valid/test.parquet``, byte for byte what was pushed; DVC checks each md5).
+
+    The version alone is enough: a throwaway no-SCM workspace gets a ``.dvc`` file naming the
+    directory hash, and ``dvc pull`` does the rest. Returns ``dest``.
+    """
+    if not re.fullmatch(r"[0-9a-f]{32}", version):
+        raise ValueError(f"a data_version is 32 hex digits (DVC's md5), got {version!r}")
+    with tempfile.TemporaryDirectory(prefix="nightrec-fetch-") as tmp:
+        ws = Path(tmp)
+        prepare_remote(ws)
+        (ws / "split.dvc").write_text(yaml.safe_dump(
+            {"outs": [{"md5": f"{version}.dir", "hash": "md5", "path": "split"}]}))
+        _dvc(ws, "pull", "split.dvc")
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in sorted((ws / "split").iterdir()):
+            shutil.copyfile(f, dest / f.name)
+    return dest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="DVC lineage of the split")
+    sub = parser.add_subparsers(dest="command", required=True)
+    get = sub.add_parser("fetch", help="fetch a past data_version's split from the DVC remote")
+    get.add_argument("data_version")
+    get.add_argument("--out", required=True, type=Path)
+    args = parser.parse_args(argv)
+    for f in sorted(fetch(args.data_version, args.out).iterdir()):
+        print(f)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

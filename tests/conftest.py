@@ -36,7 +36,7 @@ for var in ("S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AW
 TEST_PARAMS = _TMP / "params.yaml"
 _params = yaml.safe_load((ROOT / "params.yaml").read_text())
 _params["sample"].update(n_users=600, n_items=300, n_interactions=15000)
-_params["train"].update(epochs=8)
+_params["train"]["mf_softmax"].update(epochs=8)
 TEST_PARAMS.write_text(yaml.safe_dump(_params))
 os.environ["NIGHTREC_PARAMS"] = str(TEST_PARAMS)
 

@@ -147,6 +147,93 @@ def test_blessed_model_is_registered_as_champion_and_report_uploaded(first_run):
     assert page.count('<img class="plot"') == 5 and "blessed" in page
 
 
+def test_registry_holds_the_models_lineage_and_training_artifacts(first_run):
+    from tasks import registry
+
+    version = storage.read_json(layout.manifest_uri(DS1))["model_version"]
+    meta = registry.meta(version)
+    assert meta["gate"]["blessed"] is True and meta["params"]["train"]["candidates"]
+    assert meta["code_version"] and meta["data_version"] == storage.read_json(
+        layout.run_uri(DS1, "split", "meta.json"))["data_version"]
+    assert {"embeddings.npz", "holdout_embeddings.npz", "selection.json", "history.json",
+            "users.parquet", "items.parquet"} <= set(meta["files"])
+    selection = storage.read_json(registry.model_prefix(version) + "selection.json")
+    assert set(selection["candidates"]) == {"ease", "mf_softmax"}
+    assert version.startswith(selection["chosen"].split("_")[0] + "-")
+    metrics = storage.read_json(layout.run_uri(DS1, "evaluate", "metrics.json"))
+    for key in ("ndcg_at_10", "recall_at_10", "map_at_10", "mrr_at_10", "hit_rate_at_10",
+                "precision_at_10", "catalogue_coverage", "mean_item_popularity"):
+        assert 0.0 <= metrics["model"][key] <= 1.0, key
+    assert metrics["selection"]["chosen"] == selection["chosen"]
+    tensorboard = storage.list_uris(storage.s3_uri(f"reports/ds={DS1}/tensorboard/"))
+    assert any("events.out.tfevents" in u for u in tensorboard)  # the mf_softmax candidate's
+
+
+def _weak_params(tmp_path) -> Path:
+    """A deliberately weakened challenger: one epoch of mf_softmax at a learning rate too small
+    to learn anything, so its ranking is its random initialisation."""
+    import yaml
+
+    from tasks import settings
+
+    params = json.loads(json.dumps(settings.load_params()))
+    params["train"]["candidates"] = ["mf_softmax"]
+    params["train"]["mf_softmax"].update(epochs=1, learning_rate=1e-9)
+    path = tmp_path / "weak-params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def test_weakened_challenger_is_not_blessed_and_only_the_override_publishes_it(
+        first_run, sample, tmp_path, monkeypatch, caplog):
+    from tasks import registry
+
+    ds = "2026-11-20"  # a backfill: the latest pointer never moves back to it
+    upload(ds, sample)
+    champion = registry.champion()
+    latest = storage.read_bytes(layout.latest_uri())
+    monkeypatch.setenv("NIGHTREC_PARAMS", str(_weak_params(tmp_path)))
+    dr, states = run_dag(ds)
+    assert str(dr.state) == "success", states
+    assert states["gate"] == "success" and states["publish"] == "skipped", states
+    decision = storage.read_json(layout.run_uri(ds, "gate", "decision.json"))
+    assert decision == {**decision, "blessed": False, "override": False, "publish": False}
+    assert "popularity floor" in decision["verdict"]["reason"]
+    assert not storage.exists(layout.manifest_uri(ds))
+    assert registry.champion() == champion and storage.read_bytes(layout.latest_uri()) == latest
+
+    with caplog.at_level("WARNING", logger="nightrec.gate"):
+        dr, states = run_dag(ds, force_publish=True)
+    assert str(dr.state) == "success", states
+    assert states["publish"] == "success" and states["announce"] == "skipped", states
+    decision = storage.read_json(layout.run_uri(ds, "gate", "decision.json"))
+    assert decision["override"] is True and decision["publish"] is True
+    assert any("OVERRIDE" in r.getMessage() for r in caplog.records)
+    manifest = storage.read_json(layout.manifest_uri(ds))
+    assert manifest["model_version"] not in registry.list_models()  # published, not registered
+    assert registry.champion() == champion and storage.read_bytes(layout.latest_uri()) == latest
+
+
+def test_tune_dag_searches_the_declared_space_and_records_trials(first_run):
+    from airflow.dag_processing.dagbag import DagBag
+
+    from tasks import settings
+
+    dag = DagBag(dag_folder=str(ROOT / "dags")).get_dag("tune_hyperparameters")
+    dr = dag.test(run_conf={"ds": DS1, "n_trials": 3})
+    assert str(dr.state) == "success", {ti.task_id: str(ti.state) for ti in dr.get_task_instances()}
+    prefix = storage.s3_uri(f"reports/ds={DS1}/tune/")
+    trials = pd.read_csv(io.BytesIO(storage.read_bytes(prefix + "trials.csv")))
+    best = storage.read_json(prefix + "best_params.json")
+    assert len(trials) == 3 and (trials["state"].str.contains("COMPLETE")).all()
+    assert best["value"] == trials["value"].max() and best["baseline_value"] > 0
+    space = settings.load_params()["tune"]["space"]
+    assert set(best["params"]) == {"train.ease.l2", "train.ease.dropout"}
+    for key, value in best["params"].items():
+        low, high, _ = space[key.removeprefix("train.")]
+        assert low <= value <= high
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 

@@ -50,7 +50,8 @@ def test_dags_import_cleanly_with_no_warnings(airflow_db):
     assert bag.import_errors == {}
     ours = [w for w in caught if "dags/" in str(w.filename) or "Deprecat" in w.category.__name__]
     assert ours == [], [str(w.message) for w in ours]
-    assert {"nightly_recommendations", "rescore_recommendations"} <= set(bag.dag_ids)
+    assert {"nightly_recommendations", "rescore_recommendations", "tune_hyperparameters"} <= set(
+        bag.dag_ids)
 
 
 def test_nightly_dag_structure(airflow_db):
@@ -60,13 +61,14 @@ def test_nightly_dag_structure(airflow_db):
     assert dag.catchup is False and dag.max_active_runs == 1
     assert dag.schedule == "0 2 * * *"
     order = ["ingest", "clean", "validate", "augment", "choose", "split", "train", "evaluate",
-             "register", "score", "publish", "report"]
+             "register", "plan_shards", "score", "publish", "report"]
     assert set(order) | {"gate", "announce", "load_model"} == set(dag.task_ids)
     for up, down in itertools.pairwise(order):
         assert down in dag.get_task(up).downstream_task_ids, (up, down)
     assert "register" in dag.get_task("gate").downstream_task_ids
     assert {"split", "load_model"} == dag.get_task("choose").downstream_task_ids
-    assert "score" in dag.get_task("load_model").downstream_task_ids
+    assert "plan_shards" in dag.get_task("load_model").downstream_task_ids
+    assert dag.get_task("score").is_mapped and not dag.get_task("publish").is_mapped
     assert dag.get_task("report").is_teardown
     for t in dag.tasks:
         assert t.retries >= 1 and t.execution_timeout is not None, t.task_id

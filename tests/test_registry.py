@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 
@@ -57,3 +59,51 @@ def test_register_promote_and_resolve(empty_bucket):
     with pytest.raises(registry.ModelNotFound):
         registry.set_champion("mf-20261103-0000000c")
     assert registry.champion() == b
+
+
+def test_champion_history_and_rollback(empty_bucket):
+    a, b, c = "ease-20261101-0000000a", "mf-20261102-0000000b", "ease-20261103-0000000c"
+    for i, v in enumerate((a, b, c)):
+        registry.register(_trained_model(v), ds=f"2026-11-0{i + 1}", metrics_uri=None,
+                          gate={"metric": "ndcg_at_10", "model": 0.3, "blessed": True})
+        registry.set_champion(v)
+    assert registry.champion_record()["history"] == [a, b, c]
+    assert registry.rollback()["model_version"] == b and registry.champion() == b
+    assert registry.rollback()["model_version"] == a
+    with pytest.raises(registry.ModelNotFound, match="no previous champion"):
+        registry.rollback()
+    meta = registry.meta(c)
+    assert meta["gate"]["blessed"] is True and meta["code_version"]
+    assert set(meta["files"]) >= {"embeddings.npz", "users.parquet", "items.parquet"}
+
+
+def test_models_cli_list_show_promote_rollback(empty_bucket, capsys):
+    from tasks import cli
+
+    a, b = "ease-20261101-0000000a", "mf-20261102-0000000b"
+    assert cli.main(["models", "list"]) == 0
+    assert "no registered models" in capsys.readouterr().out
+    for v in (a, b):
+        registry.register(_trained_model(v), ds="2026-11-01", metrics_uri=None,
+                          gate={"metric": "ndcg_at_10", "model": 0.25, "blessed": True})
+    assert cli.main(["models", "promote", a]) == 0
+    assert cli.main(["models", "promote", b]) == 0
+    assert f"champion: {b} (was {a})" in capsys.readouterr().out
+    assert cli.main(["models", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split()[0] for ln in lines] == [a, "*"] and b in lines[1]
+    assert "ndcg_at_10=0.2500" in lines[0]
+    assert cli.main(["models", "show", a]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["model_version"] == a and shown["champion"] is False
+    assert cli.main(["models", "rollback"]) == 0
+    assert f"champion: {a} (rolled back from {b})" in capsys.readouterr().out
+    assert registry.champion() == a
+    assert cli.main(["models", "rollback"]) == 1
+    assert "no previous champion" in capsys.readouterr().err
+    assert cli.main(["models", "promote", "mf-20991231-0000000f"]) == 1
+    assert "no registered model" in capsys.readouterr().err
+    assert cli.main(["models", "show", "../../etc"]) == 2  # refused before any key is built
+    with pytest.raises(SystemExit):
+        cli.main(["models", "promote"])
+    assert registry.champion() == a

@@ -25,14 +25,17 @@ def _clean(raw, **kw):
 def test_ingest_reads_udata_csv_parquet_and_gzip():
     udata = b"196\t242\t3\t881250949\n186\t302\t3\t891717742\n"
     csv = b"userId,movieId,timestamp\n1,10,100\n"
-    frame = pd.DataFrame({"user": [5], "item": ["a"], "rating": [4.0], "ts": [7]})
+    frame = pd.DataFrame({"user": [5], "item": ["a"], "rating": [4.5], "ts": [7]})
     files = {"a.data": udata, "b.csv.gz": gzip.compress(csv),
-             "c.parquet": sample_data_parquet(frame), "d.dat": b"1::2::5::978300760\n"}
+             "c.parquet": sample_data_parquet(frame), "d.dat": b"1::2::5::978300760\n",
+             "_SUCCESS": b""}
     df = ingest.ingest_files(files)
-    assert list(df[["user_id", "item_id", "rating", "timestamp"]].itertuples(index=False)) == [
-        ("196", "242", "3", "881250949"), ("186", "302", "3", "891717742"),
-        ("1", "10", None, "100"), ("5", "a", "4.0", "7"), ("1", "2", "5", "978300760")]
-    assert df["raw_row"].tolist() == [0, 1, 0, 0, 0]
+    rows = df[["user_id", "item_id", "rating", "timestamp"]].astype(object)
+    assert rows.where(rows.notna(), None).values.tolist() == [
+        ["196", "242", "3", "881250949"], ["186", "302", "3", "891717742"],
+        ["1", "10", None, "100"], ["5", "a", "4.5", "7"], ["1", "2", "5", "978300760"]]
+    assert df["raw_row"].tolist() == [1, 2, 2, 1, 1]  # text: line number (header = 1)
+    assert df["source_file"].tolist() == ["a.data", "a.data", "b.csv.gz", "c.parquet", "d.dat"]
 
 
 def sample_data_parquet(frame):
@@ -42,42 +45,103 @@ def sample_data_parquet(frame):
 
 
 def test_ingest_refuses_files_without_ids():
-    with pytest.raises(ingest.IngestError, match="item_id"):
+    with pytest.raises(ingest.IngestError, match="no column for item_id, timestamp"):
         ingest.ingest_files({"x.csv": b"user_id,bar\n1,2\n"})
-    with pytest.raises(ingest.IngestError, match="2 columns"):
+    with pytest.raises(ingest.IngestError, match="x.csv line 1: 2 field"):
         ingest.ingest_files({"x.csv": b"1,2\n"})
     with pytest.raises(ingest.IngestError, match="no files"):
         ingest.ingest_files({})
 
 
+def test_ingest_numbers_lines_around_ragged_and_blank_ones_in_small_blocks():
+    lines = ["user_id,item_id,timestamp"] + [
+        f"{i},{i}" if i % 7 == 0 else ("" if i % 11 == 0 else f"{i},x,{i}") for i in range(1, 400)]
+    df = ingest.ingest_files({"f.csv": ("\r\n".join(lines) + "\r\n").encode()},
+                             block_bytes=256)
+    good = df[df["parse_error"].isna()]
+    assert (good["user_id"].astype(int) + 1 == good["raw_row"]).all()  # line i + 1 holds user i
+    ragged = df[df["parse_error"] == "wrong_field_count"]
+    assert ragged["raw_row"].tolist() == [i + 1 for i in range(7, 400, 7)]
+    assert ragged["raw_text"].iloc[0] == "7,7"
+    assert df["raw_row"].is_monotonic_increasing
+    n_blank = len([i for i in range(1, 400) if i % 11 == 0 and i % 7])
+    assert len(df) == 399 - n_blank
+
+
+def _clean(raw, **kw):
+    args = {"ds": DS, "min_rating": 0.5, "max_rating": 5.0, "min_timestamp": "1995-01-01",
+            "min_user_interactions": 1, "min_item_interactions": 1}
+    args.update(kw)
+    return clean.clean_interactions(raw, **args)
+
+
 def test_clean_quarantines_each_bad_row_with_its_reason_and_loses_nothing():
     raw = ingest.ingest_files({"x.csv": (
         "user_id,item_id,rating,timestamp\n"
-        f"1,a,4,{T0}\n"          # good
+        f"1,a,4,{T0}\n"          # line 2: good
         f",a,4,{T0}\n"           # missing user
         f"2,b,x,{T0}\n"          # unparseable rating
         f"2,c,inf,{T0}\n"        # not finite
         f"2,d,9,{T0}\n"          # rating out of range
         "2,e,3,100\n"            # before 1995
         f"2,f,3,{T0 + 400 * 86400}\n"  # after the run date
-        f"1,a,5,{T0 + 10}\n"     # duplicate of row 0, later: wins
-        f"3,z,,{T0}\n"           # implicit (no rating) is fine
+        f"1,a,5,{T0 + 10}\n"     # duplicate of line 2, later: wins
+        f"3,z,,{T0}\n"           # empty rating in a file with ratings
+        f"-4,z,3,{T0}\n"         # id not matching clean.id_pattern
+        f"4,z,3\n"               # a field short
+        f"user_id,item_id,rating,timestamp\n"  # the header again
     ).encode()})
     good, quarantine, stats = _clean(raw)
-    assert stats["raw_rows"] == len(good) + len(quarantine) == 9
+    assert stats["raw_rows"] == len(good) + len(quarantine) == 12
     assert dict(zip(quarantine["raw_row"], quarantine["reason"])) == {
-        0: "duplicate_event", 1: "missing_field", 2: "unparseable_value", 3: "not_finite",
-        4: "rating_out_of_range", 5: "timestamp_out_of_range", 6: "timestamp_out_of_range"}
-    assert stats["invalid_rows"] == 6
-    assert good[["user_id", "item_id", "rating"]].values.tolist()[0] == ["1", "a", 5.0]
-    assert np.isnan(good.loc[good.user_id == "3", "rating"]).all()
+        2: "duplicate_event", 3: "missing_field", 4: "unparseable_value", 5: "not_finite",
+        6: "rating_out_of_range", 7: "timestamp_out_of_range", 8: "timestamp_out_of_range",
+        10: "missing_field", 11: "unparseable_id", 12: "wrong_field_count",
+        13: "repeated_header"}
+    assert stats["invalid_rows"] == 10
+    assert quarantine.loc[quarantine.raw_row == 12, "raw_text"].tolist() == ["4,z,3"]
+    assert good[["user_id", "item_id", "rating"]].values.tolist() == [["1", "a", 5.0]]
 
 
-def test_clean_detects_millisecond_timestamps_per_file():
+def test_clean_implicit_feedback_iso_timestamps_and_catalogue():
+    raw = ingest.ingest_files({"x.csv": (
+        b"user,item,time\n"
+        b"u1,i1,2026-05-28T10:00:00Z\n"
+        b"u1,i2,2026-05-28 12:00:00+02:00\n"
+        b"u1,i3,yesterday\n"
+        b"u2,i9,2026-05-28\n"
+    )})
+    good, quarantine, _ = _clean(raw, catalogue=["i1", "i2", "i3"])
+    assert good["timestamp"].tolist() == [1_779_962_400, 1_779_962_400]
+    assert good["rating"].isna().all()  # no rating column: implicit feedback
+    assert dict(zip(quarantine["raw_row"], quarantine["reason"])) == {
+        4: "unparseable_value", 5: "item_not_in_catalogue"}
+
+
+def test_clean_detects_timestamp_units_per_file():
     raw = ingest.ingest_files({"ms.csv": f"user_id,item_id,timestamp\n1,a,{T0 * 1000}\n".encode(),
-                               "s.csv": f"user_id,item_id,timestamp\n2,a,{T0}\n".encode()})
-    good, _, _ = _clean(raw)
-    assert good["timestamp"].tolist() == [T0, T0]
+                               "s.csv": f"user_id,item_id,timestamp\n2,a,{T0}\n".encode(),
+                               "us.csv": f"user_id,item_id,timestamp\n3,a,{T0 * 10**6}\n".encode()})
+    good, _, stats = _clean(raw)
+    assert good["timestamp"].tolist() == [T0, T0, T0]
+    assert stats["timestamp_units"] == {"ms.csv": "ms", "s.csv": "s", "us.csv": "us"}
+    good, quarantine, _ = _clean(raw, timestamp_unit="s")  # forced: ms and us are the far future
+    assert good["user_id"].tolist() == ["2"] and len(quarantine) == 2
+
+
+def test_clean_dedupe_latest_wins_then_later_in_snapshot_and_kcore_is_counted():
+    raw = ingest.ingest_files({
+        "a.csv": f"user_id,item_id,rating,timestamp\n1,x,1,{T0}\n1,x,2,{T0 + 5}\n".encode(),
+        "b.csv": f"user_id,item_id,rating,timestamp\n1,x,3,{T0 + 5}\n1,y,4,{T0}\n".encode(),
+        "c.csv": f"user_id,item_id,rating,timestamp\n2,x,5,{T0}\n".encode()})
+    good, quarantine, stats = _clean(raw, min_user_interactions=2)
+    assert good[["user_id", "item_id", "rating"]].values.tolist() == [["1", "y", 4.0],
+                                                                      ["1", "x", 3.0]]
+    got = sorted(zip(quarantine["source_file"], quarantine["raw_row"], quarantine["reason"]))
+    assert got == [("a.csv", 2, "duplicate_event"), ("a.csv", 3, "duplicate_event"),
+                   ("c.csv", 2, "below_k_core")]
+    assert stats["k_core"]["removed_rows"] == 1
+    assert stats["by_file"]["a.csv"] == {"rows": 2, "quarantined": {"duplicate_event": 2}}
 
 
 def test_kcore_iterates_until_stable():
@@ -85,6 +149,32 @@ def test_kcore_iterates_until_stable():
                        "item_id": ["a", "b", "a", "b", "c"]})
     keep = clean.kcore(df, min_user=2, min_item=2)
     assert keep.tolist() == [True, True, True, True, False]
+
+
+def test_stable_ids_keep_their_index_and_new_ones_are_appended():
+    first, m1 = clean.assign_stable_ids(np.array(["b", "a"]), None, ds="2026-11-01",
+                                        id_col="user_id", stable_col="user_stable_idx")
+    assert first.tolist() == [1, 0]
+    second, m2 = clean.assign_stable_ids(np.array(["c", "b", "0"]), m1, ds="2026-11-02",
+                                         id_col="user_id", stable_col="user_stable_idx")
+    assert second.tolist() == [3, 1, 2]
+    assert m2["first_ds"].tolist() == ["2026-11-01"] * 2 + ["2026-11-02"] * 2
+    same, unchanged = clean.assign_stable_ids(np.array(["a"]), m2, ds="2026-11-03",
+                                              id_col="user_id", stable_col="user_stable_idx")
+    assert same.tolist() == [0] and unchanged is None
+
+
+def test_id_map_generations_are_created_exclusively(tmp_path):
+    prefix = str(tmp_path / "users")
+    a, n_new = clean.update_id_map(prefix, np.array(["x", "y"]), ds=DS, id_col="user_id",
+                                   stable_col="user_stable_idx")
+    assert a.tolist() == [0, 1] and n_new == 2
+    b, n_new = clean.update_id_map(prefix, np.array(["z", "x"]), ds=DS, id_col="user_id",
+                                   stable_col="user_stable_idx")
+    assert b.tolist() == [2, 0] and n_new == 1
+    assert sorted(p.name for p in tmp_path.joinpath("users").iterdir()) == [
+        "map-000001.parquet", "map-000002.parquet"]
+    assert not clean._create_exclusive(str(tmp_path / "users" / "map-000002.parquet"), b"x")
 
 
 def test_split_holds_out_each_users_latest_events_without_leakage():
@@ -186,13 +276,65 @@ def test_top_k_exact_with_ties_seen_items_and_k_above_unseen(k):
         assert got[row].tolist() == want.tolist(), row
 
 
-def test_align_embeddings_maps_by_external_id_and_sinks_unknown_items():
-    from tasks.evaluate import align_embeddings
+# --- score shards and the published table (tasks/score.py, tasks/publish.py) ---
 
-    emb = {"user": np.array([[1.0], [2.0]], np.float32), "item": np.array([[3.0], [4.0]], np.float32),
-           "item_bias": np.array([0.5, 0.25], np.float32)}
-    out = align_embeddings(emb, model_users=np.array(["a", "b"]), model_items=np.array(["x", "y"]),
-                           user_ids=np.array(["b", "new"]), item_ids=np.array(["y", "z", "x"]))
-    assert out["user"].ravel().tolist() == [2.0, 0.0]
-    assert out["item"].ravel().tolist() == [4.0, 0.0, 3.0]
-    assert out["item_bias"][[0, 2]].tolist() == [0.25, 0.5] and out["item_bias"][1] < -1e29
+
+def test_shard_ranges_cover_every_user_once_in_order():
+    from tasks.score import shard_ranges
+
+    assert shard_ranges(10, shards=4) == [(0, 2), (2, 5), (5, 7), (7, 10)]
+    assert shard_ranges(3, shards=8) == [(0, 1), (1, 2), (2, 3)]  # never an empty shard
+    assert shard_ranges(0, shards=4) == [(0, 0)]
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError):
+            shard_ranges(10, shards=bad)
+
+
+def test_row_groups_are_cut_at_user_boundaries():
+    from tasks.score import row_group_bounds
+
+    users = np.array(["a"] * 3 + ["b"] * 3 + ["c"] * 3 + ["d"] * 7 + ["e"])
+    assert row_group_bounds(users, row_group_size=6) == [(0, 6), (6, 16), (16, 17)]
+    assert row_group_bounds(users, row_group_size=1) == [(0, 3), (3, 6), (6, 9), (9, 16),
+                                                          (16, 17)]
+    assert row_group_bounds(users, row_group_size=100) == [(0, 17)]
+    assert row_group_bounds(np.array([], dtype=str), row_group_size=5) == []
+
+
+def test_collect_refuses_a_missing_or_foreign_shard():
+    from tasks.score import collect
+
+    def result(shard, run_key="r"):
+        return {"ds": "2026-11-28", "run_key": run_key, "shard": shard, "shards": 3,
+                "parts": [f"s3://b/p{shard}"], "rows": 10, "users": 2}
+
+    spec = {"model": {"model_version": "m", "data_version": "d"}, "top_k": 5, "seen": "s3://b/s"}
+    out = collect([result(2), result(0), result(1)], [spec])
+    assert out["parts"] == ["s3://b/p0", "s3://b/p1", "s3://b/p2"]
+    assert (out["rows"], out["users"], out["shards"]) == (30, 6, 3)
+    with pytest.raises(ValueError, match="expected 0..2, got \\[0, 2\\]"):
+        collect([result(0), result(2)], [spec])
+    with pytest.raises(ValueError):
+        collect([result(0), result(1), result(2, run_key="other")], [spec])
+
+
+def test_retention_keeps_n_days_up_to_the_latest_and_never_the_latest():
+    from tasks.publish import expired_partitions
+
+    days = ["2026-11-01", "2026-11-20", "2026-11-21", "2026-11-22", "2026-11-30"]
+    assert expired_partitions(days, latest="2026-11-22", keep_days=2) == ["2026-11-01",
+                                                                          "2026-11-20"]
+    # keep_days=1 keeps only the latest; a newer partition the pointer never reached stays too
+    assert expired_partitions(days, latest="2026-11-22", keep_days=1,
+                              protect=("2026-11-01",)) == ["2026-11-20", "2026-11-21"]
+    with pytest.raises(ValueError):
+        expired_partitions(days, latest="2026-11-22", keep_days=0)
+
+
+def test_check_parts_finds_a_user_split_over_two_parts():
+    from tasks.publish import check_parts
+
+    a = {"rows": 4, "min_user_id": "a", "max_user_id": "c"}
+    assert check_parts([a, {"rows": 4, "min_user_id": "d", "max_user_id": "f"}]) == []
+    assert check_parts([a, {"rows": 4, "min_user_id": "c", "max_user_id": "f"}]) == [
+        "user 'c' is split over parts 0 and 1"]

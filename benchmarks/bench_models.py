@@ -1,0 +1,216 @@
+"""Model quality on MovieLens-100K: nightrec's published table vs in-script baselines.
+
+    .venv/bin/python benchmarks/bench_models.py [--ml100k DIR] [--protocol random|temporal|both]
+
+For each protocol, a seeded 20% of every user's ratings is held out (``random``: drawn at random
+per user; ``temporal``: each user's latest 20%); the other 80% goes through the whole pipeline
+with ``nightrec run`` (real Airflow ``dag.test()``, a private SeaweedFS on free ports, DVC), and
+the published top-K table is scored on the holdout. In the same run, on the same 80%/20%:
+popularity and EASE (lambda = 500, the issue's reference), both in numpy here.
+
+Relevant items are all of a user's held-out items (also those the 80% never shows, which no
+method can recommend). Metrics are tasks/metrics.py's: full ranking, seen items excluded.
+
+Params: the repo's params.yaml, except that the ``random`` protocol runs nightrec with
+``split.method: random_per_user`` (its model selection then validates the way it is measured);
+``temporal`` uses the default temporal split. The MovieLens licence forbids redistribution: the
+data is read from ``--ml100k`` (default ``../shared/data/ml-100k``) and never copied into the
+repo; without it the script says so and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DS = "2026-11-28"
+KS = [10, 20]
+
+
+def holdout_split(df: pd.DataFrame, protocol: str, seed: int, fraction: float = 0.2):
+    """``(train 80%, holdout 20%)`` per user: ``ceil(fraction * n)`` events held out."""
+    df = df.copy()
+    if protocol == "random":
+        df["_k"] = np.random.default_rng(seed).random(len(df))
+    else:
+        df["_k"] = -df["t"].astype(np.int64) - df["i"].astype(np.int64) * 1e-7  # latest first
+    rank = df.groupby("u")["_k"].rank(method="first")
+    n = df.groupby("u")["u"].transform("size")
+    held = rank <= np.ceil(fraction * n)
+    return df[~held].drop(columns="_k"), df[held].drop(columns="_k")
+
+
+def score_table(recs: dict[str, list[str]], holdout: pd.DataFrame, ks: list[int]) -> dict:
+    """Metrics of ``{user: [item, ...]}`` (ranked) against the holdout, over holdout users."""
+    from tasks.metrics import all_metrics
+
+    relevant = holdout.groupby("u")["i"].apply(lambda s: set(s.astype(str)))
+    vocab: dict[str, int] = {}
+    k = max(ks)
+    rows, rel = [], []
+    for user, items in relevant.items():
+        ranked = recs.get(str(user), [])[:k]
+        rows.append([vocab.setdefault(i, len(vocab)) for i in ranked] + [-1] * (k - len(ranked)))
+        rel.append({vocab.setdefault(i, len(vocab)) for i in items})
+    out = all_metrics(np.array(rows), rel, ks)
+    out["users"] = len(rows)
+    return out
+
+
+def baselines(train: pd.DataFrame, k: int, ease_lambda: float) -> dict[str, dict[str, list]]:
+    """Popularity and EASE top-k per user on ``train`` (numpy, float64), seen excluded."""
+    users = np.sort(train["u"].unique())
+    items = np.sort(train["i"].unique())
+    ui = pd.Index(users).get_indexer(train["u"])
+    ii = pd.Index(items).get_indexer(train["i"])
+    x = np.zeros((len(users), len(items)))
+    x[ui, ii] = 1.0
+    g = x.T @ x
+    p = np.linalg.inv(g + ease_lambda * np.eye(len(items)))
+    b = -p / np.diag(p)
+    np.fill_diagonal(b, 0.0)
+    out = {}
+    for name, scores in (("popularity", np.tile(x.sum(0), (len(users), 1))), ("ease", x @ b)):
+        scores = np.where(x > 0, -np.inf, scores)
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        out[name] = {str(u): [str(i) for i in items[row]] for u, row in zip(users, top)}
+    return out
+
+
+def _free_port_pairs(n: int) -> list[int]:
+    """``n`` distinct free ports p with p + 10000 free too (weed's gRPC ports)."""
+    import socket
+
+    found: list[int] = []
+    while len(found) < n:
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            p = a.getsockname()[1]
+        if p in found or p + 10000 >= 65536:
+            continue
+        try:
+            with socket.socket() as b:
+                b.bind(("127.0.0.1", p + 10000))
+        except OSError:
+            continue
+        found.append(p)
+    return found
+
+
+def run_nightrec(train: pd.DataFrame, ml: Path, params: dict, work: Path) -> tuple[dict, float]:
+    """``nightrec run`` on ``train`` in a private state folder and S3 server; the published table
+    as ``{user: [items]}`` and the wall time."""
+    from tasks import s3server
+
+    data = work / "u.data"
+    train[["u", "i", "r", "t"]].to_csv(data, sep="\t", header=False, index=False)
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    state = work / "state"
+    ports = _free_port_pairs(5)
+    cfg = s3server.ServerConfig(
+        data_dir=state / "s3", s3_port=ports[0], master_port=ports[1], volume_port=ports[2],
+        filer_port=ports[3], admin_port=ports[4])
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    env.update(NIGHTREC_STATE=str(state), NIGHTREC_PARAMS=str(work / "params.yaml"))
+    bin_dir = Path(sys.executable).parent
+    s3server.up(cfg)
+    try:
+        env.update(s3server.client_env(cfg))
+        started = time.perf_counter()
+        cmd = [str(bin_dir / "nightrec"), "run", "--interactions", str(data), "--items",
+               str(ml / "items.csv"), "--users", str(ml / "users.csv"), "--ds", DS]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+        wall = time.perf_counter() - started
+        if proc.returncode != 0:
+            raise SystemExit(f"nightrec run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+        out = work / "recs.parquet"
+        subprocess.run([str(bin_dir / "nightrec"), "export", "--out", str(out)], env=env,
+                       check=True, capture_output=True)
+        read_metrics = ("import json; from tasks import layout, storage; print(json.dumps("
+                        f"storage.read_json(layout.run_uri('{DS}', 'evaluate', 'metrics.json'))))")
+        metrics_json = subprocess.run([sys.executable, "-c", read_metrics], env=env,
+                                      capture_output=True, text=True, check=False)
+    finally:
+        s3server.down(cfg)
+    table = pd.read_parquet(out).sort_values(["user_id", "rank"])
+    recs = table.groupby("user_id")["item_id"].apply(list).to_dict()
+    try:
+        internal = json.loads(metrics_json.stdout)
+        print(f"  nightrec chose {internal['selection']['chosen']} "
+              f"(valid: {internal['selection']['candidates']}); model {internal['model_version']}")
+    except (json.JSONDecodeError, KeyError, TypeError):
+        pass
+    return recs, wall
+
+
+def protocol_table(protocol: str, ml: Path, seed: int, ease_lambda: float) -> list[dict]:
+    ratings = pd.read_csv(ml / "u.data", sep="\t", names=["u", "i", "r", "t"])
+    train, holdout = holdout_split(ratings, protocol, seed)
+    params = copy.deepcopy(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    if protocol == "random":
+        params["split"]["method"] = "random_per_user"
+    k = max(params["score"]["top_k"], max(KS))
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="nightrec-bench-") as tmp:
+        recs, wall = run_nightrec(train, ml, params, Path(tmp))
+    rows.append({"method": "nightrec (published table)", **score_table(recs, holdout, KS),
+                 "wall_s": round(wall, 1)})
+    seen = set(zip(train["u"].astype(str), train["i"].astype(str)))
+    rows[0]["seen_recommended"] = sum((u, i) in seen for u, items in recs.items() for i in items)
+    started = time.perf_counter()
+    for name, r in baselines(train, k, ease_lambda).items():
+        label = "popularity" if name == "popularity" else f"EASE lambda={ease_lambda:g} (numpy)"
+        rows.append({"method": label, **score_table(r, holdout, KS)})
+    rows[-1]["wall_s"] = round(time.perf_counter() - started, 1)
+    return rows
+
+
+def print_table(protocol: str, rows: list[dict]) -> None:
+    cols = ["ndcg_at_10", "recall_at_10", "map_at_10", "mrr_at_10", "ndcg_at_20", "recall_at_20"]
+    print(f"\n{protocol} 20% per-user holdout ({rows[0]['users']} users)")
+    print("| method | " + " | ".join(cols) + " |")
+    print("|---|" + "---|" * len(cols))
+    for r in rows:
+        print(f"| {r['method']} | " + " | ".join(f"{r[c]:.4f}" for c in cols) + " |")
+    print(f"nightrec: wall time {rows[0]['wall_s']} s; seen items recommended: "
+          f"{rows[0]['seen_recommended']}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--ml100k", type=Path, default=Path(os.environ.get(
+        "NIGHTREC_ML100K", ROOT.parent / "shared" / "data" / "ml-100k")))
+    parser.add_argument("--protocol", choices=["random", "temporal", "both"], default="both")
+    parser.add_argument("--seed", type=int, default=20261128)
+    parser.add_argument("--ease-lambda", type=float, default=500.0)
+    args = parser.parse_args(argv)
+    if not (args.ml100k / "u.data").exists():
+        print(f"MovieLens-100K not found at {args.ml100k}; nothing to benchmark")
+        return {}
+    results = {}
+    for protocol in (["random", "temporal"] if args.protocol == "both" else [args.protocol]):
+        rows = protocol_table(protocol, args.ml100k, args.seed, args.ease_lambda)
+        print_table(protocol, rows)
+        results[protocol] = rows
+    print(json.dumps({p: {r["method"]: {"ndcg_at_10": round(r["ndcg_at_10"], 4),
+                                        "recall_at_10": round(r["recall_at_10"], 4)}
+                          for r in rows} for p, rows in results.items()}))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""The model families nightrec trains, and how a trained model turns into scores.
+
+Both are written with ``keras.ops`` only, so they run under any Keras backend (TensorFlow by
+default; a GPU check can run them under JAX or PyTorch).
+
+- ``ease``: the closed-form item-item model EASE (Steck 2019) with the *emphasized denoising*
+  regulariser of EDLAE (Steck 2020): ``B = I - P diag(1/diag(P))`` with zero diagonal, where
+  ``P = (X^T X + diag(Lambda))^-1`` and ``Lambda = l2 + dropout/(1-dropout) * diag(X^T X)``.
+  ``dropout = 0`` is plain EASE. The score of (u, i) is ``x_u . B[:, i]``, ``x_u`` being the
+  user's 0/1 interaction row. Cost: an ``n_items^2`` matrix and an ``n_items^3`` inverse, so it
+  is fitted only while the catalogue is at most ``train.ease.max_items``.
+- ``mf_softmax``: an embedding dot product (user vector, item vector, item bias), trained with
+  a full softmax over the catalogue (tasks/train.py).
+
+A trained model is exported as ``embeddings.npz`` that scoring reads with numpy only:
+
+- a factor model: ``user`` (n_users, d), ``item`` (n_items, d), ``item_bias`` (n_items,);
+- an item-item model: ``item_item`` (n_items, n_items), ``item_bias`` (n_items,); its user
+  vectors are the users' interaction rows, built at scoring time from the seen matrix, so an
+  item-item model also uses interactions newer than itself when it re-scores a later ds.
+
+:func:`scoring_inputs` gives, for either kind, the ``(user_vecs, item_vecs, item_bias)`` that
+``tasks.ranking.iter_top_k`` ranks with.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+KINDS = ("ease", "mf_softmax")
+UNKNOWN_ITEM_BIAS = -1e30  # an item a model never saw ranks below every item it knows
+
+
+def keras_module():
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+
+    return keras
+
+
+def is_item_item(emb: dict) -> bool:
+    return "item_item" in emb
+
+
+def n_items(emb: dict) -> int:
+    return int(emb["item_bias"].shape[0])
+
+
+def interaction_matrix(df: pd.DataFrame, *, n_users: int, n_items: int, user_col: str,
+                       item_col: str) -> sparse.csr_matrix:
+    """0/1 CSR (n_users x n_items) of the (user, item) pairs in ``df`` (duplicates count once)."""
+    m = sparse.csr_matrix(
+        (np.ones(len(df), np.float32), (df[user_col].to_numpy(), df[item_col].to_numpy())),
+        shape=(n_users, n_items),
+    )
+    m.sum_duplicates()
+    m.data[:] = 1.0
+    return m
+
+
+def fit_ease(x: sparse.csr_matrix, *, l2: float, dropout: float) -> dict[str, np.ndarray]:
+    """EASE/EDLAE weights for the 0/1 matrix ``x``, computed with ``keras.ops`` in float64.
+
+    The Gram matrix is a sparse product (scipy); the regularised inverse, the only O(n^3) part,
+    runs on the Keras backend, so a GPU does it when one is present.
+    """
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"train.ease.dropout must be in [0, 1), got {dropout}")
+    if l2 <= 0:
+        raise ValueError(f"train.ease.l2 must be > 0, got {l2}")
+    keras = keras_module()
+    from keras import ops
+
+    gram = np.asarray((x.T @ x).todense(), dtype=np.float64)
+    g = ops.convert_to_tensor(gram, dtype="float64")
+    diag = ops.diagonal(g)
+    lam = l2 + dropout / (1.0 - dropout) * diag
+    p = ops.inv(g + ops.diag(lam))
+    b = -p / ops.expand_dims(ops.diagonal(p), 0)  # column j divided by P_jj
+    b = b * (1.0 - ops.eye(gram.shape[0], dtype="float64"))  # zero diagonal: no self-loops
+    del keras
+    return {
+        "item_item": np.asarray(ops.convert_to_numpy(b), dtype=np.float32),
+        "item_bias": np.zeros(gram.shape[0], np.float32),
+    }
+
+
+class InteractionRows:
+    """Lazy dense user vectors of an item-item model: row ``u`` is user u's 0/1 seen row.
+
+    ``iter_top_k`` indexes user vectors with an array of user indices; this densifies only
+    those rows, so memory stays flat in the number of users.
+    """
+
+    def __init__(self, seen: sparse.csr_matrix):
+        self.seen = sparse.csr_matrix(seen, dtype=np.float32)
+        self.shape = self.seen.shape
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        block = self.seen[rows]
+        block.data[:] = 1.0
+        return block.toarray()
+
+
+def scoring_inputs(emb: dict, seen: sparse.csr_matrix):
+    """``(user_vecs, item_vecs, item_bias)`` for ``ranking.iter_top_k``; ``seen`` is the CSR of
+    what each user interacted with (rows = the model's users, columns = its items)."""
+    if is_item_item(emb):
+        return InteractionRows(seen), emb["item_item"].T, emb["item_bias"]
+    return emb["user"], emb["item"], emb["item_bias"]
+
+
+def align(emb: dict, *, model_users: np.ndarray, model_items: np.ndarray, user_ids: np.ndarray,
+          item_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Re-index another model's weights onto this run's users and items (by external id).
+
+    Users it never saw get a zero vector (a factor model then ranks them by item bias alone);
+    items it never saw get a bias of ``UNKNOWN_ITEM_BIAS``, so they rank below every item it
+    knows. An item-item model needs no users: its user vectors come from the seen matrix.
+    """
+    i = pd.Index(model_items).get_indexer(item_ids)
+    known = i >= 0
+    bias = np.full(len(item_ids), UNKNOWN_ITEM_BIAS, np.float32)
+    bias[known] = emb["item_bias"][i[known]]
+    if is_item_item(emb):
+        b = np.zeros((len(item_ids), len(item_ids)), np.float32)
+        b[np.ix_(known, known)] = emb["item_item"][np.ix_(i[known], i[known])]
+        return {"item_item": b, "item_bias": bias}
+    u = pd.Index(model_users).get_indexer(user_ids)
+    d = emb["user"].shape[1]
+    user = np.zeros((len(user_ids), d), np.float32)
+    user[u >= 0] = emb["user"][u[u >= 0]]
+    item = np.zeros((len(item_ids), d), np.float32)
+    item[known] = emb["item"][i[known]]
+    return {"user": user, "item": item, "item_bias": bias}
+
+
+def build_mf(*, n_users: int, n_items: int, embedding_dim: int, l2: float, seed: int):
+    """The mf_softmax model. Full softmax: input user indices, output logits over all items.
+    Sampled softmax: input ``(users, candidates (b, 1 + n_neg), log_q (b, 1 + n_neg))``, output
+    logQ-corrected logits over the candidates, the positive first. Both float32."""
+    keras = keras_module()
+    from keras import layers, ops
+
+    class DotProductSoftmax(keras.Model):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            reg = keras.regularizers.L2(l2) if l2 else None
+            self.user = layers.Embedding(
+                n_users, embedding_dim, name="user", embeddings_regularizer=reg,
+                embeddings_initializer=keras.initializers.RandomNormal(stddev=0.05, seed=seed))
+            self.item = layers.Embedding(
+                n_items, embedding_dim, name="item", embeddings_regularizer=reg,
+                embeddings_initializer=keras.initializers.RandomNormal(stddev=0.05, seed=seed + 1))
+            self.bias = layers.Embedding(n_items, 1, embeddings_initializer="zeros", name="bias")
+
+        def build(self, input_shape):
+            self.user.build((None,))
+            self.item.build((None,))
+            self.bias.build((None,))
+            self.built = True
+
+        def call(self, inputs):
+            if isinstance(inputs, (tuple, list)):  # sampled: (users, candidates, log_q)
+                user_idx, candidates, log_q = inputs
+                u = ops.expand_dims(self.user(user_idx), 1)  # (b, 1, d)
+                v = self.item(candidates)  # (b, c, d): the positive first, then negatives
+                logits = ops.sum(u * v, axis=-1) + ops.squeeze(self.bias(candidates), -1)
+                # logQ correction: candidates drawn in proportion to q score as if uniform
+                return ops.cast(logits, "float32") - ops.cast(log_q, "float32")
+            u = self.user(inputs)
+            logits = ops.matmul(u, ops.transpose(self.item.embeddings))
+            logits = logits + ops.reshape(self.bias.embeddings, (1, -1))
+            return ops.cast(logits, "float32")  # the loss stays float32 under mixed precision
+
+    model = DotProductSoftmax(name="mf_softmax")
+    model.build((None,))
+    return model
+
+
+def mf_weights(model) -> dict[str, np.ndarray]:
+    """A built mf_softmax model's weights as the factor-model export."""
+    return {
+        "user": np.asarray(model.user.embeddings, dtype=np.float32),
+        "item": np.asarray(model.item.embeddings, dtype=np.float32),
+        "item_bias": np.asarray(model.bias.embeddings, dtype=np.float32).reshape(-1),
+    }
+
+
+def warm_start(model, init: dict[str, np.ndarray]) -> int:
+    """Copy ``init`` (a factor export aligned to this model's indices by :func:`align`) into
+    ``model`` where it knows the user or item; the rest keeps its seeded random init. Returns
+    the number of rows copied."""
+    copied = 0
+    for layer, key, known in (
+        (model.user, "user", np.any(init["user"] != 0, axis=1)),
+        (model.item, "item", init["item_bias"] > UNKNOWN_ITEM_BIAS),
+    ):
+        w = np.asarray(layer.embeddings).copy()
+        if w.shape[1] != init[key].shape[1]:
+            raise ValueError(f"warm start: champion {key} dim {init[key].shape[1]} != {w.shape[1]}")
+        w[known] = init[key][known]
+        layer.embeddings.assign(w)
+        copied += int(known.sum())
+    b = np.asarray(model.bias.embeddings).copy()
+    known = init["item_bias"] > UNKNOWN_ITEM_BIAS
+    b[known, 0] = init["item_bias"][known]
+    model.bias.embeddings.assign(b)
+    return copied

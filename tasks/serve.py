@@ -1,0 +1,354 @@
+"""``nightrec serve``: a read-only HTTP endpoint over the published recommendations.
+
+    GET  /recommendations/<user_id>?k=10   one user's top k, as JSON
+    GET  /healthz                          which table is loaded (503 until one is published)
+    HEAD on both; any other method gets 405.
+
+    python -m tasks.serve [--host 127.0.0.1] [--port 8090] [--ds YYYY-MM-DD]
+
+It serves the table the latest pointer names (or, with ``--ds``, that day's), and checks every
+``serve.poll_interval_s`` whether that pointer (or manifest) changed, with one HEAD request; when
+it has, it loads the new manifest and swaps it in whole, so a response always comes from one
+committed table. A lookup reads one Parquet row group by range request (tasks/reader.py); part
+footers are cached. A user with no rows gets 404, or with ``serve.unknown_user: popular`` the
+manifest's most popular items (``"source": "popular"``).
+
+Inputs are bounded: the request target to ``serve.max_url_length`` (414), ``user_id`` to
+``serve.max_user_id_length`` characters of ``[A-Za-z0-9._:@-]`` after percent-decoding, ``k`` to
+``1..serve.max_k``, no query parameter but ``k`` (400). Every error is a JSON body
+``{"error": ...}``, never a traceback; a client idle for ``serve.request_timeout_s`` is
+disconnected. Standard library only (``http.server.ThreadingHTTPServer``, a thread per
+connection): put it behind a reverse proxy for TLS and connection limits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import pyarrow.compute  # noqa: F401 - imported at start, not by the first lookup
+
+from tasks import settings
+from tasks.reader import PublishedTable, RecommendationReader, TableChanged, TableNotFound
+
+PARAMS = ["serve.port", "serve.poll_interval_s", "serve.default_k", "serve.max_k",
+          "serve.unknown_user", "serve.max_user_id_length", "serve.max_url_length",
+          "serve.footer_cache_parts", "serve.request_timeout_s"]
+USER_ID_RE = re.compile(r"[A-Za-z0-9._:@-]+")
+ROUTE_RE = re.compile(r"/recommendations/([^/]+)")
+UNKNOWN_USER_MODES = ("404", "popular")
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    poll_interval_s: float = 5.0
+    default_k: int = 10
+    max_k: int = 1000
+    unknown_user: str = "404"
+    max_user_id_length: int = 128
+    max_url_length: int = 2048
+    footer_cache_parts: int = 512
+    request_timeout_s: float = 10.0
+
+    @classmethod
+    def from_params(cls, params: dict | None = None) -> ServeConfig:
+        p = settings.core_kwargs(settings.step_params(PARAMS, params))
+        p.pop("port")
+        cfg = cls(**{**p, "unknown_user": str(p["unknown_user"])})
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        if self.unknown_user not in UNKNOWN_USER_MODES:
+            raise ValueError(f"serve.unknown_user must be one of {UNKNOWN_USER_MODES}, "
+                             f"got {self.unknown_user!r}")
+        if not 1 <= self.default_k <= self.max_k:
+            raise ValueError(f"serve.default_k must be in 1..max_k ({self.max_k})")
+        if self.poll_interval_s <= 0 or self.max_user_id_length < 1 or self.max_url_length < 32:
+            raise ValueError("serve.poll_interval_s, max_user_id_length, max_url_length too small")
+
+
+class TableWatcher:
+    """Holds the table being served; a background thread swaps in a new one when the latest
+    pointer (or ``ds``'s manifest) changes. ``current()`` never returns a half-loaded table."""
+
+    def __init__(self, reader: RecommendationReader, *, ds: str | None, poll_interval_s: float):
+        self.reader, self.ds, self.poll_interval_s = reader, ds, poll_interval_s
+        self._table: PublishedTable | None = None
+        self._version: str | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def current(self) -> PublishedTable | None:
+        return self._table
+
+    def refresh(self) -> bool:
+        """Load the table again if its pointer changed; True when a new table was swapped in."""
+        with self._lock:
+            version = self.reader.version(self.ds)
+            if version == self._version:
+                return False
+            try:
+                table = self.reader.open(self.ds) if version else None
+                if table is not None:
+                    table.warm()  # footers fetched before the swap: no lookup waits for one
+            except (TableNotFound, TableChanged):
+                table = None  # gone again meanwhile: the next poll finds the newer one
+            self._table, self._version = table, version
+        if table is None:
+            log.warning("nothing to serve yet for %s", self.ds or "latest")
+        else:
+            log.info("serving ds=%s publish_id=%s (%d rows)", table.ds, table.publish_id,
+                     table.manifest["rows"])
+        return True
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.poll_interval_s):
+            try:
+                self.refresh()
+            except Exception:  # keep serving the table we have; try again next interval
+                log.exception("could not check for a new table; still serving the previous one")
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="nightrec-serve-watch",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.poll_interval_s + 5)
+
+
+class BadRequest(Exception):
+    def __init__(self, status: HTTPStatus, message: str, **extra):
+        super().__init__(message)
+        self.status, self.body = status, {"error": message, **extra}
+
+
+def parse_lookup(target: str, cfg: ServeConfig) -> tuple[str, int] | None:
+    """``(user_id, k)`` from a request target, None for ``/healthz``; BadRequest when invalid."""
+    if len(target) > cfg.max_url_length:
+        raise BadRequest(HTTPStatus.REQUEST_URI_TOO_LONG,
+                         f"request target longer than {cfg.max_url_length} characters")
+    parts = urlsplit(target)
+    if parts.path == "/healthz" and not parts.query:
+        return None
+    match = ROUTE_RE.fullmatch(parts.path)
+    if not match:
+        raise BadRequest(HTTPStatus.NOT_FOUND, "no such resource",
+                         routes=["/recommendations/<user_id>?k=N", "/healthz"])
+    try:
+        user_id = unquote(match[1], errors="strict")
+    except UnicodeDecodeError:
+        raise BadRequest(HTTPStatus.BAD_REQUEST, "user_id is not valid UTF-8") from None
+    if len(user_id) > cfg.max_user_id_length or not USER_ID_RE.fullmatch(user_id):
+        raise BadRequest(HTTPStatus.BAD_REQUEST,
+                         f"user_id must be 1..{cfg.max_user_id_length} characters of "
+                         "A-Z a-z 0-9 . _ : @ -")
+    try:
+        query = parse_qsl(parts.query, keep_blank_values=True, max_num_fields=4)
+    except ValueError:
+        raise BadRequest(HTTPStatus.BAD_REQUEST, "too many query parameters") from None
+    unknown = sorted({name for name, _ in query} - {"k"})
+    if unknown or len(query) > 1:
+        raise BadRequest(HTTPStatus.BAD_REQUEST, "the only query parameter is k, given once",
+                         unknown=unknown)
+    raw_k = query[0][1] if query else str(cfg.default_k)
+    if not (raw_k.isascii() and raw_k.isdigit() and len(raw_k) <= 6
+            and 1 <= int(raw_k) <= cfg.max_k):
+        raise BadRequest(HTTPStatus.BAD_REQUEST, f"k must be an integer in 1..{cfg.max_k}")
+    return user_id, int(raw_k)
+
+
+def recommendations_body(table: PublishedTable, user_id: str, k: int, cfg: ServeConfig):
+    """``(status, body)`` for one user's lookup on ``table``."""
+    rows = table.lookup(user_id).slice(0, k)
+    head = {"user_id": user_id, "ds": table.ds, "publish_id": table.publish_id,
+            "model_version": table.model_version}
+    if rows.num_rows:
+        items = [{"rank": r, "item_id": i, "score": s} for r, i, s in zip(
+            rows["rank"].to_pylist(), rows["item_id"].to_pylist(), rows["score"].to_pylist(),
+            strict=True)]
+        return HTTPStatus.OK, {**head, "source": "model", "k": k, "items": items}
+    popular = table.popular(k) if cfg.unknown_user == "popular" else []
+    if popular:
+        items = [{"rank": n, "item_id": p["item_id"], "interactions": p["interactions"]}
+                 for n, p in enumerate(popular, 1)]
+        return HTTPStatus.OK, {**head, "source": "popular", "k": k, "items": items}
+    return HTTPStatus.NOT_FOUND, {"error": "unknown user", **head}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive; every response has a Content-Length
+    disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms delayed-ACK stall
+    server_version = "nightrec-serve"
+    sys_version = ""
+    server: ServeServer
+
+    def setup(self) -> None:
+        self.timeout = self.server.config.request_timeout_s
+        super().setup()
+
+    def do_GET(self) -> None:
+        self._handle(head=False)
+
+    def do_HEAD(self) -> None:
+        self._handle(head=True)
+
+    def __getattr__(self, name: str):
+        if name.startswith("do_"):  # every other method, known or not
+            return self._not_allowed
+        raise AttributeError(name)
+
+    def _not_allowed(self) -> None:
+        self._send(HTTPStatus.METHOD_NOT_ALLOWED,
+                   {"error": f"method {self.command} not allowed", "allowed": ["GET", "HEAD"]},
+                   headers={"Allow": "GET, HEAD"}, close=True)
+
+    def _handle(self, *, head: bool) -> None:
+        # A body on a GET is not read; close after answering so it cannot be taken for the next
+        # request on this connection.
+        close = bool(self.headers.get("Content-Length") or self.headers.get("Transfer-Encoding"))
+        try:
+            status, body = self._answer()
+        except BadRequest as e:
+            status, body = e.status, e.body
+        except Exception:  # the client gets a JSON 500; the traceback goes to our log only
+            log.exception("lookup failed: %s", self.path[:200])
+            status, body = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error"}
+        self._send(status, body, head=head, close=close)
+
+    def _answer(self) -> tuple[HTTPStatus, dict]:
+        cfg, watcher = self.server.config, self.server.watcher
+        lookup = parse_lookup(self.path, cfg)
+        table = watcher.current()
+        if table is None:
+            return HTTPStatus.SERVICE_UNAVAILABLE, {"error": "no published table yet"}
+        if lookup is None:
+            return HTTPStatus.OK, {"ds": table.ds, "publish_id": table.publish_id,
+                                   "model_version": table.model_version,
+                                   "rows": table.manifest["rows"]}
+        user_id, k = lookup
+        try:
+            return recommendations_body(table, user_id, k, cfg)
+        except TableChanged:  # replaced under us: load the new table and answer from it
+            watcher.refresh()
+            table = watcher.current()
+            if table is None:
+                return HTTPStatus.SERVICE_UNAVAILABLE, {"error": "no published table now"}
+            return recommendations_body(table, user_id, k, cfg)
+
+    def _send(self, status: int, body: dict, *, head: bool = False, close: bool = False,
+              headers: dict | None = None) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if close:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        if not head:
+            self.wfile.write(data)
+
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        if self.request_version == "HTTP/0.9":
+            self.send_error(HTTPStatus.BAD_REQUEST, "HTTP/0.9 requests are not served")
+            return False
+        return True
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None):
+        """http.server's own errors (malformed request line, headers too long, ...) as JSON,
+        always with a status line (http.server answers an unparsable line HTTP/0.9-style)."""
+        if getattr(self, "request_version", "HTTP/0.9") == "HTTP/0.9":
+            self.request_version = "HTTP/1.0"
+        try:
+            phrase = HTTPStatus(code).phrase
+        except ValueError:
+            phrase = "error"
+        self._send(code, {"error": message or phrase}, head=self.command == "HEAD", close=True)
+
+    def log_message(self, format: str, *args) -> None:  # http.server's signature
+        log.debug("%s %s", self.address_string(), format % args)
+
+
+class ServeServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], *, config: ServeConfig, watcher: TableWatcher):
+        self.config, self.watcher = config, watcher
+        super().__init__(address, _Handler)
+
+    def server_close(self) -> None:
+        self.watcher.stop()
+        super().server_close()
+
+
+def make_server(host: str = "127.0.0.1", port: int = 0, *, ds: str | None = None,
+                params: dict | None = None) -> ServeServer:
+    """A started watcher and a bound (not yet serving) server; port 0 picks a free port."""
+    cfg = ServeConfig.from_params(params)
+    reader = RecommendationReader(footer_cache_parts=cfg.footer_cache_parts)
+    watcher = TableWatcher(reader, ds=settings.check_ds(ds) if ds else None,
+                           poll_interval_s=cfg.poll_interval_s)
+    watcher.refresh()
+    watcher.start()
+    try:
+        return ServeServer((host, port), config=cfg, watcher=watcher)
+    except BaseException:
+        watcher.stop()
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve until SIGINT/SIGTERM. The object store comes from the environment (tasks/storage)."""
+    p = settings.step_params(PARAMS)
+    ap = argparse.ArgumentParser(prog="nightrec serve", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    ap.add_argument("--port", type=int, default=int(p["serve.port"]),
+                    help="port (default serve.port; 0 picks a free one)")
+    ap.add_argument("--ds", help="serve this day's table (YYYY-MM-DD) instead of the latest")
+    args = ap.parse_args(argv)
+    if args.ds:
+        try:
+            settings.check_ds(args.ds)
+        except ValueError as e:
+            ap.error(str(e))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    server = make_server(args.host, args.port, ds=args.ds)
+    host, port = server.server_address[:2]
+
+    def stop(*_):
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    print(f"nightrec serve: {args.ds or 'latest'} table on "
+          f"http://{host}:{port}/recommendations/<user_id>?k=N", flush=True)
+    try:
+        server.serve_forever(poll_interval=0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

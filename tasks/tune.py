@@ -1,0 +1,156 @@
+"""Hyperparameter search: optuna (TPE, seeded) over the ranges in ``params.yaml``'s ``tune``.
+
+Run by the manually triggered ``tune_hyperparameters`` DAG on a ds whose nightly run has split
+its data. Each trial fits ``tune.model`` on that ds's train split with one point of
+``tune.space`` and scores it on the valid split with ``train.select_metric``, as train's own
+candidate selection does, so the test split stays untouched for the gate.
+
+Writes ``reports/ds=<ds>/tune/trials.csv`` (one row per trial: number, params, value, seconds,
+state) and ``best_params.json`` (the best point as ``params.yaml`` keys, ready to paste, with
+its value and the baseline value of the current params). Nothing is changed automatically:
+adopting the result is a reviewed edit of ``params.yaml``.
+
+``tune.space`` entries are ``<key under train>: [low, high, scale]`` with scale ``log``,
+``linear`` or ``int``; only the keys of ``tune.model`` are searched.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+
+import numpy as np
+import pandas as pd
+
+from tasks import evaluate, layout, settings, split, storage, train
+
+PARAMS = ["seed", "tune.model", "tune.n_trials", "tune.timeout_s", "tune.space"]
+SCALES = ("log", "linear", "int")
+log = logging.getLogger(__name__)
+
+
+def space_for(model: str, space: dict) -> dict[str, tuple[float, float, str]]:
+    """The searched dimensions of ``model``: ``{"ease.l2": (low, high, scale), ...}``."""
+    if model not in train.models.KINDS:
+        raise ValueError(f"tune.model must be one of {train.models.KINDS}, got {model!r}")
+    out = {}
+    for key, spec in space.items():
+        if not key.startswith(model + "."):
+            continue
+        if not (isinstance(spec, list) and len(spec) == 3 and spec[2] in SCALES):
+            raise ValueError(f"tune.space.{key} must be [low, high, scale in {SCALES}], got {spec}")
+        low, high, scale = float(spec[0]), float(spec[1]), spec[2]
+        if not low < high or (scale == "log" and low <= 0):
+            raise ValueError(f"tune.space.{key}: need 0 < low < high for log, low < high else")
+        out[key] = (low, high, scale)
+    if not out:
+        raise ValueError(f"tune.space has no dimension for {model}")
+    return out
+
+
+def _with(params: dict, point: dict) -> dict:
+    """A copy of params with ``train.<key>`` set for every key of ``point``."""
+    out = copy.deepcopy(params)
+    for key, value in point.items():
+        node = out["train"]
+        *path, last = key.split(".")
+        for part in path:
+            node = node[part]
+        node[last] = value
+    return out
+
+
+def objective_value(parts: dict, params: dict, *, model: str, n_users: int, n_items: int,
+                    workdir) -> float:
+    """Valid ``train.select_metric`` of ``model`` fitted on train with ``params``."""
+    p = settings.step_params(train.PARAMS, params)
+    metric = p["train.select_metric"]
+    if model == "ease":
+        emb, _ = train.fit_ease(parts["train"], n_users=n_users, n_items=n_items, p=p)
+        return evaluate.ranking_metric(emb, parts["train"], parts["valid"], metric=metric,
+                                       n_users=n_users)
+    _, hist, _ = train.fit_mf(parts["train"], parts["valid"], n_users=n_users, n_items=n_items,
+                              p=p, workdir=workdir)
+    return float(hist[f"best_val_{metric}"])
+
+
+def search(parts: dict, params: dict, *, n_users: int, n_items: int, workdir,
+           n_trials: int | None = None) -> tuple[dict, pd.DataFrame]:
+    """Run the study; returns ``(best, trials)``. ``best`` has ``params`` (params.yaml keys),
+    ``value``, ``baseline_value`` (the current params) and ``metric``."""
+    import optuna
+
+    p = settings.step_params(PARAMS, params)
+    model = p["tune.model"]
+    dims = space_for(model, p["tune.space"])
+    n_trials = int(n_trials or p["tune.n_trials"])
+    metric = params["train"]["select_metric"]
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize",
+                                sampler=optuna.samplers.TPESampler(seed=int(p["seed"])))
+
+    def objective(trial) -> float:
+        point = {}
+        for key, (low, high, scale) in dims.items():
+            if scale == "int":
+                point[key] = trial.suggest_int(key, int(low), int(high))
+            else:
+                point[key] = trial.suggest_float(key, low, high, log=scale == "log")
+        started = time.perf_counter()
+        value = objective_value(parts, _with(params, point), model=model, n_users=n_users,
+                                n_items=n_items, workdir=workdir)
+        trial.set_user_attr("seconds", round(time.perf_counter() - started, 2))
+        log.info("trial %d: %s -> %s %.4f", trial.number, point, metric, value)
+        return value
+
+    baseline = objective_value(parts, params, model=model, n_users=n_users, n_items=n_items,
+                               workdir=workdir)
+    study.optimize(objective, n_trials=n_trials, timeout=float(p["tune.timeout_s"]))
+    trials = study.trials_dataframe(attrs=("number", "value", "params", "user_attrs", "state"))
+    trials["state"] = trials["state"].astype(str)
+    best = {
+        "model": model,
+        "metric": f"valid_{metric}",
+        "value": float(study.best_value),
+        "baseline_value": float(baseline),
+        "params": {f"train.{k}": v for k, v in study.best_params.items()},
+        "n_trials": len(study.trials),
+    }
+    return best, trials
+
+
+def load_split(ds: str) -> tuple[dict, int, int]:
+    """The train/valid/test parts a nightly run of ``ds`` split, and its user and item counts."""
+    uri = layout.run_uri(ds, "split", "train.parquet")
+    if not storage.exists(uri):
+        from tasks.errors import PermanentError
+
+        raise PermanentError(f"no split for ds={ds} ({uri}): run nightly_recommendations first")
+    parts = {n: storage.read_parquet(layout.run_uri(ds, "split", f"{n}.parquet"))
+             for n in split.PARTS}
+    n_users = len(storage.read_parquet(layout.run_uri(ds, "augment", "user_features.parquet"),
+                                       columns=["user_idx"]))
+    n_items = len(storage.read_parquet(layout.run_uri(ds, "augment", "item_features.parquet"),
+                                       columns=["item_idx"]))
+    return parts, n_users, n_items
+
+
+def run(ds: str, params: dict | None = None, n_trials: int | None = None) -> dict:
+    import tempfile
+    from pathlib import Path
+
+    params = params if params is not None else settings.load_params()
+    parts, n_users, n_items = load_split(settings.check_ds(ds))
+    with tempfile.TemporaryDirectory() as tmp:
+        best, trials = search(parts, params, n_users=n_users, n_items=n_items, workdir=Path(tmp),
+                              n_trials=n_trials)
+    prefix = storage.s3_uri(f"reports/ds={ds}/tune/")
+    storage.write_bytes(prefix + "trials.csv", trials.to_csv(index=False).encode())
+    best["ds"] = ds
+    storage.write_json(prefix + "best_params.json", best)
+    log.info("best %s = %.4f (current params: %.4f) with %s", best["metric"], best["value"],
+             best["baseline_value"], best["params"])
+    return {"best": prefix + "best_params.json", "trials": prefix + "trials.csv",
+            "value": best["value"], "baseline_value": best["baseline_value"],
+            "improvement": float(np.round(best["value"] - best["baseline_value"], 6))}

@@ -1,0 +1,141 @@
+"""DVC lineage of the split (tasks/versioning.py), with the real SeaweedFS as the DVC remote.
+
+- reproducibility: two fresh copies of the project (dvc.yaml, params.yaml and the ``tasks``
+  package: what a clone has; a ``git clone`` would miss uncommitted work), each with its own
+  workspace prepared as the DAG prepares one, ``dvc repro`` the same input into identical files;
+- cache: changing only training params leaves the split stage up to date (DVC's own status,
+  its dry run, and dvc.lock), while changing a split param reruns it;
+- fetch-back: a pushed data_version comes back byte for byte after the local cache and outputs
+  are gone: by the version alone (``tasks.versioning fetch``), through ``dvc.api``'s
+  DVCFileSystem, and with ``dvc pull``.
+
+(tests/test_e2e.py checks that the DAG's push put exactly the published split files in the
+remote; tests/test_contracts.py that dvc.yaml lists each module's params.)
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from tasks import augment, sample_data, settings, split, storage, versioning
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _augmented(path: Path) -> None:
+    inter, _, _ = sample_data.generate_sample(n_users=150, n_items=80, n_interactions=3000,
+                                              seed=3)
+    df = inter.assign(user_idx=inter["user_id"] - 1, item_idx=inter["item_id"] - 1,
+                      user_id=inter["user_id"].astype(str), item_id=inter["item_id"].astype(str),
+                      rating=inter["rating"].astype("float64"))
+    df = augment.label_interactions(df, positive_min_rating=0.0, weight_by_rating=False,
+                                    max_rating=5.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    storage.write_parquet(df, str(path))
+
+
+def _fresh_copy(root: Path) -> Path:
+    shutil.copytree(ROOT / "tasks", root / "tasks",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copyfile(ROOT / name, root / name)
+    return root
+
+
+def _lock(ws: Path) -> dict:
+    return yaml.safe_load((ws / "dvc.lock").read_text())["stages"]["split"]
+
+
+def _rows(ws: Path, part: str) -> int:
+    return len(pd.read_parquet(ws / versioning.SPLIT_DIR / f"{part}.parquet"))
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def workspaces(s3, tmp_path_factory):
+    base = tmp_path_factory.mktemp("dvc")
+    data = base / "augmented.parquet"
+    _augmented(data)
+    params = settings.load_params()
+    out = []
+    for name in ("clone-a", "clone-b"):
+        clone = _fresh_copy(base / name)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("NIGHTREC_HOME", str(clone))  # dvc.yaml and the stage's code from the copy
+            ws = clone / "ws"
+            versioning.prepare_workspace(ws, params)
+            (ws / versioning.INPUT).parent.mkdir(parents=True)
+            shutil.copyfile(data, ws / versioning.INPUT)
+            versioning._dvc(ws, "repro", "--single-item", "split")
+        out.append(ws)
+    return out
+
+
+def test_repro_in_two_fresh_copies_gives_identical_split_files(workspaces):
+    a, b = workspaces
+    assert a.parent != b.parent
+    assert versioning.data_version(a) == versioning.data_version(b)
+    assert _lock(a) == _lock(b)  # same input, params, and output hashes
+    files = _files(a / versioning.SPLIT_DIR)
+    assert sorted(files) == [f"{p}.parquet" for p in sorted(split.PARTS)]
+    assert files == _files(b / versioning.SPLIT_DIR)
+    assert all(len(pd.read_parquet(a / versioning.SPLIT_DIR / n)) for n in files)
+
+
+def test_changing_only_training_params_reruns_no_data_stage(workspaces):
+    ws = workspaces[1]
+    before = _lock(ws)
+    test_rows = _rows(ws, "test")
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["train"]["mf_softmax"]["epochs"] += 7
+    params["train"]["ease"]["l2"] *= 2
+    (ws / "params.yaml").write_text(yaml.safe_dump(params))
+    assert "Data and pipelines are up to date" in versioning._dvc(ws, "status", "split")
+    dry = versioning._dvc(ws, "repro", "--dry", "train")
+    assert "Stage 'split' didn't change, skipping" in dry and "Running stage 'train'" in dry
+    assert "Running stage 'split'" not in dry
+    assert _lock(ws) == before
+
+    params["split"]["test_fraction"] = 0.3  # the control: a split knob does rerun it
+    (ws / "params.yaml").write_text(yaml.safe_dump(params))
+    status = versioning._dvc(ws, "status", "split")
+    assert re.search(r"params.yaml:\s+modified:\s+split.test_fraction\s*$", status), status
+    assert "Running stage 'split'" in versioning._dvc(ws, "repro", "--single-item", "split")
+    after = _lock(ws)
+    assert after["params"]["params.yaml"]["split.test_fraction"] == 0.3
+    assert after["outs"] != before["outs"]
+    # and the stage itself read the workspace's params.yaml, the values DVC recorded
+    assert _rows(ws, "test") > 2.5 * test_rows
+
+
+def test_a_pushed_data_version_comes_back_from_the_remote(workspaces, tmp_path, capsys):
+    from dvc.api import DVCFileSystem
+
+    ws = workspaces[0]
+    version = versioning.data_version(ws)
+    originals = _files(ws / versioning.SPLIT_DIR)
+    versioning._dvc(ws, "push", "split")
+    shutil.rmtree(ws / ".dvc" / "cache")
+    shutil.rmtree(ws / versioning.SPLIT_DIR)
+
+    # by the version alone, anywhere (the README's recipe)
+    assert versioning.main(["fetch", version, "--out", str(tmp_path / "fetched")]) == 0
+    assert _files(tmp_path / "fetched") == originals
+    assert str(tmp_path / "fetched" / "train.parquet") in capsys.readouterr().out
+    # dvc.api: the workspace's dvc.lock names the version; the bytes come from the remote
+    fs = DVCFileSystem(str(ws))
+    assert fs.read_bytes(f"{versioning.SPLIT_DIR}/test.parquet") == originals["test.parquet"]
+    # dvc pull restores the workspace
+    versioning._dvc(ws, "pull", "split")
+    assert _files(ws / versioning.SPLIT_DIR) == originals
+    with pytest.raises(ValueError, match="32 hex digits"):
+        versioning.fetch("../etc", tmp_path / "x")

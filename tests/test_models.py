@@ -1,0 +1,257 @@
+"""Model families, candidate selection, early stopping, distribution and the gate (issue 4).
+
+Small seeded data from the project's own generator; no S3 needed except where stated.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import sparse
+
+from tasks import evaluate, models, sample_data, schema, settings, split, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _params(**train_overrides) -> dict:
+    params = copy.deepcopy(settings.load_params())
+    params["train"]["mf_softmax"].update(epochs=6, embedding_dim=16, patience=2)
+    for dotted, value in train_overrides.items():
+        node = params["train"]
+        *path, last = dotted.split(".")
+        for key in path:
+            node = node[key]
+        node[last] = value
+    return params
+
+
+@pytest.fixture(scope="module")
+def parts():
+    inter, _, _ = sample_data.generate_sample(n_users=300, n_items=120, n_interactions=9000,
+                                              seed=7)
+    df = pd.DataFrame({
+        schema.USER_IDX: inter["user_id"].to_numpy() - 1,
+        schema.ITEM_IDX: inter["item_id"].to_numpy() - 1,
+        schema.TIMESTAMP: inter["timestamp"].to_numpy(),
+        schema.LABEL: np.int8(1),
+        schema.WEIGHT: np.float32(1),
+    })
+    out = split.split_interactions(df, valid_fraction=0.1, test_fraction=0.1,
+                                   min_user_events_for_holdout=5)
+    out["n_users"], out["n_items"] = 300, 120
+    return out
+
+
+def _numpy_edlae(x: np.ndarray, l2: float, dropout: float) -> np.ndarray:
+    g = x.T @ x
+    lam = l2 + dropout / (1 - dropout) * np.diag(g)
+    p = np.linalg.inv(g + np.diag(lam))
+    b = -p / np.diag(p)
+    np.fill_diagonal(b, 0.0)
+    return b
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_ease_in_keras_ops_matches_the_closed_form(dropout):
+    rng = np.random.default_rng(3)
+    x = (rng.random((60, 25)) < 0.2).astype(np.float64)
+    got = models.fit_ease(sparse.csr_matrix(x), l2=5.0, dropout=dropout)
+    want = _numpy_edlae(x, 5.0, dropout)
+    assert got["item_item"].dtype == np.float32 and got["item_item"].shape == (25, 25)
+    assert np.allclose(got["item_item"], want, atol=1e-5)
+    assert (np.diag(got["item_item"]) == 0).all()
+    with pytest.raises(ValueError, match="dropout"):
+        models.fit_ease(sparse.csr_matrix(x), l2=5.0, dropout=1.0)
+
+
+def test_item_item_scores_come_from_the_users_own_rows():
+    # items 0 and 1 always co-occur; item 2 is unrelated: a user with item 0 gets item 1 first.
+    x = np.array([[1, 1, 0], [1, 1, 0], [1, 1, 0], [0, 0, 1], [1, 0, 0]], np.float32)
+    emb = models.fit_ease(sparse.csr_matrix(x), l2=0.5, dropout=0.0)
+    seen = sparse.csr_matrix(x)
+    recs = evaluate.recommend(emb, seen, np.array([4]), 1)
+    assert recs.tolist() == [[1]]
+    rows = models.InteractionRows(seen)
+    assert rows[np.array([3, 4])].tolist() == [[0, 0, 1], [1, 0, 0]]
+
+
+def test_align_maps_by_external_id_and_sinks_unknown_items():
+    emb = {"user": np.array([[1.0], [2.0]], np.float32), "item": np.array([[3.0], [4.0]], np.float32),
+           "item_bias": np.array([0.5, 0.25], np.float32)}
+    out = models.align(emb, model_users=np.array(["a", "b"]), model_items=np.array(["x", "y"]),
+                       user_ids=np.array(["b", "new"]), item_ids=np.array(["y", "z", "x"]))
+    assert out["user"].ravel().tolist() == [2.0, 0.0]
+    assert out["item"].ravel().tolist() == [4.0, 0.0, 3.0]
+    assert out["item_bias"][[0, 2]].tolist() == [0.25, 0.5] and out["item_bias"][1] < -1e29
+    ii = {"item_item": np.array([[0, 1], [2, 0]], np.float32), "item_bias": np.zeros(2, np.float32)}
+    out = models.align(ii, model_users=np.array([]), model_items=np.array(["x", "y"]),
+                       user_ids=np.array(["u"]), item_ids=np.array(["y", "z", "x"]))
+    assert out["item_item"].tolist() == [[0, 0, 2], [0, 0, 0], [1, 0, 0]]
+    assert out["item_bias"][1] < -1e29 and out["item_bias"][[0, 2]].tolist() == [0, 0]
+
+
+def test_mf_early_stops_on_the_valid_ranking_metric_and_keeps_the_best_epoch(parts, tmp_path):
+    p = settings.step_params(train.PARAMS, _params(**{"mf_softmax.epochs": 8,
+                                                      "mf_softmax.patience": 1}))
+    emb, hist, _ = train.fit_mf(parts["train"], parts["valid"], n_users=parts["n_users"],
+                                n_items=parts["n_items"], p=p, workdir=tmp_path,
+                                tensorboard_dir=tmp_path / "tb")
+    curve = hist["val_ndcg_at_10"]
+    assert len(curve) == len(hist["loss"]) <= 8
+    assert hist["best_epoch"] == int(np.argmax(curve)) + 1
+    if len(curve) < 8:  # stopped early: patience 1 means the last epoch was no better
+        assert curve[-1] <= max(curve[:-1])
+    # the returned weights are the best epoch's, not the last one's
+    again = evaluate.ranking_metric(emb, parts["train"], parts["valid"], metric="ndcg_at_10",
+                                    n_users=parts["n_users"])
+    assert again == pytest.approx(max(curve), abs=1e-6)
+    assert (tmp_path / "checkpoint.weights.h5").exists()
+    assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+
+
+def test_cpu_training_is_seeded_and_deterministic(parts, tmp_path):
+    p = settings.step_params(train.PARAMS, _params(**{"mf_softmax.epochs": 2}))
+    a, _, _ = train.fit_mf(parts["train"], None, n_users=parts["n_users"],
+                           n_items=parts["n_items"], p=p, workdir=tmp_path)
+    b, _, _ = train.fit_mf(parts["train"], None, n_users=parts["n_users"],
+                           n_items=parts["n_items"], p=p, workdir=tmp_path)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_candidates_are_chosen_by_valid_metric_and_the_winner_refit_on_everything(parts, tmp_path):
+    p = settings.step_params(train.PARAMS, _params())
+    res = train.train_both(parts, n_users=parts["n_users"], n_items=parts["n_items"], p=p,
+                           workdir=tmp_path)
+    sel = res["selection"]
+    scores = {n: c["valid_ndcg_at_10"] for n, c in sel["candidates"].items()}
+    assert set(scores) == {"ease", "mf_softmax"}
+    assert sel["chosen"] == train.choose(["ease", "mf_softmax"], scores, min_gain=0.05)
+    assert sel["chosen"] == res["chosen"]
+    everything = pd.concat([parts["train"], parts["valid"], parts["test"]])
+    if res["chosen"] == "ease":
+        x = models.interaction_matrix(everything, n_users=parts["n_users"],
+                                      n_items=parts["n_items"], user_col=schema.USER_IDX,
+                                      item_col=schema.ITEM_IDX)
+        want = models.fit_ease(x, l2=float(p["train.ease.l2"]), dropout=float(p["train.ease.dropout"]))
+        assert np.allclose(res["full"][0]["item_item"], want["item_item"])
+    else:
+        assert len(res["full"][1]["loss"]) == res["holdout"][1]["best_epoch"]
+
+
+def test_choose_keeps_the_preferred_candidate_unless_another_clearly_wins():
+    names = ["ease", "mf_softmax"]
+    assert train.choose(names, {"ease": 0.20, "mf_softmax": 0.209}, min_gain=0.05) == "ease"
+    assert train.choose(names, {"ease": 0.20, "mf_softmax": 0.211}, min_gain=0.05) == "mf_softmax"
+    assert train.choose(names, {"ease": 0.20, "mf_softmax": 0.201}, min_gain=0.0) == "mf_softmax"
+    assert train.choose(names[::-1], {"ease": 0.30, "mf_softmax": 0.20}, min_gain=0.05) == "ease"
+
+
+def test_candidate_list_is_checked_and_ease_skipped_above_its_catalogue_limit():
+    p = settings.step_params(train.PARAMS, _params(**{"ease.max_items": 100}))
+    assert train.candidates(p, 100) == (["ease", "mf_softmax"], {})
+    fit, skipped = train.candidates(p, 101)
+    assert fit == ["mf_softmax"] and "max_items" in skipped["ease"]
+    for bad in ([], ["ease", "deep_magic"]):
+        with pytest.raises(ValueError, match="train.candidates"):
+            train.candidates(settings.step_params(train.PARAMS, _params(candidates=bad)), 10)
+    only_ease = settings.step_params(
+        train.PARAMS, _params(candidates=["ease"], **{"ease.max_items": 100}))
+    with pytest.raises(ValueError, match="no candidate"):
+        train.candidates(only_ease, 101)
+
+
+def test_warm_start_copies_the_champions_rows_and_leaves_new_ones_random(parts):
+    p = settings.step_params(train.PARAMS, _params())
+    model = models.build_mf(n_users=3, n_items=4, embedding_dim=2, l2=0.0, seed=1)
+    before = models.mf_weights(model)
+    init = {"user": np.array([[1, 1], [0, 0], [2, 2]], np.float32),
+            "item": np.full((4, 2), 5, np.float32),
+            "item_bias": np.array([1, models.UNKNOWN_ITEM_BIAS, 2, 3], np.float32)}
+    assert models.warm_start(model, init) == 2 + 3
+    after = models.mf_weights(model)
+    assert after["user"][[0, 2]].tolist() == [[1, 1], [2, 2]]
+    assert np.array_equal(after["user"][1], before["user"][1])
+    assert np.array_equal(after["item"][1], before["item"][1])
+    assert after["item_bias"].tolist() == [1, 0, 2, 3]
+    assert p["train.mf_softmax.warm_start"] is False  # off unless params ask
+
+
+@pytest.mark.parametrize(
+    ("model", "pop", "champ", "blessed", "reason"),
+    [
+        (0.30, 0.20, None, True, "passed"),             # first run: no champion
+        (0.20, 0.20, None, False, "popularity floor"),  # no lift over popularity
+        (0.30, 0.20, 0.30, True, "passed"),             # as good as the champion
+        (0.295, 0.20, 0.30, True, "passed"),            # within the 2% tolerance
+        (0.29, 0.20, 0.30, False, "champion tolerance"),  # a regression beyond it
+    ],
+)
+def test_gate_floor_and_champion_tolerance(model, pop, champ, blessed, reason):
+    result = {"model": {"ndcg_at_10": model}, "popularity": {"ndcg_at_10": pop}}
+    if champ is not None:
+        result["champion"] = {"ndcg_at_10": champ}
+    v = evaluate.gate(result, gate_metric="ndcg_at_10", min_lift=0.05, max_regression=0.02)
+    assert v["blessed"] is blessed and reason in v["reason"]
+    assert v["champion"] == champ
+
+
+def test_mirrored_strategy_trains_on_two_cpu_replicas(tmp_path):
+    """The distributed path on CPU: two logical CPU devices, MirroredStrategy over both."""
+    script = textwrap.dedent(f"""
+        import json, os, sys
+        os.environ["KERAS_BACKEND"] = "tensorflow"
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        sys.path.insert(0, {str(ROOT)!r})
+        import numpy as np, pandas as pd
+        from pathlib import Path
+        from tasks import settings, train
+        params = json.loads(sys.argv[1])
+        rng = np.random.default_rng(0)
+        df = pd.DataFrame({{"user_idx": rng.integers(0, 50, 2000), "item_idx": rng.integers(0, 30, 2000),
+                           "label": 1, "weight": np.float32(1)}})
+        p = settings.step_params(train.PARAMS, params)
+        emb, hist, _ = train.fit_mf(df, None, n_users=50, n_items=30, p=p, workdir=Path(sys.argv[2]))
+        print(json.dumps({{"plan": hist["device_plan"], "loss": hist["loss"],
+                          "finite": bool(np.isfinite(emb["user"]).all())}}))
+    """)
+    params = _params(strategy="mirrored", **{"mf_softmax.epochs": 3})
+    out = subprocess.run([sys.executable, "-c", script, json.dumps(params), str(tmp_path)],
+                         capture_output=True, text=True, timeout=300, check=False,
+                         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["plan"]["strategy"] == "mirrored" and res["plan"]["replicas"] == 2
+    assert res["finite"] and res["loss"][-1] < res["loss"][0]
+
+
+def _gpus() -> int:
+    try:
+        return train.device_plan()["gpus"]
+    except Exception:  # noqa: BLE001 - no backend, no GPU
+        return 0
+
+
+@pytest.mark.skipif(_gpus() == 0, reason="needs a GPU")
+def test_gpu_training_uses_mixed_precision_and_learns(parts, tmp_path):
+    p = settings.step_params(train.PARAMS, _params())
+    emb, hist, _ = train.fit_mf(parts["train"], parts["valid"], n_users=parts["n_users"],
+                                n_items=parts["n_items"], p=p, workdir=tmp_path)
+    assert hist["device_plan"]["mixed_precision"] and hist["device_plan"]["gpus"] >= 1
+    assert all(np.isfinite(v).all() for v in emb.values())
+    pop = evaluate.ranking_metric(
+        evaluate.popularity_model(parts["train"], n_users=parts["n_users"],
+                                  n_items=parts["n_items"]),
+        parts["train"], parts["valid"], metric="ndcg_at_10", n_users=parts["n_users"])
+    assert hist["best_val_ndcg_at_10"] > pop

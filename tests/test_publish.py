@@ -1,0 +1,378 @@
+"""Publishing and reading against the real SeaweedFS (never moto: it needs real conditional puts).
+
+The manifest contract, two concurrent publishers of one ds, a stale publisher fenced off, claims
+and retries, retention, and the readers: a point lookup reads only the row group it needs, and a
+reader polling the latest pointer during publishes never sees a partial or mixed table. Each
+test has a bucket of its own (the latest pointer and retention are per bucket).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import threading
+import uuid
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from tasks import layout, publish, schema, score, settings, storage
+from tasks.reader import RecommendationReader, TableChanged
+
+
+@pytest.fixture
+def bucket(s3, monkeypatch):
+    name = f"pub-{uuid.uuid4().hex[:10]}"
+    storage.s3_client().create_bucket(Bucket=name)
+    monkeypatch.setenv("NIGHTREC_BUCKET", name)
+    return name
+
+
+@pytest.fixture
+def serial_validation(monkeypatch):
+    """Great Expectations is not thread-safe; real publishers are separate processes. Threads in
+    these tests validate one at a time and race for everything else."""
+    lock, real = threading.Lock(), publish.validate_table
+
+    def validate(*args, **kwargs):
+        with lock:
+            return real(*args, **kwargs)
+
+    monkeypatch.setattr(publish, "validate_table", validate)
+
+
+def params(**publish_keys) -> dict:
+    base = settings.load_params()
+    return {**base, "publish": {**base["publish"], **publish_keys}}
+
+
+def stage(ds: str, *, run_key: str, model_version: str, n_users: int = 60, k: int = 5,
+          shards: int = 3, row_group_size: int = 10, seed: int = 0) -> dict:
+    """A synthetic scored table staged the way score's shards write it; collect()'s dict."""
+    rng = np.random.default_rng(seed)
+    user_ids = np.array([f"u{i:05d}" for i in range(n_users)])
+    seen_uri = layout.run_uri(ds, "clean", "interactions.parquet")
+    seen = pd.DataFrame({schema.USER_ID: np.repeat(user_ids, 2),
+                         schema.ITEM_ID: [f"i{j}" for j in rng.integers(0, 9, 2 * n_users)]})
+    storage.write_parquet(seen, seen_uri)
+    results = []
+    for shard, (lo, hi) in enumerate(score.shard_ranges(n_users, shards=shards)):
+        users = user_ids[lo:hi]
+        items = np.argsort(rng.random((len(users), 100)), axis=1)[:, :k] + 10
+        frame = pd.DataFrame({
+            schema.USER_ID: np.repeat(users, k),
+            schema.RANK: np.tile(np.arange(1, k + 1, dtype=np.int32), len(users)),
+            schema.ITEM_ID: [f"i{j}" for j in items.reshape(-1)],
+            schema.SCORE: -np.sort(-rng.random((len(users), k)), axis=1).reshape(-1)
+            .astype(np.float32),
+            schema.MODEL_VERSION: model_version, schema.DS: ds,
+        })
+        uri = layout.shard_prefix(ds, run_key, shard) + "part-00000.parquet"
+        storage.write_bytes(uri, score.part_bytes(frame, row_group_size=row_group_size))
+        results.append({"ds": ds, "run_key": run_key, "shard": shard, "shards": shards,
+                        "parts": [uri], "rows": len(frame), "users": hi - lo})
+    spec = {"model": {"model_version": model_version, "data_version": "d" * 32}, "top_k": k,
+            "seen": seen_uri}
+    return score.collect(results, [spec])
+
+
+def objects(ds: str) -> list[str]:
+    return [u for u in storage.list_uris(layout.recs_prefix(ds)) if u.endswith(".parquet")]
+
+
+def partitions() -> set[str]:
+    """ds folders holding objects (SeaweedFS also lists emptied folders, AWS does not)."""
+    return {layout.ds_of_prefix(u) for u in storage.list_prefixes(layout.recs_root())
+            if storage.list_uris(u)}
+
+
+def listed(manifest: dict) -> list[str]:
+    return sorted(storage.s3_uri(p["key"]) for p in manifest["parts"])
+
+
+DS = "2026-03-10"
+
+
+def _together(n: int, fn) -> list:
+    """Run ``fn(i)`` for i in 0..n-1 on n threads released at once; their results (or errors)."""
+    barrier, out = threading.Barrier(n), [None] * n
+
+    def one(i):
+        barrier.wait()
+        try:
+            out[i] = fn(i)
+        except Exception as e:  # noqa: BLE001 - the test inspects it
+            out[i] = e
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    return out
+
+
+def test_create_if_absent_has_one_winner_under_a_race_and_stale_replaces_fail(bucket):
+    for trial in range(2):  # SeaweedFS takes 1-3 s to settle each such race
+        uri = storage.s3_uri(f"race-{trial}.json")
+        got = _together(6, lambda i, uri=uri: storage.write_json(uri, {"i": i}, if_none_match=True))
+        assert sum(isinstance(g, str) for g in got) == 1, got
+        assert all(isinstance(g, storage.PreconditionFailed) for g in got if not isinstance(g, str))
+    etag = storage.head(uri)["etag"]
+    new = storage.write_json(uri, {"i": "next"}, if_match=etag)
+    with pytest.raises(storage.PreconditionFailed):
+        storage.write_json(uri, {}, if_match=etag)  # a replace of a version that is gone
+    assert storage.delete_if_match(uri, etag) is False and storage.exists(uri)
+    assert storage.delete_if_match(uri, new) and not storage.exists(uri)
+
+
+def test_racing_pointer_moves_for_different_ds_end_at_the_latest_ds(bucket):
+    days = [f"2026-03-{d:02d}" for d in range(1, 7)]
+    etags = {ds: storage.write_json(layout.manifest_uri(ds), {"ds": ds}) for ds in days}
+    order = [3, 0, 5, 1, 4, 2]  # thread i moves the pointer to days[order[i]]
+
+    def move(i):
+        ds = days[order[i]]
+        return publish.move_latest(ds, {"ds": ds}, manifest_etag=etags[ds], owner=f"w{i}")
+
+    got = _together(6, move)
+    assert all(isinstance(g, bool) for g in got), got
+    assert storage.read_json(layout.latest_uri()) == {"ds": days[-1]}
+    assert got[order.index(5)] is True and not storage.exists(layout.latest_lock_uri())
+
+
+def test_publish_writes_the_table_contract(bucket):
+    scored = stage(DS, run_key="run-a", model_version="mf-20260310-aaaaaaaa")
+    out = publish.run(DS, scored, params=params())
+    m = storage.read_json(layout.manifest_uri(DS))
+    assert out["manifest"] == layout.manifest_uri(DS) and out["publish_id"] == m["publish_id"]
+    assert (m["ds"], m["rows"], m["users"], m["top_k"]) == (DS, 300, 60, 5)
+    assert m["model_version"] == "mf-20260310-aaaaaaaa" and m["data_version"] == "d" * 32
+    assert m["schema"] == publish.SCHEMA and m["sorted_by"] == ["user_id", "rank"]
+    assert dt.datetime.fromisoformat(m["created_at"]).tzinfo is not None
+    assert m["publisher"] == "run-a" and len(m["popular"]) == 5
+    assert listed(m) == objects(DS) and len(m["parts"]) == 3
+    previous_max = ""
+    for part in m["parts"]:
+        data = storage.read_bytes(storage.s3_uri(part["key"]))
+        assert (len(data), storage.sha256(data)) == (part["bytes"], part["sha256"])
+        pf = pq.ParquetFile(io.BytesIO(data))
+        assert pf.metadata.num_row_groups == part["row_groups"] == 10  # 2 users of 5 rows each
+        groups = [set(pf.read_row_group(i)["user_id"].to_pylist()) for i in range(10)]
+        assert sum(len(g) for g in groups) == len(set().union(*groups)) == part["users"]
+        assert pf.schema_arrow.equals(publish.arrow_schema())
+        users = pf.read()["user_id"].to_pylist()
+        assert (min(users), max(users)) == (part["min_user_id"], part["max_user_id"])
+        assert part["min_user_id"] > previous_max
+        previous_max = part["max_user_id"]
+    latest = storage.read_json(layout.latest_uri())
+    assert (latest["ds"], latest["publish_id"]) == (DS, m["publish_id"])
+    assert not storage.exists(layout.claim_uri(DS))
+    assert storage.list_uris(scored["staging"]) == []
+    table = RecommendationReader().table()
+    assert len(table) == 300 and list(table.columns) == score.COLUMNS
+    assert table["user_id"].is_monotonic_increasing
+
+
+def test_two_concurrent_publishers_of_one_ds_exactly_one_wins(bucket, serial_validation,
+                                                              monkeypatch):
+    staged = {who: stage(DS, run_key=f"run-{who}", model_version=f"mf-20260310-{who * 8}",
+                         n_users=40 if who == "a" else 50, seed=ord(who)) for who in "ab"}
+    barrier, real_claim = threading.Barrier(2, timeout=60), publish.claim_ds
+
+    def claim_then_wait(*args, **kwargs):  # both try to claim before either goes on
+        try:
+            return real_claim(*args, **kwargs)
+        finally:
+            barrier.wait()
+
+    monkeypatch.setattr(publish, "claim_ds", claim_then_wait)
+    outcome = {}
+
+    def publisher(who):
+        try:
+            outcome[who] = publish.run(DS, staged[who], params=params())
+        except publish.PublishConflict as e:
+            outcome[who] = e
+
+    threads = [threading.Thread(target=publisher, args=(w,)) for w in "ab"]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    winners = [w for w, o in outcome.items() if isinstance(o, dict)]
+    assert len(winners) == 1, outcome
+    winner, loser = winners[0], ({"a", "b"} - set(winners)).pop()
+    message = str(outcome[loser])
+    assert f"ds={DS} is being published by run-{winner}" in message
+    assert f"this publisher (run-{loser}) stopped before writing anything" in message
+    m = storage.read_json(layout.manifest_uri(DS))
+    assert m["publisher"] == f"run-{winner}" and listed(m) == objects(DS)
+    assert storage.read_json(layout.latest_uri())["publish_id"] == m["publish_id"]
+    table = RecommendationReader().table()
+    assert set(table["model_version"]) == {f"mf-20260310-{winner * 8}"}
+    assert len(table) == staged[winner]["rows"]
+    assert not storage.exists(layout.claim_uri(DS))
+    # The loser changed nothing and its staged table is still there for its retry.
+    assert storage.list_uris(staged[loser]["staging"])
+
+
+def test_a_stale_publisher_whose_claim_was_taken_over_cannot_commit(bucket, monkeypatch):
+    a = stage(DS, run_key="run-a", model_version="mf-20260310-aaaaaaaa", seed=1)
+    b = stage(DS, run_key="run-b", model_version="mf-20260310-bbbbbbbb", n_users=30, seed=2)
+    real_commit = publish.commit_manifest
+
+    def commit(ds, manifest, *, expected):
+        if manifest["publisher"] == "run-a":  # A stalled past its claim; B came and published
+            publish.run(DS, b, params=params())
+        return real_commit(ds, manifest, expected=expected)
+
+    monkeypatch.setattr(publish, "commit_manifest", commit)
+    with pytest.raises(publish.PublishConflict, match="another publisher committed a manifest"):
+        publish.run(DS, a, params=params(claim_ttl_s=0))  # A's claim expires at once
+    m = storage.read_json(layout.manifest_uri(DS))
+    assert m["publisher"] == "run-b" and listed(m) == objects(DS)
+    assert storage.read_json(layout.latest_uri())["publish_id"] == m["publish_id"]
+    assert set(RecommendationReader().table()["model_version"]) == {"mf-20260310-bbbbbbbb"}
+    assert not storage.exists(layout.claim_uri(DS))
+
+
+def test_a_live_claim_stops_others_but_not_the_same_runs_retry(bucket):
+    now = dt.datetime.now(dt.UTC)
+    claim = {"ds": DS, "owner": "run-crashed", "token": "t", "claimed_at": now.isoformat(),
+             "expires_at": (now + dt.timedelta(hours=1)).isoformat()}
+    storage.write_json(layout.claim_uri(DS), claim)
+    with pytest.raises(publish.PublishConflict, match="being published by run-crashed"):
+        publish.run(DS, stage(DS, run_key="run-other", model_version="mf-20260310-cccccccc"),
+                    params=params())
+    assert not storage.exists(layout.manifest_uri(DS)) and objects(DS) == []
+    out = publish.run(DS, stage(DS, run_key="run-crashed", model_version="mf-20260310-cccccccc"),
+                      params=params())  # the crashed run's retry takes its own claim over
+    assert out["latest_moved"] and not storage.exists(layout.claim_uri(DS))
+    storage.write_json(layout.claim_uri(DS), {**claim, "expires_at": now.isoformat()})
+    publish.run(DS, stage(DS, run_key="run-other", model_version="mf-20260310-dddddddd"),
+                params=params())  # an expired claim is taken over by anyone
+    assert storage.read_json(layout.manifest_uri(DS))["publisher"] == "run-other"
+
+
+def test_retention_keeps_n_days_and_never_the_latest_and_backfill_keeps_latest(bucket):
+    p = params(retention_days=2)
+
+    def put(ds, mv="mf-20260310-aaaaaaaa"):
+        return publish.run(ds, stage(ds, run_key="r", model_version=mv, n_users=6), params=p)
+
+    days = ["2026-03-01", "2026-03-02", "2026-03-03"]
+    for ds in days:
+        put(ds)
+    assert partitions() == {"2026-03-02", "2026-03-03"}
+    assert storage.list_uris(layout.staging_ds_prefix("2026-03-01")) == []
+    backfill = put("2026-03-01")  # older than the window: published, latest stays, kept for now
+    assert backfill["latest_moved"] is False and backfill["expired"] == []
+    assert storage.read_json(layout.latest_uri())["ds"] == "2026-03-03"
+    assert len(RecommendationReader().table("2026-03-01")) == 30
+    assert put("2026-03-04")["expired"] == ["2026-03-01", "2026-03-02"]
+    assert partitions() == {"2026-03-03", "2026-03-04"}
+
+
+def test_point_lookup_reads_only_the_row_group_that_holds_the_user(bucket):
+    scored = stage(DS, run_key="r", model_version="mf-20260310-aaaaaaaa", n_users=4000, k=50,
+                   shards=2, row_group_size=500)
+    publish.run(DS, scored, params=params())
+    reader = RecommendationReader()
+    full = reader.table()
+    table = reader.open()
+    part = table.manifest["parts"][1]
+    assert part["row_groups"] == 200 and part["bytes"] > 500_000
+    rows = table.for_user("u03001")
+    expected = full[full["user_id"] == "u03001"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(rows, expected)
+    meta = pq.ParquetFile(io.BytesIO(storage.read_bytes(storage.s3_uri(part["key"])))).metadata
+    group = meta.row_group(100)  # u03000..u03009, 500 rows
+    assert {meta.row_group(100).column(0).statistics.min,
+            group.column(0).statistics.max} == {"u03000", "u03009"}
+    stats = table.stats.as_dict()
+    tail = max(part["footer_bytes"], 64 * 1024)
+    # one request for the footer, one for the row group: nothing else of the part's ~1 MB
+    assert stats["requests"] == 2 and stats["row_groups"] == 1, stats
+    group_bytes = sum(group.column(c).total_compressed_size for c in range(group.num_columns))
+    assert stats["bytes"] <= tail + group_bytes + 1024, (stats, tail, group_bytes)
+    assert stats["bytes"] < part["bytes"] / 5
+    table.for_user("u03555")  # same part: footer cached, one more range request
+    assert table.stats.as_dict()["requests"] == 3
+    assert table.for_user("nobody").empty and table.stats.as_dict()["requests"] == 3
+
+
+def test_iterator_yields_the_whole_table_part_by_part(bucket):
+    publish.run(DS, stage(DS, run_key="r", model_version="mf-20260310-aaaaaaaa"), params=params())
+    frames = list(RecommendationReader().iter_batches())
+    assert len(frames) == 3 and sum(len(f) for f in frames) == 300
+    pd.testing.assert_frame_equal(pd.concat(frames, ignore_index=True),
+                                  RecommendationReader().table(DS))
+
+
+def test_a_reader_polling_during_publishes_never_sees_a_partial_or_mixed_table(bucket):
+    days = ["2026-03-10", "2026-03-10", "2026-03-11", "2026-03-11", "2026-03-12"]
+    staged = [stage(ds, run_key=f"run-{i}", model_version=f"mf-20260310-{i:08d}",
+                    n_users=300 + 40 * i, shards=3, row_group_size=50, seed=i)
+              for i, ds in enumerate(days)]
+    publish.run(days[0], staged[0], params=params())
+    done, seen, bad, restarts = threading.Event(), set(), [], [0]
+
+    def poll():
+        reader = RecommendationReader()
+        while not done.is_set():
+            try:
+                t = reader.open()
+                df = t.to_pandas()
+                one = t.for_user(f"u{len(seen) % 300:05d}")
+            except TableChanged:
+                restarts[0] += 1
+                continue
+            m = t.manifest
+            if (len(df) != m["rows"] or df["user_id"].nunique() != m["users"]
+                    or set(df["model_version"]) != {m["model_version"]}
+                    or set(df["ds"]) != {m["ds"]} or set(one["model_version"]) != {m["model_version"]}
+                    or not df["user_id"].is_monotonic_increasing):
+                bad.append(m["publish_id"])
+            seen.add(m["publish_id"])
+
+    reader_thread = threading.Thread(target=poll)
+    reader_thread.start()
+    try:
+        for ds, scored in zip(days[1:], staged[1:], strict=True):
+            publish.run(ds, scored, params=params())
+    finally:
+        done.set()
+        reader_thread.join()
+    assert bad == []
+    assert len(seen) >= 3, seen  # it did read while the table changed under it
+    assert storage.read_json(layout.latest_uri())["ds"] == "2026-03-12"
+
+
+def test_reader_raises_table_not_found_before_anything_is_published(bucket):
+    from tasks.reader import TableNotFound
+
+    with pytest.raises(TableNotFound):
+        RecommendationReader().for_user("1")
+    with pytest.raises(TableNotFound):
+        RecommendationReader().table(DS)
+
+
+def test_publish_refuses_a_table_with_a_user_split_over_two_parts(bucket):
+    scored = stage(DS, run_key="r", model_version="mf-20260310-aaaaaaaa", shards=2)
+    first = storage.read_parquet(scored["parts"][0])
+    storage.write_bytes(scored["parts"][1], score.part_bytes(
+        pd.concat([first.tail(2), storage.read_parquet(scored["parts"][1])]),
+        row_group_size=10))
+    scored["rows"] += 2
+    with pytest.raises(publish.ContractError, match="split over parts 0 and 1"):
+        publish.run(DS, scored, params=params())
+    assert not storage.exists(layout.latest_uri())
+
+
+def test_manifest_popular_items_are_the_most_interacted(bucket):
+    publish.run(DS, stage(DS, run_key="r", model_version="mf-20260310-aaaaaaaa"), params=params())
+    seen = storage.read_parquet(layout.run_uri(DS, "clean", "interactions.parquet"))
+    counts = seen["item_id"].value_counts()
+    popular = storage.read_json(layout.manifest_uri(DS))["popular"]
+    assert [p["interactions"] for p in popular] == sorted(counts.to_numpy(), reverse=True)[:5]
+    assert json.dumps(popular)  # plain JSON

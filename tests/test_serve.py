@@ -1,0 +1,204 @@
+"""``nightrec serve`` (tasks/serve.py): a real server on a free port over the real SeaweedFS.
+
+Lookups, HEAD, unknown users (404 or popular items), bounded inputs and malformed requests
+(JSON 4xx, never a traceback), methods other than GET/HEAD (405), and the reload when the latest
+pointer moves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import socket
+import threading
+import time
+import uuid
+
+import pytest
+
+from tasks import publish, serve, settings, storage
+from tests.test_publish import stage
+
+DS1, DS2 = "2026-04-01", "2026-04-02"
+
+
+@pytest.fixture
+def bucket(s3, monkeypatch):
+    name = f"srv-{uuid.uuid4().hex[:10]}"
+    storage.s3_client().create_bucket(Bucket=name)
+    monkeypatch.setenv("NIGHTREC_BUCKET", name)
+    return name
+
+
+def publish_table(ds: str, version: str = "mf-20260401-aaaaaaaa", n_users: int = 30) -> None:
+    publish.run(ds, stage(ds, run_key=f"r-{version}", model_version=version, n_users=n_users,
+                          k=5), params=settings.load_params())
+
+
+@contextlib.contextmanager
+def running(**serve_keys):
+    base = settings.load_params()
+    params = {**base, "serve": {**base["serve"], "poll_interval_s": 0.2, **serve_keys}}
+    server = serve.make_server("127.0.0.1", 0, params=params)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def request(port: int, target: str, method: str = "GET") -> tuple[int, dict, dict | None]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request(method, target)
+        resp = conn.getresponse()
+        raw = resp.read()
+        body = json.loads(raw) if raw else None
+        return resp.status, dict(resp.getheaders()), body
+    finally:
+        conn.close()
+
+
+def raw_request(port: int, data: bytes) -> tuple[int, dict]:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_lookup_head_and_health(bucket):
+    publish_table(DS1)
+    with running() as port:
+        status, headers, body = request(port, "/recommendations/u00003?k=3")
+        assert status == 200 and headers["Content-Type"] == "application/json"
+        assert (body["user_id"], body["ds"], body["source"], body["k"]) == ("u00003", DS1,
+                                                                           "model", 3)
+        assert [i["rank"] for i in body["items"]] == [1, 2, 3]
+        scores = [i["score"] for i in body["items"]]
+        assert scores == sorted(scores, reverse=True)
+        status, _, body = request(port, "/recommendations/u00003")  # default k
+        assert status == 200 and len(body["items"]) == 5  # the table holds 5 per user
+        status, headers, body = request(port, "/recommendations/u00003", method="HEAD")
+        assert status == 200 and body is None and int(headers["Content-Length"]) > 0
+        status, _, body = request(port, "/healthz")
+        assert status == 200 and body["ds"] == DS1 and body["rows"] == 150
+
+
+def test_unknown_user_gets_404_or_popular_items_when_configured(bucket):
+    publish_table(DS1)
+    with running() as port:
+        status, _, body = request(port, "/recommendations/nobody")
+        assert status == 404 and body["error"] == "unknown user" and body["ds"] == DS1
+    with running(unknown_user="popular") as port:
+        status, _, body = request(port, "/recommendations/nobody?k=2")
+        assert status == 200 and body["source"] == "popular" and len(body["items"]) == 2
+        popular = storage.read_json(storage.s3_uri(f"recommendations/ds={DS1}/_manifest.json"))
+        assert [i["item_id"] for i in body["items"]] == [
+            p["item_id"] for p in popular["popular"][:2]]
+
+
+BAD_TARGETS = [
+    ("/recommendations/" + "a" * 129, 400),
+    ("/recommendations/has%20space", 400),
+    ("/recommendations/%ff%fe", 400),
+    ("/recommendations/..%2F..%2Fetc%2Fpasswd", 400),
+    ("/recommendations/u00001?k=0", 400),
+    ("/recommendations/u00001?k=1001", 400),
+    ("/recommendations/u00001?k=-1", 400),
+    ("/recommendations/u00001?k=abc", 400),
+    ("/recommendations/u00001?k=%EF%BC%91", 400),  # a full-width digit one
+    ("/recommendations/u00001?k=1&k=2", 400),
+    ("/recommendations/u00001?user=1", 400),
+    ("/recommendations/u00001?" + "&".join(["k=1"] * 10), 400),
+    ("/recommendations/u00001?k=" + "1" * 2100, 414),
+    ("/recommendations/a/b", 404),
+    ("/recommendations/", 404),
+    ("/", 404),
+]
+
+
+def test_bounded_inputs_and_bad_methods_get_json_errors(bucket):
+    publish_table(DS1)
+    with running() as port:
+        for target, expected in BAD_TARGETS:
+            status, headers, body = request(port, target)
+            assert status == expected, (target, status, body)
+            assert headers["Content-Type"] == "application/json" and body["error"], target
+        for method in ("POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "FROB"):
+            status, headers, body = request(port, "/recommendations/u00001", method=method)
+            assert status == 405 and headers["Allow"] == "GET, HEAD", method
+            assert body["allowed"] == ["GET", "HEAD"]
+        status, body = raw_request(port, b"GARBAGE\r\n\r\n")
+        assert status == 400 and body["error"].startswith("Bad request syntax")
+        status, body = raw_request(port, b"GET /recommendations/u00001\r\n\r\n")
+        assert status == 400 and "HTTP/0.9" in body["error"]
+        status, body = raw_request(port, b"GET /x HTTP/1.1\r\nX: " + b"y" * 70000 + b"\r\n\r\n")
+        assert status == 431 and body["error"] == "Line too long"
+        status, body = raw_request(port, b"GET /recommendations/u00001 HTTP/9.9\r\n\r\n")
+        assert status == 505 and "error" in body
+        status, body = raw_request(port, b"GET /" + b"x" * 70000 + b" HTTP/1.1\r\n\r\n")
+        assert status == 414 and "Traceback" not in json.dumps(body)
+        # still serving after all that
+        assert request(port, "/recommendations/u00001?k=1")[0] == 200
+
+
+def test_reloads_when_the_latest_pointer_moves_and_503_before_anything(bucket):
+    with running() as port:
+        status, _, body = request(port, "/recommendations/u00001")
+        assert status == 503 and body == {"error": "no published table yet"}
+        publish_table(DS1)
+        first = _wait_for(port, lambda b: b.get("ds") == DS1)
+        publish_table(DS2, version="mf-20260402-bbbbbbbb", n_users=40)
+        second = _wait_for(port, lambda b: b.get("ds") == DS2)
+        assert first["model_version"] != second["model_version"] == "mf-20260402-bbbbbbbb"
+        publish_table(DS2, version="mf-20260402-cccccccc", n_users=40)  # republish of the same ds
+        third = _wait_for(port, lambda b: b.get("model_version") == "mf-20260402-cccccccc")
+        assert third["publish_id"] != second["publish_id"]
+
+
+def _wait_for(port: int, ok, timeout: float = 15.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        status, _, body = request(port, "/recommendations/u00001?k=2")
+        if status == 200 and ok(body):
+            return body
+        assert time.monotonic() < deadline, (status, body)
+        time.sleep(0.05)
+
+
+def test_main_refuses_a_bad_ds_and_a_bad_setting(s3):
+    with pytest.raises(SystemExit):
+        serve.main(["--ds", "2026-02-30"])
+    base = settings.load_params()
+    with pytest.raises(ValueError, match="unknown_user"):
+        serve.ServeConfig.from_params({**base, "serve": {**base["serve"], "unknown_user": "x"}})
+
+
+def test_nightrec_serve_cli_answers_and_stops_on_sigterm(bucket):
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    publish_table(DS1)
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "nightrec"), "serve", "--port", "0"],
+                            env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)
+    try:
+        line = proc.stdout.readline()
+        port = int(re.search(r"http://127\.0\.0\.1:(\d+)/", line).group(1))
+        status, _, body = request(port, "/recommendations/u00003?k=2")
+        assert status == 200 and [i["rank"] for i in body["items"]] == [1, 2]
+        assert request(port, "/recommendations/../../etc/passwd")[0] in (400, 404)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0

@@ -1,0 +1,122 @@
+"""Split (tasks/split.py): every method partitions the events without leakage, and the split
+contract (expectations/split.json plus tasks/validate.py split_problems) holds on its output."""
+
+from __future__ import annotations
+
+import importlib
+
+import pandas as pd
+import pytest
+
+from tasks import augment, sample_data, settings, split, validate
+
+KW = {"valid_fraction": 0.1, "test_fraction": 0.2, "min_user_events_for_holdout": 5,
+      "valid_n": 2, "test_n": 3}
+
+
+@pytest.fixture(scope="module")
+def events() -> pd.DataFrame:
+    inter, _, _ = sample_data.generate_sample(n_users=120, n_items=80, n_interactions=3000, seed=5)
+    df = inter.rename(columns={"user_id": "user_idx", "item_id": "item_idx"})
+    df["user_idx"] -= 1
+    df["item_idx"] -= 1
+    df["timestamp"] = df["timestamp"] // 86400 * 86400  # coarse: equal timestamps in a user
+    df["user_id"], df["item_id"] = df["user_idx"].astype(str), df["item_idx"].astype(str)
+    return augment.label_interactions(df.astype({"rating": "float64"}), positive_min_rating=0.0,
+                                      weight_by_rating=True, max_rating=5.0)
+
+
+def _key(f: pd.DataFrame) -> set:
+    return set(zip(f["user_idx"], f["item_idx"]))
+
+
+@pytest.mark.parametrize("method", split.METHODS)
+def test_each_method_partitions_the_events_without_leakage(events, method):
+    parts = split.split_interactions(events, method=method, seed=1, **KW)
+    assert sum(len(f) for f in parts.values()) == len(events)
+    assert set().union(*map(_key, parts.values())) == _key(events)
+    for a, b in (("train", "valid"), ("train", "test"), ("valid", "test")):
+        assert not _key(parts[a]) & _key(parts[b]), (a, b)
+    assert validate.split_problems(parts, method=method) == []
+    train, test = parts["train"], parts["test"]
+    if method == "global_time":
+        assert train["timestamp"].max() < test["timestamp"].min()
+        assert train["timestamp"].max() < parts["valid"]["timestamp"].min()
+    elif method != "random_per_user":
+        last = train.groupby("user_idx")["timestamp"].max()
+        first = test.groupby("user_idx")["timestamp"].min()
+        assert (last.reindex(first.index).dropna() <= first[last.index.intersection(
+            first.index)]).all()
+    n = events.groupby("user_idx").size()
+    held = (parts["valid"].groupby("user_idx").size().reindex(n.index, fill_value=0)
+            + test.groupby("user_idx").size().reindex(n.index, fill_value=0))
+    if method != "global_time":
+        assert (held[n < KW["min_user_events_for_holdout"]] == 0).all()
+    if method == "leave_last_n":
+        assert (test.groupby("user_idx").size() <= KW["test_n"]).all()
+        assert (test.groupby("user_idx").size()[n[n >= 5].index] == KW["test_n"]).all()
+
+
+def test_random_per_user_is_seeded(events):
+    a = split.split_interactions(events, method="random_per_user", seed=1, **KW)
+    b = split.split_interactions(events, method="random_per_user", seed=1, **KW)
+    c = split.split_interactions(events, method="random_per_user", seed=2, **KW)
+    assert a["test"].equals(b["test"]) and not a["test"].equals(c["test"])
+
+
+def test_global_time_can_leave_users_and_items_cold_and_stats_count_them():
+    df = pd.DataFrame({"user_idx": [0, 0, 0, 0, 1, 1], "item_idx": [0, 1, 2, 3, 0, 4],
+                       "timestamp": [1, 2, 3, 4, 9, 10]})
+    parts = split.split_interactions(df, method="global_time", valid_fraction=0.0,
+                                     test_fraction=0.3, min_user_events_for_holdout=1)
+    assert parts["test"][["user_idx", "item_idx"]].values.tolist() == [[1, 0], [1, 4]]
+    stats = split.split_stats(parts)
+    assert stats["test"] == {"cold_users": 1, "cold_items": 1, "cold_item_rows": 1}
+
+
+def test_split_problems_find_planted_leaks(events):
+    parts = split.split_interactions(events, method="leave_last_fraction", **KW)
+    leaked = dict(parts, train=pd.concat([parts["train"], parts["test"].iloc[:3]]))
+    problems = validate.split_problems(leaked, method="leave_last_fraction")
+    assert any("3 (user_idx, item_idx) pairs are in both train and test" in p for p in problems)
+    assert any("train events after their first test event" in p for p in problems)
+    assert validate.split_problems(leaked, method="random_per_user") == [problems[0]]
+    future = parts["train"].copy()
+    future.loc[future.index[0], "timestamp"] = parts["test"]["timestamp"].max() + 1
+    moved = dict(parts, train=future)
+    assert any("global_time: train has events after" in p
+               for p in validate.split_problems(moved, method="global_time"))
+
+
+def test_split_suite_passes_on_a_split_and_names_what_breaks(events):
+    p = settings.step_params(importlib.import_module("tasks.validate").PARAMS)
+    parts = split.split_interactions(events, method="leave_last_fraction", **KW)
+    report = validate.check_split(parts, ds="2026-11-28", method="leave_last_fraction", p=p)
+    assert report["success"] is True, report
+    spec = validate.load_suite(settings.project_root() / p["validate.split_suite"])
+    assert report["expectations"]["n_expectations"] == len(spec.expectations)
+
+    bad_train = parts["train"].copy()
+    bad_train.loc[bad_train.index[0], "label"] = 2
+    bad_train.loc[bad_train.index[1], "weight"] = 0.0
+    broken = {"train": pd.concat([bad_train, parts["test"].iloc[:1]]), "valid": parts["valid"],
+              "test": parts["test"]}
+    report = validate.check_split(broken, ds="2026-11-28", method="leave_last_fraction", p=p)
+    assert report["success"] is False
+    failed = {(f["expectation"], f["kwargs"].get("column")) for f in
+              report["expectations"]["failures"]}
+    assert {("expect_compound_columns_to_be_unique", None),
+            ("expect_column_values_to_be_in_set", "label"),
+            ("expect_column_values_to_be_between", "weight")} <= failed
+    message = validate.describe_failure(report)
+    assert "split: expect_compound_columns_to_be_unique" in message
+    assert "pairs are in both train and test" in message
+    weight = next(f for f in report["expectations"]["failures"] if f["kwargs"].get("column")
+                  == "weight")
+    assert weight["observed"]["unexpected_count"] == 1
+    no_test = dict(parts, test=parts["test"].iloc[:0])
+    report = validate.check_split(no_test, ds="2026-11-28", method="leave_last_fraction", p=p)
+    assert ("expect_column_distinct_values_to_contain_set", "split") in {
+        (f["expectation"], f["kwargs"].get("column")) for f in
+        report["expectations"]["failures"]}
+    assert report["problems"] == []
