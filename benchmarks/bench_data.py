@@ -149,9 +149,11 @@ def run_stage(stage: str, upstream_file: Path, out_file: Path) -> None:
                                          f"tasks.{stage}")
         out = module.run(DS, upstream)
     wall = time.perf_counter() - started
+    cpu = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF,
+              resource.RUSAGE_CHILDREN) for f in ("ru_utime", "ru_stime"))
     self_kb = _vm_hwm_kb()
     child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    out_file.write_text(json.dumps({"out": out, "wall_s": wall,
+    out_file.write_text(json.dumps({"out": out, "wall_s": wall, "cpu_s": cpu,
                                     "peak_rss_mb": max(self_kb, child_kb) / 1024,
                                     "self_rss_mb": self_kb / 1024,
                                     "children_rss_mb": child_kb / 1024}, default=str))
@@ -247,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
                 res["rows"] += f"; {storage.read_json(res['out']['split_meta'])['timings_s']}"
             results.append(res)
             upstream.write_text(json.dumps(res["out"]))
-            print(f"{stage:9s} {res['wall_s']:7.1f} s (process {process_s:6.1f} s)  peak RSS "
+            print(f"{stage:9s} {res['wall_s']:7.1f} s (process {process_s:6.1f} s, CPU "
+                  f"{res['cpu_s']:6.1f} s)  peak RSS "
                   f"{res['peak_rss_mb']:7.0f} MB  {res['rows']}", flush=True)
     finally:
         s3server.down(cfg)
@@ -258,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"total {total:.0f} s (ingest+clean+validate+split {core:.0f} s), peak RSS "
           f"{peak / 1024:.2f} GB; target <= {TARGET_S:.0f} s and <= {TARGET_GB:.0f} GB: "
           f"{'met' if total <= TARGET_S and peak / 1024 <= TARGET_GB else 'MISSED'}")
-    print(json.dumps([{k: r[k] for k in ("stage", "wall_s", "process_s", "peak_rss_mb",
+    print(json.dumps([{k: r[k] for k in ("stage", "wall_s", "process_s", "cpu_s", "peak_rss_mb",
                                          "self_rss_mb", "children_rss_mb", "rows")}
                       for r in results]))
     return 0

@@ -36,10 +36,12 @@
    model that used them.
 
 3. **Negative sampling** (:func:`sample_negatives`), called by train at fit time rather than
-   stored here: sampling after the split keeps valid/test positives out of the "seen" set only
-   when the caller passes the train split's positives, and gives fresh negatives per epoch.
-   Items are drawn with probability proportional to ``count ** augment.negative_alpha`` (0:
-   uniform, 0.75: word2vec's smoothed popularity, 1: popularity), never one the user has seen,
+   stored here. With ``seen`` = the train split's items, a user's valid/test item is drawn as a
+   negative as often as any other unseen item, so the negatives say nothing about the held-out
+   events; sampling here, before the split, with every event as seen, would leak them (their
+   items would never be negatives). And each epoch gets fresh negatives. Items are drawn with
+   probability proportional to ``count ** augment.negative_alpha`` (0: uniform, 0.75: word2vec's
+   smoothed popularity, 1: popularity), never one the user has seen,
    ``augment.negatives_per_positive`` per positive, seeded. Popular items are the informative
    negatives (the user likely knew them and did not choose them), and sampling them often
    counters the popularity bias a uniform sampler leaves in the scores.

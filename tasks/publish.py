@@ -9,7 +9,9 @@ both do on AWS S3).
 
 1. **Validate** the staged table (all shards' parts) with ``expectations/recommendations.json``,
    plus checks that ranks are 1..n per user with non-increasing scores, rows sorted by
-   ``user_id``, no user split over two parts, and each part's schema is the contract's.
+   ``user_id``, no user split over two parts, and each part's schema is the contract's. Parts
+   are decoded and validated a batch of ``VALIDATE_BATCH_ROWS`` rows at a time (see
+   :func:`validate_parts`), so publish's memory does not grow with the table.
 2. **Claim the ds**: create ``recommendations/ds=<ds>/_publishing.json`` if absent. A second
    publisher of the same ds finds it and stops with ``PublishConflict`` before writing
    anything. A claim names its owner (the run) and expires after ``publish.claim_ttl_s``; the
@@ -70,6 +72,7 @@ def arrow_schema():
 
 
 POINTER_ATTEMPTS = 5
+VALIDATE_BATCH_ROWS = 2_000_000  # rows validated at a time (whole parts): bounds publish's memory
 POINTER_LOCK_TTL_S = 60.0  # the pointer lock is held for two requests; a crash frees it then
 log = logging.getLogger(__name__)
 
@@ -122,6 +125,76 @@ def validate_table(df: pd.DataFrame, *, ds: str, model_version: str, top_k: int)
     report["ranking_problems"] = check_rankings(df)
     report["success"] = report["success"] and not report["ranking_problems"]
     return report
+
+
+def validate_parts(staged: list[bytes], *, ds: str, model_version: str, top_k: int,
+                   batch_rows: int | None = None) -> tuple[dict, list[dict]]:
+    """Validate the staged parts (Parquet bytes, in table order) batch by batch; returns
+    ``(report, described parts)``.
+
+    Memory: only about ``batch_rows`` rows (whole parts, ``VALIDATE_BATCH_ROWS`` by default) are
+    decoded at a time, not the whole table (at 200k users x top 100 that is 20M rows, several GB
+    as pandas). Nothing is lost by batching: every expectation of the suite and every ranking
+    check is about rows of one user (unique ``(user_id, rank)`` and ``(user_id, item_id)``,
+    ranks 1..n, non-increasing scores), or holds for the table when it holds for each batch
+    (non-null, ranges, the ``ds`` and ``model_version`` sets, columns); ``check_parts`` makes
+    sure no user is split over two parts, hence over two batches, and that the parts' user
+    ranges are in order, so rows sorted within each batch are sorted in the table. The row
+    count expectation (at least one row) is checked on the whole table.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    limit = max(1, int(batch_rows or VALIDATE_BATCH_ROWS))
+    described: list[dict] = []
+    schema_problems: list[str] = []
+    reports: list[dict] = []
+    batch: list = []
+    batched = 0
+
+    def flush() -> None:
+        nonlocal batch, batched
+        if not batch:
+            return
+        frame = pa.concat_tables(batch).to_pandas() if len(batch) > 1 else batch[0].to_pandas()
+        batch, batched = [], 0
+        reports.append(validate_table(frame, ds=ds, model_version=model_version, top_k=top_k))
+
+    for i, data in enumerate(staged):
+        table = pq.read_table(io.BytesIO(data))
+        described.append(describe_part(data, table))
+        if not table.schema.equals(arrow_schema(), check_metadata=False):
+            schema_problems.append(f"part {i} has schema {table.schema}")
+            continue  # a part of another schema cannot be concatenated with the others
+        if table.num_rows == 0:
+            continue
+        batch.append(table)
+        batched += table.num_rows
+        if batched >= limit:
+            flush()
+    flush()
+    if not reports:  # no rows at all: the suite reports it (row count >= 1) on an empty table
+        reports.append(validate_table(arrow_schema().empty_table().to_pandas(), ds=ds,
+                                      model_version=model_version, top_k=top_k))
+    first_bad = next((r for r in reports if not r["success"]), reports[-1])
+    failures, seen = [], set()
+    for r in reports:
+        for f in r["failures"]:
+            key = json.dumps([f["expectation"], f["kwargs"]], sort_keys=True, default=str)
+            if key not in seen:  # one entry per broken expectation (its first batch's figures)
+                seen.add(key)
+                failures.append(f)
+    problems = [x for r in reports for x in r["ranking_problems"]]
+    report = {
+        **first_bad,
+        "success": all(r["success"] for r in reports) and not schema_problems,
+        "failures": failures,
+        "ranking_problems": list(dict.fromkeys(problems)) + check_parts(described)
+        + schema_problems,
+        "batches": len(reports),
+        "batch_rows": limit,
+    }
+    return report, described
 
 
 def publish_id(checksums: list[str]) -> str:
@@ -387,8 +460,6 @@ def run(ds: str, scored: dict, params: dict | None = None, dry_run: bool = False
     of the same run takes its own stale claim over). ``dry_run``: validate only, then remove the
     staged parts; readers see no change. Returns the manifest's URI, counts and ids.
     """
-    import pyarrow.parquet as pq
-
     settings.check_ds(ds)
     p = settings.step_params(PARAMS, params)
     keep_days = int(p["publish.retention_days"])
@@ -396,20 +467,13 @@ def run(ds: str, scored: dict, params: dict | None = None, dry_run: bool = False
     if scored.get("ds", ds) != ds:
         raise ValueError(f"scored table is for ds={scored['ds']}, not {ds}")
     staged = [storage.read_bytes(u) for u in scored["parts"]]  # each part downloaded once
-    tables = [pq.read_table(io.BytesIO(data)) for data in staged]
-    described = [describe_part(d, t) for d, t in zip(staged, tables, strict=True)]
-    frames = [t.to_pandas() for t in tables]
-    table = pd.concat(frames, ignore_index=True)
-    report = validate_table(
-        table, ds=ds, model_version=scored["model_version"], top_k=scored["top_k"]
+    report, described = validate_parts(
+        staged, ds=ds, model_version=scored["model_version"], top_k=scored["top_k"]
     )
-    report["ranking_problems"] += check_parts(described) + [
-        f"part {i} has schema {t.schema}" for i, t in enumerate(tables)
-        if not t.schema.equals(arrow_schema(), check_metadata=False)
-    ]
-    if "rows" in scored and scored["rows"] != len(table):
+    n_rows = sum(d["rows"] for d in described)
+    if "rows" in scored and scored["rows"] != n_rows:
         report["ranking_problems"].append(f"shards reported {scored['rows']} rows, "
-                                          f"parts hold {len(table)}")
+                                          f"parts hold {n_rows}")
     report["success"] = report["success"] and not report["ranking_problems"]
     storage.write_json(layout.run_uri(ds, "publish", "validation.json"), report)
     if not report["success"]:
@@ -418,8 +482,8 @@ def run(ds: str, scored: dict, params: dict | None = None, dry_run: bool = False
 
     if dry_run:
         storage.delete(storage.list_uris(scored["staging"]))
-        log.info("dry run: %d rows validated, nothing published for ds=%s", len(table), ds)
-        return {"dry_run": True, "rows": len(table), "manifest": None}
+        log.info("dry run: %d rows validated, nothing published for ds=%s", n_rows, ds)
+        return {"dry_run": True, "rows": n_rows, "manifest": None}
 
     pid = publish_id([d["sha256"] for d in described])
     owner = publisher or scored.get("run_key") or f"anonymous-{uuid.uuid4().hex[:8]}"
@@ -437,7 +501,8 @@ def run(ds: str, scored: dict, params: dict | None = None, dry_run: bool = False
             parts.append({"key": storage.split_uri(uri)[1], "etag": etag, **desc})
         created = _iso(_now())
         manifest = build_manifest(
-            ds=ds, parts=parts, scored={**scored, "users": int(table[schema.USER_ID].nunique())},
+            # parts never share a user (validated above), so their user counts add up
+            ds=ds, parts=parts, scored={**scored, "users": sum(d["users"] for d in described)},
             created_at=created,
         )
         manifest.update(publish_id=pid, publisher=owner, popular=popular)

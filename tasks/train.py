@@ -2,7 +2,8 @@
 
 Candidates (``train.candidates``, families in tasks/models.py): ``ease`` (closed-form item-item,
 skipped above ``train.ease.max_items`` items) and ``mf_softmax`` (Keras embedding model, full
-softmax). Per run:
+softmax, or above ``train.mf_softmax.full_softmax_max_items`` items a logQ-corrected sampled
+softmax with negatives from ``augment.sample_negatives``). Per run:
 
 1. **select**: every candidate is fitted on the train split and scored on the valid split with
    ``train.select_metric`` (a full-ranking metric, train items excluded). ``mf_softmax`` early-

@@ -60,14 +60,6 @@ from .airflow_stack import (
 )
 from .conftest import TEST_PARAMS, free_port
 
-pytestmark = pytest.mark.e2e
-DAG_ID = "nightly_recommendations"
-DS = "2026-12-09"  # after the sample's last event; no other test module uses this partition
-SHARDS = 4
-CONF = {"ds": DS, "shards": SHARDS}
-WORKERS = ("worker-a", "worker-b")
-BUCKET, REF_BUCKET = "nightrec-celery", "nightrec-celery-ref"
-
 
 def _redis_up() -> bool:
     if not answers(6379):
@@ -78,6 +70,21 @@ def _redis_up() -> bool:
         return bool(redis.Redis(host="127.0.0.1", port=6379, socket_timeout=2).ping())
     except redis.RedisError:
         return False
+
+
+# Probed at collection, so that nothing (S3 server, sample) starts where the test cannot run.
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(not _redis_up(), reason="no Redis on 127.0.0.1:6379 (the Celery broker)"),
+    pytest.mark.skipif(not answers(5432),
+                       reason="no PostgreSQL on 127.0.0.1:5432 (the metadata DB)"),
+]
+DAG_ID = "nightly_recommendations"
+DS = "2026-12-09"  # after the sample's last event; no other test module uses this partition
+SHARDS = 4
+CONF = {"ds": DS, "shards": SHARDS}
+WORKERS = ("worker-a", "worker-b")
+BUCKET, REF_BUCKET = "nightrec-celery", "nightrec-celery-ref"
 
 
 @contextlib.contextmanager
@@ -119,19 +126,10 @@ def buckets(s3, sample):
     return BUCKET, REF_BUCKET
 
 
-@pytest.fixture(scope="module")
-def celery_stack(s3, buckets, celery_params, tmp_path_factory):
-    if not _redis_up():
-        pytest.skip("no Redis on 127.0.0.1:6379 (the Celery broker)")
-    if not answers(5432):
-        pytest.skip("no PostgreSQL on 127.0.0.1:5432 (the metadata DB)")
-    pg = create_postgres_db("nightrec_celery")
-    if pg is None:
-        pytest.skip("cannot create a database on the PostgreSQL at 127.0.0.1:5432")
-    t0 = time.monotonic()
-    home = tmp_path_factory.mktemp("airflow_celery")
+def _prepare(home: Path, pg: str, tag: str, celery_params: Path, t0: float):
+    """Migrate the metadata DB; return the api-server's port, and each component's ``airflow``
+    arguments and environment (the workers': their own home, state and temp dir)."""
     port = free_port()
-    tag = f"nightrec_celery_{secrets.token_hex(4)}"  # this run's queue and Redis key prefix
     # Parallelism 8: the executor's slots never hold a task back (it frees a slot only when it
     # has read the Celery result); the workers' --concurrency 1 is what bounds the run.
     env = core_env(home, port=port, executor="CeleryExecutor", db_url=pg, parallelism=8)
@@ -169,6 +167,18 @@ def celery_stack(s3, buckets, celery_params, tmp_path_factory):
              "AIRFLOW__CORE__HOSTNAME_CALLABLE": "tests.airflow_stack.worker_hostname",
              "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))},
         )
+    migrate(env)
+    _log("metadata DB migrated", t0)
+    return port, components, worker_homes
+
+
+@pytest.fixture(scope="module")
+def celery_stack(s3, buckets, celery_params, tmp_path_factory):
+    pg = create_postgres_db("nightrec_celery")
+    if pg is None:
+        pytest.skip("cannot create a database on the PostgreSQL at 127.0.0.1:5432")
+    t0 = time.monotonic()
+    tag = f"nightrec_celery_{secrets.token_hex(4)}"  # this run's queue and Redis key prefix
 
     def cleanup():
         drop_postgres_db(pg)
@@ -180,11 +190,11 @@ def celery_stack(s3, buckets, celery_params, tmp_path_factory):
             r.delete(*keys)
 
     try:
-        migrate(env)
+        home = tmp_path_factory.mktemp("airflow_celery")
+        port, components, worker_homes = _prepare(home, pg, tag, celery_params, t0)
     except BaseException:
         cleanup()
         raise
-    _log("metadata DB migrated", t0)
 
     with running(home, components, port=port, dag_ids=(DAG_ID,), homes=worker_homes.values(),
                  cleanup=cleanup) as api:
@@ -227,40 +237,48 @@ def test_celery_workers_share_the_shards_and_publish_the_reference_table(
     _, run = api.call("POST", f"/api/v2/dags/{DAG_ID}/dagRuns", {"logical_date": None,
                                                                  "conf": CONF})
     run_id = run["dag_run_id"]
-    _log(f"triggered {run_id} with conf {CONF}", t0)
+    say(f"triggered {run_id} with conf {CONF}")
     # The reference runs while the Celery run goes on (they share no bucket, state or DB).
     ref, ref_result, ref_log = _start_reference(celery_params, tmp_path / "reference")
+    ref_done: list[float] = []
+
+    def celery_run_done():
+        if not ref_done and ref.poll() is not None:
+            ref_done.append(time.monotonic() - t0)
+        return run_state(api, DAG_ID, run_id)
+
     try:
         for name in WORKERS:
             wait(lambda n=name: b" ready." in (home / f"{n}.log").read_bytes(), 120,
                  f"{name} to be ready")
-        state = wait(lambda: run_state(api, DAG_ID, run_id), 600, "the Celery run", interval=2)
-        _log(f"Celery run finished: {state}", t0)
+        state = wait(celery_run_done, 600, "the Celery run", interval=2)
         rc = ref.wait(timeout=600)
     finally:
         if ref.poll() is None:
             os.killpg(ref.pid, signal.SIGKILL)
             ref.wait()
-    assert rc == 0, (json.loads(ref_result.read_text()) if ref_result.exists() else None,
-                     ref_log.read_text()[-3000:])
-    reference = RecommendationReader(REF_BUCKET).table(DS)
-    _log(f"reference (dag.test in a subprocess) published {len(reference)} rows", t0)
     tis = api.call("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances?limit=100")[1]
     tis = tis["task_instances"]
+    say(f"Celery run finished: {state}; the reference run had finished at "
+        f"+{ref_done[0] if ref_done else time.monotonic() - t0:.1f}s (exit code {rc})")
     assert state == "success", (
         [(t["task_id"], t["map_index"], t["state"]) for t in tis],
         (home / "scheduler.log").read_text()[-3000:])
+    assert rc == 0, (json.loads(ref_result.read_text()) if ref_result.exists() else None,
+                     ref_log.read_text()[-3000:])
 
     # Which worker ran what: the hostname Airflow recorded on each task instance, and the task
     # log, which only the worker that ran the task has (each worker has its own log folder).
     nodes = {f"{name}@{socket.gethostname()}": name for name in WORKERS}
-    for t in sorted(tis, key=lambda t: (t["start_date"] or "", t["map_index"])):
-        if t["state"] in ("success", "failed", "up_for_retry"):
-            _log(f"  {t['task_id']}[{t['map_index']}] {t['state']} on {t['hostname']}", t0)
+    ran = [t for t in tis if t["hostname"]]
+    assert ran and all(t["hostname"] in nodes for t in ran), [t["hostname"] for t in ran]
+    for node, name in nodes.items():
+        mine = sorted((t for t in ran if t["hostname"] == node), key=lambda t: t["start_date"])
+        say(f"tasks on {node}: " + ", ".join(
+            t["task_id"] + (f"[{t['map_index']}]" if t["map_index"] >= 0 else "") for t in mine))
     score = sorted((t for t in tis if t["task_id"] == "score"), key=lambda t: t["map_index"])
     assert [t["map_index"] for t in score] == list(range(SHARDS))
     assert all(t["state"] == "success" for t in score), score
-    assert all(t["hostname"] in nodes for t in tis if t["hostname"]), [t["hostname"] for t in tis]
     by_worker: dict[str, list[int]] = {name: [] for name in WORKERS}
     for t in score:
         worker = nodes[t["hostname"]]
@@ -270,14 +288,14 @@ def test_celery_workers_share_the_shards_and_publish_the_reference_table(
         assert logs[worker], (t, logs)
         assert not any(logs[other] for other in WORKERS if other != worker), logs
         by_worker[worker].append(t["map_index"])
-        say(f"score shard {t['map_index']} ran on {t['hostname']}: "
+        say(f"score shard {t['map_index']}: task instance hostname {t['hostname']}, task log "
             f"{logs[worker][-1].relative_to(home)}")
     say(f"score shards per worker: {by_worker}")
     assert all(by_worker.values()), f"both workers must run score shards: {by_worker}"
 
     # The published table equals the reference, row for row, score for score.
-    table = RecommendationReader(BUCKET).table(DS)
-    got, want = _sorted(table), _sorted(reference)
+    got = _sorted(RecommendationReader(BUCKET).table(DS))
+    want = _sorted(RecommendationReader(REF_BUCKET).table(DS))
     assert len(got) == len(want) > 0
     pd.testing.assert_frame_equal(got, want, check_exact=True)
     say(f"Celery table == reference table: {len(got)} rows, {got['user_id'].nunique()} users, "

@@ -119,6 +119,26 @@ def test_mf_early_stops_on_the_valid_ranking_metric_and_keeps_the_best_epoch(par
     assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
 
 
+def test_sampled_softmax_learns_with_popularity_negatives_and_is_chosen_above_the_limit(
+        parts, tmp_path):
+    params = _params(**{"mf_softmax.loss": "auto", "mf_softmax.full_softmax_max_items": 100,
+                        "mf_softmax.epochs": 4})
+    params["augment"].update(negatives_per_positive=8, negative_alpha=0.75)
+    p = settings.step_params(train.PARAMS, params)
+    assert train.softmax_kind(p, 100) == "full" and train.softmax_kind(p, 120) == "sampled"
+    emb, hist, _ = train.fit_mf(parts["train"], parts["valid"], n_users=parts["n_users"],
+                                n_items=parts["n_items"], p=p, workdir=tmp_path)
+    assert hist["loss_kind"] == "sampled" and hist["loss"][-1] < hist["loss"][0]
+    pop = evaluate.ranking_metric(
+        evaluate.popularity_model(parts["train"], n_users=parts["n_users"],
+                                  n_items=parts["n_items"]),
+        parts["train"], parts["valid"], metric="ndcg_at_10", n_users=parts["n_users"])
+    assert hist["best_val_ndcg_at_10"] > pop  # it learned more than popularity
+    again, _, _ = train.fit_mf(parts["train"], parts["valid"], n_users=parts["n_users"],
+                               n_items=parts["n_items"], p=p, workdir=tmp_path)
+    assert all(np.array_equal(emb[k], again[k]) for k in emb)  # seeded negatives too
+
+
 def test_cpu_training_is_seeded_and_deterministic(parts, tmp_path):
     p = settings.step_params(train.PARAMS, _params(**{"mf_softmax.epochs": 2}))
     a, _, _ = train.fit_mf(parts["train"], None, n_users=parts["n_users"],

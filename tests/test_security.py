@@ -40,8 +40,10 @@ def test_no_credentials_in_tracked_files():
 
 
 def test_the_secret_patterns_catch_what_they_are_for():
-    leaks = ["AKIAABCDEFGHIJKLMNOP", "aws_secret_access_key = abcdefghijklmnopqrstuvwxyz0123456789ABCD",
-             "-----BEGIN RSA PRIVATE KEY-----", "postgresql://airflow:hunter2@db:5432/airflow",
+    # assembled at run time, so this file itself holds no string the scan would flag
+    leaks = ["AKIA" + "ABCDEFGHIJKLMNOP",
+             "aws_secret_access_key" + " = " + "abcdefghijklmnopqrstuvwxyz0123456789ABCD",
+             "-----BEGIN RSA " + "PRIVATE KEY-----", "postgresql://airflow:" + "hunter2@db:5432/x",
              "ghp_" + "a" * 36]
     for leak in leaks:
         assert any(p.search(leak) for p in SECRET_PATTERNS.values()), leak

@@ -101,7 +101,8 @@ def test_run_records_raw_and_clean_then_docs_gather_every_suite_of_the_ds(s3, sa
         assert re.search(rf"expectations/{suite}\.html", index)
 
     # pages are named by ds (no wall clock): a rerun replaces its own, the split's stays
-    assert "/raw_interactions/2026-11-18/20261118T000000.000000Z/" in _pages(docs, "raw_interactions")[0]
+    (raw_page,) = _pages(docs, "raw_interactions")
+    assert "/raw_interactions/2026-11-18/20261118T000000.000000Z/" in raw_page
     validate.run(DS, cleaned, params)
     assert storage.list_uris(validate.docs_prefix(DS)) == docs
 

@@ -1,0 +1,456 @@
+"""The whole nightly DAG at scale: generated interactions (default 10M events, 200k users x 20k
+items) through ``scripts/run_dag.py`` (Airflow ``dag.test()`` in one process, what ``nightrec
+run`` does), against a private SeaweedFS, state dir and bucket.
+
+    .venv/bin/python benchmarks/bench_dag.py                         # 10M, 200k users x 20k items
+    .venv/bin/python benchmarks/bench_dag.py --interactions 500000 --users 10000 --items 20000
+
+Data: :func:`interactions`, the latent-factor model of ``tasks.sample_data`` drawn vectorised and
+seeded (so a collaborative model can honestly beat popularity: data drawn from popularity
+alone, as ``benchmarks/bench_data.py`` generates it, cannot pass the gate), written as
+``--files`` Parquet parts into ``raw/interactions/ds=<ds>/`` with item and user side tables. It
+is generated in a child process, so nothing of it is in the measured process tree.
+
+Params: the repo's ``params.yaml`` plus the overrides below (each printed with its reason),
+written to a private NIGHTREC_PARAMS file.
+
+Measured, per DAG task: wall time from the run log's ``[DAG TEST] starting task_id=`` / ``end
+task task_id=`` lines (their timestamps when the log has them, else when this process saw the
+line; it follows the log every 0.2 s), and the peak RSS of the DAG process tree (``run_dag.py``
+and every descendant: DVC runs subprocesses) sampled every ~0.2 s with psutil, each sample
+attributed to the task running at that moment. The overall peak of the tree *with* the SeaweedFS
+server is reported separately. Targets: <= 20 minutes and <= 8 GB on 2 cores.
+
+Scoring 1M users with flat memory is shown by ``nightrec bench-scoring --users 1000000``
+(benchmarks/RESULTS.md), not redone here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DS = "2026-11-28"
+TARGET_S, TARGET_GB = 20 * 60.0, 8.0
+_START = re.compile(r"\[DAG TEST\] starting task_id=(\w+) map_index=(-?\d+)")
+_END = re.compile(r"\[DAG TEST\] end task task_id=(\w+) map_index=(-?\d+)")
+_TS = re.compile(r"(\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(?:[.,]\d+)?(?:Z|[+-]\d{2}:?\d{2})?)")
+
+
+def overrides(args) -> list[tuple[str, object, str]]:
+    """``(dotted key, value, why)``: what a run at this size needs beyond params.yaml."""
+    return [
+        ("train.mf_softmax.batch_size", args.batch_size,
+         ("512 gives ~16k Keras steps per epoch on ~8M train positives, and per-step overhead "
+         "dominates on 2 CPU cores; 4096 makes it ~2k steps (8192 was tried: 3 epochs of ~1k "
+         "steps at lr 0.01 only tied popularity, ndcg@10 0.0696 vs 0.0697, not blessed)")),
+        ("train.mf_softmax.learning_rate", args.learning_rate,
+         ("0.003 -> 0.02: raised with the batch size, so that a user's embedding (~40 events, "
+         "so ~40 updates an epoch) moves far enough in the few epochs the budget allows")),
+        ("train.mf_softmax.epochs", args.epochs,
+         ("upper bound (default 30): each holdout epoch costs ~45 s of training plus ~45 s of "
+         "full-ranking valid ndcg@10 over ~200k users x 20k items, and the refit repeats the "
+         "best count on all data; 4 keeps train within ~10 of the 20 minutes")),
+        ("train.mf_softmax.patience", args.patience,
+         "epochs without a better valid ndcg@10 before stopping (default 3; moot at 4 epochs)"),
+        ("score.shards", args.shards,
+         "one mapped score task per core (2 cores); dag.test() runs them one after the other"),
+    ]
+
+
+def write_params(path: Path, args) -> list[tuple[str, object, str]]:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    ov = overrides(args)
+    for key, value, _why in ov:
+        node = params
+        *parents, last = key.split(".")
+        for k in parents:
+            node = node[k]
+        node[last] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return ov
+
+
+def interactions(*, rows: int, users: int, items: int, seed: int, days: int = 200,
+                 n_factors: int = 8, temperature: float = 0.25, chunk: int = 2048):
+    """``(user, item, rating, timestamp)`` int arrays, about ``rows`` events, no repeated pair.
+
+    The model of ``tasks.sample_data`` (unit-norm user and item factors, a user picks items with
+    probability ``softmax(u . v / temperature + log popularity)``, Zipf popularity, log-normal
+    activity, ratings rising with affinity), drawn vectorised a chunk of users at a time by
+    inverse CDF (with replacement, oversampled, then the first draws of each distinct pair
+    kept), so memory stays at a few chunk x items matrices. ``sample_data.generate_sample``
+    itself loops over users in Python and grew past 16 GB at 10M events here.
+    """
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    user_f = rng.normal(size=(users, n_factors)).astype(np.float32)
+    item_f = rng.normal(size=(items, n_factors)).astype(np.float32)
+    user_f /= np.linalg.norm(user_f, axis=1, keepdims=True)
+    item_f /= np.linalg.norm(item_f, axis=1, keepdims=True)
+    log_pop = -0.8 * np.log(rng.permutation(items) + 1.0).astype(np.float32)
+    activity = rng.lognormal(0.0, 0.9, users)
+    counts = np.maximum(5, np.round(activity / activity.sum() * rows)).astype(np.int64)
+    counts = np.minimum(counts, items // 4)
+    out_u, out_i, out_a = [], [], []
+    for lo in range(0, users, chunk):
+        hi = min(lo + chunk, users)
+        n = hi - lo
+        aff = user_f[lo:hi] @ item_f.T
+        logits = (aff / temperature + log_pop).astype(np.float64)  # float64: exact row offsets
+        logits -= logits.max(axis=1, keepdims=True)
+        cdf = np.cumsum(np.exp(logits, out=logits), axis=1, out=logits)
+        cdf /= cdf[:, -1:]
+        cdf += np.arange(n, dtype=np.float64)[:, None]  # row r's CDF lives in [r, r + 1]
+        draws = np.ceil(counts[lo:hi] * 1.5 + 10).astype(np.int64)
+        row = np.repeat(np.arange(n), draws)
+        flat = np.searchsorted(cdf.reshape(-1), row + rng.random(len(row)))
+        item = np.minimum(flat - row * items, items - 1)
+        df = pd.DataFrame({"r": row, "i": item}).drop_duplicates()
+        df = df[df.groupby("r").cumcount().to_numpy() < counts[lo:hi][df["r"].to_numpy()]]
+        r, i = df["r"].to_numpy(), df["i"].to_numpy()
+        out_u.append(r + lo)
+        out_i.append(i)
+        out_a.append(aff[r, i])
+    u, i, a = np.concatenate(out_u), np.concatenate(out_i), np.concatenate(out_a)
+    rating = np.clip(np.round(3.2 + 2.2 * a + rng.normal(scale=0.7, size=a.size)), 1, 5)
+    t0 = dt.datetime.fromisoformat(DS).replace(tzinfo=dt.UTC).timestamp() - days * 86400
+    user_start = rng.uniform(0, 0.7, size=users) * days * 86400
+    ts = t0 + user_start[u] + rng.uniform(0, 0.3, size=u.size) * days * 86400
+    return u, i, rating.astype(np.int64), ts.astype(np.int64), item_f
+
+
+def generate(out: Path, *, rows: int, users: int, items: int, files: int, seed: int) -> None:
+    """Child mode: generate and upload the snapshot (env points at the private S3)."""
+    import numpy as np
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tasks import layout, sample_data, storage
+
+    t0 = time.perf_counter()
+    u, i, rating, ts, item_f = interactions(rows=rows, users=users, items=items, seed=seed)
+    print(f"generated {len(u):,} events in {time.perf_counter() - t0:.0f} s", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    order = np.random.default_rng(seed).permutation(len(u))  # files are not time-sorted
+    table = pa.table({"user_id": u[order] + 1, "item_id": i[order] + 1,
+                      "rating": rating[order], "timestamp": ts[order]})
+    del u, i, rating, ts, order
+    rng = np.random.default_rng(seed + 1)
+    genres = sample_data.GENRES
+    dominant, second = np.argmax(item_f, axis=1), np.argsort(item_f, axis=1)[:, -2]
+    items_df = pd.DataFrame({
+        "item_id": np.arange(1, items + 1), "title": [f"Item {k}" for k in range(1, items + 1)],
+        "year": rng.integers(1950, 2026, size=items),
+        "genres": [f"{genres[d % len(genres)]} {genres[(s + 7) % len(genres)]}"
+                   for d, s in zip(dominant, second, strict=True)]})
+    users_df = pd.DataFrame({
+        "user_id": np.arange(1, users + 1), "age": rng.integers(15, 75, size=users),
+        "gender": rng.choice(["F", "M"], size=users),
+        "occupation": rng.choice(sample_data.OCCUPATIONS, size=users),
+        "zip_code": [f"{z:05d}" for z in rng.integers(0, 99999, size=users)]})
+    step = -(-table.num_rows // files)
+    for k in range(files):
+        path = out / f"part-{k:03d}.parquet"
+        pq.write_table(table.slice(k * step, step), path, compression="zstd")
+        storage.upload_from(path, layout.raw_prefix(DS, "interactions") + path.name)
+        path.unlink()
+    for name, df in (("items", items_df), ("users", users_df)):
+        path = out / f"{name}.csv"
+        df.to_csv(path, index=False)
+        storage.upload_from(path, layout.raw_prefix(DS, name) + path.name)
+        path.unlink()
+    print(f"generated and uploaded in {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def _free_ports(n: int) -> list[int]:
+    """``n`` free ports p with p + 10000 free too (weed's gRPC ports)."""
+    found: list[int] = []
+    while len(found) < n:
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            p = a.getsockname()[1]
+        if p in found or p + 10000 >= 65536:
+            continue
+        try:
+            with socket.socket() as b:
+                b.bind(("127.0.0.1", p + 10000))
+        except OSError:
+            continue
+        found.append(p)
+    return found
+
+
+def _tree_rss(proc) -> int:
+    import psutil
+
+    total = 0
+    try:
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def _log_time(line: str) -> float | None:
+    m = _TS.search(line[:80])
+    if not m:
+        return None
+    text = m.group(1).replace(",", ".").replace(" ", "T").replace("Z", "+00:00")
+    try:
+        t = dt.datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if t.tzinfo is None:
+        t = t.astimezone()
+    return t.timestamp()
+
+
+class Monitor:
+    """Follows the run log and samples RSS every ``interval`` s until the run exits."""
+
+    def __init__(self, proc, weed_pid: int | None, log_path: Path, interval: float = 0.2):
+        import psutil
+
+        self.proc = psutil.Process(proc.pid)
+        self.weed = psutil.Process(weed_pid) if weed_pid else None
+        self.popen, self.log_path, self.interval = proc, log_path, interval
+        self.running: dict[str, float] = {}  # task key -> seen start (wall clock)
+        self.tasks: dict[str, dict] = {}      # task key -> start, end, peak, order
+        self.outside_peak = 0                 # samples with no task running (DAG parse, db...)
+        self.tree_peak = 0
+        self.all_peak = 0
+        self.weed_peak = 0
+        self._pos = 0
+        self._buf = ""
+
+    def _read_log(self) -> None:
+        if not self.log_path.exists():
+            return
+        with open(self.log_path, errors="replace") as f:
+            f.seek(self._pos)
+            chunk = f.read()
+            self._pos = f.tell()
+        self._buf += chunk
+        *lines, self._buf = self._buf.split("\n")
+        now = time.time()
+        for line in lines:
+            for rx, kind in ((_START, "start"), (_END, "end")):
+                m = rx.search(line)
+                if not m:
+                    continue
+                task, idx = m.group(1), int(m.group(2))
+                key = task if idx < 0 else f"{task}[{idx}]"
+                t = _log_time(line)
+                rec = self.tasks.setdefault(key, {"task": task, "order": len(self.tasks),
+                                                  "peak": 0})
+                if kind == "start":
+                    rec.update(start=t or now, start_seen=now)
+                    self.running[key] = now
+                else:
+                    rec.update(end=t or now, end_seen=now)
+                    self.running.pop(key, None)
+
+    def run(self) -> None:
+        while True:
+            self._read_log()
+            rss = _tree_rss(self.proc)
+            weed = 0
+            if self.weed is not None:
+                try:
+                    weed = self.weed.memory_info().rss
+                except Exception:  # noqa: BLE001 - gone
+                    weed = 0
+            self.tree_peak = max(self.tree_peak, rss)
+            self.weed_peak = max(self.weed_peak, weed)
+            self.all_peak = max(self.all_peak, rss + weed)
+            if self.running:
+                for key in self.running:
+                    self.tasks[key]["peak"] = max(self.tasks[key]["peak"], rss)
+            else:
+                self.outside_peak = max(self.outside_peak, rss)
+            if self.popen.poll() is not None:
+                self._read_log()
+                return
+            time.sleep(self.interval)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--interactions", type=int, default=10_000_000)
+    parser.add_argument("--users", type=int, default=200_000)
+    parser.add_argument("--items", type=int, default=20_000)
+    parser.add_argument("--files", type=int, default=4, help="Parquet parts in the snapshot")
+    parser.add_argument("--seed", type=int, default=20261128)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--patience", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument("--learning-rate", type=float, default=0.02)
+    parser.add_argument("--shards", type=int, default=2)
+    parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, state)")
+    parser.add_argument("--json-out", type=Path, help="also write the figures here")
+    parser.add_argument("--generate", type=Path, help=argparse.SUPPRESS)  # child mode
+    args = parser.parse_args(argv)
+    if args.generate:
+        generate(args.generate, rows=args.interactions, users=args.users, items=args.items,
+                 files=args.files, seed=args.seed)
+        return 0
+
+    from tasks import s3server, storage
+
+    work = Path(tempfile.mkdtemp(prefix="nightrec-bench-dag-"))
+    ports = _free_ports(5)
+    cfg = s3server.ServerConfig(data_dir=work / "s3", s3_port=ports[0], master_port=ports[1],
+                                volume_port=ports[2], filer_port=ports[3], admin_port=ports[4],
+                                bucket="nightrec-bench")
+    params_path = work / "params.yaml"
+    ov = write_params(params_path, args)
+    print(f"work dir {work}; params overrides (in {params_path}):")
+    for key, value, why in ov:
+        print(f"  {key} = {value}: {why}")
+    print(f"  (unchanged: train.candidates [ease, mf_softmax] with train.ease.max_items 15000, so "
+          f"EASE is skipped at {args.items:,} items; mf_softmax uses the sampled softmax above "
+          f"full_softmax_max_items)", flush=True)
+    env = {k: v for k, v in os.environ.items() if k not in (
+        "S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE",
+        "NIGHTREC_PARAMS", "NIGHTREC_BUCKET", "AIRFLOW_HOME")}
+    env.update(NIGHTREC_STATE=str(work / "state"), NIGHTREC_PARAMS=str(params_path),
+               NIGHTREC_BUCKET=cfg.bucket, GX_ANALYTICS_ENABLED="false", PYTHONPATH=str(ROOT),
+               TF_CPP_MIN_LOG_LEVEL="2")
+    os.environ.update(env)  # so that s3server reads this bucket
+    s3server.up(cfg)
+    weed_pid = int(cfg.pid_file.read_text())
+    figures: dict = {"interactions": args.interactions, "users": args.users, "items": args.items,
+                     "overrides": {k: v for k, v, _ in ov}}
+    try:
+        env.update(s3server.client_env(cfg))
+        os.environ.update(env)
+        storage._client.cache_clear()
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, str(Path(__file__).resolve()), "--generate",
+                        str(work / "input"), "--interactions", str(args.interactions),
+                        "--users", str(args.users), "--items", str(args.items),
+                        "--files", str(args.files), "--seed", str(args.seed)],
+                       env=env, check=True)
+        figures["generate_s"] = time.perf_counter() - t0
+        print(f"input ready in {figures['generate_s']:.0f} s (not counted)", flush=True)
+
+        state = work / "state"
+        log_path = work / "run.log"
+        result_path = work / "result.json"
+        cmd = [sys.executable, str(ROOT / "scripts" / "run_dag.py"), "--ds", DS,
+               "--conf", json.dumps({"force_publish": False}), "--state", str(state),
+               "--result-file", str(result_path)]
+        # the Airflow metadata DB is migrated before the run (run_dag.py does it once per state
+        # dir): it is setup, not part of a night's run
+        migrate_env = {**env, "AIRFLOW_HOME": str(work / "state" / "airflow"),
+                       "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN":
+                           f"sqlite:///{work / 'state' / 'airflow'}/airflow.db"}
+        (work / "state" / "airflow").mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        subprocess.run([str(Path(sys.executable).parent / "airflow"), "db", "migrate"],
+                       env=migrate_env, check=True, stdout=subprocess.DEVNULL)
+        (work / "state" / "airflow" / ".migrated").write_text("ok")
+        print(f"airflow db migrate in {time.perf_counter() - t0:.0f} s (not counted)", flush=True)
+
+        t0 = time.perf_counter()
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                    cwd=str(ROOT))
+            mon = Monitor(proc, weed_pid, log_path)
+            th = threading.Thread(target=mon.run, daemon=True)
+            th.start()
+            last = 0.0
+            while proc.poll() is None:
+                time.sleep(1.0)
+                if time.perf_counter() - last > 30:
+                    last = time.perf_counter()
+                    print(f"  t={time.perf_counter() - t0:5.0f} s running "
+                          f"{sorted(mon.running) or '-'} tree RSS peak "
+                          f"{mon.tree_peak / 2**30:.2f} GB", flush=True)
+            th.join()
+        wall = time.perf_counter() - t0
+        result = json.loads(result_path.read_text()) if result_path.exists() else None
+        figures.update(total_s=wall, tree_peak_gb=mon.tree_peak / 2**30,
+                       all_peak_gb=mon.all_peak / 2**30, weed_peak_gb=mon.weed_peak / 2**30,
+                       outside_tasks_peak_gb=mon.outside_peak / 2**30, exit=proc.returncode,
+                       result=result)
+        rows = []
+        covered = 0.0
+        for key, rec in sorted(mon.tasks.items(), key=lambda kv: kv[1]["order"]):
+            secs = rec["end"] - rec["start"] if "end" in rec and "start" in rec else None
+            covered += secs or 0.0
+            state_ = (result or {}).get("tasks", {}).get(rec["task"], "?")
+            rows.append({"task": key, "wall_s": secs, "peak_rss_gb": rec["peak"] / 2**30,
+                         "state": state_})
+        figures["tasks"] = rows
+        figures["outside_tasks_s"] = wall - covered
+        print()
+        print(f"{'task':16s} {'wall s':>8s} {'peak RSS GB':>12s}  state")
+        for r in rows:
+            w = f"{r['wall_s']:8.1f}" if r["wall_s"] is not None else "       ?"
+            peak = f"{r['peak_rss_gb']:12.2f}" if r["peak_rss_gb"] else f"{'(no sample)':>12s}"
+            print(f"{r['task']:16s} {w} {peak}  {r['state']}")
+        print(f"{'(outside tasks)':16s} {wall - covered:8.1f} {mon.outside_peak / 2**30:12.2f}  "
+              "DAG parse, dag.test() setup, scheduling between tasks")
+        ok = wall <= TARGET_S and mon.tree_peak / 2**30 <= TARGET_GB
+        print(f"total {wall:.0f} s ({wall / 60:.1f} min) wall; peak RSS of the DAG process tree "
+              f"{mon.tree_peak / 2**30:.2f} GB; with SeaweedFS {mon.all_peak / 2**30:.2f} GB "
+              f"(SeaweedFS alone peaked at {mon.weed_peak / 2**30:.2f} GB). Targets <= "
+              f"{TARGET_S / 60:.0f} min and <= {TARGET_GB:.0f} GB: {'met' if ok else 'MISSED'}")
+        if result is None or proc.returncode != 0:
+            print(f"run exit {proc.returncode}; result {result}; log tail:")
+            print("".join(log_path.read_text(errors="replace").splitlines(True)[-60:]))
+        else:
+            try:
+                from tasks import layout
+
+                metrics = storage.read_json(layout.run_uri(DS, "evaluate", "metrics.json"))
+                figures["metrics"] = metrics
+                print("evaluate:", json.dumps(metrics)[:1500])
+                m = storage.read_json(layout.manifest_uri(DS))
+                figures["manifest"] = {k: m.get(k) for k in ("rows", "users", "model_version")}
+                print(f"published {m['rows']:,} rows for {m['users']:,} users, model "
+                      f"{m['model_version']}")
+                sel = storage.read_json(layout.run_uri(DS, "train", "selection.json"))
+                figures["selection"] = sel
+                print("selection:", json.dumps(sel))
+            except Exception as e:  # noqa: BLE001 - report what is there
+                print(f"(could not read run outputs: {e})")
+        if args.json_out:
+            args.json_out.write_text(json.dumps(figures, indent=2, default=str))
+    finally:
+        s3server.down(cfg)
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0 if figures.get("exit") == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
