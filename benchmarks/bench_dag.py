@@ -58,17 +58,18 @@ def overrides(args) -> list[tuple[str, object, str]]:
     return [
         ("train.mf_softmax.batch_size", args.batch_size,
          ("512 gives ~16k Keras steps per epoch on ~8M train positives, and per-step overhead "
-         "dominates on 2 CPU cores; 4096 makes it ~2k steps (8192 was tried: 3 epochs of ~1k "
-         "steps at lr 0.01 only tied popularity, ndcg@10 0.0696 vs 0.0697, not blessed)")),
+         "dominates on 2 CPU cores; 8192 makes it ~1k steps (measured 2026-11-28: 3 epochs fit "
+         "in 8.6 min in all; 4 epochs at 4096 took 21.9 min; both only tied popularity at 10M, "
+         "see benchmarks/RESULTS.md)")),
         ("train.mf_softmax.learning_rate", args.learning_rate,
-         ("0.003 -> 0.02: raised with the batch size, so that a user's embedding (~40 events, "
+         ("0.003 -> 0.01: raised with the batch size, so that a user's embedding (~40 events, "
          "so ~40 updates an epoch) moves far enough in the few epochs the budget allows")),
         ("train.mf_softmax.epochs", args.epochs,
          ("upper bound (default 30): each holdout epoch costs ~45 s of training plus ~45 s of "
          "full-ranking valid ndcg@10 over ~200k users x 20k items, and the refit repeats the "
-         "best count on all data; 4 keeps train within ~10 of the 20 minutes")),
+         "best count on all data; 3 keeps train at ~6 of the 20 minutes")),
         ("train.mf_softmax.patience", args.patience,
-         "epochs without a better valid ndcg@10 before stopping (default 3; moot at 4 epochs)"),
+         "epochs without a better valid ndcg@10 before stopping (default 3; moot at 3 epochs)"),
         ("score.shards", args.shards,
          "one mapped score task per core (2 cores); dag.test() runs them one after the other"),
     ]
@@ -306,10 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--items", type=int, default=20_000)
     parser.add_argument("--files", type=int, default=4, help="Parquet parts in the snapshot")
     parser.add_argument("--seed", type=int, default=20261128)
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--patience", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=4096)
-    parser.add_argument("--learning-rate", type=float, default=0.02)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--patience", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=8192)
+    parser.add_argument("--learning-rate", type=float, default=0.01)
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, state)")
     parser.add_argument("--json-out", type=Path, help="also write the figures here")
