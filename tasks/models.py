@@ -143,7 +143,38 @@ def align(emb: dict, *, model_users: np.ndarray, model_items: np.ndarray, user_i
     return {"user": user, "item": item, "item_bias": bias}
 
 
-def build_mf(*, n_users: int, n_items: int, embedding_dim: int, l2: float, seed: int):
+def side_matrix(table: pd.DataFrame, spec: dict) -> np.ndarray | None:
+    """Dense float32 side features (n, f) from augment's encoded feature table, in index order.
+
+    ``spec`` is augment's ``{numeric: [...], categorical: [...], multi_hot: [...]}``: numeric
+    columns are standardised (missing -> 0), categorical codes one-hot (code 0 = missing gets
+    its own column), multi-hot columns used as they are. None when the spec names nothing the
+    table has.
+    """
+    blocks = []
+    for col in spec.get("numeric") or []:
+        if col in table.columns:
+            x = pd.to_numeric(table[col], errors="coerce").to_numpy(dtype=np.float64)
+            mu, sd = np.nanmean(x) if np.isfinite(x).any() else 0.0, np.nanstd(x)
+            z = np.where(np.isfinite(x), (x - mu) / (sd if sd > 0 else 1.0), 0.0)
+            blocks.append(z.astype(np.float32)[:, None])
+    for col in spec.get("categorical") or []:
+        if col in table.columns:
+            codes = table[col].to_numpy(dtype=np.int64)
+            hot = np.zeros((len(codes), int(codes.max(initial=0)) + 1), np.float32)
+            hot[np.arange(len(codes)), codes] = 1.0
+            blocks.append(hot)
+    for col in spec.get("multi_hot") or []:
+        name = col + "_multi_hot"
+        if name in table.columns and len(table):
+            rows = [np.asarray(r, np.float32) for r in table[name]]
+            if rows and rows[0].size:
+                blocks.append(np.stack(rows))
+    return np.concatenate(blocks, axis=1) if blocks else None
+
+
+def build_mf(*, n_users: int, n_items: int, embedding_dim: int, l2: float, seed: int,
+             user_side: np.ndarray | None = None, item_side: np.ndarray | None = None):
     """The mf_softmax model. Full softmax: input user indices, output logits over all items.
     Sampled softmax: input ``(users, candidates (b, 1 + n_neg), log_q (b, 1 + n_neg))``, output
     logQ-corrected logits over the candidates, the positive first. Both float32."""
@@ -161,23 +192,57 @@ def build_mf(*, n_users: int, n_items: int, embedding_dim: int, l2: float, seed:
                 n_items, embedding_dim, name="item", embeddings_regularizer=reg,
                 embeddings_initializer=keras.initializers.RandomNormal(stddev=0.05, seed=seed + 1))
             self.bias = layers.Embedding(n_items, 1, embeddings_initializer="zeros", name="bias")
+            # Side features: a user's (item's) vector is its id embedding plus a linear map of
+            # its side features. The maps start at zero, so a warm start is exact at epoch 0.
+            self.user_side = self.item_side = None
+            if user_side is not None:
+                self.user_side = ops.convert_to_tensor(user_side, dtype="float32")
+                self.user_map = layers.Dense(embedding_dim, use_bias=False, name="user_side",
+                                             kernel_initializer="zeros")
+            if item_side is not None:
+                self.item_side = ops.convert_to_tensor(item_side, dtype="float32")
+                self.item_map = layers.Dense(embedding_dim, use_bias=False, name="item_side",
+                                             kernel_initializer="zeros")
 
         def build(self, input_shape):
             self.user.build((None,))
             self.item.build((None,))
             self.bias.build((None,))
+            if self.user_side is not None:
+                self.user_map.build((None, int(self.user_side.shape[1])))
+            if self.item_side is not None:
+                self.item_map.build((None, int(self.item_side.shape[1])))
             self.built = True
+
+        def user_vectors(self, user_idx):
+            u = self.user(user_idx)
+            if self.user_side is not None:
+                side = self.user_map(ops.take(self.user_side, user_idx, axis=0))
+                u = u + ops.cast(side, u.dtype)
+            return u
+
+        def item_vectors(self, item_idx=None):
+            if item_idx is None:
+                v = ops.convert_to_tensor(self.item.embeddings)
+                side_rows = self.item_side
+            else:
+                v = self.item(item_idx)
+                side_rows = None if self.item_side is None else ops.take(
+                    self.item_side, item_idx, axis=0)
+            if side_rows is not None:
+                v = v + ops.cast(self.item_map(side_rows), v.dtype)
+            return v
 
         def call(self, inputs):
             if isinstance(inputs, (tuple, list)):  # sampled: (users, candidates, log_q)
                 user_idx, candidates, log_q = inputs
-                u = ops.expand_dims(self.user(user_idx), 1)  # (b, 1, d)
-                v = self.item(candidates)  # (b, c, d): the positive first, then negatives
+                u = ops.expand_dims(self.user_vectors(user_idx), 1)  # (b, 1, d)
+                v = self.item_vectors(candidates)  # (b, c, d): the positive first, negatives
                 logits = ops.sum(u * v, axis=-1) + ops.squeeze(self.bias(candidates), -1)
                 # logQ correction: candidates drawn in proportion to q score as if uniform
                 return ops.cast(logits, "float32") - ops.cast(log_q, "float32")
-            u = self.user(inputs)
-            logits = ops.matmul(u, ops.transpose(self.item.embeddings))
+            u = self.user_vectors(inputs)
+            logits = ops.matmul(u, ops.transpose(ops.cast(self.item_vectors(), u.dtype)))
             logits = logits + ops.reshape(self.bias.embeddings, (1, -1))
             return ops.cast(logits, "float32")  # the loss stays float32 under mixed precision
 
@@ -187,18 +252,24 @@ def build_mf(*, n_users: int, n_items: int, embedding_dim: int, l2: float, seed:
 
 
 def mf_weights(model) -> dict[str, np.ndarray]:
-    """A built mf_softmax model's weights as the factor-model export."""
+    """A built mf_softmax model's weights as the factor-model export: the final user and item
+    vectors (id embedding plus the side-feature part), so scoring needs no features."""
+    from keras import ops
+
+    n_users = int(model.user.embeddings.shape[0])
     return {
-        "user": np.asarray(model.user.embeddings, dtype=np.float32),
-        "item": np.asarray(model.item.embeddings, dtype=np.float32),
+        "user": np.asarray(ops.convert_to_numpy(model.user_vectors(np.arange(n_users))),
+                           dtype=np.float32),
+        "item": np.asarray(ops.convert_to_numpy(model.item_vectors()), dtype=np.float32),
         "item_bias": np.asarray(model.bias.embeddings, dtype=np.float32).reshape(-1),
     }
 
 
 def warm_start(model, init: dict[str, np.ndarray]) -> int:
     """Copy ``init`` (a factor export aligned to this model's indices by :func:`align`) into
-    ``model`` where it knows the user or item; the rest keeps its seeded random init. Returns
-    the number of rows copied."""
+    ``model``'s id embeddings where it knows the user or item; the rest keeps its seeded random
+    init. The side-feature maps start at zero, so the vectors equal the champion's at first.
+    Returns the number of rows copied."""
     copied = 0
     for layer, key, known in (
         (model.user, "user", np.any(init["user"] != 0, axis=1)),

@@ -63,6 +63,9 @@ PARAMS = [
     "train.mf_softmax.full_softmax_max_items",
     "augment.negatives_per_positive",
     "augment.negative_alpha",
+    "train.mf_softmax.side_features",
+    "augment.item_features",
+    "augment.user_features",
 ]
 STRATEGIES = ("auto", "mirrored", "default")
 log = logging.getLogger(__name__)
@@ -220,6 +223,7 @@ def fit_mf(
     train: pd.DataFrame, valid: pd.DataFrame | None, *, n_users: int, n_items: int,
     p: settings.StepParams, workdir: Path, epochs: int | None = None,
     init: dict[str, np.ndarray] | None = None, tensorboard_dir: Path | None = None,
+    side: dict[str, np.ndarray | None] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict, object]:
     """Fit mf_softmax on the positive rows of ``train``; with ``valid``, early-stop on
     ``train.select_metric`` measured on it. Returns ``(weights, history, keras model)``."""
@@ -237,6 +241,7 @@ def fit_mf(
         model = models.build_mf(
             n_users=n_users, n_items=n_items, embedding_dim=int(p["train.mf_softmax.embedding_dim"]),
             l2=float(p["train.mf_softmax.l2"]), seed=seed,
+            user_side=(side or {}).get("user"), item_side=(side or {}).get("item"),
         )
         warm_rows = models.warm_start(model, init) if init is not None else 0
         model.compile(
@@ -324,6 +329,7 @@ def choose(names: list[str], valid: dict[str, float], *, min_gain: float) -> str
 def train_both(
     parts: dict[str, pd.DataFrame], *, n_users: int, n_items: int, p: settings.StepParams,
     workdir: Path, init: dict[str, np.ndarray] | None = None,
+    side: dict[str, np.ndarray | None] | None = None,
 ) -> dict:
     """Select the best candidate on the valid split, then refit it on everything.
 
@@ -346,7 +352,7 @@ def train_both(
         else:
             emb, hist, keras_models[name] = fit_mf(
                 parts["train"], parts["valid"], n_users=n_users, n_items=n_items, p=p,
-                workdir=workdir, init=init, tensorboard_dir=tb / "holdout",
+                workdir=workdir, init=init, tensorboard_dir=tb / "holdout", side=side,
             )
             value = hist[f"best_val_{metric}"]
         hist[f"valid_{metric}"] = value
@@ -365,6 +371,7 @@ def train_both(
         emb, hist, keras_models["full"] = fit_mf(
             everything, None, n_users=n_users, n_items=n_items, p=p, workdir=workdir,
             epochs=fits[chosen][1]["best_epoch"], init=init, tensorboard_dir=tb / "full",
+            side=side,
         )
         full = (emb, hist)
     return {"chosen": chosen, "selection": selection, "holdout": fits[chosen], "full": full,
@@ -400,6 +407,21 @@ def _sizes(split_out: dict[str, str]) -> tuple[int, int]:
     return len(users), len(items)
 
 
+def side_features(split_out: dict, p: settings.StepParams) -> dict | None:
+    """mf_softmax's side-feature matrices from augment's feature tables (index order), typed
+    by ``augment.user_features`` / ``augment.item_features``; None when switched off."""
+    if not p["train.mf_softmax.side_features"]:
+        return None
+    out = {}
+    for kind in ("user", "item"):
+        table = storage.read_parquet(split_out[f"{kind}_features"])
+        idx = schema.USER_IDX if kind == "user" else schema.ITEM_IDX
+        out[kind] = models.side_matrix(table.sort_values(idx), p[f"augment.{kind}_features"])
+    log.info("side features: user %s, item %s", *(None if m is None else m.shape
+                                                  for m in out.values()))
+    return out
+
+
 def _warm_start_init(split_out: dict, p: settings.StepParams) -> dict | None:
     """The champion's full-refit factors aligned to this run, when warm start is asked for and
     the champion is an mf model; else None (logged)."""
@@ -431,9 +453,11 @@ def run(ds: str, split_out: dict[str, str], params: dict | None = None) -> dict:
     parts = {name: storage.read_parquet(split_out[name]) for name in ("train", "valid", "test")}
     n_users, n_items = _sizes(split_out)
     init = _warm_start_init(split_out, p)
+    side = side_features(split_out, p)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        result = train_both(parts, n_users=n_users, n_items=n_items, p=p, workdir=work, init=init)
+        result = train_both(parts, n_users=n_users, n_items=n_items, p=p, workdir=work, init=init,
+                            side=side)
         version = model_version(ds, split_out["data_version"], result["chosen"], p)
         out = {**split_out, "model_version": version, "chosen": result["chosen"],
                "selection": result["selection"], "artifacts": {}}

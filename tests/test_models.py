@@ -139,6 +139,32 @@ def test_sampled_softmax_learns_with_popularity_negatives_and_is_chosen_above_th
     assert all(np.array_equal(emb[k], again[k]) for k in emb)  # seeded negatives too
 
 
+def test_side_features_are_encoded_and_enter_the_exported_vectors(parts, tmp_path):
+    items = pd.DataFrame({"item_idx": range(3), "year": [1990.0, np.nan, 2000.0],
+                          "genres_multi_hot": [np.array([1, 0], np.int8),
+                                               np.array([0, 1], np.int8),
+                                               np.array([1, 1], np.int8)]})
+    users = pd.DataFrame({"user_idx": range(3), "gender": np.array([1, 2, 0], np.int32)})
+    m = models.side_matrix(items, {"numeric": ["year"], "multi_hot": ["genres"]})
+    assert m.shape == (3, 3) and m[1, 0] == 0.0 and m[0, 0] == -m[2, 0]  # standardised, NaN 0
+    assert m[:, 1:].tolist() == [[1, 0], [0, 1], [1, 1]]
+    u = models.side_matrix(users, {"categorical": ["gender"], "numeric": ["absent"]})
+    assert u.tolist() == [[0, 1, 0], [0, 0, 1], [1, 0, 0]]  # code 0 (missing) has a column
+    assert models.side_matrix(users, {"numeric": ["absent"]}) is None
+
+    rng = np.random.default_rng(0)
+    side = {"user": rng.random((parts["n_users"], 4)).astype(np.float32),
+            "item": np.eye(parts["n_items"], 6, dtype=np.float32)}
+    p = settings.step_params(train.PARAMS, _params(**{"mf_softmax.epochs": 2}))
+    emb, hist, model = train.fit_mf(parts["train"], parts["valid"], n_users=parts["n_users"],
+                                    n_items=parts["n_items"], p=p, workdir=tmp_path, side=side)
+    ids = np.asarray(model.user.embeddings)
+    w = np.asarray(model.user_map.kernel)
+    assert np.abs(w).max() > 0  # the side map learned
+    assert np.allclose(emb["user"], ids + side["user"] @ w, atol=1e-5)
+    assert hist["best_val_ndcg_at_10"] > 0
+
+
 def test_cpu_training_is_seeded_and_deterministic(parts, tmp_path):
     p = settings.step_params(train.PARAMS, _params(**{"mf_softmax.epochs": 2}))
     a, _, _ = train.fit_mf(parts["train"], None, n_users=parts["n_users"],
