@@ -33,7 +33,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -183,23 +182,6 @@ def generate(out: Path, *, rows: int, users: int, items: int, files: int, seed: 
     print(f"generated and uploaded in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
-def _free_ports(n: int) -> list[int]:
-    """``n`` free ports p with p + 10000 free too (weed's gRPC ports)."""
-    found: list[int] = []
-    while len(found) < n:
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            p = a.getsockname()[1]
-        if p in found or p + 10000 >= 65536:
-            continue
-        try:
-            with socket.socket() as b:
-                b.bind(("127.0.0.1", p + 10000))
-        except OSError:
-            continue
-        found.append(p)
-    return found
-
 
 def _tree_rss(proc) -> int:
     import psutil
@@ -324,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     from tasks import s3server, storage
 
     work = Path(tempfile.mkdtemp(prefix="nightrec-bench-dag-"))
-    ports = _free_ports(5)
+    ports = s3server.free_port_pairs(5)
     cfg = s3server.ServerConfig(data_dir=work / "s3", s3_port=ports[0], master_port=ports[1],
                                 volume_port=ports[2], filer_port=ports[3], admin_port=ports[4],
                                 bucket="nightrec-bench")

@@ -23,7 +23,6 @@ import json
 import os
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -106,23 +105,6 @@ def generate(work: Path, *, rows: int, users: int, items: int, files: int, fmt: 
     users_df.to_csv(out["users"][0], index=False)
     return out
 
-
-def _free_ports(n: int) -> list[int]:
-    """``n`` free ports p with p + 10000 free too (weed's gRPC ports)."""
-    found: list[int] = []
-    while len(found) < n:
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            p = a.getsockname()[1]
-        if p in found or p + 10000 >= 65536:
-            continue
-        try:
-            with socket.socket() as b:
-                b.bind(("127.0.0.1", p + 10000))
-        except OSError:
-            continue
-        found.append(p)
-    return found
 
 
 def _vm_hwm_kb() -> int:
@@ -208,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     from tasks import s3server, storage
 
     work = Path(tempfile.mkdtemp(prefix="nightrec-bench-data-"))
-    ports = _free_ports(5)
+    ports = s3server.free_port_pairs(5)
     cfg = s3server.ServerConfig(data_dir=work / "s3", s3_port=ports[0], master_port=ports[1],
                                 volume_port=ports[2], filer_port=ports[3], admin_port=ports[4])
     env = {k: v for k, v in os.environ.items() if k not in (

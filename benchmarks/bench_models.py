@@ -90,25 +90,6 @@ def baselines(train: pd.DataFrame, k: int, ease_lambda: float) -> dict[str, dict
     return out
 
 
-def _free_port_pairs(n: int) -> list[int]:
-    """``n`` distinct free ports p with p + 10000 free too (weed's gRPC ports)."""
-    import socket
-
-    found: list[int] = []
-    while len(found) < n:
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            p = a.getsockname()[1]
-        if p in found or p + 10000 >= 65536:
-            continue
-        try:
-            with socket.socket() as b:
-                b.bind(("127.0.0.1", p + 10000))
-        except OSError:
-            continue
-        found.append(p)
-    return found
-
 
 def run_nightrec(train: pd.DataFrame, ml: Path, params: dict, work: Path) -> tuple[dict, float]:
     """``nightrec run`` on ``train`` in a private state folder and S3 server; the published table
@@ -119,7 +100,7 @@ def run_nightrec(train: pd.DataFrame, ml: Path, params: dict, work: Path) -> tup
     train[["u", "i", "r", "t"]].to_csv(data, sep="\t", header=False, index=False)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     state = work / "state"
-    ports = _free_port_pairs(5)
+    ports = s3server.free_port_pairs(5)
     cfg = s3server.ServerConfig(
         data_dir=state / "s3", s3_port=ports[0], master_port=ports[1], volume_port=ports[2],
         filer_port=ports[3], admin_port=ports[4])

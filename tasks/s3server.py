@@ -183,6 +183,27 @@ def _command(cfg: ServerConfig) -> list[str]:
     return args
 
 
+def free_port_pairs(n: int) -> list[int]:
+    """``n`` distinct free ports p on 127.0.0.1 with p + 10000 free too (weed's gRPC ports):
+    for private servers in benchmarks (``ServerConfig(s3_port=..., ...)``)."""
+    import socket
+
+    found: list[int] = []
+    while len(found) < n:
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            p = a.getsockname()[1]
+        if p in found or p + 10000 >= 65536:
+            continue
+        try:
+            with socket.socket() as b:
+                b.bind(("127.0.0.1", p + 10000))
+        except OSError:
+            continue
+        found.append(p)
+    return found
+
+
 def up(cfg: ServerConfig | None = None) -> ServerConfig:
     """Start the server unless ours already runs; return once S3 answers."""
     cfg = cfg or ServerConfig.from_env()
