@@ -46,8 +46,10 @@ from orchestration.common import (
     ds_param,
     model_version_param,
     permanent,
+    publish_shards,
     run_ds,
     run_key,
+    score_shard,
     shards_param,
     top_k_param,
 )
@@ -182,22 +184,6 @@ def nightly_recommendations():
         return step.plan(prev["ds"], chosen[0]["model"], prev["clean"], run_key=run_key(),
                          top_k=ctx["params"].get("top_k"), shards=ctx["params"].get("shards"))
 
-    @task(doc_md="Top-K unseen items for one shard's users, into that shard's staging parts.")
-    def score(spec: dict) -> dict:
-        from tasks import score as step
-
-        return step.run_shard(spec)
-
-    @task(doc_md="Validate all shards' table, claim the ds, write parts and manifest, then move "
-                 "the latest pointer (conditional write); retention.")
-    def publish(shards: list[dict]) -> dict:
-        from tasks import publish as step
-        from tasks.score import collect
-
-        scored = collect(list(shards))
-        dry = bool(get_current_context()["params"].get("dry_run"))
-        return {"ds": scored["ds"], **permanent(step.run, scored["ds"], scored, dry_run=dry)}
-
     @task(doc_md="Build the run report (HTML with plots) and upload it; runs whatever happened.")
     def report() -> str:
         from tasks import report as step
@@ -220,7 +206,7 @@ def nightly_recommendations():
     announce(registered)
     planned = plan_shards(prepared)
     [registered, loaded] >> planned
-    publish(score.expand(spec=planned)) >> report().as_teardown()
+    publish_shards(score_shard.expand(spec=planned)) >> report().as_teardown()
 
 
 nightly_recommendations()

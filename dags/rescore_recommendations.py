@@ -30,7 +30,9 @@ from orchestration.common import (
     ds_param,
     model_version_param,
     permanent,
+    publish_shards,
     run_key,
+    score_shard,
     shards_param,
     top_k_param,
 )
@@ -84,23 +86,7 @@ def rescore_recommendations():
         return step.plan(prev["ds"], prev["model"], prev["seen"], run_key=run_key(),
                          top_k=params.get("top_k"), shards=params.get("shards"))
 
-    @task(doc_md="Top-K unseen items for one shard's users, into that shard's staging parts.")
-    def score(spec: dict) -> dict:
-        from tasks import score as step
-
-        return step.run_shard(spec)
-
-    @task(doc_md="Validate all shards' table, claim the ds, write parts and manifest, then move "
-                 "the latest pointer (conditional write); retention.")
-    def publish(shards: list[dict]) -> dict:
-        from tasks import publish as step
-        from tasks.score import collect
-
-        scored = collect(list(shards))
-        dry = bool(get_current_context()["params"].get("dry_run"))
-        return {"ds": scored["ds"], **permanent(step.run, scored["ds"], scored, dry_run=dry)}
-
-    publish(score.expand(spec=plan_shards(plan())))
+    publish_shards(score_shard.expand(spec=plan_shards(plan())))
 
 
 rescore_recommendations()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 
-from airflow.sdk import Asset, Param, get_current_context
+from airflow.sdk import Asset, Param, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
 # Emitted when a blessed model becomes champion; the re-score DAG is scheduled on it.
@@ -116,3 +116,25 @@ def default_args() -> dict:
         "execution_timeout": dt.timedelta(hours=2),
         "on_failure_callback": on_failure,
     }
+
+
+# The score and publish steps both DAGs share: one mapped task per user shard, then one publish
+# of all shards' parts. Defined once here; each DAG calls them inside its own context.
+@task(task_id="score",
+      doc_md="Top-K unseen items for one shard's users, into that shard's staging parts.")
+def score_shard(spec: dict) -> dict:
+    from tasks import score as step
+
+    return step.run_shard(spec)
+
+
+@task(task_id="publish",
+      doc_md="Validate all shards' table, claim the ds, write parts and manifest, then move the "
+             "latest pointer (conditional write); retention.")
+def publish_shards(shards: list[dict]) -> dict:
+    from tasks import publish as step
+    from tasks.score import collect
+
+    scored = collect(list(shards))
+    dry = bool(get_current_context()["params"].get("dry_run"))
+    return {"ds": scored["ds"], **permanent(step.run, scored["ds"], scored, dry_run=dry)}

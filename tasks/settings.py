@@ -99,3 +99,17 @@ def core_kwargs(p: StepParams) -> dict[str, Any]:
 
 def step_params(keys: list[str], params: dict[str, Any] | None = None) -> StepParams:
     return StepParams(params if params is not None else load_params(), keys)
+
+
+def with_overrides(params: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of ``params`` with each dotted key (``"train.ease.l2"``) set to its value."""
+    import copy
+
+    out = copy.deepcopy(params)
+    for dotted, value in overrides.items():
+        *path, last = dotted.split(".")
+        node = out
+        for part in path:
+            node = node[part]
+        node[last] = value
+    return out

@@ -16,7 +16,6 @@ adopting the result is a reviewed edit of ``params.yaml``.
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 
@@ -51,14 +50,7 @@ def space_for(model: str, space: dict) -> dict[str, tuple[float, float, str]]:
 
 def _with(params: dict, point: dict) -> dict:
     """A copy of params with ``train.<key>`` set for every key of ``point``."""
-    out = copy.deepcopy(params)
-    for key, value in point.items():
-        node = out["train"]
-        *path, last = key.split(".")
-        for part in path:
-            node = node[part]
-        node[last] = value
-    return out
+    return settings.with_overrides(params, {f"train.{k}": v for k, v in point.items()})
 
 
 def objective_value(parts: dict, params: dict, *, model: str, n_users: int, n_items: int,

@@ -103,3 +103,16 @@ def ml100k():
     if not (ML100K / "u.data").exists():
         pytest.skip(f"MovieLens-100K not present at {ML100K}")
     return ML100K
+
+
+@pytest.fixture
+def bucket(s3, monkeypatch):
+    """A new empty bucket, made NIGHTREC_BUCKET for the test."""
+    import uuid
+
+    from tasks import storage
+
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    storage.s3_client().create_bucket(Bucket=name)
+    monkeypatch.setenv("NIGHTREC_BUCKET", name)
+    return name

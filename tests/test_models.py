@@ -5,7 +5,6 @@ Small seeded data from the project's own generator; no S3 needed except where st
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
@@ -24,15 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _params(**train_overrides) -> dict:
-    params = copy.deepcopy(settings.load_params())
-    params["train"]["mf_softmax"].update(epochs=6, embedding_dim=16, patience=2)
-    for dotted, value in train_overrides.items():
-        node = params["train"]
-        *path, last = dotted.split(".")
-        for key in path:
-            node = node[key]
-        node[last] = value
-    return params
+    base = {"train.mf_softmax.epochs": 6, "train.mf_softmax.embedding_dim": 16,
+            "train.mf_softmax.patience": 2}
+    return settings.with_overrides(
+        settings.load_params(), {**base, **{f"train.{k}": v for k, v in train_overrides.items()}})
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import datetime as dt
 import io
 import json
 import threading
-import uuid
 
 import numpy as np
 import pandas as pd
@@ -21,14 +20,6 @@ import pytest
 
 from tasks import layout, publish, schema, score, settings, storage
 from tasks.reader import RecommendationReader, TableChanged
-
-
-@pytest.fixture
-def bucket(s3, monkeypatch):
-    name = f"pub-{uuid.uuid4().hex[:10]}"
-    storage.s3_client().create_bucket(Bucket=name)
-    monkeypatch.setenv("NIGHTREC_BUCKET", name)
-    return name
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import json
 import socket
 import threading
 import time
-import uuid
 
 import pytest
 
@@ -23,12 +22,6 @@ from tests.test_publish import stage
 DS1, DS2 = "2026-04-01", "2026-04-02"
 
 
-@pytest.fixture
-def bucket(s3, monkeypatch):
-    name = f"srv-{uuid.uuid4().hex[:10]}"
-    storage.s3_client().create_bucket(Bucket=name)
-    monkeypatch.setenv("NIGHTREC_BUCKET", name)
-    return name
 
 
 def publish_table(ds: str, version: str = "mf-20260401-aaaaaaaa", n_users: int = 30) -> None:
