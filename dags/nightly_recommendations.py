@@ -25,7 +25,11 @@ the `data_version`) -> train -> evaluate (full ranking vs popularity) -> gate ->
 blessed model becomes champion; emits the `nightrec_champion` asset) -> plan_shards -> score (one
 mapped task per user shard; a failed shard retries alone) -> publish (GE suite, a per-ds claim,
 parts, manifest, then the latest pointer by conditional write; retention). `report` always runs
-last and uploads `reports/ds=<ds>/report.html`.
+last, uploads `reports/ds=<ds>/report.html` and releases the run's lease on the ds.
+
+**One run per ds, across deployments**: every task first takes or renews the run's lease
+`runs/ds=<ds>/_run_lock.json` (renewed while it runs). A second run of the same ds (another
+deployment, a re-score) waits up to `run.lock_wait_s`, then fails at once, naming the holder.
 
 **If it fails**: nothing new is visible to readers; the previous table stays latest. An alert
 record lands in `alerts/ds=<ds>/`. Each task's outputs live under `runs/ds=<ds>/<task>/`, so
@@ -47,8 +51,10 @@ from orchestration.common import (
     model_version_param,
     permanent,
     publish_shards,
+    release_lease,
     run_ds,
     run_key,
+    run_owner,
     score_shard,
     shards_param,
     top_k_param,
@@ -59,7 +65,7 @@ from orchestration.common import (
     dag_id="nightly_recommendations",
     schedule="0 2 * * *",
     doc_md=__doc__,
-    **dag_kwargs(),
+    **dag_kwargs(lease_every_task=True),
     params={
         "ds": ds_param(),
         "retrain": Param(True, type="boolean",
@@ -186,6 +192,7 @@ def nightly_recommendations():
 
     @task(doc_md="Build the run report (HTML with plots) and upload it; runs whatever happened.")
     def report() -> str:
+        from tasks import locks
         from tasks import report as step
 
         ctx = get_current_context()
@@ -193,8 +200,14 @@ def nightly_recommendations():
         states = {t: str(s) for t, s in found.get(ctx["run_id"], {}).items() if t != "report"}
         # dag_run.start_date is the logical date under dag.test(); ingest stamps the real start.
         started = (ctx["ti"].xcom_pull(task_ids="ingest") or {}).get("started_at")
-        return step.run(run_ds(), run_id=ctx["run_id"], task_states=states,
-                        started_at=dt.datetime.fromisoformat(started) if started else None)
+        other = locks.held_by_another(run_ds(), run_owner())
+        if other:  # this run was refused: the ds's report is the other run's to write
+            raise AirflowSkipException(f"ds={run_ds()} belongs to run {other['owner']}")
+        try:
+            return step.run(run_ds(), run_id=ctx["run_id"], task_states=states,
+                            started_at=dt.datetime.fromisoformat(started) if started else None)
+        finally:
+            release_lease(run_ds())  # the run is over, however it ended: the ds is free
 
     prepared = augment(validate(clean(ingest())))
     split_out = split(prepared)

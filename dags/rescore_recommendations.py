@@ -17,6 +17,10 @@ blessed model becomes champion, or **by hand** with params:
 When that ds's table was already published by that model (the usual case right after a nightly
 run), `plan` says so and the run ends without work. After a nightly run whose model was promoted
 but whose publish failed, this is what puts the champion's table in front of readers.
+
+`plan` takes the run's lease on the ds (`runs/ds=<ds>/_run_lock.json`, tasks/locks.py) before it
+looks: a nightly run of that ds still scoring or publishing makes it wait (`run.lock_wait_s`), so
+the two never write the same ds at once. The `release` teardown gives the lease back.
 """
 
 from __future__ import annotations
@@ -28,9 +32,11 @@ from orchestration.common import (
     dag_kwargs,
     dry_run_param,
     ds_param,
+    hold_lease,
     model_version_param,
     permanent,
     publish_shards,
+    release_lease,
     run_key,
     score_shard,
     shards_param,
@@ -67,6 +73,7 @@ def rescore_recommendations():
         ds = settings.check_ds(ds)
         logging.getLogger("nightrec.rescore").info(
             "rescore plan: ds=%s (param %s, asset events %s)", ds, params.get("ds"), event_ds)
+        hold_lease(ds)  # a nightly run of this ds still scoring or publishing: wait for it
         model = permanent(registry.resolve, params.get("model_version"))
         version = model["model_version"]
         current = storage.read_json(layout.manifest_uri(ds)) if storage.exists(
@@ -74,6 +81,7 @@ def rescore_recommendations():
         if current.get("model_version") == version and not params.get("model_version"):
             logging.getLogger("nightrec.rescore").info(
                 "ds=%s is already published by %s: nothing to do", ds, version)
+            release_lease(ds)
             return None
         seen = layout.run_uri(ds, "clean", "interactions.parquet")
         return {"ds": ds, "model": model, "seen": seen}
@@ -86,7 +94,13 @@ def rescore_recommendations():
         return step.plan(prev["ds"], prev["model"], prev["seen"], run_key=run_key(),
                          top_k=params.get("top_k"), shards=params.get("shards"))
 
-    publish_shards(score_shard.expand(spec=plan_shards(plan())))
+    @task(doc_md="Release this run's lease on its ds, however the run ended.")
+    def release() -> None:
+        planned = get_current_context()["ti"].xcom_pull(task_ids="plan")
+        if planned:
+            release_lease(planned["ds"])
+
+    publish_shards(score_shard.expand(spec=plan_shards(plan()))) >> release().as_teardown()
 
 
 rescore_recommendations()

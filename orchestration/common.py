@@ -7,6 +7,7 @@ the "bad input is not retried" wrapper. Step logic is in ``tasks/``.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import os
 
 from airflow.sdk import Asset, Param, get_current_context, task
@@ -65,6 +66,52 @@ def run_key() -> str:
     return sanitize_token(get_current_context()["run_id"])
 
 
+def deployment_id() -> str:
+    """Which Airflow deployment this is: ``NIGHTREC_DEPLOYMENT`` when set, else a hash of the
+    execution API URL and metadata DB URL every worker of one deployment shares (never logged
+    in clear: the DB URL may hold a password). Two deployments can give the same run id (the
+    same ds's scheduled run); this tells their runs apart in the per-ds lease."""
+    from tasks.layout import sanitize_token
+
+    if os.environ.get("NIGHTREC_DEPLOYMENT"):
+        return sanitize_token(os.environ["NIGHTREC_DEPLOYMENT"], max_len=40)
+    from airflow.configuration import conf
+
+    basis = "|".join(conf.get(section, key, fallback="") or "" for section, key in (
+        ("core", "execution_api_server_url"), ("database", "sql_alchemy_conn")))
+    return hashlib.sha256(basis.encode()).hexdigest()[:12]
+
+
+def run_owner() -> str:
+    """This run as the owner of a per-ds lease: ``<dag_id>.<run key>@<deployment>``."""
+    return f"{get_current_context()['dag'].dag_id}.{run_key()}@{deployment_id()}"
+
+
+def hold_lease(ds: str) -> None:
+    """Take or renew this run's lease on ``ds`` (tasks/locks.py); another live run's lease
+    makes the task wait up to ``run.lock_wait_s``, then fail at once (no retries)."""
+    from tasks import locks
+
+    permanent(locks.hold_run, ds, run_owner())
+
+
+def release_lease(ds: str) -> None:
+    from tasks import locks
+
+    locks.release_run(ds, run_owner())
+
+
+# Tasks that take no lease: the teardown runs after a refusal too, and must not wait for the
+# lease of the run that refused this one.
+LEASE_FREE_TASKS = frozenset({"report"})
+
+
+def hold_lease_before(context) -> None:
+    """``pre_execute`` of every task of a DAG whose ds is known up front (the nightly one)."""
+    if context["ti"].task_id not in LEASE_FREE_TASKS:
+        hold_lease(run_ds())
+
+
 def on_failure(context) -> None:
     """Write an alert record naming the run, the task and the error (tasks/alerts.py)."""
     from tasks.alerts import record_failure
@@ -91,13 +138,20 @@ def permanent(fn, *args, **kwargs):
         raise AirflowFailException(f"{type(e).__name__}: {e}") from e
 
 
-def dag_kwargs() -> dict:
-    """What every nightrec DAG shares: start date, no catchup, one run at a time, task defaults."""
+def dag_kwargs(*, lease_every_task: bool = False) -> dict:
+    """What every nightrec DAG shares: start date, no catchup, one run at a time, task defaults.
+
+    ``lease_every_task``: every task first takes or renews the run's per-ds lease
+    (:func:`hold_lease_before`), for a DAG whose ds is a param or the logical date.
+    """
+    args = default_args()
+    if lease_every_task:
+        args["pre_execute"] = hold_lease_before
     return {
         "start_date": dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
         "catchup": False,
         "max_active_runs": 1,
-        "default_args": default_args(),
+        "default_args": args,
         "tags": ["nightrec"],
     }
 
@@ -125,6 +179,7 @@ def default_args() -> dict:
 def score_shard(spec: dict) -> dict:
     from tasks import score as step
 
+    hold_lease(spec["ds"])  # the nightly DAG's pre_execute did it already; re-score's did not
     return step.run_shard(spec)
 
 
@@ -136,5 +191,6 @@ def publish_shards(shards: list[dict]) -> dict:
     from tasks.score import collect
 
     scored = collect(list(shards))
+    hold_lease(scored["ds"])
     dry = bool(get_current_context()["params"].get("dry_run"))
     return {"ds": scored["ds"], **permanent(step.run, scored["ds"], scored, dry_run=dry)}

@@ -5,6 +5,7 @@ raw/interactions/ds=<ds>/<files>         input snapshot (CSV/TSV/u.data/Parquet,
 raw/items/ds=<ds>/<file>                 optional item catalogue
 raw/users/ds=<ds>/<file>                 optional user attributes
 runs/ds=<ds>/<step>/...                  each step's outputs for that ds (replaced on rerun)
+runs/ds=<ds>/_run_lock.json              the lease of the one run writing that ds (tasks/locks.py)
 dvcstore/                                the DVC remote (content-addressed)
 staging/recommendations/ds=<ds>/<run>/shard-NNNNN/   one score shard's parts (not for readers)
 recommendations/ds=<ds>/part-*.parquet   the published table, described by _manifest.json
@@ -46,6 +47,11 @@ def raw_prefix(ds: str, table: str = "interactions") -> str:
 def run_uri(ds: str, step: str, name: str = "") -> str:
     key = f"runs/ds={settings.check_ds(ds)}/{safe_token(step, 'step')}/"
     return storage.s3_uri(key + (safe_token(name, "name") if name else ""))
+
+
+def run_lock_uri(ds: str) -> str:
+    """The per-ds run lease (tasks/locks.py): which run may write that ds's partitions now."""
+    return storage.s3_uri(f"runs/ds={settings.check_ds(ds)}/_run_lock.json")
 
 
 def dvc_remote_uri() -> str:

@@ -184,12 +184,17 @@ def build_mf(*, n_users: int, n_items: int, embedding_dim: int, l2: float, seed:
     class DotProductSoftmax(keras.Model):
         def __init__(self, **kwargs):
             super().__init__(**kwargs)
-            reg = keras.regularizers.L2(l2) if l2 else None
+            # No embeddings_regularizer: Keras applies it to the whole table every step, and
+            # under Adam a row whose only gradient is that penalty moves by ~learning_rate
+            # towards zero per step (Adam normalises the gradient's scale away). At 200k users
+            # x 20k items that erased every user vector and left item bias only (the model tied
+            # popularity, benchmarks/RESULTS.md). The penalty is on the rows a batch uses.
+            self.l2 = float(l2)
             self.user = layers.Embedding(
-                n_users, embedding_dim, name="user", embeddings_regularizer=reg,
+                n_users, embedding_dim, name="user",
                 embeddings_initializer=keras.initializers.RandomNormal(stddev=0.05, seed=seed))
             self.item = layers.Embedding(
-                n_items, embedding_dim, name="item", embeddings_regularizer=reg,
+                n_items, embedding_dim, name="item",
                 embeddings_initializer=keras.initializers.RandomNormal(stddev=0.05, seed=seed + 1))
             self.bias = layers.Embedding(n_items, 1, embeddings_initializer="zeros", name="bias")
             # Side features: a user's (item's) vector is its id embedding plus a linear map of
@@ -233,16 +238,32 @@ def build_mf(*, n_users: int, n_items: int, embedding_dim: int, l2: float, seed:
                 v = v + ops.cast(self.item_map(side_rows), v.dtype)
             return v
 
+        def _penalise(self, u, v):
+            """``l2 * (|u|^2 + |v|^2)`` per example, averaged over the batch: ``u`` the batch's
+            user vectors, ``v`` (b or 1, c, d) the item vectors each example's logits use (its
+            candidates; for the full softmax the whole catalogue, counted once per batch and
+            averaged over items)."""
+            if not self.l2:
+                return
+            b = ops.cast(ops.shape(u)[0], "float32")
+            uu = ops.sum(ops.square(ops.cast(u, "float32"))) / b
+            vv = ops.cast(ops.square(v), "float32")
+            vv = ops.sum(vv) / b if v.shape[0] != 1 else ops.mean(ops.sum(vv, axis=-1))
+            self.add_loss(self.l2 * (uu + vv))
+
         def call(self, inputs):
             if isinstance(inputs, (tuple, list)):  # sampled: (users, candidates, log_q)
                 user_idx, candidates, log_q = inputs
                 u = ops.expand_dims(self.user_vectors(user_idx), 1)  # (b, 1, d)
                 v = self.item_vectors(candidates)  # (b, c, d): the positive first, negatives
+                self._penalise(u, v)
                 logits = ops.sum(u * v, axis=-1) + ops.squeeze(self.bias(candidates), -1)
                 # logQ correction: candidates drawn in proportion to q score as if uniform
                 return ops.cast(logits, "float32") - ops.cast(log_q, "float32")
             u = self.user_vectors(inputs)
-            logits = ops.matmul(u, ops.transpose(ops.cast(self.item_vectors(), u.dtype)))
+            v = self.item_vectors()
+            self._penalise(u, ops.expand_dims(v, 0))
+            logits = ops.matmul(u, ops.transpose(ops.cast(v, u.dtype)))
             logits = logits + ops.reshape(self.bias.embeddings, (1, -1))
             return ops.cast(logits, "float32")  # the loss stays float32 under mixed precision
 

@@ -49,7 +49,7 @@ import uuid
 import numpy as np
 import pandas as pd
 
-from tasks import layout, schema, settings, storage
+from tasks import layout, locks, schema, settings, storage
 from tasks.validate import ContractError, run_suite
 
 PARAMS = ["publish.retention_days", "publish.claim_ttl_s"]
@@ -265,40 +265,11 @@ def _iso(t: dt.datetime) -> str:
 
 
 def _acquire(uri: str, *, owner: str, ttl_s: float, busy) -> dict:
-    """Take the lock object ``uri``; returns its record with the ETag (for ``_release``).
-
-    Only create-if-absent (``If-None-Match: *``) decides who holds it, the one conditional
-    write SeaweedFS makes atomic too (its ``If-Match`` is not, under a race: see the README). A
-    lock held by ``owner`` itself (a retry) or expired is deleted, then created again: of two
-    publishers doing that at once, one creates it. ``busy(held)`` builds the error raised
-    while another owner's lock is live.
-    """
-    for _ in range(4):
-        now = _now()
-        record = {"owner": owner, "token": uuid.uuid4().hex, "claimed_at": _iso(now),
-                  "expires_at": _iso(now + dt.timedelta(seconds=float(ttl_s)))}
-        try:
-            return {**record, "uri": uri, "etag": storage.write_json(uri, record,
-                                                                    if_none_match=True)}
-        except storage.PreconditionFailed:
-            pass
-        found = storage.read_versioned(uri)
-        if found is None:
-            continue  # released between our two requests: try to create it again
-        held, etag = json.loads(found[0]), found[1]
-        expired = dt.datetime.fromisoformat(held["expires_at"]) <= now
-        if held.get("owner") != owner and not expired:
-            raise busy(held)
-        log.warning("replacing the lock %s of %s (%s)", uri, held.get("owner"),
-                    "expired" if expired else "same owner: a retry")
-        storage.delete_if_match(uri, etag)
-    raise PublishConflict(f"the lock {uri} kept changing; another publisher is taking it")
-
-
-def _release(lock: dict) -> None:
-    """Delete our lock, unless another publisher has taken it over since (then leave theirs)."""
-    if not storage.delete_if_match(lock["uri"], lock["etag"]):
-        log.warning("the lock %s is no longer ours (taken over after it expired?)", lock["uri"])
+    """``locks.acquire``, with a lease that kept changing hands reported as PublishConflict."""
+    try:
+        return locks.acquire(uri, owner=owner, ttl_s=ttl_s, busy=busy)
+    except locks.LeaseConflict as e:
+        raise PublishConflict(str(e)) from e
 
 
 def claim_ds(ds: str, *, owner: str, ttl_s: float) -> dict:
@@ -321,7 +292,7 @@ def claim_ds(ds: str, *, owner: str, ttl_s: float) -> dict:
 
 
 def release_claim(claim: dict) -> None:
-    _release(claim)
+    locks.release(claim)
 
 
 @contextlib.contextmanager
@@ -350,7 +321,7 @@ def pointer_lock(owner: str):
     try:
         yield lock
     finally:
-        _release(lock)
+        locks.release(lock)
 
 
 def commit_manifest(ds: str, manifest: dict, *, expected: dict | None) -> str:

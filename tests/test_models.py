@@ -116,7 +116,7 @@ def test_mf_early_stops_on_the_valid_ranking_metric_and_keeps_the_best_epoch(par
 def test_sampled_softmax_learns_with_popularity_negatives_and_is_chosen_above_the_limit(
         parts, tmp_path):
     params = _params(**{"mf_softmax.loss": "auto", "mf_softmax.full_softmax_max_items": 100,
-                        "mf_softmax.epochs": 4})
+                        "mf_softmax.epochs": 8, "mf_softmax.learning_rate": 0.01})
     params["augment"].update(negatives_per_positive=8, negative_alpha=0.75)
     p = settings.step_params(train.PARAMS, params)
     assert train.softmax_kind(p, 100) == "full" and train.softmax_kind(p, 120) == "sampled"
