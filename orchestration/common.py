@@ -7,8 +7,10 @@ the "bad input is not retried" wrapper. Step logic is in ``tasks/``.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import hashlib
 import os
+import socket
 
 from airflow.sdk import Asset, Param, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
@@ -112,6 +114,17 @@ def hold_lease_before(context) -> None:
         hold_lease(run_ds())
 
 
+def disk_full(err: BaseException | None) -> bool:
+    """Whether ``err`` or an exception it came from is ENOSPC (h5py and TF only say it in text)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if getattr(err, "errno", None) == errno.ENOSPC or "No space left on device" in str(err):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def on_failure(context) -> None:
     """Write an alert record naming the run, the task and the error (tasks/alerts.py)."""
     from tasks.alerts import record_failure
@@ -125,6 +138,9 @@ def on_failure(context) -> None:
         error = str(err)
     else:
         error = f"{type(err).__name__}: {err}" if err else "unknown error"
+    if disk_full(err):
+        error = (f"disk full on the worker {socket.gethostname()} (its TMPDIR or NIGHTREC_STATE); "
+                 f"nothing was published; free space, then clear the task: {error}")
     record_failure(dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id, ds=ds, error=error)
 
 

@@ -143,14 +143,19 @@ def align(emb: dict, *, model_users: np.ndarray, model_items: np.ndarray, user_i
     return {"user": user, "item": item, "item_bias": bias}
 
 
-def side_matrix(table: pd.DataFrame, spec: dict) -> np.ndarray | None:
+def side_matrix(table: pd.DataFrame, spec: dict, *, max_categories: int = 64) -> np.ndarray | None:
     """Dense float32 side features (n, f) from augment's encoded feature table, in index order.
 
     ``spec`` is augment's ``{numeric: [...], categorical: [...], multi_hot: [...]}``: numeric
     columns are standardised (missing -> 0), categorical codes one-hot (code 0 = missing gets
-    its own column), multi-hot columns used as they are. None when the spec names nothing the
-    table has.
+    its own column), multi-hot columns used as they are. A categorical column keeps its
+    ``max_categories - 1`` most frequent codes (ties: the lower code) and puts the rest in one
+    last "other" column: a zip code with 86k values would be a 200k x 86k dense matrix (64 GB)
+    and, near one value per user, no better than the user's own id embedding. None when the
+    spec names nothing the table has.
     """
+    if max_categories < 2:
+        raise ValueError(f"train.mf_softmax.max_side_categories must be >= 2, got {max_categories}")
     blocks = []
     for col in spec.get("numeric") or []:
         if col in table.columns:
@@ -161,7 +166,16 @@ def side_matrix(table: pd.DataFrame, spec: dict) -> np.ndarray | None:
     for col in spec.get("categorical") or []:
         if col in table.columns:
             codes = table[col].to_numpy(dtype=np.int64)
-            hot = np.zeros((len(codes), int(codes.max(initial=0)) + 1), np.float32)
+            counts = np.bincount(codes, minlength=1)
+            if len(counts) > max_categories:
+                kept = np.argsort(-counts, kind="stable")[: max_categories - 1]
+                column = np.full(len(counts), max_categories - 1)  # the "other" column
+                column[kept] = np.arange(len(kept))
+                codes = column[codes]
+                width = max_categories
+            else:
+                width = len(counts)
+            hot = np.zeros((len(codes), width), np.float32)
             hot[np.arange(len(codes)), codes] = 1.0
             blocks.append(hot)
     for col in spec.get("multi_hot") or []:

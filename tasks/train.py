@@ -65,6 +65,7 @@ PARAMS = [
     "augment.negative_alpha",
     "train.mf_softmax.side_features",
     "train.mf_softmax.valid_users",
+    "train.mf_softmax.max_side_categories",
     "augment.item_features",
     "augment.user_features",
 ]
@@ -435,7 +436,9 @@ def side_features(split_out: dict, p: settings.StepParams) -> dict | None:
     for kind in ("user", "item"):
         table = storage.read_parquet(split_out[f"{kind}_features"])
         idx = schema.USER_IDX if kind == "user" else schema.ITEM_IDX
-        out[kind] = models.side_matrix(table.sort_values(idx), p[f"augment.{kind}_features"])
+        out[kind] = models.side_matrix(
+            table.sort_values(idx), p[f"augment.{kind}_features"],
+            max_categories=int(p["train.mf_softmax.max_side_categories"]))
     log.info("side features: user %s, item %s", *(None if m is None else m.shape
                                                   for m in out.values()))
     return out

@@ -25,6 +25,7 @@ object in its partition that the manifest does not list.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -51,6 +52,21 @@ SITECUSTOMIZE = textwrap.dedent('''
     import os, signal, threading
     STAGE = os.environ.get("NIGHTREC_FAULT")
     DS = os.environ.get("NIGHTREC_FAULT_DS", "")
+
+    if os.environ.get("NIGHTREC_WRITE_LOG"):  # every object this process writes or deletes
+        from tasks import storage as _st
+
+        def _logged(fn, pos):
+            def wrapper(*a, **k):
+                uris = a[pos] if isinstance(a[pos], list) else [a[pos]]
+                with open(os.environ["NIGHTREC_WRITE_LOG"], "a") as f:
+                    f.writelines(f"{fn.__name__} {u}\\n" for u in uris)
+                return fn(*a, **k)
+            return wrapper
+
+        for _name, _pos in (("write_bytes", 0), ("upload_from", 1), ("delete", 0),
+                            ("copy", 1), ("delete_if_match", 0)):
+            setattr(_st, _name, _logged(getattr(_st, _name), _pos))
 
     def _die(what):
         with open(os.environ["NIGHTREC_FAULT_LOG"], "a") as f:
@@ -119,6 +135,11 @@ def fault_env(s3, airflow_db, sample, tmp_path_factory):
     params["train"]["mf_softmax"].update(epochs=2, embedding_dim=8)
     params["publish"].update(rows_per_part=5000, claim_ttl_s=3)  # several parts; short claims
     params["score"]["shards"] = 2
+    # Each run_dag.py call is a new DAG run (its own run id): the rerun after a kill waits for
+    # the killed run's unrenewed lease to expire (5 s), then takes it over. The lease of the
+    # run that meets the S3 outage lapses during it and is renewed (by its heartbeat) within a
+    # couple of seconds of the store coming back, before the competitor below asks for it.
+    params["run"].update(lock_ttl_s=5, lock_wait_s=15)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     hook = work / "hook"
     hook.mkdir()
@@ -141,19 +162,24 @@ def fault_env(s3, airflow_db, sample, tmp_path_factory):
         os.environ["NIGHTREC_BUCKET"] = old
 
 
-def run_dag(fault_env, ds: str, fault: str | None = None,
-            retry_delay_s: int | None = None) -> subprocess.CompletedProcess:
-    env = dict(fault_env["env"])
+def run_dag(fault_env, ds: str, fault: str | None = None, retry_delay_s: int | None = None,
+            state: str = "state", env: dict | None = None) -> subprocess.CompletedProcess:
+    """One ``run_dag.py`` process. ``state``: its state folder, hence its own Airflow
+    metadata DB, i.e. another deployment when it differs from the other runs'."""
+    env = {**fault_env["env"], **(env or {})}
     if retry_delay_s is not None:
         env["NIGHTREC_RETRY_DELAY_S"] = str(retry_delay_s)
     if fault:
         env["NIGHTREC_FAULT"] = fault
+    if fault or "NIGHTREC_WRITE_LOG" in env:
         env["PYTHONPATH"] = os.pathsep.join([str(fault_env["hook"]), str(ROOT),
                                              env.get("PYTHONPATH", "")])
-    result = fault_env["work"] / f"result-{ds}-{fault}.json"
+    result = fault_env["work"] / f"result-{ds}-{fault}-{state}.json"
     cmd = [sys.executable, str(ROOT / "scripts" / "run_dag.py"), "--ds", ds,
-           "--state", str(fault_env["work"] / "state"), "--result-file", str(result)]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+           "--state", str(fault_env["work"] / state), "--result-file", str(result)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    done.result = json.loads(result.read_text()) if result.exists() else None
+    return done
 
 
 def published(ds: str) -> tuple[dict, int]:
@@ -209,13 +235,42 @@ def test_kill_9_in_each_writing_stage_leaves_the_latest_table_intact(fault_env):
         s3server.up(fault_env["s3"])
         outage["up_after_s"] = time.monotonic() - outage["down_at"]
 
+    # As soon as the store is back, a second deployment (its own Airflow DB) starts a run of
+    # the same ds: it waits (run.lock_wait_s) for the lease of the run in progress, which its
+    # heartbeat keeps renewing, and is refused before it writes anything.
+    writes = fault_env["work"] / "other-deployment-writes.log"
+    other = {}
+
+    def compete():
+        cutter.join(300)
+        other["run"] = run_dag(fault_env, DS, state="state-other-deployment",
+                               env={"NIGHTREC_WRITE_LOG": str(writes)})
+
     cutter = threading.Thread(target=cut_power)
+    competitor = threading.Thread(target=compete)
     cutter.start()
+    competitor.start()
     final = run_dag(fault_env, DS, retry_delay_s=20)
     cutter.join(120)
+    competitor.join(300)
     assert "down_at" in outage and outage["up_after_s"] < 60, outage
     assert final.returncode == 0, final.stdout[-3000:]
     assert "try_number=2" in final.stdout  # a task failed on the dead endpoint and was retried
+
+    refused = other["run"]
+    assert refused.returncode == 1 and refused.result["failed_task"] == "ingest", refused.result
+    assert f"RunLocked: ds={DS} is being written by run nightly_recommendations." in (
+        refused.result["error"]), refused.result
+    assert "waited 15 s (run.lock_wait_s)" in refused.result["error"]
+    assert refused.result["tasks"]["ingest"] == "failed"  # at once: no retries spent
+    assert "try_number=2" not in refused.stdout
+    # it wrote nothing of the ds: its only requests there were create-if-absent PUTs of the
+    # lease, which the store refused (the lease is the final run's, checked above), and its
+    # alert record, under alerts/
+    theirs = writes.read_text().splitlines() if writes.exists() else []
+    assert any(w.endswith(f"runs/ds={DS}/_run_lock.json") for w in theirs), theirs
+    assert [w for w in theirs if f"ds={DS}" in w and "/alerts/" not in w
+            and not w.endswith("_run_lock.json")] == [], theirs
     manifest, rows = published(DS)
     assert rows == manifest["rows"] == manifest["users"] * manifest["top_k"]
     listed = {p["key"] for p in manifest["parts"]}
@@ -226,4 +281,61 @@ def test_kill_9_in_each_writing_stage_leaves_the_latest_table_intact(fault_env):
     latest = json.loads(storage.read_bytes(layout.latest_uri()))
     assert latest["ds"] == DS and latest["manifest"] == layout.manifest_uri(DS)
     assert not storage.list_uris(layout.recs_prefix(DS) + "_publishing")  # no claim left
+    assert not storage.exists(layout.run_lock_uri(DS))  # the run's teardown released the ds
 
+
+
+DS_DISK = "2026-12-03"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MB tmpfs, the run's TMPDIR; skips where this process may not mount one."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)],
+                             capture_output=True, text=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_full_disk_fails_the_run_clearly_and_publishes_nothing(fault_env, sample, small_disk):
+    """The worker's disk fills up while the run trains (the split is written, the training
+    checkpoints are not): the run fails with a message that says so, every task retry meets
+    the same full disk, and readers keep the table they had."""
+    for table in ("interactions", "items", "users"):
+        storage.write_bytes(layout.raw_prefix(DS_DISK, table) + f"{table}.csv",
+                            sample[table].read_bytes())
+    latest_before = storage.read_bytes(layout.latest_uri())
+    latest_ds = json.loads(latest_before)["ds"]
+    manifest_before, rows_before = published(latest_ds)
+    filled = {}
+
+    def fill_disk():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not storage.list_uris(
+                layout.run_uri(DS_DISK, "split")):
+            time.sleep(0.1)
+        with open(small_disk / "ballast", "wb", buffering=0) as f:
+            try:
+                while True:
+                    f.write(b"\0" * (1 << 20))
+            except OSError as e:
+                filled["errno"] = e.errno
+
+    filler = threading.Thread(target=fill_disk)
+    filler.start()
+    run = run_dag(fault_env, DS_DISK, env={"TMPDIR": str(small_disk)})
+    filler.join(60)
+    assert filled.get("errno") == errno.ENOSPC
+    assert run.returncode == 1 and run.result["state"] == "failed", run.stdout[-3000:]
+    assert run.result["error"].startswith("disk full on the worker"), run.result
+    assert "No space left on device" in run.result["error"]
+    # nothing of the new ds is visible; the latest table is the one readers had, whole
+    assert not storage.exists(layout.manifest_uri(DS_DISK))
+    assert storage.list_uris(layout.recs_prefix(DS_DISK)) == []
+    assert storage.read_bytes(layout.latest_uri()) == latest_before
+    assert published(latest_ds) == (manifest_before, rows_before)
+    assert not storage.exists(layout.run_lock_uri(DS_DISK))  # the failed run freed the ds

@@ -145,6 +145,11 @@ def test_side_features_are_encoded_and_enter_the_exported_vectors(parts, tmp_pat
     u = models.side_matrix(users, {"categorical": ["gender"], "numeric": ["absent"]})
     assert u.tolist() == [[0, 1, 0], [0, 0, 1], [1, 0, 0]]  # code 0 (missing) has a column
     assert models.side_matrix(users, {"numeric": ["absent"]}) is None
+    # a categorical with more values than max_categories keeps the most frequent, the rest
+    # share the last ("other") column: codes 5 (x3) and 2 (x2) kept, 1, 3 and 4 pooled
+    many = pd.DataFrame({"zip": np.array([5, 5, 5, 2, 2, 1, 3, 4], np.int32)})
+    z = models.side_matrix(many, {"categorical": ["zip"]}, max_categories=3)
+    assert z.tolist() == [[1, 0, 0]] * 3 + [[0, 1, 0]] * 2 + [[0, 0, 1]] * 3
 
     rng = np.random.default_rng(0)
     side = {"user": rng.random((parts["n_users"], 4)).astype(np.float32),
@@ -295,3 +300,28 @@ def test_gpu_training_uses_mixed_precision_and_learns(parts, tmp_path):
                                   n_items=parts["n_items"]),
         parts["train"], parts["valid"], metric="ndcg_at_10", n_users=parts["n_users"])
     assert hist["best_val_ndcg_at_10"] > pop
+
+
+def test_l2_penalises_only_the_rows_a_batch_uses():
+    """Under Adam, a whole-table L2 moves every row a step towards zero each batch, whatever
+    the row's data; at 200k users that erased the user vectors (the model tied popularity).
+    A step on user 0's events must leave every other user's vector as it was."""
+    keras = models.keras_module()
+    model = models.build_mf(n_users=50, n_items=20, embedding_dim=4, l2=0.5, seed=3)
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=0.1),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    before = np.asarray(model.user.embeddings).copy()
+    model.fit(np.zeros(8, np.int32), np.arange(8, dtype=np.int32), epochs=1, batch_size=8,
+              verbose=0)
+    after = np.asarray(model.user.embeddings)
+    assert not np.allclose(after[0], before[0])
+    np.testing.assert_array_equal(after[1:], before[1:])
+    # the penalty is part of the loss: the same step with l2 = 0 reports a smaller loss
+    plain = models.build_mf(n_users=50, n_items=20, embedding_dim=4, l2=0.0, seed=3)
+    plain.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True))
+    penalised = models.build_mf(n_users=50, n_items=20, embedding_dim=4, l2=0.5, seed=3)
+    penalised.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True))
+    x, y = np.zeros(8, np.int32), np.arange(8, dtype=np.int32)
+    assert penalised.evaluate(x, y, verbose=0) > plain.evaluate(x, y, verbose=0)

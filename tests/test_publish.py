@@ -367,3 +367,29 @@ def test_manifest_popular_items_are_the_most_interacted(bucket):
     popular = storage.read_json(layout.manifest_uri(DS))["popular"]
     assert [p["interactions"] for p in popular] == sorted(counts.to_numpy(), reverse=True)[:5]
     assert json.dumps(popular)  # plain JSON
+
+
+@pytest.mark.parametrize("fault", ["wrong_credential", "missing_bucket"])
+def test_s3_errors_fail_publish_clearly_and_leave_the_published_table(bucket, monkeypatch,
+                                                                      fault):
+    from botocore.exceptions import ClientError
+
+    publish.run("2026-03-09", stage("2026-03-09", run_key="before",
+                                    model_version="mf-20260309-aaaaaaaa"))
+    latest_before = storage.read_bytes(layout.latest_uri())
+    scored = stage(DS, run_key="run-b", model_version="mf-20260310-bbbbbbbb")
+    with monkeypatch.context() as m:
+        if fault == "wrong_credential":
+            m.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret-" + "0" * 24)
+            expected = "SignatureDoesNotMatch|InvalidAccessKeyId|AccessDenied"
+        else:
+            m.setenv("NIGHTREC_BUCKET", f"no-such-bucket-{bucket[-6:]}")
+            expected = "NoSuchBucket"
+        with pytest.raises(ClientError, match=expected):
+            publish.run(DS, scored)
+    # the store as readers see it: the earlier table, whole; nothing of DS, no claim left behind
+    assert storage.read_bytes(layout.latest_uri()) == latest_before
+    assert storage.list_uris(layout.recs_prefix(DS)) == []
+    assert len(RecommendationReader().table()) == 60 * 5
+    # with the fault gone, the same staged table publishes
+    assert publish.run(DS, scored)["rows"] == 60 * 5
