@@ -13,8 +13,10 @@ Two kinds of lease use this module:
 A lease is a small JSON record ``{owner, token, claimed_at, expires_at}``. Only
 ``If-None-Match: *`` (create if absent) decides who holds it: SeaweedFS 4.48, the embedded
 store, lets two racing ``If-Match`` PUTs both win now and then (measured), while its
-create-if-absent holds, as both do on AWS S3. A lease held by the same owner (a task retry, the
-run's next task) or expired is deleted and created again; of two takers, one creates it.
+create-if-absent holds, as both do on AWS S3. The same owner (a task retry, the run's next task,
+the heartbeat) renews its lease in place, conditional on the version it read, so the lease is
+never absent meanwhile; another owner's expired lease is deleted and created again, and of two
+takers, one creates it.
 
 A run's lease expires ``run.lock_ttl_s`` after its last renewal. While a task runs, a daemon
 thread renews it every third of that (:class:`_Heartbeat`), so a long training task keeps it;
@@ -73,11 +75,19 @@ def acquire(uri: str, *, owner: str, ttl_s: float, busy) -> dict:
             continue  # released between our two requests: try to create it again
         held, etag = json.loads(found[0]), found[1]
         expired = dt.datetime.fromisoformat(held["expires_at"]) <= now
-        if held.get("owner") != owner and not expired:
+        if held.get("owner") == owner:
+            # Renew in place (If-Match on the version read), so the lease is never absent
+            # for a moment in which another run could create it; a renewal that lost to a
+            # change (a taker after expiry) goes round again and finds the new holder.
+            try:
+                return {**record, "uri": uri,
+                        "etag": storage.write_json(uri, record, if_match=etag)}
+            except storage.PreconditionFailed:
+                continue
+        if not expired:
             raise busy(held)
-        if held.get("owner") != owner:
-            log.warning("replacing the expired lease %s of %s", uri, held.get("owner"))
-        storage.delete_if_match(uri, etag)
+        log.warning("replacing the expired lease %s of %s", uri, held.get("owner"))
+        storage.delete_if_match(uri, etag)  # then create-if-absent decides between takers
     raise LeaseConflict(f"the lease {uri} kept changing; another writer is taking it")
 
 

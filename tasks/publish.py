@@ -15,7 +15,8 @@ both do on AWS S3).
 2. **Claim the ds**: create ``recommendations/ds=<ds>/_publishing.json`` if absent. A second
    publisher of the same ds finds it and stops with ``PublishConflict`` before writing
    anything. A claim names its owner (the run) and expires after ``publish.claim_ttl_s``; the
-   same run's retry, or anyone after expiry, deletes it and creates its own, so a crashed
+   same run's retry renews it in place, and anyone after expiry deletes it and creates its own
+   (tasks/locks.py), so a crashed
    publisher blocks nobody for long.
 3. **Write the parts** at content-addressed keys ``part-<publish_id>-NNNNN.parquet``
    (``publish_id`` hashes the parts' checksums): a key never changes content, so a reader that
@@ -437,6 +438,9 @@ def run(ds: str, scored: dict, params: dict | None = None, dry_run: bool = False
     expired_partitions([], latest=ds, keep_days=keep_days)  # a bad setting fails before writing
     if scored.get("ds", ds) != ds:
         raise ValueError(f"scored table is for ds={scored['ds']}, not {ds}")
+    # SeaweedFS creates a missing bucket on the first PUT, so publishing to a mistyped
+    # NIGHTREC_BUCKET would "succeed" where no reader looks; AWS would refuse the PUT. Check.
+    storage.require_bucket(storage.split_uri(layout.recs_root())[0])
     staged = [storage.read_bytes(u) for u in scored["parts"]]  # each part downloaded once
     report, described = validate_parts(
         staged, ds=ds, model_version=scored["model_version"], top_k=scored["top_k"]

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks import settings
+from tasks.errors import PermanentError
 
 
 @lru_cache(maxsize=4)
@@ -82,6 +83,33 @@ _MISSING = {"404", "NoSuchKey", "NotFound"}
 
 def _error_code(e) -> str:
     return str(e.response.get("Error", {}).get("Code", ""))
+
+
+class BucketNotFound(PermanentError):
+    """The bucket a step writes to does not exist (a typo in NIGHTREC_BUCKET, a wrong account)."""
+
+
+def require_bucket(bucket: str) -> None:
+    """Raise BucketNotFound, or PermissionError for refused credentials, each saying what to
+    fix, unless ``bucket`` exists at the endpoint and these credentials may use it."""
+    from botocore.exceptions import ClientError
+
+    try:
+        s3_client().head_bucket(Bucket=bucket)
+    except ClientError as e:
+        if _error_code(e) in _MISSING | {"NoSuchBucket"}:
+            raise BucketNotFound(
+                f"bucket {bucket!r} does not exist at {settings.s3_endpoint_url() or 'AWS S3'}: "
+                "create it, or set NIGHTREC_BUCKET to the right one; nothing was written"
+            ) from e
+        if _error_code(e) in {"403", "AccessDenied", "InvalidAccessKeyId",
+                              "SignatureDoesNotMatch"}:
+            raise PermissionError(
+                f"access to bucket {bucket!r} at {settings.s3_endpoint_url() or 'AWS S3'} was "
+                f"refused ({_error_code(e)}): check the credentials (AWS_ACCESS_KEY_ID and its "
+                "secret, the profile or the role); nothing was written"
+            ) from e
+        raise
 
 
 def read_bytes(uri: str) -> bytes:

@@ -139,7 +139,7 @@ def fault_env(s3, airflow_db, sample, tmp_path_factory):
     # the killed run's unrenewed lease to expire (2 s), then takes it over. The lease of the
     # run that meets the S3 outage lapses during it and is renewed (by its heartbeat) within a
     # couple of seconds of the store coming back, before the competitor below asks for it.
-    params["run"].update(lock_ttl_s=2, lock_wait_s=15)
+    params["run"].update(lock_ttl_s=2, lock_wait_s=5)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     hook = work / "hook"
     hook.mkdir()
@@ -261,7 +261,7 @@ def test_kill_9_in_each_writing_stage_leaves_the_latest_table_intact(fault_env):
     assert refused.returncode == 1 and refused.result["failed_task"] == "ingest", refused.result
     assert f"RunLocked: ds={DS} is being written by run nightly_recommendations." in (
         refused.result["error"]), refused.result
-    assert "waited 15 s (run.lock_wait_s)" in refused.result["error"]
+    assert "waited 5 s (run.lock_wait_s)" in refused.result["error"]
     assert refused.result["tasks"]["ingest"] == "failed"  # at once: no retries spent
     assert "try_number=2" not in refused.stdout
     # it wrote nothing of the ds: its only requests there were create-if-absent PUTs of the
@@ -302,9 +302,9 @@ def small_disk(tmp_path):
 
 
 def test_a_full_disk_fails_the_run_clearly_and_publishes_nothing(fault_env, sample, small_disk):
-    """The worker's disk fills up while the run trains (the split is written, the training
-    checkpoints are not): the run fails with a message that says so, every task retry meets
-    the same full disk, and readers keep the table they had."""
+    """The worker's disk fills up mid-run (ingest has written its output, clean spools to the
+    local disk): the run fails with a message that says so, every task retry meets the same
+    full disk, and readers keep the table they had."""
     for table in ("interactions", "items", "users"):
         storage.write_bytes(layout.raw_prefix(DS_DISK, table) + f"{table}.csv",
                             sample[table].read_bytes())
@@ -315,8 +315,8 @@ def test_a_full_disk_fails_the_run_clearly_and_publishes_nothing(fault_env, samp
 
     def fill_disk():
         deadline = time.monotonic() + 300
-        split_done = layout.run_uri(DS_DISK, "split", "meta.json")  # split's last write
-        while time.monotonic() < deadline and not storage.exists(split_done):
+        ingested = layout.run_uri(DS_DISK, "ingest", "files.json")  # ingest's last write
+        while time.monotonic() < deadline and not storage.exists(ingested):
             time.sleep(0.1)
         with open(small_disk / "ballast", "wb", buffering=0) as f:
             try:
@@ -332,7 +332,7 @@ def test_a_full_disk_fails_the_run_clearly_and_publishes_nothing(fault_env, samp
     assert filled.get("errno") == errno.ENOSPC
     assert run.returncode == 1 and run.result["state"] == "failed", run.stdout[-3000:]
     assert run.result["error"].startswith("disk full on the worker"), run.result
-    assert run.result["failed_task"] == "train", run.result  # the first to write locally after
+    assert run.result["failed_task"] == "clean", run.result  # the first to write locally after
     # nothing of the new ds is visible; the latest table is the one readers had, whole
     assert not storage.exists(layout.manifest_uri(DS_DISK))
     assert storage.list_uris(layout.recs_prefix(DS_DISK)) == []

@@ -372,7 +372,7 @@ def test_manifest_popular_items_are_the_most_interacted(bucket):
 @pytest.mark.parametrize("fault", ["wrong_credential", "missing_bucket"])
 def test_s3_errors_fail_publish_clearly_and_leave_the_published_table(bucket, monkeypatch,
                                                                       fault):
-    from botocore.exceptions import ClientError
+    from tasks.errors import PermanentError
 
     publish.run("2026-03-09", stage("2026-03-09", run_key="before",
                                     model_version="mf-20260309-aaaaaaaa"))
@@ -381,12 +381,15 @@ def test_s3_errors_fail_publish_clearly_and_leave_the_published_table(bucket, mo
     with monkeypatch.context() as m:
         if fault == "wrong_credential":
             m.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret-" + "0" * 24)
-            expected = "SignatureDoesNotMatch|InvalidAccessKeyId|AccessDenied"
-        else:
-            m.setenv("NIGHTREC_BUCKET", f"no-such-bucket-{bucket[-6:]}")
-            expected = "NoSuchBucket"
-        with pytest.raises(ClientError, match=expected):
+            error, expected = PermissionError, "refused .* check the credentials"
+        else:  # SeaweedFS would create the bucket on the first PUT; publish checks first
+            missing = f"no-such-bucket-{bucket[-6:]}"
+            m.setenv("NIGHTREC_BUCKET", missing)
+            error, expected = PermanentError, f"bucket '{missing}' does not exist .* NIGHTREC_BUCKET"
+        with pytest.raises(error, match=expected):
             publish.run(DS, scored)
+        if fault == "missing_bucket":
+            assert missing not in {b["Name"] for b in storage.s3_client().list_buckets()["Buckets"]}
     # the store as readers see it: the earlier table, whole; nothing of DS, no claim left behind
     assert storage.read_bytes(layout.latest_uri()) == latest_before
     assert storage.list_uris(layout.recs_prefix(DS)) == []

@@ -100,7 +100,7 @@ def test_four_mapped_shards_one_fails_once_and_only_it_reruns(own_bucket, airflo
         own = {u: e for u, e in staged[shard].items() if f"/shard-{shard:05d}/" in u}
         assert own and all(after_retry.get(u) == e for u, e in own.items()), shard
     assert {t: ti.try_number for ti in tis if (t := ti.task_id) != "score"} == {
-        "plan": 1, "plan_shards": 1, "publish": 1}
+        "plan": 1, "plan_shards": 1, "publish": 1, "release": 1}
 
     manifest = storage.read_json(layout.manifest_uri(DS))
     assert len(manifest["parts"]) == 4  # one per shard, in user_id order
