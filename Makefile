@@ -26,7 +26,7 @@ demo: setup
 	@for u in 1 2 3; do $(BIN)/nightrec recs --user $$u -k 5 || exit 1; echo; done
 
 test: setup
-	$(BIN)/python -m pytest -q --durations=30
+	scripts/run_tests.sh
 
 lint: setup
 	$(BIN)/ruff check tasks dags tests scripts

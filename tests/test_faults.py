@@ -136,10 +136,11 @@ def fault_env(s3, airflow_db, sample, tmp_path_factory):
     params["publish"].update(rows_per_part=5000, claim_ttl_s=3)  # several parts; short claims
     params["score"]["shards"] = 2
     # Each run_dag.py call is a new DAG run (its own run id): the rerun after a kill waits for
-    # the killed run's unrenewed lease to expire (2 s), then takes it over. The lease of the
+    # the killed run's unrenewed lease to expire (5 s; the rerun's start-up takes about that
+    # long), then takes it over. The lease of the
     # run that meets the S3 outage lapses during it and is renewed (by its heartbeat) within a
     # couple of seconds of the store coming back, before the competitor below asks for it.
-    params["run"].update(lock_ttl_s=2, lock_wait_s=5)
+    params["run"].update(lock_ttl_s=5, lock_wait_s=8)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     hook = work / "hook"
     hook.mkdir()
@@ -261,7 +262,7 @@ def test_kill_9_in_each_writing_stage_leaves_the_latest_table_intact(fault_env):
     assert refused.returncode == 1 and refused.result["failed_task"] == "ingest", refused.result
     assert f"RunLocked: ds={DS} is being written by run nightly_recommendations." in (
         refused.result["error"]), refused.result
-    assert "waited 5 s (run.lock_wait_s)" in refused.result["error"]
+    assert "waited 8 s (run.lock_wait_s)" in refused.result["error"]
     assert refused.result["tasks"]["ingest"] == "failed"  # at once: no retries spent
     assert "try_number=2" not in refused.stdout
     # it wrote nothing of the ds: its only requests there were create-if-absent PUTs of the
