@@ -60,6 +60,7 @@ from orchestration.common import (
 def rescore_recommendations():
     @task.short_circuit(doc_md="Pick the ds and the model; stop if that table is already current.")
     def plan() -> dict | None:
+        import contextlib
         import logging
 
         from tasks import layout, registry, settings, storage
@@ -74,10 +75,15 @@ def rescore_recommendations():
         logging.getLogger("nightrec.rescore").info(
             "rescore plan: ds=%s (param %s, asset events %s)", ds, params.get("ds"), event_ds)
         hold_lease(ds)  # a nightly run of this ds still scoring or publishing: wait for it
-        model = permanent(registry.resolve, params.get("model_version"))
-        version = model["model_version"]
-        current = storage.read_json(layout.manifest_uri(ds)) if storage.exists(
-            layout.manifest_uri(ds)) else {}
+        try:
+            model = permanent(registry.resolve, params.get("model_version"))
+            version = model["model_version"]
+            current = storage.read_json(layout.manifest_uri(ds)) if storage.exists(
+                layout.manifest_uri(ds)) else {}
+        except BaseException:
+            with contextlib.suppress(Exception):  # the store may be what failed
+                release_lease(ds)  # the teardown cannot know the ds of a plan that failed
+            raise
         if current.get("model_version") == version and not params.get("model_version"):
             logging.getLogger("nightrec.rescore").info(
                 "ds=%s is already published by %s: nothing to do", ds, version)
