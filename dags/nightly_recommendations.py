@@ -200,14 +200,15 @@ def nightly_recommendations():
         states = {t: str(s) for t, s in found.get(ctx["run_id"], {}).items() if t != "report"}
         # dag_run.start_date is the logical date under dag.test(); ingest stamps the real start.
         started = (ctx["ti"].xcom_pull(task_ids="ingest") or {}).get("started_at")
-        other = locks.held_by_another(run_ds(), run_owner())
+        ds = run_ds()
+        other = locks.held_by_another(ds, run_owner())
         if other:  # this run was refused: the ds's report is the other run's to write
-            raise AirflowSkipException(f"ds={run_ds()} belongs to run {other['owner']}")
+            raise AirflowSkipException(f"ds={ds} belongs to run {other['owner']}")
         try:
-            return step.run(run_ds(), run_id=ctx["run_id"], task_states=states,
+            return step.run(ds, run_id=ctx["run_id"], task_states=states,
                             started_at=dt.datetime.fromisoformat(started) if started else None)
         finally:
-            release_lease(run_ds())  # the run is over, however it ended: the ds is free
+            release_lease(ds)  # the run is over, however it ended: the ds is free
 
     prepared = augment(validate(clean(ingest())))
     split_out = split(prepared)

@@ -56,6 +56,11 @@ def _iso(t: dt.datetime) -> str:
     return t.isoformat(timespec="seconds")
 
 
+def _record(owner: str, ttl_s: float, now: dt.datetime) -> dict:
+    return {"owner": owner, "token": uuid.uuid4().hex, "claimed_at": _iso(now),
+            "expires_at": _iso(now + dt.timedelta(seconds=float(ttl_s)))}
+
+
 def acquire(uri: str, *, owner: str, ttl_s: float, busy) -> dict:
     """Take the lease object ``uri``; returns its record with ``uri`` and ``etag``.
 
@@ -63,8 +68,7 @@ def acquire(uri: str, *, owner: str, ttl_s: float, busy) -> dict:
     """
     for _ in range(4):
         now = _now()
-        record = {"owner": owner, "token": uuid.uuid4().hex, "claimed_at": _iso(now),
-                  "expires_at": _iso(now + dt.timedelta(seconds=float(ttl_s)))}
+        record = _record(owner, ttl_s, now)
         try:
             return {**record, "uri": uri, "etag": storage.write_json(uri, record,
                                                                     if_none_match=True)}
@@ -76,19 +80,24 @@ def acquire(uri: str, *, owner: str, ttl_s: float, busy) -> dict:
         held, etag = json.loads(found[0]), found[1]
         expired = dt.datetime.fromisoformat(held["expires_at"]) <= now
         if held.get("owner") == owner:
-            # Renew in place (If-Match on the version read), so the lease is never absent
-            # for a moment in which another run could create it; a renewal that lost to a
-            # change (a taker after expiry) goes round again and finds the new holder.
             try:
-                return {**record, "uri": uri,
-                        "etag": storage.write_json(uri, record, if_match=etag)}
+                return _renew({**held, "uri": uri, "etag": etag}, ttl_s=ttl_s)
             except storage.PreconditionFailed:
-                continue
+                continue  # lost to a change (a taker after expiry): look again
         if not expired:
             raise busy(held)
         log.warning("replacing the expired lease %s of %s", uri, held.get("owner"))
         storage.delete_if_match(uri, etag)  # then create-if-absent decides between takers
     raise LeaseConflict(f"the lease {uri} kept changing; another writer is taking it")
+
+
+def _renew(held: dict, *, ttl_s: float) -> dict:
+    """Rewrite our lease ``held`` (a :func:`holder` record) with a new expiry, in place and
+    conditional on the version read (If-Match), so it is never absent for a moment in which
+    another run could create it. Raises PreconditionFailed when it changed meanwhile."""
+    record = _record(held["owner"], ttl_s, _now())
+    etag = storage.write_json(held["uri"], record, if_match=held["etag"])
+    return {**record, "uri": held["uri"], "etag": etag}
 
 
 def release(lock: dict) -> None:
@@ -120,8 +129,7 @@ class _Heartbeat(threading.Thread):
                 held = holder(layout.run_lock_uri(self.ds))
                 if held is None or held.get("owner") != self.owner:
                     return  # released by the teardown, or lost: never re-create it from here
-                acquire(layout.run_lock_uri(self.ds), owner=self.owner, ttl_s=self.ttl_s,
-                        busy=lambda h: LeaseConflict(f"lease taken by {h.get('owner')}"))
+                _renew(held, ttl_s=self.ttl_s)
             except Exception as e:  # noqa: BLE001 - a missed renewal is retried next beat
                 log.warning("could not renew the run lease of ds=%s: %s", self.ds, e)
 

@@ -224,10 +224,9 @@ def _negatives_dataset(x, y, w, *, seen, counts, n_neg: int, alpha: float, seed:
 def valid_sample(valid: pd.DataFrame, *, max_users: int, seed: int) -> pd.DataFrame:
     """The rows of at most ``max_users`` valid users (seeded), for the per-epoch metric.
 
-    Ranking every valid user against the whole catalogue each epoch cost as much as the epoch
-    itself at 200k users x 20k items; 20k users give the metric to about +-1% there. The
-    candidate choice and the gate are not sampled (select uses this same figure; evaluate ranks
-    every test user).
+    Ranking every valid user against the whole catalogue each epoch cost about as much as the
+    epoch itself at 200k users x 20k items (~45 s). The candidates' choice uses this same
+    sampled figure; the gate is not sampled (evaluate ranks every test user).
     """
     if max_users < 1:
         raise ValueError(f"train.mf_softmax.valid_users must be >= 1, got {max_users}")
