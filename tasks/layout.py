@@ -13,6 +13,9 @@ recommendations/ds=<ds>/_publishing.json a publisher's claim on that ds while it
 recommendations/_latest.json             pointer to the newest published manifest
 recommendations/_latest.lock             held while a publisher moves that pointer
 state/id_map/<users|items>/map-NNNNNN.parquet   stable id -> index map, one generation per change
+state/forgotten/users.parquet            sha256 of user ids erased on request (`nightrec forget`)
+recommendations/ds=<ds>/_retired.json    parts a republish replaced, deleted after the grace period
+audit/<kind>/<stamp>-<id>.json           operator actions (unlock, forget, gc) and who did them
 ```
 """
 
@@ -119,3 +122,20 @@ def id_map_prefix(kind: str) -> str:
     if kind not in ("users", "items"):
         raise ValueError(f"unknown id map {kind!r}")
     return storage.s3_uri(f"state/id_map/{kind}/")
+
+
+def forgotten_users_uri() -> str:
+    """The suppression list of ``nightrec forget``: sha256 of each erased user id (never the id)."""
+    return storage.s3_uri("state/forgotten/users.parquet")
+
+
+def retired_parts_uri(ds: str) -> str:
+    """Parts of ``ds`` that a republish replaced, with the time after which they may go."""
+    return recs_prefix(ds) + "_retired.json"
+
+
+def audit_uri(kind: str, stamp: str, token: str) -> str:
+    """One operator action's record (``kind``: unlock, forget, gc)."""
+    if kind not in ("unlock", "forget", "gc"):
+        raise ValueError(f"unknown audit kind {kind!r}")
+    return storage.s3_uri(f"audit/{kind}/{safe_token(stamp, 'stamp')}-{safe_token(token, 'token')}.json")
