@@ -17,15 +17,20 @@ before anything runs:
 | `top_k` | `score.top_k` | recommendations per user, 1..1000 |
 | `shards` | `score.shards` | score shards (mapped tasks over user_id ranges), 1..256 |
 | `force_publish` | `false` | publish even if the gate does not bless the model (logged, not promoted) |
+| `fallback` | `publish.fallback` | the gate refuses: publish the champion re-scored on today's seen items (or popularity, with no champion) |
 | `dry_run` | `false` | run and validate everything; publish and promote nothing |
 
 **Stages**: ingest -> clean (quarantine with reasons) -> validate (Great Expectations; a broken
-contract stops the run, without retries) -> augment -> choose -> split (DVC, pushed; its hash is
-the `data_version`) -> train -> evaluate (full ranking vs popularity) -> gate -> register (the
-blessed model becomes champion; emits the `nightrec_champion` asset) -> plan_shards -> score (one
-mapped task per user shard; a failed shard retries alone) -> publish (GE suite, a per-ds claim,
-parts, manifest, then the latest pointer by conditional write; retention). `report` always runs
-last, uploads `reports/ds=<ds>/report.html` and releases the run's lease on the ds.
+contract stops the run, without retries) -> augment -> seen (every interaction up to ds with
+valid ids: what is never recommended back) -> choose -> split (DVC, pushed; its hash is the
+`data_version`) -> train -> evaluate (full ranking vs popularity and the champion) -> gate
+(branch) -> register (a blessed model, immutable; not yet champion) **or** fallback (the gate
+refused: the champion re-scored on today's seen items, else popularity) -> plan_shards -> score
+(one mapped task per user shard; a failed shard retries alone) -> publish (GE suite, a per-ds
+claim, parts, manifest, then the latest pointer by conditional write; retention) -> promote (the
+published blessed model becomes champion, ds-ordered; emits the `nightrec_champion` asset).
+`report` always runs last, uploads `reports/ds=<ds>/report.html`, writes an alert when the latest
+table is older than `publish.max_age_hours`, and releases the run's lease on the ds.
 
 **One run per ds, across deployments**: every task first takes or renews the run's lease
 `runs/ds=<ds>/_run_lock.json` (renewed while it runs). A second run of the same ds (another
@@ -75,6 +80,9 @@ from orchestration.common import (
         "shards": shards_param(),
         "force_publish": Param(False, type="boolean",
                                description="Publish even when the gate does not bless the model."),
+        "fallback": Param(None, type=["null", "boolean"],
+                          description="When the gate refuses: publish the champion re-scored "
+                                      "(or popularity). Default publish.fallback."),
         "dry_run": dry_run_param(),
     },
 )
@@ -130,53 +138,92 @@ def nightly_recommendations():
 
         return {"ds": prev["ds"], **step.run(prev["ds"], prev)}
 
-    @task.short_circuit(
-        doc_md="Go on only for a blessed model or a forced run; else publish nothing.",
-        ignore_downstream_trigger_rules=False,
-    )
-    def gate(prev: dict) -> bool:
+    @task(doc_md="Every interaction up to ds with valid ids (clean + value/policy quarantine).")
+    def seen(prev: dict) -> dict:
+        from tasks import seen as step
+
+        return {"ds": prev["ds"], "seen": step.build(prev["ds"])}
+
+    @task.branch(doc_md="register a blessed (or forced) model; else the fallback, or nothing.")
+    def gate(prev: dict) -> list[str]:
         import logging
 
-        from tasks import evaluate
+        from tasks import evaluate, settings
 
-        forced = bool(get_current_context()["params"].get("force_publish"))
-        decision = evaluate.record_decision(prev["ds"], prev["gate"], forced=forced)
+        params = get_current_context()["params"]
+        forced = bool(params.get("force_publish"))
+        evaluate.record_decision(prev["ds"], prev["gate"], forced=forced)
+        fallback = params.get("fallback")
+        if fallback is None:
+            fallback = bool(settings.load_params()["publish"]["fallback"])
         log = logging.getLogger("nightrec.gate")
         if prev["blessed"]:
             log.info("blessed: %s", prev["gate"])
-        elif forced:
+            return ["register"]
+        if forced:
             log.warning("OVERRIDE: NOT blessed (%s) but force_publish=true; publishing anyway, "
                         "the model is not promoted: %s", prev["gate"]["reason"], prev["gate"])
-        else:
-            log.warning("NOT blessed (%s); nothing is published and the previous table stays "
-                        "latest: %s", prev["gate"]["reason"], prev["gate"])
-        return decision["publish"]
+            return ["register"]
+        if fallback:
+            log.warning("NOT blessed (%s); publishing the fallback (the champion re-scored on "
+                        "today's seen items, or popularity): %s", prev["gate"]["reason"],
+                        prev["gate"])
+            return ["fallback"]
+        log.warning("NOT blessed (%s) and fallback is off; nothing is published and the "
+                    "previous table stays latest: %s", prev["gate"]["reason"], prev["gate"])
+        return []
 
-    @task(doc_md="Register a blessed model and make it champion (not on dry runs).")
+    @task(doc_md="Register a blessed model (immutable; it becomes champion only once published).")
     def register(prev: dict) -> dict:
         from tasks import registry, settings
 
         params = get_current_context()["params"]
         if not prev["blessed"] or params.get("dry_run"):
-            return {"ds": prev["ds"], "model": prev["model"], "promoted": False}
+            return {"ds": prev["ds"], "model": prev["model"], "registered": False}
         model = registry.register(prev["model"], ds=prev["ds"], metrics_uri=prev["metrics"],
                                   gate=prev["gate"], params=settings.load_params())
-        registry.set_champion(model["model_version"])
-        return {"ds": prev["ds"], "model": {**model, "metrics": prev["metrics"]}, "promoted": True}
+        return {"ds": prev["ds"], "model": {**model, "metrics": prev["metrics"]},
+                "registered": True}
 
-    @task(outlets=[CHAMPION], doc_md="Announce a new champion (triggers rescore_recommendations).")
-    def announce(prev: dict, *, outlet_events=None) -> None:
-        if not prev["promoted"]:
-            raise AirflowSkipException("no new champion")
-        outlet_events[CHAMPION].extra = {"model_version": prev["model"]["model_version"],
+    @task(doc_md="The gate refused: the champion re-scored on today's seen items, or popularity.")
+    def fallback(prev: dict, seen_out: dict) -> dict:
+        from tasks import registry
+        from tasks import score as step
+
+        why = f"the gate refused the new model: {prev['gate']['reason']}"
+        if registry.champion():
+            model = {**registry.resolve(None), "source": "champion_fallback",
+                     "source_reason": why}
+        else:
+            model = {**step.popularity_model(prev["ds"], seen_out["seen"]),
+                     "source": "popularity_fallback",
+                     "source_reason": why + "; there is no champion yet"}
+        return {"ds": prev["ds"], "model": model}
+
+    @task(outlets=[CHAMPION],
+          doc_md="The published blessed model becomes champion (ds-ordered); emits the asset.")
+    def promote(prev: dict, published: dict, *, outlet_events=None) -> dict:
+        from tasks import registry
+
+        if not prev["registered"] or published.get("dry_run"):
+            raise AirflowSkipException("no new blessed model was published by this run")
+        record = registry.set_champion(prev["model"]["model_version"])
+        if not record["moved"]:
+            raise AirflowSkipException(
+                f"champion stays {record['model_version']} (ds={record.get('ds')}): this run's "
+                f"ds={prev['ds']} is not later")
+        outlet_events[CHAMPION].extra = {"model_version": record["model_version"],
                                          "ds": prev["ds"]}
+        return record
 
     @task(doc_md="Resolve the pinned model_version, or the champion, from the registry.")
     def load_model() -> dict:
         from tasks import registry
 
         version = get_current_context()["params"].get("model_version")
-        return {"model": permanent(registry.resolve, version), "promoted": False}
+        model = permanent(registry.resolve, version)
+        return {"model": {**model, "source": "champion_rescore",
+                          "source_reason": f"retrain=false or model_version {version} given"}}
 
     @task(trigger_rule="none_failed_min_one_success",
           doc_md="Split the chosen model's users into user_id ranges, one score task each.")
@@ -184,10 +231,11 @@ def nightly_recommendations():
         from tasks import score as step
 
         ctx = get_current_context()
-        chosen = [x for x in ctx["ti"].xcom_pull(task_ids=["register", "load_model"]) if x]
-        if not chosen:  # the gate stopped an unblessed model: register and load_model skipped
+        chosen = [x for x in ctx["ti"].xcom_pull(task_ids=["register", "fallback", "load_model"])
+                  if x]
+        if not chosen:  # the gate refused and the fallback is off: nothing to score
             raise AirflowSkipException("no model to score: the gate did not pass")
-        return step.plan(prev["ds"], chosen[0]["model"], prev["clean"], run_key=run_key(),
+        return step.plan(prev["ds"], chosen[0]["model"], prev["seen"], run_key=run_key(),
                          top_k=ctx["params"].get("top_k"), shards=ctx["params"].get("shards"))
 
     @task(doc_md="Build the run report (HTML with plots) and upload it; runs whatever happened.")
@@ -211,16 +259,18 @@ def nightly_recommendations():
             release_lease(ds)  # the run is over, however it ended: the ds is free
 
     prepared = augment(validate(clean(ingest())))
+    seen_out = seen(prepared)
     split_out = split(prepared)
     loaded = load_model()
-    prepared >> choose() >> [split_out, loaded]
+    seen_out >> choose() >> [split_out, loaded]
     evaluated = evaluate(train(split_out))
     registered = register(evaluated)
-    gate(evaluated) >> registered
-    announce(registered)
-    planned = plan_shards(prepared)
-    [registered, loaded] >> planned
-    publish_shards(score_shard.expand(spec=planned)) >> report().as_teardown()
-
+    fell_back = fallback(evaluated, seen_out)
+    gate(evaluated) >> [registered, fell_back]
+    planned = plan_shards(seen_out)
+    [registered, fell_back, loaded] >> planned
+    published = publish_shards(score_shard.expand(spec=planned))
+    promote(registered, published)
+    published >> report().as_teardown()
 
 nightly_recommendations()

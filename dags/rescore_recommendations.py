@@ -8,7 +8,7 @@ blessed model becomes champion, or **by hand** with params:
 
 | param | default | meaning |
 |---|---|---|
-| `ds` | the asset event's `ds`, else the latest published ds | whose cleaned interactions to use as the seen set, and which partition to publish |
+| `ds` | the asset event's `ds`, else the latest published ds | whose seen interactions (clean + value/policy quarantine, tasks/seen.py) are excluded, and which partition to publish |
 | `model_version` | the champion | a registered model to score with |
 | `top_k` | `score.top_k` | recommendations per user, 1..1000 |
 | `shards` | `score.shards` | score shards (mapped tasks over user_id ranges), 1..256 |
@@ -89,8 +89,11 @@ def rescore_recommendations():
                 "ds=%s is already published by %s: nothing to do", ds, version)
             release_lease(ds)
             return None
-        seen = layout.run_uri(ds, "clean", "interactions.parquet")
-        return {"ds": ds, "model": model, "seen": seen}
+        from tasks import seen as seen_step
+
+        model = {**model, "source": "champion_rescore",
+                 "source_reason": f"re-score with {version} (rescore_recommendations)"}
+        return {"ds": ds, "model": model, "seen": seen_step.build(ds)}
 
     @task(doc_md="Split the model's users into user_id ranges, one score task each.")
     def plan_shards(prev: dict) -> list[dict]:

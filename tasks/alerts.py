@@ -1,8 +1,14 @@
-"""Failure records: one JSON per failed task try, for people and for ``nightrec run``'s summary.
+"""Alert records: one JSON per failed task try, and one per night the latest table is stale.
 
-Written by the DAG's ``on_failure_callback`` to ``alerts/ds=<ds>/<run>.<task>.json`` in the bucket
-(best effort: S3 may be the thing that failed) and to ``$NIGHTREC_STATE/alerts/<run>.json`` on
-the machine that ran the task. Credentials never appear: only ids and the error's text.
+Failures are written by the DAG's ``on_failure_callback`` to ``alerts/ds=<ds>/<run>.<task>.json``
+in the bucket (best effort: S3 may be the thing that failed) and to
+``$NIGHTREC_STATE/alerts/<run>.json`` on the machine that ran the task. Credentials never appear:
+only ids and the error's text.
+
+Staleness: :func:`latest_table_age` says how old the table readers get is (hours since its
+latest pointer moved); the nightly report task calls :func:`check_latest_age`, which writes
+``alerts/ds=<ds>/<run>.stale_table.json`` when that is above ``publish.max_age_hours`` (a run of
+unblessed nights with the fallback off, or failed nights, leaves readers an old table).
 """
 
 from __future__ import annotations
@@ -45,3 +51,44 @@ def record_failure(*, dag_id: str, run_id: str, task_id: str, ds: str | None, er
 def read_failure(run_id: str) -> dict | None:
     path = local_alert_path(run_id)
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def _alert_uri(ds: str, run_id: str, name: str) -> str:
+    return storage.s3_uri(f"alerts/ds={settings.check_ds(ds)}/{layout.sanitize_token(run_id)}."
+                          f"{layout.sanitize_token(name)}.json")
+
+
+def latest_table_age(now: dt.datetime | None = None) -> dict | None:
+    """The latest pointer's ds, source and age: ``{"ds", "model_version", "source",
+    "updated_at", "age_hours"}`` (hours >= 0 since the pointer moved), or None before any
+    table was published."""
+    uri = layout.latest_uri()
+    if not storage.exists(uri):
+        return None
+    latest = storage.read_json(uri)
+    now = now or dt.datetime.now(dt.UTC)
+    moved = dt.datetime.fromisoformat(latest["updated_at"])
+    manifest = storage.read_json(latest["manifest"]) if storage.exists(latest["manifest"]) else {}
+    return {"ds": latest["ds"], "model_version": latest.get("model_version"),
+            "source": manifest.get("source", "model"), "updated_at": latest["updated_at"],
+            "age_hours": max(0.0, (now - moved).total_seconds() / 3600.0)}
+
+
+def check_latest_age(*, ds: str, run_id: str, max_age_hours: float,
+                     now: dt.datetime | None = None) -> dict | None:
+    """:func:`latest_table_age` plus ``stale`` (age above ``max_age_hours``, or no table at
+    all); a stale table gets an alert record under this run's ds (and a warning in the log)."""
+    age = latest_table_age(now)
+    stale = age is None or age["age_hours"] > float(max_age_hours)
+    out = {**(age or {"ds": None, "age_hours": None}), "stale": stale,
+           "max_age_hours": float(max_age_hours)}
+    if stale:
+        what = ("no table has been published yet" if age is None else
+                f"the latest table (ds={age['ds']}, {age['source']}) is {age['age_hours']:.1f} h "
+                f"old, above publish.max_age_hours {float(max_age_hours):g}")
+        record = {"kind": "stale_table", "ds": ds, "run_id": run_id, "error": what, **out,
+                  "at": (now or dt.datetime.now(dt.UTC)).isoformat(timespec="seconds")}
+        log.warning("stale table: %s", what)
+        storage.write_json(_alert_uri(ds, run_id, "stale_table"), record)
+        out["alert"] = _alert_uri(ds, run_id, "stale_table")
+    return out

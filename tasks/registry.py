@@ -10,23 +10,43 @@ models/<version>/users.parquet           user_idx -> user_id, the model's user i
 models/<version>/items.parquet           item_idx -> item_id
 models/<version>/meta.json               model_version, data_version, code_version, ds, params,
                                          metrics, gate (the blessing), registered_at
-models/_champion.json                    {"model_version", "previous", "history", "updated_at",
-                                          "reason"}
+models/<version>/_registered.json        create-if-absent marker: the version's content, once
+models/_champion.json                    {"model_version", "ds", "previous", "history",
+                                          "updated_at", "reason"}
+models/_champion.lock                    held while the champion pointer moves
 ```
 
 ``meta.json`` is written last: its presence means the model is complete. A model version is one
-key segment (``layout.safe_token``) and matches ``MODEL_VERSION_RE``. Only a blessed model
-becomes champion automatically; ``promote`` and ``rollback`` (``nightrec models``) are the ops
-levers, each recorded in the pointer's ``history``. The re-score DAG scores with the champion.
+key segment (``layout.safe_token``) and matches ``MODEL_VERSION_RE``.
+
+**Versions are immutable.** ``register`` first creates ``models/<version>/_registered.json`` with
+``If-None-Match: *`` (create only if absent), naming the content (sha256 of the scoring
+weights, the data and code versions). A second register of the same version verifies that it is
+the same content (a retried task: it completes the copy, or finds it complete) or is refused
+with :class:`VersionConflict`; nothing of the registered model is overwritten.
+
+**The champion pointer is ds-ordered.** Only a model whose table was *published* becomes
+champion (the nightly DAG's ``promote`` task runs after ``publish``). The pointer records the ds
+of the champion's table; ``set_champion`` moves it only forward in ds (a blessed backfill of last
+week never demotes today's champion), under the short lock ``models/_champion.lock`` and with a
+conditional write on the ETag read (create-if-absent for the first one), as publish moves
+``recommendations/_latest.json``. ``promote`` and ``rollback`` (``nightrec models``) are the ops
+levers: deliberate, so they may move it back in ds, and each is recorded in ``history``.
+The re-score DAG scores with the champion.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
+import logging
 import re
 
 from tasks import layout, storage
 from tasks.errors import PermanentError
+
+log = logging.getLogger(__name__)
+CHAMPION_LOCK_TTL_S = 60.0  # held for two requests; a crashed holder's lock frees itself then
 
 MODEL_VERSION_RE = re.compile(r"^[a-z][a-z0-9]{0,15}-[0-9]{8}-[0-9a-f]{8}$")
 FILES = ("embeddings.npz", "users.parquet", "items.parquet", "meta.json")
@@ -34,6 +54,14 @@ FILES = ("embeddings.npz", "users.parquet", "items.parquet", "meta.json")
 
 class ModelNotFound(PermanentError, LookupError):
     """No such registered model (or no champion yet): retrying will not make one appear."""
+
+
+class VersionConflict(PermanentError):
+    """A model version is already registered with other content: versions are immutable."""
+
+
+class ChampionBusy(RuntimeError):
+    """Another writer holds the champion pointer's lock (transient: retry)."""
 
 
 def check_version(version: str) -> str:
@@ -48,6 +76,14 @@ def model_prefix(version: str) -> str:
 
 def champion_uri() -> str:
     return storage.s3_uri("models/_champion.json")
+
+
+def champion_lock_uri() -> str:
+    return storage.s3_uri("models/_champion.lock")
+
+
+def marker_uri(version: str) -> str:
+    return model_prefix(version) + "_registered.json"
 
 
 def model_uris(version: str) -> dict:
@@ -107,12 +143,53 @@ def code_version() -> str:
             return "unknown"
 
 
+def weights_digest(npz: bytes) -> str:
+    """sha256 of a model's weights by content: every array's name, dtype, shape and bytes.
+
+    Not of the ``.npz`` file, whose bytes depend on how it was written (compressed or not, the
+    numpy version's zip layout). Bytes that are not an npz archive hash as they are.
+    """
+    import hashlib
+    import io
+    import zipfile
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    try:
+        arrays = np.load(io.BytesIO(npz), allow_pickle=False)
+    except (ValueError, OSError, zipfile.BadZipFile):
+        return storage.sha256(npz)
+    with arrays:
+        for name in sorted(arrays.files):
+            a = np.ascontiguousarray(arrays[name])
+            h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+            h.update(a.tobytes())
+    return h.hexdigest()
+
+
 def register(model: dict, *, ds: str, metrics_uri: str | None, gate: dict | None = None,
              params: dict | None = None) -> dict:
     """Copy a trained model (the dict score takes, plus its ``artifacts``) into
     ``models/<version>/``; ``meta.json`` last."""
     version = check_version(model["model_version"])
     prefix = model_prefix(version)
+    content = {"model_version": version, "data_version": model["data_version"],
+               "code_version": code_version(),
+               "weights_sha256": weights_digest(storage.read_bytes(model["embeddings"]))}
+    try:
+        storage.write_json(marker_uri(version), content, if_none_match=True)
+    except storage.PreconditionFailed:
+        held = storage.read_json(marker_uri(version))
+        if held.get("weights_sha256") != content["weights_sha256"]:
+            raise VersionConflict(
+                f"model_version {version} is already registered with other content (scoring "
+                f"weights sha256 {str(held.get('weights_sha256'))[:12]}, code "
+                f"{held.get('code_version')}); registered versions are immutable") from None
+        if storage.exists(prefix + "meta.json"):
+            log.info("model %s is already registered with the same content", version)
+            return model_uris(version)
+        log.warning("model %s: completing a register that stopped before meta.json", version)
     copies = {"embeddings.npz": model["embeddings"], "users.parquet": model["users"],
               "items.parquet": model["items"]}
     if model.get("holdout_embeddings"):
@@ -130,8 +207,9 @@ def register(model: dict, *, ds: str, metrics_uri: str | None, gate: dict | None
     record = {
         "model_version": version,
         "data_version": model["data_version"],
-        "code_version": code_version(),
+        "code_version": content["code_version"],
         "ds": ds,
+        "train_cutoff": model.get("train_cutoff"),
         "params": params,
         "metrics": storage.read_json(metrics_uri) if metrics_uri else None,
         "gate": gate,
@@ -152,45 +230,99 @@ def champion() -> str | None:
     return record["model_version"] if record else None
 
 
-def set_champion(version: str, *, reason: str = "blessed") -> dict:
-    """Make ``version`` (registered) the champion; the pointer keeps the history of champions,
-    newest last, for rollback."""
-    model_uris(version)  # refuses an unregistered version
-    current = champion_record()
-    history = list(current.get("history", [current["model_version"]])) if current else []
-    if not history or history[-1] != version:
-        history.append(version)
-    record = {
+def _lock_busy(held: dict) -> ChampionBusy:
+    return ChampionBusy(f"the champion pointer is locked by {held.get('owner')} until "
+                        f"{held.get('expires_at')} ({champion_lock_uri()})")
+
+
+def _move_champion(build) -> dict:
+    """Under ``models/_champion.lock``: read the pointer and its ETag, ``build(current)`` the
+    new record (or None to leave it), write it conditionally on that ETag (create-if-absent
+    when there is none). Returns ``{"moved": bool, **record}``."""
+    import time
+    import uuid
+
+    from tasks import locks
+
+    owner = f"champion-{uuid.uuid4().hex[:8]}"
+    deadline = time.monotonic() + CHAMPION_LOCK_TTL_S + 5
+    while True:
+        try:
+            lock = locks.acquire(champion_lock_uri(), owner=owner, ttl_s=CHAMPION_LOCK_TTL_S,
+                                 busy=_lock_busy)
+            break
+        except (ChampionBusy, locks.LeaseConflict):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    try:
+        found = storage.read_versioned(champion_uri())
+        current, etag = (json.loads(found[0]), found[1]) if found else (None, None)
+        record = build(current)
+        if record is None:
+            return {"moved": False, **(current or {})}
+        if etag is None:
+            storage.write_json(champion_uri(), record, if_none_match=True)
+        else:
+            storage.write_json(champion_uri(), record, if_match=etag)
+        return {"moved": True, **record}
+    finally:
+        locks.release(lock)
+
+
+def _record(version: str, current: dict | None, *, history: list[str], reason: str) -> dict:
+    return {
         "model_version": version,
+        "ds": meta(version).get("ds"),
         "previous": current["model_version"] if current else None,
         "history": history,
         "reason": reason,
         "updated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
-    storage.write_json(champion_uri(), record)
-    return record
+
+
+def set_champion(version: str, *, reason: str = "blessed", force: bool = False) -> dict:
+    """Make ``version`` (registered) the champion; returns the pointer with ``moved``.
+
+    The pointer moves only forward in ds: when the current champion's table is of a later ds
+    than ``version``'s (a backfill), it stays, and ``moved`` is False. ``force`` (an operator's
+    promote) moves it whatever the ds. The pointer keeps the history of champions, newest last,
+    for rollback.
+    """
+    model_uris(version)  # refuses an unregistered version
+    new_ds = meta(version).get("ds") or ""
+
+    def build(current: dict | None) -> dict | None:
+        if current and not force and (current.get("ds") or "") > new_ds:
+            log.warning("champion stays %s (ds=%s): %s is of the earlier ds=%s",
+                        current["model_version"], current.get("ds"), version, new_ds)
+            return None
+        if current and current["model_version"] == version:
+            return None
+        history = list(current.get("history", [current["model_version"]])) if current else []
+        if not history or history[-1] != version:
+            history.append(version)
+        return _record(version, current, history=history, reason=reason)
+
+    return _move_champion(build)
 
 
 def rollback() -> dict:
     """Make the champion before the current one champion again (history pops one)."""
-    current = champion_record()
-    if current is None:
-        raise ModelNotFound("no champion to roll back")
-    history = list(current.get("history", [current["model_version"]]))
-    if len(history) < 2:
-        raise ModelNotFound(f"{current['model_version']} has no previous champion to roll back to")
-    history.pop()
-    target = history[-1]
-    model_uris(target)
-    record = {
-        "model_version": target,
-        "previous": current["model_version"],
-        "history": history,
-        "reason": f"rollback from {current['model_version']}",
-        "updated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-    }
-    storage.write_json(champion_uri(), record)
-    return record
+
+    def build(current: dict | None) -> dict:
+        if current is None:
+            raise ModelNotFound("no champion to roll back")
+        history = list(current.get("history", [current["model_version"]]))
+        if len(history) < 2:
+            raise ModelNotFound(
+                f"{current['model_version']} has no previous champion to roll back to")
+        history.pop()
+        model_uris(history[-1])
+        return _record(history[-1], current, history=history,
+                       reason=f"rollback from {current['model_version']}")
+
+    return _move_champion(build)
 
 
 def list_models() -> list[str]:

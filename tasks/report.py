@@ -20,9 +20,9 @@ import logging
 import numpy as np
 import pandas as pd
 
-from tasks import layout, schema, settings, storage
+from tasks import alerts, layout, schema, settings, storage
 
-PARAMS = ["report.history_runs", "report.sample_rows"]
+PARAMS = ["report.history_runs", "report.sample_rows", "publish.max_age_hours"]
 log = logging.getLogger(__name__)
 
 
@@ -198,6 +198,26 @@ def build_report(ds: str, *, run_id: str, task_states: dict[str, str], p) -> tup
         summary_extra = {"rows": manifest["rows"], "model_version": manifest["model_version"]}
     else:
         add("Published recommendations", "<p>Nothing was published by this run.</p>")
+    if manifest and manifest.get("publish_id"):
+        source = manifest.get("source", "model")
+        summary_extra["source"] = source
+        if source != "model":
+            sections[-1] = (sections[-1][0], sections[-1][1] + (
+                f"<p><b>Fallback</b>: this table is <code>{html.escape(source)}</code>, because "
+                f"{html.escape(str(manifest.get('source_reason') or 'the gate refused'))}.</p>"))
+
+    age = alerts.check_latest_age(ds=ds, run_id=run_id,
+                                  max_age_hours=float(p["publish.max_age_hours"]))
+    if age["ds"] is None:
+        add("Latest table", "<p class='failed'>No table has been published yet.</p>")
+    else:
+        flag = (" class='failed'" if age["stale"] else "")
+        add("Latest table", f"<p{flag}>Readers get ds={html.escape(age['ds'])} "
+            f"({html.escape(str(age['source']))}, model "
+            f"{html.escape(str(age['model_version']))}), published {age['age_hours']:.1f} h ago"
+            f" (publish.max_age_hours {age['max_age_hours']:g}"
+            f"{': STALE, alert written' if age['stale'] else ''}).</p>")
+    summary_extra["latest"] = {k: age.get(k) for k in ("ds", "source", "age_hours", "stale")}
 
     state = "failed" if failed else "success"
     now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

@@ -107,3 +107,70 @@ def test_models_cli_list_show_promote_rollback(empty_bucket, capsys):
     with pytest.raises(SystemExit):
         cli.main(["models", "promote"])
     assert registry.champion() == a
+
+
+def test_a_backfill_never_demotes_a_newer_champion_but_ops_can(empty_bucket):
+    today, backfill = "mf-20261110-0000000a", "ease-20261103-0000000b"
+    registry.register(_trained_model(today), ds="2026-11-10", metrics_uri=None)
+    registry.register(_trained_model(backfill), ds="2026-11-03", metrics_uri=None)
+    assert registry.set_champion(today)["moved"] is True
+    kept = registry.set_champion(backfill)  # a blessed backfill of last week
+    assert kept["moved"] is False and kept["model_version"] == today
+    assert registry.champion() == today and registry.champion_record()["ds"] == "2026-11-10"
+    forced = registry.set_champion(backfill, reason="promoted by hand", force=True)
+    assert forced["moved"] is True and registry.champion() == backfill
+    assert registry.champion_record()["history"] == [today, backfill]
+
+
+def test_racing_promotions_end_at_the_latest_ds_and_keep_every_step(empty_bucket):
+    from concurrent.futures import ThreadPoolExecutor
+
+    versions = [f"mf-202611{d:02d}-000000{d:02x}" for d in range(1, 9)]
+    for v in versions:
+        registry.register(_trained_model(v), ds=f"2026-11-{v[9:11]}", metrics_uri=None)
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(registry.set_champion, reversed(versions)))
+    record = registry.champion_record()
+    assert record["model_version"] == versions[-1] and record["ds"] == "2026-11-08"
+    assert record["history"][-1] == versions[-1]
+    assert not storage.exists(registry.champion_lock_uri())
+
+
+def test_registered_versions_are_immutable(empty_bucket):
+    v = "mf-20261101-0000000a"
+    first = registry.register(_trained_model(v), ds="2026-11-01", metrics_uri=None)
+    meta = registry.meta(v)
+    again = registry.register(_trained_model(v), ds="2026-11-01", metrics_uri=None)  # a retry
+    assert again == first and registry.meta(v)["registered_at"] == meta["registered_at"]
+    other = _trained_model(v)
+    storage.write_bytes(other["embeddings"], b"other weights, same version")
+    with pytest.raises(registry.VersionConflict, match="already registered with other content"):
+        registry.register(other, ds="2026-11-02", metrics_uri=None)
+    assert issubclass(registry.VersionConflict, PermanentError)
+    assert storage.read_bytes(first["embeddings"]) == b"npz bytes"
+    assert registry.meta(v) == meta
+
+
+def test_a_register_that_stopped_before_meta_is_completed_by_its_retry(empty_bucket):
+    v = "mf-20261101-0000000a"
+    model = _trained_model(v)
+    storage.write_json(registry.marker_uri(v), {
+        "model_version": v, "weights_sha256": registry.weights_digest(b"npz bytes")})
+    assert registry.register(model, ds="2026-11-01", metrics_uri=None)["model_version"] == v
+    assert registry.meta(v)["ds"] == "2026-11-01"
+
+
+def test_the_weights_digest_is_of_the_arrays_not_of_the_file():
+    import io
+
+    import numpy as np
+
+    def npz(scale: float, save=np.savez) -> bytes:
+        buf = io.BytesIO()
+        save(buf, user=np.ones((3, 2), np.float32) * scale, item=np.eye(2, dtype=np.float32))
+        return buf.getvalue()
+
+    plain, packed = npz(1.0), npz(1.0, np.savez_compressed)
+    assert plain != packed  # two files ...
+    assert registry.weights_digest(plain) == registry.weights_digest(packed)  # ... one model
+    assert registry.weights_digest(npz(1.5)) != registry.weights_digest(plain)
