@@ -19,6 +19,7 @@ import pytest
 
 from tasks import layout, storage
 from tasks.reader import RecommendationReader
+from tests.conftest import TEST_PARAMS
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.e2e
@@ -55,7 +56,7 @@ def first_run(s3, airflow_db, sample):
 def test_run_publishes_table_with_schema_and_counts(first_run, sample):
     dr, states = first_run
     assert str(dr.state) == "success", states
-    assert {t for t, s in states.items() if s != "success"} == {"load_model"}, states
+    assert {t for t, s in states.items() if s != "success"} == {"load_model", "fallback"}, states
     manifest = storage.read_json(layout.manifest_uri(DS1))
     table = RecommendationReader().table(DS1)
     assert list(table.columns) == ["user_id", "rank", "item_id", "score", "model_version", "ds"]
@@ -141,7 +142,9 @@ def test_blessed_model_is_registered_as_champion_and_report_uploaded(first_run):
     from tasks import registry
 
     manifest = storage.read_json(layout.manifest_uri(DS1))
+    assert manifest["source"] == "model"
     assert registry.champion() == manifest["model_version"]
+    assert registry.champion_record()["ds"] == DS1  # the pointer is ds-ordered
     assert registry.model_uris(manifest["model_version"])["data_version"] == manifest["data_version"]
     page = storage.read_bytes(storage.s3_uri(f"reports/ds={DS1}/report.html")).decode()
     assert page.count('<img class="plot"') == 5 and "blessed" in page
@@ -184,7 +187,7 @@ def _weak_params(tmp_path) -> Path:
     return path
 
 
-def test_weakened_challenger_is_not_blessed_and_only_the_override_publishes_it(
+def test_weakened_challenger_is_not_blessed_falls_back_to_the_champion_or_is_forced(
         first_run, sample, tmp_path, monkeypatch, caplog):
     from tasks import registry
 
@@ -193,25 +196,86 @@ def test_weakened_challenger_is_not_blessed_and_only_the_override_publishes_it(
     champion = registry.champion()
     latest = storage.read_bytes(layout.latest_uri())
     monkeypatch.setenv("NIGHTREC_PARAMS", str(_weak_params(tmp_path)))
-    dr, states = run_dag(ds)
+    dr, states = run_dag(ds, fallback=False)
     assert str(dr.state) == "success", states
     assert states["gate"] == "success" and states["publish"] == "skipped", states
+    assert states["fallback"] == "skipped" and states["register"] == "skipped", states
     decision = storage.read_json(layout.run_uri(ds, "gate", "decision.json"))
     assert decision == {**decision, "blessed": False, "override": False, "publish": False}
     assert "popularity floor" in decision["verdict"]["reason"]
     assert not storage.exists(layout.manifest_uri(ds))
     assert registry.champion() == champion and storage.read_bytes(layout.latest_uri()) == latest
 
+    # The default (publish.fallback): the champion, re-scored on this ds's seen items.
+    dr, states = run_dag(ds)
+    assert str(dr.state) == "success", states
+    assert states["fallback"] == "success" and states["publish"] == "success", states
+    assert states["register"] == "skipped" and states["promote"] == "skipped", states
+    manifest = storage.read_json(layout.manifest_uri(ds))
+    assert manifest["source"] == "champion_fallback" and manifest["model_version"] == champion
+    assert "popularity floor" in manifest["source_reason"]
+    table = RecommendationReader().table(ds)
+    seen = storage.read_parquet(layout.run_uri(ds, "seen", "interactions.parquet"))
+    assert set(table["user_id"]) == set(seen["user_id"])  # every user of the day gets a list
+    pairs = set(zip(seen["user_id"], seen["item_id"]))
+    assert not any(p in pairs for p in zip(table["user_id"], table["item_id"]))
+    assert registry.champion() == champion and storage.read_bytes(layout.latest_uri()) == latest
+
     with caplog.at_level("WARNING", logger="nightrec.gate"):
         dr, states = run_dag(ds, force_publish=True)
     assert str(dr.state) == "success", states
-    assert states["publish"] == "success" and states["announce"] == "skipped", states
+    assert states["publish"] == "success" and states["promote"] == "skipped", states
     decision = storage.read_json(layout.run_uri(ds, "gate", "decision.json"))
     assert decision["override"] is True and decision["publish"] is True
     assert any("OVERRIDE" in r.getMessage() for r in caplog.records)
     manifest = storage.read_json(layout.manifest_uri(ds))
+    assert manifest["source"] == "model"
     assert manifest["model_version"] not in registry.list_models()  # published, not registered
     assert registry.champion() == champion and storage.read_bytes(layout.latest_uri()) == latest
+
+
+def test_a_first_night_publishes_popularity_and_a_model_is_champion_only_once_published(
+        bucket, airflow_db, sample, tmp_path, monkeypatch):
+    """A new deployment's first night with a model the gate refuses still gives readers a
+    table (popularity, seen items excluded); the next night's blessed model is registered, but
+    while its publish fails it is not champion."""
+    from tasks import alerts, registry
+    from tasks import publish as publish_step
+    from tasks.validate import ContractError
+
+    first, second = "2026-11-10", "2026-11-11"
+    upload(first, sample)
+    monkeypatch.setenv("NIGHTREC_PARAMS", str(_weak_params(tmp_path)))
+    dr, states = run_dag(first)
+    assert str(dr.state) == "success" and states["fallback"] == "success", states
+    manifest = storage.read_json(layout.manifest_uri(first))
+    assert manifest["source"] == "popularity_fallback" and "no champion" in manifest["source_reason"]
+    assert storage.read_json(layout.latest_uri())["ds"] == first and registry.champion() is None
+    table = RecommendationReader().table(first)
+    seen = storage.read_parquet(layout.run_uri(first, "seen", "interactions.parquet"))
+    assert set(table["user_id"]) == set(seen["user_id"])
+    pairs = set(zip(seen["user_id"], seen["item_id"]))
+    assert not any(p in pairs for p in zip(table["user_id"], table["item_id"]))
+    top = seen["item_id"].value_counts()
+    unseen_top = table[table["rank"] == 1]["item_id"]
+    assert top[unseen_top].min() >= top.iloc[len(top) // 2]  # rank 1 is a popular item
+    monkeypatch.setenv("NIGHTREC_PARAMS", str(TEST_PARAMS))  # the suite's own again
+
+    upload(second, sample)
+
+    def broken_publish(*args, **kwargs):
+        raise ContractError("injected: the table broke its contract")
+
+    monkeypatch.setattr(publish_step, "run", broken_publish)
+    dr, states = run_dag(second)
+    assert states["register"] == "success" and states["publish"] == "failed", states
+    assert states["promote"] in ("upstream_failed", "skipped"), states
+    version = storage.read_json(layout.run_uri(second, "evaluate", "metrics.json"))["model_version"]
+    assert version in registry.list_models()  # registered ...
+    assert registry.champion() is None  # ... but not champion: its table was never published
+    assert storage.read_json(layout.latest_uri())["ds"] == first
+    age = alerts.check_latest_age(ds=second, run_id="t", max_age_hours=0.0)
+    assert age["stale"] and storage.exists(age["alert"]) and age["source"] == "popularity_fallback"
 
 
 def test_tune_dag_searches_the_declared_space_and_records_trials(first_run):
@@ -328,15 +392,40 @@ def test_invalid_rows_past_threshold_fail_and_keep_previous_table(first_run, sam
     assert any(".validate." in a for a in alerts)
 
 
-def test_cli_run_on_movielens_100k(s3, ml100k, tmp_path):
-    """Acceptance: u.data + items + users for 2026-11-28 gives 943 users x K valid rows."""
+def test_two_nights_on_a_growing_movielens_log_at_its_own_dates(bucket, ml100k, tmp_path):
+    """Acceptance (issues 2 and 12): night 1 is MovieLens-100K up to 1998-02-01, night 2 the
+    whole log, each at its own (1998) date through `nightrec run`. Night 2 publishes a new
+    blessed model (not the champion, not a fallback), compared with night 1's champion only on
+    events that champion never trained on; 943 users x K rows, nothing seen recommended."""
     env_bin = Path(sys.executable).parent
-    cmd = [str(env_bin / "nightrec"), "run", "--interactions", str(ml100k / "u.data"),
-           "--items", str(ml100k / "items.csv"), "--users", str(ml100k / "users.csv"),
-           "--ds", DS2]
-    run = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "recommendations/ds=2026-11-28/" in run.stdout
+    rated = pd.read_csv(ml100k / "u.data", sep="\t", names=["u", "i", "r", "t"], dtype=str)
+    cutoff = int(dt.datetime(1998, 2, 1, tzinfo=dt.UTC).timestamp())
+    night1 = tmp_path / "u1.data"
+    rated[rated["t"].astype(int) < cutoff].to_csv(night1, sep="\t", header=False, index=False)
+
+    def nightrec_run(path: Path, ds: str) -> subprocess.CompletedProcess:
+        cmd = [str(env_bin / "nightrec"), "run", "--interactions", str(path),
+               "--items", str(ml100k / "items.csv"), "--users", str(ml100k / "users.csv"),
+               "--ds", ds]
+        return subprocess.run(cmd, capture_output=True, text=True, check=False)
+
+    from tasks import registry
+
+    run1 = nightrec_run(night1, "1998-02-01")
+    assert run1.returncode == 0, run1.stderr[-3000:]
+    champion = registry.champion()
+    assert champion and registry.meta(champion)["ds"] == "1998-02-01"
+    run2 = nightrec_run(ml100k / "u.data", "1998-04-23")
+    assert run2.returncode == 0, run2.stderr[-3000:]
+    assert "recommendations/ds=1998-04-23/" in run2.stdout
+    manifest = storage.read_json(layout.manifest_uri("1998-04-23"))
+    assert manifest["source"] == "model" and manifest["model_version"] != champion
+    assert registry.champion() == manifest["model_version"]
+    metrics = storage.read_json(layout.run_uri("1998-04-23", "evaluate", "metrics.json"))
+    assert metrics["gate"]["blessed"] is True and metrics["champion_version"] == champion
+    train_cutoff = registry.meta(champion)["train_cutoff"]
+    test = storage.read_parquet(layout.run_uri("1998-04-23", "split", "test.parquet"))
+    assert metrics["champion_comparison"]["events"] == int((test["timestamp"] > train_cutoff).sum())
     out = tmp_path / "r.parquet"
     subprocess.run([str(env_bin / "nightrec"), "export", "--out", str(out)], check=True)
     table = pd.read_parquet(out)
@@ -344,12 +433,24 @@ def test_cli_run_on_movielens_100k(s3, ml100k, tmp_path):
     assert table["user_id"].nunique() == 943 and len(table) == 943 * k
     assert (table.groupby("user_id")["rank"].apply(lambda r: list(r) == list(range(1, k + 1)))).all()
     assert not (table.groupby("user_id")["score"].diff() > 0).any()
-    rated = pd.read_csv(ml100k / "u.data", sep="\t", names=["u", "i", "r", "t"], dtype=str)
     seen = set(zip(rated["u"], rated["i"]))
     assert not any(pair in seen for pair in zip(table["user_id"], table["item_id"]))
     recs = subprocess.run([str(env_bin / "nightrec"), "recs", "--user", "196", "-k", "3"],
                           capture_output=True, text=True, check=True)
-    assert recs.stdout.count(DS2) == 3
+    assert recs.stdout.count("1998-04-23") == 3
+
+
+def test_any_valid_ds_is_after_the_dags_start_date():
+    """A DagRun before its DAG's start_date runs no task and ends "success" (PITFALLS): the
+    DAGs start at the epoch, before any ds clean accepts (clean.min_timestamp)."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    from tasks import settings
+
+    bag = DagBag(dag_folder=str(ROOT / "dags"))
+    floor = dt.datetime.fromisoformat(settings.load_params()["clean"]["min_timestamp"])
+    for dag_id in ("nightly_recommendations", "rescore_recommendations"):
+        assert bag.get_dag(dag_id).start_date <= floor.replace(tzinfo=dt.UTC), dag_id
 
 
 def _latest():
