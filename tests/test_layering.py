@@ -60,12 +60,16 @@ def test_nightly_dag_structure(airflow_db):
     dag = DagBag(dag_folder=str(ROOT / "dags")).get_dag("nightly_recommendations")
     assert dag.catchup is False and dag.max_active_runs == 1
     assert dag.schedule == "0 2 * * *"
-    order = ["ingest", "clean", "validate", "augment", "choose", "split", "train", "evaluate",
-             "register", "plan_shards", "score", "publish", "report"]
-    assert set(order) | {"gate", "announce", "load_model"} == set(dag.task_ids)
+    order = ["ingest", "clean", "validate", "augment", "seen", "choose", "split", "train",
+             "evaluate", "register", "plan_shards", "score", "publish", "promote"]
+    assert set(order) | {"gate", "fallback", "load_model", "report"} == set(dag.task_ids)
     for up, down in itertools.pairwise(order):
         assert down in dag.get_task(up).downstream_task_ids, (up, down)
-    assert "register" in dag.get_task("gate").downstream_task_ids
+    assert "report" in dag.get_task("publish").downstream_task_ids
+    # The champion moves only after publish: promote is downstream of both register and publish.
+    assert {"register", "publish"} <= dag.get_task("promote").upstream_task_ids
+    assert {"register", "fallback"} == dag.get_task("gate").downstream_task_ids
+    assert "plan_shards" in dag.get_task("fallback").downstream_task_ids
     assert {"split", "load_model"} == dag.get_task("choose").downstream_task_ids
     assert "plan_shards" in dag.get_task("load_model").downstream_task_ids
     assert dag.get_task("score").is_mapped and not dag.get_task("publish").is_mapped
