@@ -1,15 +1,38 @@
 """Step 8, score: every user against every item, seen items excluded, top-K, as Parquet parts.
 
-Scores with a model dict: the run's own ``full`` refit, or a registered model (re-score, a pinned
-``model_version``). Embeddings are read with numpy only (no deep-learning import). All of ds's
-cleaned interactions, mapped by external id onto the model's index, are the seen set, so nothing
-a user already interacted with is recommended.
+Scores with a model dict: the run's own ``full`` refit, a registered model (re-score, a pinned
+``model_version``, the champion when the gate refused), or :func:`popularity_model` (the
+popularity fallback). Embeddings are read with numpy only (no deep-learning import).
+
+**Seen set.** ``seen_uri`` is ds's seen table (tasks/seen.py: every interaction up to ds with
+valid ids, including rows clean quarantined for their value or by policy), mapped by external id
+onto the model's items. Nothing in it is ever recommended to its user; its items the model does
+not know cannot be recommended by that model anyway.
+
+**Users.** The users scored are the model's users plus every user of the seen table, so a
+re-score with a model fitted on an older ds covers today's new users too:
+
+- a user the model knows keeps the model's vector (a factor model's user vector is not refitted,
+  even if the user's seen set grew since; an item-item model's user vector is the user's seen
+  row, so it always uses the whole seen set);
+- a factor model's new user is *folded in*: the ridge solution of :func:`tasks.models.fold_in`
+  (``score.fold_in_l2``) over their seen items the model knows;
+- an item-item model's new user is scored from their seen row, as every user is;
+- a user none of whose seen items the model knows (and, for a factor model, unknown to it) gets
+  the most popular of the model's items by count in the seen table, seen items excluded (their
+  ``score`` is that count).
+
+Every scored user gets a list of ``min(top_k, unseen items)`` items.
 
 Sharded over users, for Airflow's dynamic task mapping (one mapped task per shard):
 
-- ``plan`` splits the model's users, in ``user_id`` order, into ``score.shards`` contiguous
-  ranges and returns one small spec per shard (it also empties the run's staging folder);
-- ``run_shard`` scores one range into its own folder
+- ``plan`` computes the sorted union of the model's and the seen table's user ids, splits it into
+  ``score.shards`` contiguous ranges and returns one small spec per shard: positions ``[lo, hi)``
+  and the range's first and last ``user_id``, never id lists (it also empties the run's staging
+  folder);
+- ``run_shard`` reads only its range (the seen table is sorted by ``user_id``, so row-group
+  statistics skip the rest), checks it holds the ``hi - lo`` users the plan counted, and scores
+  them into its own folder
   ``staging/recommendations/ds=<ds>/<run_key>/shard-NNNNN/part-NNNNN.parquet``, which it empties
   first: a retried shard rewrites only its own parts, under the same keys, and nothing else;
 - ``collect`` checks that every shard of the plan reported, and lists all parts in shard order.
@@ -27,17 +50,26 @@ visible to readers.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
+import logging
+from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from scipy import sparse
 
 from tasks import layout, models, ranking, schema, settings, storage
 from tasks.publish import arrow_schema
 
-PARAMS = ["score.top_k", "score.user_chunk", "score.shards", "publish.rows_per_part",
-          "publish.row_group_size"]
+PARAMS = ["score.top_k", "score.user_chunk", "score.shards", "score.fold_in_l2",
+          "publish.rows_per_part", "publish.row_group_size"]
+POPULARITY_SOURCE = "popularity_fallback"
+log = logging.getLogger(__name__)
 COLUMNS = [schema.USER_ID, schema.RANK, schema.ITEM_ID, schema.SCORE, schema.MODEL_VERSION,
            schema.DS]
 
@@ -62,28 +94,6 @@ def recommendations_frame(
     )
 
 
-def score_all(
-    emb: dict[str, np.ndarray], seen_df: pd.DataFrame, *, user_ids: np.ndarray,
-    item_ids: np.ndarray, top_k: int, user_chunk: int, model_version: str, ds: str,
-    users: np.ndarray | None = None,
-):
-    """Yield recommendation frames, ``user_chunk`` users at a time, in the order of ``users``
-    (model indices; default all users in index order)."""
-    n_users, n_items = len(user_ids), models.n_items(emb)
-    seen = ranking.seen_matrix(
-        seen_df, n_users=n_users, n_items=n_items, user_col=schema.USER_IDX,
-        item_col=schema.ITEM_IDX,
-    )
-    order = np.arange(n_users) if users is None else np.asarray(users)
-    for batch, items, scores in ranking.iter_top_k(
-        *models.scoring_inputs(emb, seen), seen, order, k=top_k, chunk=user_chunk,
-    ):
-        yield recommendations_frame(
-            batch, items, scores, user_ids=user_ids, item_ids=item_ids,
-            model_version=model_version, ds=ds,
-        )
-
-
 def ids_by_index(uri: str, idx_col: str, id_col: str) -> np.ndarray:
     """External ids in index order (position i holds the id of index i)."""
     table = storage.read_parquet(uri, columns=[idx_col, id_col]).sort_values(idx_col)
@@ -92,15 +102,109 @@ def ids_by_index(uri: str, idx_col: str, id_col: str) -> np.ndarray:
     return table[id_col].to_numpy(dtype=str)
 
 
-def seen_in_model_space(
-    seen: pd.DataFrame, user_ids: np.ndarray, item_ids: np.ndarray
-) -> pd.DataFrame:
-    """Map (user_id, item_id) pairs onto the model's indices; pairs it does not know drop out
-    (a user or item new since the model was trained has no embedding to score with)."""
-    u = pd.Index(user_ids).get_indexer(seen[schema.USER_ID].astype(str))
-    i = pd.Index(item_ids).get_indexer(seen[schema.ITEM_ID].astype(str))
-    keep = (u >= 0) & (i >= 0)
-    return pd.DataFrame({schema.USER_IDX: u[keep], schema.ITEM_IDX: i[keep]})
+def read_seen(uri: str, columns: list[str], *, first: str | None = None,
+              last: str | None = None) -> pa.Table:
+    """Columns of a seen table, only users in ``[first, last]`` (inclusive) when given. The
+    table is sorted by user_id (tasks/seen.py), so row-group statistics skip other users."""
+    filters = None
+    if first is not None:
+        filters = [(schema.USER_ID, ">=", first), (schema.USER_ID, "<=", last)]
+    table = pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=columns, filters=filters)
+    return table.cast(pa.schema([(c, pa.string()) for c in columns]))
+
+
+def sorted_union(*id_arrays) -> pa.Array:
+    """The distinct ids of all arrays, sorted (code point order: Python's, and Arrow's)."""
+    chunks = []
+    for a in id_arrays:
+        if isinstance(a, pa.ChunkedArray):
+            chunks.extend(a.chunks)
+        elif isinstance(a, pa.Array):
+            chunks.append(a)
+        else:
+            chunks.append(pa.array(np.asarray(a, dtype=object), pa.string()))
+    ids = pa.chunked_array([c.cast(pa.string()) for c in chunks], pa.string())
+    unique = pc.unique(ids)
+    return pc.take(unique, pc.sort_indices(unique))
+
+
+def seen_rows(seen: pa.Table, user_ids, item_ids: np.ndarray) -> sparse.csr_matrix:
+    """CSR (len(user_ids) x len(item_ids)) of the seen pairs; items the model does not know drop
+    out (it cannot recommend them); a user not in ``user_ids`` is an error."""
+    u = pd.Index(np.asarray(user_ids, dtype=object)).get_indexer(
+        seen.column(schema.USER_ID).to_numpy(zero_copy_only=False))
+    i = pd.Index(item_ids).get_indexer(seen.column(schema.ITEM_ID).to_numpy(zero_copy_only=False))
+    if (u < 0).any():
+        raise ValueError("seen pairs of users outside the shard")
+    keep = i >= 0
+    return ranking.seen_matrix(pd.DataFrame({"u": u[keep], "i": i[keep]}), n_users=len(user_ids),
+                               n_items=len(item_ids), user_col="u", item_col="i")
+
+
+def user_inputs(emb: dict, seen: sparse.csr_matrix, model_rows: np.ndarray, *,
+                fold_in_l2: float):
+    """``(user_vecs, item_vecs, item_bias, cold, folded)`` for the users that are ``seen``'s rows.
+
+    ``model_rows``: each user's index in the model, -1 for a user it does not know. ``cold``
+    (bool per user): nothing to score the user with (no model vector and none of their seen items
+    known to the model), so they get popular items; ``folded``: new users of a factor model whose
+    vector :func:`tasks.models.fold_in` solved from their seen items.
+    """
+    has_seen = np.diff(seen.indptr) > 0
+    if models.is_item_item(emb):
+        # the seen row is the user vector, for known and new users alike
+        user_vecs, item_vecs, bias = models.scoring_inputs(emb, seen)
+        return user_vecs, item_vecs, bias, ~has_seen, np.zeros(len(has_seen), bool)
+    known = model_rows >= 0
+    folded = ~known & has_seen
+    user_vecs = np.zeros((len(model_rows), emb["user"].shape[1]), np.float32)
+    user_vecs[known] = emb["user"][model_rows[known]]
+    if folded.any():
+        user_vecs[folded] = models.fold_in(emb["item"], emb["item_bias"], seen[folded],
+                                           l2=fold_in_l2)
+    return user_vecs, emb["item"], emb["item_bias"], ~known & ~has_seen, folded
+
+
+def item_counts(seen_items: pa.ChunkedArray, item_ids: np.ndarray) -> np.ndarray:
+    """float32 per item of ``item_ids``: its rows in ``seen_items`` (the seen table's item_id
+    column: one row per user who interacted with it). Exact up to 2^24 users an item."""
+    counts = pc.value_counts(seen_items)
+    index = pd.Index(counts.field("values").to_numpy(zero_copy_only=False))
+    pos = index.get_indexer(item_ids)
+    n = np.asarray(counts.field("counts").to_numpy(), np.float32)
+    return np.where(pos >= 0, n[np.maximum(pos, 0)], np.float32(0)).astype(np.float32)
+
+
+def popular_bias(seen_uri: str, item_ids: np.ndarray) -> np.ndarray:
+    """:func:`item_counts` of the model's items over the whole seen table."""
+    return item_counts(read_seen(seen_uri, [schema.ITEM_ID]).column(schema.ITEM_ID), item_ids)
+
+
+def score_users(
+    user_vecs, item_vecs: np.ndarray, item_bias: np.ndarray, seen: sparse.csr_matrix,
+    cold: np.ndarray, popular: np.ndarray | None, *, top_k: int, user_chunk: int,
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Yield ``(rows, items, scores)`` per ``user_chunk`` rows of ``seen``, in row order: warm rows
+    ranked by the model, ``cold`` rows by ``popular`` (one count per item), seen items excluded
+    for both, ties to the lower item index (tasks/ranking.py)."""
+    n = seen.shape[0]
+    if cold.any() and popular is None:
+        raise ValueError("cold users need popular item counts")
+    no_vecs = np.zeros((n, 1), np.float32)
+    no_items = np.zeros((len(item_bias), 1), np.float32)
+    for lo in range(0, n, max(1, user_chunk)):
+        rows = np.arange(lo, min(n, lo + max(1, user_chunk)))
+        items = np.empty((len(rows), top_k), np.int32)
+        scores = np.empty((len(rows), top_k), np.float32)
+        for mask, args in ((~cold[rows], (user_vecs, item_vecs, item_bias)),
+                           (cold[rows], (no_vecs, no_items, popular))):
+            if mask.any():
+                for batch, it, sc in ranking.iter_top_k(*args, seen, rows[mask], k=top_k,
+                                                        chunk=len(rows)):
+                    items[batch - lo], scores[batch - lo] = it, sc
+        yield rows, items, scores
+
+
 
 
 def shard_ranges(n_users: int, *, shards: int) -> list[tuple[int, int]]:
@@ -152,22 +256,51 @@ def part_bytes(frame: pd.DataFrame, *, row_group_size: int) -> bytes:
     return buf.getvalue()
 
 
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
 def plan(ds: str, model: dict, seen_uri: str, run_key: str, params: dict | None = None,
          top_k: int | None = None, shards: int | None = None) -> list[dict]:
     """One spec per shard (small dicts for XCom). Empties the run's staging folder first, so a
-    re-planned run starts clean; each spec names its users as a ``[lo, hi)`` range of positions
-    in ``user_id`` order."""
+    re-planned run starts clean.
+
+    The users are the sorted union of the model's users and the seen table's; each spec names
+    its share as positions ``users: [lo, hi)`` in that order and the ``user_ids: [first, last]``
+    it spans (None for the one empty shard when there are no users at all).
+    """
     p = settings.step_params(PARAMS, params)
     k = int(top_k or p["score.top_k"])
     n_shards = int(shards or p["score.shards"])
-    n_users = len(ids_by_index(model["users"], schema.USER_IDX, schema.USER_ID))
+    union = sorted_union(ids_by_index(model["users"], schema.USER_IDX, schema.USER_ID),
+                         read_seen(seen_uri, [schema.USER_ID]).column(schema.USER_ID))
     storage.delete(storage.list_uris(layout.staging_prefix(ds, run_key)))
-    ranges = shard_ranges(n_users, shards=n_shards)
+    ranges = shard_ranges(len(union), shards=n_shards)
     return [
         {"ds": settings.check_ds(ds), "run_key": run_key, "shard": i, "shards": len(ranges),
-         "users": [lo, hi], "model": model, "seen": seen_uri, "top_k": k}
+         "users": [lo, hi],
+         "user_ids": [union[lo].as_py(), union[hi - 1].as_py()] if hi > lo else None,
+         "model": model, "seen": seen_uri, "top_k": k}
         for i, (lo, hi) in enumerate(ranges)
     ]
+
+
+def shard_users(spec: dict, model_user_ids: np.ndarray) -> tuple[np.ndarray, pa.Table]:
+    """The shard's users (sorted ids, object array) and its seen pairs; raises if the range does
+    not hold the ``hi - lo`` users the plan counted (the model or the seen table changed)."""
+    lo, hi = spec["users"]
+    if not spec.get("user_ids"):
+        empty = pa.schema([(schema.USER_ID, pa.string()), (schema.ITEM_ID, pa.string())])
+        return np.array([], dtype=object), empty.empty_table()
+    first, last = spec["user_ids"]
+    seen = read_seen(spec["seen"], [schema.USER_ID, schema.ITEM_ID], first=first, last=last)
+    in_range = model_user_ids[(model_user_ids >= first) & (model_user_ids <= last)]
+    users = sorted_union(in_range, seen.column(schema.USER_ID)).to_numpy(zero_copy_only=False)
+    if len(users) != hi - lo:
+        raise RuntimeError(
+            f"shard {spec['shard']}: user_ids {first!r}..{last!r} hold {len(users)} users, the "
+            f"plan counted {hi - lo}: the model or the seen table changed since plan; re-plan")
+    return users, seen
 
 
 def run_shard(spec: dict, params: dict | None = None) -> dict:
@@ -175,14 +308,15 @@ def run_shard(spec: dict, params: dict | None = None) -> dict:
     p = settings.step_params(PARAMS, params)
     ds, model, shard = spec["ds"], spec["model"], int(spec["shard"])
     emb = dict(np.load(io.BytesIO(storage.read_bytes(model["embeddings"]))))
-    user_ids = ids_by_index(model["users"], schema.USER_IDX, schema.USER_ID)
+    model_user_ids = ids_by_index(model["users"], schema.USER_IDX, schema.USER_ID)
     item_ids = ids_by_index(model["items"], schema.ITEM_IDX, schema.ITEM_ID)
-    lo, hi = spec["users"]
-    # Indices in user_id order, whatever order the model numbered its users in.
-    users = np.argsort(user_ids, kind="stable")[lo:hi]
-    seen = storage.read_parquet(spec["seen"], columns=[schema.USER_ID, schema.ITEM_ID])
-    seen_df = seen_in_model_space(seen, user_ids, item_ids)
-    seen_df = seen_df[np.isin(seen_df[schema.USER_IDX].to_numpy(), users)]
+    users, seen_pairs = shard_users(spec, model_user_ids)
+    seen = seen_rows(seen_pairs, users, item_ids)
+    del seen_pairs
+    model_rows = pd.Index(model_user_ids).get_indexer(users)
+    user_vecs, item_vecs, bias, cold, folded = user_inputs(
+        emb, seen, model_rows, fold_in_l2=float(p["score.fold_in_l2"]))
+    popular = popular_bias(spec["seen"], item_ids) if cold.any() else None
     prefix = layout.shard_prefix(ds, spec["run_key"], shard)
     storage.delete(storage.list_uris(prefix))  # a retried shard starts from its own empty folder
     parts, rows, buffer, buffered = [], 0, [], 0
@@ -199,26 +333,31 @@ def run_shard(spec: dict, params: dict | None = None) -> dict:
         rows += len(frame)
         buffer, buffered = [], 0
 
-    for frame in score_all(
-        emb, seen_df, user_ids=user_ids, item_ids=item_ids, top_k=int(spec["top_k"]),
-        user_chunk=int(p["score.user_chunk"]), model_version=model["model_version"], ds=ds,
-        users=users,
+    for batch, items, scores in score_users(
+        user_vecs, item_vecs, bias, seen, cold, popular, top_k=int(spec["top_k"]),
+        user_chunk=int(p["score.user_chunk"]),
     ):
+        frame = recommendations_frame(batch, items, scores, user_ids=users, item_ids=item_ids,
+                                      model_version=model["model_version"], ds=ds)
         buffer.append(frame)
         buffered += len(frame)
         if buffered >= rows_per_part:
             flush()
     flush()
+    counts = {"known": int((model_rows >= 0).sum()), "folded_in": int(folded.sum()),
+              "popular": int(cold.sum())}
+    log.info("score shard %d: %d users (%s), %d rows", shard, len(users), counts, rows)
     return {"ds": ds, "run_key": spec["run_key"], "shard": shard, "shards": int(spec["shards"]),
-            "parts": parts, "rows": rows, "users": hi - lo, "model": model,
-            "top_k": int(spec["top_k"]), "seen": spec["seen"]}
+            "parts": parts, "rows": rows, "users": len(users), "user_kinds": counts,
+            "model": model, "top_k": int(spec["top_k"]), "seen": spec["seen"]}
 
 
 def collect(results: list[dict], specs: list[dict] | None = None) -> dict:
     """Merge the shards' results into what publish takes; refuses an incomplete set of shards.
 
     ``specs``: where the model, ``top_k`` and seen set come from (default: the results, which
-    carry them).
+    carry them). ``source``/``source_reason`` come from the model dict (``model`` unless it says
+    otherwise: a fallback's dict does), for publish to write into the manifest.
     """
     results = sorted(results, key=lambda r: r["shard"])
     if not results:
@@ -229,14 +368,55 @@ def collect(results: list[dict], specs: list[dict] | None = None) -> dict:
         raise ValueError(f"shards of run {run_key} ds={ds}: expected 0..{n - 1}, got {got}")
     spec = (specs or results)[0]
     model = spec["model"]
+    kinds = [r["user_kinds"] for r in results if r.get("user_kinds")]
     return {
         "ds": ds, "run_key": run_key, "shards": n,
         "parts": [u for r in results for u in r["parts"]],
         "rows": sum(r["rows"] for r in results), "users": sum(r["users"] for r in results),
+        "user_kinds": {k: sum(c[k] for c in kinds) for k in kinds[0]} if kinds else None,
         "top_k": int(spec["top_k"]), "staging": layout.staging_prefix(ds, run_key),
         "seen": spec["seen"], "model_version": model["model_version"],
         "data_version": model["data_version"], "metrics": model.get("metrics"),
+        "source": model.get("source") or "model", "source_reason": model.get("source_reason"),
     }
+
+
+def popularity_model(ds: str, seen_uri: str, reason: str | None = None) -> dict:
+    """The popularity baseline as a factor model, for the fallback when the gate refuses and no
+    champion exists: every user of the seen table (zero vector, d = 1) and every item of it, with
+    ``item_bias`` = the number of users who interacted with the item. Scored like any model, each
+    user gets the most popular items they have not seen, ties to the lower item index (items are
+    numbered in item_id order, so: the lower item_id).
+
+    Writes ``runs/ds=<ds>/fallback/{embeddings.npz, users.parquet, items.parquet}``; returns the
+    model dict, ``model_version`` ``popular-YYYYMMDD-<8 hex>``, ``data_version`` a hash of the
+    seen table's ETag, ``source: popularity_fallback`` and ``source_reason`` (``reason``).
+    """
+    settings.check_ds(ds)
+    seen = read_seen(seen_uri, [schema.USER_ID, schema.ITEM_ID])
+    users = sorted_union(seen.column(schema.USER_ID)).to_numpy(zero_copy_only=False)
+    items = sorted_union(seen.column(schema.ITEM_ID)).to_numpy(zero_copy_only=False)
+    counts = item_counts(seen.column(schema.ITEM_ID), items)
+    del seen
+    emb = {"user": np.zeros((len(users), 1), np.float32),
+           "item": np.zeros((len(items), 1), np.float32), "item_bias": counts}
+    out = {name: layout.run_uri(ds, "fallback", f"{name}.{ext}") for name, ext in (
+        ("embeddings", "npz"), ("users", "parquet"), ("items", "parquet"))}
+    buf = io.BytesIO()
+    np.savez(buf, **emb)
+    storage.write_bytes(out["embeddings"], buf.getvalue())
+    storage.write_parquet(pd.DataFrame({schema.USER_IDX: np.arange(len(users), dtype=np.int32),
+                                        schema.USER_ID: pd.Series(users, dtype=object)}),
+                          out["users"])
+    storage.write_parquet(pd.DataFrame({schema.ITEM_IDX: np.arange(len(items), dtype=np.int32),
+                                        schema.ITEM_ID: pd.Series(items, dtype=object)}),
+                          out["items"])
+    etag = (storage.head(seen_uri) or {}).get("etag") or ""
+    data_version = _digest(seen_uri, etag)[:32]
+    version = f"popular-{ds.replace('-', '')}-{_digest('popular', data_version)[:8]}"
+    return {**out, "model_version": version, "data_version": data_version,
+            "source": POPULARITY_SOURCE, "source_reason": reason,
+            "metrics": None}
 
 
 def run(ds: str, model: dict, seen_uri: str, run_key: str, params: dict | None = None,
@@ -244,8 +424,9 @@ def run(ds: str, model: dict, seen_uri: str, run_key: str, params: dict | None =
     """Every shard in this process, one after another (what the DAG does with mapped tasks).
 
     ``model``: ``embeddings``, ``users``, ``items`` URIs and ``model_version``/``data_version``
-    (a fresh training run's, or a registered one: tasks/registry.py). ``seen_uri``: the cleaned
-    interactions up to ds, which are excluded from each user's recommendations.
+    (a fresh training run's, a registered one: tasks/registry.py, or :func:`popularity_model`).
+    ``seen_uri``: ds's seen table (tasks/seen.py), excluded from each user's recommendations;
+    its users are scored too.
     """
     specs = plan(ds, model, seen_uri, run_key, params, top_k=top_k, shards=shards)
     return collect([run_shard(s, params) for s in specs], specs)

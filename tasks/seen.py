@@ -1,0 +1,134 @@
+"""Step 2b, seen: every (user, item) pair a user interacted with up to ds, for seen-item exclusion.
+
+Scoring must never recommend an item a user already interacted with, and "interacted" is wider
+than the clean table: clean drops real interactions for their *value* (a rating out of range, a
+bad timestamp) or by *policy* (an older duplicate of a pair, a user below the k-core). Those rows
+still say the user met the item. So the seen table is the union of
+
+- the clean table (``runs/ds=<ds>/clean/interactions.parquet``), and
+- the quarantine rows (``runs/ds=<ds>/clean/quarantine.parquet``, raw strings) whose reason is in
+  :data:`INCLUDED_REASONS` and whose ids, stripped of blanks as clean strips them, pass clean's id
+  rules (``clean.id_pattern`` through the same RE2 engine, at most ``clean.max_id_length``).
+
+Excluded, because they do not name a valid (user, item): rows that could not be split into
+fields (``wrong_field_count``, ``invalid_encoding``), ``repeated_header``, ``missing_field``,
+``unparseable_id``; and ``item_not_in_catalogue``: the catalogue says the item does not exist, and
+no model ever learns it (training reads the clean table), so it can never be recommended and
+needs no exclusion. ``timestamp_out_of_range`` rows are included: a clock before
+``clean.min_timestamp`` or after ds's end is bad data about *when*, not about *whether*.
+
+Output: ``runs/ds=<ds>/seen/interactions.parquet`` with ``user_id, item_id`` (strings), one row
+per distinct pair, sorted by ``(user_id, item_id)`` (row groups of :data:`ROW_GROUP_ROWS`, so a
+score shard reading one ``user_id`` range skips the others), and ``stats.json`` beside it.
+
+Memory: the clean table's two id columns, plus the quarantine read in batches of
+``clean.batch_rows`` rows, three columns at a time (it is small next to the clean table).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import tempfile
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from tasks import clean, layout, schema, settings, storage
+
+PARAMS = ["clean.id_pattern", "clean.max_id_length", "clean.batch_rows"]
+INCLUDED_REASONS = (
+    schema.REASON_NOT_FINITE,
+    schema.REASON_UNPARSEABLE,
+    schema.REASON_RATING_RANGE,
+    schema.REASON_TIMESTAMP_RANGE,
+    schema.REASON_DUPLICATE,
+    schema.REASON_KCORE,
+)
+ROW_GROUP_ROWS = 1 << 17  # a layout choice (pushdown granularity), not a tunable
+SEEN_SCHEMA = pa.schema([(schema.USER_ID, pa.string()), (schema.ITEM_ID, pa.string())])
+log = logging.getLogger(__name__)
+
+
+def quarantine_pairs(batch: pa.RecordBatch | pa.Table, *, id_pattern: str,
+                     max_id_length: int) -> tuple[pa.Table, Counter]:
+    """The (user_id, item_id) pairs of one quarantine batch that count as seen, ids stripped;
+    and how many rows were taken per reason."""
+    reason = clean._column(batch, schema.REASON)
+    user = pc.utf8_trim_whitespace(clean._column(batch, schema.USER_ID))
+    item = pc.utf8_trim_whitespace(clean._column(batch, schema.ITEM_ID))
+    keep = (clean._np(pc.is_in(reason, pa.array(INCLUDED_REASONS, pa.string())))
+            & clean._id_ok(user, id_pattern, max_id_length)
+            & clean._id_ok(item, id_pattern, max_id_length))
+    sel = pa.array(keep)
+    taken = Counter(pc.filter(reason, sel).to_pylist())
+    return pa.Table.from_arrays([pc.filter(user, sel), pc.filter(item, sel)],
+                                schema=SEEN_SCHEMA), taken
+
+
+def seen_pairs(clean_ids: pa.Table, quarantine: Iterable[pa.RecordBatch | pa.Table], *,
+               id_pattern: str, max_id_length: int) -> tuple[pa.Table, dict]:
+    """Pure core: the distinct pairs of the clean table (``user_id, item_id``) and the qualifying
+    quarantine rows, sorted by (user_id, item_id). Returns (table, stats)."""
+    parts = [pa.Table.from_arrays(
+        [clean._column(clean_ids, schema.USER_ID), clean._column(clean_ids, schema.ITEM_ID)],
+        schema=SEEN_SCHEMA)]
+    taken: Counter = Counter()
+    quarantined = 0
+    for batch in quarantine:
+        pairs, counts = quarantine_pairs(batch, id_pattern=id_pattern,
+                                         max_id_length=max_id_length)
+        parts.append(pairs)
+        taken += counts
+        quarantined += batch.num_rows
+    both = pa.concat_tables(parts)
+    distinct = both.group_by([schema.USER_ID, schema.ITEM_ID]).aggregate([])
+    distinct = distinct.select([schema.USER_ID, schema.ITEM_ID]).sort_by(
+        [(schema.USER_ID, "ascending"), (schema.ITEM_ID, "ascending")])
+    stats = {
+        "clean_rows": clean_ids.num_rows,
+        "quarantine_rows": quarantined,
+        "quarantine_rows_taken": dict(sorted(taken.items())),
+        "pairs": distinct.num_rows,
+        "pairs_only_in_quarantine": distinct.num_rows - clean_ids.num_rows,
+        "users": len(pc.unique(distinct.column(schema.USER_ID))),
+        "items": len(pc.unique(distinct.column(schema.ITEM_ID))),
+        "included_reasons": list(INCLUDED_REASONS),
+    }
+    return distinct, stats
+
+
+def table_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table.cast(SEEN_SCHEMA), buf, compression="zstd",
+                   row_group_size=ROW_GROUP_ROWS, write_statistics=True,
+                   sorting_columns=[pq.SortingColumn(0), pq.SortingColumn(1)])
+    return buf.getvalue()
+
+
+def build(ds: str, params: dict | None = None) -> str:
+    """Write ds's seen table from its clean outputs; returns its URI."""
+    p = settings.step_params(PARAMS, params)
+    out = layout.run_uri(ds, "seen", "interactions.parquet")
+    clean_ids = pq.read_table(
+        io.BytesIO(storage.read_bytes(layout.run_uri(ds, "clean", "interactions.parquet"))),
+        columns=[schema.USER_ID, schema.ITEM_ID])
+    with tempfile.TemporaryDirectory(prefix="nightrec-seen-") as tmp:
+        local = storage.download_to(layout.run_uri(ds, "clean", "quarantine.parquet"),
+                                    Path(tmp) / "quarantine.parquet")
+        pf = pq.ParquetFile(local)
+        batches = pf.iter_batches(batch_size=int(p["clean.batch_rows"]),
+                                  columns=[schema.USER_ID, schema.ITEM_ID, schema.REASON])
+        table, stats = seen_pairs(clean_ids, batches, id_pattern=p["clean.id_pattern"],
+                                  max_id_length=int(p["clean.max_id_length"]))
+    del clean_ids
+    storage.write_bytes(out, table_bytes(table))
+    storage.write_json(layout.run_uri(ds, "seen", "stats.json"), stats)
+    log.info("seen: %d pairs (%d only in the quarantine: %s), %d users, %d items", stats["pairs"],
+             stats["pairs_only_in_quarantine"], stats["quarantine_rows_taken"], stats["users"],
+             stats["items"])
+    return out

@@ -1,0 +1,229 @@
+"""Seen items and the users a score covers (issue 12, items 3 and 7), against the real SeaweedFS.
+
+- tasks/seen.py: the seen table is the clean table plus the quarantine rows that are real
+  interactions of valid ids (quarantined for their value or by policy), and nothing else;
+- tasks/score.py: such a quarantined item is never recommended to its user; a re-score with a
+  model that does not know today's users still gives each a list (fold-in for a factor model,
+  the seen row for an item-item model, popular items when the model knows none of their items);
+  the popularity fallback model ranks by count in the seen table, seen items excluded.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from tasks import clean, ingest, layout, schema, score, seen, settings, storage
+
+DS = "2026-11-28"
+T0 = 1_780_000_000  # 2026-05-28
+CATALOGUE = [f"i{j}" for j in range(1, 9)]  # i9 is not in it
+
+
+def raw_csv() -> str:
+    rows = [
+        ("a", "i1", "4", T0), ("a", "i2", "4", T0 + 1),
+        ("a", "i3", "9", T0 + 2),  # rating_out_of_range: a did meet i3
+        ("a", "i1", "3", T0 - 5),  # duplicate_event (older): the pair is in the clean table
+        ("b", "i1", "4", T0), ("b", "i2", "5", T0),
+        ("b", "i4", "abc", T0),  # unparseable_value
+        ("b", "i5", "nan", T0),  # not_finite
+        ("c", "i1", "4", T0), ("c", "i2", "4", T0),
+        ("c", "i6", "4", 99_999_999_999),  # timestamp_out_of_range (year 5138)
+        ("  c ", " i7", "11", T0),  # rating_out_of_range, ids with blanks: stripped as clean does
+        ("lonely", "i1", "4", T0),  # below_k_core (one event, min_user_interactions 2)
+        ("bad id!", "i1", "4", T0),  # unparseable_id: excluded
+        ("c", "i9", "4", T0),  # item_not_in_catalogue: excluded
+        ("e", "", "4", T0),  # missing_field: excluded
+    ]
+    lines = ["user_id,item_id,rating,timestamp", *(",".join(map(str, r)) for r in rows)]
+    lines.insert(5, "x,y")  # wrong_field_count: excluded
+    return "\n".join(lines) + "\n"
+
+
+def write_clean_outputs() -> dict:
+    """ingest + clean's cores on raw_csv(), written where clean.run writes them."""
+    raw = ingest.ingest_files({"x.csv": raw_csv().encode()})
+    interactions, quarantine, stats = clean.clean_interactions(
+        raw, ds=DS, min_rating=0.5, max_rating=5.0, min_timestamp="1995-01-01",
+        min_user_interactions=2, min_item_interactions=1, catalogue=CATALOGUE)
+    storage.write_parquet(interactions, layout.run_uri(DS, "clean", "interactions.parquet"))
+    storage.write_parquet(quarantine, layout.run_uri(DS, "clean", "quarantine.parquet"))
+    return stats
+
+
+def pairs(uri: str) -> set[tuple[str, str]]:
+    df = storage.read_parquet(uri)
+    assert list(df.columns) == [schema.USER_ID, schema.ITEM_ID]
+    assert not df.duplicated().any()
+    return set(zip(df[schema.USER_ID], df[schema.ITEM_ID], strict=True))
+
+
+def test_seen_table_adds_value_and_policy_quarantine_rows_of_valid_ids_only(bucket):
+    stats = write_clean_outputs()
+    assert stats["by_reason"] == {
+        "below_k_core": 1, "duplicate_event": 1, "item_not_in_catalogue": 1, "missing_field": 1,
+        "not_finite": 1, "rating_out_of_range": 2, "timestamp_out_of_range": 1,
+        "unparseable_id": 1, "unparseable_value": 1, "wrong_field_count": 1}
+    uri = seen.build(DS)
+    assert uri == layout.run_uri(DS, "seen", "interactions.parquet")
+    assert pairs(uri) == {
+        ("a", "i1"), ("a", "i2"), ("a", "i3"),
+        ("b", "i1"), ("b", "i2"), ("b", "i4"), ("b", "i5"),
+        ("c", "i1"), ("c", "i2"), ("c", "i6"), ("c", "i7"),
+        ("lonely", "i1"),
+    }
+    df = storage.read_parquet(uri)
+    assert df[schema.USER_ID].is_monotonic_increasing  # sorted: shards read their range only
+    info = storage.read_json(layout.run_uri(DS, "seen", "stats.json"))
+    assert info["pairs_only_in_quarantine"] == 6
+
+
+def write_model(prefix: str, emb: dict, users: list[str], items: list[str], version: str) -> dict:
+    buf = io.BytesIO()
+    np.savez(buf, **emb)
+    storage.write_bytes(prefix + "embeddings.npz", buf.getvalue())
+    storage.write_parquet(pd.DataFrame({"user_idx": np.arange(len(users)), "user_id": users}),
+                          prefix + "users.parquet")
+    storage.write_parquet(pd.DataFrame({"item_idx": np.arange(len(items)), "item_id": items}),
+                          prefix + "items.parquet")
+    return {"embeddings": prefix + "embeddings.npz", "users": prefix + "users.parquet",
+            "items": prefix + "items.parquet", "model_version": version,
+            "data_version": "d" * 32}
+
+
+def recommendations(scored: dict) -> dict[str, list[str]]:
+    frames = [pd.read_parquet(io.BytesIO(storage.read_bytes(u))) for u in scored["parts"]]
+    table = pd.concat(frames, ignore_index=True)
+    assert table[schema.USER_ID].is_monotonic_increasing
+    return {u: g.sort_values(schema.RANK)[schema.ITEM_ID].tolist()
+            for u, g in table.groupby(schema.USER_ID)}
+
+
+def test_an_item_quarantined_for_its_rating_is_not_recommended_to_its_user(bucket):
+    write_clean_outputs()
+    seen_uri = seen.build(DS)
+    items = CATALOGUE
+    v = np.zeros((len(items), 2), np.float32)
+    v[items.index("i3")] = [5.0, 0.0]  # a's vector points at i3: its best item by far
+    v[items.index("i4")] = [0.0, 5.0]  # b's at i4 (quarantined: unparseable rating)
+    emb = {"user": np.array([[1, 0], [0, 1], [0, 0]], np.float32), "item": v,
+           "item_bias": np.zeros(len(items), np.float32)}
+    model = write_model(storage.s3_uri("models/mf-20261128-0000aaaa/"), emb, ["a", "b", "c"],
+                        items, "mf-20261128-0000aaaa")
+    clean_uri = layout.run_uri(DS, "clean", "interactions.parquet")
+    before = recommendations(score.run(DS, model, clean_uri, "old", top_k=3))
+    assert before["a"][0] == "i3" and before["b"][0] == "i4"  # what the clean table let through
+    recs = recommendations(score.run(DS, model, seen_uri, "new", top_k=3))
+    assert "i3" not in recs["a"] and "i4" not in recs["b"] and "i5" not in recs["b"]
+    assert "i6" not in recs["c"] and "i7" not in recs["c"]
+    for user, items_seen in {"a": {"i1", "i2", "i3"}, "c": {"i1", "i2", "i6", "i7"}}.items():
+        assert not items_seen & set(recs[user])
+    assert recs["lonely"]  # a user only the quarantine knows is scored too (folded in)
+    assert "i1" not in recs["lonely"]
+
+
+# A model fitted before today: it knows user m1 and items p0..p4, q0..q4 (two clusters).
+ITEMS = [f"p{j}" for j in range(5)] + [f"q{j}" for j in range(5)]
+TODAY = {  # the seen table of today: n1, n2, x1, x2 are new; z9 is an item the model never saw
+    "m1": ["q3", "q4"], "n1": ["p0", "p1"], "n2": ["z9"], "x1": ["p4", "q3", "q4"], "x2": ["q4"],
+}
+
+
+def write_seen(pairs_by_user: dict[str, list[str]]) -> str:
+    rows = [(u, i) for u, its in sorted(pairs_by_user.items()) for i in sorted(its)]
+    table = pa.table({schema.USER_ID: [u for u, _ in rows], schema.ITEM_ID: [i for _, i in rows]})
+    uri = layout.run_uri(DS, "seen", "interactions.parquet")
+    storage.write_bytes(uri, seen.table_bytes(table))
+    return uri
+
+
+def factor_model() -> dict:
+    v = np.array([[2.0, 0.0]] * 5 + [[0.0, 2.0]] * 5, np.float32)
+    bias = np.array([0.0] * 5 + [0.3] * 5, np.float32)  # q slightly more popular a priori
+    emb = {"user": np.array([[0.0, 1.0]], np.float32), "item": v, "item_bias": bias}
+    return write_model(storage.s3_uri("models/mf-20261101-0000bbbb/"), emb, ["m1"], ITEMS,
+                       "mf-20261101-0000bbbb")
+
+
+def item_item_model() -> dict:
+    cluster = np.repeat([0, 1], 5)
+    b = (cluster[:, None] == cluster[None, :]).astype(np.float32)
+    np.fill_diagonal(b, 0.0)
+    emb = {"item_item": b, "item_bias": np.zeros(10, np.float32)}
+    return write_model(storage.s3_uri("models/ease-20261101-0000cccc/"), emb, ["m1"], ITEMS,
+                       "ease-20261101-0000cccc")
+
+
+@pytest.mark.parametrize("kind", ["factor", "item_item"])
+def test_a_rescore_covers_new_users_fold_in_seen_row_and_popular_for_the_unknown(bucket, kind):
+    seen_uri = write_seen(TODAY)
+    model = factor_model() if kind == "factor" else item_item_model()
+    out = score.run(DS, model, seen_uri, "rescore", top_k=3, shards=2)
+    recs = recommendations(out)
+    assert sorted(recs) == sorted(TODAY)  # the model knew only m1
+    assert (out["users"], out["shards"]) == (5, 2)
+    assert out["user_kinds"] == {"known": 1, "folded_in": 3 if kind == "factor" else 0,
+                                 "popular": 1}
+    for user, items in recs.items():
+        assert not set(items) & set(TODAY[user]), user  # no seen item, ever
+    assert recs["m1"] == ["q0", "q1", "q2"]  # known: the model's vector (or seen row)
+    assert recs["n1"] == ["p2", "p3", "p4"]  # new: from p0, p1 (fold-in / seen row)
+    assert recs["x2"] == ["q0", "q1", "q2"]
+    # n2's only item is unknown to the model: the most seen items (q4 3 users, q3 2, then the
+    # lowest index of those seen once: p0), not the model's own preference
+    assert recs["n2"] == ["q4", "q3", "p0"]
+    if kind == "factor":  # the fold-in: one Newton step of the softmax likelihood from u = 0
+        l2 = settings.load_params()["score"]["fold_in_l2"]
+        emb = dict(np.load(io.BytesIO(storage.read_bytes(model["embeddings"]))))
+        v, b = emb["item"].astype(float), emb["item_bias"].astype(float)
+        p0 = np.exp(b) / np.exp(b).sum()
+        vbar = p0 @ v
+        cov = ((v - vbar) * p0[:, None]).T @ (v - vbar)
+        u = np.linalg.solve(2 * cov + 2 * l2 * np.eye(2), v[0] + v[1] - 2 * vbar)  # p0, p1
+        table = pd.concat([pd.read_parquet(io.BytesIO(storage.read_bytes(x)))
+                           for x in out["parts"]])
+        got = table[table[schema.USER_ID] == "n1"][schema.SCORE].to_numpy()
+        np.testing.assert_allclose(got, [u @ v[2] + b[2]] * 3, rtol=1e-5)
+
+
+def test_popularity_model_ranks_by_seen_count_without_seen_items(bucket):
+    seen_uri = write_seen(TODAY)
+    model = score.popularity_model(DS, seen_uri, reason="gate refused; no champion")
+    assert re.fullmatch(r"^[a-z][a-z0-9]{0,15}-[0-9]{8}-[0-9a-f]{8}$", model["model_version"])
+    assert model["model_version"].startswith("popular-20261128-")
+    assert model["source"] == "popularity_fallback"
+    assert model["embeddings"].startswith(layout.run_uri(DS, "fallback"))
+    assert score.popularity_model(DS, seen_uri)["model_version"] == model["model_version"]
+    items = score.ids_by_index(model["items"], schema.ITEM_IDX, schema.ITEM_ID)
+    assert items.tolist() == sorted({i for its in TODAY.values() for i in its})
+    out = score.run(DS, model, seen_uri, "fallback", top_k=3)
+    assert (out["source"], out["source_reason"]) == ("popularity_fallback",
+                                                     "gate refused; no champion")
+    assert out["model_version"] == model["model_version"]
+    counts = pd.Series([i for its in TODAY.values() for i in its]).value_counts()
+    recs = recommendations(out)
+    assert sorted(recs) == sorted(TODAY)
+    for user, got in recs.items():
+        unseen = counts.drop(TODAY[user], errors="ignore").reset_index()
+        unseen.columns = ["item", "n"]
+        want = unseen.sort_values(["n", "item"], ascending=[False, True])["item"][:3].tolist()
+        assert got == want, user
+    assert recs["n1"] == ["q4", "q3", "p4"]
+
+
+def test_collect_passes_source_through_and_defaults_to_model():
+    result = {"ds": DS, "run_key": "r", "shard": 0, "shards": 1, "parts": [], "rows": 0,
+              "users": 0}
+    spec = {"top_k": 5, "seen": "s3://b/s",
+            "model": {"model_version": "m", "data_version": "d"}}
+    assert score.collect([result], [spec])["source"] == "model"
+    spec["model"].update(source="champion_fallback", source_reason="gate: below popularity")
+    out = score.collect([result], [spec])
+    assert (out["source"], out["source_reason"]) == ("champion_fallback",
+                                                     "gate: below popularity")
