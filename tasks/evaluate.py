@@ -1,18 +1,28 @@
 """Step 7, evaluate and gate: full-ranking metrics on the test split, against popularity.
 
-For each test user, every item is ranked (the user's train and valid items excluded) and the
-top ``max(evaluate.k)`` is compared with the user's held-out positives (see tasks/metrics.py).
-The popularity baseline ranks items by their count of train positives, with the same exclusions.
+What is gated is what ships: the ``full_embeddings`` of train, the chosen candidate refit on
+train + valid (tasks/train.py), scored on the test split it never saw. For each test user,
+every item is ranked (the user's train and valid items excluded) and the top ``max(evaluate.k)``
+is compared with the user's held-out positives (see tasks/metrics.py). The popularity baseline
+ranks items by their count of train + valid positives (the data the model was fitted on), with
+the same exclusions.
 
-The current champion (tasks/registry.py), when there is one, is scored on the same split: its
-*holdout* fit (see ``_champion_for`` for why not its scoring refit), re-indexed onto this run's
-users and items by external id.
+The current champion (tasks/registry.py), when there is one, is compared only on events it
+never trained on: the test events later than its ``train_cutoff`` (registry meta, unix
+seconds). The new model and the champion's shipped model (its ``embeddings``, re-indexed onto
+this run's users and items by external id) are both scored on that subset, every other event of
+a user counting as known (excluded from ranking). ``metrics.json`` records the subset's size
+and both figures under ``champion_comparison``; with no later test event, or a champion without
+a ``train_cutoff`` (registered before it existed), there is no comparison and the reason is
+recorded.
 
 The gate blesses the model when both hold (``evaluate.gate_metric``):
 
-- ``model >= popularity * (1 + evaluate.min_lift_over_popularity)``, the absolute floor;
-- ``model >= champion * (1 - evaluate.max_regression_vs_champion)`` when there is a champion
-  (a first run has none), so a worse model never replaces a better one.
+- ``model >= popularity * (1 + evaluate.min_lift_over_popularity)`` on the test split, the
+  absolute floor;
+- ``model >= champion * (1 - evaluate.max_regression_vs_champion)`` on the champion's subset,
+  when there is a comparison (a first run has none), so a worse model never replaces a better
+  one.
 
 ``metrics.json`` records every side, the candidates train compared, and the verdict with its
 reason. It is the ``evaluate`` stage's DVC metrics file.
@@ -80,64 +90,80 @@ def popularity_model(train: pd.DataFrame, *, n_users: int, n_items: int) -> dict
             "item_bias": counts}
 
 
+def _side_metrics(recs: np.ndarray, rel: list[set[int]], ks: list[int], *, share: np.ndarray,
+                  n_items: int) -> dict:
+    out = metrics.all_metrics(recs, rel, ks)
+    shown = recs[:, : min(ks)]
+    shown = shown[shown >= 0]
+    out["catalogue_coverage"] = float(len(np.unique(shown)) / n_items)
+    # mean share of fit users who interacted with a recommended item (lower: less head)
+    out["mean_item_popularity"] = float(share[shown].mean()) if shown.size else 0.0
+    return out
+
+
 def evaluate_embeddings(
     emb: dict[str, np.ndarray], parts: dict[str, pd.DataFrame], *, ks: list[int], n_users: int,
-    champion: dict[str, np.ndarray] | None = None,
-) -> dict[str, dict[str, float]]:
-    """Metrics on ``parts['test']`` of the model, of popularity and, when given, of the champion
-    (its weights already aligned to this run's indices: :func:`tasks.models.align`)."""
+) -> dict:
+    """Metrics on ``parts['test']`` of the model and of popularity counted on train + valid,
+    the user's train and valid items excluded from ranking."""
     n_items = models.n_items(emb)
     known = pd.concat([parts["train"], parts["valid"]])
     seen, users, rel = targets(known, parts["test"], n_users=n_users, n_items=n_items)
     k = max(ks)
-    pop = popularity_model(parts["train"], n_users=n_users, n_items=n_items)
-    sides = {"model": emb, "popularity": pop}
-    if champion is not None:
-        sides["champion"] = champion
-    recs = {name: recommend(e, seen, users, k) for name, e in sides.items()}
-    share = pop["item_bias"] / max(1, parts["train"][schema.USER_IDX].nunique())
-    out = {name: metrics.all_metrics(r, rel, ks) for name, r in recs.items()}
-    for name, r in recs.items():
-        shown = r[:, : min(ks)]
-        shown = shown[shown >= 0]
-        out[name]["catalogue_coverage"] = float(len(np.unique(shown)) / n_items)
-        # mean share of train users who interacted with a recommended item (lower: less head)
-        out[name]["mean_item_popularity"] = float(share[shown].mean()) if shown.size else 0.0
+    pop = popularity_model(known, n_users=n_users, n_items=n_items)
+    share = pop["item_bias"] / max(1, known[schema.USER_IDX].nunique())
+    out = {name: _side_metrics(recommend(e, seen, users, k), rel, ks, share=share,
+                               n_items=n_items)
+           for name, e in (("model", emb), ("popularity", pop))}
     out["n_test_users"] = len(users)
     return out
 
 
-def _champion_for(trained: dict) -> tuple[str | None, dict | None]:
-    """The current champion's *holdout* weights aligned to this run, or (None, None).
+def compare_with_champion(
+    emb: dict[str, np.ndarray], champion, parts: dict[str, pd.DataFrame], *,
+    train_cutoff: int | None, ks: list[int], n_users: int,
+) -> dict:
+    """The model and the champion on the test events later than the champion's
+    ``train_cutoff`` (unix seconds), each user's other events excluded from ranking.
 
-    The holdout fit is the comparable one: the champion's scoring model was refit on every
-    event up to its ds, so it has seen most of this run's test events and would look better than
-    it is. Its holdout fit saw only its own train split, the oldest events of each user, which a
-    temporal split here never puts in test. A champion registered without a holdout fit is
-    recorded but not compared.
+    ``champion``: its weights aligned to this run (:func:`tasks.models.align`), or a callable
+    returning them, called only when there is something to compare on. Returns ``{"compared":
+    bool, "reason", "train_cutoff", "test_events", "later_events", "users", "model": metrics,
+    "champion": metrics}`` (the metrics only when compared).
     """
-    from tasks import registry, score
-
-    version = registry.champion()
-    if version is None:
-        return None, None
-    model = registry.model_uris(version)
-    if not model.get("holdout_embeddings"):
-        return version, None
-    emb = dict(np.load(io.BytesIO(storage.read_bytes(model["holdout_embeddings"]))))
-    aligned = models.align(
-        emb,
-        model_users=score.ids_by_index(model["users"], schema.USER_IDX, schema.USER_ID),
-        model_items=score.ids_by_index(model["items"], schema.ITEM_IDX, schema.ITEM_ID),
-        user_ids=score.ids_by_index(trained["user_features"], schema.USER_IDX, schema.USER_ID),
-        item_ids=score.ids_by_index(trained["item_features"], schema.ITEM_IDX, schema.ITEM_ID),
-    )
-    return version, aligned
+    test = parts["test"]
+    out = {"compared": False, "train_cutoff": train_cutoff, "test_events": len(test)}
+    if train_cutoff is None:
+        return {**out, "reason": "the champion has no train_cutoff (registered before it was "
+                                 "recorded): its training events are unknown"}
+    later = test[test[schema.TIMESTAMP] > int(train_cutoff)]
+    out["later_events"] = len(later)
+    if not (later[schema.LABEL] == 1).any():
+        return {**out, "reason": f"no positive test event after the champion's train_cutoff "
+                                 f"{int(train_cutoff)}: it may have trained on all of them"}
+    n_items = models.n_items(emb)
+    known = pd.concat([parts["train"], parts["valid"],
+                       test[test[schema.TIMESTAMP] <= int(train_cutoff)]])
+    seen, users, rel = targets(known, later, n_users=n_users, n_items=n_items)
+    out["users"] = len(users)
+    if len(users) == 0:
+        return {**out, "reason": "the test events after the champion's train_cutoff are all of "
+                                 "users with no history"}
+    champion = champion() if callable(champion) else champion
+    pop = popularity_model(known, n_users=n_users, n_items=n_items)
+    share = pop["item_bias"] / max(1, known[schema.USER_IDX].nunique())
+    k = max(ks)
+    for name, e in (("model", emb), ("champion", champion)):
+        out[name] = _side_metrics(recommend(e, seen, users, k), rel, ks, share=share,
+                                  n_items=n_items)
+    return {**out, "compared": True,
+            "reason": f"on the {len(later)} test events after the champion's train_cutoff"}
 
 
 def gate(result: dict, *, gate_metric: str, min_lift: float, max_regression: float) -> dict:
-    """Bless when the model beats popularity by ``min_lift`` (relative) and, if a champion was
-    scored, is not worse than it by more than ``max_regression`` (relative)."""
+    """Bless when the model beats popularity by ``min_lift`` (relative) on the test split and,
+    if ``result["champion_comparison"]`` compared a champion, is not worse than it by more than
+    ``max_regression`` (relative) on that comparison's events."""
     model, pop = result["model"][gate_metric], result["popularity"][gate_metric]
     floor = pop * (1.0 + min_lift)
     verdict = {
@@ -148,19 +174,24 @@ def gate(result: dict, *, gate_metric: str, min_lift: float, max_regression: flo
         "beats_popularity": bool(model >= floor),
         "champion": None,
         "champion_threshold": None,
+        "model_on_champion_events": None,
         "no_regression": True,
     }
-    if "champion" in result:
-        champ = result["champion"][gate_metric]
+    comparison = result.get("champion_comparison") or {}
+    if comparison.get("compared"):
+        champ = comparison["champion"][gate_metric]
+        mine = comparison["model"][gate_metric]
         verdict.update(champion=champ, champion_threshold=champ * (1.0 - max_regression),
-                       no_regression=bool(model >= champ * (1.0 - max_regression)))
+                       model_on_champion_events=mine,
+                       no_regression=bool(mine >= champ * (1.0 - max_regression)))
     verdict["blessed"] = verdict["beats_popularity"] and verdict["no_regression"]
     reasons = []
     if not verdict["beats_popularity"]:
         reasons.append(f"{gate_metric} {model:.4f} < popularity floor {floor:.4f}")
     if not verdict["no_regression"]:
-        reasons.append(f"{gate_metric} {model:.4f} < champion tolerance "
-                       f"{verdict['champion_threshold']:.4f}")
+        reasons.append(f"{gate_metric} {verdict['model_on_champion_events']:.4f} < champion "
+                       f"tolerance {verdict['champion_threshold']:.4f} (on the champion's "
+                       f"{comparison.get('later_events')} unseen test events)")
     verdict["reason"] = "; ".join(reasons) or "passed"
     return verdict
 
@@ -182,9 +213,47 @@ def record_decision(ds: str, verdict: dict, *, forced: bool) -> dict:
     return decision
 
 
+def _champion(trained: dict):
+    """``(champion version or None, its train_cutoff or None, load)``: ``load()`` gives the
+    champion's shipped weights (``embeddings``: it trained only up to its cutoff) aligned to
+    this run by external id."""
+    from tasks import registry, score
+
+    version = registry.champion()
+    if version is None:
+        return None, None, None
+    cutoff = registry.meta(version).get("train_cutoff")
+
+    def load() -> dict:
+        model = registry.model_uris(version)
+        emb = dict(np.load(io.BytesIO(storage.read_bytes(model["embeddings"]))))
+        return models.align(
+            emb,
+            model_users=score.ids_by_index(model["users"], schema.USER_IDX, schema.USER_ID),
+            model_items=score.ids_by_index(model["items"], schema.ITEM_IDX, schema.ITEM_ID),
+            user_ids=score.ids_by_index(trained["user_features"], schema.USER_IDX,
+                                        schema.USER_ID),
+            item_ids=score.ids_by_index(trained["item_features"], schema.ITEM_IDX,
+                                        schema.ITEM_ID),
+        )
+
+    return version, None if cutoff is None else int(cutoff), load
+
+
 def _evaluate(emb, parts, p: settings.StepParams, *, n_users: int, champion=None) -> dict:
-    result = evaluate_embeddings(emb, parts, ks=list(p["evaluate.k"]), n_users=n_users,
-                                 champion=champion)
+    """Test metrics, the champion comparison (``champion``: :func:`_champion`'s triple, or
+    None) and the gate's verdict."""
+    ks = list(p["evaluate.k"])
+    result = evaluate_embeddings(emb, parts, ks=ks, n_users=n_users)
+    version, cutoff, load = champion or (None, None, None)
+    if version is None:
+        comparison = {"compared": False, "reason": "no champion"}
+    else:
+        comparison = compare_with_champion(emb, load, parts, train_cutoff=cutoff, ks=ks,
+                                           n_users=n_users)
+    result["champion_comparison"] = {"version": version, **comparison}
+    if comparison["compared"]:
+        result["champion"] = comparison["champion"]
     result["gate"] = gate(
         result, gate_metric=p["evaluate.gate_metric"],
         min_lift=float(p["evaluate.min_lift_over_popularity"]),
@@ -195,14 +264,16 @@ def _evaluate(emb, parts, p: settings.StepParams, *, n_users: int, champion=None
 
 def run(ds: str, trained: dict[str, str], params: dict | None = None) -> dict:
     p = settings.step_params(PARAMS, params)
-    emb = dict(np.load(io.BytesIO(storage.read_bytes(trained["holdout_embeddings"]))))
+    # the shipped model (the train + valid refit) is what the gate scores
+    emb = dict(np.load(io.BytesIO(storage.read_bytes(trained["full_embeddings"]))))
     parts = {n: storage.read_parquet(trained[n]) for n in ("train", "valid", "test")}
     n_users = len(storage.read_parquet(trained["user_features"], columns=[schema.USER_IDX]))
-    champion_version, champion = _champion_for(trained)
+    champion = _champion(trained)
     result = _evaluate(emb, parts, p, n_users=n_users, champion=champion)
     result.update(
         ds=ds, model_version=trained["model_version"], data_version=trained["data_version"],
-        champion_version=champion_version, champion_compared=champion is not None,
+        train_cutoff=trained.get("train_cutoff"), champion_version=champion[0],
+        champion_compared=result["champion_comparison"]["compared"],
         selection=trained.get("selection"),
     )
     uri = layout.run_uri(ds, "evaluate", "metrics.json")
@@ -214,6 +285,7 @@ def run(ds: str, trained: dict[str, str], params: dict | None = None) -> dict:
         "items": trained["item_features"],
         "model_version": trained["model_version"],
         "data_version": trained["data_version"],
+        "train_cutoff": trained.get("train_cutoff"),
         "metrics": uri,
         "artifacts": trained.get("artifacts", {}),
     }
@@ -228,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     p = settings.step_params(PARAMS)
-    emb = dict(np.load(args.model_dir / "holdout" / "embeddings.npz"))
+    emb = dict(np.load(args.model_dir / "full" / "embeddings.npz"))  # the shipped refit
     parts = {n: pd.read_parquet(args.split_dir / f"{n}.parquet") for n in ("train", "valid", "test")}
     n_users = int(pd.concat(parts.values())[schema.USER_IDX].max()) + 1
     storage.write_json(args.out, _evaluate(emb, parts, p, n_users=n_users))

@@ -1,14 +1,18 @@
 """Step 5, split: train / valid / test, as a DVC stage. ``split.method`` chooses how:
 
+- ``global_time`` (temporal, global cutoff; the default): events after the ``1 - test_fraction``
+  quantile of all timestamps go to test, those between the ``1 - test_fraction -
+  valid_fraction`` quantile and it to valid. Nothing in train is later than anything in valid or
+  test: no training on the future, for any user, and the gate's popularity baseline does not
+  count tomorrow's hits either. It is the default because it is what a nightly job faces: the
+  model fitted up to a time, judged on what came after (benchmarks/RESULTS.md, "Gating what
+  ships", measures what the per-user split flattered).
 - ``leave_last_fraction`` (temporal, per user): each user's events sorted by time (ties by item
   index); the latest ``ceil(test_fraction * n)`` go to test, the ``ceil(valid_fraction * n)``
-  before them to valid, the rest to train.
+  before them to valid, the rest to train. One user's train can be later than another's test:
+  training on the future of the test period.
 - ``leave_last_n`` (temporal, per user): the same with fixed counts ``split.test_n`` and
   ``split.valid_n``.
-- ``global_time`` (temporal, global cutoff): events after the ``1 - test_fraction`` quantile of
-  all timestamps go to test, those between the ``1 - test_fraction - valid_fraction`` quantile
-  and it to valid. Nothing in train is later than anything in valid or test: no training on the
-  future, for any user.
 - ``random_per_user``: per user, a seeded random ``ceil(test_fraction * n)`` events go to test
   and ``ceil(valid_fraction * n)`` to valid. It matches a random-holdout evaluation protocol
   (the MovieLens benchmark's); it is not what a nightly job facing the future should select on.
@@ -18,8 +22,8 @@ whole in train, so every evaluated user has history. No (user, item) pair is in 
 deduplicated them), so a test item is never in that user's train set (tests/test_split.py).
 
 Cold users and items: a user or item whose events all fall in valid/test (possible with
-``global_time``, and for items with any method) stays there, is trained on by the full refit,
-and is *counted*, not hidden: ``split_stats`` gives ``cold_users`` / ``cold_items`` per part,
+``global_time``, and for items with any method) stays there, is trained on by the shipped refit
+when it is in valid (tasks/train.py), and is *counted*, not hidden: ``split_stats`` gives ``cold_users`` / ``cold_items`` per part,
 and evaluation (tasks/evaluate.py) ranks only users with known history while cold target items
 count as misses, the honest cold-start cost.
 
@@ -53,7 +57,7 @@ METHODS = ("leave_last_fraction", "leave_last_n", "global_time", "random_per_use
 def split_interactions(
     df: pd.DataFrame,
     *,
-    method: str = "leave_last_fraction",
+    method: str = "global_time",
     valid_fraction: float,
     test_fraction: float,
     min_user_events_for_holdout: int,

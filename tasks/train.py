@@ -5,14 +5,24 @@ skipped above ``train.ease.max_items`` items) and ``mf_softmax`` (Keras embeddin
 softmax, or above ``train.mf_softmax.full_softmax_max_items`` items a logQ-corrected sampled
 softmax with negatives from ``augment.sample_negatives``). Per run:
 
-1. **select**: every candidate is fitted on the train split and scored on the valid split with
-   ``train.select_metric`` (a full-ranking metric, train items excluded). ``mf_softmax`` early-
-   stops on that same metric (per epoch, best weights kept, checkpointed, TensorBoard logs).
-   The first listed candidate wins unless a later one beats it by ``train.select_min_gain``
-   (relative; see :func:`choose`). This *holdout* fit is what evaluate gates on the test split.
-2. **refit**: the winner is refit from scratch on train + valid + test with the same
-   hyperparameters (and, for mf_softmax, the best epoch count), so the model that scores users
-   has seen every interaction up to ds. The holdout is for choosing and gating only.
+1. **select**: every candidate is fitted on the train split, and its final weights are scored by
+   one function (``evaluate.ranking_metric``, ``train.select_metric``, full ranking, train items
+   excluded) on one seeded sample of at most ``train.valid_users`` valid users, the same sample
+   for every candidate. ``mf_softmax`` early-stops on that same figure (per epoch, best weights
+   kept, checkpointed, TensorBoard logs), so its figure is the best of its epochs on the sample
+   it stopped on: slightly optimistic next to EASE's single fit (``train.select_min_gain``
+   absorbs that). The first listed candidate wins unless a later one beats it by
+   ``train.select_min_gain`` (relative; see :func:`choose`). This selection fit is kept as the
+   ``holdout`` fit (a record; nothing scores or gates it).
+2. **ship**: the winner is refit from scratch on train + valid with the same hyperparameters
+   (and, for mf_softmax, the best epoch count). That refit is the model that ships, and the one
+   evaluate gates on the test split, which it never saw: the gate checks exactly what scores
+   users. ``train_cutoff`` is the latest event timestamp it was fitted on (int unix seconds); a
+   later run compares this model, as champion, only on test events after it (tasks/evaluate.py).
+   With ``split.method: global_time`` the test split is the latest ``split.test_fraction`` of
+   events, so the shipped model has not seen the last days before ds; seen-item exclusion at
+   scoring still covers them, and an item-item model (EASE) uses them as its users' rows
+   (benchmarks/RESULTS.md measures the cost on the next period: "Gating what ships").
 
 Training uses every visible GPU (``MirroredStrategy`` when there are several, mixed precision on
 GPU) and the CPU otherwise; ``train.strategy: mirrored`` forces the distributed path on CPU too.
@@ -20,8 +30,8 @@ On CPU it is seeded and deterministic (TensorFlow op determinism). With
 ``train.mf_softmax.warm_start`` an mf_softmax fit starts from the champion's embeddings (matched
 by external id) instead of random ones.
 
-Outputs under ``runs/ds=<ds>/train/{holdout,full}/``: ``embeddings.npz`` (what scoring reads,
-numpy only), ``model.weights.h5`` (mf_softmax), ``history.json`` (training curves, device
+Outputs under ``runs/ds=<ds>/train/{holdout,full}/`` (``full``: the shipped train + valid refit;
+``holdout``: the train-only selection fit): ``embeddings.npz`` (what scoring reads, numpy only), ``model.weights.h5`` (mf_softmax), ``history.json`` (training curves, device
 plan); ``selection.json`` (every candidate's valid metric); TensorBoard logs under
 ``reports/ds=<ds>/tensorboard/``.
 """
@@ -48,6 +58,7 @@ PARAMS = [
     "train.candidates",
     "train.select_metric",
     "train.select_min_gain",
+    "train.valid_users",
     "train.strategy",
     "train.ease.l2",
     "train.ease.dropout",
@@ -64,7 +75,6 @@ PARAMS = [
     "augment.negatives_per_positive",
     "augment.negative_alpha",
     "train.mf_softmax.side_features",
-    "train.mf_softmax.valid_users",
     "train.mf_softmax.max_side_categories",
     "augment.item_features",
     "augment.user_features",
@@ -222,14 +232,15 @@ def _negatives_dataset(x, y, w, *, seen, counts, n_neg: int, alpha: float, seed:
 
 
 def valid_sample(valid: pd.DataFrame, *, max_users: int, seed: int) -> pd.DataFrame:
-    """The rows of at most ``max_users`` valid users (seeded), for the per-epoch metric.
+    """The rows of at most ``max_users`` valid users (seeded): the one sample every candidate
+    is scored on, and mf_softmax's per-epoch metric.
 
     Ranking every valid user against the whole catalogue each epoch cost about as much as the
-    epoch itself at 200k users x 20k items (~45 s). The candidates' choice uses this same
-    sampled figure; the gate is not sampled (evaluate ranks every test user).
+    epoch itself at 200k users x 20k items (~45 s). The gate is not sampled (evaluate ranks
+    every test user). Idempotent: a sample of at most ``max_users`` users comes back as is.
     """
     if max_users < 1:
-        raise ValueError(f"train.mf_softmax.valid_users must be >= 1, got {max_users}")
+        raise ValueError(f"train.valid_users must be >= 1, got {max_users}")
     users = valid[schema.USER_IDX].unique()
     if len(users) <= max_users:
         return valid
@@ -244,7 +255,8 @@ def fit_mf(
     side: dict[str, np.ndarray | None] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict, object]:
     """Fit mf_softmax on the positive rows of ``train``; with ``valid``, early-stop on
-    ``train.select_metric`` measured on it. Returns ``(weights, history, keras model)``."""
+    ``train.select_metric`` measured on (a ``train.valid_users`` sample of) it; the best epoch's
+    weights are returned. Returns ``(weights, history, keras model)``."""
     from tasks import evaluate
 
     keras = models.keras_module()
@@ -270,7 +282,7 @@ def fit_mf(
     callbacks = []
     ranker = None
     if valid is not None and len(valid):
-        valid = valid_sample(valid, max_users=int(p["train.mf_softmax.valid_users"]), seed=seed)
+        valid = valid_sample(valid, max_users=int(p["train.valid_users"]), seed=seed)
         ranker = _ranking_callback(
             lambda m: evaluate.ranking_metric(models.mf_weights(m), train, valid, metric=metric,
                                               n_users=n_users),
@@ -350,51 +362,71 @@ def train_both(
     workdir: Path, init: dict[str, np.ndarray] | None = None,
     side: dict[str, np.ndarray | None] | None = None,
 ) -> dict:
-    """Select the best candidate on the valid split, then refit it on everything.
+    """Select the best candidate on the valid split, then refit it on train + valid (what ships).
 
     Returns ``{"chosen", "selection", "holdout": (weights, history), "full": (weights,
-    history), "keras": {fit: model}, "tensorboard": dir}``.
+    history), "train_cutoff", "keras": {fit: model}, "tensorboard": dir}``; ``full`` is the
+    shipped model (never fitted on ``parts["test"]``), ``train_cutoff`` the latest timestamp
+    (unix seconds) it was fitted on.
     """
+    from tasks import evaluate
+
     metric = p["train.select_metric"]
     names, skipped = candidates(p, n_items)
     tb = workdir / "tensorboard"
-    fits, selection = {}, {"metric": metric, "candidates": {}, "skipped": skipped}
+    # One seeded valid-user sample, scored by one function, for every candidate.
+    sample = valid_sample(parts["valid"], max_users=int(p["train.valid_users"]), seed=int(p["seed"]))
+    fits, selection = {}, {"metric": metric, "candidates": {}, "skipped": skipped,
+                           "valid_users": int(sample[schema.USER_IDX].nunique()),
+                           "valid_rows": len(sample)}
     keras_models = {}
     for name in names:
         started = time.perf_counter()
         if name == "ease":
             emb, hist = fit_ease(parts["train"], n_users=n_users, n_items=n_items, p=p)
-            from tasks import evaluate
-
-            value = evaluate.ranking_metric(emb, parts["train"], parts["valid"], metric=metric,
-                                            n_users=n_users)
         else:
             emb, hist, keras_models[name] = fit_mf(
-                parts["train"], parts["valid"], n_users=n_users, n_items=n_items, p=p,
+                parts["train"], sample, n_users=n_users, n_items=n_items, p=p,
                 workdir=workdir, init=init, tensorboard_dir=tb / "holdout", side=side,
             )
-            value = hist[f"best_val_{metric}"]
+        # the final weights (mf: its best epoch's, restored), by the same function on the sample
+        value = evaluate.ranking_metric(emb, parts["train"], sample, metric=metric,
+                                        n_users=n_users)
         hist[f"valid_{metric}"] = value
         fits[name] = (emb, hist)
         selection["candidates"][name] = {f"valid_{metric}": value,
                                          "fit_s": round(time.perf_counter() - started, 2)}
+        if "best_epoch" in hist:  # mf_softmax
+            selection["candidates"][name]["best_epoch"] = hist["best_epoch"]
         log.info("candidate %s: valid %s = %.4f", name, metric, value)
     chosen = choose(names, {n: c[f"valid_{metric}"] for n, c in selection["candidates"].items()},
                     min_gain=float(p["train.select_min_gain"]))
     selection["chosen"] = chosen
     keras_models = {"holdout": keras_models.get(chosen)}
-    everything = pd.concat([parts["train"], parts["valid"], parts["test"]], ignore_index=True)
+    # The shipped fit excludes the test split, so the gate scores it on events it never saw.
+    shipped_on = pd.concat([parts["train"], parts["valid"]], ignore_index=True)
     if chosen == "ease":
-        full = fit_ease(everything, n_users=n_users, n_items=n_items, p=p)
+        full = fit_ease(shipped_on, n_users=n_users, n_items=n_items, p=p)
     else:
         emb, hist, keras_models["full"] = fit_mf(
-            everything, None, n_users=n_users, n_items=n_items, p=p, workdir=workdir,
+            shipped_on, None, n_users=n_users, n_items=n_items, p=p, workdir=workdir,
             epochs=fits[chosen][1]["best_epoch"], init=init, tensorboard_dir=tb / "full",
             side=side,
         )
         full = (emb, hist)
+    cutoff = train_cutoff(shipped_on)
+    full[1]["fitted_on"] = ["train", "valid"]
+    full[1]["train_cutoff"] = cutoff
+    selection["train_cutoff"] = cutoff
     return {"chosen": chosen, "selection": selection, "holdout": fits[chosen], "full": full,
-            "keras": keras_models, "tensorboard": tb}
+            "train_cutoff": cutoff, "keras": keras_models, "tensorboard": tb}
+
+
+def train_cutoff(fitted_on: pd.DataFrame) -> int:
+    """The latest event timestamp (int unix seconds) of the rows a model was fitted on."""
+    if not len(fitted_on):
+        raise ValueError("the shipped model has no rows to fit on")
+    return int(fitted_on[schema.TIMESTAMP].max())
 
 
 def _save(emb: dict, history: dict, keras_model, out_prefix: str, workdir: Path) -> dict:
@@ -414,9 +446,17 @@ def _save(emb: dict, history: dict, keras_model, out_prefix: str, workdir: Path)
     return out
 
 
-def model_version(ds: str, data_version: str, chosen: str, p: settings.StepParams) -> str:
-    """``<family>-YYYYMMDD-<8 hex>``: the hash covers the data version and the training params."""
-    h = hashlib.sha256(json.dumps([data_version, dict(p)], sort_keys=True).encode()).hexdigest()
+def model_version(ds: str, data_version: str, chosen: str, p: settings.StepParams,
+                  code_version: str | None = None) -> str:
+    """``<family>-YYYYMMDD-<8 hex>``: the hash covers the data version, the training params and
+    the code version (``registry.code_version()`` unless given), so two code versions never
+    share a model version."""
+    if code_version is None:
+        from tasks import registry
+
+        code_version = registry.code_version()
+    h = hashlib.sha256(json.dumps([data_version, dict(p), code_version],
+                                  sort_keys=True).encode()).hexdigest()
     return f"{chosen.split('_')[0]}-{ds.replace('-', '')}-{h[:8]}"
 
 
@@ -481,7 +521,8 @@ def run(ds: str, split_out: dict[str, str], params: dict | None = None) -> dict:
                             side=side)
         version = model_version(ds, split_out["data_version"], result["chosen"], p)
         out = {**split_out, "model_version": version, "chosen": result["chosen"],
-               "selection": result["selection"], "artifacts": {}}
+               "selection": result["selection"], "train_cutoff": result["train_cutoff"],
+               "artifacts": {}}
         for name in ("holdout", "full"):
             emb, hist = result[name]
             saved = _save(emb, hist, result["keras"].get(name), layout.run_uri(ds, "train", name),

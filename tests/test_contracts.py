@@ -83,3 +83,25 @@ def test_ds_is_checked_before_any_key_is_built(bad):
 
     with pytest.raises(ValueError):
         layout.recs_prefix(bad)
+
+
+def test_dvc_stages_list_the_code_they_run():
+    """Each stage's deps name its module and every tasks/ module that importing it loads (what
+    ``python -m tasks.<stage>`` runs; train's lazy imports are listed by hand), so a code change
+    reruns the stage (tests/test_dvc.py shows it in a kept workspace)."""
+    import subprocess
+    import sys
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    lazy = {"train": {"tasks/evaluate.py", "tasks/metrics.py", "tasks/ranking.py",
+                      "tasks/augment.py"}}
+    for name, stage in stages.items():
+        code = (f"import sys, tasks.{name}; print(' '.join(sorted(m for m in sys.modules "
+                "if m == 'tasks' or m.startswith('tasks.'))))")
+        loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                                text=True, check=True).stdout.split()
+        files = {"tasks/__init__.py" if m == "tasks" else m.replace(".", "/") + ".py"
+                 for m in loaded}
+        deps = {d for d in stage["deps"] if d.startswith("tasks/")}
+        assert files | lazy.get(name, set()) == deps, name
+        assert all((ROOT / d).is_file() for d in deps)

@@ -5,6 +5,9 @@
   workspace prepared as the DAG prepares one, ``dvc repro`` the same input into identical files;
 - cache: changing only training params leaves the split stage up to date (DVC's own status,
   its dry run, and dvc.lock), while changing a split param reruns it;
+- code: the stages list the code they run as deps, and the workspace gets that code, so a change
+  to the split code reruns the split stage in a kept workspace (and a change to train code does
+  not);
 - fetch-back: a pushed data_version comes back byte for byte after the local cache and outputs
   are gone: by the version alone (``tasks.versioning fetch``), through ``dvc.api``'s
   DVCFileSystem, and with ``dvc pull``.
@@ -115,6 +118,39 @@ def test_changing_only_training_params_reruns_no_data_stage(workspaces):
     assert after["outs"] != before["outs"]
     # and the stage itself read the workspace's params.yaml, the values DVC recorded
     assert _rows(ws, "test") > 2.5 * test_rows
+
+
+def test_changing_the_split_code_reruns_the_split_stage_in_a_kept_workspace(workspaces,
+                                                                           monkeypatch):
+    ws = workspaces[1]
+    clone = ws.parent
+    monkeypatch.setenv("NIGHTREC_HOME", str(clone))
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    versioning.prepare_workspace(ws, params)  # the next night, same ds: the workspace is kept
+    assert "Data and pipelines are up to date" in versioning._dvc(ws, "status", "split")
+    before = _lock(ws)
+    assert {d["path"] for d in before["deps"]} >= {"tasks/split.py", "tasks/schema.py",
+                                                   "tasks/settings.py"}
+
+    # train code changes: the split stage stays as it was
+    with (clone / "tasks" / "train.py").open("a") as f:
+        f.write("\n# a change to the training code\n")
+    versioning.prepare_workspace(ws, params)
+    assert "Data and pipelines are up to date" in versioning._dvc(ws, "status", "split")
+
+    # split code changes: DVC sees it and reruns the stage
+    with (clone / "tasks" / "split.py").open("a") as f:
+        f.write("\n# a change to the split code\n")
+    versioning.prepare_workspace(ws, params)
+    status = versioning._dvc(ws, "status", "split")
+    assert re.search(r"modified:\s+tasks/split.py", status), status
+    assert "Running stage 'split'" in versioning._dvc(ws, "repro", "--single-item", "split")
+    after = _lock(ws)
+    md5 = {d["path"]: d["md5"] for d in after["deps"]}
+    assert md5["tasks/split.py"] != {d["path"]: d["md5"] for d in before["deps"]}[
+        "tasks/split.py"]
+    assert after["outs"] == before["outs"]  # a comment: the same split, the same data_version
+    assert "Data and pipelines are up to date" in versioning._dvc(ws, "status", "split")
 
 
 def test_a_pushed_data_version_comes_back_from_the_remote(workspaces, tmp_path, capsys):

@@ -173,24 +173,74 @@ def test_cpu_training_is_seeded_and_deterministic(parts, tmp_path):
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
-def test_candidates_are_chosen_by_valid_metric_and_the_winner_refit_on_everything(parts, tmp_path):
+def test_candidates_are_chosen_by_valid_metric_and_the_winner_shipped_from_train_and_valid(
+        parts, tmp_path):
     p = settings.step_params(train.PARAMS, _params())
     res = train.train_both(parts, n_users=parts["n_users"], n_items=parts["n_items"], p=p,
                            workdir=tmp_path)
     sel = res["selection"]
     scores = {n: c["valid_ndcg_at_10"] for n, c in sel["candidates"].items()}
     assert set(scores) == {"ease", "mf_softmax"}
-    assert sel["chosen"] == train.choose(["ease", "mf_softmax"], scores, min_gain=0.05)
+    assert sel["chosen"] == train.choose(["ease", "mf_softmax"], scores, min_gain=0.10)
     assert sel["chosen"] == res["chosen"]
-    everything = pd.concat([parts["train"], parts["valid"], parts["test"]])
+    # what ships is refit on train + valid, never on the test split the gate scores it on
+    shipped_on = pd.concat([parts["train"], parts["valid"]])
+    assert res["train_cutoff"] == sel["train_cutoff"] == int(shipped_on[schema.TIMESTAMP].max())
+    assert res["train_cutoff"] < int(parts["test"][schema.TIMESTAMP].min())  # global_time
+    assert res["full"][1]["fitted_on"] == ["train", "valid"]
     if res["chosen"] == "ease":
-        x = models.interaction_matrix(everything, n_users=parts["n_users"],
+        x = models.interaction_matrix(shipped_on, n_users=parts["n_users"],
                                       n_items=parts["n_items"], user_col=schema.USER_IDX,
                                       item_col=schema.ITEM_IDX)
         want = models.fit_ease(x, l2=float(p["train.ease.l2"]), dropout=float(p["train.ease.dropout"]))
         assert np.allclose(res["full"][0]["item_item"], want["item_item"])
     else:
         assert len(res["full"][1]["loss"]) == res["holdout"][1]["best_epoch"]
+        p_mf = settings.step_params(train.PARAMS, _params())
+        again, _, _ = train.fit_mf(shipped_on, None, n_users=parts["n_users"],
+                                   n_items=parts["n_items"], p=p_mf, workdir=tmp_path,
+                                   epochs=res["holdout"][1]["best_epoch"])
+        assert all(np.array_equal(again[k], res["full"][0][k]) for k in again)
+
+
+def test_every_candidate_is_scored_on_one_valid_sample_by_one_function(parts, tmp_path):
+    """EASE used to be scored on every valid user and mf_softmax on its best epoch over its own
+    sample: now both on one seeded sample of ``train.valid_users`` users, final weights,
+    ``evaluate.ranking_metric``."""
+    sample = train.valid_sample(parts["valid"], max_users=40, seed=settings.load_params()["seed"])
+    assert sample[schema.USER_IDX].nunique() == 40 < parts["valid"][schema.USER_IDX].nunique()
+    figures = {}
+    for name in ("ease", "mf_softmax"):
+        p = settings.step_params(train.PARAMS, _params(candidates=[name], valid_users=40))
+        res = train.train_both(parts, n_users=parts["n_users"], n_items=parts["n_items"], p=p,
+                               workdir=tmp_path)
+        assert res["selection"]["valid_users"] == 40
+        assert res["selection"]["valid_rows"] == len(sample)
+        figures[name] = res["selection"]["candidates"][name]["valid_ndcg_at_10"]
+        again = evaluate.ranking_metric(res["holdout"][0], parts["train"], sample,
+                                        metric="ndcg_at_10", n_users=parts["n_users"])
+        assert figures[name] == pytest.approx(again, abs=1e-9)
+        if name == "mf_softmax":  # it early-stopped on the same sample: its best epoch's figure
+            assert figures[name] == pytest.approx(res["holdout"][1]["best_val_ndcg_at_10"],
+                                                  abs=1e-6)
+    everyone = evaluate.ranking_metric(
+        train.fit_ease(parts["train"], n_users=parts["n_users"], n_items=parts["n_items"],
+                       p=settings.step_params(train.PARAMS, _params()))[0],
+        parts["train"], parts["valid"], metric="ndcg_at_10", n_users=parts["n_users"])
+    assert figures["ease"] != pytest.approx(everyone, abs=1e-9)  # not all valid users
+
+
+def test_model_version_includes_the_code_version(monkeypatch):
+    p = settings.step_params(train.PARAMS, _params())
+    a = train.model_version("2026-11-28", "d" * 32, "ease", p, code_version="abc123")
+    b = train.model_version("2026-11-28", "d" * 32, "ease", p, code_version="abc124")
+    assert a != b and a.split("-")[:2] == b.split("-")[:2] == ["ease", "20261128"]
+    assert a == train.model_version("2026-11-28", "d" * 32, "ease", p, code_version="abc123")
+    # by default, registry.code_version(): what a deploy stamps
+    monkeypatch.setenv("NIGHTREC_CODE_VERSION", "abc123")
+    assert train.model_version("2026-11-28", "d" * 32, "ease", p) == a
+    monkeypatch.setenv("NIGHTREC_CODE_VERSION", "abc124")
+    assert train.model_version("2026-11-28", "d" * 32, "ease", p) == b
 
 
 def test_choose_keeps_the_preferred_candidate_unless_another_clearly_wins():
@@ -243,8 +293,10 @@ def test_warm_start_copies_the_champions_rows_and_leaves_new_ones_random(parts):
 )
 def test_gate_floor_and_champion_tolerance(model, pop, champ, blessed, reason):
     result = {"model": {"ndcg_at_10": model}, "popularity": {"ndcg_at_10": pop}}
-    if champ is not None:
-        result["champion"] = {"ndcg_at_10": champ}
+    if champ is not None:  # compared on the champion's unseen events (tests/test_gate.py)
+        result["champion_comparison"] = {"compared": True, "later_events": 10,
+                                         "model": {"ndcg_at_10": model},
+                                         "champion": {"ndcg_at_10": champ}}
     v = evaluate.gate(result, gate_metric="ndcg_at_10", min_lift=0.05, max_regression=0.02)
     assert v["blessed"] is blessed and reason in v["reason"]
     assert v["champion"] == champ

@@ -120,3 +120,20 @@ def test_split_suite_passes_on_a_split_and_names_what_breaks(events):
         (f["expectation"], f["kwargs"].get("column")) for f in
         report["expectations"]["failures"]}
     assert report["problems"] == []
+
+
+def test_the_default_split_trains_on_nothing_later_than_what_it_is_judged_on(events):
+    """The gate's default split (params.yaml, and the core's default) is ``global_time``: no
+    user's train event is later than any valid or test event, so neither the model nor the
+    popularity baseline the gate compares it with counts the test period's hits. The per-user
+    split it replaced does train on the test period (other users' later events)."""
+    p = settings.step_params(split.PARAMS)
+    assert p["split.method"] == "global_time"
+    parts = split.split_interactions(events, **split.split_kwargs(p))
+    assert parts["train"]["timestamp"].max() <= parts["valid"]["timestamp"].min()
+    assert parts["valid"]["timestamp"].max() <= parts["test"]["timestamp"].min()
+    assert split.split_interactions(events, **{k: v for k, v in split.split_kwargs(p).items()
+                                               if k != "method"})["test"].equals(parts["test"])
+    per_user = split.split_interactions(events, **{**split.split_kwargs(p),
+                                                   "method": "leave_last_fraction"})
+    assert per_user["train"]["timestamp"].max() > per_user["test"]["timestamp"].min()
