@@ -126,7 +126,8 @@ def nightly_recommendations():
 
         return {"ds": prev["ds"], **versioning.run(prev["ds"], prev)}
 
-    @task(doc_md="Fit the holdout model (gated) and the full refit (scored).")
+    @task(doc_md="Fit the selection (holdout) model and the shipped train + valid refit (gated "
+                 "and scored).")
     def train(prev: dict) -> dict:
         from tasks import train as step
 

@@ -1,8 +1,8 @@
 """The model registry in the bucket: ``models/<version>/`` plus a champion pointer.
 
 ```
-models/<version>/embeddings.npz          the scoring model (full refit): tasks/models.py
-models/<version>/holdout_embeddings.npz  the gated holdout fit (champion comparisons use it)
+models/<version>/embeddings.npz          the shipped model (train + valid refit; the gated one)
+models/<version>/holdout_embeddings.npz  the train-only selection fit (a record; nothing scores it)
 models/<version>/model.weights.h5        Keras weights of an mf_softmax refit (absent for ease)
 models/<version>/history.json            training curves of the refit; holdout_history.json
 models/<version>/selection.json          every candidate's valid metric, and the chosen one

@@ -170,8 +170,7 @@ def build_report(ds: str, *, run_id: str, task_states: dict[str, str], p) -> tup
             f"<table><tr><th>metric</th><th>model</th><th>champion "
             f"{html.escape(str(metrics.get('champion_version') or '(none)'))}</th>"
             f"<th>popularity</th></tr>{table}</table>"
-            "<p>The champion was fit on all data up to its own ds, so events of this test split "
-            "that it had already seen make its figure optimistic.</p>"
+            + _champion_note(metrics.get("champion_comparison") or {}, g["metric"])
             + img(plot_history(history, g["metric"]), "metric history"))
 
     manifest = _maybe_json(layout.manifest_uri(ds))
@@ -237,6 +236,19 @@ addEventListener("load", () => {{ document.body.dataset.plotsRendered =
     summary = {"ds": ds, "run_id": run_id, "state": state, "tasks": task_states,
                "failed": failed, "written_at": now, **summary_extra}
     return page, summary
+
+
+def _champion_note(c: dict, metric: str) -> str:
+    """How the champion was compared: only on test events after its training cutoff."""
+    if not c.get("version"):
+        return "<p>No champion yet: the gate compared the model with popularity only.</p>"
+    if not c.get("compared"):
+        return (f"<p>Champion {html.escape(str(c['version']))} not compared: "
+                f"{html.escape(str(c.get('reason')))}.</p>")
+    return (f"<p>The champion column is measured only on the {c.get('later_events')} test events "
+            f"after the champion's training cutoff ({c.get('users')} users), which it never saw; "
+            f"on those the new model has {metric} "
+            f"{(c.get('model') or {}).get(metric, float('nan')):.4f}.</p>")
 
 
 def report_uri(ds: str) -> str:

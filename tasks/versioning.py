@@ -74,10 +74,19 @@ def prepare_remote(ws: Path) -> None:
 
 
 def prepare_workspace(ws: Path, params: dict) -> None:
-    """Create or refresh a no-SCM DVC workspace whose remote is the bucket's dvcstore."""
+    """Create or refresh a no-SCM DVC workspace whose remote is the bucket's dvcstore.
+
+    It gets ``dvc.yaml``, the run's ``params.yaml`` and a copy of the ``tasks`` package:
+    ``dvc.yaml`` lists each stage's code as deps, and ``python -m tasks.<stage>`` run in the
+    workspace imports that copy, so the code DVC hashes is the code that runs (a code change
+    reruns the stage; an unchanged one is skipped).
+    """
     prepare_remote(ws)
     shutil.copyfile(settings.project_root() / "dvc.yaml", ws / "dvc.yaml")
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=True))
+    shutil.rmtree(ws / "tasks", ignore_errors=True)  # a module removed upstream goes too
+    shutil.copytree(settings.project_root() / "tasks", ws / "tasks",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
 
 
 def data_version(ws: Path) -> str:
