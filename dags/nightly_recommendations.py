@@ -271,7 +271,9 @@ def nightly_recommendations():
     planned = plan_shards(seen_out)
     [registered, fell_back, loaded] >> planned
     published = publish_shards(score_shard.expand(spec=planned))
-    promote(registered, published)
-    published >> report().as_teardown()
+    promoted = promote(registered, published)
+    # report is the teardown of the whole run: after promote too, whose lease renewal would
+    # otherwise take the ds again after report released it.
+    [published, promoted] >> report().as_teardown()
 
 nightly_recommendations()
