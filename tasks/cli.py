@@ -181,7 +181,8 @@ def _cmd_run(args) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    _kill_group(proc.pid)  # anything of its group left behind (it stopped its own children)
+    if locks.group_pids(proc.pid):  # left behind (it stops its own children); while any is
+        _kill_group(proc.pid)  # there, the group id cannot have passed to another process
     result = json.loads(result_path.read_text()) if result_path.exists() else None
     if stop.signum is not None or (result or {}).get("stopped_by"):
         name = signal.Signals(stop.signum).name if stop.signum else result["stopped_by"]
