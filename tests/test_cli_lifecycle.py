@@ -4,6 +4,7 @@
 - a ``kill -9`` of the whole run, then an immediate rerun of the ds: no TTL wait, the lease is
   taken over at once and the rerun publishes;
 - SIGTERM / SIGINT stop the run: the DAG process ends, its lease is released, exit 143 / 130;
+  a ``kill -9`` of the CLI alone stops its DAG process too (no orphan holding the lease);
 - ``nightrec status`` shows the latest table's age and source and warns when it is stale.
 """
 
@@ -25,7 +26,7 @@ from tasks import cli, layout, locks, settings, storage
 
 NIGHTREC = str(Path(sys.executable).parent / "nightrec")
 DS_KILL = "2026-12-05"
-DS_STOP = {"SIGTERM": "2026-12-06", "SIGINT": "2026-12-07"}
+DS_STOP = {"SIGTERM": "2026-12-06", "SIGINT": "2026-12-07", "SIGKILL": "2026-12-08"}
 
 # ------------------------------------------------------------ exit codes and outcome (item 8)
 
@@ -215,3 +216,16 @@ def test_a_signal_stops_the_run_releases_its_lease_and_leaves_no_process(s3, sam
     res = json.loads((settings.state_dir() / "logs" / f"result-ds={ds}.json").read_text())
     assert res["stopped_by"] == sig and res["released"] == [ds]
     assert not storage.exists(layout.manifest_uri(ds))  # nothing published
+
+
+def test_kill_9_of_the_cli_alone_stops_its_dag_process_too(s3, sample):
+    """The orphan of issue 12: the CLI gone, its run_dag.py trained on, holding the lease."""
+    ds = DS_STOP["SIGKILL"]
+    run = start_run(ds, sample["interactions"])
+    dag_pid = wait_until_running(run, ds, "ingest")["pid"]
+    run.kill()  # the CLI only: its DAG process is in a session of its own
+    run.communicate()
+    assert wait_gone(dag_pid, timeout_s=30), f"run_dag.py ({dag_pid}) outlived its CLI"
+    assert not storage.exists(layout.run_lock_uri(ds))  # it released its lease on the way out
+    res = json.loads((settings.state_dir() / "logs" / f"result-ds={ds}.json").read_text())
+    assert res["stopped_by"] == "SIGTERM" and res["released"] == [ds]
