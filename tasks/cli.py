@@ -6,6 +6,8 @@
     nightrec status [--limit N]
     nightrec sample --out DIR
     nightrec models list | show VERSION | promote VERSION | rollback
+    nightrec unlock --ds DATE --reason TEXT [--operator WHO]  (a dead run's lease; tasks/locks.py)
+    nightrec gc [--apply] | forget --user ID [--apply]      (tasks/retention.py)
     nightrec serve [--host H] [--port P] [--ds DATE]          (read-only HTTP, tasks/serve.py)
     nightrec bench-scoring [--users N --items N --dim D --k K ...]   (tasks/bench_scoring.py)
 
@@ -17,9 +19,11 @@ started if needed (tasks/s3server.py) and used.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -27,8 +31,9 @@ from pathlib import Path
 
 from tasks import layout, s3server, settings, storage
 
+# the progress bar's tasks (only the bar uses them: a task not listed still counts)
 DAG_TASKS = ("ingest", "clean", "validate", "augment", "choose", "split", "train", "evaluate",
-             "gate", "register", "plan_shards", "score", "publish", "report")
+             "gate", "register", "plan_shards", "score", "publish", "promote", "report")
 
 
 def use_object_store(embedded: bool = True) -> str:
@@ -52,7 +57,97 @@ def upload_snapshot(ds: str, interactions: Path, items: Path | None, users: Path
             storage.upload_from(path, prefix + layout.safe_token(path.name, "file name"))
 
 
+# `nightrec run` exit codes (README "nightrec run: exit codes"); 130/143: stopped by a signal
+EXIT_PUBLISHED, EXIT_FAILED, EXIT_USAGE, EXIT_FALLBACK = 0, 1, 2, 3
+EXIT_GATE_REFUSED, EXIT_LOCKED, EXIT_NOTHING_RAN = 4, 5, 6
+SIGNAL_EXITS = {"SIGINT": 130, "SIGTERM": 143}
+FALLBACK_SOURCES = ("champion_fallback", "popularity_fallback")
+# task states that mean a task actually ran (Airflow's str(TaskInstanceState))
+_RAN = ("success", "failed", "up_for_retry")
+# after forwarding a signal, the DAG process gets this long to stop before SIGKILL (s)
+STOP_GRACE_S = 20.0
+
+
+def run_outcome(result: dict, manifest: dict | None) -> tuple[int, str]:
+    """What a ``nightrec run`` did: ``(exit code, one line naming it)``.
+
+    ``result``: the file scripts/run_dag.py wrote (``ds``, ``state``, ``tasks`` {task: state},
+    ``failed_task`` and ``error`` when one failed, ``stopped_by`` when a signal stopped it).
+    ``manifest``: the ds's manifest when this run wrote it (the CLI compares its ETag before
+    and after the run), else None. Codes: 0 a new model's table was published; 1 a task failed;
+    3 a fallback table was published (manifest ``source`` champion_fallback or
+    popularity_fallback); 4 the gate refused and nothing was published; 5 refused by another
+    run's lease (RunLocked); 6 no task ran; 130 / 143 stopped by SIGINT / SIGTERM.
+    """
+    ds = result.get("ds", "?")
+    stopped = result.get("stopped_by")
+    if stopped:
+        code = SIGNAL_EXITS.get(stopped, 128 + int(result.get("signal") or 15))
+        released = result.get("released")
+        lease = (f"its lease on ds={ds} released" if released
+                 else f"no lease on ds={ds} was held by it")
+        return code, f"stopped by {stopped}: the run was stopped and {lease}"
+    published = ""
+    if manifest is not None:
+        published = (f"{manifest.get('rows', '?')} rows for {manifest.get('users', '?')} users, "
+                     f"model {manifest.get('model_version', '?')}")
+    if result.get("failed_task"):
+        error = result.get("error") or "see the run's log"
+        if "RunLocked" in error:
+            return EXIT_LOCKED, f"REFUSED: another run holds ds={ds}; nothing written: {error}"
+        also = f" (the table was published first: {published})" if published else ""
+        return EXIT_FAILED, f"FAILED in task {result['failed_task']}: {error}{also}"
+    if manifest is not None:
+        source = manifest.get("source") or "model"
+        if source in FALLBACK_SOURCES:
+            return EXIT_FALLBACK, (
+                f"published a FALLBACK table for ds={ds} ({source}: "
+                f"{manifest.get('source_reason') or 'no reason recorded'}): {published}; the "
+                "new model was not blessed")
+        return EXIT_PUBLISHED, f"published {published} for ds={ds} (source {source})"
+    tasks = result.get("tasks") or {}
+    if not any(s in _RAN for t, s in tasks.items() if t != "report"):
+        return EXIT_NOTHING_RAN, (
+            f"NO TASK RAN for ds={ds}: the DAG run ended {result.get('state', '?')} without "
+            "running a task; nothing was published")
+    if result.get("state") not in (None, "success"):
+        return EXIT_FAILED, f"FAILED: the DAG run of ds={ds} ended {result['state']}"
+    return EXIT_GATE_REFUSED, (
+        f"nothing published for ds={ds}: the gate refused the model and no fallback was "
+        f"published (publish.fallback off?); see runs/ds={ds}/evaluate/metrics.json; the "
+        "previous table stays latest")
+
+
+class _Stop:
+    """The signal ``nightrec run`` got while its DAG process ran (forwarded to it)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.at = 0.0
+        self.proc: subprocess.Popen | None = None
+
+    def __call__(self, signum, frame) -> None:
+        if self.signum is not None and self.proc is not None:  # a second signal: no grace
+            _kill_group(self.proc.pid)
+            return
+        self.signum, self.at = signum, time.monotonic()
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, signum)
+            except ProcessLookupError:
+                pass
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def _cmd_run(args) -> int:
+    from tasks import locks
+
     ds = settings.check_ds(args.ds)
     endpoint = use_object_store(not args.no_embedded_s3)
     upload_snapshot(ds, args.interactions, args.items, args.users)
@@ -67,52 +162,82 @@ def _cmd_run(args) -> int:
     cmd = [
         sys.executable, str(settings.project_root() / "scripts" / "run_dag.py"),
         "--ds", ds, "--conf", json.dumps(conf), "--state", str(state),
-        "--result-file", str(result_path),
+        "--result-file", str(result_path), "--parent-pid", str(os.getpid()),
     ]
+    before = storage.head(layout.manifest_uri(ds))
     print(f"running nightly_recommendations for ds={ds} on {endpoint} (log: {log_path})",
           flush=True)
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        _follow(proc, log_path)
+    stop = _Stop()
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with open(log_path, "w") as log:
+            # its own session: a terminal's Ctrl-C reaches only us (we forward it), and its whole
+            # group (DVC and the like) can be killed without killing us
+            stop.proc = proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                                start_new_session=True)
+            if stop.signum is not None:  # signalled while it was starting
+                os.kill(proc.pid, stop.signum)
+            _follow(proc, log_path, stop)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if locks.group_pids(proc.pid):  # left behind (it stops its own children); while any is
+        _kill_group(proc.pid)  # there, the group id cannot have passed to another process
     result = json.loads(result_path.read_text()) if result_path.exists() else None
+    if stop.signum is not None or (result or {}).get("stopped_by"):
+        name = signal.Signals(stop.signum).name if stop.signum else result["stopped_by"]
+        released = locks.release_if_gone(ds, proc.pid)  # if it died before releasing its lease
+        held = locks.holder(layout.run_lock_uri(ds))
+        if held is not None and held.get("pid") == proc.pid:
+            lease = f"its lease on ds={ds} is still there ({held['uri']})"
+        elif released or (result or {}).get("released"):
+            lease = f"its lease on ds={ds} was released"
+        else:
+            lease = f"it held no lease on ds={ds}"
+        print(f"nightrec run: stopped by {name}: the run was stopped (exit {proc.returncode}) "
+              f"and {lease}; log: {log_path}", file=sys.stderr)
+        return SIGNAL_EXITS.get(name, 128 + (stop.signum or signal.SIGTERM))
     if result is None:
         print(f"nightrec run: FAILED before the DAG ran (exit {proc.returncode}); see {log_path}",
               file=sys.stderr)
         _tail(log_path)
-        return 1
-    if result.get("failed_task"):
-        print(f"nightrec run: FAILED in task {result['failed_task']}: {result['error']} "
-              f"(log: {log_path})", file=sys.stderr)
-        return 1
-    if result["tasks"].get("publish") != "success":
-        print(f"nightrec run: nothing published for ds={ds}: the model was not blessed by the "
-              f"gate (see {layout.run_uri(ds, 'evaluate', 'metrics.json')}); the previous table "
-              "stays latest", file=sys.stderr)
-        return 1
-    m = storage.read_json(layout.manifest_uri(ds))
-    print(f"published {m['rows']} rows for {m['users']} users, model {m['model_version']}, "
-          f"data {m['data_version'][:12]}")
+        return EXIT_FAILED
+    after = storage.head(layout.manifest_uri(ds))
+    mine = after is not None and (before is None or after["etag"] != before["etag"])
+    manifest = storage.read_json(layout.manifest_uri(ds)) if mine else None
+    code, message = run_outcome(result, manifest)
+    if code not in (EXIT_PUBLISHED, EXIT_FALLBACK):
+        print(f"nightrec run: {message} (log: {log_path})", file=sys.stderr)
+        return code
+    print(message)
+    print(f"data:     {manifest['data_version'][:12]}")
     print(f"table:    {layout.recs_prefix(ds)}")
     print(f"manifest: {layout.manifest_uri(ds)}")
     print(f"latest:   {layout.latest_uri()}")
-    return 0
+    return code
 
 
 _TASK_END = re.compile(r"\[DAG TEST\] end task task_id=(\w+)")
 
 
-def _follow(proc: subprocess.Popen, log_path: Path) -> None:
-    """Show a progress bar of finished tasks (read from the run's log) until ``proc`` exits."""
+def _follow(proc: subprocess.Popen, log_path: Path, stop: _Stop | None = None) -> None:
+    """Show a progress bar of finished tasks (read from the run's log) until ``proc`` exits;
+    once ``stop`` holds a signal, give ``proc`` STOP_GRACE_S to stop, then kill its group. The
+    bar's total is DAG_TASKS; a task it does not know still counts."""
     from tqdm import tqdm
 
-    total = len(DAG_TASKS)
     seen: set[str] = set()
-    with tqdm(total=total, desc="tasks", unit="task", file=sys.stdout,
+    with tqdm(total=len(DAG_TASKS), desc="tasks", unit="task", file=sys.stdout,
               disable=not sys.stdout.isatty()) as bar:
         while proc.poll() is None:
             time.sleep(0.5)
+            if stop is not None and stop.signum is not None \
+                    and time.monotonic() - stop.at > STOP_GRACE_S:
+                _kill_group(proc.pid)
             done = set(_TASK_END.findall(log_path.read_text(errors="replace")))
             for task in sorted(done - seen):
+                if bar.n >= bar.total:
+                    bar.total += 1
                 bar.set_postfix_str(task)
                 bar.update(1)
             seen |= done
@@ -177,13 +302,61 @@ def _cmd_status(args) -> int:
         table.add_row(s["ds"], s["state"], duration, ", ".join(s.get("failed", {})) or "-",
                       f"{s.get('rows', '-')}", s.get("model_version", "-"), s["run_id"])
     console.print(table)
-    latest = storage.read_json(layout.latest_uri()) if storage.exists(layout.latest_uri()) else None
     console.print(f"champion: {registry.champion() or 'none'}")
-    if latest:
-        console.print(f"latest table: ds={latest['ds']} model={latest['model_version']} "
-                      f"({latest['manifest']})")
+    for line, warn in latest_table_lines():
+        console.print(line, style="bold red" if warn else None, soft_wrap=True, markup=False)
+    return 0
+
+
+def latest_table_lines(now: dt.datetime | None = None) -> list[tuple[str, bool]]:
+    """``nightrec status``'s lines on the latest table: where it is, its manifest ``source``,
+    its age (hours since its pointer's ``updated_at``), and a warning (True) when that age is
+    over ``publish.max_age_hours``."""
+    if not storage.exists(layout.latest_uri()):
+        return [("latest table: none published yet", False)]
+    latest = storage.read_json(layout.latest_uri())
+    manifest = (storage.read_json(latest["manifest"])
+                if storage.exists(latest["manifest"]) else {})
+    source = manifest.get("source") or "model"
+    reason = f" ({manifest['source_reason']})" if manifest.get("source_reason") else ""
+    lines = []
+    if latest.get("updated_at"):
+        updated = dt.datetime.fromisoformat(latest["updated_at"])
+        age_h = ((now or dt.datetime.now(dt.UTC)) - updated).total_seconds() / 3600.0
+        age = f"{age_h:.1f} h old (published {latest['updated_at']})"
     else:
-        console.print("latest table: none published yet")
+        age_h, age = None, "age unknown (no updated_at)"
+    where = (f"latest table: ds={latest['ds']} model={latest['model_version']} "
+             f"source={source}{reason}, {age} ({latest['manifest']})")
+    lines.append((where, False))
+    max_age = float(settings.step_params(["publish.max_age_hours"])["publish.max_age_hours"])
+    if age_h is not None and age_h > max_age:
+        warning = (f"WARNING: the latest table is {age_h:.1f} h old, older than "
+                   f"publish.max_age_hours ({max_age:g} h): nothing was published since "
+                   f"{latest['updated_at']}")
+        lines.append((warning, True))
+    return lines
+
+
+def _cmd_unlock(args) -> int:
+    """An operator removes a dead run's lease on a ds (tasks/locks.py ``unlock``)."""
+    import getpass
+
+    from tasks import locks
+
+    ds = settings.check_ds(args.ds)
+    use_object_store(not args.no_embedded_s3)
+    operator = args.operator or f"{getpass.getuser()}@{locks.host()}"
+    try:
+        done = locks.unlock(ds, reason=args.reason, operator=operator)
+    except locks.UnlockRefused as e:
+        print(f"nightrec unlock: {e}", file=sys.stderr)
+        return 1
+    if not done["unlocked"]:
+        print(f"nightrec unlock: nothing to unlock: {done['why']}")
+        return 0
+    print(f"unlocked ds={ds}: removed the run lease of {done['lease'].get('owner')} "
+          f"({done['why_free']}); audit: {done['audit']}")
     return 0
 
 
@@ -238,6 +411,16 @@ def _cmd_models(args) -> int:
     return 0
 
 
+def _delegate_retention(args) -> int:
+    """``nightrec gc ...`` / ``nightrec forget ...``: tasks/retention.py parses and runs them
+    (``cli_main(argv)`` gets the argv from the command name on, ``--no-embedded-s3`` taken out
+    here once the object store is chosen)."""
+    from tasks import retention
+
+    use_object_store("--no-embedded-s3" not in args.argv)
+    return retention.cli_main([a for a in args.argv if a != "--no-embedded-s3"]) or 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nightrec", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -274,6 +457,15 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, help="default serve.port; 0 picks a free one")
     sv.add_argument("--ds", help="serve this ds instead of following the latest pointer")
+    u = add("unlock", _cmd_unlock,
+            "remove a dead run's lease on a ds (logged; refused while its holder is alive)")
+    u.add_argument("--ds", required=True)
+    u.add_argument("--reason", required=True, help="why (kept in the audit record)")
+    u.add_argument("--operator", help="who (default: $USER@host)")
+    # parsed by tasks/retention.py itself (cli_main() gets the arguments from the command on)
+    sub.add_parser("gc", add_help=False, help="prune old runs, models, id maps, DVC data "
+                   "(a dry-run listing unless --apply)")
+    sub.add_parser("forget", add_help=False, help="remove one user's data (--user ID [--apply])")
     m = add("models", _cmd_models, "the model registry: list, show, promote, rollback")
     m.add_argument("action", choices=["list", "show", "promote", "rollback"])
     m.add_argument("version", nargs="?", help="model version (show, promote)")
@@ -287,10 +479,14 @@ def main(argv: list[str] | None = None) -> int:
 
         bench_scoring.main(argv[1:])
         return 0
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "models" and args.action in ("show", "promote") and not args.version:
-        parser.error(f"models {args.action} needs a VERSION")
+    delegated = argv[:1] in (["gc"], ["forget"])
+    if delegated:
+        args = argparse.Namespace(command=argv[0], fn=_delegate_retention, argv=argv)
+    else:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command == "models" and args.action in ("show", "promote") and not args.version:
+            parser.error(f"models {args.action} needs a VERSION")
     from botocore.exceptions import BotoCoreError, ClientError
 
     try:
