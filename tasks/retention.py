@@ -382,6 +382,22 @@ def apply(plan: dict, *, operator: str | None = None) -> dict:
     return {"deleted": deleted, "counts": counts, "skipped": skipped, "audit": audit}
 
 
+def dvc_project(ws: Path) -> Path:
+    """A no-SCM DVC project in ``ws`` whose default remote is the bucket's dvcstore: what
+    ``versioning.prepare_remote`` makes, with the config written at once (one ``dvc`` process
+    instead of four, each about a second or more)."""
+    from tasks import versioning
+
+    ws.mkdir(parents=True, exist_ok=True)
+    versioning._dvc(ws, "init", "--no-scm", "-q")
+    lines = ["[core]", "    no_scm = True", "    analytics = false", "    remote = store",
+             "['remote \"store\"']", f"    url = {layout.dvc_remote_uri()}"]
+    if settings.s3_endpoint_url():
+        lines.append(f"    endpointurl = {settings.s3_endpoint_url()}")
+    (ws / ".dvc" / "config").write_text("\n".join(lines) + "\n")
+    return ws
+
+
 def _dvc_gc(kept_versions: list[str], planned: set[str]) -> list[str]:
     """``dvc gc --workspace --cloud`` keeping exactly ``kept_versions`` (a throwaway no-SCM
     project with one ``.dvc`` file per version; DVC fetches each ``.dir`` listing itself). Runs
@@ -395,7 +411,7 @@ def _dvc_gc(kept_versions: list[str], planned: set[str]) -> list[str]:
     bucket = storage.split_uri(layout.dvc_remote_uri())[0]
     with tempfile.TemporaryDirectory(prefix="nightrec-gc-") as tmp:
         ws = Path(tmp)
-        versioning.prepare_remote(ws)
+        dvc_project(ws)
         for v in kept_versions:
             (ws / f"v{v}.dvc").write_text(json.dumps(
                 {"outs": [{"md5": f"{v}.dir", "hash": "md5", "path": f"v{v}"}]}))
