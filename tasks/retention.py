@@ -73,6 +73,7 @@ INDEX_TABLES = ("clean/user_ids.parquet", "augment/user_features.parquet")
 _KEEP_COLUMNS = {schema.USER_ID, schema.USER_IDX, schema.USER_STABLE_IDX}
 _REMOVING = re.compile(r"^Removing (\S+)$", re.MULTILINE)  # what `dvc gc --dry` would delete
 FORGET_LOCK_TTL_S = 60.0
+TOMBSTONE_PREFIX = "forgotten:"
 log = logging.getLogger(__name__)
 
 
@@ -87,7 +88,7 @@ def _iso(t: dt.datetime) -> str:
 def tombstone(user_id: str) -> str:
     """What replaces a forgotten user's id where a row must stay: ``forgotten:<16 hex>`` (the
     first 64 bits of sha256, the id's hash in the suppression list)."""
-    return "forgotten:" + clean.user_hash(user_id)[:16]
+    return TOMBSTONE_PREFIX + clean.user_hash(user_id)[:16]
 
 
 # --- what is protected now ----------------------------------------------------------------------
@@ -342,9 +343,9 @@ def apply(plan: dict, *, operator: str | None = None) -> dict:
         deleted["runs"].append(ds)
 
     keep_models = int((plan.get("retention") or {}).get("keep_models", 1))
+    kept = _kept_models(keep_models, _manifests()) if plan.get("models") else {}
     for entry in plan.get("models", []):
         version = entry["model_version"]
-        kept = _kept_models(keep_models, _manifests())
         vds = _version_ds(version)
         why = kept.get(version) or (_lease_reason(vds) if vds else None)
         if why:
@@ -532,7 +533,40 @@ def _run_tables(user_id: str) -> list[dict]:
                 continue
             rel = uri[len(prefix):]
             action = "tombstone" if rel in INDEX_TABLES else "drop_rows"
-            out.append({"ds": ds, "uri": uri, "rows": int(hit[1].sum()), "action": action})
+            entry = {"ds": ds, "uri": uri, "rows": int(hit[1].sum()), "action": action}
+            if rel == "clean/user_ids.parquet":  # the run's index, which train's factors use
+                entry["user_idx"] = hit[0].loc[hit[1], schema.USER_IDX].astype(int).tolist()
+            out.append(entry)
+    return out
+
+
+def _zero_user_rows(uri: str, user_idx: list[int]) -> bool:
+    """Zero rows ``user_idx`` of a factor model's ``user`` matrix in an ``embeddings.npz``
+    (an item-item model has no user rows: its user vectors are built from the seen set)."""
+    found = storage.read_versioned(uri)
+    if found is None:
+        return False
+    emb = dict(np.load(io.BytesIO(found[0])))
+    idx = [i for i in user_idx if "user" in emb and i < len(emb["user"])]
+    if not idx or not np.any(emb["user"][idx]):
+        return False
+    emb["user"] = emb["user"].copy()
+    emb["user"][idx] = 0.0
+    buf = io.BytesIO()
+    np.savez(buf, **emb)
+    storage.write_bytes(uri, buf.getvalue(), if_match=found[1])
+    return True
+
+
+def _run_embeddings(run_tables: list[dict]) -> list[dict]:
+    """The per-run training outputs (``runs/ds=D/train/*/embeddings.npz``) of each run whose
+    index held the user, with the user's index in that run."""
+    out = []
+    for entry in run_tables:
+        if entry.get("user_idx"):
+            prefix = layout.run_uri(entry["ds"], "train")
+            out += [{"uri": u, "user_idx": entry["user_idx"]} for u in storage.list_uris(prefix)
+                    if u.endswith("/embeddings.npz")]
     return out
 
 
@@ -651,30 +685,16 @@ def _rewrite_table(entry: dict, user_id: str) -> bool:
 
 
 def _scrub_model(entry: dict, user_id: str) -> None:
-    """A tombstone in the model's users.parquet and zeros in its user rows of the factor
-    embeddings (an item-item model has none: its user vectors are built from the seen set)."""
+    """A tombstone (and blank side features) at the user's row of the model's users.parquet, and
+    zeros in its rows of the factor embeddings (full refit and holdout fit)."""
     prefix = entry["uri"].rsplit("/", 1)[0] + "/"
     hit = _parquet_with_user(entry["uri"], user_id)
     if hit is not None:
         frame, mask, etag = hit
-        frame = frame.copy()
-        frame.loc[mask, schema.USER_ID] = tombstone(user_id)
-        storage.write_bytes(entry["uri"], storage.parquet_bytes(frame), if_match=etag)
+        storage.write_bytes(entry["uri"], storage.parquet_bytes(_blank(frame, mask, user_id)),
+                            if_match=etag)
     for name in ("embeddings.npz", "holdout_embeddings.npz"):
-        found = storage.read_versioned(prefix + name)
-        if found is None:
-            continue
-        emb = dict(np.load(io.BytesIO(found[0])))
-        if "user" not in emb:
-            continue
-        idx = [i for i in entry["user_idx"] if i < len(emb["user"])]
-        if not idx or not np.any(emb["user"][idx]):
-            continue
-        emb["user"] = emb["user"].copy()
-        emb["user"][idx] = 0.0
-        buf = io.BytesIO()
-        np.savez(buf, **emb)
-        storage.write_bytes(prefix + name, buf.getvalue(), if_match=found[1])
+        _zero_user_rows(prefix + name, entry["user_idx"])
 
 
 def _scrub_id_map(uri: str, user_id: str) -> None:
@@ -687,38 +707,43 @@ def _scrub_id_map(uri: str, user_id: str) -> None:
     storage.write_bytes(uri, storage.parquet_bytes(frame), if_match=etag)
 
 
+def _find(uid: str) -> dict:
+    run_tables = _run_tables(uid)
+    return {
+        "published": _published(uid),
+        "run_tables": run_tables,
+        "run_embeddings": _run_embeddings(run_tables),
+        "models": _model_tables(uid),
+        "id_maps": _id_maps(uid),
+    }
+
+
 def forget_user(user_id: str, *, apply: bool, params: dict | None = None,
                 operator: str | None = None) -> dict:
     """Erase one user (``nightrec forget --user ID``): what it finds, and with ``apply`` what it
     did. The id never leaves this process: the result and the audit record name its sha256.
 
-    With ``apply``: the hash joins the suppression list first (future runs drop the user), then
-    every retained table holding the user is rewritten. Refused (after the list is updated)
-    while a run is in flight: that run may be writing the user's data; run forget again after it.
+    With ``apply``: the hash joins the suppression list first (every later run drops the user),
+    then, unless a run is in flight (it may be writing the user's data: RuntimeError, run forget
+    again after it), every retained table holding the user is found and rewritten.
     """
     uid = str(user_id).strip()
     if not uid:
         raise ValueError("forget needs a non-empty user id")
     p = settings.step_params(PARAMS, params)
     h = clean.user_hash(uid)
-    found = {
-        "published": _published(uid),
-        "run_tables": _run_tables(uid),
-        "models": _model_tables(uid),
-        "id_maps": _id_maps(uid),
-    }
-    listed = h in clean.forgotten_users()
     out = {"user_sha256": h, "tombstone": tombstone(uid), "applied": False,
-           "in_suppression_list": listed, "found": found}
+           "in_suppression_list": h in clean.forgotten_users()}
     if not apply:
-        return out
+        return {**out, "found": _find(uid)}
     owner = f"forget-{uuid.uuid4().hex[:12]}"
     out["added_to_suppression_list"] = add_forgotten(h, owner=owner)
     busy = _any_live_lease()
     if busy:
         raise RuntimeError(f"a run is in flight ({busy}): it may write this user's data now. The "
                            "user is on the suppression list; run forget again after that run")
-    done = {"published": [], "run_tables": [], "models": [], "id_maps": []}
+    found = out["found"] = _find(uid)
+    done: dict[str, list] = {k: [] for k in found}
     for entry in found["published"]:
         done["published"].append(_rewrite_published(
             entry["ds"], uid, owner=owner, ttl_s=float(p["publish.claim_ttl_s"]),
@@ -726,6 +751,9 @@ def forget_user(user_id: str, *, apply: bool, params: dict | None = None,
     for entry in found["run_tables"]:
         if _rewrite_table(entry, uid):
             done["run_tables"].append({k: entry[k] for k in ("uri", "action", "rows")})
+    for entry in found["run_embeddings"]:
+        if _zero_user_rows(entry["uri"], entry["user_idx"]):
+            done["run_embeddings"].append(entry["uri"])
     for entry in found["models"]:
         _scrub_model(entry, uid)
         done["models"].append(entry["model_version"])
@@ -800,6 +828,8 @@ def cli_main(argv: list[str]) -> int:
         print(f"  published ds={e['ds']}: {len(e['parts'])} part(s) to rewrite")
     for e in found["run_tables"]:
         print(f"  {e['uri']}: {e['rows']} row(s), {e['action'].replace('_', ' ')}")
+    for e in found["run_embeddings"]:
+        print(f"  {e['uri']}: zero the user's factor row")
     for e in found["models"]:
         print(f"  model {e['model_version']}: tombstone, zero its embedding rows")
     for e in found["id_maps"]:

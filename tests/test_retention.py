@@ -260,12 +260,13 @@ def _index_tables() -> None:
                                         "item_id": ["i1", "i2"], "reason": ["x", "y"]}),
                           layout.run_uri(DS, "clean", "quarantine.parquet"))
     prefix = registry.model_prefix(MODEL)
-    storage.write_parquet(pd.DataFrame({"user_idx": np.arange(60), "user_id": ids[::-1]}),
-                          prefix + "users.parquet")
+    storage.write_parquet(pd.DataFrame({"user_idx": np.arange(60), "user_id": ids[::-1],
+                                        "age": np.full(60, 30.0)}), prefix + "users.parquet")
     buf = io.BytesIO()
     np.savez(buf, user=np.ones((60, 4), np.float32), item=np.ones((9, 4), np.float32),
              item_bias=np.zeros(9, np.float32))
     storage.write_bytes(prefix + "embeddings.npz", buf.getvalue())
+    storage.write_bytes(layout.run_uri(DS, "train", "full") + "/embeddings.npz", buf.getvalue())
     storage.write_json(prefix + "meta.json", {"model_version": MODEL, "data_version": "d" * 32})
     storage.write_parquet(pd.DataFrame({"user_id": ids, "user_stable_idx": np.arange(100, 160),
                                         "first_ds": DS}),
@@ -296,6 +297,8 @@ def test_forget_erases_the_user_from_retained_data_and_keeps_indices(bucket, sta
                                        "uri": registry.model_prefix(MODEL) + "users.parquet",
                                        "user_idx": [52]}]
     assert len(dry["found"]["id_maps"]) == 1
+    assert dry["found"]["run_embeddings"] == [
+        {"uri": layout.run_uri(DS, "train", "full") + "/embeddings.npz", "user_idx": [7]}]
     assert {u: storage.head(u)["etag"] for u in _all()} == objects_before  # changed nothing
 
     out = retention.forget_user(USER, apply=True, operator="dpo")
@@ -339,9 +342,11 @@ def test_forget_erases_the_user_from_retained_data_and_keeps_indices(bucket, sta
     # the model: a tombstone at the user's index, zeros in its embedding row only
     users = storage.read_parquet(registry.model_prefix(MODEL) + "users.parquet")
     assert users.loc[52, "user_id"] == retention.tombstone(USER) and len(users) == 60
-    emb = np.load(io.BytesIO(storage.read_bytes(registry.model_prefix(MODEL)
-                                                + "embeddings.npz")))
-    assert not emb["user"][52].any() and emb["user"][np.arange(60) != 52].all()
+    assert np.isnan(users.loc[52, "age"]) and (users.drop(52)["age"] == 30.0).all()
+    for uri, row in ((registry.model_prefix(MODEL) + "embeddings.npz", 52),
+                     (layout.run_uri(DS, "train", "full") + "/embeddings.npz", 7)):
+        emb = np.load(io.BytesIO(storage.read_bytes(uri)))
+        assert not emb["user"][row].any() and emb["user"][np.arange(60) != row].all()
     # the id map: the id is its tombstone, the stable index stays taken
     idmap = storage.read_parquet(layout.id_map_prefix("users") + "map-000001.parquet")
     assert USER not in set(idmap["user_id"]) and idmap.loc[7, "user_stable_idx"] == 107
@@ -356,11 +361,17 @@ def test_forget_erases_the_user_from_retained_data_and_keeps_indices(bucket, sta
     assert all(not v for v in again["found"].values())
 
 
-def test_forget_refuses_while_a_run_is_in_flight_but_lists_the_user_first(bucket, state):
+def test_forget_refuses_while_a_run_is_in_flight_but_lists_the_user_first(bucket, state,
+                                                                          capsys):
+    assert retention.cli_main(["forget", "--user", "alice"]) == 0  # a dry run changes nothing
+    assert "dry run" in capsys.readouterr().out and clean.forgotten_users() == frozenset()
     _lease(DS, live=True)
     with pytest.raises(RuntimeError, match="in flight"):
         retention.forget_user("alice", apply=True)
     assert clean.user_hash("alice") in clean.forgotten_users()
+    assert retention.cli_main(["forget", "--user", "bob", "--apply"]) == 1
+    assert "forget refused: a run is in flight (ds=2026-03-10" in capsys.readouterr().out
+    assert clean.forgotten_users() == {clean.user_hash("alice"), clean.user_hash("bob")}
 
 
 def test_clean_drops_a_forgotten_users_rows_on_the_next_run(bucket, state):
