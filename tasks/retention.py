@@ -789,9 +789,9 @@ def _print_plan(pl: dict) -> None:
           f"{len(rem['kept_data_versions'])}, missing on the remote {len(rem['missing'])})")
     for u in rem["objects"]:
         print(f"  {u}")
-    for what, kept in pl["kept"].items():
-        for item, why in sorted(kept.items()):
-            print(f"kept {what.removesuffix('s')} {item}: {why}")
+    for label, kind in (("ds", "ds"), ("model", "models")):
+        for item, why in sorted(pl["kept"][kind].items()):
+            print(f"kept {label} {item}: {why}")
 
 
 def cli_main(argv: list[str]) -> int:
