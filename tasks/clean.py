@@ -1,12 +1,18 @@
 """Step 2, clean: judge every raw row, quarantine the bad ones with a reason, dedupe, k-core, index.
 
-Each raw row that ingest passed on ends in exactly one of two tables (``stats.json`` has the sum):
+Each raw row that ingest passed on ends in exactly one of two tables, unless its user was
+erased on request (``stats.json`` has the sum: ``raw_rows = clean_rows + quarantined_rows +
+forgotten_rows``):
 
 - ``interactions``: ``user_id, item_id`` (str, stripped), ``rating`` (float64 in
   clean.min_rating..max_rating, NaN when the file has no rating column: implicit feedback),
   ``timestamp`` (int64 unix seconds), ``user_idx, item_idx`` (int32 dense 0..n-1 in sorted order
   of the external id; this run's index, which training and scoring use);
 - ``quarantine``: the raw strings plus ``source_file, raw_row, raw_text, reason``.
+
+Forgotten users (``nightrec forget``, tasks/retention.py): a row whose stripped user id hashes
+(sha256 of its UTF-8 bytes) into ``state/forgotten/users.parquet`` is dropped before any rule
+judges it, so it reaches neither table; ``forgotten_rows`` counts them.
 
 Reasons, in precedence order (a row failing several rules gets the first; ``schema.REASONS``):
 
@@ -334,6 +340,46 @@ def _file_codes(names: pa.Array, file_ids: dict[str, int]) -> np.ndarray:
     return local[np.asarray(enc.indices.to_numpy(zero_copy_only=False), dtype=np.int64)]
 
 
+def user_hash(user_id: str) -> str:
+    """sha256 (hex) of a stripped external user id: how ``nightrec forget`` names a user."""
+    return storage.sha256(str(user_id).strip().encode("utf-8"))
+
+
+def forgotten_users(uri: str | None = None) -> frozenset[str]:
+    """The hashes of the users erased on request (``layout.forgotten_users_uri()``); empty when
+    nobody was. ``uri``: another list (a local run)."""
+    uri = uri or layout.forgotten_users_uri()
+    if not storage.exists(uri):
+        return frozenset()
+    return frozenset(storage.read_parquet(uri, columns=["user_sha256"])["user_sha256"].astype(str))
+
+
+def _forgotten_mask(batch: pa.RecordBatch | pa.Table, forgotten: frozenset[str]) -> np.ndarray:
+    """Per row: its stripped user id hashes into ``forgotten``. Each distinct id is hashed once."""
+    if not forgotten or batch.num_rows == 0:
+        return np.zeros(batch.num_rows, dtype=bool)
+    enc = pc.dictionary_encode(pc.utf8_trim_whitespace(_column(batch, schema.USER_ID)))
+    hit = pa.array([v is not None and user_hash(v) in forgotten
+                    for v in enc.dictionary.to_pylist()], pa.bool_())
+    return _np(pc.take(hit, enc.indices))
+
+
+def _drop_forgotten(batches: Callable[[], Iterable[pa.RecordBatch | pa.Table]],
+                    forgotten: frozenset[str], dropped: Counter):
+    """``batches`` without the forgotten users' rows; ``dropped[file]`` counts what went."""
+    def gen():
+        dropped.clear()
+        for batch in batches():
+            mask = _forgotten_mask(batch, forgotten)
+            if mask.any():
+                files = pc.filter(_column(batch, schema.SOURCE_FILE), pa.array(mask))
+                for entry in pc.value_counts(files).to_pylist():
+                    dropped[entry["values"]] += entry["counts"]
+                batch = batch.filter(pa.array(~mask))
+            yield batch
+    return gen
+
+
 def clean_batches(
     batches: Callable[[], Iterable[pa.RecordBatch | pa.Table]], *, ds: str, min_rating: float,
     max_rating: float, min_timestamp: str, min_user_interactions: int,
@@ -341,10 +387,17 @@ def clean_batches(
     id_pattern: str = DEFAULT_ID_PATTERN, max_id_length: int = DEFAULT_MAX_ID_LENGTH,
     catalogue: Iterable[str] | None = None,
     write_quarantine: Callable[[pa.Table], None] | None = None,
+    forgotten: frozenset[str] = frozenset(),
 ) -> tuple[pd.DataFrame, dict]:
     """The step over ingest's output given as a re-iterable of batches (read twice: to judge,
-    then to copy the rejected rows' raw text to ``write_quarantine``). Returns (clean, stats)."""
+    then to copy the rejected rows' raw text to ``write_quarantine``). Returns (clean, stats).
+
+    ``forgotten``: sha256 hashes (:func:`user_hash`) of users whose rows are dropped before
+    judging (counted as ``forgotten_rows``, in neither output).
+    """
     settings.check_ds(ds)
+    dropped: Counter = Counter()
+    batches = _drop_forgotten(batches, forgotten, dropped)
     code_parts, parsed_parts, file_parts, offset = [], [], [], 0
     file_ids: dict[str, int] = {}
     for batch in batches():
@@ -396,16 +449,21 @@ def clean_batches(
     counts = Counter(dict(zip(*np.unique(codes[codes != 0], return_counts=True))))
     by_reason = {_REASON_BY_CODE[c]: int(k) for c, k in sorted(counts.items())}
     invalid = sum(k for r, k in by_reason.items() if r in schema.INVALID_REASONS)
+    n_forgotten = int(sum(dropped.values()))
+    raw_rows = len(codes) + n_forgotten  # = clean + quarantined + forgotten
+    rows_by_file.update(dropped)  # a file's rows count its forgotten ones too
     stats = {
-        "raw_rows": len(codes),
+        "raw_rows": raw_rows,
         "clean_rows": len(clean),
         "quarantined_rows": int((codes != 0).sum()),
+        "forgotten_rows": n_forgotten,
         "by_reason": dict(sorted(by_reason.items())),
         "invalid_rows": int(invalid),
-        "invalid_fraction": float(invalid / len(codes)) if len(codes) else 0.0,
+        "invalid_fraction": float(invalid / raw_rows) if raw_rows else 0.0,
         "n_users": int(clean[schema.USER_ID].nunique()),
         "n_items": int(clean[schema.ITEM_ID].nunique()),
-        "by_file": {f: {"rows": int(n), "quarantined": dict(sorted(by_file.get(f, {}).items()))}
+        "by_file": {f: {"rows": int(n), "quarantined": dict(sorted(by_file.get(f, {}).items())),
+                        **({"forgotten": int(dropped[f])} if dropped.get(f) else {})}
                     for f, n in sorted(rows_by_file.items())},
         "timestamp_units": info["timestamp_units"],
         "dedupe_policy": DEDUPE_POLICY,
@@ -438,7 +496,7 @@ def clean_interactions(
     raw: pd.DataFrame, *, ds: str, min_rating: float, max_rating: float, min_timestamp: str,
     min_user_interactions: int, min_item_interactions: int, timestamp_unit: str = "auto",
     id_pattern: str = DEFAULT_ID_PATTERN, max_id_length: int = DEFAULT_MAX_ID_LENGTH,
-    catalogue: Iterable[str] | None = None,
+    catalogue: Iterable[str] | None = None, forgotten: frozenset[str] = frozenset(),
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Pure core on a frame of ingest's output. Returns ``(interactions, quarantine, stats)``."""
     table = _as_raw_table(raw.reset_index(drop=True))
@@ -448,7 +506,7 @@ def clean_interactions(
         min_timestamp=min_timestamp, min_user_interactions=min_user_interactions,
         min_item_interactions=min_item_interactions, timestamp_unit=timestamp_unit,
         id_pattern=id_pattern, max_id_length=max_id_length, catalogue=catalogue,
-        write_quarantine=parts.append,
+        write_quarantine=parts.append, forgotten=forgotten,
     )
     quarantine = pa.concat_tables([QUARANTINE_SCHEMA.empty_table(), *parts]).to_pandas()
     return clean, quarantine, stats
@@ -568,7 +626,7 @@ def _core_kwargs(p: settings.StepParams) -> dict:
 
 def clean_file(
     local: Path, *, ds: str, p: settings.StepParams, quarantine_path: Path,
-    catalogue: set[str] | None,
+    catalogue: set[str] | None, forgotten: frozenset[str] = frozenset(),
 ) -> tuple[pd.DataFrame, dict]:
     """``clean_batches`` over a local Parquet file of ingest's output, batch by batch."""
     import pyarrow.parquet as pq
@@ -578,7 +636,8 @@ def clean_file(
     with pq.ParquetWriter(quarantine_path, QUARANTINE_SCHEMA, compression="zstd") as writer:
         clean, stats = clean_batches(
             lambda: pf.iter_batches(batch_size=int(p["clean.batch_rows"]), columns=columns),
-            ds=ds, catalogue=catalogue, write_quarantine=writer.write_table, **_core_kwargs(p),
+            ds=ds, catalogue=catalogue, write_quarantine=writer.write_table,
+            forgotten=forgotten, **_core_kwargs(p),
         )
     return clean, stats
 
@@ -596,7 +655,7 @@ def run(ds: str, ingested: dict[str, str], params: dict | None = None) -> dict[s
         local = storage.download_to(ingested["interactions"], Path(tmp) / "raw.parquet")
         qpath = Path(tmp) / "quarantine.parquet"
         clean, stats = clean_file(local, ds=ds, p=p, quarantine_path=qpath,
-                                  catalogue=_catalogue(ingested))
+                                  catalogue=_catalogue(ingested), forgotten=forgotten_users())
         storage.upload_from(qpath, out["quarantine"])
     if ingested.get("files"):
         files = storage.read_json(ingested["files"])
@@ -609,8 +668,8 @@ def run(ds: str, ingested: dict[str, str], params: dict | None = None) -> dict[s
     storage.write_parquet(tables["users"], out["user_ids"])
     storage.write_parquet(tables["items"], out["item_ids"])
     storage.write_json(out["stats"], stats)
-    log.info("clean: %d of %d rows kept; quarantined by reason %s", stats["clean_rows"],
-             stats["raw_rows"], stats["by_reason"])
+    log.info("clean: %d of %d rows kept; quarantined by reason %s; %d of forgotten users",
+             stats["clean_rows"], stats["raw_rows"], stats["by_reason"], stats["forgotten_rows"])
     for side in ("items", "users", "files"):
         if side in ingested:
             out[side] = ingested[side]
