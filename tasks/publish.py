@@ -24,21 +24,25 @@ both do on AWS S3).
 4. **Commit the manifest** ``recommendations/ds=<ds>/_manifest.json``, conditional on it being
    the version seen just after claiming (or absent). This fences a publisher whose claim expired
    and was taken over: its commit fails instead of overwriting the newer one. The manifest *is*
-   the table of that ds: readers read exactly the parts it lists.
+   the table of that ds: readers read exactly the parts it lists. Just before, the parts of the
+   manifest it replaces are recorded as retired in ``recommendations/ds=<ds>/_retired.json``
+   (time: grace + ``PUBLISH_SLACK_S``), so that no crash after the commit leaves them
+   unrecorded.
 5. **Move the latest pointer** ``recommendations/_latest.json`` last: under the short
    ``recommendations/_latest.lock`` (publishers of different ds may race here), read it, leave
    it if it names a later ds (a backfill never moves readers back in time), else replace it
    conditionally on the ETag read (or create it if absent).
-6. **Retire, then sweep**, only while the claim is verified live (:func:`claim_live`: the claim
-   object re-read right before each delete is still ours, same owner, token and ETag, and not
-   about to expire; otherwise the delete is skipped with a warning). The parts of the ds that
-   the new manifest does not list are *retired*, not deleted: listed in
-   ``recommendations/ds=<ds>/_retired.json`` with ``delete_after`` = now +
-   ``publish.reader_grace_s``, so a reader holding the old manifest keeps reading them that
-   long. Retired parts whose time has passed are deleted (this ds's now, so with a grace of 0
-   at once; every other ds's under a claim on that ds, so the sweep never races a publisher of
-   it). Then the run's staging, the claim, and retention (``publish.retention_days``), never
-   touching the ds the latest pointer names.
+6. **Settle and sweep**, every delete only while the claim is verified live
+   (:func:`claim_live`: the claim object, re-read right before each delete request, is still
+   ours, same owner, token and ETag, and not about to expire; otherwise nothing is deleted and
+   a warning is logged). The replaced parts are not deleted: their ``delete_after`` becomes now
+   + ``publish.reader_grace_s``, so a reader holding the old manifest keeps reading them that
+   long. Parts no committed manifest ever listed (a killed or fenced publish's) are deleted at
+   once. Retired parts whose time has passed are deleted: this ds's now (so with a grace of 0,
+   the replaced parts at once), every other ds's under a claim on that ds
+   (:func:`sweep_all_retired`), so a sweep never races a publisher of it. Then the run's
+   staging, the claim, and retention (``publish.retention_days``), never touching the ds the
+   latest pointer names.
 
 A failure before 4 leaves that ds's previous table (if any) and the pointer as they were.
 """
@@ -83,12 +87,17 @@ def arrow_schema():
 POINTER_ATTEMPTS = 5
 VALIDATE_BATCH_ROWS = 2_000_000  # rows validated at a time (whole parts): bounds publish's memory
 POINTER_LOCK_TTL_S = 60.0  # the pointer lock is held for two requests; a crash frees it then
-# A claim that expires within this many seconds is not trusted for a delete: one delete request
-# (up to 1000 keys) takes milliseconds, so a claim live this much longer outlives it.
+# A claim that expires within this many seconds (or a tenth of its TTL, if less) is not trusted
+# for a delete: one delete request (up to 1000 keys) takes milliseconds, so a claim live this
+# much longer outlives it.
 CLAIM_MARGIN_S = 2.0
 # The claim a publish takes on another ds to sweep its retired parts, or retention to delete it:
 # held for a few requests, so a crash in between blocks that ds's publishers this long at most.
 HOUSEKEEPING_CLAIM_TTL_S = 300.0
+# The replaced parts are recorded as retired just before the manifest commit (one PUT), with
+# grace + this as their time: should publish die between the commit and setting their exact time
+# (commit + grace), a commit up to this late still leaves readers the whole grace period.
+PUBLISH_SLACK_S = 60.0
 log = logging.getLogger(__name__)
 
 
@@ -317,7 +326,8 @@ def release_claim(claim: dict) -> None:
 def claim_live(claim: dict, *, margin_s: float = CLAIM_MARGIN_S) -> bool:
     """Whether ``claim`` (a :func:`claim_ds` record) still holds: its object, read again now, is
     this very claim (same owner, token and ETag: not renewed by a retry, not taken over) and
-    expires more than ``margin_s`` seconds from now. A store error counts as not live."""
+    expires more than ``margin_s`` seconds from now (at most a tenth of the claim's TTL). A store
+    error counts as not live."""
     try:
         held = locks.holder(claim["uri"])
     except _STORE_ERRORS as e:
@@ -328,7 +338,9 @@ def claim_live(claim: dict, *, margin_s: float = CLAIM_MARGIN_S) -> bool:
     mine = (held.get("owner"), held.get("token"), held.get("etag")) == (
         claim.get("owner"), claim.get("token"), claim.get("etag"))
     expires = dt.datetime.fromisoformat(held["expires_at"])
-    return mine and expires > _now() + dt.timedelta(seconds=margin_s)
+    ttl_s = (expires - dt.datetime.fromisoformat(held["claimed_at"])).total_seconds()
+    margin = dt.timedelta(seconds=min(margin_s, max(ttl_s, 0.0) / 10))
+    return mine and expires > _now() + margin
 
 
 def delete_under_claim(claim: dict, uris: list[str], *, what: str) -> bool:
@@ -374,46 +386,66 @@ def _save_retired(ds: str, record: dict, etag: str | None) -> None:
         raise storage.PreconditionFailed(f"{uri} is no longer version {etag}")
 
 
-def retire_unlisted(ds: str, claim: dict, *, listed: set[str], grace_s: float,
-                    publish_id: str) -> list[str]:
-    """List ds's parts that ``listed`` (the keys of the manifest just committed) does not name in
-    ``_retired.json``, deletable ``grace_s`` seconds from now; returns the keys newly retired.
+def _deadline(grace_s: float, *, after: dt.datetime | None = None) -> dt.datetime:
+    """``after`` (default now) + ``grace_s`` seconds, rounded up to a whole second (the records
+    hold whole seconds: never less grace than asked for); a grace of 0 is due at once."""
+    t = (after or _now()) + dt.timedelta(seconds=float(grace_s))
+    if grace_s > 0 and t.microsecond:
+        t = t.replace(microsecond=0) + dt.timedelta(seconds=1)
+    return t
 
-    Parts still listed are taken off the record (a republish of identical content lists the
-    same keys again). Only under a live claim: a publisher whose claim lapsed would otherwise
-    retire the parts of the rival that took the ds over.
+
+def retire(ds: str, *, keys: set[str], delete_after: dt.datetime, publish_id: str,
+           listed: set[str] = frozenset(), exact: bool = False) -> list[str]:
+    """Record ``keys`` (parts of ds) in ``_retired.json``, deletable from ``delete_after`` on (a
+    key retired before keeps the later of its two times, unless ``exact``), and take ``listed``
+    (the keys the committed manifest lists) off every entry. Returns the keys retired.
+
+    Written conditionally on the version read (or created if absent); raises
+    ``storage.PreconditionFailed`` when it changed meanwhile. A sweep never deletes a key that
+    ds's committed manifest lists, so recording keys too early is harmless.
     """
-    if not claim_live(claim):
-        log.warning("not retiring the replaced parts of ds=%s: the claim %s is no longer %s's",
-                    ds, claim["uri"], claim.get("owner"))
-        return []
-    bucket = storage.split_uri(layout.recs_prefix(ds))[0]
     record, etag = _retired(ds)
-    entries = [{**e, "keys": [k for k in e["keys"] if k not in listed]}
-               for e in record["entries"]]
-    entries = [e for e in entries if e["keys"]]
-    already = {k for e in entries for k in e["keys"]}
-    new = sorted(key for u in storage.list_uris(layout.recs_prefix(ds))
-                 if u.endswith(".parquet")
-                 and (key := storage.split_uri(u)[1]) not in listed and key not in already)
-    if new:
-        now = _now()
-        after = now + dt.timedelta(seconds=float(grace_s))
-        if grace_s > 0 and after.microsecond:  # whole seconds up: never less grace than asked
-            after = after.replace(microsecond=0) + dt.timedelta(seconds=1)
-        entries.append({"keys": new, "retired_at": _iso(now), "replaced_by": publish_id,
-                        "delete_after": _iso(after)})
+    keys = set(keys) - set(listed)
+    old = [{**e, "keys": [k for k in e["keys"] if k not in listed]} for e in record["entries"]]
+    moved = [e for e in old if keys & set(e["keys"])]
+    after = delete_after if exact else max(
+        [delete_after, *(dt.datetime.fromisoformat(e["delete_after"]) for e in moved)])
+    entries = [e for e in ({**e, "keys": [k for k in e["keys"] if k not in keys]} for e in old)
+               if e["keys"]]
+    if keys:
+        entries.append({"keys": sorted(keys), "retired_at": _iso(_now()),
+                        "replaced_by": publish_id, "delete_after": _iso(after)})
     if entries != record["entries"]:
-        try:
-            _save_retired(ds, {**record, "ds": ds, "bucket": bucket, "entries": entries}, etag)
-        except storage.PreconditionFailed:
-            log.warning("%s changed while this publish updated it; the next publish retires "
-                        "what is left", layout.retired_parts_uri(ds))
-            return []
-    if new:
-        log.info("retired %d replaced part(s) of ds=%s until %s", len(new), ds,
-                 entries[-1]["delete_after"])
-    return new
+        bucket = storage.split_uri(layout.recs_prefix(ds))[0]
+        _save_retired(ds, {**record, "ds": ds, "bucket": bucket, "entries": entries}, etag)
+    return sorted(keys)
+
+
+def settle_partition(ds: str, claim: dict, *, listed: set[str], replaced: set[str],
+                     grace_s: float, publish_id: str) -> None:
+    """After the commit, under the live claim: the parts the commit ``replaced`` become
+    deletable ``grace_s`` seconds from now (their time recorded before the commit had some
+    slack); the keys the new manifest ``listed`` come off ``_retired.json``; the parts no
+    committed manifest ever listed (those of a killed or fenced publish: no reader can hold
+    them) are deleted at once."""
+    if not claim_live(claim):
+        log.warning("not settling the parts of ds=%s: the publish claim %s is no longer %s's "
+                    "(expired or taken over by another publisher)", ds, claim["uri"],
+                    claim.get("owner"))
+        return
+    try:
+        retire(ds, keys=replaced, delete_after=_deadline(grace_s), publish_id=publish_id,
+               listed=listed, exact=True)
+    except storage.PreconditionFailed:
+        log.warning("%s changed under this publish's claim; left for the next publish",
+                    layout.retired_parts_uri(ds))
+        return
+    record, _ = _retired(ds)
+    kept = listed | {k for e in record["entries"] for k in e["keys"]}
+    orphans = [u for u in storage.list_uris(layout.recs_prefix(ds))
+               if u.endswith(".parquet") and storage.split_uri(u)[1] not in kept]
+    delete_under_claim(claim, orphans, what="parts no manifest lists")
 
 
 def sweep_retired(ds: str, claim: dict) -> list[str]:
@@ -652,7 +684,9 @@ def run(ds: str, scored: dict, params: dict | None = None, dry_run: bool = False
     prefix = layout.recs_prefix(ds)
     written: list[str] = []
     try:
-        before = storage.head(layout.manifest_uri(ds))
+        found = storage.read_versioned(layout.manifest_uri(ds))
+        before = None if found is None else {"etag": found[1]}
+        replaced = set() if found is None else {pt["key"] for pt in json.loads(found[0])["parts"]}
         parts = []
         for n, (data, desc) in enumerate(zip(staged, described, strict=True)):
             uri = storage.join(prefix, f"part-{pid}-{n:05d}.parquet")
@@ -666,6 +700,16 @@ def run(ds: str, scored: dict, params: dict | None = None, dry_run: bool = False
             created_at=created,
         )
         manifest.update(publish_id=pid, publisher=owner, popular=popular)
+        # The parts this commit replaces are recorded as retired first, so that no crash after
+        # the commit can leave them unrecorded (and taken for parts no reader holds); with
+        # PUBLISH_SLACK_S for the commit to happen in. settle_partition sets their exact time.
+        listed = {pt["key"] for pt in parts}
+        try:
+            retire(ds, keys=replaced - listed, delete_after=_deadline(grace_s + PUBLISH_SLACK_S),
+                   publish_id=pid)
+        except storage.PreconditionFailed as e:
+            raise PublishConflict(f"ds={ds}: {layout.retired_parts_uri(ds)} changed while this "
+                                  f"publisher ({owner}) held the claim; nothing is visible") from e
         manifest_etag = commit_manifest(ds, manifest, expected=before)
         written = []  # committed: these parts are the table now
         moved = move_latest(
@@ -675,8 +719,8 @@ def run(ds: str, scored: dict, params: dict | None = None, dry_run: bool = False
         )
         # Replaced parts are retired, not deleted: readers holding the previous manifest keep
         # reading them for publish.reader_grace_s. Every delete re-checks the claim first.
-        retire_unlisted(ds, claim, listed={pt["key"] for pt in parts}, grace_s=grace_s,
-                        publish_id=pid)
+        settle_partition(ds, claim, listed=listed, replaced=replaced, grace_s=grace_s,
+                         publish_id=pid)
         sweep_retired(ds, claim)
         delete_under_claim(claim, storage.list_uris(scored["staging"]), what="staged parts")
     except BaseException:

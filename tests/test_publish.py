@@ -240,10 +240,8 @@ def test_a_stale_publisher_whose_claim_was_taken_over_cannot_commit(bucket, monk
     with pytest.raises(publish.PublishConflict, match="another publisher committed a manifest"):
         publish.run(DS, a, params=params(claim_ttl_s=0))  # A's claim expires at once
     m = storage.read_json(layout.manifest_uri(DS))
-    assert m["publisher"] == "run-b" and listed(m) == live_objects(DS)
-    # A's parts: B's publish found them unlisted and retired them; A, its claim lost, left them
-    assert {storage.split_uri(u)[1] for u in objects(DS)} - retired(DS) == {
-        p["key"] for p in m["parts"]} and len(retired(DS)) == 3
+    # A's parts, never listed by a committed manifest, were deleted by B's publish at once
+    assert m["publisher"] == "run-b" and listed(m) == objects(DS) and not retired(DS)
     assert storage.read_json(layout.latest_uri())["publish_id"] == m["publish_id"]
     assert set(RecommendationReader().table()["model_version"]) == {"mf-20260310-bbbbbbbb"}
     assert not storage.exists(layout.claim_uri(DS))
@@ -528,3 +526,29 @@ def test_retention_deletes_a_whole_expired_partition_with_its_retired_parts(buck
     assert out["expired"] == [old]
     assert storage.list_uris(layout.recs_prefix(old)) == []  # parts, _retired.json, claim
     assert partitions() == {DS}
+
+
+def test_parts_replaced_by_a_publish_that_dies_after_its_commit_keep_their_grace(bucket,
+                                                                                 monkeypatch):
+    publish.run(DS, stage(DS, run_key="r1", model_version="mf-20260310-aaaaaaaa", seed=1),
+                params=params())
+    first = {pt["key"] for pt in storage.read_json(layout.manifest_uri(DS))["parts"]}
+
+    def die(*args, **kwargs):
+        raise SystemExit("killed right after the commit")
+
+    with monkeypatch.context() as m:
+        m.setattr(publish, "settle_partition", die)
+        with pytest.raises(SystemExit):
+            publish.run(DS, stage(DS, run_key="r2", model_version="mf-20260310-bbbbbbbb",
+                                  seed=2), params=params())
+    assert storage.read_json(layout.manifest_uri(DS))["publisher"] == "r2"  # it did commit
+    assert retired(DS) == first  # recorded before the commit
+    (entry,) = storage.read_json(layout.retired_parts_uri(DS))["entries"]
+    grace = settings.load_params()["publish"]["reader_grace_s"]
+    left = dt.datetime.fromisoformat(entry["delete_after"]) - dt.datetime.now(dt.UTC)
+    assert left.total_seconds() > grace
+    # the next publish takes them for retired parts, not for parts nobody listed
+    publish.run(DS, stage(DS, run_key="r3", model_version="mf-20260310-cccccccc", seed=3),
+                params=params())
+    assert all(storage.exists(storage.s3_uri(k)) for k in first) and first <= retired(DS)
