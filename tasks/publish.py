@@ -474,9 +474,8 @@ def sweep_retired(ds: str, claim: dict) -> list[str]:
 def sweep_all_retired(*, owner: str, skip: tuple[str, ...] = ()) -> dict:
     """Sweep every ds's ``_retired.json`` that has an entry past its ``delete_after``, each under
     a claim on that ds (taken as ``<owner>:sweep`` for ``HOUSEKEEPING_CLAIM_TTL_S`` and released
-    after), so it never races a
-    publisher of that ds; a ds being published is left for a later sweep. Returns
-    ``{ds: keys deleted}``."""
+    after), so it never races a publisher of that ds; a ds being published is left for a later
+    sweep. Reads one ``_retired.json`` per published ds. Returns ``{ds: keys deleted}``."""
     out: dict[str, list[str]] = {}
     now = _now()
     for prefix in storage.list_prefixes(layout.recs_root()):
