@@ -24,13 +24,25 @@ both do on AWS S3).
 4. **Commit the manifest** ``recommendations/ds=<ds>/_manifest.json``, conditional on it being
    the version seen just after claiming (or absent). This fences a publisher whose claim expired
    and was taken over: its commit fails instead of overwriting the newer one. The manifest *is*
-   the table of that ds: readers read exactly the parts it lists.
+   the table of that ds: readers read exactly the parts it lists. Just before, the parts of the
+   manifest it replaces are recorded as retired in ``recommendations/ds=<ds>/_retired.json``
+   (time: grace + ``PUBLISH_SLACK_S``), so that no crash after the commit leaves them
+   unrecorded.
 5. **Move the latest pointer** ``recommendations/_latest.json`` last: under the short
    ``recommendations/_latest.lock`` (publishers of different ds may race here), read it, leave
    it if it names a later ds (a backfill never moves readers back in time), else replace it
    conditionally on the ETag read (or create it if absent).
-6. Delete the ds's parts the new manifest does not list, the run's staging, and the claim; then
-   apply retention (``publish.retention_days``), never touching the ds the latest pointer names.
+6. **Settle and sweep**, every delete only while the claim is verified live
+   (:func:`claim_live`: the claim object, re-read right before each delete request, is still
+   ours, same owner, token and ETag, and not about to expire; otherwise nothing is deleted and
+   a warning is logged). The replaced parts are not deleted: their ``delete_after`` becomes now
+   + ``publish.reader_grace_s``, so a reader holding the old manifest keeps reading them that
+   long. Parts no committed manifest ever listed (a killed or fenced publish's) are deleted at
+   once. Retired parts whose time has passed are deleted: this ds's now (so with a grace of 0,
+   the replaced parts at once), every other ds's under a claim on that ds
+   (:func:`sweep_all_retired`), so a sweep never races a publisher of it. Then the run's
+   staging, the claim, and retention (``publish.retention_days``), never touching the ds the
+   latest pointer names.
 
 A failure before 4 leaves that ds's previous table (if any) and the pointer as they were.
 """
@@ -53,7 +65,7 @@ import pandas as pd
 from tasks import layout, locks, schema, settings, storage
 from tasks.validate import ContractError, run_suite
 
-PARAMS = ["publish.retention_days", "publish.claim_ttl_s"]
+PARAMS = ["publish.retention_days", "publish.claim_ttl_s", "publish.reader_grace_s"]
 SUITE = "expectations/recommendations.json"
 SCHEMA = {
     schema.USER_ID: "string",
@@ -75,6 +87,17 @@ def arrow_schema():
 POINTER_ATTEMPTS = 5
 VALIDATE_BATCH_ROWS = 2_000_000  # rows validated at a time (whole parts): bounds publish's memory
 POINTER_LOCK_TTL_S = 60.0  # the pointer lock is held for two requests; a crash frees it then
+# A claim that expires within this many seconds (or a tenth of its TTL, if less) is not trusted
+# for a delete: one delete request (up to 1000 keys) takes milliseconds, so a claim live this
+# much longer outlives it.
+CLAIM_MARGIN_S = 2.0
+# The claim a publish takes on another ds to sweep its retired parts, or retention to delete it:
+# held for a few requests, so a crash in between blocks that ds's publishers this long at most.
+HOUSEKEEPING_CLAIM_TTL_S = 300.0
+# The replaced parts are recorded as retired just before the manifest commit (one PUT), with
+# grace + this as their time: should publish die between the commit and setting their exact time
+# (commit + grace), a commit up to this late still leaves readers the whole grace period.
+PUBLISH_SLACK_S = 60.0
 log = logging.getLogger(__name__)
 
 
@@ -254,6 +277,10 @@ def build_manifest(*, ds: str, parts: list[dict], scored: dict, created_at: str)
         "schema": SCHEMA,
         "sorted_by": [schema.USER_ID, schema.RANK],
         "metrics": scored.get("metrics"),
+        # what produced the table: "model" (a new blessed or forced model), "champion_fallback",
+        # "popularity_fallback" or "champion_rescore"; source_reason says why (None for a model)
+        "source": scored.get("source", "model"),
+        "source_reason": scored.get("source_reason"),
     }
 
 
@@ -294,6 +321,181 @@ def claim_ds(ds: str, *, owner: str, ttl_s: float) -> dict:
 
 def release_claim(claim: dict) -> None:
     locks.release(claim)
+
+
+def claim_live(claim: dict, *, margin_s: float = CLAIM_MARGIN_S) -> bool:
+    """Whether ``claim`` (a :func:`claim_ds` record) still holds: its object, read again now, is
+    this very claim (same owner, token and ETag: not renewed by a retry, not taken over) and
+    expires more than ``margin_s`` seconds from now (at most a tenth of the claim's TTL). A store
+    error counts as not live."""
+    try:
+        held = locks.holder(claim["uri"])
+    except _STORE_ERRORS as e:
+        log.warning("could not re-read the claim %s: %s", claim["uri"], e)
+        return False
+    if held is None:
+        return False
+    mine = (held.get("owner"), held.get("token"), held.get("etag")) == (
+        claim.get("owner"), claim.get("token"), claim.get("etag"))
+    expires = dt.datetime.fromisoformat(held["expires_at"])
+    ttl_s = (expires - dt.datetime.fromisoformat(held["claimed_at"])).total_seconds()
+    margin = dt.timedelta(seconds=min(margin_s, max(ttl_s, 0.0) / 10))
+    return mine and expires > _now() + margin
+
+
+def delete_under_claim(claim: dict, uris: list[str], *, what: str) -> bool:
+    """Delete ``uris`` (up to 1000 per request), each request only after :func:`claim_live`
+    has verified ``claim``; otherwise stop, log a warning and return False (what is left is
+    swept by a later publish under its own claim). True when everything was deleted."""
+    uris = list(uris)
+    for i in range(0, len(uris), 1000):
+        if not claim_live(claim):
+            log.warning(
+                "not deleting %d %s of ds=%s: the publish claim %s is no longer %s's (expired "
+                "or taken over by another publisher); left for a later publish to sweep",
+                len(uris) - i, what, claim.get("ds"), claim["uri"], claim.get("owner"))
+            return False
+        storage.delete(uris[i : i + 1000])
+    return True
+
+
+def _retired(ds: str) -> tuple[dict, str | None]:
+    """``(record, etag)`` of ds's ``_retired.json`` (an empty record and None when absent)."""
+    found = storage.read_versioned(layout.retired_parts_uri(ds))
+    if found is None:
+        return {"ds": ds, "entries": []}, None
+    return json.loads(found[0]), found[1]
+
+
+def _listed_keys(ds: str) -> set[str]:
+    """The object keys of the parts ds's committed manifest lists (empty when none)."""
+    found = storage.read_versioned(layout.manifest_uri(ds))
+    return {pt["key"] for pt in json.loads(found[0])["parts"]} if found else set()
+
+
+def _save_retired(ds: str, record: dict, etag: str | None) -> None:
+    """Replace (If-Match), create (If-None-Match) or, with no entries left, delete the record.
+    Raises PreconditionFailed when it changed since it was read."""
+    uri = layout.retired_parts_uri(ds)
+    if record["entries"]:
+        if etag:
+            storage.write_json(uri, record, if_match=etag)
+        else:
+            storage.write_json(uri, record, if_none_match=True)
+    elif etag and not storage.delete_if_match(uri, etag):
+        raise storage.PreconditionFailed(f"{uri} is no longer version {etag}")
+
+
+def _deadline(grace_s: float, *, after: dt.datetime | None = None) -> dt.datetime:
+    """``after`` (default now) + ``grace_s`` seconds, rounded up to a whole second (the records
+    hold whole seconds: never less grace than asked for); a grace of 0 is due at once."""
+    t = (after or _now()) + dt.timedelta(seconds=float(grace_s))
+    if grace_s > 0 and t.microsecond:
+        t = t.replace(microsecond=0) + dt.timedelta(seconds=1)
+    return t
+
+
+def retire(ds: str, *, keys: set[str], delete_after: dt.datetime, publish_id: str,
+           listed: set[str] = frozenset(), exact: bool = False) -> list[str]:
+    """Record ``keys`` (parts of ds) in ``_retired.json``, deletable from ``delete_after`` on (a
+    key retired before keeps the later of its two times, unless ``exact``), and take ``listed``
+    (the keys the committed manifest lists) off every entry. Returns the keys retired.
+
+    Written conditionally on the version read (or created if absent); raises
+    ``storage.PreconditionFailed`` when it changed meanwhile. A sweep never deletes a key that
+    ds's committed manifest lists, so recording keys too early is harmless.
+    """
+    record, etag = _retired(ds)
+    keys = set(keys) - set(listed)
+    old = [{**e, "keys": [k for k in e["keys"] if k not in listed]} for e in record["entries"]]
+    moved = [e for e in old if keys & set(e["keys"])]
+    after = delete_after if exact else max(
+        [delete_after, *(dt.datetime.fromisoformat(e["delete_after"]) for e in moved)])
+    entries = [e for e in ({**e, "keys": [k for k in e["keys"] if k not in keys]} for e in old)
+               if e["keys"]]
+    if keys:
+        entries.append({"keys": sorted(keys), "retired_at": _iso(_now()),
+                        "replaced_by": publish_id, "delete_after": _iso(after)})
+    if entries != record["entries"]:
+        bucket = storage.split_uri(layout.recs_prefix(ds))[0]
+        _save_retired(ds, {**record, "ds": ds, "bucket": bucket, "entries": entries}, etag)
+    return sorted(keys)
+
+
+def settle_partition(ds: str, claim: dict, *, listed: set[str], replaced: set[str],
+                     grace_s: float, publish_id: str) -> None:
+    """After the commit, under the live claim: the parts the commit ``replaced`` become
+    deletable ``grace_s`` seconds from now (their time recorded before the commit had some
+    slack); the keys the new manifest ``listed`` come off ``_retired.json``; the parts no
+    committed manifest ever listed (those of a killed or fenced publish: no reader can hold
+    them) are deleted at once."""
+    if not claim_live(claim):
+        log.warning("not settling the parts of ds=%s: the publish claim %s is no longer %s's "
+                    "(expired or taken over by another publisher)", ds, claim["uri"],
+                    claim.get("owner"))
+        return
+    try:
+        retire(ds, keys=replaced, delete_after=_deadline(grace_s), publish_id=publish_id,
+               listed=listed, exact=True)
+    except storage.PreconditionFailed:
+        log.warning("%s changed under this publish's claim; left for the next publish",
+                    layout.retired_parts_uri(ds))
+        return
+    record, _ = _retired(ds)
+    kept = listed | {k for e in record["entries"] for k in e["keys"]}
+    orphans = [u for u in storage.list_uris(layout.recs_prefix(ds))
+               if u.endswith(".parquet") and storage.split_uri(u)[1] not in kept]
+    delete_under_claim(claim, orphans, what="parts no manifest lists")
+
+
+def sweep_retired(ds: str, claim: dict) -> list[str]:
+    """Delete ds's retired parts whose ``delete_after`` has passed, under ``claim`` (ds's, live),
+    never one that ds's committed manifest lists; returns the keys deleted."""
+    record, etag = _retired(ds)
+    now = _now()
+    due = [e for e in record["entries"] if dt.datetime.fromisoformat(e["delete_after"]) <= now]
+    if not due:
+        return []
+    listed = _listed_keys(ds)
+    bucket = storage.split_uri(layout.recs_prefix(ds))[0]
+    doomed = sorted({k for e in due for k in e["keys"] if k not in listed})
+    if not delete_under_claim(claim, [f"s3://{bucket}/{k}" for k in doomed],
+                              what="retired parts"):
+        return []
+    keep = [e for e in record["entries"] if e not in due]
+    try:
+        _save_retired(ds, {**record, "entries": keep}, etag)
+    except storage.PreconditionFailed:  # the parts are gone; a later sweep drops the entries
+        log.warning("%s changed during the sweep", layout.retired_parts_uri(ds))
+    log.info("deleted %d retired part(s) of ds=%s", len(doomed), ds)
+    return doomed
+
+
+def sweep_all_retired(*, owner: str, skip: tuple[str, ...] = ()) -> dict:
+    """Sweep every ds's ``_retired.json`` that has an entry past its ``delete_after``, each under
+    a claim on that ds (taken as ``<owner>:sweep`` for ``HOUSEKEEPING_CLAIM_TTL_S`` and released
+    after), so it never races a publisher of that ds; a ds being published is left for a later
+    sweep. Reads one ``_retired.json`` per published ds. Returns ``{ds: keys deleted}``."""
+    out: dict[str, list[str]] = {}
+    now = _now()
+    for prefix in storage.list_prefixes(layout.recs_root()):
+        ds = layout.ds_of_prefix(prefix)
+        if ds is None or ds in skip:
+            continue
+        record, _ = _retired(ds)
+        if not any(dt.datetime.fromisoformat(e["delete_after"]) <= now
+                   for e in record["entries"]):
+            continue
+        try:
+            claim = claim_ds(ds, owner=f"{owner}:sweep", ttl_s=HOUSEKEEPING_CLAIM_TTL_S)
+        except PublishConflict as e:
+            log.info("retired parts of ds=%s left for a later sweep: %s", ds, e)
+            continue
+        try:
+            out[ds] = sweep_retired(ds, claim)
+        finally:
+            release_claim(claim)
+    return out
 
 
 @contextlib.contextmanager
@@ -390,12 +592,16 @@ def expired_partitions(published: list[str], *, latest: str, keep_days: int,
                   if d < cutoff and d != latest and d not in protect)
 
 
-def apply_retention(*, keep_days: int, protect: tuple[str, ...] = ()) -> list[str]:
+def apply_retention(*, keep_days: int, protect: tuple[str, ...] = (),
+                    owner: str = "retention") -> list[str]:
     """Delete published partitions (and their staging) older than the retention window.
 
     The window ends at the ds the latest pointer names, so the latest table is never deleted.
-    A partition whose publish claim is live (a backfill being written) is skipped. Its manifest
-    goes first, so a partition is unpublished before any of its parts disappears.
+    Each partition is deleted under a claim on it (taken as ``<owner>:retention`` for
+    ``HOUSEKEEPING_CLAIM_TTL_S``, verified before each delete): a partition a live publisher claims
+    (a backfill being written) is skipped. Its manifest goes first, so a partition is
+    unpublished before any of its parts disappears; everything else of it follows (parts,
+    ``_retired.json``, staging), the claim last.
     """
     found = storage.read_versioned(layout.latest_uri())
     if found is None:
@@ -409,16 +615,22 @@ def apply_retention(*, keep_days: int, protect: tuple[str, ...] = ()) -> list[st
                                 protect=protect)
     deleted = []
     for ds in doomed:
-        objects = [storage.list_uris(where[ds]) for where in (published, staging) if ds in where]
-        if not any(objects):  # an empty "folder" (some stores, SeaweedFS among them, list them)
-            continue
-        held = storage.read_versioned(layout.claim_uri(ds))
-        if held and dt.datetime.fromisoformat(json.loads(held[0])["expires_at"]) > _now():
+        where = [w[ds] for w in (published, staging) if ds in w]
+        if not any(storage.list_uris(u) for u in where):
+            continue  # an empty "folder" (some stores, SeaweedFS among them, list them)
+        try:
+            claim = claim_ds(ds, owner=f"{owner}:retention", ttl_s=HOUSEKEEPING_CLAIM_TTL_S)
+        except PublishConflict:
             log.warning("retention skips ds=%s: a publisher holds it", ds)
             continue
-        storage.delete([layout.manifest_uri(ds)])  # unpublished first, then its objects
-        storage.delete([u for found in objects for u in found])
-        deleted.append(ds)
+        try:
+            objects = [u for w in where for u in storage.list_uris(w) if u != claim["uri"]]
+            # unpublished first, then its objects
+            if (delete_under_claim(claim, [layout.manifest_uri(ds)], what="manifest")
+                    and delete_under_claim(claim, objects, what="objects")):
+                deleted.append(ds)
+        finally:
+            release_claim(claim)
     if deleted:
         log.info("retention (%d days up to ds=%s) deleted ds=%s", keep_days, latest, deleted)
     return deleted
@@ -436,6 +648,9 @@ def run(ds: str, scored: dict, params: dict | None = None, dry_run: bool = False
     p = settings.step_params(PARAMS, params)
     keep_days = int(p["publish.retention_days"])
     expired_partitions([], latest=ds, keep_days=keep_days)  # a bad setting fails before writing
+    if float(p["publish.reader_grace_s"]) < 0:
+        raise ValueError("publish.reader_grace_s must be >= 0 (seconds), got "
+                         f"{p['publish.reader_grace_s']!r}")
     if scored.get("ds", ds) != ds:
         raise ValueError(f"scored table is for ds={scored['ds']}, not {ds}")
     # SeaweedFS creates a missing bucket on the first PUT, so publishing to a mistyped
@@ -463,11 +678,14 @@ def run(ds: str, scored: dict, params: dict | None = None, dry_run: bool = False
     pid = publish_id([d["sha256"] for d in described])
     owner = publisher or scored.get("run_key") or f"anonymous-{uuid.uuid4().hex[:8]}"
     popular = popular_items(scored.get("seen"), int(scored["top_k"]))
-    claim = claim_ds(ds, owner=owner, ttl_s=float(p["publish.claim_ttl_s"]))
+    claim_ttl_s, grace_s = float(p["publish.claim_ttl_s"]), float(p["publish.reader_grace_s"])
+    claim = claim_ds(ds, owner=owner, ttl_s=claim_ttl_s)
     prefix = layout.recs_prefix(ds)
     written: list[str] = []
     try:
-        before = storage.head(layout.manifest_uri(ds))
+        found = storage.read_versioned(layout.manifest_uri(ds))
+        before = None if found is None else {"etag": found[1]}
+        replaced = set() if found is None else {pt["key"] for pt in json.loads(found[0])["parts"]}
         parts = []
         for n, (data, desc) in enumerate(zip(staged, described, strict=True)):
             uri = storage.join(prefix, f"part-{pid}-{n:05d}.parquet")
@@ -481,6 +699,16 @@ def run(ds: str, scored: dict, params: dict | None = None, dry_run: bool = False
             created_at=created,
         )
         manifest.update(publish_id=pid, publisher=owner, popular=popular)
+        # The parts this commit replaces are recorded as retired first, so that no crash after
+        # the commit can leave them unrecorded (and taken for parts no reader holds); with
+        # PUBLISH_SLACK_S for the commit to happen in. settle_partition sets their exact time.
+        listed = {pt["key"] for pt in parts}
+        try:
+            retire(ds, keys=replaced - listed, delete_after=_deadline(grace_s + PUBLISH_SLACK_S),
+                   publish_id=pid)
+        except storage.PreconditionFailed as e:
+            raise PublishConflict(f"ds={ds}: {layout.retired_parts_uri(ds)} changed while this "
+                                  f"publisher ({owner}) held the claim; nothing is visible") from e
         manifest_etag = commit_manifest(ds, manifest, expected=before)
         written = []  # committed: these parts are the table now
         moved = move_latest(
@@ -488,18 +716,25 @@ def run(ds: str, scored: dict, params: dict | None = None, dry_run: bool = False
                  "model_version": manifest["model_version"], "updated_at": created},
             manifest_etag=manifest_etag, owner=owner,
         )
-        listed = {f"s3://{storage.split_uri(prefix)[0]}/{pt['key']}" for pt in parts}
-        stale = [u for u in storage.list_uris(prefix)
-                 if u.endswith(".parquet") and u not in listed]
-        storage.delete(stale + storage.list_uris(scored["staging"]))
+        # Replaced parts are retired, not deleted: readers holding the previous manifest keep
+        # reading them for publish.reader_grace_s. Every delete re-checks the claim first.
+        settle_partition(ds, claim, listed=listed, replaced=replaced, grace_s=grace_s,
+                         publish_id=pid)
+        sweep_retired(ds, claim)
+        delete_under_claim(claim, storage.list_uris(scored["staging"]), what="staged parts")
     except BaseException:
-        _forget_unlisted(ds, written)
+        _forget_unlisted(claim, written)
         raise
     finally:
         release_claim(claim)
     try:
-        expired = apply_retention(keep_days=keep_days, protect=(ds,))
-    except _STORE_ERRORS as e:  # the table is published; the next publish retries retention
+        sweep_all_retired(owner=owner, skip=(ds,))
+    except (*_STORE_ERRORS, PublishConflict) as e:  # published; the next publish sweeps again
+        log.warning("sweeping retired parts failed (the table is published; next run retries): "
+                    "%s", e)
+    try:
+        expired = apply_retention(keep_days=keep_days, protect=(ds,), owner=owner)
+    except (*_STORE_ERRORS, PublishConflict) as e:  # published; the next publish retries
         log.warning("retention failed (the table is published; next run retries): %s", e)
         expired = []
     log.info("published %d rows for %d users at %s", manifest["rows"], manifest["users"], prefix)
@@ -507,16 +742,16 @@ def run(ds: str, scored: dict, params: dict | None = None, dry_run: bool = False
             "users": manifest["users"], "latest_moved": moved, "expired": expired}
 
 
-def _forget_unlisted(ds: str, written: list[str]) -> None:
-    """After a failed publish, delete the parts it wrote that no committed manifest lists."""
+def _forget_unlisted(claim: dict, written: list[str]) -> None:
+    """After a failed publish, delete the parts it wrote that no committed manifest lists, only
+    while its claim is verified live (a publisher whose claim lapsed leaves them: a rival may
+    hold the ds now, and its next publish retires what nothing lists)."""
     if not written:
         return
+    ds = claim["ds"]
     try:
-        found = storage.read_versioned(layout.manifest_uri(ds))
-        listed = set()
-        if found:
-            bucket = storage.split_uri(layout.recs_prefix(ds))[0]
-            listed = {f"s3://{bucket}/{pt['key']}" for pt in json.loads(found[0])["parts"]}
-        storage.delete([u for u in written if u not in listed])
+        listed = _listed_keys(ds)
+        delete_under_claim(claim, [u for u in written if storage.split_uri(u)[1] not in listed],
+                           what="parts of a failed publish")
     except _STORE_ERRORS as e:  # best effort: unlisted parts are not part of any table anyway
         log.warning("could not remove the parts of a failed publish of ds=%s: %s", ds, e)

@@ -18,8 +18,10 @@ footer (one range request, then cached per part) gives each row group's ``user_i
 only the row groups that can hold the user are fetched, as byte ranges conditional on the part's
 ETag, with their Parquet page CRCs verified.
 
-Parts are content-addressed and never rewritten, but a newer publish of the same ds deletes the
-parts the new manifest does not list. A read that finds a listed part gone (or changed) raises
+Parts are content-addressed and never rewritten. A newer publish of the same ds retires the
+parts the new manifest does not list (``_retired.json``) and they are deleted
+``publish.reader_grace_s`` seconds later, so a table opened from the old manifest keeps working
+for at least that long. A read that finds a listed part gone (or changed) raises
 ``TableChanged``; ``table()`` and ``for_user()`` then start again from the pointer (a few times),
 an iterator cannot (it has already handed out rows), so it raises.
 """

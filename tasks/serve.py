@@ -13,9 +13,14 @@ committed table. A lookup reads one Parquet row group by range request (tasks/re
 footers are cached. A user with no rows gets 404, or with ``serve.unknown_user: popular`` the
 manifest's most popular items (``"source": "popular"``).
 
-Inputs are bounded: the request target to ``serve.max_url_length`` (414), ``user_id`` to
-``serve.max_user_id_length`` characters of ``[A-Za-z0-9._:@-]`` after percent-decoding, ``k`` to
-``1..serve.max_k``, no query parameter but ``k`` (400). Every error is a JSON body
+The user id is the path segment after ``/recommendations/``, percent-encoded (UTF-8), decoded
+exactly once. It is accepted exactly when clean accepts it: it matches ``clean.id_pattern`` and
+has at most ``clean.max_id_length`` characters, checked by the same function clean uses
+(``pyarrow.compute.match_substring_regex``, RE2), so every published user can be served.
+
+Inputs are bounded: the request target apart from the user id to ``serve.max_url_length``
+(414; the id is bounded by its own rule, at most 12 encoded characters per character), an id
+clean would refuse, ``k`` outside ``1..serve.max_k``, any query parameter but ``k`` (400). Every error is a JSON body
 ``{"error": ...}``, never a traceback; a client idle for ``serve.request_timeout_s`` is
 disconnected. Standard library only (``http.server.ThreadingHTTPServer``, a thread per
 connection): put it behind a reverse proxy for TLS and connection limits.
@@ -24,6 +29,7 @@ connection): put it behind a reverse proxy for TLS and connection limits.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import re
@@ -33,36 +39,42 @@ import threading
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, unquote_to_bytes, urlsplit
 
-import pyarrow.compute  # noqa: F401 - imported at start, not by the first lookup
+import pyarrow as pa
+import pyarrow.compute  # imported at start, not by the first lookup
 
 from tasks import settings
+from tasks.clean import _id_ok  # clean's own id check: serve accepts what clean accepts
 from tasks.reader import PublishedTable, RecommendationReader, TableChanged, TableNotFound
 
 PARAMS = ["serve.port", "serve.poll_interval_s", "serve.default_k", "serve.max_k",
-          "serve.unknown_user", "serve.max_user_id_length", "serve.max_url_length",
-          "serve.footer_cache_parts", "serve.request_timeout_s"]
-USER_ID_RE = re.compile(r"[A-Za-z0-9._:@-]+")
+          "serve.unknown_user", "serve.max_url_length", "serve.footer_cache_parts",
+          "serve.request_timeout_s", "clean.id_pattern", "clean.max_id_length"]
 ROUTE_RE = re.compile(r"/recommendations/([^/]+)")
+# A character is at most 4 UTF-8 bytes, each "%XX" when percent-encoded: the longest encoding of
+# an id of n characters is 12 n.
+ENCODED_CHAR_MAX = 12
+ID_CHECK_CACHE = 65_536  # user ids whose verdict is kept (each at most clean.max_id_length)
 UNKNOWN_USER_MODES = ("404", "popular")
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ServeConfig:
+    id_pattern: str  # clean.id_pattern (RE2): the ids clean accepts, hence the ids published
+    max_id_length: int = 256  # clean.max_id_length, in characters
     poll_interval_s: float = 5.0
     default_k: int = 10
     max_k: int = 1000
     unknown_user: str = "404"
-    max_user_id_length: int = 128
     max_url_length: int = 2048
     footer_cache_parts: int = 512
     request_timeout_s: float = 10.0
 
     @classmethod
     def from_params(cls, params: dict | None = None) -> ServeConfig:
-        p = settings.core_kwargs(settings.step_params(PARAMS, params))
+        p = settings.core_kwargs(settings.step_params(PARAMS, params))  # clean.x -> x too
         p.pop("port")
         cfg = cls(**{**p, "unknown_user": str(p["unknown_user"])})
         cfg.check()
@@ -74,8 +86,10 @@ class ServeConfig:
                              f"got {self.unknown_user!r}")
         if not 1 <= self.default_k <= self.max_k:
             raise ValueError(f"serve.default_k must be in 1..max_k ({self.max_k})")
-        if self.poll_interval_s <= 0 or self.max_user_id_length < 1 or self.max_url_length < 32:
-            raise ValueError("serve.poll_interval_s, max_user_id_length, max_url_length too small")
+        if self.poll_interval_s <= 0 or self.max_id_length < 1 or self.max_url_length < 32:
+            raise ValueError("serve.poll_interval_s, clean.max_id_length or serve.max_url_length "
+                             "too small")
+        id_ok("x", self)  # a pattern RE2 cannot compile fails at start, not on the first lookup
 
 
 class TableWatcher:
@@ -137,26 +151,49 @@ class BadRequest(Exception):
         self.status, self.body = status, {"error": message, **extra}
 
 
+def id_ok(user_id: str, cfg: ServeConfig) -> bool:
+    """Whether clean accepts ``user_id``: ``clean._id_ok``, the same RE2 match and length bound,
+    so serve and clean can never disagree. An id over the length bound is refused without the
+    regex (``_id_ok`` refuses it too)."""
+    return len(user_id) <= cfg.max_id_length and _id_ok_cached(user_id, cfg.id_pattern,
+                                                                 cfg.max_id_length)
+
+
+@functools.lru_cache(maxsize=ID_CHECK_CACHE)
+def _id_ok_cached(user_id: str, pattern: str, max_len: int) -> bool:
+    # Arrow compiles the pattern on every call: about 1 ms for clean's \pL/\pN classes
+    # (measured), so each verdict is kept; the cache is bounded and thread-safe.
+    return bool(_id_ok(pa.array([user_id], pa.string()), pattern, max_len)[0])
+
+
 def parse_lookup(target: str, cfg: ServeConfig) -> tuple[str, int] | None:
-    """``(user_id, k)`` from a request target, None for ``/healthz``; BadRequest when invalid."""
-    if len(target) > cfg.max_url_length:
-        raise BadRequest(HTTPStatus.REQUEST_URI_TOO_LONG,
-                         f"request target longer than {cfg.max_url_length} characters")
+    """``(user_id, k)`` from a request target, None for ``/healthz``; BadRequest when invalid.
+
+    ``target`` is the request target as http.server gives it (the raw bytes as Latin-1). The user
+    id segment is percent-decoded once, as UTF-8; raw UTF-8 bytes in it are taken as they are.
+    """
+    if len(target) > cfg.max_url_length + ENCODED_CHAR_MAX * cfg.max_id_length:
+        raise BadRequest(HTTPStatus.REQUEST_URI_TOO_LONG, "request target too long")
     parts = urlsplit(target)
+    match = ROUTE_RE.fullmatch(parts.path)
+    if len(target) - (len(match[1]) if match else 0) > cfg.max_url_length:
+        raise BadRequest(HTTPStatus.REQUEST_URI_TOO_LONG,
+                         f"request target longer than {cfg.max_url_length} characters "
+                         "(not counting the user id)")
     if parts.path == "/healthz" and not parts.query:
         return None
-    match = ROUTE_RE.fullmatch(parts.path)
     if not match:
         raise BadRequest(HTTPStatus.NOT_FOUND, "no such resource",
-                         routes=["/recommendations/<user_id>?k=N", "/healthz"])
+                         routes=["/recommendations/<percent-encoded user_id>?k=N", "/healthz"])
     try:
-        user_id = unquote(match[1], errors="strict")
-    except UnicodeDecodeError:
+        raw = match[1].encode("latin-1")  # http.server decoded the request line as Latin-1
+        user_id = unquote_to_bytes(raw).decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
         raise BadRequest(HTTPStatus.BAD_REQUEST, "user_id is not valid UTF-8") from None
-    if len(user_id) > cfg.max_user_id_length or not USER_ID_RE.fullmatch(user_id):
+    if not id_ok(user_id, cfg):
         raise BadRequest(HTTPStatus.BAD_REQUEST,
-                         f"user_id must be 1..{cfg.max_user_id_length} characters of "
-                         "A-Z a-z 0-9 . _ : @ -")
+                         f"user_id must be 1..{cfg.max_id_length} characters matching "
+                         f"clean.id_pattern {cfg.id_pattern}, percent-encoded")
     try:
         query = parse_qsl(parts.query, keep_blank_values=True, max_num_fields=4)
     except ValueError:

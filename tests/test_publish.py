@@ -41,10 +41,16 @@ def params(**publish_keys) -> dict:
 
 
 def stage(ds: str, *, run_key: str, model_version: str, n_users: int = 60, k: int = 5,
-          shards: int = 3, row_group_size: int = 10, seed: int = 0) -> dict:
-    """A synthetic scored table staged the way score's shards write it; collect()'s dict."""
+          shards: int = 3, row_group_size: int = 10, seed: int = 0,
+          user_ids: list[str] | None = None) -> dict:
+    """A synthetic scored table staged the way score's shards write it; collect()'s dict.
+
+    ``user_ids``: the users (default ``u00000``.. ``n_users`` of them)."""
     rng = np.random.default_rng(seed)
-    user_ids = np.array([f"u{i:05d}" for i in range(n_users)])
+    if user_ids is not None:
+        n_users = len(user_ids)
+    user_ids = np.array(sorted(user_ids) if user_ids is not None
+                        else [f"u{i:05d}" for i in range(n_users)])
     seen_uri = layout.run_uri(ds, "clean", "interactions.parquet")
     seen = pd.DataFrame({schema.USER_ID: np.repeat(user_ids, 2),
                          schema.ITEM_ID: [f"i{j}" for j in rng.integers(0, 9, 2 * n_users)]})
@@ -82,6 +88,18 @@ def partitions() -> set[str]:
 
 def listed(manifest: dict) -> list[str]:
     return sorted(storage.s3_uri(p["key"]) for p in manifest["parts"])
+
+
+def retired(ds: str) -> set[str]:
+    """The keys ds's ``_retired.json`` lists (parts a republish replaced, not yet deleted)."""
+    found = storage.read_versioned(layout.retired_parts_uri(ds))
+    return {k for e in json.loads(found[0])["entries"] for k in e["keys"]} if found else set()
+
+
+def live_objects(ds: str) -> list[str]:
+    """ds's parts that are not retired: exactly what its manifest lists, after a publish."""
+    gone = {storage.s3_uri(k) for k in retired(ds)}
+    return [u for u in objects(ds) if u not in gone]
 
 
 DS = "2026-03-10"
@@ -143,6 +161,7 @@ def test_publish_writes_the_table_contract(bucket):
     assert m["schema"] == publish.SCHEMA and m["sorted_by"] == ["user_id", "rank"]
     assert dt.datetime.fromisoformat(m["created_at"]).tzinfo is not None
     assert m["publisher"] == "run-a" and len(m["popular"]) == 5
+    assert (m["source"], m["source_reason"]) == ("model", None)
     assert listed(m) == objects(DS) and len(m["parts"]) == 3
     previous_max = ""
     for part in m["parts"]:
@@ -221,7 +240,8 @@ def test_a_stale_publisher_whose_claim_was_taken_over_cannot_commit(bucket, monk
     with pytest.raises(publish.PublishConflict, match="another publisher committed a manifest"):
         publish.run(DS, a, params=params(claim_ttl_s=0))  # A's claim expires at once
     m = storage.read_json(layout.manifest_uri(DS))
-    assert m["publisher"] == "run-b" and listed(m) == objects(DS)
+    # A's parts, never listed by a committed manifest, were deleted by B's publish at once
+    assert m["publisher"] == "run-b" and listed(m) == objects(DS) and not retired(DS)
     assert storage.read_json(layout.latest_uri())["publish_id"] == m["publish_id"]
     assert set(RecommendationReader().table()["model_version"]) == {"mf-20260310-bbbbbbbb"}
     assert not storage.exists(layout.claim_uri(DS))
@@ -396,3 +416,139 @@ def test_s3_errors_fail_publish_clearly_and_leave_the_published_table(bucket, mo
     assert len(RecommendationReader().table()) == 60 * 5
     # with the fault gone, the same staged table publishes
     assert publish.run(DS, scored)["rows"] == 60 * 5
+
+
+def test_manifest_says_what_produced_the_table(bucket):
+    scored = stage(DS, run_key="r", model_version="mf-20260310-aaaaaaaa")
+    reason = "gate refused the new model: ndcg@10 0.028 < popularity 0.029"
+    publish.run(DS, {**scored, "source": "champion_fallback", "source_reason": reason},
+                params=params())
+    m = storage.read_json(layout.manifest_uri(DS))
+    assert (m["source"], m["source_reason"]) == ("champion_fallback", reason)
+
+
+def test_a_publisher_whose_claim_lapsed_deletes_nothing_of_the_rival_that_took_over(
+        bucket, monkeypatch, caplog):
+    a = stage(DS, run_key="run-a", model_version="mf-20260310-aaaaaaaa", seed=1)
+    b = stage(DS, run_key="run-b", model_version="mf-20260310-bbbbbbbb", n_users=30, seed=2)
+    real_move = publish.move_latest
+
+    def move(ds, record, *, manifest_etag, owner):
+        moved = real_move(ds, record, manifest_etag=manifest_etag, owner=owner)
+        if owner == "run-a":  # A committed, then stalled past its claim; B took over, published
+            publish.run(DS, b, params=params())
+        return moved
+
+    monkeypatch.setattr(publish, "move_latest", move)
+    with caplog.at_level("WARNING", logger="tasks.publish"):
+        publish.run(DS, a, params=params(claim_ttl_s=0))  # A's claim expires at once
+    m = storage.read_json(layout.manifest_uri(DS))
+    assert m["publisher"] == "run-b" and all(storage.exists(u) for u in listed(m))
+    table = RecommendationReader().table()
+    assert set(table["model_version"]) == {"mf-20260310-bbbbbbbb"} and len(table) == 150
+    assert "is no longer run-a's" in caplog.text  # A skipped its sweep and said so
+    # A's own table, which B replaced, is retired (for readers still holding it), not deleted
+    assert len(retired(DS)) == 3 and listed(m) == live_objects(DS)
+    assert storage.list_uris(a["staging"])  # A could not verify its claim: it deleted nothing
+    assert not storage.exists(layout.claim_uri(DS))
+
+
+def test_a_republish_retires_the_old_parts_for_the_grace_period_then_a_later_publish_deletes(
+        bucket):
+    import time
+
+    from tasks.reader import PublishedTable
+
+    p = params(reader_grace_s=1)
+    publish.run(DS, stage(DS, run_key="r1", model_version="mf-20260310-aaaaaaaa", seed=1),
+                params=p)
+    old = RecommendationReader().open()  # a reader holding the first manifest
+    old_rows = old.to_pandas()
+    publish.run(DS, stage(DS, run_key="r2", model_version="mf-20260310-bbbbbbbb", n_users=30,
+                          seed=2), params=p)
+    old_keys = {part["key"] for part in old.manifest["parts"]}
+    assert retired(DS) == old_keys and len(live_objects(DS)) == 3
+    record = storage.read_json(layout.retired_parts_uri(DS))
+    (entry,) = record["entries"]
+    after = dt.datetime.fromisoformat(entry["delete_after"])
+    assert after - dt.datetime.fromisoformat(entry["retired_at"]) >= dt.timedelta(seconds=1)
+    assert record["ds"] == DS and entry["replaced_by"] != old.publish_id
+    # within the grace period the old manifest still reads: whole parts and range reads
+    pd.testing.assert_frame_equal(old.to_pandas(), old_rows)
+    cold = PublishedTable(old.manifest, bucket=bucket)  # no cached footer: range reads only
+    assert len(cold.for_user("u00042")) == 5 and cold.stats.as_dict()["row_groups"] == 1
+    assert set(RecommendationReader().table(DS)["model_version"]) == {"mf-20260310-bbbbbbbb"}
+
+    time.sleep(max(0.0, (after - dt.datetime.now(dt.UTC)).total_seconds()) + 0.2)
+    publish.run("2026-03-11", stage("2026-03-11", run_key="r3",
+                                    model_version="mf-20260311-cccccccc"), params=p)
+    assert not any(storage.exists(storage.s3_uri(k)) for k in old_keys)
+    assert not storage.exists(layout.retired_parts_uri(DS)) and not storage.exists(
+        layout.claim_uri(DS))  # the later publish swept DS under DS's claim, then released it
+    assert listed(storage.read_json(layout.manifest_uri(DS))) == objects(DS)
+    with pytest.raises(TableChanged):
+        PublishedTable(old.manifest, bucket=bucket).to_pandas()
+    assert len(RecommendationReader().table(DS)) == 150
+
+
+def test_with_no_grace_a_republish_deletes_the_parts_it_replaced_itself(bucket):
+    p = params(reader_grace_s=0)
+    publish.run(DS, stage(DS, run_key="r1", model_version="mf-20260310-aaaaaaaa", seed=1),
+                params=p)
+    publish.run(DS, stage(DS, run_key="r2", model_version="mf-20260310-bbbbbbbb", seed=2),
+                params=p)
+    assert listed(storage.read_json(layout.manifest_uri(DS))) == objects(DS)
+    assert not storage.exists(layout.retired_parts_uri(DS))
+
+
+def test_republishing_identical_content_never_deletes_the_parts_listed_again(bucket):
+    p = params(reader_grace_s=0)
+    first = stage(DS, run_key="r1", model_version="mf-20260310-aaaaaaaa", seed=1)
+    publish.run(DS, first, params=p)
+    publish.run(DS, stage(DS, run_key="r2", model_version="mf-20260310-bbbbbbbb", seed=2),
+                params=params())  # retires the first table's parts for 900 s
+    again = stage(DS, run_key="r3", model_version="mf-20260310-aaaaaaaa", seed=1)
+    publish.run(DS, again, params=p)  # the same parts, the same keys, listed again
+    m = storage.read_json(layout.manifest_uri(DS))
+    assert listed(m) == live_objects(DS) and not retired(DS) & {pt["key"] for pt in m["parts"]}
+    assert len(RecommendationReader().table(DS)) == 300
+
+
+def test_retention_deletes_a_whole_expired_partition_with_its_retired_parts(bucket):
+    old = "2026-03-01"
+    publish.run(old, stage(old, run_key="r1", model_version="mf-20260301-aaaaaaaa", seed=1),
+                params=params(retention_days=1))
+    publish.run(old, stage(old, run_key="r2", model_version="mf-20260301-bbbbbbbb", seed=2),
+                params=params(retention_days=1))  # a republish: old parts retired for 900 s
+    assert storage.exists(layout.retired_parts_uri(old)) and len(objects(old)) == 6
+    out = publish.run(DS, stage(DS, run_key="r3", model_version="mf-20260310-cccccccc"),
+                      params=params(retention_days=1))
+    assert out["expired"] == [old]
+    assert storage.list_uris(layout.recs_prefix(old)) == []  # parts, _retired.json, claim
+    assert partitions() == {DS}
+
+
+def test_parts_replaced_by_a_publish_that_dies_after_its_commit_keep_their_grace(bucket,
+                                                                                 monkeypatch):
+    publish.run(DS, stage(DS, run_key="r1", model_version="mf-20260310-aaaaaaaa", seed=1),
+                params=params())
+    first = {pt["key"] for pt in storage.read_json(layout.manifest_uri(DS))["parts"]}
+
+    def die(*args, **kwargs):
+        raise SystemExit("killed right after the commit")
+
+    with monkeypatch.context() as m:
+        m.setattr(publish, "settle_partition", die)
+        with pytest.raises(SystemExit):
+            publish.run(DS, stage(DS, run_key="r2", model_version="mf-20260310-bbbbbbbb",
+                                  seed=2), params=params())
+    assert storage.read_json(layout.manifest_uri(DS))["publisher"] == "r2"  # it did commit
+    assert retired(DS) == first  # recorded before the commit
+    (entry,) = storage.read_json(layout.retired_parts_uri(DS))["entries"]
+    grace = settings.load_params()["publish"]["reader_grace_s"]
+    left = dt.datetime.fromisoformat(entry["delete_after"]) - dt.datetime.now(dt.UTC)
+    assert left.total_seconds() > grace
+    # the next publish takes them for retired parts, not for parts nobody listed
+    publish.run(DS, stage(DS, run_key="r3", model_version="mf-20260310-cccccccc", seed=3),
+                params=params())
+    assert all(storage.exists(storage.s3_uri(k)) for k in first) and first <= retired(DS)

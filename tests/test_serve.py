@@ -1,6 +1,7 @@
 """``nightrec serve`` (tasks/serve.py): a real server on a free port over the real SeaweedFS.
 
-Lookups, HEAD, unknown users (404 or popular items), bounded inputs and malformed requests
+Lookups, HEAD, every user id clean accepts (percent-encoded) and none it refuses, unknown users
+(404 or popular items), bounded inputs and malformed requests
 (JSON 4xx, never a traceback), methods other than GET/HEAD (405), and the reload when the latest
 pointer moves.
 """
@@ -13,15 +14,15 @@ import json
 import socket
 import threading
 import time
+from urllib.parse import quote
 
+import pyarrow as pa
 import pytest
 
-from tasks import publish, serve, settings, storage
+from tasks import clean, publish, serve, settings, storage
 from tests.test_publish import stage
 
 DS1, DS2 = "2026-04-01", "2026-04-02"
-
-
 
 
 def publish_table(ds: str, version: str = "mf-20260401-aaaaaaaa", n_users: int = 30) -> None:
@@ -97,8 +98,44 @@ def test_unknown_user_gets_404_or_popular_items_when_configured(bucket):
             p["item_id"] for p in popular["popular"][:2]]
 
 
+# Ids clean accepts (clean.id_pattern: letters and digits of any script, _ . : @ / = -), up to
+# clean.max_id_length (256) characters; and ids it refuses.
+ODD_IDS = ["josé/ü=1", "名前:7", "x=y/z@host", "Ωmega.9-_", "١٢٣", "a" * 256, "é" * 256]
+REFUSED_IDS = ["a" * 257, ".hidden", "-x", "/root", "has space", "semi;colon", "a+b", "%41",
+               "tab\tid", "emoji🙂"]
+
+
+def test_serves_every_id_clean_accepts_percent_encoded_and_refuses_the_rest(bucket):
+    pattern, max_len = (settings.load_params()["clean"][k] for k in ("id_pattern", "max_id_length"))
+    assert clean._id_ok(pa.array(ODD_IDS), pattern, max_len).all()  # the same check as clean's
+    assert not clean._id_ok(pa.array(REFUSED_IDS), pattern, max_len).any()
+    publish.run(DS1, stage(DS1, run_key="r-ids", model_version="mf-20260401-aaaaaaaa",
+                           user_ids=[*ODD_IDS, "u00001"], shards=2, k=5),
+                params=settings.load_params())
+    with running() as port:
+        for uid in ODD_IDS:
+            status, _, body = request(port, "/recommendations/" + quote(uid, safe="") + "?k=2")
+            assert (status, body.get("user_id")) == (200, uid), (uid, status, body)
+            assert [i["rank"] for i in body["items"]] == [1, 2]
+        # '=', ':' and '@' may stay as they are in a path; '/' is %2F; raw UTF-8 is taken as is
+        assert request(port, "/recommendations/x=y%2Fz@host")[2]["user_id"] == "x=y/z@host"
+        status, body = raw_request(port, "GET /recommendations/名前:7 HTTP/1.1\r\n"
+                                   "Connection: close\r\n\r\n".encode())
+        assert (status, body["user_id"]) == (200, "名前:7")
+        # decoded once: %252F is the text "%2F", which clean refuses, not a '/'
+        assert request(port, "/recommendations/jos%C3%A9%252F%C3%BC=1")[0] == 400
+        # ids clean accepts but nobody has: valid, so 404, even a 256-char CJK id (2,304
+        # characters percent-encoded: the URL bound does not count the id)
+        for uid in ("b" * 256, "中" * 256):
+            status, _, body = request(port, "/recommendations/" + quote(uid, safe=""))
+            assert (status, body["error"]) == (404, "unknown user"), uid
+        for uid in REFUSED_IDS:
+            status, _, body = request(port, "/recommendations/" + quote(uid, safe=""))
+            assert status == 400 and "clean.id_pattern" in body["error"], (uid, status, body)
+
+
 BAD_TARGETS = [
-    ("/recommendations/" + "a" * 129, 400),
+    ("/recommendations/" + "a" * 257, 400),  # clean.max_id_length is 256
     ("/recommendations/has%20space", 400),
     ("/recommendations/%ff%fe", 400),
     ("/recommendations/..%2F..%2Fetc%2Fpasswd", 400),
