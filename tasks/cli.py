@@ -310,31 +310,25 @@ def _cmd_status(args) -> int:
 
 def latest_table_lines(now: dt.datetime | None = None) -> list[tuple[str, bool]]:
     """``nightrec status``'s lines on the latest table: where it is, its manifest ``source``,
-    its age (hours since its pointer's ``updated_at``), and a warning (True) when that age is
-    over ``publish.max_age_hours``."""
-    if not storage.exists(layout.latest_uri()):
+    its age (hours since its pointer's ``updated_at``: tasks/alerts.py), and a warning (True)
+    when that age is over ``publish.max_age_hours``."""
+    from tasks import alerts
+
+    age = alerts.latest_table_age(now)
+    if age is None:
         return [("latest table: none published yet", False)]
     latest = storage.read_json(layout.latest_uri())
     manifest = (storage.read_json(latest["manifest"])
                 if storage.exists(latest["manifest"]) else {})
-    source = manifest.get("source") or "model"
     reason = f" ({manifest['source_reason']})" if manifest.get("source_reason") else ""
-    lines = []
-    if latest.get("updated_at"):
-        updated = dt.datetime.fromisoformat(latest["updated_at"])
-        age_h = ((now or dt.datetime.now(dt.UTC)) - updated).total_seconds() / 3600.0
-        age = f"{age_h:.1f} h old (published {latest['updated_at']})"
-    else:
-        age_h, age = None, "age unknown (no updated_at)"
-    where = (f"latest table: ds={latest['ds']} model={latest['model_version']} "
-             f"source={source}{reason}, {age} ({latest['manifest']})")
-    lines.append((where, False))
+    lines = [((f"latest table: ds={age['ds']} model={age['model_version']} "
+              f"source={age['source']}{reason}, {age['age_hours']:.1f} h old (published "
+              f"{age['updated_at']}) ({latest['manifest']})"), False)]
     max_age = float(settings.step_params(["publish.max_age_hours"])["publish.max_age_hours"])
-    if age_h is not None and age_h > max_age:
-        warning = (f"WARNING: the latest table is {age_h:.1f} h old, older than "
-                   f"publish.max_age_hours ({max_age:g} h): nothing was published since "
-                   f"{latest['updated_at']}")
-        lines.append((warning, True))
+    if age["age_hours"] > max_age:
+        lines.append(((f"WARNING: the latest table is {age['age_hours']:.1f} h old, older than "
+                      f"publish.max_age_hours ({max_age:g} h): nothing was published since "
+                      f"{age['updated_at']}"), True))
     return lines
 
 
@@ -397,7 +391,8 @@ def _cmd_models(args) -> int:
             m["champion"] = registry.champion() == args.version
             print(json.dumps(m, indent=2, sort_keys=True, default=str))
         elif args.action == "promote":
-            rec = registry.set_champion(registry.check_version(args.version),
+            # An operator's deliberate choice: it may move the champion back in ds.
+            rec = registry.set_champion(registry.check_version(args.version), force=True,
                                         reason=f"promoted by hand ({os.environ.get('USER', '?')})")
             print(f"champion: {rec['model_version']} (was {rec['previous']}); trigger "
                   "rescore_recommendations to publish with it")

@@ -73,7 +73,7 @@ INDEX_TABLES = ("clean/user_ids.parquet", "augment/user_features.parquet")
 _KEEP_COLUMNS = {schema.USER_ID, schema.USER_IDX, schema.USER_STABLE_IDX}
 _REMOVING = re.compile(r"^Removing (\S+)$", re.MULTILINE)  # what `dvc gc --dry` would delete
 FORGET_LOCK_TTL_S = 60.0
-TOMBSTONE_PREFIX = "forgotten:"
+TOMBSTONE_PREFIX = schema.FORGOTTEN_PREFIX
 log = logging.getLogger(__name__)
 
 
@@ -86,7 +86,7 @@ def _iso(t: dt.datetime) -> str:
 
 
 def tombstone(user_id: str) -> str:
-    """What replaces a forgotten user's id where a row must stay: ``forgotten:<16 hex>`` (the
+    """What replaces a forgotten user's id where a row must stay: ``~forgotten:<16 hex>`` (the
     first 64 bits of sha256, the id's hash in the suppression list)."""
     return TOMBSTONE_PREFIX + clean.user_hash(user_id)[:16]
 

@@ -260,6 +260,14 @@ def _digest(*parts: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
+def scorable(user_ids: np.ndarray) -> np.ndarray:
+    """``user_ids`` without the tombstones of users erased on request (``nightrec forget``):
+    a model keeps their rows (zeroed) so its indices stay valid, but they get no list."""
+    if len(user_ids) == 0:
+        return user_ids
+    return user_ids[~np.char.startswith(user_ids.astype(str), schema.FORGOTTEN_PREFIX)]
+
+
 def plan(ds: str, model: dict, seen_uri: str, run_key: str, params: dict | None = None,
          top_k: int | None = None, shards: int | None = None) -> list[dict]:
     """One spec per shard (small dicts for XCom). Empties the run's staging folder first, so a
@@ -272,7 +280,7 @@ def plan(ds: str, model: dict, seen_uri: str, run_key: str, params: dict | None 
     p = settings.step_params(PARAMS, params)
     k = int(top_k or p["score.top_k"])
     n_shards = int(shards or p["score.shards"])
-    union = sorted_union(ids_by_index(model["users"], schema.USER_IDX, schema.USER_ID),
+    union = sorted_union(scorable(ids_by_index(model["users"], schema.USER_IDX, schema.USER_ID)),
                          read_seen(seen_uri, [schema.USER_ID]).column(schema.USER_ID))
     storage.delete(storage.list_uris(layout.staging_prefix(ds, run_key)))
     ranges = shard_ranges(len(union), shards=n_shards)
@@ -294,7 +302,7 @@ def shard_users(spec: dict, model_user_ids: np.ndarray) -> tuple[np.ndarray, pa.
         return np.array([], dtype=object), empty.empty_table()
     first, last = spec["user_ids"]
     seen = read_seen(spec["seen"], [schema.USER_ID, schema.ITEM_ID], first=first, last=last)
-    in_range = model_user_ids[(model_user_ids >= first) & (model_user_ids <= last)]
+    in_range = scorable(model_user_ids[(model_user_ids >= first) & (model_user_ids <= last)])
     users = sorted_union(in_range, seen.column(schema.USER_ID)).to_numpy(zero_copy_only=False)
     if len(users) != hi - lo:
         raise RuntimeError(

@@ -43,7 +43,14 @@ def upload(ds: str, sample: dict, interactions: bytes | None = None) -> None:
 
 
 def _partition_parts(ds: str) -> list[str]:
-    return [u for u in storage.list_uris(layout.recs_prefix(ds)) if u.endswith(".parquet")]
+    """The ds's parts, without those a republish retired (kept for readers' grace period)."""
+    retired = set()
+    if storage.exists(layout.retired_parts_uri(ds)):
+        bucket = storage.split_uri(layout.recs_prefix(ds))[0]
+        retired = {f"s3://{bucket}/{k}" for entry in storage.read_json(
+            layout.retired_parts_uri(ds))["entries"] for k in entry["keys"]}
+    return [u for u in storage.list_uris(layout.recs_prefix(ds))
+            if u.endswith(".parquet") and u not in retired]
 
 
 @pytest.fixture(scope="module")

@@ -133,11 +133,13 @@ def fault_env(s3, airflow_db, sample, tmp_path_factory):
     params = json.loads(json.dumps(settings.load_params()))
     params["train"]["candidates"] = ["ease", "mf_softmax"]  # mf writes checkpoints
     params["train"]["mf_softmax"].update(epochs=2, embedding_dim=8)
-    params["publish"].update(rows_per_part=5000, claim_ttl_s=3)  # several parts; short claims
+    # Several parts; short claims (publish deletes only while its claim has a margin left, so a
+    # claim must outlast one publish's writes and clean-up on a loaded machine).
+    params["publish"].update(rows_per_part=5000, claim_ttl_s=10)
     params["score"]["shards"] = 2
-    # Each run_dag.py call is a new DAG run (its own run id): the rerun after a kill waits for
-    # the killed run's unrenewed lease to expire (5 s; the rerun's start-up takes about that
-    # long), then takes it over. The lease of the
+    # Each run_dag.py call is a new DAG run (its own run id): the rerun after a kill finds the
+    # killed run's lease naming a dead pid on this host (run_dag.py records its own) and takes
+    # it over at once (tasks/locks.py). The lease of the
     # run that meets the S3 outage lapses during it and is renewed (by its heartbeat) within a
     # couple of seconds of the store coming back, before the competitor below asks for it.
     params["run"].update(lock_ttl_s=5, lock_wait_s=8)
@@ -216,7 +218,7 @@ def test_kill_9_in_each_writing_stage_leaves_the_latest_table_intact(fault_env):
         assert len(RecommendationReader().table()) == prev_rows, stage
         print(f"{stage}: killed after {time.monotonic() - started:.0f} s")
         if stage == "publish":
-            time.sleep(4)  # the killed publisher's claim (claim_ttl_s 3 here) expires
+            time.sleep(11)  # the killed publisher's claim (claim_ttl_s 10 here) expires
 
     # The last run, with no kill, also meets an S3 outage: the real server is stopped (SIGINT)
     # as soon as this run's ingest has rewritten its output, and started again 25 s later
