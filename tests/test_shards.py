@@ -40,7 +40,7 @@ def own_bucket(s3):
 
 
 def register_model() -> list[str]:
-    """A small factor model in the registry, and ds's cleaned interactions (the seen set)."""
+    """A small factor model in the registry, and ds's clean outputs (its seen set)."""
     rng = np.random.default_rng(7)
     users = np.array([f"user{i:03d}" for i in rng.permutation(N_USERS)])  # index != id order
     items = np.array([f"item{i:03d}" for i in range(N_ITEMS)])
@@ -59,6 +59,9 @@ def register_model() -> list[str]:
     seen = pd.DataFrame({"user_id": np.repeat(users, 3),
                          "item_id": items[rng.integers(0, N_ITEMS, 3 * N_USERS)]})
     storage.write_parquet(seen, layout.run_uri(DS, "clean", "interactions.parquet"))
+    # an empty quarantine: re-score builds ds's seen set from clean's two outputs (tasks/seen.py)
+    storage.write_parquet(pd.DataFrame({"user_id": [], "item_id": [], "reason": []}, dtype=str),
+                          layout.run_uri(DS, "clean", "quarantine.parquet"))
     return sorted(users)
 
 

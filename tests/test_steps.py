@@ -180,8 +180,8 @@ def test_id_map_generations_are_created_exclusively(tmp_path):
 def test_split_holds_out_each_users_latest_events_without_leakage():
     rows = [(u, i, 1000 * u + i) for u in range(3) for i in range(10)] + [(9, 0, 5), (9, 1, 6)]
     df = pd.DataFrame(rows, columns=["user_idx", "item_idx", "timestamp"])
-    parts = split.split_interactions(df, valid_fraction=0.1, test_fraction=0.2,
-                                     min_user_events_for_holdout=5)
+    parts = split.split_interactions(df, method="leave_last_fraction", valid_fraction=0.1,
+                                     test_fraction=0.2, min_user_events_for_holdout=5)
     assert [len(parts[p]) for p in ("train", "valid", "test")] == [23, 3, 6]
     assert set(parts["test"]["item_idx"]) == {8, 9}
     assert set(parts["train"][parts["train"].user_idx == 9]["item_idx"]) == {0, 1}
