@@ -406,13 +406,13 @@ def test_invalid_rows_past_threshold_fail_and_keep_previous_table(first_run, sam
 
 
 def test_two_nights_on_a_growing_movielens_log_at_its_own_dates(bucket, ml100k, tmp_path):
-    """Acceptance (issues 2 and 12): night 1 is MovieLens-100K up to 1998-02-01, night 2 the
+    """Acceptance (issues 2 and 12): night 1 is MovieLens-100K up to 1998-03-15, night 2 the
     whole log, each at its own (1998) date through `nightrec run`. Night 2 publishes a new
     blessed model (not the champion, not a fallback), compared with night 1's champion only on
     events that champion never trained on; 943 users x K rows, nothing seen recommended."""
     env_bin = Path(sys.executable).parent
     rated = pd.read_csv(ml100k / "u.data", sep="\t", names=["u", "i", "r", "t"], dtype=str)
-    cutoff = int(dt.datetime(1998, 2, 1, tzinfo=dt.UTC).timestamp())
+    cutoff = int(dt.datetime(1998, 3, 15, tzinfo=dt.UTC).timestamp())
     night1 = tmp_path / "u1.data"
     rated[rated["t"].astype(int) < cutoff].to_csv(night1, sep="\t", header=False, index=False)
 
@@ -424,10 +424,10 @@ def test_two_nights_on_a_growing_movielens_log_at_its_own_dates(bucket, ml100k, 
 
     from tasks import registry
 
-    run1 = nightrec_run(night1, "1998-02-01")
+    run1 = nightrec_run(night1, "1998-03-15")
     assert run1.returncode == 0, run1.stderr[-3000:]
     champion = registry.champion()
-    assert champion and registry.meta(champion)["ds"] == "1998-02-01"
+    assert champion and registry.meta(champion)["ds"] == "1998-03-15"
     run2 = nightrec_run(ml100k / "u.data", "1998-04-23")
     assert run2.returncode == 0, run2.stderr[-3000:]
     assert "recommendations/ds=1998-04-23/" in run2.stdout
@@ -438,7 +438,11 @@ def test_two_nights_on_a_growing_movielens_log_at_its_own_dates(bucket, ml100k, 
     assert metrics["gate"]["blessed"] is True and metrics["champion_version"] == champion
     train_cutoff = registry.meta(champion)["train_cutoff"]
     test = storage.read_parquet(layout.run_uri("1998-04-23", "split", "test.parquet"))
-    assert metrics["champion_comparison"]["events"] == int((test["timestamp"] > train_cutoff).sum())
+    compared = metrics["champion_comparison"]
+    assert compared["compared"] is True and compared["version"] == champion
+    # only the test events night 1's champion never trained on
+    assert compared["later_events"] == int((test["timestamp"] > train_cutoff).sum()) > 0
+    assert metrics["gate"]["no_regression"] is True
     out = tmp_path / "r.parquet"
     subprocess.run([str(env_bin / "nightrec"), "export", "--out", str(out)], check=True)
     table = pd.read_parquet(out)
