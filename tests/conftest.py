@@ -41,6 +41,25 @@ TEST_PARAMS.write_text(yaml.safe_dump(_params))
 os.environ["NIGHTREC_PARAMS"] = str(TEST_PARAMS)
 
 
+def params_with(path: Path, change) -> Path:
+    """The suite's params with ``change(params)`` applied, written to ``path`` (for a test to
+    point NIGHTREC_PARAMS at; subprocesses it starts inherit it)."""
+    params = yaml.safe_load(TEST_PARAMS.read_text())
+    change(params)
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+@pytest.fixture
+def ease_only(tmp_path, monkeypatch):
+    """NIGHTREC_PARAMS with the EASE candidate alone (closed form: seconds, not mf epochs), for
+    tests of the run's lifecycle rather than of model choice."""
+    path = params_with(tmp_path / "ease-only.yaml",
+                       lambda p: p["train"].update(candidates=["ease"]))
+    monkeypatch.setenv("NIGHTREC_PARAMS", str(path))
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

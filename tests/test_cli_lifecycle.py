@@ -160,7 +160,7 @@ def wait_gone(pid: int, timeout_s: float = 30) -> bool:
     return False
 
 
-def test_kill_9_of_the_whole_run_then_an_immediate_rerun_takes_the_lease_over(s3, sample, bucket):
+def test_kill_9_of_the_whole_run_then_an_immediate_rerun_takes_the_lease_over(s3, sample, bucket, ease_only):
     ttl_s = float(settings.load_params()["run"]["lock_ttl_s"])
     run = start_run(DS_KILL, sample["interactions"])
     lease = wait_until_running(run, DS_KILL, "train")
@@ -198,7 +198,7 @@ def test_kill_9_of_the_whole_run_then_an_immediate_rerun_takes_the_lease_over(s3
 
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
-def test_a_signal_stops_the_run_releases_its_lease_and_leaves_no_process(s3, sample, bucket, sig):
+def test_a_signal_stops_the_run_releases_its_lease_and_leaves_no_process(s3, sample, bucket, ease_only, sig):
     ds = DS_STOP[sig]
     run = start_run(ds, sample["interactions"])
     # SIGTERM mid-training; SIGINT as soon as the run holds its lease (a shorter test)
@@ -218,7 +218,7 @@ def test_a_signal_stops_the_run_releases_its_lease_and_leaves_no_process(s3, sam
     assert not storage.exists(layout.manifest_uri(ds))  # nothing published
 
 
-def test_kill_9_of_the_cli_alone_stops_its_dag_process_too(s3, sample, bucket):
+def test_kill_9_of_the_cli_alone_stops_its_dag_process_too(s3, sample, bucket, ease_only):
     """The orphan of issue 12: the CLI gone, its run_dag.py trained on, holding the lease."""
     ds = DS_STOP["SIGKILL"]
     run = start_run(ds, sample["interactions"])

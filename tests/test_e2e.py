@@ -143,9 +143,14 @@ def test_rerun_same_ds_replaces_partition(first_run):
     assert len(_partition_parts(DS1)) == len(after["parts"])
     metrics = storage.read_json(layout.run_uri(DS1, "evaluate", "metrics.json"))
     assert metrics["champion_version"] == before["model_version"]  # the first run's model
-    # It trained on every event up to this same ds's test cutoff: nothing left to compare on.
+    # Same data, params and code: the same version, registered once (equality verified).
+    assert after["model_version"] == before["model_version"]
+    # The champion trained up to this ds's test cutoff, so every test event is one it never saw,
+    # and, being the same model, it scores what the new one scores.
     c = metrics["champion_comparison"]
-    assert c["version"] == before["model_version"] and not c["compared"] and c["reason"]
+    assert c["version"] == before["model_version"] and c["compared"] is True
+    assert c["later_events"] == c["test_events"] > 0
+    assert c["champion"]["ndcg_at_10"] == pytest.approx(c["model"]["ndcg_at_10"])
     # A naive reader of the whole prefix also sees each row once.
     naive = pd.concat(pd.read_parquet(io.BytesIO(storage.read_bytes(u))) for u in _partition_parts(DS1))
     assert len(naive) == after["rows"]
@@ -405,11 +410,14 @@ def test_invalid_rows_past_threshold_fail_and_keep_previous_table(first_run, sam
     assert any(".validate." in a for a in alerts)
 
 
-def test_two_nights_on_a_growing_movielens_log_at_its_own_dates(bucket, ml100k, tmp_path):
+def test_two_nights_on_a_growing_movielens_log_at_its_own_dates(bucket, ml100k, tmp_path,
+                                                                ease_only):
     """Acceptance (issues 2 and 12): night 1 is MovieLens-100K up to 1998-03-15, night 2 the
     whole log, each at its own (1998) date through `nightrec run`. Night 2 publishes a new
     blessed model (not the champion, not a fallback), compared with night 1's champion only on
-    events that champion never trained on; 943 users x K rows, nothing seen recommended."""
+    events that champion never trained on; 943 users x K rows, nothing seen recommended.
+    EASE is the only candidate here (it is the one chosen on both nights with the suite's
+    params: benchmarks/RESULTS.md), which halves the test's time."""
     env_bin = Path(sys.executable).parent
     rated = pd.read_csv(ml100k / "u.data", sep="\t", names=["u", "i", "r", "t"], dtype=str)
     cutoff = int(dt.datetime(1998, 3, 15, tzinfo=dt.UTC).timestamp())
