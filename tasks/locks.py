@@ -49,6 +49,7 @@ refuses new ones (``scripts/run_dag.py`` on SIGTERM/SIGINT).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import json
@@ -251,6 +252,35 @@ def acquire(uri: str, *, owner: str, ttl_s: float, busy, pid: int | None = None)
                         held.get("owner"), held.get("renewed_at") or held.get("claimed_at"))
         storage.delete_if_match(uri, etag)  # then create-if-absent decides between takers
     raise LeaseConflict(f"the lease {uri} kept changing; another writer is taking it")
+
+
+class _Busy(Exception):
+    def __init__(self, held: dict):
+        super().__init__(held.get("owner"))
+        self.held = held
+
+
+@contextlib.contextmanager
+def short_lock(uri: str, *, owner: str, ttl_s: float, busy, poll_s: float = 0.05):
+    """Hold the lock object ``uri`` for a read-then-write of one small record (the latest
+    pointer, the champion pointer, the forgotten-users list), then release it.
+
+    Waits while another owner holds it, up to ``ttl_s`` + 5 s (a crashed holder's lock has
+    expired by then and is taken over), then raises ``busy(held)``.
+    """
+    deadline = time.monotonic() + float(ttl_s) + 5
+    while True:
+        try:
+            lock = acquire(uri, owner=owner, ttl_s=ttl_s, busy=_Busy)
+            break
+        except (_Busy, LeaseConflict) as e:
+            if time.monotonic() > deadline:
+                raise busy(getattr(e, "held", {})) from e
+            time.sleep(poll_s)
+    try:
+        yield lock
+    finally:
+        release(lock)
 
 
 def _renew(held: dict, *, ttl_s: float, pid: int | None = None) -> dict:

@@ -49,14 +49,12 @@ A failure before 4 leaves that ds's previous table (if any) and the pointer as t
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hashlib
 import io
 import itertools
 import json
 import logging
-import time
 import uuid
 
 import numpy as np
@@ -498,33 +496,20 @@ def sweep_all_retired(*, owner: str, skip: tuple[str, ...] = ()) -> dict:
     return out
 
 
-@contextlib.contextmanager
 def pointer_lock(owner: str):
     """Hold ``recommendations/_latest.lock`` for a read-then-write of the latest pointer.
 
     Publishers of different ds may move the pointer at the same time; this short lock (held for
-    two requests) serialises them. Waits for another holder up to ``POINTER_LOCK_TTL_S``, after
-    which a crashed holder's lock has expired and is taken over.
+    two requests) serialises them (``locks.short_lock``: a crashed holder's lock expires after
+    ``POINTER_LOCK_TTL_S`` and is taken over).
     """
     uri = layout.latest_lock_uri()
-    deadline = time.monotonic() + POINTER_LOCK_TTL_S + 5
 
     def busy(held: dict) -> PublishConflict:
         return PublishConflict(f"the latest pointer is locked by {held.get('owner')} until "
                                f"{held.get('expires_at')} ({uri})")
 
-    while True:
-        try:
-            lock = _acquire(uri, owner=owner, ttl_s=POINTER_LOCK_TTL_S, busy=busy)
-            break
-        except PublishConflict:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-    try:
-        yield lock
-    finally:
-        locks.release(lock)
+    return locks.short_lock(uri, owner=owner, ttl_s=POINTER_LOCK_TTL_S, busy=busy)
 
 
 def commit_manifest(ds: str, manifest: dict, *, expected: dict | None) -> str:

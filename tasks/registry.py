@@ -239,23 +239,12 @@ def _move_champion(build) -> dict:
     """Under ``models/_champion.lock``: read the pointer and its ETag, ``build(current)`` the
     new record (or None to leave it), write it conditionally on that ETag (create-if-absent
     when there is none). Returns ``{"moved": bool, **record}``."""
-    import time
     import uuid
 
     from tasks import locks
 
-    owner = f"champion-{uuid.uuid4().hex[:8]}"
-    deadline = time.monotonic() + CHAMPION_LOCK_TTL_S + 5
-    while True:
-        try:
-            lock = locks.acquire(champion_lock_uri(), owner=owner, ttl_s=CHAMPION_LOCK_TTL_S,
-                                 busy=_lock_busy)
-            break
-        except (ChampionBusy, locks.LeaseConflict):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-    try:
+    with locks.short_lock(champion_lock_uri(), owner=f"champion-{uuid.uuid4().hex[:8]}",
+                          ttl_s=CHAMPION_LOCK_TTL_S, busy=_lock_busy):
         found = storage.read_versioned(champion_uri())
         current, etag = (json.loads(found[0]), found[1]) if found else (None, None)
         record = build(current)
@@ -266,8 +255,6 @@ def _move_champion(build) -> dict:
         else:
             storage.write_json(champion_uri(), record, if_match=etag)
         return {"moved": True, **record}
-    finally:
-        locks.release(lock)
 
 
 def _record(version: str, current: dict | None, *, history: list[str], reason: str) -> dict:

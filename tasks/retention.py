@@ -47,7 +47,6 @@ import re
 import shutil
 import socket
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
@@ -440,21 +439,10 @@ def add_forgotten(user_hash: str, *, owner: str) -> bool:
     Under a short create-if-absent lock, and the write itself conditional on the version read
     (If-Match, or create-if-absent for the first), so two writers never lose one's hash.
     """
-    uri = _forget_lock_uri()
-    deadline = time.monotonic() + FORGET_LOCK_TTL_S + 5
-
     def busy(held: dict) -> RuntimeError:
         return RuntimeError(f"the forgotten-users list is locked by {held.get('owner')}")
 
-    while True:
-        try:
-            lock = locks.acquire(uri, owner=owner, ttl_s=FORGET_LOCK_TTL_S, busy=busy)
-            break
-        except (RuntimeError, locks.LeaseConflict):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-    try:
+    with locks.short_lock(_forget_lock_uri(), owner=owner, ttl_s=FORGET_LOCK_TTL_S, busy=busy):
         target = layout.forgotten_users_uri()
         found = storage.read_versioned(target)
         table = (pd.read_parquet(io.BytesIO(found[0])) if found else
@@ -471,8 +459,6 @@ def add_forgotten(user_hash: str, *, owner: str) -> bool:
         else:
             storage.write_bytes(target, data, if_none_match=True)
         return True
-    finally:
-        locks.release(lock)
 
 
 def _matches(values: pd.Series, user_id: str) -> np.ndarray:
