@@ -312,7 +312,10 @@ def gate_table(ml: Path, overrides: dict) -> dict:
 
 
 def print_gate(out: dict) -> None:
+    from tasks import bench_scoring
+
     print(f"\ngate figures on ML-100K (params.yaml; overrides: {out['overrides'] or 'none'})")
+    print(bench_scoring.machine())
     print("| split | gated | chosen | model NDCG@10 | popularity NDCG@10 | lift | model R@10 | "
           "popularity R@10 | test users | test events |")
     print("|---|---|---|---|---|---|---|---|---|---|")

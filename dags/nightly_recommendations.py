@@ -192,8 +192,9 @@ def nightly_recommendations():
         from tasks import score as step
 
         why = f"the gate refused the new model: {prev['gate']['reason']}"
-        if registry.champion():
-            model = {**registry.resolve(None), "source": "champion_fallback",
+        version = registry.champion()  # read once: the model scored is the one named here
+        if version:
+            model = {**registry.model_uris(version), "source": "champion_fallback",
                      "source_reason": why}
         else:
             model = {**step.popularity_model(prev["ds"], seen_out["seen"]),

@@ -40,9 +40,8 @@ def record_failure(*, dag_id: str, run_id: str, task_id: str, ds: str | None, er
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2))
     try:
-        if ds and settings.check_ds(ds):
-            key = f"alerts/ds={ds}/{layout.sanitize_token(run_id)}.{layout.sanitize_token(task_id)}.json"
-            storage.write_json(storage.s3_uri(key), record)
+        if ds:
+            storage.write_json(_alert_uri(ds, run_id, task_id), record)
     except Exception as e:  # noqa: BLE001 - the alert must not mask the original failure
         log.warning("could not upload the alert record: %s", type(e).__name__)
     return record
@@ -59,18 +58,21 @@ def _alert_uri(ds: str, run_id: str, name: str) -> str:
 
 
 def latest_table_age(now: dt.datetime | None = None) -> dict | None:
-    """The latest pointer's ds, source and age: ``{"ds", "model_version", "source",
-    "updated_at", "age_hours"}`` (hours >= 0 since the pointer moved), or None before any
-    table was published."""
-    uri = layout.latest_uri()
-    if not storage.exists(uri):
+    """The latest pointer's ds, manifest, source and age: ``{"ds", "manifest",
+    "model_version", "source", "source_reason", "updated_at", "age_hours"}`` (hours >= 0 since
+    the pointer moved), or None before any table was published."""
+    found = storage.read_versioned(layout.latest_uri())
+    if found is None:
         return None
-    latest = storage.read_json(uri)
+    latest = json.loads(found[0])
     now = now or dt.datetime.now(dt.UTC)
     moved = dt.datetime.fromisoformat(latest["updated_at"])
-    manifest = storage.read_json(latest["manifest"]) if storage.exists(latest["manifest"]) else {}
-    return {"ds": latest["ds"], "model_version": latest.get("model_version"),
-            "source": manifest.get("source", "model"), "updated_at": latest["updated_at"],
+    got = storage.read_versioned(latest["manifest"])
+    manifest = json.loads(got[0]) if got else {}
+    return {"ds": latest["ds"], "manifest": latest["manifest"],
+            "model_version": latest.get("model_version"),
+            "source": manifest.get("source", "model"),
+            "source_reason": manifest.get("source_reason"), "updated_at": latest["updated_at"],
             "age_hours": max(0.0, (now - moved).total_seconds() / 3600.0)}
 
 
@@ -89,6 +91,6 @@ def check_latest_age(*, ds: str, run_id: str, max_age_hours: float,
         record = {"kind": "stale_table", "ds": ds, "run_id": run_id, "error": what, **out,
                   "at": (now or dt.datetime.now(dt.UTC)).isoformat(timespec="seconds")}
         log.warning("stale table: %s", what)
-        storage.write_json(_alert_uri(ds, run_id, "stale_table"), record)
         out["alert"] = _alert_uri(ds, run_id, "stale_table")
+        storage.write_json(out["alert"], record)
     return out

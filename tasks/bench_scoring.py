@@ -167,6 +167,15 @@ class NightrecGemm:
         return (time.perf_counter() - t) * len(u) / max(n, 1)
 
 
+def machine() -> str:
+    """The CPU's vector width the kernel dispatched on (AVX-512 or AVX2) and the BLAS in use:
+    what every benchmark prints, because two machines of one kind differ."""
+    from tasks import ranking
+
+    width = "AVX-512" if ranking.VECTOR_WIDTH == 16 else "AVX2"
+    return f"CPU vectors {width} (kernel width {ranking.VECTOR_WIDTH}); BLAS {_blas_arch()}"
+
+
 def _blas_arch() -> str:
     from threadpoolctl import threadpool_info
 

@@ -317,13 +317,10 @@ def latest_table_lines(now: dt.datetime | None = None) -> list[tuple[str, bool]]
     age = alerts.latest_table_age(now)
     if age is None:
         return [("latest table: none published yet", False)]
-    latest = storage.read_json(layout.latest_uri())
-    manifest = (storage.read_json(latest["manifest"])
-                if storage.exists(latest["manifest"]) else {})
-    reason = f" ({manifest['source_reason']})" if manifest.get("source_reason") else ""
+    reason = f" ({age['source_reason']})" if age["source_reason"] else ""
     lines = [((f"latest table: ds={age['ds']} model={age['model_version']} "
               f"source={age['source']}{reason}, {age['age_hours']:.1f} h old (published "
-              f"{age['updated_at']}) ({latest['manifest']})"), False)]
+              f"{age['updated_at']}) ({age['manifest']})"), False)]
     max_age = float(settings.step_params(["publish.max_age_hours"])["publish.max_age_hours"])
     if age["age_hours"] > max_age:
         lines.append(((f"WARNING: the latest table is {age['age_hours']:.1f} h old, older than "

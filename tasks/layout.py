@@ -14,6 +14,7 @@ recommendations/_latest.json             pointer to the newest published manifes
 recommendations/_latest.lock             held while a publisher moves that pointer
 state/id_map/<users|items>/map-NNNNNN.parquet   stable id -> index map, one generation per change
 state/forgotten/users.parquet            sha256 of user ids erased on request (`nightrec forget`)
+state/forgotten/users.lock               held while a hash is added to that list
 recommendations/ds=<ds>/_retired.json    parts a republish replaced, deleted after the grace period
 audit/<kind>/<stamp>-<id>.json           operator actions (unlock, forget, gc) and who did them
 ```
@@ -127,6 +128,11 @@ def id_map_prefix(kind: str) -> str:
 def forgotten_users_uri() -> str:
     """The suppression list of ``nightrec forget``: sha256 of each erased user id (never the id)."""
     return storage.s3_uri("state/forgotten/users.parquet")
+
+
+def forgotten_users_lock_uri() -> str:
+    """Held while ``nightrec forget`` adds a hash to the suppression list."""
+    return storage.s3_uri("state/forgotten/users.lock")
 
 
 def retired_parts_uri(ds: str) -> str:

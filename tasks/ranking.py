@@ -452,18 +452,21 @@ def iter_top_k(
     k: int,
     chunk: int = 4096,
     threads: int | None = None,
+    panels: np.ndarray | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Yield ``(users, items, scores)`` per chunk of ``users`` (indices into ``user_vecs`` and
     rows of the CSR ``seen``). ``items`` (int32) is -1 and ``scores`` (float32) -inf where a user
     has fewer than k unseen items. ``threads`` defaults to the CPUs this process may use.
 
     ``user_vecs`` only needs ``user_vecs[index_array]`` to give the rows as a 2-D array: it is
-    read one chunk at a time (tasks/models.py passes lazy rows)."""
+    read one chunk at a time (tasks/models.py passes lazy rows). ``panels``: ``pack_items(
+    item_vecs)`` when the caller already packed them (a caller that calls this many times with
+    the same items packs them once: for an item-item model that is an n_items^2 copy)."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     item_vecs = np.asarray(item_vecs, np.float32)
     n_items, d = item_vecs.shape
-    panels = pack_items(item_vecs)
+    panels = pack_items(item_vecs) if panels is None else panels
     bias = (np.empty(0, np.float32) if item_bias is None
             else np.ascontiguousarray(np.asarray(item_bias, np.float32).reshape(-1)))
     if bias.size not in (0, n_items):

@@ -429,10 +429,6 @@ def _dvc_gc(kept_versions: list[str], planned: set[str]) -> list[str]:
 # --- forget -------------------------------------------------------------------------------------
 
 
-def _forget_lock_uri() -> str:
-    return layout.forgotten_users_uri() + ".lock"
-
-
 def add_forgotten(user_hash: str, *, owner: str) -> bool:
     """Add ``user_hash`` to the suppression list; False when it was there already.
 
@@ -442,7 +438,7 @@ def add_forgotten(user_hash: str, *, owner: str) -> bool:
     def busy(held: dict) -> RuntimeError:
         return RuntimeError(f"the forgotten-users list is locked by {held.get('owner')}")
 
-    with locks.short_lock(_forget_lock_uri(), owner=owner, ttl_s=FORGET_LOCK_TTL_S, busy=busy):
+    with locks.short_lock(layout.forgotten_users_lock_uri(), owner=owner, ttl_s=FORGET_LOCK_TTL_S, busy=busy):
         target = layout.forgotten_users_uri()
         found = storage.read_versioned(target)
         table = (pd.read_parquet(io.BytesIO(found[0])) if found else
@@ -649,11 +645,11 @@ def _rewrite_published(ds: str, user_id: str, *, owner: str, ttl_s: float,
                 ds, {"ds": ds, "manifest": layout.manifest_uri(ds), "publish_id": pid,
                      "model_version": new_manifest["model_version"],
                      "updated_at": _iso(_now())}, manifest_etag=new_etag, owner=owner)
-        storage.delete(replaced)
+        publish.delete_under_claim(claim, sorted(replaced), what="parts holding a forgotten user")
         return {"ds": ds, "rewritten": sorted(replaced), "publish_id": pid}
     finally:
         if written:  # a failed rewrite: its unlisted parts are nobody's
-            storage.delete(written)
+            publish.delete_under_claim(claim, written, what="parts of a failed rewrite")
         publish.release_claim(claim)
 
 

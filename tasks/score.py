@@ -50,7 +50,6 @@ visible to readers.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import itertools
 import logging
@@ -192,15 +191,19 @@ def score_users(
         raise ValueError("cold users need popular item counts")
     no_vecs = np.zeros((n, 1), np.float32)
     no_items = np.zeros((len(item_bias), 1), np.float32)
+    # items packed once per shard, not once per chunk (iter_top_k runs per chunk and kind)
+    kinds = ((user_vecs, item_vecs, item_bias, ranking.pack_items(item_vecs)),
+             (no_vecs, no_items, popular, ranking.pack_items(no_items)))
     for lo in range(0, n, max(1, user_chunk)):
         rows = np.arange(lo, min(n, lo + max(1, user_chunk)))
         items = np.empty((len(rows), top_k), np.int32)
         scores = np.empty((len(rows), top_k), np.float32)
-        for mask, args in ((~cold[rows], (user_vecs, item_vecs, item_bias)),
-                           (cold[rows], (no_vecs, no_items, popular))):
+        for mask, (vecs, ivecs, bias, panels) in zip((~cold[rows], cold[rows]), kinds,
+                                                    strict=True):
             if mask.any():
-                for batch, it, sc in ranking.iter_top_k(*args, seen, rows[mask], k=top_k,
-                                                        chunk=len(rows)):
+                for batch, it, sc in ranking.iter_top_k(vecs, ivecs, bias, seen, rows[mask],
+                                                        k=top_k, chunk=len(rows),
+                                                        panels=panels):
                     items[batch - lo], scores[batch - lo] = it, sc
         yield rows, items, scores
 
@@ -257,7 +260,7 @@ def part_bytes(frame: pd.DataFrame, *, row_group_size: int) -> bytes:
 
 
 def _digest(*parts: str) -> str:
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+    return storage.sha256("|".join(parts).encode())
 
 
 def scorable(user_ids: np.ndarray) -> np.ndarray:

@@ -65,7 +65,8 @@ def quarantine_pairs(batch: pa.RecordBatch | pa.Table, *, id_pattern: str,
             & clean._id_ok(user, id_pattern, max_id_length)
             & clean._id_ok(item, id_pattern, max_id_length))
     sel = pa.array(keep)
-    taken = Counter(pc.filter(reason, sel).to_pylist())
+    taken = Counter({c["values"]: c["counts"]
+                     for c in pc.value_counts(pc.filter(reason, sel)).to_pylist()})
     return pa.Table.from_arrays([pc.filter(user, sel), pc.filter(item, sel)],
                                 schema=SEEN_SCHEMA), taken
 

@@ -41,6 +41,24 @@ TEST_PARAMS.write_text(yaml.safe_dump(_params))
 os.environ["NIGHTREC_PARAMS"] = str(TEST_PARAMS)
 
 
+def labelled_events(**sample_kwargs):
+    """A seeded generated log as augment's output would be (dense indices, every event a
+    positive of weight 1): the input the split, train and evaluate cores take."""
+    import numpy as np
+    import pandas as pd
+
+    from tasks import sample_data, schema
+
+    inter, _, _ = sample_data.generate_sample(**sample_kwargs)
+    return pd.DataFrame({
+        schema.USER_IDX: inter["user_id"].to_numpy() - 1,
+        schema.ITEM_IDX: inter["item_id"].to_numpy() - 1,
+        schema.TIMESTAMP: inter["timestamp"].to_numpy(),
+        schema.LABEL: np.int8(1),
+        schema.WEIGHT: np.float32(1),
+    })
+
+
 def params_with(path: Path, change) -> Path:
     """The suite's params with ``change(params)`` applied, written to ``path`` (for a test to
     point NIGHTREC_PARAMS at; subprocesses it starts inherit it)."""

@@ -19,7 +19,7 @@ import pytest
 
 from tasks import layout, storage
 from tasks.reader import RecommendationReader
-from tests.conftest import TEST_PARAMS
+from tests.conftest import TEST_PARAMS, params_with
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.e2e
@@ -193,16 +193,12 @@ def test_registry_holds_the_models_lineage_and_training_artifacts(first_run):
 def _weak_params(tmp_path) -> Path:
     """A deliberately weakened challenger: one epoch of mf_softmax at a learning rate too small
     to learn anything, so its ranking is its random initialisation."""
-    import yaml
 
-    from tasks import settings
+    def weaken(params: dict) -> None:
+        params["train"]["candidates"] = ["mf_softmax"]
+        params["train"]["mf_softmax"].update(epochs=1, learning_rate=1e-9)
 
-    params = json.loads(json.dumps(settings.load_params()))
-    params["train"]["candidates"] = ["mf_softmax"]
-    params["train"]["mf_softmax"].update(epochs=1, learning_rate=1e-9)
-    path = tmp_path / "weak-params.yaml"
-    path.write_text(yaml.safe_dump(params))
-    return path
+    return params_with(tmp_path / "weak-params.yaml", weaken)
 
 
 def test_weakened_challenger_is_not_blessed_falls_back_to_the_champion_or_is_forced(

@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks import evaluate, layout, models, registry, sample_data, schema, settings, split, storage
+from tasks import evaluate, layout, models, registry, schema, settings, split, storage
+from tests.conftest import labelled_events
 
 KS = [10]
 N_USERS, N_ITEMS = 200, 90
@@ -27,15 +28,8 @@ N_USERS, N_ITEMS = 200, 90
 
 @pytest.fixture(scope="module")
 def parts():
-    inter, _, _ = sample_data.generate_sample(n_users=N_USERS, n_items=N_ITEMS,
-                                              n_interactions=6000, seed=11)
-    df = pd.DataFrame({
-        schema.USER_IDX: inter["user_id"].to_numpy() - 1,
-        schema.ITEM_IDX: inter["item_id"].to_numpy() - 1,
-        schema.TIMESTAMP: inter["timestamp"].to_numpy(),
-        schema.LABEL: np.int8(1),
-        schema.WEIGHT: np.float32(1),
-    }).drop_duplicates([schema.USER_IDX, schema.ITEM_IDX])
+    df = labelled_events(n_users=N_USERS, n_items=N_ITEMS, n_interactions=6000,
+                         seed=11).drop_duplicates([schema.USER_IDX, schema.ITEM_IDX])
     return split.split_interactions(df, method="global_time", valid_fraction=0.1,
                                      test_fraction=0.2, min_user_events_for_holdout=5)
 

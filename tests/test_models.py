@@ -17,7 +17,8 @@ import pandas as pd
 import pytest
 from scipy import sparse
 
-from tasks import evaluate, models, sample_data, schema, settings, split, train
+from tasks import evaluate, models, schema, settings, split, train
+from tests.conftest import labelled_events
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,15 +32,7 @@ def _params(**train_overrides) -> dict:
 
 @pytest.fixture(scope="module")
 def parts():
-    inter, _, _ = sample_data.generate_sample(n_users=300, n_items=120, n_interactions=9000,
-                                              seed=7)
-    df = pd.DataFrame({
-        schema.USER_IDX: inter["user_id"].to_numpy() - 1,
-        schema.ITEM_IDX: inter["item_id"].to_numpy() - 1,
-        schema.TIMESTAMP: inter["timestamp"].to_numpy(),
-        schema.LABEL: np.int8(1),
-        schema.WEIGHT: np.float32(1),
-    })
+    df = labelled_events(n_users=300, n_items=120, n_interactions=9000, seed=7)
     out = split.split_interactions(df, valid_fraction=0.1, test_fraction=0.1,
                                    min_user_events_for_holdout=5)
     out["n_users"], out["n_items"] = 300, 120
