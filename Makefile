@@ -29,7 +29,7 @@ test: setup
 	scripts/run_tests.sh
 
 lint: setup
-	$(BIN)/ruff check tasks dags tests scripts
+	$(BIN)/ruff check nightrec tasks dags tests scripts benchmarks
 
 s3-up: setup
 	$(BIN)/python -m tasks.s3server up

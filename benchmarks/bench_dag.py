@@ -143,7 +143,8 @@ def generate(out: Path, *, rows: int, users: int, items: int, files: int, seed: 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tasks import layout, sample_data, storage
+    from nightrec.dev import sample_data
+    from nightrec.store import layout, storage
 
     t0 = time.perf_counter()
     u, i, rating, ts, item_f = interactions(rows=rows, users=users, items=items, seed=seed)
@@ -301,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                  files=args.files, seed=args.seed)
         return 0
 
-    from tasks import s3server, storage
+    from nightrec.store import s3server, storage
 
     work = Path(tempfile.mkdtemp(prefix="nightrec-bench-dag-"))
     ports = s3server.free_port_pairs(5)
@@ -408,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
             print("".join(log_path.read_text(errors="replace").splitlines(True)[-60:]))
         else:
             try:
-                from tasks import layout
+                from nightrec.store import layout
 
                 metrics = storage.read_json(layout.run_uri(DS, "evaluate", "metrics.json"))
                 figures["metrics"] = metrics

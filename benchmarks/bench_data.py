@@ -46,7 +46,7 @@ def generate(work: Path, *, rows: int, users: int, items: int, files: int, fmt: 
     import pyarrow.csv as pcsv
     import pyarrow.parquet as pq
 
-    from tasks import sample_data
+    from nightrec.dev import sample_data
 
     rng = np.random.default_rng(seed)
     activity = rng.lognormal(0.0, 1.0, users)
@@ -123,11 +123,11 @@ def run_stage(stage: str, upstream_file: Path, out_file: Path) -> None:
     upstream = json.loads(upstream_file.read_text())
     started = time.perf_counter()
     if stage == "ingest":
-        from tasks import ingest
+        from nightrec.tasks import ingest
 
         out = ingest.run(DS)
     else:
-        module = importlib.import_module("tasks.versioning" if stage == "split" else
+        module = importlib.import_module("nightrec.tasks.versioning" if stage == "split" else
                                          f"tasks.{stage}")
         out = module.run(DS, upstream)
     wall = time.perf_counter() - started
@@ -142,7 +142,7 @@ def run_stage(stage: str, upstream_file: Path, out_file: Path) -> None:
 
 
 def _rows(stage: str, out: dict) -> str:
-    from tasks import storage
+    from nightrec.store import storage
 
     if stage == "clean":
         s = storage.read_json(out["stats"])
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         run_stage(args.stage, args.upstream, args.out)
         return 0
     if args.generate:
-        from tasks import layout, storage
+        from nightrec.store import layout, storage
 
         args.generate.mkdir(parents=True)
         paths = generate(args.generate, rows=args.rows, users=args.users, items=args.items,
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                 f.unlink()
         return 0
 
-    from tasks import s3server, storage
+    from nightrec.store import s3server, storage
 
     work = Path(tempfile.mkdtemp(prefix="nightrec-bench-data-"))
     ports = s3server.free_port_pairs(5)

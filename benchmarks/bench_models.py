@@ -10,7 +10,7 @@ the published top-K table is scored on the holdout. In the same run, on the same
 popularity and EASE (lambda = 500, the issue's reference), both in numpy here.
 
 Relevant items are all of a user's held-out items (also those the 80% never shows, which no
-method can recommend). Metrics are tasks/metrics.py's: full ranking, seen items excluded.
+method can recommend). Metrics are nightrec/ml/metrics.py's: full ranking, seen items excluded.
 
 Params: the repo's params.yaml, except that the ``random`` protocol runs nightrec with
 ``split.method: random_per_user`` (its model selection then validates the way it is measured);
@@ -67,7 +67,7 @@ def holdout_split(df: pd.DataFrame, protocol: str, seed: int, fraction: float = 
 
 def score_table(recs: dict[str, list[str]], holdout: pd.DataFrame, ks: list[int]) -> dict:
     """Metrics of ``{user: [item, ...]}`` (ranked) against the holdout, over holdout users."""
-    from tasks.metrics import all_metrics
+    from nightrec.ml.metrics import all_metrics
 
     relevant = holdout.groupby("u")["i"].apply(lambda s: set(s.astype(str)))
     vocab: dict[str, int] = {}
@@ -106,7 +106,7 @@ def baselines(train: pd.DataFrame, k: int, ease_lambda: float) -> dict[str, dict
 def run_nightrec(train: pd.DataFrame, ml: Path, params: dict, work: Path) -> tuple[dict, float]:
     """``nightrec run`` on ``train`` in a private state folder and S3 server; the published table
     as ``{user: [items]}`` and the wall time."""
-    from tasks import s3server
+    from nightrec.store import s3server
 
     data = work / "u.data"
     train[["u", "i", "r", "t"]].to_csv(data, sep="\t", header=False, index=False)
@@ -187,7 +187,10 @@ def _pipeline_frames(ml: Path, params: dict, cut_quantile: float | None = None):
     """ML-100K as the pipeline's cores see it after clean and augment: ``(labelled interactions,
     side features for mf_softmax or None, future events or None)``. With ``cut_quantile`` the log
     is cut at that time quantile and the later events come back separately (indexed alike)."""
-    from tasks import augment, clean, models, schema
+    from nightrec.tasks import augment, clean
+
+    from nightrec.core import schema
+    from nightrec.ml import models
 
     ratings = pd.read_csv(ml / "u.data", sep="\t", names=["u", "i", "r", "t"])
     df = pd.DataFrame({schema.USER_ID: ratings["u"].astype(str),
@@ -248,7 +251,9 @@ def _gate_row(split_method: str, gated: str, result: dict, chosen: str, parts: d
 def gate_table(ml: Path, overrides: dict) -> dict:
     """The gate's figures before and after issue 12 per split method, and the next-period cost
     of a shipped model that never saw the test split (see the module doc)."""
-    from tasks import evaluate, settings, split, train
+    from nightrec.tasks import evaluate, split, train
+
+    from nightrec.core import settings
 
     params = settings.with_overrides(settings.load_params(), overrides)
     p_train = settings.step_params(train.PARAMS, params)
@@ -273,7 +278,7 @@ def gate_table(ml: Path, overrides: dict) -> dict:
         seen, users, rel = evaluate.targets(known, parts["test"], n_users=n_users,
                                             n_items=n_items)
         pop = evaluate.popularity_model(parts["train"], n_users=n_users, n_items=n_items)
-        from tasks import metrics as metrics_mod
+        from nightrec.ml import metrics as metrics_mod
 
         old["popularity"] = metrics_mod.all_metrics(
             evaluate.recommend(pop, seen, users, max(ks)), rel, ks)
@@ -312,7 +317,7 @@ def gate_table(ml: Path, overrides: dict) -> dict:
 
 
 def print_gate(out: dict) -> None:
-    from tasks import bench_scoring
+    from nightrec.dev import bench_scoring
 
     print(f"\ngate figures on ML-100K (params.yaml; overrides: {out['overrides'] or 'none'})")
     print(bench_scoring.machine())

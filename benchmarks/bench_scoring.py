@@ -1,4 +1,4 @@
-"""Scoring throughput benchmark: a thin wrapper of ``tasks.bench_scoring.main`` (see there).
+"""Scoring throughput benchmark: a thin wrapper of ``nightrec.dev.bench_scoring.main`` (see there).
 
     .venv/bin/python benchmarks/bench_scoring.py --users 200000 --items 20000 --dim 64 --k 100
 """
@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.bench_scoring import main
+from nightrec.dev.bench_scoring import main
 
 if __name__ == "__main__":
     main()

@@ -56,7 +56,10 @@ def free_port(pair: bool = False) -> int:
 
 def stage_table(n_users: int, k: int, *, rows_per_part: int, row_group_size: int) -> dict:
     """A synthetic scored table in staging, as score's shards leave it (collect()'s dict)."""
-    from tasks import layout, schema, score, storage
+    from nightrec.tasks import score
+
+    from nightrec.core import schema
+    from nightrec.store import layout, storage
 
     rng = np.random.default_rng(0)
     user_ids = np.array([f"{i:07d}" for i in range(n_users)])
@@ -127,7 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(NIGHTREC_STATE=str(tmp / "state"), GX_ANALYTICS_ENABLED="false")
     for var in ("S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
         os.environ.pop(var, None)
-    from tasks import publish, s3server, settings, storage
+    from nightrec.tasks import publish
+
+    from nightrec.core import settings
+    from nightrec.store import s3server, storage
 
     cfg = s3server.ServerConfig(data_dir=tmp / "s3", s3_port=free_port(),
                                 master_port=free_port(True), volume_port=free_port(True),
@@ -147,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(row groups of {p['publish']['row_group_size']} rows)", flush=True)
 
         port = free_port()
-        server = subprocess.Popen([sys.executable, "-m", "tasks.serve", "--port", str(port)],
+        server = subprocess.Popen([sys.executable, "-m", "nightrec.table.serve", "--port", str(port)],
                                   cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         wait_http(port)
         rng = np.random.default_rng(args.seed)

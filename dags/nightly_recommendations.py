@@ -48,7 +48,7 @@ import datetime as dt
 from airflow.sdk import Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowSkipException
 
-from orchestration.common import (
+from nightrec.orchestration.common import (
     CHAMPION,
     dag_kwargs,
     dry_run_param,
@@ -89,7 +89,7 @@ from orchestration.common import (
 def nightly_recommendations():
     @task(doc_md="Read the raw snapshot (any supported format) into raw-string columns.")
     def ingest() -> dict:
-        from tasks import ingest as step
+        from nightrec.tasks import ingest as step
 
         ds = run_ds()
         started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -97,19 +97,19 @@ def nightly_recommendations():
 
     @task(doc_md="Parse, quarantine bad rows with a reason, dedupe, k-core, index.")
     def clean(prev: dict) -> dict:
-        from tasks import clean as step
+        from nightrec.tasks import clean as step
 
         return {"ds": prev["ds"], **step.run(prev["ds"], prev)}
 
     @task(doc_md="Great Expectations contract on the cleaned data; fails the run when broken.")
     def validate(prev: dict) -> dict:
-        from tasks import validate as step
+        from nightrec.tasks import validate as step
 
         return {"ds": prev["ds"], **permanent(step.run, prev["ds"], prev)}
 
     @task(doc_md="Labels, weights and side-feature tables.")
     def augment(prev: dict) -> dict:
-        from tasks import augment as step
+        from nightrec.tasks import augment as step
 
         return {"ds": prev["ds"], "clean": prev["interactions"], **step.run(prev["ds"], prev)}
 
@@ -122,26 +122,26 @@ def nightly_recommendations():
 
     @task(doc_md="DVC stage: per-user temporal split, pushed to the DVC remote; data_version.")
     def split(prev: dict) -> dict:
-        from tasks import versioning
+        from nightrec.tasks import versioning
 
         return {"ds": prev["ds"], **versioning.run(prev["ds"], prev)}
 
     @task(doc_md="Fit the selection (holdout) model and the shipped train + valid refit (gated "
                  "and scored).")
     def train(prev: dict) -> dict:
-        from tasks import train as step
+        from nightrec.tasks import train as step
 
         return {"ds": prev["ds"], **step.run(prev["ds"], prev)}
 
     @task(doc_md="Full-ranking metrics vs popularity; writes metrics.json and the verdict.")
     def evaluate(prev: dict) -> dict:
-        from tasks import evaluate as step
+        from nightrec.tasks import evaluate as step
 
         return {"ds": prev["ds"], **step.run(prev["ds"], prev)}
 
     @task(doc_md="Every interaction up to ds with valid ids (clean + value/policy quarantine).")
     def seen(prev: dict) -> dict:
-        from tasks import seen as step
+        from nightrec.tasks import seen as step
 
         return {"ds": prev["ds"], "seen": step.build(prev["ds"])}
 
@@ -149,7 +149,9 @@ def nightly_recommendations():
     def gate(prev: dict) -> list[str]:
         import logging
 
-        from tasks import evaluate, settings
+        from nightrec.tasks import evaluate
+
+        from nightrec.core import settings
 
         params = get_current_context()["params"]
         forced = bool(params.get("force_publish"))
@@ -176,7 +178,9 @@ def nightly_recommendations():
 
     @task(doc_md="Register a blessed model (immutable; it becomes champion only once published).")
     def register(prev: dict) -> dict:
-        from tasks import registry, settings
+        from nightrec.tasks import registry
+
+        from nightrec.core import settings
 
         params = get_current_context()["params"]
         if not prev["blessed"] or params.get("dry_run"):
@@ -188,8 +192,8 @@ def nightly_recommendations():
 
     @task(doc_md="The gate refused: the champion re-scored on today's seen items, or popularity.")
     def fallback(prev: dict, seen_out: dict) -> dict:
-        from tasks import registry
-        from tasks import score as step
+        from nightrec.tasks import registry
+        from nightrec.tasks import score as step
 
         why = f"the gate refused the new model: {prev['gate']['reason']}"
         version = registry.champion()  # read once: the model scored is the one named here
@@ -205,7 +209,7 @@ def nightly_recommendations():
     @task(outlets=[CHAMPION],
           doc_md="The published blessed model becomes champion (ds-ordered); emits the asset.")
     def promote(prev: dict, published: dict, *, outlet_events=None) -> dict:
-        from tasks import registry
+        from nightrec.tasks import registry
 
         if not prev["registered"] or published.get("dry_run"):
             raise AirflowSkipException("no new blessed model was published by this run")
@@ -220,7 +224,7 @@ def nightly_recommendations():
 
     @task(doc_md="Resolve the pinned model_version, or the champion, from the registry.")
     def load_model() -> dict:
-        from tasks import registry
+        from nightrec.tasks import registry
 
         version = get_current_context()["params"].get("model_version")
         model = permanent(registry.resolve, version)
@@ -230,7 +234,7 @@ def nightly_recommendations():
     @task(trigger_rule="none_failed_min_one_success",
           doc_md="Split the chosen model's users into user_id ranges, one score task each.")
     def plan_shards(prev: dict) -> list[dict]:
-        from tasks import score as step
+        from nightrec.tasks import score as step
 
         ctx = get_current_context()
         chosen = [x for x in ctx["ti"].xcom_pull(task_ids=["register", "fallback", "load_model"])
@@ -242,8 +246,8 @@ def nightly_recommendations():
 
     @task(doc_md="Build the run report (HTML with plots) and upload it; runs whatever happened.")
     def report() -> str:
-        from tasks import locks
-        from tasks import report as step
+        from nightrec.ops import report as step
+        from nightrec.store import locks
 
         ctx = get_current_context()
         found = ctx["ti"].get_task_states(dag_id=ctx["dag"].dag_id, run_ids=[ctx["run_id"]])

@@ -18,7 +18,7 @@ When that ds's table was already published by that model (the usual case right a
 run), `plan` says so and the run ends without work. After a nightly run whose model was promoted
 but whose publish failed, this is what puts the champion's table in front of readers.
 
-`plan` takes the run's lease on the ds (`runs/ds=<ds>/_run_lock.json`, tasks/locks.py) before it
+`plan` takes the run's lease on the ds (`runs/ds=<ds>/_run_lock.json`, nightrec/store/locks.py) before it
 looks: a nightly run of that ds still scoring or publishing makes it wait (`run.lock_wait_s`), so
 the two never write the same ds at once. The `release` teardown gives the lease back.
 """
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from airflow.sdk import dag, get_current_context, task
 
-from orchestration.common import (
+from nightrec.orchestration.common import (
     CHAMPION,
     dag_kwargs,
     dry_run_param,
@@ -63,8 +63,11 @@ def rescore_recommendations():
         import contextlib
         import logging
 
-        from tasks import layout, registry, settings, storage
-        from tasks.reader import RecommendationReader
+        from nightrec.tasks import registry
+
+        from nightrec.core import settings
+        from nightrec.store import layout, storage
+        from nightrec.table.reader import RecommendationReader
 
         ctx = get_current_context()
         params = ctx["params"]
@@ -89,7 +92,7 @@ def rescore_recommendations():
                 "ds=%s is already published by %s: nothing to do", ds, version)
             release_lease(ds)
             return None
-        from tasks import seen as seen_step
+        from nightrec.tasks import seen as seen_step
 
         model = {**model, "source": "champion_rescore",
                  "source_reason": f"re-score with {version} (rescore_recommendations)"}
@@ -97,7 +100,7 @@ def rescore_recommendations():
 
     @task(doc_md="Split the model's users into user_id ranges, one score task each.")
     def plan_shards(prev: dict) -> list[dict]:
-        from tasks import score as step
+        from nightrec.tasks import score as step
 
         params = get_current_context()["params"]
         return step.plan(prev["ds"], prev["model"], prev["seen"], run_key=run_key(),

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from airflow.sdk import Param, dag, get_current_context, task
 
-from orchestration.common import dag_kwargs, ds_param, run_ds
+from nightrec.orchestration.common import dag_kwargs, ds_param, run_ds
 
 
 @dag(
@@ -35,7 +35,7 @@ from orchestration.common import dag_kwargs, ds_param, run_ds
 def tune_hyperparameters():
     @task(doc_md="Search tune.space for tune.model on the ds's train/valid split.")
     def tune() -> dict:
-        from tasks import tune as step
+        from nightrec.tasks import tune as step
 
         ctx = get_current_context()
         return step.run(run_ds(), n_trials=ctx["params"].get("n_trials"))

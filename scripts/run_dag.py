@@ -7,7 +7,7 @@ success.
 
 This one process runs every task of the run, so it sets ``NIGHTREC_RUN_PID`` to its pid: the
 run lease records it, and a rerun on this host takes over at once once this process is gone
-(tasks/locks.py). **SIGTERM / SIGINT** stop the run: Airflow's task runner installs its own
+(nightrec/store/locks.py). **SIGTERM / SIGINT** stop the run: Airflow's task runner installs its own
 SIGTERM handler (which only calls ``on_kill`` and lets the task go on), so both signals are
 blocked in every thread and taken by one watcher thread (``sigwait``); with ``--parent-pid``,
 the death of that process (the CLI, even by kill -9) sends this one SIGTERM. It stops this process's
@@ -62,7 +62,7 @@ def ensure_db(state: Path) -> None:
 def stop_children(grace_s: float = CHILD_GRACE_S) -> list[int]:
     """SIGTERM every descendant of this process, SIGKILL those left after ``grace_s``, and reap
     our own children. Returns the pids signalled."""
-    from tasks import locks
+    from nightrec.store import locks
 
     kids = locks.descendants(os.getpid())
     for pid in kids:
@@ -112,7 +112,7 @@ def watch_signals(ds: str, result_file: Path) -> None:
         result = {"ds": ds, "state": "stopped", "stopped_by": name, "signal": int(signum),
                   "tasks": {}}
         try:
-            from tasks import locks
+            from nightrec.store import locks
 
             locks.close()  # before the children die: no task takes the lease back
             result["children_stopped"] = stop_children()
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     watch_signals(args.ds, args.result_file)
     if args.parent_pid:
         die_with_parent(args.parent_pid)
-    # this process runs every task (dag.test()): the run lease may record its pid (tasks/locks.py)
+    # this process runs every task (dag.test()): the run lease may record its pid (nightrec/store/locks.py)
     os.environ["NIGHTREC_RUN_PID"] = str(os.getpid())
     ensure_db(args.state)
 
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
               "tasks": states}
     failed = [t for t, s in states.items() if s in ("failed", "upstream_failed")]
     if failed:
-        from tasks.alerts import read_failure
+        from nightrec.ops.alerts import read_failure
 
         alert = read_failure(dr.run_id) or {}
         result["failed_task"] = alert.get("task_id") or failed[0]

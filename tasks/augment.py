@@ -57,7 +57,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from tasks import layout, schema, settings, storage
+from nightrec.core import schema, settings
+from nightrec.store import layout, storage
 
 PARAMS = [
     "augment.positive_min_rating",

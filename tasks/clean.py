@@ -10,7 +10,7 @@ forgotten_rows``):
   of the external id; this run's index, which training and scoring use);
 - ``quarantine``: the raw strings plus ``source_file, raw_row, raw_text, reason``.
 
-Forgotten users (``nightrec forget``, tasks/retention.py): a row whose stripped user id hashes
+Forgotten users (``nightrec forget``, nightrec/ops/retention.py): a row whose stripped user id hashes
 (sha256 of its UTF-8 bytes) into ``state/forgotten/users.parquet`` is dropped before any rule
 judges it, so it reaches neither table; ``forgotten_rows`` counts them.
 
@@ -67,7 +67,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tasks import layout, schema, settings, storage
+from nightrec.core import schema, settings
+from nightrec.store import layout, storage
 
 PARAMS = [
     "clean.min_rating",

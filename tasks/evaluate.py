@@ -3,7 +3,7 @@
 What is gated is what ships: the ``full_embeddings`` of train, the chosen candidate refit on
 train + valid (tasks/train.py), scored on the test split it never saw. For each test user,
 every item is ranked (the user's train and valid items excluded) and the top ``max(evaluate.k)``
-is compared with the user's held-out positives (see tasks/metrics.py). The popularity baseline
+is compared with the user's held-out positives (see nightrec/ml/metrics.py). The popularity baseline
 ranks items by their count of train + valid positives (the data the model was fitted on), with
 the same exclusions.
 
@@ -30,14 +30,14 @@ reason. It is the ``evaluate`` stage's DVC metrics file.
 
 from __future__ import annotations
 
-import argparse
 import io
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from tasks import layout, metrics, models, ranking, schema, settings, storage
+from nightrec.core import schema, settings
+from nightrec.ml import metrics, models, ranking
+from nightrec.store import layout, storage
 
 PARAMS = [
     "evaluate.k",
@@ -49,7 +49,7 @@ PARAMS = [
 
 def recommend(emb: dict, seen, users: np.ndarray, k: int) -> np.ndarray:
     """Top-``k`` item indices (n_users, k) of ``users`` for either model kind, ``seen`` excluded
-    (and, for an item-item model, used as the user vectors: tasks/models.py)."""
+    (and, for an item-item model, used as the user vectors: nightrec/ml/models.py)."""
     user_vecs, item_vecs, bias = models.scoring_inputs(emb, seen)
     chunks = ranking.iter_top_k(user_vecs, item_vecs, bias, seen, users, k=k)
     return np.concatenate([items for _, items, _ in chunks])
@@ -126,7 +126,7 @@ def compare_with_champion(
     """The model and the champion on the test events later than the champion's
     ``train_cutoff`` (unix seconds), each user's other events excluded from ranking.
 
-    ``champion``: its weights aligned to this run (:func:`tasks.models.align`), or a callable
+    ``champion``: its weights aligned to this run (:func:`nightrec.ml.models.align`), or a callable
     returning them, called only when there is something to compare on. Returns ``{"compared":
     bool, "reason", "train_cutoff", "test_events", "later_events", "users", "model": metrics,
     "champion": metrics}`` (the metrics only when compared).
@@ -217,7 +217,7 @@ def _champion(trained: dict):
     """``(champion version or None, its train_cutoff or None, load)``: ``load()`` gives the
     champion's shipped weights (``embeddings``: it trained only up to its cutoff) aligned to
     this run by external id."""
-    from tasks import registry, score
+    from nightrec.tasks import registry, score
 
     version = registry.champion()
     if version is None:
@@ -291,21 +291,3 @@ def run(ds: str, trained: dict[str, str], params: dict | None = None) -> dict:
     }
     return {"model": model, "metrics": uri, "blessed": result["gate"]["blessed"],
             "gate": result["gate"]}
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="evaluate a local model folder (dvc stage)")
-    parser.add_argument("--split-dir", required=True, type=Path)
-    parser.add_argument("--model-dir", required=True, type=Path)
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args(argv)
-    p = settings.step_params(PARAMS)
-    emb = dict(np.load(args.model_dir / "full" / "embeddings.npz"))  # the shipped refit
-    parts = {n: pd.read_parquet(args.split_dir / f"{n}.parquet") for n in ("train", "valid", "test")}
-    n_users = int(pd.concat(parts.values())[schema.USER_IDX].max()) + 1
-    storage.write_json(args.out, _evaluate(emb, parts, p, n_users=n_users))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -57,8 +57,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tasks import layout, schema, settings, storage
-from tasks.errors import PermanentError
+from nightrec.core import schema, settings
+from nightrec.core.errors import PermanentError
+from nightrec.store import layout, storage
 
 PARAMS = ["ingest.delimiter", "ingest.block_bytes", "ingest.batch_rows"]
 ALIASES = schema.COLUMN_ALIASES

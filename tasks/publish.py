@@ -16,7 +16,7 @@ both do on AWS S3).
    publisher of the same ds finds it and stops with ``PublishConflict`` before writing
    anything. A claim names its owner (the run) and expires after ``publish.claim_ttl_s``; the
    same run's retry renews it in place, and anyone after expiry deletes it and creates its own
-   (tasks/locks.py), so a crashed
+   (nightrec/store/locks.py), so a crashed
    publisher blocks nobody for long.
 3. **Write the parts** at content-addressed keys ``part-<publish_id>-NNNNN.parquet``
    (``publish_id`` hashes the parts' checksums): a key never changes content, so a reader that
@@ -59,9 +59,10 @@ import uuid
 
 import numpy as np
 import pandas as pd
+from nightrec.tasks.validate import ContractError, run_suite
 
-from tasks import layout, locks, schema, settings, storage
-from tasks.validate import ContractError, run_suite
+from nightrec.core import schema, settings
+from nightrec.store import layout, locks, storage
 
 PARAMS = ["publish.retention_days", "publish.claim_ttl_s", "publish.reader_grace_s"]
 SUITE = "expectations/recommendations.json"
@@ -623,7 +624,7 @@ def apply_retention(*, keep_days: int, protect: tuple[str, ...] = (),
 
 def run(ds: str, scored: dict, params: dict | None = None, dry_run: bool = False,
         publisher: str | None = None) -> dict:
-    """Validate and publish the staged parts of ``scored`` (``tasks.score.collect``'s dict).
+    """Validate and publish the staged parts of ``scored`` (``nightrec.tasks.score.collect``'s dict).
 
     ``publisher``: who is publishing, for the claim (default: the run key in ``scored``; a retry
     of the same run takes its own stale claim over). ``dry_run``: validate only, then remove the

@@ -42,8 +42,8 @@ import json
 import logging
 import re
 
-from tasks import layout, storage
-from tasks.errors import PermanentError
+from nightrec.core.errors import PermanentError
+from nightrec.store import layout, storage
 
 log = logging.getLogger(__name__)
 CHAMPION_LOCK_TTL_S = 60.0  # held for two requests; a crashed holder's lock frees itself then
@@ -124,7 +124,7 @@ def code_version() -> str:
     import subprocess
     from importlib import metadata
 
-    from tasks import settings
+    from nightrec.core import settings
 
     if os.environ.get("NIGHTREC_CODE_VERSION"):
         return os.environ["NIGHTREC_CODE_VERSION"]
@@ -241,7 +241,7 @@ def _move_champion(build) -> dict:
     when there is none). Returns ``{"moved": bool, **record}``."""
     import uuid
 
-    from tasks import locks
+    from nightrec.store import locks
 
     with locks.short_lock(champion_lock_uri(), owner=f"champion-{uuid.uuid4().hex[:8]}",
                           ttl_s=CHAMPION_LOCK_TTL_S, busy=_lock_busy):

@@ -15,7 +15,7 @@ re-score with a model fitted on an older ds covers today's new users too:
 - a user the model knows keeps the model's vector (a factor model's user vector is not refitted,
   even if the user's seen set grew since; an item-item model's user vector is the user's seen
   row, so it always uses the whole seen set);
-- a factor model's new user is *folded in*: the ridge solution of :func:`tasks.models.fold_in`
+- a factor model's new user is *folded in*: the ridge solution of :func:`nightrec.ml.models.fold_in`
   (``score.fold_in_l2``) over their seen items the model knows;
 - an item-item model's new user is scored from their seen row, as every user is;
 - a user none of whose seen items the model knows (and, for a factor model, unknown to it) gets
@@ -60,10 +60,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from nightrec.tasks.publish import arrow_schema
 from scipy import sparse
 
-from tasks import layout, models, ranking, schema, settings, storage
-from tasks.publish import arrow_schema
+from nightrec.core import schema, settings
+from nightrec.ml import models, ranking
+from nightrec.store import layout, storage
 
 PARAMS = ["score.top_k", "score.user_chunk", "score.shards", "score.fold_in_l2",
           "publish.rows_per_part", "publish.row_group_size"]
@@ -147,7 +149,7 @@ def user_inputs(emb: dict, seen: sparse.csr_matrix, model_rows: np.ndarray, *,
     ``model_rows``: each user's index in the model, -1 for a user it does not know. ``cold``
     (bool per user): nothing to score the user with (no model vector and none of their seen items
     known to the model), so they get popular items; ``folded``: new users of a factor model whose
-    vector :func:`tasks.models.fold_in` solved from their seen items.
+    vector :func:`nightrec.ml.models.fold_in` solved from their seen items.
     """
     has_seen = np.diff(seen.indptr) > 0
     if models.is_item_item(emb):
@@ -185,7 +187,7 @@ def score_users(
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Yield ``(rows, items, scores)`` per ``user_chunk`` rows of ``seen``, in row order: warm rows
     ranked by the model, ``cold`` rows by ``popular`` (one count per item), seen items excluded
-    for both, ties to the lower item index (tasks/ranking.py)."""
+    for both, ties to the lower item index (nightrec/ml/ranking.py)."""
     n = seen.shape[0]
     if cold.any() and popular is None:
         raise ValueError("cold users need popular item counts")

@@ -37,8 +37,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from nightrec.tasks import clean
 
-from tasks import clean, layout, schema, settings, storage
+from nightrec.core import schema, settings
+from nightrec.store import layout, storage
 
 PARAMS = ["clean.id_pattern", "clean.max_id_length", "clean.batch_rows"]
 INCLUDED_REASONS = (

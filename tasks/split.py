@@ -39,7 +39,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tasks import schema, settings, storage
+from nightrec.core import schema, settings
+from nightrec.store import storage
 
 PARAMS = [
     "seed",

@@ -1,6 +1,6 @@
 """Step 6, train: fit each candidate model family, keep the best on the valid split, refit it.
 
-Candidates (``train.candidates``, families in tasks/models.py): ``ease`` (closed-form item-item,
+Candidates (``train.candidates``, families in nightrec/ml/models.py): ``ease`` (closed-form item-item,
 skipped above ``train.ease.max_items`` items) and ``mf_softmax`` (Keras embedding model, full
 softmax, or above ``train.mf_softmax.full_softmax_max_items`` items a logQ-corrected sampled
 softmax with negatives from ``augment.sample_negatives``). Per run:
@@ -38,7 +38,6 @@ plan); ``selection.json`` (every candidate's valid metric); TensorBoard logs und
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import io
@@ -51,7 +50,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tasks import layout, models, schema, settings, storage
+from nightrec.core import schema, settings
+from nightrec.ml import models
+from nightrec.store import layout, storage
 
 PARAMS = [
     "seed",
@@ -196,7 +197,7 @@ def _negatives_dataset(x, y, w, *, seen, counts, n_neg: int, alpha: float, seed:
     log sampling probability used for the logQ correction."""
     import math
 
-    from tasks import augment
+    from nightrec.tasks import augment
 
     keras = models.keras_module()
     q = np.power(counts, alpha)
@@ -257,7 +258,7 @@ def fit_mf(
     """Fit mf_softmax on the positive rows of ``train``; with ``valid``, early-stop on
     ``train.select_metric`` measured on (a ``train.valid_users`` sample of) it; the best epoch's
     weights are returned. Returns ``(weights, history, keras model)``."""
-    from tasks import evaluate
+    from nightrec.tasks import evaluate
 
     keras = models.keras_module()
     seed = int(p["seed"])
@@ -369,7 +370,7 @@ def train_both(
     shipped model (never fitted on ``parts["test"]``), ``train_cutoff`` the latest timestamp
     (unix seconds) it was fitted on.
     """
-    from tasks import evaluate
+    from nightrec.tasks import evaluate
 
     metric = p["train.select_metric"]
     names, skipped = candidates(p, n_items)
@@ -452,7 +453,7 @@ def model_version(ds: str, data_version: str, chosen: str, p: settings.StepParam
     the code version (``registry.code_version()`` unless given), so two code versions never
     share a model version."""
     if code_version is None:
-        from tasks import registry
+        from nightrec.tasks import registry
 
         code_version = registry.code_version()
     h = hashlib.sha256(json.dumps([data_version, dict(p), code_version],
@@ -488,7 +489,7 @@ def _warm_start_init(split_out: dict, p: settings.StepParams) -> dict | None:
     the champion is an mf model; else None (logged)."""
     if not p["train.mf_softmax.warm_start"]:
         return None
-    from tasks import registry, score
+    from nightrec.tasks import registry, score
 
     version = registry.champion()
     if version is None:
@@ -540,26 +541,3 @@ def run(ds: str, split_out: dict[str, str], params: dict | None = None) -> dict:
     log.info("trained %s (%s) on %s; selection %s", version, result["chosen"],
              result["holdout"][1].get("device_plan", "cpu (closed form)"), result["selection"])
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``dvc repro train``: fit from a local split folder into a local model folder."""
-    parser = argparse.ArgumentParser(description="train on data/split (dvc stage)")
-    parser.add_argument("--split-dir", required=True, type=Path)
-    parser.add_argument("--out-dir", required=True, type=Path)
-    args = parser.parse_args(argv)
-    p = settings.step_params(PARAMS)
-    parts = {n: pd.read_parquet(args.split_dir / f"{n}.parquet") for n in ("train", "valid", "test")}
-    every = pd.concat(parts.values())
-    n_users, n_items = int(every[schema.USER_IDX].max()) + 1, int(every[schema.ITEM_IDX].max()) + 1
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    result = train_both(parts, n_users=n_users, n_items=n_items, p=p, workdir=args.out_dir)
-    for name in ("holdout", "full"):
-        emb, hist = result[name]
-        _save(emb, hist, result["keras"].get(name), str(args.out_dir / name), args.out_dir)
-    (args.out_dir / "selection.json").write_text(json.dumps(result["selection"], indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

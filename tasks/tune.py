@@ -21,8 +21,10 @@ import time
 
 import numpy as np
 import pandas as pd
+from nightrec.tasks import evaluate, split, train
 
-from tasks import evaluate, layout, settings, split, storage, train
+from nightrec.core import settings
+from nightrec.store import layout, storage
 
 PARAMS = ["seed", "tune.model", "tune.n_trials", "tune.timeout_s", "tune.space"]
 SCALES = ("log", "linear", "int")
@@ -116,7 +118,7 @@ def load_split(ds: str) -> tuple[dict, int, int]:
     """The train/valid/test parts a nightly run of ``ds`` split, and its user and item counts."""
     uri = layout.run_uri(ds, "split", "train.parquet")
     if not storage.exists(uri):
-        from tasks.errors import PermanentError
+        from nightrec.core.errors import PermanentError
 
         raise PermanentError(f"no split for ds={ds} ({uri}): run nightly_recommendations first")
     parts = {n: storage.read_parquet(layout.run_uri(ds, "split", f"{n}.parquet"))

@@ -14,7 +14,7 @@ params.yaml and the run's ds (:func:`suite_parameters`):
 - ``recommendations``: the published table (tasks/publish.py).
 
 This step runs the raw and clean suites and checks that the share of raw rows quarantined as
-*invalid* (see tasks/schema.py) is at most ``validate.max_invalid_fraction``. Every check runs
+*invalid* (see nightrec/core/schema.py) is at most ``validate.max_invalid_fraction``. Every check runs
 before the verdict, so one report names every failure.
 
 Outputs: ``runs/ds=<ds>/validate/report.json`` (the verdict, the quarantine check, each suite's
@@ -37,8 +37,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tasks import layout, schema, settings, storage
-from tasks.errors import PermanentError
+from nightrec.core import schema, settings
+from nightrec.core.errors import PermanentError
+from nightrec.store import layout, storage
 
 PARAMS = [
     "validate.max_invalid_fraction",

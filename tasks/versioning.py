@@ -9,7 +9,7 @@ lock, and the checkout's own ``.dvc`` is never touched by the DAG. The workspace
 ``data_version`` is DVC's md5 of the ``data/split`` directory from ``dvc.lock``: the same bytes
 give the same version on any machine, and ``dvc pull`` with that lock fetches exactly them.
 Before the push, the split is checked (tasks/validate.py ``check_split``): a broken split stops
-the run and reaches neither the remote nor the run's outputs. ``python -m tasks.versioning fetch
+the run and reaches neither the remote nor the run's outputs. ``python -m nightrec.tasks.versioning fetch
 <data_version> --out DIR`` (:func:`fetch`) brings any pushed version back from the remote.
 """
 
@@ -28,8 +28,10 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
+from nightrec.tasks import split, validate
 
-from tasks import layout, settings, split, storage, validate
+from nightrec.core import settings
+from nightrec.store import layout, storage
 
 SPLIT_DIR = "data/split"
 INPUT = "data/augment/interactions.parquet"
@@ -73,20 +75,24 @@ def prepare_remote(ws: Path) -> None:
         _dvc(ws, "remote", "modify", "store", "endpointurl", endpoint)
 
 
+CODE_FOLDERS = ("tasks", "nightrec")  # what dvc.yaml's code deps live in
+
+
 def prepare_workspace(ws: Path, params: dict) -> None:
     """Create or refresh a no-SCM DVC workspace whose remote is the bucket's dvcstore.
 
-    It gets ``dvc.yaml``, the run's ``params.yaml`` and a copy of the ``tasks`` package:
-    ``dvc.yaml`` lists each stage's code as deps, and ``python -m tasks.<stage>`` run in the
-    workspace imports that copy, so the code DVC hashes is the code that runs (a code change
-    reruns the stage; an unchanged one is skipped).
+    It gets ``dvc.yaml``, the run's ``params.yaml`` and a copy of the code folders (``tasks/``
+    and ``nightrec/``): ``dvc.yaml`` lists each stage's code as deps, by those paths, so a code
+    change reruns the stage and an unchanged one is skipped. The stage itself runs the installed
+    package, which is this same checkout.
     """
     prepare_remote(ws)
     shutil.copyfile(settings.project_root() / "dvc.yaml", ws / "dvc.yaml")
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=True))
-    shutil.rmtree(ws / "tasks", ignore_errors=True)  # a module removed upstream goes too
-    shutil.copytree(settings.project_root() / "tasks", ws / "tasks",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for folder in CODE_FOLDERS:
+        shutil.rmtree(ws / folder, ignore_errors=True)  # a module removed upstream goes too
+        shutil.copytree(settings.project_root() / folder, ws / folder,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
 
 
 def data_version(ws: Path) -> str:

@@ -47,7 +47,8 @@ def labelled_events(**sample_kwargs):
     import numpy as np
     import pandas as pd
 
-    from tasks import sample_data, schema
+    from nightrec.core import schema
+    from nightrec.dev import sample_data
 
     inter, _, _ = sample_data.generate_sample(**sample_kwargs)
     return pd.DataFrame({
@@ -100,7 +101,7 @@ def _free_port_below(limit: int) -> int:
 
 @pytest.fixture(scope="session")
 def s3():
-    from tasks import s3server, storage
+    from nightrec.store import s3server, storage
 
     cfg = s3server.ServerConfig(
         data_dir=_TMP / "s3",
@@ -129,7 +130,8 @@ def airflow_db():
 
 @pytest.fixture(scope="session")
 def sample(tmp_path_factory):
-    from tasks import sample_data, settings
+    from nightrec.core import settings
+    from nightrec.dev import sample_data
 
     out = tmp_path_factory.mktemp("sample")
     return sample_data.write_sample(out, **sample_data.sample_kwargs(settings.load_params()))
@@ -147,7 +149,7 @@ def bucket(s3, monkeypatch):
     """A new empty bucket, made NIGHTREC_BUCKET for the test."""
     import uuid
 
-    from tasks import storage
+    from nightrec.store import storage
 
     name = f"t-{uuid.uuid4().hex[:12]}"
     storage.s3_client().create_bucket(Bucket=name)

@@ -8,9 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+from nightrec.tasks import augment
 from scipy import stats
 
-from tasks import augment, layout, settings, storage
+from nightrec.core import settings
+from nightrec.store import layout, storage
 
 DAY = 86400.0
 

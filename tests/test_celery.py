@@ -43,8 +43,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from tasks import layout, storage
-from tasks.reader import RecommendationReader
+from nightrec.store import layout, storage
+from nightrec.table.reader import RecommendationReader
 
 from .airflow_stack import (
     ROOT,

@@ -22,7 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks import cli, layout, locks, settings, storage
+from nightrec.core import settings
+from nightrec.ops import cli
+from nightrec.store import layout, locks, storage
 
 NIGHTREC = str(Path(sys.executable).parent / "nightrec")
 DS_KILL = "2026-12-05"

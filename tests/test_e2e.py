@@ -17,8 +17,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tasks import layout, storage
-from tasks.reader import RecommendationReader
+from nightrec.store import layout, storage
+from nightrec.table.reader import RecommendationReader
 from tests.conftest import TEST_PARAMS, params_with
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,7 +157,7 @@ def test_rerun_same_ds_replaces_partition(first_run):
 
 
 def test_blessed_model_is_registered_as_champion_and_report_uploaded(first_run):
-    from tasks import registry
+    from nightrec.tasks import registry
 
     manifest = storage.read_json(layout.manifest_uri(DS1))
     assert manifest["source"] == "model"
@@ -169,7 +169,7 @@ def test_blessed_model_is_registered_as_champion_and_report_uploaded(first_run):
 
 
 def test_registry_holds_the_models_lineage_and_training_artifacts(first_run):
-    from tasks import registry
+    from nightrec.tasks import registry
 
     version = storage.read_json(layout.manifest_uri(DS1))["model_version"]
     meta = registry.meta(version)
@@ -203,7 +203,7 @@ def _weak_params(tmp_path) -> Path:
 
 def test_weakened_challenger_is_not_blessed_falls_back_to_the_champion_or_is_forced(
         first_run, sample, tmp_path, monkeypatch, caplog):
-    from tasks import registry
+    from nightrec.tasks import registry
 
     ds = "2026-11-20"  # a backfill: the latest pointer never moves back to it
     upload(ds, sample)
@@ -253,9 +253,11 @@ def test_a_first_night_publishes_popularity_and_a_model_is_champion_only_once_pu
     """A new deployment's first night with a model the gate refuses still gives readers a
     table (popularity, seen items excluded); the next night's blessed model is registered, but
     while its publish fails it is not champion."""
-    from tasks import alerts, registry
-    from tasks import publish as publish_step
-    from tasks.validate import ContractError
+    from nightrec.tasks import publish as publish_step
+    from nightrec.tasks import registry
+    from nightrec.tasks.validate import ContractError
+
+    from nightrec.ops import alerts
 
     first, second = "2026-11-10", "2026-11-11"
     upload(first, sample)
@@ -295,7 +297,7 @@ def test_a_first_night_publishes_popularity_and_a_model_is_champion_only_once_pu
 def test_tune_dag_searches_the_declared_space_and_records_trials(first_run):
     from airflow.dag_processing.dagbag import DagBag
 
-    from tasks import settings
+    from nightrec.core import settings
 
     dag = DagBag(dag_folder=str(ROOT / "dags")).get_dag("tune_hyperparameters")
     dr = dag.test(run_conf={"ds": DS1, "n_trials": 3})
@@ -335,7 +337,7 @@ def test_report_renders_with_its_plots_in_headless_chromium(first_run, tmp_path)
 
 
 def test_retrain_false_scores_with_the_champion_and_dry_run_publishes_nothing(first_run):
-    from tasks import registry
+    from nightrec.tasks import registry
 
     champion = registry.champion()
     before = storage.read_json(layout.manifest_uri(DS1))
@@ -357,7 +359,7 @@ def test_s3_unavailable_for_a_first_attempt_then_the_retry_succeeds(first_run, s
     the real endpoint, succeeds and the run publishes."""
     import socket
 
-    from tasks import clean
+    from nightrec.tasks import clean
 
     ds = "2026-11-26"
     upload(ds, sample)
@@ -426,7 +428,7 @@ def test_two_nights_on_a_growing_movielens_log_at_its_own_dates(bucket, ml100k, 
                "--ds", ds]
         return subprocess.run(cmd, capture_output=True, text=True, check=False)
 
-    from tasks import registry
+    from nightrec.tasks import registry
 
     run1 = nightrec_run(night1, "1998-03-15")
     assert run1.returncode == 0, run1.stderr[-3000:]
@@ -466,7 +468,7 @@ def test_any_valid_ds_is_after_the_dags_start_date():
     DAGs start at the epoch, before any ds clean accepts (clean.min_timestamp)."""
     from airflow.dag_processing.dagbag import DagBag
 
-    from tasks import settings
+    from nightrec.core import settings
 
     bag = DagBag(dag_folder=str(ROOT / "dags"))
     floor = dt.datetime.fromisoformat(settings.load_params()["clean"]["min_timestamp"])
@@ -496,7 +498,7 @@ def test_cli_run_failure_names_the_task_and_error_in_one_line(s3, sample, tmp_pa
 
 
 def test_cli_status_lists_runs_champion_and_latest(s3, first_run):
-    from tasks import registry
+    from nightrec.tasks import registry
 
     out = subprocess.run([str(Path(sys.executable).parent / "nightrec"), "status", "--limit", "20"],
                          capture_output=True, text=True, check=True, env={**os.environ, "COLUMNS": "200"})

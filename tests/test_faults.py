@@ -40,8 +40,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks import layout, s3server, settings, storage
-from tasks.reader import RecommendationReader
+from nightrec.core import settings
+from nightrec.store import layout, s3server, storage
+from nightrec.table.reader import RecommendationReader
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -54,7 +55,7 @@ SITECUSTOMIZE = textwrap.dedent('''
     DS = os.environ.get("NIGHTREC_FAULT_DS", "")
 
     if os.environ.get("NIGHTREC_WRITE_LOG"):  # every object this process writes or deletes
-        from tasks import storage as _st
+        from nightrec.store import storage as _st
 
         def _logged(fn, pos):
             def wrapper(*a, **k):
@@ -74,7 +75,7 @@ SITECUSTOMIZE = textwrap.dedent('''
         os.kill(os.getpid(), signal.SIGKILL)
 
     if STAGE in ("ingest", "clean", "score_shard", "publish"):
-        from tasks import storage
+        from nightrec.store import storage
         marker = {"ingest": f"runs/ds={DS}/ingest/", "clean": f"runs/ds={DS}/clean/",
                   "score_shard": "/shard-00001/", "publish": f"recommendations/ds={DS}/part-"}[STAGE]
         allowed = 0 if STAGE == "score_shard" else 1  # writes let through before the kill
@@ -98,7 +99,7 @@ SITECUSTOMIZE = textwrap.dedent('''
         storage.write_bytes, storage.upload_from = write_bytes, upload_from
 
     elif STAGE == "dvc_push":
-        from tasks import versioning
+        from nightrec.tasks import versioning
         real_dvc = versioning._dvc
 
         def _dvc(ws, *args):
@@ -139,7 +140,7 @@ def fault_env(s3, airflow_db, sample, tmp_path_factory):
     params["score"]["shards"] = 2
     # Each run_dag.py call is a new DAG run (its own run id): the rerun after a kill finds the
     # killed run's lease naming a dead pid on this host (run_dag.py records its own) and takes
-    # it over at once (tasks/locks.py). The lease of the
+    # it over at once (nightrec/store/locks.py). The lease of the
     # run that meets the S3 outage lapses during it and is renewed (by its heartbeat) within a
     # couple of seconds of the store coming back, before the competitor below asks for it.
     params["run"].update(lock_ttl_s=5, lock_wait_s=8)
@@ -193,7 +194,7 @@ def published(ds: str) -> tuple[dict, int]:
 def test_kill_9_in_each_writing_stage_leaves_the_latest_table_intact(fault_env):
     # The table readers have before the faults: a real publish of a staged table (no DAG run
     # needed for it; tests/test_publish.py covers that path).
-    from tasks import publish
+    from nightrec.tasks import publish
 
     from .test_publish import stage as stage_table
 

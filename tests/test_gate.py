@@ -18,8 +18,11 @@ import io
 import numpy as np
 import pandas as pd
 import pytest
+from nightrec.tasks import evaluate, registry, split
 
-from tasks import evaluate, layout, models, registry, schema, settings, split, storage
+from nightrec.core import schema, settings
+from nightrec.ml import models
+from nightrec.store import layout, storage
 from tests.conftest import labelled_events
 
 KS = [10]

@@ -1,4 +1,11 @@
-"""Imports point one way: dags/ may import tasks/, tasks/ never imports airflow."""
+"""Imports point one way, and a file's folder says which way.
+
+The rule (README, "Layout"): each role folder of the ``nightrec`` package may import only the
+roles listed for it below, and only the third-party libraries its role needs. Airflow is
+imported by ``dags/`` and ``nightrec/orchestration/`` alone; the published-table package
+(``nightrec/table/``) needs nothing beyond the standard library, pyarrow and boto3, so it installs
+alone (tests/test_reader_install.py installs it into a bare virtualenv).
+"""
 
 import ast
 import itertools
@@ -9,6 +16,38 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# role -> the nightrec roles it may import (itself included). Lower rows never import upper ones.
+MAY_IMPORT = {
+    "table": {"table"},
+    "core": {"core", "table"},
+    "store": {"store", "core", "table"},
+    "ml": {"ml", "core"},
+    "tasks": {"tasks", "ml", "store", "core", "table"},
+    "dev": {"dev", "ml", "store", "core", "table"},
+    "ops": {"ops", "tasks", "dev", "ml", "store", "core", "table"},
+    "orchestration": {"orchestration", "ops", "tasks", "ml", "store", "core", "table"},
+}
+# Third-party imports a role may not make (anywhere in the file, lazy imports included).
+HEAVY = {"airflow", "tensorflow", "keras", "dvc", "great_expectations", "optuna", "faiss"}
+NEVER = {
+    "table": HEAVY | {"pandas", "numpy", "yaml", "scipy", "numba", "s3fs"},
+    "core": HEAVY | {"boto3", "botocore"},
+    "store": HEAVY,
+    "ml": {"airflow", "dvc", "great_expectations", "boto3", "botocore", "optuna"},
+    "tasks": {"airflow"},
+    "dev": {"airflow", "dvc", "great_expectations"},
+    "ops": {"airflow"},
+    "orchestration": set(),
+}
+
+
+def _role(path: Path) -> str:
+    rel = path.relative_to(ROOT).parts
+    if rel[0] == "tasks":
+        return "tasks"
+    assert rel[0] == "nightrec"
+    return rel[1] if len(rel) > 2 else "core"  # nightrec/__init__.py imports nothing anyway
+
 
 def _imported_modules(path: Path) -> set[str]:
     tree = ast.parse(path.read_text())
@@ -16,29 +55,97 @@ def _imported_modules(path: Path) -> set[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.update([node.module] + [f"{node.module}.{a.name}" for a in node.names])
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            raise AssertionError(f"{path}: relative import; write the role out")
     return names
 
 
-def test_tasks_source_never_imports_airflow():
-    offenders = {
-        str(p.relative_to(ROOT)): sorted(m for m in _imported_modules(p) if m.split(".")[0] == "airflow")
-        for p in (ROOT / "tasks").rglob("*.py")
-    }
-    assert {k: v for k, v in offenders.items() if v} == {}
+def _our_role(module: str) -> str | None:
+    """``nightrec.store.layout`` -> ``store``; None for anything not ours."""
+    parts = module.split(".")
+    if parts[0] != "nightrec":
+        return None
+    return parts[1] if len(parts) > 1 else "core"
 
 
-def test_importing_every_task_module_loads_no_airflow():
-    modules = [p.stem for p in (ROOT / "tasks").glob("*.py") if p.stem != "__init__"]
+def _sources() -> list[Path]:
+    return sorted([*(ROOT / "nightrec").rglob("*.py"), *(ROOT / "tasks").rglob("*.py")])
+
+
+def test_every_file_imports_only_what_its_folder_may():
+    offenders = {}
+    for path in _sources():
+        role = _role(path)
+        for module in _imported_modules(path):
+            top = module.split(".")[0]
+            ours = _our_role(module)
+            if top in ("tasks", "orchestration"):
+                bad = "the old top-level name"
+            elif ours is not None and ours not in MAY_IMPORT[role] and ours in MAY_IMPORT:
+                bad = f"role {ours!r} is not below {role!r}"
+            elif top in NEVER[role]:
+                bad = f"{top} is not for the {role!r} folder"
+            else:
+                continue
+            offenders.setdefault(str(path.relative_to(ROOT)), []).append(f"{module}: {bad}")
+    assert offenders == {}
+
+
+def test_the_rule_covers_every_folder():
+    folders = {p.name for p in (ROOT / "nightrec").iterdir() if p.is_dir() and p.name[0] != "_"}
+    assert folders | {"tasks"} == set(MAY_IMPORT)
+    for role, allowed in MAY_IMPORT.items():  # the rule has no cycles: a strict order
+        for other in allowed - {role}:
+            assert role not in MAY_IMPORT[other], (role, other)
+
+
+def test_the_rule_catches_a_wrong_import(tmp_path, monkeypatch):
+    """The checker itself: a table module importing the store, or a step importing airflow."""
+    fake = tmp_path / "nightrec" / "table" / "x.py"
+    fake.parent.mkdir(parents=True)
+    fake.write_text("from nightrec.store import storage\nimport pandas\n")
+    step = tmp_path / "tasks" / "y.py"
+    step.parent.mkdir()
+    step.write_text("def f():\n    from airflow.sdk import task\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    try:
+        test_every_file_imports_only_what_its_folder_may()
+    except AssertionError as e:
+        message = str(e)
+    else:
+        raise AssertionError("the layering check passed a wrong import")
+    assert "nightrec/table/x.py" in message and "pandas" in message
+    assert "tasks/y.py" in message and "airflow" in message
+
+
+def test_importing_every_module_outside_orchestration_loads_no_airflow():
+    modules = [f"nightrec.tasks.{p.stem}" for p in (ROOT / "tasks").glob("*.py")
+               if p.stem != "__init__"]
+    modules += [".".join(p.relative_to(ROOT).with_suffix("").parts) for p in
+                (ROOT / "nightrec").rglob("*.py")
+                if p.stem != "__init__" and "orchestration" not in p.parts]
     code = (
         "import sys\n"
-        + "".join(f"import tasks.{m}\n" for m in modules)
+        + "".join(f"import {m}\n" for m in modules)
         + "print(sorted(m for m in sys.modules if m.split('.')[0] == 'airflow'))"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_old_generic_import_names_are_gone():
+    """``tasks`` and ``orchestration`` were top-level import names that any other project's
+    ``tasks`` (Celery's convention) shadowed. Outside the checkout they do not import."""
+    for name in ("tasks", "orchestration"):
+        out = subprocess.run([sys.executable, "-c", f"import {name}"], cwd="/",
+                             capture_output=True, text=True)
+        assert out.returncode != 0 and "ModuleNotFoundError" in out.stderr, name
+    out = subprocess.run([sys.executable, "-c", "import nightrec.tasks.clean"], cwd="/",
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
 
 
 def test_dags_import_cleanly_with_no_warnings(airflow_db):

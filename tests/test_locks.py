@@ -1,4 +1,4 @@
-"""The per-ds run lease (tasks/locks.py) on the real SeaweedFS: one run writes a ds at a time."""
+"""The per-ds run lease (nightrec/store/locks.py) on the real SeaweedFS: one run writes a ds at a time."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks import cli, layout, locks, storage
+from nightrec.ops import cli
+from nightrec.store import layout, locks, storage
 
 DS = "2026-11-28"
 
@@ -145,7 +146,7 @@ def test_a_run_lease_records_host_boot_id_and_the_run_pid_only_under_run_dag(buc
 def test_a_gone_holder_on_this_host_is_taken_over_at_once(bucket, caplog):
     pid = dead_pid()
     plant_lease(pid=pid)  # renewed a second ago, 10 minutes to go: only its pid says it is gone
-    caplog.set_level(logging.INFO, logger="tasks.locks")
+    caplog.set_level(logging.INFO, logger="nightrec.store.locks")
     started = time.monotonic()
     locks.hold_run(DS, "run-b", params(ttl_s=600, wait_s=60))
     assert time.monotonic() - started < 5

@@ -15,9 +15,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from nightrec.tasks import evaluate, split, train
 from scipy import sparse
 
-from tasks import evaluate, models, schema, settings, split, train
+from nightrec.core import schema, settings
+from nightrec.ml import models
 from tests.conftest import labelled_events
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -306,7 +308,8 @@ def test_mirrored_strategy_trains_on_two_cpu_replicas(tmp_path):
         sys.path.insert(0, {str(ROOT)!r})
         import numpy as np, pandas as pd
         from pathlib import Path
-        from tasks import settings, train
+        from nightrec.core import settings
+        from nightrec.tasks import train
         params = json.loads(sys.argv[1])
         rng = np.random.default_rng(0)
         df = pd.DataFrame({{"user_idx": rng.integers(0, 50, 2000), "item_idx": rng.integers(0, 30, 2000),

@@ -17,9 +17,11 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from nightrec.tasks import publish, score
 
-from tasks import layout, publish, schema, score, settings, storage
-from tasks.reader import RecommendationReader, TableChanged
+from nightrec.core import schema, settings
+from nightrec.store import layout, storage
+from nightrec.table.reader import RecommendationReader, TableChanged
 
 
 @pytest.fixture
@@ -360,7 +362,7 @@ def test_a_reader_polling_during_publishes_never_sees_a_partial_or_mixed_table(b
 
 
 def test_reader_raises_table_not_found_before_anything_is_published(bucket):
-    from tasks.reader import TableNotFound
+    from nightrec.table.reader import TableNotFound
 
     with pytest.raises(TableNotFound):
         RecommendationReader().for_user("1")
@@ -392,7 +394,7 @@ def test_manifest_popular_items_are_the_most_interacted(bucket):
 @pytest.mark.parametrize("fault", ["wrong_credential", "missing_bucket"])
 def test_s3_errors_fail_publish_clearly_and_leave_the_published_table(bucket, monkeypatch,
                                                                       fault):
-    from tasks.errors import PermanentError
+    from nightrec.core.errors import PermanentError
 
     publish.run("2026-03-09", stage("2026-03-09", run_key="before",
                                     model_version="mf-20260309-aaaaaaaa"))
@@ -440,7 +442,7 @@ def test_a_publisher_whose_claim_lapsed_deletes_nothing_of_the_rival_that_took_o
         return moved
 
     monkeypatch.setattr(publish, "move_latest", move)
-    with caplog.at_level("WARNING", logger="tasks.publish"):
+    with caplog.at_level("WARNING", logger="nightrec.tasks.publish"):
         publish.run(DS, a, params=params(claim_ttl_s=0))  # A's claim expires at once
     m = storage.read_json(layout.manifest_uri(DS))
     assert m["publisher"] == "run-b" and all(storage.exists(u) for u in listed(m))
@@ -457,7 +459,7 @@ def test_a_republish_retires_the_old_parts_for_the_grace_period_then_a_later_pub
         bucket):
     import time
 
-    from tasks.reader import PublishedTable
+    from nightrec.table.reader import PublishedTable
 
     p = params(reader_grace_s=1)
     publish.run(DS, stage(DS, run_key="r1", model_version="mf-20260310-aaaaaaaa", seed=1),

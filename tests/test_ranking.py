@@ -1,10 +1,10 @@
-"""tasks/ranking.py: exact top-K against a float64 brute force, ties, padding, determinism."""
+"""nightrec/ml/ranking.py: exact top-K against a float64 brute force, ties, padding, determinism."""
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from tasks import ranking
+from nightrec.ml import ranking
 
 
 def _seen(rng, n_users, n_items, per_user):
@@ -74,7 +74,7 @@ def test_ties_go_to_the_lower_index_even_at_the_kth_place():
 
 
 def test_unknown_items_with_a_huge_negative_bias_rank_last():
-    """tasks/models.py gives items a model never saw a bias of about -1e30."""
+    """nightrec/ml/models.py gives items a model never saw a bias of about -1e30."""
     rng = np.random.default_rng(5)
     n_users, n_items, k = 40, 3000, 50
     u = rng.integers(-2, 3, size=(n_users, 8)).astype(np.float32)
@@ -121,7 +121,7 @@ def test_threads_chunks_and_lazy_user_rows_give_identical_results():
     seen = _seen(rng, n_users, n_items, per_user=30)
     users = np.arange(n_users)
 
-    class LazyRows:  # what tasks/models.py passes for item-item models: rows on demand
+    class LazyRows:  # what nightrec/ml/models.py passes for item-item models: rows on demand
         def __getitem__(self, rows):
             return u[rows].astype(np.float64)
 

@@ -6,9 +6,10 @@ import json
 
 import pandas as pd
 import pytest
+from nightrec.tasks import registry
 
-from tasks import registry, storage
-from tasks.errors import PermanentError
+from nightrec.core.errors import PermanentError
+from nightrec.store import storage
 
 
 @pytest.fixture
@@ -78,7 +79,7 @@ def test_champion_history_and_rollback(empty_bucket):
 
 
 def test_models_cli_list_show_promote_rollback(empty_bucket, capsys):
-    from tasks import cli
+    from nightrec.ops import cli
 
     a, b = "ease-20261101-0000000a", "mf-20261102-0000000b"
     assert cli.main(["models", "list"]) == 0

@@ -1,4 +1,4 @@
-"""Retention and erasure (tasks/retention.py) against the real SeaweedFS.
+"""Retention and erasure (nightrec/ops/retention.py) against the real SeaweedFS.
 
 - ``nightrec gc``: a hand-built bucket (old and new runs, a live lease, the latest pointer on an
   old ds, registered models with a champion history and a published manifest, id-map
@@ -25,9 +25,12 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from nightrec.tasks import clean, ingest, publish, registry
 
-from tasks import clean, ingest, layout, publish, registry, retention, settings, storage
-from tasks.reader import RecommendationReader
+from nightrec.core import settings
+from nightrec.ops import retention
+from nightrec.store import layout, storage
+from nightrec.table.reader import RecommendationReader
 from tests.test_publish import stage
 
 NEWEST = "2026-03-31"
@@ -197,7 +200,7 @@ def test_cli_gc_is_a_dry_run_unless_applied(estate, capsys, monkeypatch, tmp_pat
 
 def _push_versions(ws, versions: list[dict[str, pd.DataFrame]]) -> list[str]:
     """Push each version's files as ``split/`` from one no-SCM workspace; their data_versions."""
-    from tasks import versioning
+    from nightrec.tasks import versioning
 
     retention.dvc_project(ws)
     out = []

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from tasks import s3server, storage
+from nightrec.store import s3server, storage
 
 
 def test_up_is_idempotent_and_serves_the_bucket(s3):

@@ -14,9 +14,10 @@ import os
 
 import psutil
 import pytest
+from nightrec.tasks import registry
 
-from tasks import layout, registry, storage
-from tasks.reader import RecommendationReader
+from nightrec.store import layout, storage
+from nightrec.table.reader import RecommendationReader
 
 from .airflow_stack import (
     core_commands,

@@ -17,8 +17,10 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
+from nightrec.tasks import clean, ingest, score, seen
 
-from tasks import clean, ingest, layout, schema, score, seen, settings, storage
+from nightrec.core import schema, settings
+from nightrec.store import layout, storage
 
 DS = "2026-11-28"
 T0 = 1_780_000_000  # 2026-05-28

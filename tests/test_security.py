@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from nightrec.tasks import registry
 
-from tasks import layout, registry, settings, storage
+from nightrec.core import settings
+from nightrec.store import layout, storage
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,7 +72,7 @@ HOSTILE_NAMES = ["..", ".hidden", "a/b", "a\\b", "a∕b", "é.csv", "ok.csv\n", 
 def test_hostile_ds_is_refused_by_the_param_schema_and_the_key_builders(value):
     from airflow.sdk.definitions.param import ParamValidationError
 
-    from orchestration.common import ds_param
+    from nightrec.orchestration.common import ds_param
 
     with pytest.raises(ValueError):
         settings.check_ds(value)
@@ -84,7 +86,7 @@ def test_hostile_ds_is_refused_by_the_param_schema_and_the_key_builders(value):
 def test_hostile_model_versions_never_build_a_key(value):
     from airflow.sdk.definitions.param import ParamValidationError
 
-    from orchestration.common import model_version_param
+    from nightrec.orchestration.common import model_version_param
 
     with pytest.raises(ValueError):
         registry.model_prefix(value)

@@ -1,4 +1,4 @@
-"""``nightrec serve`` (tasks/serve.py): a real server on a free port over the real SeaweedFS.
+"""``nightrec serve`` (nightrec/table/serve.py): a real server on a free port over the real SeaweedFS.
 
 Lookups, HEAD, every user id clean accepts (percent-encoded) and none it refuses, unknown users
 (404 or popular items), bounded inputs and malformed requests
@@ -18,8 +18,11 @@ from urllib.parse import quote
 
 import pyarrow as pa
 import pytest
+from nightrec.tasks import clean, publish
 
-from tasks import clean, publish, serve, settings, storage
+from nightrec.core import settings
+from nightrec.store import storage
+from nightrec.table import serve
 from tests.test_publish import stage
 
 DS1, DS2 = "2026-04-01", "2026-04-02"

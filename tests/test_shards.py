@@ -4,7 +4,7 @@ The re-score DAG (no training, so it is quick) scores a small registered model w
 shards under ``dag.test()`` against the real SeaweedFS. Shard 2's first try leaves a stray
 object in its own staging folder and fails; Airflow retries only that mapped task, the retry
 replaces only that folder, and the published table is complete. The fault is injected by
-wrapping ``tasks.score.run_shard`` in this test (``dag.test()`` runs tasks in this process), so
+wrapping ``nightrec.tasks.score.run_shard`` in this test (``dag.test()`` runs tasks in this process), so
 the production code has no fault hook at all.
 """
 
@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from nightrec.tasks import score
 
-from tasks import layout, score, storage
-from tasks.reader import RecommendationReader
+from nightrec.store import layout, storage
+from nightrec.table.reader import RecommendationReader
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.e2e

@@ -7,8 +7,10 @@ import importlib
 
 import pandas as pd
 import pytest
+from nightrec.tasks import augment, split, validate
 
-from tasks import augment, sample_data, settings, split, validate
+from nightrec.core import settings
+from nightrec.dev import sample_data
 
 KW = {"valid_fraction": 0.1, "test_fraction": 0.2, "min_user_events_for_holdout": 5,
       "valid_n": 2, "test_n": 3}
@@ -89,7 +91,7 @@ def test_split_problems_find_planted_leaks(events):
 
 
 def test_split_suite_passes_on_a_split_and_names_what_breaks(events):
-    p = settings.step_params(importlib.import_module("tasks.validate").PARAMS)
+    p = settings.step_params(importlib.import_module("nightrec.tasks.validate").PARAMS)
     parts = split.split_interactions(events, method="leave_last_fraction", **KW)
     report = validate.check_split(parts, ds="2026-11-28", method="leave_last_fraction", p=p)
     assert report["success"] is True, report

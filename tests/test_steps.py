@@ -7,9 +7,11 @@ import gzip
 import numpy as np
 import pandas as pd
 import pytest
+from nightrec.tasks import augment, clean, ingest, split
 
-from tasks import augment, clean, ingest, ranking, sample_data, split
-from tasks.metrics import all_metrics, hit_matrix, ndcg_at_k, recall_at_k
+from nightrec.dev import sample_data
+from nightrec.ml import ranking
+from nightrec.ml.metrics import all_metrics, hit_matrix, ndcg_at_k, recall_at_k
 
 DS = "2026-11-28"
 T0 = 1_780_000_000  # 2026-05-28
@@ -39,7 +41,7 @@ def test_ingest_reads_udata_csv_parquet_and_gzip():
 
 
 def sample_data_parquet(frame):
-    from tasks import storage
+    from nightrec.store import storage
 
     return storage.parquet_bytes(frame)
 
@@ -280,7 +282,7 @@ def test_top_k_exact_with_ties_seen_items_and_k_above_unseen(k):
 
 
 def test_shard_ranges_cover_every_user_once_in_order():
-    from tasks.score import shard_ranges
+    from nightrec.tasks.score import shard_ranges
 
     assert shard_ranges(10, shards=4) == [(0, 2), (2, 5), (5, 7), (7, 10)]
     assert shard_ranges(3, shards=8) == [(0, 1), (1, 2), (2, 3)]  # never an empty shard
@@ -291,7 +293,7 @@ def test_shard_ranges_cover_every_user_once_in_order():
 
 
 def test_row_groups_are_cut_at_user_boundaries():
-    from tasks.score import row_group_bounds
+    from nightrec.tasks.score import row_group_bounds
 
     users = np.array(["a"] * 3 + ["b"] * 3 + ["c"] * 3 + ["d"] * 7 + ["e"])
     assert row_group_bounds(users, row_group_size=6) == [(0, 6), (6, 16), (16, 17)]
@@ -302,7 +304,7 @@ def test_row_groups_are_cut_at_user_boundaries():
 
 
 def test_collect_refuses_a_missing_or_foreign_shard():
-    from tasks.score import collect
+    from nightrec.tasks.score import collect
 
     def result(shard, run_key="r"):
         return {"ds": "2026-11-28", "run_key": run_key, "shard": shard, "shards": 3,
@@ -319,7 +321,7 @@ def test_collect_refuses_a_missing_or_foreign_shard():
 
 
 def test_retention_keeps_n_days_up_to_the_latest_and_never_the_latest():
-    from tasks.publish import expired_partitions
+    from nightrec.tasks.publish import expired_partitions
 
     days = ["2026-11-01", "2026-11-20", "2026-11-21", "2026-11-22", "2026-11-30"]
     assert expired_partitions(days, latest="2026-11-22", keep_days=2) == ["2026-11-01",
@@ -332,7 +334,7 @@ def test_retention_keeps_n_days_up_to_the_latest_and_never_the_latest():
 
 
 def test_check_parts_finds_a_user_split_over_two_parts():
-    from tasks.publish import check_parts
+    from nightrec.tasks.publish import check_parts
 
     a = {"rows": 4, "min_user_id": "a", "max_user_id": "c"}
     assert check_parts([a, {"rows": 4, "min_user_id": "d", "max_user_id": "f"}]) == []

@@ -8,14 +8,16 @@ import re
 
 import pandas as pd
 import pytest
+from nightrec.tasks import clean, ingest, split, validate
 
-from tasks import clean, ingest, layout, settings, split, storage, validate
+from nightrec.core import settings
+from nightrec.store import layout, storage
 
 DS = "2026-11-18"  # after the sample data's last event
 
 
 def _p():
-    return settings.step_params(importlib.import_module("tasks.validate").PARAMS)
+    return settings.step_params(importlib.import_module("nightrec.tasks.validate").PARAMS)
 
 
 def _suite_params():

@@ -17,7 +17,8 @@ import datetime as dt
 import json
 import logging
 
-from tasks import layout, settings, storage
+from nightrec.core import settings
+from nightrec.store import layout, storage
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ USER_STABLE_IDX = "user_stable_idx"  # int64 index of an external user id, stabl
 ITEM_STABLE_IDX = "item_stable_idx"
 FIRST_DS = "first_ds"  # the ds on which an external id was first given its stable index
 
-# What replaces an erased user's id where a row must stay (tasks/retention.py): "~" is in no id
+# What replaces an erased user's id where a row must stay (nightrec/ops/retention.py): "~" is in no id
 # the default clean.id_pattern accepts, so it never names a real user. Scoring skips such users.
 FORGOTTEN_PREFIX = "~forgotten:"
 

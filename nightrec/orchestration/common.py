@@ -23,7 +23,7 @@ CHAMPION = Asset(name="nightrec_champion", uri="nightrec://models/champion")
 # "(?![\s\S])" is end-of-string in both Python (which jsonschema uses, where "$" would also
 # match before a trailing newline) and ECMA regexes (the UI's).
 DS_PATTERN = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}(?![\s\S])"
-MODEL_VERSION_PATTERN = r"^[a-z][a-z0-9]{0,15}-[0-9]{8}-[0-9a-f]{8}(?![\s\S])"  # = tasks.registry
+MODEL_VERSION_PATTERN = r"^[a-z][a-z0-9]{0,15}-[0-9]{8}-[0-9a-f]{8}(?![\s\S])"  # = nightrec.tasks.registry
 
 
 def ds_param() -> Param:
@@ -53,7 +53,7 @@ def dry_run_param() -> Param:
 
 def run_ds() -> str:
     """The run's partition: the ``ds`` param when given, else the run's logical date."""
-    from tasks.settings import check_ds
+    from nightrec.core.settings import check_ds
 
     ctx = get_current_context()
     logical = ctx.get("logical_date")
@@ -65,7 +65,7 @@ def run_ds() -> str:
 
 def run_key() -> str:
     """The run id as one safe key segment (staging prefixes are per run)."""
-    from tasks.layout import sanitize_token
+    from nightrec.store.layout import sanitize_token
 
     return sanitize_token(get_current_context()["run_id"])
 
@@ -75,7 +75,7 @@ def deployment_id() -> str:
     execution API URL and metadata DB URL every worker of one deployment shares (never logged
     in clear: the DB URL may hold a password). Two deployments can give the same run id (the
     same ds's scheduled run); this tells their runs apart in the per-ds lease."""
-    from tasks.layout import sanitize_token
+    from nightrec.store.layout import sanitize_token
 
     if os.environ.get("NIGHTREC_DEPLOYMENT"):
         return sanitize_token(os.environ["NIGHTREC_DEPLOYMENT"], max_len=40)
@@ -92,15 +92,15 @@ def run_owner() -> str:
 
 
 def hold_lease(ds: str) -> None:
-    """Take or renew this run's lease on ``ds`` (tasks/locks.py); another live run's lease
+    """Take or renew this run's lease on ``ds`` (nightrec/store/locks.py); another live run's lease
     makes the task wait up to ``run.lock_wait_s``, then fail at once (no retries)."""
-    from tasks import locks
+    from nightrec.store import locks
 
     permanent(locks.hold_run, ds, run_owner())
 
 
 def release_lease(ds: str) -> None:
-    from tasks import locks
+    from nightrec.store import locks
 
     locks.release_run(ds, run_owner())
 
@@ -128,8 +128,8 @@ def disk_full(err: BaseException | None) -> bool:
 
 
 def on_failure(context) -> None:
-    """Write an alert record naming the run, the task and the error (tasks/alerts.py)."""
-    from tasks.alerts import record_failure
+    """Write an alert record naming the run, the task and the error (nightrec/ops/alerts.py)."""
+    from nightrec.ops.alerts import record_failure
 
     ti = context["task_instance"]
     params = context.get("params") or {}
@@ -148,7 +148,7 @@ def on_failure(context) -> None:
 
 def permanent(fn, *args, **kwargs):
     """Call a step; a PermanentError (bad input) fails the task at once, without retries."""
-    from tasks.errors import PermanentError
+    from nightrec.core.errors import PermanentError
 
     try:
         return fn(*args, **kwargs)
@@ -198,7 +198,7 @@ def default_args() -> dict:
 @task(task_id="score",
       doc_md="Top-K unseen items for one shard's users, into that shard's staging parts.")
 def score_shard(spec: dict) -> dict:
-    from tasks import score as step
+    from nightrec.tasks import score as step
 
     hold_lease(spec["ds"])  # the nightly DAG's pre_execute did it already; re-score's did not
     return step.run_shard(spec)
@@ -208,8 +208,8 @@ def score_shard(spec: dict) -> dict:
       doc_md="Validate all shards' table, claim the ds, write parts and manifest, then move the "
              "latest pointer (conditional write); retention.")
 def publish_shards(shards: list[dict]) -> dict:
-    from tasks import publish as step
-    from tasks.score import collect
+    from nightrec.tasks import publish as step
+    from nightrec.tasks.score import collect
 
     scored = collect(list(shards))
     hold_lease(scored["ds"])

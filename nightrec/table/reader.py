@@ -37,8 +37,9 @@ from collections.abc import Iterator
 
 import pandas as pd
 
-from tasks import layout, schema, settings, storage
-from tasks.publish import arrow_schema
+from nightrec.core import schema, settings
+from nightrec.store import layout, storage
+from nightrec.tasks.publish import arrow_schema
 
 RETRIES = 3
 FOOTER_READ = 64 * 1024  # what pyarrow reads from a file's end to find its footer

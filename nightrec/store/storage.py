@@ -21,8 +21,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from tasks import settings
-from tasks.errors import PermanentError
+from nightrec.core import settings
+from nightrec.core.errors import PermanentError
 
 
 @lru_cache(maxsize=4)

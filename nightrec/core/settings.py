@@ -28,7 +28,7 @@ _DS_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
 def project_root() -> Path:
     """The project checkout (holds params.yaml, dvc.yaml, dags/ and expectations/)."""
     env = os.environ.get("NIGHTREC_HOME")
-    return Path(env).resolve() if env else Path(__file__).resolve().parents[1]
+    return Path(env).resolve() if env else Path(__file__).resolve().parents[2]
 
 
 def state_dir() -> Path:

@@ -61,8 +61,9 @@ import time
 import uuid
 from pathlib import Path
 
-from tasks import layout, settings, storage
-from tasks.errors import PermanentError
+from nightrec.core import settings
+from nightrec.core.errors import PermanentError
+from nightrec.store import layout, storage
 
 PARAMS = ["run.lock_ttl_s", "run.lock_wait_s"]
 RUN_PID_ENV = "NIGHTREC_RUN_PID"

@@ -53,7 +53,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tasks import clean, layout, locks, publish, registry, schema, settings, storage
+from nightrec.core import schema, settings
+from nightrec.store import layout, locks, storage
+from nightrec.tasks import clean, publish, registry
 
 PARAMS = [
     "retention.runs_days",
@@ -386,7 +388,7 @@ def dvc_project(ws: Path) -> Path:
     """A no-SCM DVC project in ``ws`` whose default remote is the bucket's dvcstore: what
     ``versioning.prepare_remote`` makes, with the config written at once (one ``dvc`` process
     instead of four, each about a second or more)."""
-    from tasks import versioning
+    from nightrec.tasks import versioning
 
     ws.mkdir(parents=True, exist_ok=True)
     versioning._dvc(ws, "init", "--no-scm", "-q")
@@ -403,7 +405,7 @@ def _dvc_gc(kept_versions: list[str], planned: set[str]) -> list[str]:
     project with one ``.dvc`` file per version; DVC fetches each ``.dir`` listing itself). Runs
     only when no run is in flight (a run pushes its split before its meta names it) and when
     DVC's own ``--dry`` run removes exactly ``planned``. Returns the deleted URIs."""
-    from tasks import versioning
+    from nightrec.tasks import versioning
 
     busy = _any_live_lease()
     if busy:
@@ -596,7 +598,7 @@ def _rewrite_published(ds: str, user_id: str, *, owner: str, ttl_s: float,
     holding the old manifest gets TableChanged and reopens). No other part moves."""
     import pyarrow.parquet as pq
 
-    from tasks import score
+    from nightrec.tasks import score
 
     claim = publish.claim_ds(ds, owner=owner, ttl_s=ttl_s)
     written: list[str] = []

@@ -20,7 +20,7 @@ A trained model is exported as ``embeddings.npz`` that scoring reads with numpy 
   item-item model also uses interactions newer than itself when it re-scores a later ds.
 
 :func:`scoring_inputs` gives, for either kind, the ``(user_vecs, item_vecs, item_bias)`` that
-``tasks.ranking.iter_top_k`` ranks with.
+``nightrec.ml.ranking.iter_top_k`` ranks with.
 """
 
 from __future__ import annotations

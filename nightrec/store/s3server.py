@@ -29,7 +29,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks import settings
+from nightrec.core import settings
 
 READY_TIMEOUT_S = 60.0
 

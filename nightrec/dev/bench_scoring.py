@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_scoring.py --users 200000 --items 20000 --dim 64 --k 100
 
-or ``tasks.bench_scoring.main(argv) -> dict``. Random Gaussian embeddings and ~``--seen`` seen
+or ``nightrec.dev.bench_scoring.main(argv) -> dict``. Random Gaussian embeddings and ~``--seen`` seen
 items per user (Poisson, uniform items), all seeded. Every method runs in the same process on
 the same data, interleaved piece by piece (the order rotates per piece), so noise from other
 processes falls on all of them alike; throughput is users over the method's summed time.
@@ -14,7 +14,7 @@ built per piece, and results are dropped; ``peak_rss_mb`` is the process's high-
 
 Methods (each over the same users, ``--threads`` threads):
 
-- ``nightrec``: ``tasks.ranking.iter_top_k`` (seen items excluded, exact, ties to the lower
+- ``nightrec``: ``nightrec.ml.ranking.iter_top_k`` (seen items excluded, exact, ties to the lower
   index), ``--chunk`` users per chunk.
 - ``faiss``: ``IndexFlatIP.search`` of ``k + max_seen`` per ``--chunk`` users (max over that
   chunk: the least over-fetch that is still exact), then the seen items are dropped with a
@@ -63,7 +63,7 @@ def make_piece(index: int, users: int, items: int, dim: int, seen: int, seed: in
 
 
 def run_nightrec(u, v, seen, k: int, chunk: int, threads: int) -> float:
-    from tasks.ranking import iter_top_k
+    from nightrec.ml.ranking import iter_top_k
 
     t = time.perf_counter()
     for _ in iter_top_k(u, v, None, seen, np.arange(len(u)), k=k, chunk=chunk, threads=threads):
@@ -72,7 +72,7 @@ def run_nightrec(u, v, seen, k: int, chunk: int, threads: int) -> float:
 
 
 def nightrec_top_k(u, v, seen, k: int, chunk: int, threads: int) -> np.ndarray:
-    from tasks.ranking import iter_top_k
+    from nightrec.ml.ranking import iter_top_k
 
     chunks = iter_top_k(u, v, None, seen, np.arange(len(u)), k=k, chunk=chunk, threads=threads)
     return np.concatenate([items for _, items, _ in chunks])
@@ -134,10 +134,10 @@ class GemmFloor:
 
 
 class NightrecGemm:
-    """The product half of tasks/ranking.py alone: same blocks, threads and work sharing."""
+    """The product half of nightrec/ml/ranking.py alone: same blocks, threads and work sharing."""
 
     def __init__(self, v: np.ndarray, threads: int):
-        from tasks import ranking
+        from nightrec.ml import ranking
 
         self.r = ranking
         self.panels = ranking.pack_items(v)
@@ -170,7 +170,7 @@ class NightrecGemm:
 def machine() -> str:
     """The CPU's vector width the kernel dispatched on (AVX-512 or AVX2) and the BLAS in use:
     what every benchmark prints, because two machines of one kind differ."""
-    from tasks import ranking
+    from nightrec.ml import ranking
 
     width = "AVX-512" if ranking.VECTOR_WIDTH == 16 else "AVX2"
     return f"CPU vectors {width} (kernel width {ranking.VECTOR_WIDTH}); BLAS {_blas_arch()}"
@@ -208,7 +208,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     threads = args.threads or len(os.sched_getaffinity(0))
-    from tasks import ranking
+    from nightrec.ml import ranking
 
     v = make_items(args.items, args.dim, args.seed)
     methods = {"nightrec": lambda u, s: run_nightrec(u, v, s, args.k, args.chunk, threads)}

@@ -6,10 +6,10 @@
     nightrec status [--limit N]
     nightrec sample --out DIR
     nightrec models list | show VERSION | promote VERSION | rollback
-    nightrec unlock --ds DATE --reason TEXT [--operator WHO]  (a dead run's lease; tasks/locks.py)
-    nightrec gc [--apply] | forget --user ID [--apply]      (tasks/retention.py)
-    nightrec serve [--host H] [--port P] [--ds DATE]          (read-only HTTP, tasks/serve.py)
-    nightrec bench-scoring [--users N --items N --dim D --k K ...]   (tasks/bench_scoring.py)
+    nightrec unlock --ds DATE --reason TEXT [--operator WHO]  (a dead run's lease; nightrec/store/locks.py)
+    nightrec gc [--apply] | forget --user ID [--apply]      (nightrec/ops/retention.py)
+    nightrec serve [--host H] [--port P] [--ds DATE]          (read-only HTTP, nightrec/table/serve.py)
+    nightrec bench-scoring [--users N --items N --dim D --k K ...]   (nightrec/dev/bench_scoring.py)
 
 Object store: with ``S3_ENDPOINT_URL`` set, that store is used as it is (AWS when it names AWS,
 or with ``--no-embedded-s3`` and no endpoint at all). Otherwise the embedded SeaweedFS server is
@@ -29,7 +29,8 @@ import sys
 import time
 from pathlib import Path
 
-from tasks import layout, s3server, settings, storage
+from nightrec.core import settings
+from nightrec.store import layout, s3server, storage
 
 # the progress bar's tasks (only the bar uses them: a task not listed still counts)
 DAG_TASKS = ("ingest", "clean", "validate", "augment", "choose", "split", "train", "evaluate",
@@ -146,7 +147,7 @@ def _kill_group(pgid: int) -> None:
 
 
 def _cmd_run(args) -> int:
-    from tasks import locks
+    from nightrec.store import locks
 
     ds = settings.check_ds(args.ds)
     endpoint = use_object_store(not args.no_embedded_s3)
@@ -249,7 +250,7 @@ def _tail(path: Path, n: int = 30) -> None:
 
 
 def _cmd_recs(args) -> int:
-    from tasks.reader import RecommendationReader, TableNotFound
+    from nightrec.table.reader import RecommendationReader, TableNotFound
 
     use_object_store(not args.no_embedded_s3)
     try:
@@ -265,7 +266,7 @@ def _cmd_recs(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from tasks.reader import RecommendationReader, TableNotFound
+    from nightrec.table.reader import RecommendationReader, TableNotFound
 
     use_object_store(not args.no_embedded_s3)
     try:
@@ -290,7 +291,7 @@ def _cmd_status(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from tasks import registry
+    from nightrec.tasks import registry
 
     use_object_store(not args.no_embedded_s3)
     console = Console()
@@ -310,9 +311,9 @@ def _cmd_status(args) -> int:
 
 def latest_table_lines(now: dt.datetime | None = None) -> list[tuple[str, bool]]:
     """``nightrec status``'s lines on the latest table: where it is, its manifest ``source``,
-    its age (hours since its pointer's ``updated_at``: tasks/alerts.py), and a warning (True)
+    its age (hours since its pointer's ``updated_at``: nightrec/ops/alerts.py), and a warning (True)
     when that age is over ``publish.max_age_hours``."""
-    from tasks import alerts
+    from nightrec.ops import alerts
 
     age = alerts.latest_table_age(now)
     if age is None:
@@ -330,10 +331,10 @@ def latest_table_lines(now: dt.datetime | None = None) -> list[tuple[str, bool]]
 
 
 def _cmd_unlock(args) -> int:
-    """An operator removes a dead run's lease on a ds (tasks/locks.py ``unlock``)."""
+    """An operator removes a dead run's lease on a ds (nightrec/store/locks.py ``unlock``)."""
     import getpass
 
-    from tasks import locks
+    from nightrec.store import locks
 
     ds = settings.check_ds(args.ds)
     use_object_store(not args.no_embedded_s3)
@@ -352,13 +353,13 @@ def _cmd_unlock(args) -> int:
 
 
 def _cmd_sample(args) -> int:
-    from tasks import sample_data
+    from nightrec.dev import sample_data
 
     return sample_data.main(["--out", str(args.out)])
 
 
 def _cmd_serve(args) -> int:
-    from tasks import serve
+    from nightrec.table import serve
 
     use_object_store(not args.no_embedded_s3)
     return serve.main(["--host", args.host]
@@ -368,7 +369,7 @@ def _cmd_serve(args) -> int:
 
 def _cmd_models(args) -> int:
     """The registry: list models, show one, promote one to champion, roll the champion back."""
-    from tasks import registry
+    from nightrec.tasks import registry
 
     use_object_store(not args.no_embedded_s3)
     try:
@@ -404,10 +405,10 @@ def _cmd_models(args) -> int:
 
 
 def _delegate_retention(args) -> int:
-    """``nightrec gc ...`` / ``nightrec forget ...``: tasks/retention.py parses and runs them
+    """``nightrec gc ...`` / ``nightrec forget ...``: nightrec/ops/retention.py parses and runs them
     (``cli_main(argv)`` gets the argv from the command name on, ``--no-embedded-s3`` taken out
     here once the object store is chosen)."""
-    from tasks import retention
+    from nightrec.ops import retention
 
     use_object_store("--no-embedded-s3" not in args.argv)
     return retention.cli_main([a for a in args.argv if a != "--no-embedded-s3"]) or 0
@@ -442,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--limit", type=int, default=10)
     s = add("sample", _cmd_sample, "write seeded sample data (sizes from params.yaml)")
     s.add_argument("--out", type=Path, required=True)
-    # parsed by tasks/bench_scoring.py itself (main() hands it the arguments untouched)
+    # parsed by nightrec/dev/bench_scoring.py itself (main() hands it the arguments untouched)
     sub.add_parser("bench-scoring", add_help=False,
                    help="scoring kernel vs faiss and the sgemm floor; last line is JSON")
     sv = add("serve", _cmd_serve, "read-only HTTP: GET /recommendations/<user_id>?k=")
@@ -454,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--ds", required=True)
     u.add_argument("--reason", required=True, help="why (kept in the audit record)")
     u.add_argument("--operator", help="who (default: $USER@host)")
-    # parsed by tasks/retention.py itself (cli_main() gets the arguments from the command on)
+    # parsed by nightrec/ops/retention.py itself (cli_main() gets the arguments from the command on)
     sub.add_parser("gc", add_help=False, help="prune old runs, models, id maps, DVC data "
                    "(a dry-run listing unless --apply)")
     sub.add_parser("forget", add_help=False, help="remove one user's data (--user ID [--apply])")
@@ -467,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench-scoring"]:
-        from tasks import bench_scoring
+        from nightrec.dev import bench_scoring
 
         bench_scoring.main(argv[1:])
         return 0

@@ -20,7 +20,9 @@ import logging
 import numpy as np
 import pandas as pd
 
-from tasks import alerts, layout, schema, settings, storage
+from nightrec.core import schema, settings
+from nightrec.ops import alerts
+from nightrec.store import layout, storage
 
 PARAMS = ["report.history_runs", "report.sample_rows", "publish.max_age_hours"]
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ raw/interactions/ds=<ds>/<files>         input snapshot (CSV/TSV/u.data/Parquet,
 raw/items/ds=<ds>/<file>                 optional item catalogue
 raw/users/ds=<ds>/<file>                 optional user attributes
 runs/ds=<ds>/<step>/...                  each step's outputs for that ds (replaced on rerun)
-runs/ds=<ds>/_run_lock.json              the lease of the one run writing that ds (tasks/locks.py)
+runs/ds=<ds>/_run_lock.json              the lease of the one run writing that ds (nightrec/store/locks.py)
 dvcstore/                                the DVC remote (content-addressed)
 staging/recommendations/ds=<ds>/<run>/shard-NNNNN/   one score shard's parts (not for readers)
 recommendations/ds=<ds>/part-*.parquet   the published table, described by _manifest.json
@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import re
 
-from tasks import settings, storage
+from nightrec.core import settings
+from nightrec.store import storage
 
 _SAFE_TOKEN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -54,7 +55,7 @@ def run_uri(ds: str, step: str, name: str = "") -> str:
 
 
 def run_lock_uri(ds: str) -> str:
-    """The per-ds run lease (tasks/locks.py): which run may write that ds's partitions now."""
+    """The per-ds run lease (nightrec/store/locks.py): which run may write that ds's partitions now."""
     return storage.s3_uri(f"runs/ds={settings.check_ds(ds)}/_run_lock.json")
 
 

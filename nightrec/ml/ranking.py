@@ -459,7 +459,7 @@ def iter_top_k(
     has fewer than k unseen items. ``threads`` defaults to the CPUs this process may use.
 
     ``user_vecs`` only needs ``user_vecs[index_array]`` to give the rows as a 2-D array: it is
-    read one chunk at a time (tasks/models.py passes lazy rows). ``panels``: ``pack_items(
+    read one chunk at a time (nightrec/ml/models.py passes lazy rows). ``panels``: ``pack_items(
     item_vecs)`` when the caller already packed them (a caller that calls this many times with
     the same items packs them once: for an item-item model that is an n_items^2 copy)."""
     if k < 1:

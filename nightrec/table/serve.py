@@ -4,12 +4,12 @@
     GET  /healthz                          which table is loaded (503 until one is published)
     HEAD on both; any other method gets 405.
 
-    python -m tasks.serve [--host 127.0.0.1] [--port 8090] [--ds YYYY-MM-DD]
+    python -m nightrec.table.serve [--host 127.0.0.1] [--port 8090] [--ds YYYY-MM-DD]
 
 It serves the table the latest pointer names (or, with ``--ds``, that day's), and checks every
 ``serve.poll_interval_s`` whether that pointer (or manifest) changed, with one HEAD request; when
 it has, it loads the new manifest and swaps it in whole, so a response always comes from one
-committed table. A lookup reads one Parquet row group by range request (tasks/reader.py); part
+committed table. A lookup reads one Parquet row group by range request (nightrec/table/reader.py); part
 footers are cached. A user with no rows gets 404, or with ``serve.unknown_user: popular`` the
 manifest's most popular items (``"source": "popular"``).
 
@@ -44,9 +44,9 @@ from urllib.parse import parse_qsl, unquote_to_bytes, urlsplit
 import pyarrow as pa
 import pyarrow.compute  # imported at start, not by the first lookup
 
-from tasks import settings
-from tasks.clean import _id_ok  # clean's own id check: serve accepts what clean accepts
-from tasks.reader import PublishedTable, RecommendationReader, TableChanged, TableNotFound
+from nightrec.core import settings
+from nightrec.table.reader import PublishedTable, RecommendationReader, TableChanged, TableNotFound
+from nightrec.tasks.clean import _id_ok  # clean's own id check: serve accepts what clean accepts
 
 PARAMS = ["serve.port", "serve.poll_interval_s", "serve.default_k", "serve.max_k",
           "serve.unknown_user", "serve.max_url_length", "serve.footer_cache_parts",
