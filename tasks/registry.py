@@ -71,42 +71,42 @@ def check_version(version: str) -> str:
 
 
 def model_prefix(version: str) -> str:
-    return storage.s3_uri(f"models/{check_version(version)}/")
+    return layout.model_prefix(check_version(version))
 
 
-def champion_uri() -> str:
-    return storage.s3_uri("models/_champion.json")
+def _file(version: str, name: str) -> str:
+    return layout.model_file_uri(check_version(version), name)
 
 
-def champion_lock_uri() -> str:
-    return storage.s3_uri("models/_champion.lock")
+champion_uri = layout.champion_uri
+champion_lock_uri = layout.champion_lock_uri
 
 
 def marker_uri(version: str) -> str:
-    return model_prefix(version) + "_registered.json"
+    return _file(version, "_registered.json")
 
 
 def model_uris(version: str) -> dict:
     """The model dict scoring takes: embeddings/users/items URIs plus the versions."""
-    prefix = model_prefix(version)
-    if not storage.exists(prefix + "meta.json"):
-        raise ModelNotFound(f"no registered model {version} (looked for {prefix}meta.json)")
-    meta = storage.read_json(prefix + "meta.json")
+    meta_uri = _file(version, "meta.json")
+    if not storage.exists(meta_uri):
+        raise ModelNotFound(f"no registered model {version} (looked for {meta_uri})")
+    meta = storage.read_json(meta_uri)
     out = {
-        "embeddings": prefix + "embeddings.npz",
-        "users": prefix + "users.parquet",
-        "items": prefix + "items.parquet",
+        "embeddings": _file(version, "embeddings.npz"),
+        "users": _file(version, "users.parquet"),
+        "items": _file(version, "items.parquet"),
         "model_version": version,
         "data_version": meta["data_version"],
     }
     if "holdout_embeddings.npz" in meta.get("files", []):
-        out["holdout_embeddings"] = prefix + "holdout_embeddings.npz"
+        out["holdout_embeddings"] = _file(version, "holdout_embeddings.npz")
     return out
 
 
 def meta(version: str) -> dict:
     model_uris(version)
-    return storage.read_json(model_prefix(version) + "meta.json")
+    return storage.read_json(_file(version, "meta.json"))
 
 
 def resolve(version: str | None) -> dict:
@@ -173,7 +173,6 @@ def register(model: dict, *, ds: str, metrics_uri: str | None, gate: dict | None
     """Copy a trained model (the dict score takes, plus its ``artifacts``) into
     ``models/<version>/``; ``meta.json`` last."""
     version = check_version(model["model_version"])
-    prefix = model_prefix(version)
     content = {"model_version": version, "data_version": model["data_version"],
                "code_version": code_version(),
                "weights_sha256": weights_digest(storage.read_bytes(model["embeddings"]))}
@@ -186,7 +185,7 @@ def register(model: dict, *, ds: str, metrics_uri: str | None, gate: dict | None
                 f"model_version {version} is already registered with other content (scoring "
                 f"weights sha256 {str(held.get('weights_sha256'))[:12]}, code "
                 f"{held.get('code_version')}); registered versions are immutable") from None
-        if storage.exists(prefix + "meta.json"):
+        if storage.exists(_file(version, "meta.json")):
             log.info("model %s is already registered with the same content", version)
             return model_uris(version)
         log.warning("model %s: completing a register that stopped before meta.json", version)
@@ -203,7 +202,7 @@ def register(model: dict, *, ds: str, metrics_uri: str | None, gate: dict | None
     if artifacts.get("selection"):
         copies["selection.json"] = artifacts["selection"]
     for name, src in copies.items():
-        storage.copy(src, prefix + name)
+        storage.copy(src, _file(version, name))
     record = {
         "model_version": version,
         "data_version": model["data_version"],
@@ -216,7 +215,7 @@ def register(model: dict, *, ds: str, metrics_uri: str | None, gate: dict | None
         "files": sorted(copies),
         "registered_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
-    storage.write_json(prefix + "meta.json", record)  # written last: its presence means complete
+    storage.write_json(_file(version, "meta.json"), record)  # written last: its presence means complete
     return model_uris(version)
 
 
@@ -313,6 +312,6 @@ def rollback() -> dict:
 
 
 def list_models() -> list[str]:
-    prefix = storage.s3_uri("models/")
+    prefix = layout.models_root()
     names = {u[len(prefix):].split("/", 1)[0] for u in storage.list_uris(prefix)}
     return sorted(n for n in names if MODEL_VERSION_RE.fullmatch(n))

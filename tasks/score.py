@@ -340,7 +340,7 @@ def run_shard(spec: dict, params: dict | None = None) -> dict:
         if not buffer:
             return
         frame = pd.concat(buffer, ignore_index=True)
-        uri = storage.join(prefix, f"part-{len(parts):05d}.parquet")
+        uri = layout.shard_part_uri(ds, spec["run_key"], shard, len(parts))
         storage.write_bytes(uri, part_bytes(frame, row_group_size=rg_size))
         parts.append(uri)
         rows += len(frame)

@@ -430,19 +430,20 @@ def train_cutoff(fitted_on: pd.DataFrame) -> int:
     return int(fitted_on[schema.TIMESTAMP].max())
 
 
-def _save(emb: dict, history: dict, keras_model, out_prefix: str, workdir: Path) -> dict:
+def _save(emb: dict, history: dict, keras_model, *, ds: str, fit: str, workdir: Path) -> dict:
+    """Upload one fit (``holdout`` or ``full``) to ``runs/ds=<ds>/train/<fit>/``."""
     buf = io.BytesIO()
     np.savez(buf, **emb)
     out = {
-        "embeddings": storage.join(out_prefix, "embeddings.npz"),
-        "history": storage.join(out_prefix, "history.json"),
+        "embeddings": layout.run_uri(ds, "train", fit, "embeddings.npz"),
+        "history": layout.run_uri(ds, "train", fit, "history.json"),
     }
     storage.write_bytes(out["embeddings"], buf.getvalue())
     storage.write_json(out["history"], history)
     if keras_model is not None:
         local = workdir / "model.weights.h5"
         keras_model.save_weights(local)
-        out["model"] = storage.join(out_prefix, "model.weights.h5")
+        out["model"] = layout.run_uri(ds, "train", fit, "model.weights.h5")
         storage.upload_from(local, out["model"])
     return out
 
@@ -526,14 +527,13 @@ def run(ds: str, split_out: dict[str, str], params: dict | None = None) -> dict:
                "artifacts": {}}
         for name in ("holdout", "full"):
             emb, hist = result[name]
-            saved = _save(emb, hist, result["keras"].get(name), layout.run_uri(ds, "train", name),
-                          work)
+            saved = _save(emb, hist, result["keras"].get(name), ds=ds, fit=name, workdir=work)
             out[f"{name}_embeddings"] = saved["embeddings"]
             out["artifacts"][name] = saved
         out["artifacts"]["selection"] = layout.run_uri(ds, "train", "selection.json")
         storage.write_json(out["artifacts"]["selection"], result["selection"])
         if result["tensorboard"].exists():
-            prefix = storage.s3_uri(f"reports/ds={settings.check_ds(ds)}/tensorboard/")
+            prefix = layout.report_uri(ds, "tensorboard") + "/"
             for f in sorted(result["tensorboard"].rglob("*")):
                 if f.is_file():
                     storage.upload_from(f, prefix + f.relative_to(result["tensorboard"]).as_posix())

@@ -139,12 +139,12 @@ def run(ds: str, params: dict | None = None, n_trials: int | None = None) -> dic
     with tempfile.TemporaryDirectory() as tmp:
         best, trials = search(parts, params, n_users=n_users, n_items=n_items, workdir=Path(tmp),
                               n_trials=n_trials)
-    prefix = storage.s3_uri(f"reports/ds={ds}/tune/")
-    storage.write_bytes(prefix + "trials.csv", trials.to_csv(index=False).encode())
+    out = {"best": layout.report_uri(ds, "tune", "best_params.json"),
+           "trials": layout.report_uri(ds, "tune", "trials.csv")}
+    storage.write_bytes(out["trials"], trials.to_csv(index=False).encode())
     best["ds"] = ds
-    storage.write_json(prefix + "best_params.json", best)
+    storage.write_json(out["best"], best)
     log.info("best %s = %.4f (current params: %.4f) with %s", best["metric"], best["value"],
              best["baseline_value"], best["params"])
-    return {"best": prefix + "best_params.json", "trials": prefix + "trials.csv",
-            "value": best["value"], "baseline_value": best["baseline_value"],
+    return {**out, "value": best["value"], "baseline_value": best["baseline_value"],
             "improvement": float(np.round(best["value"] - best["baseline_value"], 6))}

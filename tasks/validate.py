@@ -154,17 +154,13 @@ def run_suite(
 # --- Data Docs ------------------------------------------------------------------------------------
 
 
-def _reports_prefix(ds: str) -> str:
-    return storage.s3_uri(f"reports/ds={settings.check_ds(ds)}/")
-
-
 def results_prefix(ds: str) -> str:
     """Where GE's full result of each suite run for ``ds`` is kept (one JSON per suite)."""
-    return _reports_prefix(ds) + "validations/"
+    return layout.report_uri(ds, "validations") + "/"
 
 
 def docs_prefix(ds: str) -> str:
-    return _reports_prefix(ds) + "data_docs/"
+    return layout.report_uri(ds, "data_docs") + "/"
 
 
 def _suite_files() -> dict[str, Path]:
@@ -201,7 +197,8 @@ def record_results(ds: str, reports: list[dict]) -> str:
     for report in reports:
         ge = report.pop("ge_result", None)
         if ge is not None:
-            storage.write_json(results_prefix(ds) + f"{report['suite']}.json", ge)
+            storage.write_json(layout.report_uri(ds, "validations", f"{report['suite']}.json"),
+                               ge)
     results = [storage.read_json(u) for u in storage.list_uris(results_prefix(ds))
                if u.endswith(".json")]
     prefix = docs_prefix(ds)
@@ -214,7 +211,7 @@ def record_results(ds: str, reports: list[dict]) -> str:
                 storage.upload_from(f, uri)
                 written.add(uri)
     storage.delete([u for u in storage.list_uris(prefix) if u not in written])
-    return prefix + "index.html"
+    return layout.report_uri(ds, "data_docs", "index.html")
 
 
 # --- the checks -----------------------------------------------------------------------------------

@@ -53,9 +53,7 @@ def read_failure(run_id: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _alert_uri(ds: str, run_id: str, name: str) -> str:
-    return storage.s3_uri(f"alerts/ds={settings.check_ds(ds)}/{layout.sanitize_token(run_id)}."
-                          f"{layout.sanitize_token(name)}.json")
+_alert_uri = layout.alert_uri
 
 
 def latest_table_age(now: dt.datetime | None = None) -> dict | None:

@@ -106,9 +106,9 @@ def plot_popularity(rec_pop: np.ndarray, cat_pop: np.ndarray) -> str:
 def metric_history(ds: str, metric: str, n: int) -> list[dict]:
     """``[{"ds", "model", "champion", "popularity"}]`` for up to n runs up to ds with metrics
     (``champion`` is None for a run that had no champion to compare with)."""
-    prefix = storage.s3_uri("runs/")
-    days = sorted({u[len(prefix):].split("/", 1)[0].removeprefix("ds=")
-                   for u in storage.list_uris(prefix) if u.endswith("/evaluate/metrics.json")})
+    days = sorted({day for u in storage.list_uris(layout.runs_root())
+                   if (day := layout.ds_of_run_key(u))
+                   and u == layout.run_uri(day, "evaluate", "metrics.json")})
     rows = []
     for day in [d for d in days if d <= ds][-n:]:
         m = storage.read_json(layout.run_uri(day, "evaluate", "metrics.json"))
@@ -151,7 +151,7 @@ def build_report(ds: str, *, run_id: str, task_states: dict[str, str], p) -> tup
             f"report); the raw result is <code>{layout.run_uri(ds, 'validate', 'report.json')}"
             "</code>.</p>")
 
-    hist = _maybe_json(layout.run_uri(ds, "train", "holdout") + "/history.json")
+    hist = _maybe_json(layout.run_uri(ds, "train", "holdout", "history.json"))
     if hist:
         add("Training", img(plot_training(hist), "training curves"))
 
@@ -254,7 +254,7 @@ def _champion_note(c: dict, metric: str) -> str:
 
 
 def report_uri(ds: str) -> str:
-    return storage.s3_uri(f"reports/ds={settings.check_ds(ds)}/report.html")
+    return layout.report_uri(ds, "report.html")
 
 
 def run(ds: str, *, run_id: str, task_states: dict[str, str], params: dict | None = None,

@@ -115,7 +115,7 @@ def _lease_reason(ds: str) -> str | None:
 
 
 def _ds_folders(root: str) -> dict[str, str]:
-    return {d: u for u in storage.list_prefixes(storage.s3_uri(f"{root}/"))
+    return {d: u for u in storage.list_prefixes(layout.ds_partitioned_roots()[root])
             if (d := layout.ds_of_prefix(u))}
 
 
@@ -200,7 +200,7 @@ def plan(params: dict | None = None) -> dict:
 
     manifests = _manifests()
     kept_models = _kept_models(r["keep_models"], manifests)
-    models_root = storage.s3_uri("models/")
+    models_root = layout.models_root()
     by_version: dict[str, list[str]] = {}
     for u in storage.list_uris(models_root):
         name = u[len(models_root):].split("/", 1)[0]
@@ -253,7 +253,7 @@ def plan(params: dict | None = None) -> dict:
 
 def _dir_uri(version: str) -> str:
     """The DVC 3 remote's object for a directory hash: ``files/md5/<2>/<30>.dir``."""
-    return storage.join(layout.dvc_remote_uri(), "files", "md5", version[:2], version[2:] + ".dir")
+    return layout.dvc_object_uri(version + ".dir")
 
 
 def _kept_data_versions(kept_ds: list[str], kept_models: list[str],
@@ -269,7 +269,7 @@ def _kept_data_versions(kept_ds: list[str], kept_models: list[str],
         if storage.exists(uri):
             add(storage.read_json(uri).get("data_version"), f"run ds={ds}")
     for version in sorted(kept_models):
-        uri = registry.model_prefix(version) + "meta.json"
+        uri = layout.model_file_uri(registry.check_version(version), "meta.json")
         if storage.exists(uri):
             add(storage.read_json(uri).get("data_version"), f"model {version}")
     for ds, m in sorted(manifests.items()):
@@ -292,9 +292,8 @@ def _remote_plan(kept_ds: list[str], kept_models: list[str], manifests: dict[str
         referenced.add(uri)
         for entry in json.loads(storage.read_bytes(uri)):
             md5 = entry["md5"]
-            referenced.add(storage.join(layout.dvc_remote_uri(), "files", "md5", md5[:2],
-                                        md5[2:]))
-    files_root = storage.join(layout.dvc_remote_uri(), "files", "md5") + "/"
+            referenced.add(layout.dvc_object_uri(md5))
+    files_root = layout.dvc_files_root()
     objects = [u for u in remote if u.startswith(files_root) and u not in referenced]
     return {"objects": objects, "kept_data_versions": kept, "missing": missing}
 
@@ -557,7 +556,7 @@ def _run_embeddings(run_tables: list[dict]) -> list[dict]:
 def _model_tables(user_id: str) -> list[dict]:
     out = []
     for version in registry.list_models():
-        uri = registry.model_prefix(version) + "users.parquet"
+        uri = layout.model_file_uri(registry.check_version(version), "users.parquet")
         hit = _parquet_with_user(uri, user_id)
         if hit is not None:
             idx = hit[0].loc[hit[1], schema.USER_IDX].astype(int).tolist()

@@ -5,6 +5,9 @@ raw/interactions/ds=<ds>/<files>         input snapshot (CSV/TSV/u.data/Parquet,
 raw/items/ds=<ds>/<file>                 optional item catalogue
 raw/users/ds=<ds>/<file>                 optional user attributes
 runs/ds=<ds>/<step>/...                  each step's outputs for that ds (replaced on rerun)
+reports/ds=<ds>/...                      run report, GE results and Data Docs, TensorBoard, tuning
+alerts/ds=<ds>/<run>.<kind>.json         failure and stale-table alerts
+models/<version>/...                     the registry (immutable); models/_champion.json + .lock
 runs/ds=<ds>/_run_lock.json              the lease of the one run writing that ds (nightrec/store/locks.py)
 dvcstore/                                the DVC remote (content-addressed)
 staging/recommendations/ds=<ds>/<run>/shard-NNNNN/   one score shard's parts (not for readers)
@@ -37,6 +40,12 @@ def safe_token(value: str, what: str = "value") -> str:
     return value
 
 
+def _name(value: str) -> str:
+    """One file or folder name under a layout prefix: a safe token, or ``_`` + one (markers)."""
+    safe_token(value[1:] if isinstance(value, str) and value.startswith("_") else value, "name")
+    return value
+
+
 def sanitize_token(value: str, max_len: int = 100) -> str:
     """Turn any id (an Airflow run id, a task id) into one safe key segment."""
     token = re.sub(r"\.{2,}", "_", re.sub(r"[^A-Za-z0-9._-]", "_", value))[:max_len]
@@ -49,9 +58,23 @@ def raw_prefix(ds: str, table: str = "interactions") -> str:
     return storage.s3_uri(f"raw/{table}/ds={settings.check_ds(ds)}/")
 
 
-def run_uri(ds: str, step: str, name: str = "") -> str:
+def runs_root() -> str:
+    """``runs/``: every ds's step outputs (listed by the report, status and retention)."""
+    return storage.s3_uri("runs/")
+
+
+def run_uri(ds: str, step: str, *names: str) -> str:
+    """``runs/ds=<ds>/<step>/<name>/...``: a step's own output (a folder when no name)."""
     key = f"runs/ds={settings.check_ds(ds)}/{safe_token(step, 'step')}/"
-    return storage.s3_uri(key + (safe_token(name, "name") if name else ""))
+    return storage.s3_uri(key + "/".join(_name(n) for n in names))
+
+
+def ds_of_run_key(uri: str) -> str | None:
+    """``s3://b/runs/ds=2026-11-28/evaluate/x`` -> ``2026-11-28``; None outside ``runs/``."""
+    root = runs_root()
+    if not uri.startswith(root):
+        return None
+    return ds_of_prefix(root + uri[len(root):].split("/", 1)[0])
 
 
 def run_lock_uri(ds: str) -> str:
@@ -63,6 +86,63 @@ def dvc_remote_uri() -> str:
     return storage.s3_uri("dvcstore")
 
 
+def dvc_files_root() -> str:
+    """Where DVC 3 keeps content-addressed objects in the remote: ``files/md5/``."""
+    return dvc_remote_uri() + "/files/md5/"
+
+
+def dvc_object_uri(md5: str) -> str:
+    """One DVC object (``<md5>`` of a file, or ``<md5>.dir`` of a directory listing)."""
+    if not re.fullmatch(r"[0-9a-f]{32}(\.dir)?", md5 or ""):
+        raise ValueError(f"not a DVC md5: {md5!r}")
+    return dvc_files_root() + f"{md5[:2]}/{md5[2:]}"
+
+
+def reports_prefix(ds: str) -> str:
+    """``reports/ds=<ds>/``: what a person reads about a run (HTML, Data Docs, TensorBoard)."""
+    return storage.s3_uri(f"reports/ds={settings.check_ds(ds)}/")
+
+
+def report_uri(ds: str, *names: str) -> str:
+    """A file or folder under the run's reports: ``report.html``, ``validations/<suite>.json``,
+    ``data_docs/``, ``tensorboard/``, ``tune/best_params.json``."""
+    return reports_prefix(ds) + "/".join(_name(n) for n in names)
+
+
+def alert_uri(ds: str, run_id: str, kind: str) -> str:
+    """One alert record: ``alerts/ds=<ds>/<run>.<kind>.json`` (any run id, sanitised)."""
+    return storage.s3_uri(f"alerts/ds={settings.check_ds(ds)}/{sanitize_token(run_id)}."
+                          f"{sanitize_token(kind)}.json")
+
+
+# Top-level folders partitioned by ds that retention ages out (name -> its root URI).
+def ds_partitioned_roots() -> dict[str, str]:
+    return {name: storage.s3_uri(f"{name}/") for name in
+            ("runs", "reports", "alerts", "staging/recommendations", "recommendations")}
+
+
+def models_root() -> str:
+    """``models/``: the registry (one immutable folder per version, and the champion pointer)."""
+    return storage.s3_uri("models/")
+
+
+def model_prefix(version: str) -> str:
+    return models_root() + f"{safe_token(version, 'model_version')}/"
+
+
+def model_file_uri(version: str, name: str) -> str:
+    """A registered model's file: ``meta.json``, ``embeddings.npz``, ``_registered.json``..."""
+    return model_prefix(version) + _name(name)
+
+
+def champion_uri() -> str:
+    return models_root() + "_champion.json"
+
+
+def champion_lock_uri() -> str:
+    return models_root() + "_champion.lock"
+
+
 def staging_prefix(ds: str, run_key: str) -> str:
     key = f"staging/recommendations/ds={settings.check_ds(ds)}/{safe_token(run_key, 'run key')}/"
     return storage.s3_uri(key)
@@ -71,6 +151,11 @@ def staging_prefix(ds: str, run_key: str) -> str:
 def staging_ds_prefix(ds: str) -> str:
     """Every run's staging for one ds (retention removes it with the partition)."""
     return storage.s3_uri(f"staging/recommendations/ds={settings.check_ds(ds)}/")
+
+
+def shard_part_uri(ds: str, run_key: str, shard: int, n: int) -> str:
+    """The ``n``-th Parquet part a score shard stages."""
+    return shard_prefix(ds, run_key, shard) + f"part-{n:05d}.parquet"
 
 
 def shard_prefix(ds: str, run_key: str, shard: int) -> str:
@@ -124,6 +209,10 @@ def id_map_prefix(kind: str) -> str:
     if kind not in ("users", "items"):
         raise ValueError(f"unknown id map {kind!r}")
     return storage.s3_uri(f"state/id_map/{kind}/")
+
+
+def id_map_generation_uri(kind: str, generation: int) -> str:
+    return id_map_prefix(kind) + f"map-{generation:06d}.parquet"
 
 
 def forgotten_users_uri() -> str:
