@@ -91,27 +91,32 @@ def nightly_recommendations():
     def ingest() -> dict:
         from nightrec.tasks import ingest as step
 
-        ds = run_ds()
         started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-        return {"ds": ds, "started_at": started, **permanent(step.run, ds)}
+        return permanent(step.run, run_ds(), started_at=started).to_xcom()
 
     @task(doc_md="Parse, quarantine bad rows with a reason, dedupe, k-core, index.")
     def clean(prev: dict) -> dict:
         from nightrec.tasks import clean as step
 
-        return {"ds": prev["ds"], **step.run(prev["ds"], prev)}
+        from nightrec.core.records import Ingested
+
+        return step.run(Ingested.from_xcom(prev)).to_xcom()
 
     @task(doc_md="Great Expectations contract on the cleaned data; fails the run when broken.")
     def validate(prev: dict) -> dict:
         from nightrec.tasks import validate as step
 
-        return {"ds": prev["ds"], **permanent(step.run, prev["ds"], prev)}
+        from nightrec.core.records import Cleaned
+
+        return permanent(step.run, Cleaned.from_xcom(prev)).to_xcom()
 
     @task(doc_md="Labels, weights and side-feature tables.")
     def augment(prev: dict) -> dict:
         from nightrec.tasks import augment as step
 
-        return {"ds": prev["ds"], "clean": prev["interactions"], **step.run(prev["ds"], prev)}
+        from nightrec.core.records import Validated
+
+        return step.run(Validated.from_xcom(prev)).to_xcom()
 
     @task.branch(doc_md="Train a new model (default), or score with a registered one.")
     def choose() -> str:
@@ -124,102 +129,79 @@ def nightly_recommendations():
     def split(prev: dict) -> dict:
         from nightrec.tasks import versioning
 
-        return {"ds": prev["ds"], **versioning.run(prev["ds"], prev)}
+        from nightrec.core.records import Augmented
+
+        return versioning.run(Augmented.from_xcom(prev)).to_xcom()
 
     @task(doc_md="Fit the selection (holdout) model and the shipped train + valid refit (gated "
                  "and scored).")
     def train(prev: dict) -> dict:
         from nightrec.tasks import train as step
 
-        return {"ds": prev["ds"], **step.run(prev["ds"], prev)}
+        from nightrec.core.records import Split
+
+        return step.run(Split.from_xcom(prev)).to_xcom()
 
     @task(doc_md="Full-ranking metrics vs popularity; writes metrics.json and the verdict.")
     def evaluate(prev: dict) -> dict:
         from nightrec.tasks import evaluate as step
 
-        return {"ds": prev["ds"], **step.run(prev["ds"], prev)}
+        from nightrec.core.records import Trained
+
+        return step.run(Trained.from_xcom(prev)).to_xcom()
 
     @task(doc_md="Every interaction up to ds with valid ids (clean + value/policy quarantine).")
     def seen(prev: dict) -> dict:
         from nightrec.tasks import seen as step
 
-        return {"ds": prev["ds"], "seen": step.build(prev["ds"])}
+        from nightrec.core.records import Validated
+
+        return step.run(Validated.from_xcom(prev)).to_xcom()
 
     @task.branch(doc_md="register a blessed (or forced) model; else the fallback, or nothing.")
     def gate(prev: dict) -> list[str]:
-        import logging
-
         from nightrec.tasks import evaluate
 
-        from nightrec.core import settings
+        from nightrec.core.records import Evaluated
 
         params = get_current_context()["params"]
-        forced = bool(params.get("force_publish"))
-        evaluate.record_decision(prev["ds"], prev["gate"], forced=forced)
-        fallback = params.get("fallback")
-        if fallback is None:
-            fallback = bool(settings.load_params()["publish"]["fallback"])
-        log = logging.getLogger("nightrec.gate")
-        if prev["blessed"]:
-            log.info("blessed: %s", prev["gate"])
-            return ["register"]
-        if forced:
-            log.warning("OVERRIDE: NOT blessed (%s) but force_publish=true; publishing anyway, "
-                        "the model is not promoted: %s", prev["gate"]["reason"], prev["gate"])
-            return ["register"]
-        if fallback:
-            log.warning("NOT blessed (%s); publishing the fallback (the champion re-scored on "
-                        "today's seen items, or popularity): %s", prev["gate"]["reason"],
-                        prev["gate"])
-            return ["fallback"]
-        log.warning("NOT blessed (%s) and fallback is off; nothing is published and the "
-                    "previous table stays latest: %s", prev["gate"]["reason"], prev["gate"])
-        return []
+        return evaluate.route(Evaluated.from_xcom(prev), forced=bool(params.get("force_publish")),
+                              fallback=params.get("fallback"))
 
     @task(doc_md="Register a blessed model (immutable; it becomes champion only once published).")
     def register(prev: dict) -> dict:
         from nightrec.tasks import registry
 
-        from nightrec.core import settings
+        from nightrec.core.records import Evaluated
 
-        params = get_current_context()["params"]
-        if not prev["blessed"] or params.get("dry_run"):
-            return {"ds": prev["ds"], "model": prev["model"], "registered": False}
-        model = registry.register(prev["model"], ds=prev["ds"], metrics_uri=prev["metrics"],
-                                  gate=prev["gate"], params=settings.load_params())
-        return {"ds": prev["ds"], "model": {**model, "metrics": prev["metrics"]},
-                "registered": True}
+        dry = bool(get_current_context()["params"].get("dry_run"))
+        return registry.run(Evaluated.from_xcom(prev), dry_run=dry).to_xcom()
 
     @task(doc_md="The gate refused: the champion re-scored on today's seen items, or popularity.")
     def fallback(prev: dict, seen_out: dict) -> dict:
-        from nightrec.tasks import registry
         from nightrec.tasks import score as step
 
-        why = f"the gate refused the new model: {prev['gate']['reason']}"
-        version = registry.champion()  # read once: the model scored is the one named here
-        if version:
-            model = {**registry.model_uris(version), "source": "champion_fallback",
-                     "source_reason": why}
-        else:
-            model = {**step.popularity_model(prev["ds"], seen_out["seen"]),
-                     "source": "popularity_fallback",
-                     "source_reason": why + "; there is no champion yet"}
-        return {"ds": prev["ds"], "model": model}
+        from nightrec.core.records import Evaluated, Seen
+
+        return step.fallback(Evaluated.from_xcom(prev), Seen.from_xcom(seen_out)).to_xcom()
 
     @task(outlets=[CHAMPION],
           doc_md="The published blessed model becomes champion (ds-ordered); emits the asset.")
     def promote(prev: dict, published: dict, *, outlet_events=None) -> dict:
         from nightrec.tasks import registry
 
-        if not prev["registered"] or published.get("dry_run"):
+        from nightrec.core.records import ModelChoice, Published
+
+        chosen, done = ModelChoice.from_xcom(prev), Published.from_xcom(published)
+        if not chosen.registered or done.dry_run:
             raise AirflowSkipException("no new blessed model was published by this run")
-        record = registry.set_champion(prev["model"]["model_version"])
+        record = registry.set_champion(chosen.model["model_version"])
         if not record["moved"]:
             raise AirflowSkipException(
                 f"champion stays {record['model_version']} (ds={record.get('ds')}): this run's "
-                f"ds={prev['ds']} is not later")
+                f"ds={chosen.ds} is not later")
         outlet_events[CHAMPION].extra = {"model_version": record["model_version"],
-                                         "ds": prev["ds"]}
+                                         "ds": chosen.ds}
         return record
 
     @task(doc_md="Resolve the pinned model_version, or the champion, from the registry.")
@@ -227,22 +209,24 @@ def nightly_recommendations():
         from nightrec.tasks import registry
 
         version = get_current_context()["params"].get("model_version")
-        model = permanent(registry.resolve, version)
-        return {"model": {**model, "source": "champion_rescore",
-                          "source_reason": f"retrain=false or model_version {version} given"}}
+        return permanent(registry.load, run_ds(), version).to_xcom()
 
     @task(trigger_rule="none_failed_min_one_success",
           doc_md="Split the chosen model's users into user_id ranges, one score task each.")
     def plan_shards(prev: dict) -> list[dict]:
         from nightrec.tasks import score as step
 
+        from nightrec.core.records import ModelChoice, Seen
+
         ctx = get_current_context()
         chosen = [x for x in ctx["ti"].xcom_pull(task_ids=["register", "fallback", "load_model"])
                   if x]
         if not chosen:  # the gate refused and the fallback is off: nothing to score
             raise AirflowSkipException("no model to score: the gate did not pass")
-        return step.plan(prev["ds"], chosen[0]["model"], prev["seen"], run_key=run_key(),
-                         top_k=ctx["params"].get("top_k"), shards=ctx["params"].get("shards"))
+        seen_out = Seen.from_xcom(prev)
+        return step.plan(seen_out.ds, ModelChoice.from_xcom(chosen[0]).model, seen_out.seen,
+                         run_key=run_key(), top_k=ctx["params"].get("top_k"),
+                         shards=ctx["params"].get("shards"))
 
     @task(doc_md="Build the run report (HTML with plots) and upload it; runs whatever happened.")
     def report() -> str:
@@ -264,8 +248,9 @@ def nightly_recommendations():
         finally:
             release_lease(ds)  # the run is over, however it ended: the ds is free
 
-    prepared = augment(validate(clean(ingest())))
-    seen_out = seen(prepared)
+    validated = validate(clean(ingest()))
+    prepared = augment(validated)
+    seen_out = seen(validated)
     split_out = split(prepared)
     loaded = load_model()
     seen_out >> choose() >> [split_out, loaded]

@@ -58,6 +58,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from nightrec.core import schema, settings
+from nightrec.core.records import Augmented, Validated
 from nightrec.store import layout, storage
 
 PARAMS = [
@@ -367,9 +368,10 @@ def sample_negatives(
 # --- the step -----------------------------------------------------------------------------------
 
 
-def run(ds: str, validated: dict[str, str], params: dict | None = None) -> dict[str, str]:
+def run(validated: Validated, params: dict | None = None) -> Augmented:
+    ds = validated.ds
     p = settings.step_params(PARAMS, params)
-    clean = storage.read_parquet(validated["interactions"])
+    clean = storage.read_parquet(validated.interactions)
     end_of_day = (pd.Timestamp(settings.check_ds(ds), tz="UTC") + pd.Timedelta(days=1)).timestamp()
     half_life = p["augment.recency_half_life_days"]
     labelled = label_interactions(
@@ -393,7 +395,7 @@ def run(ds: str, validated: dict[str, str], params: dict | None = None) -> dict[
         ("item", schema.ITEM_ID, schema.ITEM_IDX),
         ("user", schema.USER_ID, schema.USER_IDX),
     ):
-        uri = validated.get(f"{kind}s")
+        uri = getattr(validated, f"{kind}s")
         side = storage.read_parquet(uri) if uri else None
         feats = index_features(clean, side, id_col=id_col, idx_col=idx_col)
         spec = p[f"augment.{kind}_features"] or {}
@@ -405,4 +407,4 @@ def run(ds: str, validated: dict[str, str], params: dict | None = None) -> dict[
             feats, **{k: list(spec.get(k) or []) for k in FEATURE_KINDS})
         storage.write_parquet(feats, out[f"{kind}_features"])
     storage.write_json(out["feature_encoding"], {"ds": ds, **encodings})
-    return out
+    return Augmented(ds=ds, **out)

@@ -39,14 +39,6 @@ Timestamps: numbers are unix time, in the unit clean.timestamp_unit (``s``, ``ms
 above 1e17 ns, above 1e14 us, above 1e11 ms, else seconds (1e11 s is the year 5138, 1e11 ms is
 1973). Fractions of a second are dropped. ISO 8601 text is read as UTC unless it has an offset.
 
-Stable ids: beside the per-run dense index, every external id gets an int64 index that never
-changes: ``state/id_map/<users|items>/`` keeps the map (id, stable index, first ds) as numbered
-generations, each the whole map, written only when new ids arrive (appended in sorted order after
-the highest index) and created with a conditional PUT, so two writers cannot hand one index to two
-ids. ``runs/ds=<ds>/clean/user_ids.parquet`` and ``item_ids.parquet`` give each run's
-``*_idx -> *_id -> *_stable_idx``. Ids of rows that reach the clean table are mapped; an index is
-never reused, even if the run later fails validation.
-
 Memory: ``run`` reads ingest's Parquet in batches of clean.batch_rows; it keeps one byte per row
 plus the parsed valid rows (needed whole for dedupe and k-core), then writes the quarantine in a
 second pass over the same batches.
@@ -54,9 +46,7 @@ second pass over the same batches.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import re
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -68,6 +58,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from nightrec.core import schema, settings
+from nightrec.core.records import Cleaned, Ingested
 from nightrec.store import layout, storage
 
 PARAMS = [
@@ -513,103 +504,7 @@ def clean_interactions(
     return clean, quarantine, stats
 
 
-# --- stable ids ---------------------------------------------------------------------------------
-
-_GEN = re.compile(r"map-(\d{6})\.parquet$")
-
-
-def assign_stable_ids(
-    ids: np.ndarray, known: pd.DataFrame | None, *, ds: str, id_col: str, stable_col: str
-) -> tuple[np.ndarray, pd.DataFrame | None]:
-    """Stable int64 index per id in ``ids``; new ids are appended in sorted order.
-
-    ``known``: the map so far (``id_col, stable_col, first_ds``) or None. Returns (indices, the
-    new map), the map None when no id was new.
-    """
-    known = known if known is not None else pd.DataFrame(
-        {id_col: pd.Series([], dtype=object), stable_col: pd.Series([], dtype="int64"),
-         schema.FIRST_DS: pd.Series([], dtype=object)})
-    index = pd.Index(known[id_col].astype(str))
-    pos = index.get_indexer(ids.astype(str))
-    new_ids = np.sort(np.unique(ids[pos < 0].astype(str)))
-    updated = None
-    if len(new_ids):
-        start = int(known[stable_col].max()) + 1 if len(known) else 0
-        added = pd.DataFrame({id_col: new_ids,
-                              stable_col: np.arange(start, start + len(new_ids), dtype="int64"),
-                              schema.FIRST_DS: ds})
-        updated = pd.concat([known, added], ignore_index=True)
-        index = pd.Index(updated[id_col].astype(str))
-        pos = index.get_indexer(ids.astype(str))
-    stable = (updated if updated is not None else known)[stable_col].to_numpy(dtype="int64")
-    return stable[pos], updated
-
-
-def _latest_generation(prefix: str) -> tuple[int, str | None]:
-    gens = [(int(m.group(1)), u) for u in storage.list_uris(prefix) if (m := _GEN.search(u))]
-    return max(gens) if gens else (0, None)
-
-
-def _create_exclusive(uri: str, data: bytes) -> bool:
-    """Write ``uri`` only if it does not exist yet (S3 ``If-None-Match: *``); False if it did."""
-    if storage.is_s3(uri):
-        from botocore.exceptions import ClientError
-
-        bucket, key = storage.split_uri(uri)
-        try:
-            storage.s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
-            return True
-        except ClientError as e:
-            code = e.response.get("Error", {}).get("Code")
-            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
-                return False
-            raise
-    path = Path(uri)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with open(path, "xb") as f:
-            f.write(data)
-        return True
-    except FileExistsError:
-        return False
-
-
-def update_id_map(prefix: str, ids: np.ndarray, *, ds: str, id_col: str, stable_col: str,
-                  attempts: int = 5) -> tuple[np.ndarray, int]:
-    """Stable indices of ``ids`` from the map under ``prefix``, appending new ids to it.
-
-    Returns (indices, number of new ids). Raises RuntimeError if other writers keep winning.
-    """
-    for _ in range(attempts):
-        gen, uri = _latest_generation(prefix)
-        known = storage.read_parquet(uri) if uri else None
-        stable, updated = assign_stable_ids(ids, known, ds=ds, id_col=id_col,
-                                            stable_col=stable_col)
-        if updated is None:
-            return stable, 0
-        target = storage.join(prefix, f"map-{gen + 1:06d}.parquet")
-        if _create_exclusive(target, storage.parquet_bytes(updated)):
-            return stable, len(updated) - (0 if known is None else len(known))
-        log.info("id map %s: generation %d taken by another writer; retrying", prefix, gen + 1)
-    raise RuntimeError(f"id map {prefix}: lost {attempts} races for a new generation")
-
-
-def _index_tables(clean: pd.DataFrame, id_map_prefixes: dict[str, str], ds: str):
-    out, new = {}, {}
-    for kind, id_col, idx_col, stable_col in (
-        ("users", schema.USER_ID, schema.USER_IDX, schema.USER_STABLE_IDX),
-        ("items", schema.ITEM_ID, schema.ITEM_IDX, schema.ITEM_STABLE_IDX),
-    ):
-        table = clean[[idx_col, id_col]].drop_duplicates(idx_col).sort_values(idx_col)
-        stable, n_new = update_id_map(id_map_prefixes[kind], table[id_col].to_numpy(), ds=ds,
-                                      id_col=id_col, stable_col=stable_col)
-        table[stable_col] = stable
-        out[kind], new[kind] = table.reset_index(drop=True), n_new
-    return out, new
-
-
-def _catalogue(ingested: dict[str, str]) -> set[str] | None:
-    uri = ingested.get("items")
+def _catalogue(uri: str | None) -> set[str] | None:
     if not uri:
         return None
     items = storage.read_parquet(uri)
@@ -643,65 +538,28 @@ def clean_file(
     return clean, stats
 
 
-def run(ds: str, ingested: dict[str, str], params: dict | None = None) -> dict[str, str]:
+def run(ingested: Ingested, params: dict | None = None) -> Cleaned:
+    ds = ingested.ds
     p = settings.step_params(PARAMS, params)
     out = {
         "interactions": layout.run_uri(ds, "clean", "interactions.parquet"),
         "quarantine": layout.run_uri(ds, "clean", "quarantine.parquet"),
         "stats": layout.run_uri(ds, "clean", "stats.json"),
-        "user_ids": layout.run_uri(ds, "clean", "user_ids.parquet"),
-        "item_ids": layout.run_uri(ds, "clean", "item_ids.parquet"),
     }
     with tempfile.TemporaryDirectory(prefix="nightrec-clean-") as tmp:
-        local = storage.download_to(ingested["interactions"], Path(tmp) / "raw.parquet")
+        local = storage.download_to(ingested.interactions, Path(tmp) / "raw.parquet")
         qpath = Path(tmp) / "quarantine.parquet"
         clean, stats = clean_file(local, ds=ds, p=p, quarantine_path=qpath,
-                                  catalogue=_catalogue(ingested), forgotten=forgotten_users())
+                                  catalogue=_catalogue(ingested.items),
+                                  forgotten=forgotten_users())
         storage.upload_from(qpath, out["quarantine"])
-    if ingested.get("files"):
-        files = storage.read_json(ingested["files"])
+    if ingested.files:
+        files = storage.read_json(ingested.files)
         stats["blank_lines"] = files.get("blank_lines", 0)
         stats["ignored_files"] = files.get("ignored", [])
-    tables, new = _index_tables(
-        clean, {k: layout.id_map_prefix(k) for k in ("users", "items")}, ds)
-    stats["new_stable_ids"] = new
     storage.write_parquet(clean, out["interactions"])
-    storage.write_parquet(tables["users"], out["user_ids"])
-    storage.write_parquet(tables["items"], out["item_ids"])
     storage.write_json(out["stats"], stats)
     log.info("clean: %d of %d rows kept; quarantined by reason %s; %d of forgotten users",
              stats["clean_rows"], stats["raw_rows"], stats["by_reason"], stats["forgotten_rows"])
-    for side in ("items", "users", "files"):
-        if side in ingested:
-            out[side] = ingested[side]
-    return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="clean a raw-string interactions parquet")
-    parser.add_argument("--input", required=True, type=Path)
-    parser.add_argument("--ds", required=True)
-    parser.add_argument("--out-dir", required=True)
-    parser.add_argument("--items", help="items table (Parquet) to check item ids against")
-    parser.add_argument("--id-map", help="URI prefix of the stable id maps (default: "
-                        "<out-dir>/id_map)")
-    args = parser.parse_args(argv)
-    p = settings.step_params(PARAMS)
-    catalogue = _catalogue({"items": args.items} if args.items else {})
-    with tempfile.TemporaryDirectory(prefix="nightrec-clean-") as tmp:
-        qpath = Path(tmp) / "quarantine.parquet"
-        clean, stats = clean_file(args.input, ds=args.ds, p=p, quarantine_path=qpath,
-                                  catalogue=catalogue)
-        storage.upload_from(qpath, storage.join(args.out_dir, "quarantine.parquet"))
-    id_map = args.id_map or storage.join(args.out_dir, "id_map")
-    tables, stats["new_stable_ids"] = _index_tables(
-        clean, {k: storage.join(id_map, k) for k in ("users", "items")}, args.ds)
-    storage.write_parquet(clean, storage.join(args.out_dir, "interactions.parquet"))
-    for kind in ("users", "items"):
-        storage.write_parquet(tables[kind], storage.join(args.out_dir, f"{kind[:-1]}_ids.parquet"))
-    storage.write_json(storage.join(args.out_dir, "stats.json"), stats)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return Cleaned(ds=ds, raw=ingested.interactions, items=ingested.items, users=ingested.users,
+                   **out)

@@ -31,11 +31,13 @@ reason. It is the ``evaluate`` stage's DVC metrics file.
 from __future__ import annotations
 
 import io
+import logging
 
 import numpy as np
 import pandas as pd
 
 from nightrec.core import schema, settings
+from nightrec.core.records import Evaluated, Trained
 from nightrec.ml import metrics, models, ranking
 from nightrec.store import layout, storage
 
@@ -196,6 +198,31 @@ def gate(result: dict, *, gate_metric: str, min_lift: float, max_regression: flo
     return verdict
 
 
+def route(evaluated: Evaluated, *, forced: bool, fallback: bool | None) -> list[str]:
+    """The ``gate`` branch: ``["register"]`` for a blessed model or a forced publish,
+    ``["fallback"]`` when the gate refuses and the fallback is on (``fallback``; None:
+    ``publish.fallback``), else ``[]``: nothing is published. Records the decision."""
+    verdict = evaluated.gate
+    record_decision(evaluated.ds, verdict, forced=forced)
+    if fallback is None:
+        fallback = bool(settings.load_params()["publish"]["fallback"])
+    log = logging.getLogger("nightrec.gate")
+    if evaluated.blessed:
+        log.info("blessed: %s", verdict)
+        return ["register"]
+    if forced:
+        log.warning("OVERRIDE: NOT blessed (%s) but force_publish=true; publishing anyway, "
+                    "the model is not promoted: %s", verdict["reason"], verdict)
+        return ["register"]
+    if fallback:
+        log.warning("NOT blessed (%s); publishing the fallback (the champion re-scored on "
+                    "today's seen items, or popularity): %s", verdict["reason"], verdict)
+        return ["fallback"]
+    log.warning("NOT blessed (%s) and fallback is off; nothing is published and the "
+                "previous table stays latest: %s", verdict["reason"], verdict)
+    return []
+
+
 def record_decision(ds: str, verdict: dict, *, forced: bool) -> dict:
     """Write ``runs/ds=<ds>/gate/decision.json``: the verdict, whether ops forced publication
     (``force_publish``, an override of an unblessed model), and so whether it publishes."""
@@ -213,7 +240,7 @@ def record_decision(ds: str, verdict: dict, *, forced: bool) -> dict:
     return decision
 
 
-def _champion(trained: dict):
+def _champion(trained: Trained):
     """``(champion version or None, its train_cutoff or None, load)``: ``load()`` gives the
     champion's shipped weights (``embeddings``: it trained only up to its cutoff) aligned to
     this run by external id."""
@@ -231,9 +258,9 @@ def _champion(trained: dict):
             emb,
             model_users=score.ids_by_index(model["users"], schema.USER_IDX, schema.USER_ID),
             model_items=score.ids_by_index(model["items"], schema.ITEM_IDX, schema.ITEM_ID),
-            user_ids=score.ids_by_index(trained["user_features"], schema.USER_IDX,
+            user_ids=score.ids_by_index(trained.split.user_features, schema.USER_IDX,
                                         schema.USER_ID),
-            item_ids=score.ids_by_index(trained["item_features"], schema.ITEM_IDX,
+            item_ids=score.ids_by_index(trained.split.item_features, schema.ITEM_IDX,
                                         schema.ITEM_ID),
         )
 
@@ -262,32 +289,33 @@ def _evaluate(emb, parts, p: settings.StepParams, *, n_users: int, champion=None
     return result
 
 
-def run(ds: str, trained: dict[str, str], params: dict | None = None) -> dict:
+def run(trained: Trained, params: dict | None = None) -> Evaluated:
+    ds = trained.ds
     p = settings.step_params(PARAMS, params)
     # the shipped model (the train + valid refit) is what the gate scores
-    emb = dict(np.load(io.BytesIO(storage.read_bytes(trained["full_embeddings"]))))
-    parts = {n: storage.read_parquet(trained[n]) for n in ("train", "valid", "test")}
-    n_users = len(storage.read_parquet(trained["user_features"], columns=[schema.USER_IDX]))
+    emb = dict(np.load(io.BytesIO(storage.read_bytes(trained.full_embeddings))))
+    parts = {n: storage.read_parquet(getattr(trained.split, n)) for n in ("train", "valid", "test")}
+    n_users = len(storage.read_parquet(trained.split.user_features, columns=[schema.USER_IDX]))
     champion = _champion(trained)
     result = _evaluate(emb, parts, p, n_users=n_users, champion=champion)
     result.update(
-        ds=ds, model_version=trained["model_version"], data_version=trained["data_version"],
-        train_cutoff=trained.get("train_cutoff"), champion_version=champion[0],
+        ds=ds, model_version=trained.model_version, data_version=trained.data_version,
+        train_cutoff=trained.train_cutoff, champion_version=champion[0],
         champion_compared=result["champion_comparison"]["compared"],
-        selection=trained.get("selection"),
+        selection=trained.selection,
     )
     uri = layout.run_uri(ds, "evaluate", "metrics.json")
     storage.write_json(uri, result)
     model = {
-        "embeddings": trained["full_embeddings"],
-        "holdout_embeddings": trained["holdout_embeddings"],
-        "users": trained["user_features"],
-        "items": trained["item_features"],
-        "model_version": trained["model_version"],
-        "data_version": trained["data_version"],
-        "train_cutoff": trained.get("train_cutoff"),
+        "embeddings": trained.full_embeddings,
+        "holdout_embeddings": trained.holdout_embeddings,
+        "users": trained.split.user_features,
+        "items": trained.split.item_features,
+        "model_version": trained.model_version,
+        "data_version": trained.data_version,
+        "train_cutoff": trained.train_cutoff,
         "metrics": uri,
-        "artifacts": trained.get("artifacts", {}),
+        "artifacts": trained.artifacts,
     }
-    return {"model": model, "metrics": uri, "blessed": result["gate"]["blessed"],
-            "gate": result["gate"]}
+    return Evaluated(ds=ds, model=model, metrics=uri, blessed=result["gate"]["blessed"],
+                     gate=result["gate"])

@@ -59,6 +59,7 @@ import pyarrow.compute as pc
 
 from nightrec.core import schema, settings
 from nightrec.core.errors import PermanentError
+from nightrec.core.records import Ingested
 from nightrec.store import layout, storage
 
 PARAMS = ["ingest.delimiter", "ingest.block_bytes", "ingest.batch_rows"]
@@ -591,7 +592,7 @@ def _object_name(uri: str, prefix: str) -> str:
     return uri[len(prefix):] if uri.startswith(prefix) else PurePosixPath(uri).name
 
 
-def run(ds: str, params: dict | None = None) -> dict[str, str]:
+def run(ds: str, params: dict | None = None, *, started_at: str | None = None) -> Ingested:
     """Read ``raw/*/ds=<ds>/`` and write ``runs/ds=<ds>/ingest/``; return the output URIs.
 
     Each raw file is downloaded to a temp folder, streamed into one local Parquet file batch by
@@ -640,7 +641,7 @@ def run(ds: str, params: dict | None = None) -> dict[str, str]:
             side = pd.concat([read_side_table(storage.read_bytes(u)) for u in side_uris])
             out[table] = layout.run_uri(ds, "ingest", f"{table}.parquet")
             storage.write_parquet(side, out[table])
-    return out
+    return Ingested(ds=ds, started_at=started_at, **out)
 
 
 def main(argv: list[str] | None = None) -> int:

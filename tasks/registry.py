@@ -43,6 +43,7 @@ import logging
 import re
 
 from nightrec.core.errors import PermanentError
+from nightrec.core.records import Evaluated, ModelChoice
 from nightrec.store import layout, storage
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,29 @@ def resolve(version: str | None) -> dict:
     if not version:
         raise ModelNotFound("no model_version given and no champion registered yet")
     return model_uris(version)
+
+
+def run(evaluated: Evaluated, *, dry_run: bool = False, params: dict | None = None
+        ) -> ModelChoice:
+    """The ``register`` task: register a blessed (or force-published) model. An unblessed one
+    (forced) or a dry run registers nothing and scores the evaluated model as it is."""
+    if not evaluated.blessed or dry_run:
+        return ModelChoice(ds=evaluated.ds, model=evaluated.model, registered=False)
+    from nightrec.core import settings
+
+    model = register(evaluated.model, ds=evaluated.ds, metrics_uri=evaluated.metrics,
+                     gate=evaluated.gate,
+                     params=params if params is not None else settings.load_params())
+    return ModelChoice(ds=evaluated.ds, model={**model, "metrics": evaluated.metrics},
+                       registered=True)
+
+
+def load(ds: str, version: str | None) -> ModelChoice:
+    """The ``load_model`` task: the pinned ``version``, or the champion, to re-score ``ds``."""
+    model = resolve(version)
+    return ModelChoice(ds=ds, model={
+        **model, "source": "champion_rescore",
+        "source_reason": f"retrain=false or model_version {version} given"})
 
 
 def code_version() -> str:

@@ -64,6 +64,7 @@ from nightrec.tasks.publish import arrow_schema
 from scipy import sparse
 
 from nightrec.core import schema, settings
+from nightrec.core.records import Evaluated, ModelChoice, Seen
 from nightrec.ml import models, ranking
 from nightrec.store import layout, storage
 
@@ -392,6 +393,22 @@ def collect(results: list[dict], specs: list[dict] | None = None) -> dict:
         "data_version": model["data_version"], "metrics": model.get("metrics"),
         "source": model.get("source") or "model", "source_reason": model.get("source_reason"),
     }
+
+
+def fallback(evaluated: Evaluated, seen: Seen) -> ModelChoice:
+    """The ``fallback`` task (the gate refused): the champion, re-scored on today's seen items,
+    or with no champion yet the popularity model of the seen table."""
+    from nightrec.tasks import registry
+
+    why = f"the gate refused the new model: {evaluated.gate['reason']}"
+    version = registry.champion()  # read once: the model scored is the one named here
+    if version:
+        model = {**registry.model_uris(version), "source": "champion_fallback",
+                 "source_reason": why}
+    else:
+        model = {**popularity_model(evaluated.ds, seen.seen), "source": "popularity_fallback",
+                 "source_reason": why + "; there is no champion yet"}
+    return ModelChoice(ds=evaluated.ds, model=model)
 
 
 def popularity_model(ds: str, seen_uri: str, reason: str | None = None) -> dict:

@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 from nightrec.tasks import clean
 
 from nightrec.core import schema, settings
+from nightrec.core.records import Seen, Validated
 from nightrec.store import layout, storage
 
 PARAMS = ["clean.id_pattern", "clean.max_id_length", "clean.batch_rows"]
@@ -135,3 +136,8 @@ def build(ds: str, params: dict | None = None) -> str:
              stats["pairs_only_in_quarantine"], stats["quarantine_rows_taken"], stats["users"],
              stats["items"])
     return out
+
+
+def run(validated: Validated, params: dict | None = None) -> Seen:
+    """The DAG's ``seen`` task: the seen table of a ds whose clean outputs passed validate."""
+    return Seen(ds=validated.ds, seen=build(validated.ds, params))

@@ -51,6 +51,7 @@ import numpy as np
 import pandas as pd
 
 from nightrec.core import schema, settings
+from nightrec.core.records import Split, Trained
 from nightrec.ml import models
 from nightrec.store import layout, storage
 
@@ -462,20 +463,20 @@ def model_version(ds: str, data_version: str, chosen: str, p: settings.StepParam
     return f"{chosen.split('_')[0]}-{ds.replace('-', '')}-{h[:8]}"
 
 
-def _sizes(split_out: dict[str, str]) -> tuple[int, int]:
-    users = storage.read_parquet(split_out["user_features"], columns=[schema.USER_IDX])
-    items = storage.read_parquet(split_out["item_features"], columns=[schema.ITEM_IDX])
+def _sizes(split_out: Split) -> tuple[int, int]:
+    users = storage.read_parquet(split_out.user_features, columns=[schema.USER_IDX])
+    items = storage.read_parquet(split_out.item_features, columns=[schema.ITEM_IDX])
     return len(users), len(items)
 
 
-def side_features(split_out: dict, p: settings.StepParams) -> dict | None:
+def side_features(split_out: Split, p: settings.StepParams) -> dict | None:
     """mf_softmax's side-feature matrices from augment's feature tables (index order), typed
     by ``augment.user_features`` / ``augment.item_features``; None when switched off."""
     if not p["train.mf_softmax.side_features"]:
         return None
     out = {}
     for kind in ("user", "item"):
-        table = storage.read_parquet(split_out[f"{kind}_features"])
+        table = storage.read_parquet(getattr(split_out, f"{kind}_features"))
         idx = schema.USER_IDX if kind == "user" else schema.ITEM_IDX
         out[kind] = models.side_matrix(
             table.sort_values(idx), p[f"augment.{kind}_features"],
@@ -485,7 +486,7 @@ def side_features(split_out: dict, p: settings.StepParams) -> dict | None:
     return out
 
 
-def _warm_start_init(split_out: dict, p: settings.StepParams) -> dict | None:
+def _warm_start_init(split_out: Split, p: settings.StepParams) -> dict | None:
     """The champion's full-refit factors aligned to this run, when warm start is asked for and
     the champion is an mf model; else None (logged)."""
     if not p["train.mf_softmax.warm_start"]:
@@ -506,14 +507,16 @@ def _warm_start_init(split_out: dict, p: settings.StepParams) -> dict | None:
         emb,
         model_users=score.ids_by_index(model["users"], schema.USER_IDX, schema.USER_ID),
         model_items=score.ids_by_index(model["items"], schema.ITEM_IDX, schema.ITEM_ID),
-        user_ids=score.ids_by_index(split_out["user_features"], schema.USER_IDX, schema.USER_ID),
-        item_ids=score.ids_by_index(split_out["item_features"], schema.ITEM_IDX, schema.ITEM_ID),
+        user_ids=score.ids_by_index(split_out.user_features, schema.USER_IDX, schema.USER_ID),
+        item_ids=score.ids_by_index(split_out.item_features, schema.ITEM_IDX, schema.ITEM_ID),
     )
 
 
-def run(ds: str, split_out: dict[str, str], params: dict | None = None) -> dict:
+def run(split_out: Split, params: dict | None = None) -> Trained:
+    ds = split_out.ds
     p = settings.step_params(PARAMS, params)
-    parts = {name: storage.read_parquet(split_out[name]) for name in ("train", "valid", "test")}
+    parts = {name: storage.read_parquet(getattr(split_out, name))
+             for name in ("train", "valid", "test")}
     n_users, n_items = _sizes(split_out)
     init = _warm_start_init(split_out, p)
     side = side_features(split_out, p)
@@ -521,23 +524,25 @@ def run(ds: str, split_out: dict[str, str], params: dict | None = None) -> dict:
         work = Path(tmp)
         result = train_both(parts, n_users=n_users, n_items=n_items, p=p, workdir=work, init=init,
                             side=side)
-        version = model_version(ds, split_out["data_version"], result["chosen"], p)
-        out = {**split_out, "model_version": version, "chosen": result["chosen"],
-               "selection": result["selection"], "train_cutoff": result["train_cutoff"],
-               "artifacts": {}}
+        version = model_version(ds, split_out.data_version, result["chosen"], p)
+        artifacts = {}
         for name in ("holdout", "full"):
             emb, hist = result[name]
-            saved = _save(emb, hist, result["keras"].get(name), ds=ds, fit=name, workdir=work)
-            out[f"{name}_embeddings"] = saved["embeddings"]
-            out["artifacts"][name] = saved
-        out["artifacts"]["selection"] = layout.run_uri(ds, "train", "selection.json")
-        storage.write_json(out["artifacts"]["selection"], result["selection"])
+            artifacts[name] = _save(emb, hist, result["keras"].get(name), ds=ds, fit=name,
+                                    workdir=work)
+        artifacts["selection"] = layout.run_uri(ds, "train", "selection.json")
+        storage.write_json(artifacts["selection"], result["selection"])
         if result["tensorboard"].exists():
             prefix = layout.report_uri(ds, "tensorboard") + "/"
             for f in sorted(result["tensorboard"].rglob("*")):
                 if f.is_file():
                     storage.upload_from(f, prefix + f.relative_to(result["tensorboard"]).as_posix())
-            out["artifacts"]["tensorboard"] = prefix
+            artifacts["tensorboard"] = prefix
     log.info("trained %s (%s) on %s; selection %s", version, result["chosen"],
              result["holdout"][1].get("device_plan", "cpu (closed form)"), result["selection"])
-    return out
+    return Trained(ds=ds, model_version=version, data_version=split_out.data_version,
+                   chosen=result["chosen"], selection=result["selection"],
+                   train_cutoff=result["train_cutoff"],
+                   full_embeddings=artifacts["full"]["embeddings"],
+                   holdout_embeddings=artifacts["holdout"]["embeddings"], artifacts=artifacts,
+                   split=split_out)

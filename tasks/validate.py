@@ -39,6 +39,7 @@ import pandas as pd
 
 from nightrec.core import schema, settings
 from nightrec.core.errors import PermanentError
+from nightrec.core.records import Cleaned, Validated
 from nightrec.store import layout, storage
 
 PARAMS = [
@@ -357,21 +358,22 @@ def _read_local(uri: str, tmp: str, name: str) -> pd.DataFrame:
     return pd.read_parquet(storage.download_to(uri, Path(tmp) / name))
 
 
-def run(ds: str, cleaned: dict[str, str], params: dict | None = None) -> dict[str, str]:
+def run(cleaned: Cleaned, params: dict | None = None) -> Validated:
+    ds = cleaned.ds
     p = settings.step_params(PARAMS, params)
-    raw_uri = (cleaned.get("raw_interactions")
-               or layout.run_uri(ds, "ingest", "interactions.parquet"))
-    stats = storage.read_json(cleaned["stats"])
+    raw_uri = cleaned.raw
+    stats = storage.read_json(cleaned.stats)
     with tempfile.TemporaryDirectory(prefix="nightrec-validate-") as tmp:
         raw = None
         if storage.exists(raw_uri):  # one table in memory at a time
             raw = check_raw(_read_local(raw_uri, tmp, "raw.parquet"), ds=ds, p=p)
-        clean = _read_local(cleaned["interactions"], tmp, "clean.parquet")
+        clean = _read_local(cleaned.interactions, tmp, "clean.parquet")
         report = check_contract(clean, stats, ds=ds, p=p, raw=raw)
     del clean
     report["data_docs"] = record_results(ds, list(report["suites"].values()))
-    out = {**cleaned, "validation_report": layout.run_uri(ds, "validate", "report.json")}
-    storage.write_json(out["validation_report"], report)
+    out = Validated(ds=ds, interactions=cleaned.interactions, items=cleaned.items,
+                    users=cleaned.users, report=layout.run_uri(ds, "validate", "report.json"))
+    storage.write_json(out.report, report)
     if not report["success"]:
         raise ContractError(describe_failure(report))
     log.info(

@@ -31,6 +31,7 @@ import yaml
 from nightrec.tasks import split, validate
 
 from nightrec.core import settings
+from nightrec.core.records import Augmented, Split
 from nightrec.store import layout, storage
 
 SPLIT_DIR = "data/split"
@@ -103,10 +104,11 @@ def data_version(ws: Path) -> str:
     raise DvcError(f"{ws}/dvc.lock has no output {SPLIT_DIR}")
 
 
-def run(ds: str, augmented: dict[str, str], params: dict | None = None) -> dict[str, str]:
+def run(augmented: Augmented, params: dict | None = None) -> Split:
     """Reproduce the split for ``ds``, check it (the split suite and the leakage checks of
     tasks/validate.py: a broken split raises ContractError and is neither pushed nor
     published), push it; publish its files and ``data_version``."""
+    ds = augmented.ds
     params = params if params is not None else settings.load_params()
     ws = workspace(ds)
     clock, timings = time.perf_counter(), {}
@@ -118,7 +120,7 @@ def run(ds: str, augmented: dict[str, str], params: dict | None = None) -> dict[
         clock = now
 
     prepare_workspace(ws, params)
-    storage.download_to(augmented["interactions"], ws / INPUT)
+    storage.download_to(augmented.interactions, ws / INPUT)
     lap("prepare")
     _dvc(ws, "repro", "--single-item", "split")
     version = data_version(ws)
@@ -128,9 +130,8 @@ def run(ds: str, augmented: dict[str, str], params: dict | None = None) -> dict[
                                   p=settings.step_params(validate.PARAMS, params))
     report["data_version"] = version
     report["data_docs"] = validate.record_results(ds, [report["expectations"]])
-    out = {k: v for k, v in augmented.items() if k != "interactions"}
-    out["split_validation"] = layout.run_uri(ds, "split", "validation.json")
-    storage.write_json(out["split_validation"], report)
+    out = {"validation": layout.run_uri(ds, "split", "validation.json")}
+    storage.write_json(out["validation"], report)
     lap("check")
     if not report["success"]:
         raise validate.ContractError(validate.describe_failure(report))
@@ -144,11 +145,12 @@ def run(ds: str, augmented: dict[str, str], params: dict | None = None) -> dict[
     lap("publish")
     meta["dvc_lock"] = (ws / "dvc.lock").read_text()
     meta["timings_s"] = timings
-    out["split_meta"] = layout.run_uri(ds, "split", "meta.json")
-    storage.write_json(out["split_meta"], meta)
-    out["data_version"] = version
+    out["meta"] = layout.run_uri(ds, "split", "meta.json")
+    storage.write_json(out["meta"], meta)
     log.info("split %s: %s", version, timings)
-    return out
+    return Split(ds=ds, data_version=version, item_features=augmented.item_features,
+                 user_features=augmented.user_features,
+                 feature_encoding=augmented.feature_encoding, **out)
 
 
 def fetch(version: str, dest: Path) -> Path:

@@ -12,6 +12,7 @@ from nightrec.tasks import augment
 from scipy import stats
 
 from nightrec.core import settings
+from nightrec.core.records import Validated
 from nightrec.store import layout, storage
 
 DAY = 86400.0
@@ -94,25 +95,26 @@ def test_run_writes_labelled_events_typed_feature_tables_and_their_encoding(s3, 
         "user_id": ["1", "1", "2"], "item_id": ["1", "2", "2"], "rating": [5.0, 1.0, 3.0],
         "timestamp": [1_780_000_000] * 3, "user_idx": np.array([0, 0, 1], np.int32),
         "item_idx": np.array([0, 1, 1], np.int32)})
-    uris = {"interactions": layout.run_uri(ds, "clean", "interactions.parquet"),
-            "items": layout.run_uri(ds, "ingest", "items.parquet"),
-            "users": layout.run_uri(ds, "ingest", "users.parquet")}
-    storage.write_parquet(clean, uris["interactions"])
-    storage.write_parquet(items, uris["items"])
-    storage.write_parquet(users, uris["users"])
+    uris = Validated(ds=ds, interactions=layout.run_uri(ds, "clean", "interactions.parquet"),
+                     items=layout.run_uri(ds, "ingest", "items.parquet"),
+                     users=layout.run_uri(ds, "ingest", "users.parquet"),
+                     report=layout.run_uri(ds, "validate", "report.json"))
+    storage.write_parquet(clean, uris.interactions)
+    storage.write_parquet(items, uris.items)
+    storage.write_parquet(users, uris.users)
     params = json.loads(json.dumps(settings.load_params()))
     params["augment"].update(positive_min_rating=3.0, weight_by_rating=True)
-    out = augment.run(ds, uris, params)
-    events = storage.read_parquet(out["interactions"])
+    out = augment.run(uris, params)
+    events = storage.read_parquet(out.interactions)
     assert events["label"].tolist() == [1, 0, 1]
     assert events["weight"].tolist() == pytest.approx([1.0, 0.2, 0.6])
-    item_f = storage.read_parquet(out["item_features"])
-    user_f = storage.read_parquet(out["user_features"])
+    item_f = storage.read_parquet(out.item_features)
+    user_f = storage.read_parquet(out.user_features)
     assert item_f["item_idx"].tolist() == [0, 1] and user_f["user_idx"].tolist() == [0, 1]
     assert item_f["year"].dtype == "float32" and user_f["age"].dtype == "float32"
     for col in ("gender", "occupation", "zip_code"):
         assert user_f[col].dtype == "int32" and (user_f[col] >= 1).all()
-    encoding = storage.read_json(out["feature_encoding"])
+    encoding = storage.read_json(out.feature_encoding)
     assert encoding["user"]["gender"]["vocabulary"] == sorted(set(users["gender"][:2]))
     genres = encoding["item"]["genres"]["vocabulary"]
     assert all(len(v) == len(genres) for v in item_f["genres_multi_hot"])

@@ -237,7 +237,7 @@ def upload(ds: str, files: dict[str, bytes], items: bytes | None = None) -> None
 
 def run_steps(ds: str, params: dict) -> tuple[dict, dict]:
     ingested = ingest.run(ds, params)
-    cleaned = clean.run(ds, ingested, params)
+    cleaned = clean.run(ingested, params)
     return ingested, cleaned
 
 
@@ -260,21 +260,21 @@ def test_corpus_case(case: Case, s3):
         return
     want = case.expect
     _, cleaned = run_steps(CDS, params)
-    stats = storage.read_json(cleaned["stats"])
+    stats = storage.read_json(cleaned.stats)
     expected = {k: v for k, v in want.by_reason.items() if v}
     assert stats["by_reason"] == expected, stats["by_reason"]
     assert stats["clean_rows"] == want.clean_rows
     assert stats["raw_rows"] == stats["clean_rows"] + stats["quarantined_rows"]
-    quarantine = storage.read_parquet(cleaned["quarantine"])
+    quarantine = storage.read_parquet(cleaned.quarantine)
     assert quarantine["reason"].value_counts().to_dict() == expected
     assert quarantine["source_file"].notna().all() and (quarantine["raw_row"] >= 1).all()
-    interactions = storage.read_parquet(cleaned["interactions"])
+    interactions = storage.read_parquet(cleaned.interactions)
     assert len(interactions) == want.clean_rows
     if want.valid:
-        validate.run(CDS, cleaned, params)
+        validate.run(cleaned, params)
     else:
         with pytest.raises(validate.ContractError) as err:
-            validate.run(CDS, cleaned, params)
+            validate.run(cleaned, params)
         assert "invalid rows" in str(err.value)
         assert max(expected, key=expected.get) in str(err.value)
 
@@ -284,7 +284,7 @@ def test_rows_point_back_to_their_file_and_line(s3):
              "b.csv": text(base_rows()[:2], eol="\r\n") + b"7,101\r\n"}
     upload(CDS, files)
     _, cleaned = run_steps(CDS, settings.load_params())
-    q = storage.read_parquet(cleaned["quarantine"])
+    q = storage.read_parquet(cleaned.quarantine)
     bad = q[q["reason"] != "duplicate_event"]
     assert sorted(zip(bad["source_file"], bad["raw_row"], bad["reason"])) == [
         ("a.csv", 5, "unparseable_value"), ("b.csv", 4, "wrong_field_count")]
@@ -293,23 +293,6 @@ def test_rows_point_back_to_their_file_and_line(s3):
     assert bad[bad["source_file"] == "b.csv"]["raw_text"].tolist() == ["7,101"]
     lines = files["a.csv"].decode().split("\n")
     assert lines[5 - 1] == f"1,101,x,{T0}"
-
-
-def test_stable_ids_survive_runs_and_new_ids_are_appended(s3):
-    params = settings.load_params()
-    upload("2026-10-16", {"a.csv": good_csv()})
-    _, first = run_steps("2026-10-16", params)
-    upload("2026-10-17", {"a.csv": with_rows(events_of("newcomer") + events_of("0"))})
-    _, second = run_steps("2026-10-17", params)
-    one = storage.read_parquet(first["user_ids"]).set_index("user_id")["user_stable_idx"]
-    two = storage.read_parquet(second["user_ids"]).set_index("user_id")["user_stable_idx"]
-    assert (two[one.index] == one).all()  # the same id keeps its index
-    assert two["newcomer"] > one.max() and two["0"] > one.max()
-    assert two["0"] < two["newcomer"]  # new ids are appended in sorted order
-    dense = storage.read_parquet(second["user_ids"])
-    assert dense["user_idx"].tolist() == list(range(len(dense)))
-    assert dense["user_id"].is_monotonic_increasing  # the per-run index stays id-sorted
-    assert storage.read_json(second["stats"])["new_stable_ids"]["users"] == 2
 
 
 # -- the real DAG on a bad snapshot ---------------------------------------------------------------
@@ -351,5 +334,5 @@ def test_quarantine_keeps_raw_text_of_a_parquet_file(s3):
     frame.loc[0, "rating"] = "ten"
     upload(CDS, {"a.parquet": parquet(frame)})
     _, cleaned = run_steps(CDS, settings.load_params())
-    q = storage.read_parquet(cleaned["quarantine"])
+    q = storage.read_parquet(cleaned.quarantine)
     assert q[["raw_row", "rating", "reason"]].values.tolist() == [[1, "ten", "unparseable_value"]]

@@ -21,6 +21,7 @@ import pytest
 from nightrec.tasks import evaluate, registry, split
 
 from nightrec.core import schema, settings
+from nightrec.core.records import Split, Trained
 from nightrec.ml import models
 from nightrec.store import layout, storage
 from tests.conftest import labelled_events
@@ -117,34 +118,36 @@ def _npz(uri: str, emb: dict) -> str:
     return uri
 
 
-def _trained(ds: str, parts: dict, *, full: dict, holdout: dict, version: str) -> dict:
-    out = {"model_version": version, "data_version": "0" * 32, "artifacts": {},
-           "full_embeddings": _npz(
-               storage.join(layout.run_uri(ds, "train", "full"), "embeddings.npz"), full),
-           "holdout_embeddings": _npz(
-               storage.join(layout.run_uri(ds, "train", "holdout"), "embeddings.npz"), holdout),
-           "train_cutoff": int(pd.concat([parts["train"], parts["valid"]])[
-               schema.TIMESTAMP].max())}
+def _trained(ds: str, parts: dict, *, full: dict, holdout: dict, version: str) -> Trained:
+    uris = {}
     for name in ("train", "valid", "test"):
-        out[name] = layout.run_uri(ds, "split", f"{name}.parquet")
-        storage.write_parquet(parts[name], out[name])
+        uris[name] = layout.run_uri(ds, "split", f"{name}.parquet")
+        storage.write_parquet(parts[name], uris[name])
     for kind, idx, col, n in (("user", schema.USER_IDX, schema.USER_ID, N_USERS),
                               ("item", schema.ITEM_IDX, schema.ITEM_ID, N_ITEMS)):
-        out[f"{kind}_features"] = layout.run_uri(ds, "augment", f"{kind}_features.parquet")
+        uris[f"{kind}_features"] = layout.run_uri(ds, "augment", f"{kind}_features.parquet")
         storage.write_parquet(pd.DataFrame({idx: np.arange(n), col: [f"{kind}{i}"
                                                                      for i in range(n)]}),
-                              out[f"{kind}_features"])
-    return out
+                              uris[f"{kind}_features"])
+    split_out = Split(ds=ds, data_version="0" * 32, feature_encoding="", validation="", meta="",
+                      **uris)
+    return Trained(
+        ds=ds, model_version=version, data_version="0" * 32, chosen="ease", selection={},
+        artifacts={},
+        full_embeddings=_npz(layout.run_uri(ds, "train", "full", "embeddings.npz"), full),
+        holdout_embeddings=_npz(layout.run_uri(ds, "train", "holdout", "embeddings.npz"), holdout),
+        train_cutoff=int(pd.concat([parts["train"], parts["valid"]])[schema.TIMESTAMP].max()),
+        split=split_out)
 
 
 def _make_champion(ds: str, parts: dict, emb: dict, cutoff: int | None) -> str:
     version = "ease-" + ds.replace("-", "") + "-0000c0de"
     trained = _trained(ds, parts, full=emb, holdout=emb, version=version)
-    model = {"embeddings": trained["full_embeddings"], "users": trained["user_features"],
-             "items": trained["item_features"], "model_version": version,
-             "data_version": trained["data_version"], "train_cutoff": cutoff}
+    model = {"embeddings": trained.full_embeddings, "users": trained.split.user_features,
+             "items": trained.split.item_features, "model_version": version,
+             "data_version": trained.data_version, "train_cutoff": cutoff}
     registry.register(model, ds=ds, metrics_uri=None)
-    meta_uri = registry.model_prefix(version) + "meta.json"
+    meta_uri = layout.model_file_uri(version, "meta.json")
     meta = storage.read_json(meta_uri)
     if meta.get("train_cutoff") != cutoff:  # what register records (the lead's change)
         meta["train_cutoff"] = cutoff
@@ -170,14 +173,14 @@ def test_evaluate_gates_the_shipped_model_and_compares_the_champion_on_unseen_ev
     trained = _trained(ds, parts, full=shipped, holdout=worst, version="ease-20261128-00000001")
     params = settings.load_params()
 
-    out = evaluate.run(ds, trained, params)
-    m = storage.read_json(out["metrics"])
+    out = evaluate.run(trained, params)
+    m = storage.read_json(out.metrics)
     want = evaluate.evaluate_embeddings(shipped, parts, ks=list(params["evaluate"]["k"]),
                                         n_users=N_USERS)
     assert m["model"]["ndcg_at_10"] == pytest.approx(want["model"]["ndcg_at_10"])
     assert m["popularity"]["ndcg_at_10"] == pytest.approx(want["popularity"]["ndcg_at_10"])
-    assert out["blessed"] and out["model"]["embeddings"] == trained["full_embeddings"]
-    assert out["model"]["train_cutoff"] == trained["train_cutoff"]
+    assert out.blessed and out.model["embeddings"] == trained.full_embeddings
+    assert out.model["train_cutoff"] == trained.train_cutoff
 
     c = m["champion_comparison"]
     assert m["champion_version"] == c["version"] == champion and m["champion_compared"]
@@ -189,6 +192,6 @@ def test_evaluate_gates_the_shipped_model_and_compares_the_champion_on_unseen_ev
 
     # a champion registered without a train_cutoff is recorded, not compared
     _make_champion("2026-11-26", parts, shipped, None)
-    m = storage.read_json(evaluate.run(ds, trained, params)["metrics"])
+    m = storage.read_json(evaluate.run(trained, params).metrics)
     assert not m["champion_compared"] and "train_cutoff" in m["champion_comparison"]["reason"]
     assert m["gate"]["champion"] is None and m["gate"]["blessed"]

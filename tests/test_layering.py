@@ -167,11 +167,15 @@ def test_nightly_dag_structure(airflow_db):
     dag = DagBag(dag_folder=str(ROOT / "dags")).get_dag("nightly_recommendations")
     assert dag.catchup is False and dag.max_active_runs == 1
     assert dag.schedule == "0 2 * * *"
-    order = ["ingest", "clean", "validate", "augment", "seen", "choose", "split", "train",
+    order = ["ingest", "clean", "validate", "augment", "split", "train",
              "evaluate", "register", "plan_shards", "score", "publish", "promote"]
-    assert set(order) | {"gate", "fallback", "load_model", "report"} == set(dag.task_ids)
+    assert set(order) | {"seen", "choose", "gate", "fallback", "load_model", "report"} == set(
+        dag.task_ids)
     for up, down in itertools.pairwise(order):
         assert down in dag.get_task(up).downstream_task_ids, (up, down)
+    assert "seen" in dag.get_task("validate").downstream_task_ids  # beside augment
+    assert {"seen"} == dag.get_task("choose").upstream_task_ids
+    assert {"choose", "fallback", "plan_shards"} <= dag.get_task("seen").downstream_task_ids
     assert "report" in dag.get_task("publish").downstream_task_ids
     # The champion moves only after publish: promote is downstream of both register and publish.
     assert {"register", "publish"} <= dag.get_task("promote").upstream_task_ids

@@ -106,10 +106,10 @@ def estate(bucket, state):
 
     for kind, n in (("users", 5), ("items", 2)):
         for g in range(1, n + 1):
+            # the legacy cross-run id map: nothing reads it, gc removes all of it
             uri = _put(f"state/id_map/{kind}/map-{g:06d}.parquet")
-            if kind == "users" and g <= 2:
-                doomed["id_maps"].add(uri)
-                doomed["objects"].add(uri)
+            doomed["id_maps"].add(uri)
+            doomed["objects"].add(uri)
 
     old = time.time() - 30 * 86400
     for ds in ("2026-03-01", "2026-03-10", NEWEST):
@@ -124,7 +124,7 @@ def estate(bucket, state):
 
 
 def test_gc_plan_lists_exactly_the_expired_and_apply_deletes_exactly_that(estate):
-    params = _params(runs_days=10, keep_models=2, id_map_generations=3, dvc_workspaces_days=7,
+    params = _params(runs_days=10, keep_models=2, dvc_workspaces_days=7,
                      dvc_remote=False)
     before = _all()
     pl = retention.plan(params)
@@ -182,7 +182,7 @@ def test_gc_refuses_nonsense_params(bucket, state):
 
 def test_cli_gc_is_a_dry_run_unless_applied(estate, capsys, monkeypatch, tmp_path):
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(_params(runs_days=10, keep_models=2, id_map_generations=3,
+    path.write_text(yaml.safe_dump(_params(runs_days=10, keep_models=2,
                                            dvc_workspaces_days=7, dvc_remote=False)))
     monkeypatch.setenv("NIGHTREC_PARAMS", str(path))
     before = _all()
@@ -252,10 +252,6 @@ USER = "u00007"
 def _index_tables() -> None:
     ids = [f"u{i:05d}" for i in range(60)]
     storage.write_parquet(pd.DataFrame({"user_idx": np.arange(60, dtype=np.int32),
-                                        "user_id": ids,
-                                        "user_stable_idx": np.arange(100, 160)}),
-                          layout.run_uri(DS, "clean", "user_ids.parquet"))
-    storage.write_parquet(pd.DataFrame({"user_idx": np.arange(60, dtype=np.int32),
                                         "user_id": ids, "age": np.full(60, 30.0),
                                         "gender": np.ones(60, np.int32)}),
                           layout.run_uri(DS, "augment", "user_features.parquet"))
@@ -273,7 +269,7 @@ def _index_tables() -> None:
     storage.write_json(prefix + "meta.json", {"model_version": MODEL, "data_version": "d" * 32})
     storage.write_parquet(pd.DataFrame({"user_id": ids, "user_stable_idx": np.arange(100, 160),
                                         "first_ds": DS}),
-                          layout.id_map_prefix("users") + "map-000001.parquet")
+                          layout.legacy_id_map_prefix("users") + "map-000001.parquet")
 
 
 def test_forget_erases_the_user_from_retained_data_and_keeps_indices(bucket, state):
@@ -293,7 +289,6 @@ def test_forget_erases_the_user_from_retained_data_and_keeps_indices(bucket, sta
     actions = {e["uri"].rsplit("/", 2)[-2] + "/" + e["uri"].rsplit("/", 1)[-1]: e["action"]
                for e in dry["found"]["run_tables"]}
     assert actions == {"clean/interactions.parquet": "drop_rows",  # stage's seen table
-                       "clean/user_ids.parquet": "tombstone",
                        "augment/user_features.parquet": "tombstone",
                        "clean/quarantine.parquet": "drop_rows"}
     assert dry["found"]["models"] == [{"model_version": MODEL,
@@ -333,10 +328,6 @@ def test_forget_erases_the_user_from_retained_data_and_keeps_indices(bucket, sta
     # per-run tables: events lose the rows, index tables keep the index with a tombstone
     seen = storage.read_parquet(layout.run_uri(DS, "clean", "interactions.parquet"))
     assert USER not in set(seen["user_id"]) and len(seen) == 118
-    ids = storage.read_parquet(layout.run_uri(DS, "clean", "user_ids.parquet"))
-    assert ids.loc[7, "user_id"] == retention.tombstone(USER) == out["tombstone"]
-    assert ids["user_stable_idx"].tolist() == list(range(100, 160))
-    assert (ids.drop(7)["user_id"] == [f"u{i:05d}" for i in range(60) if i != 7]).all()
     feats = storage.read_parquet(layout.run_uri(DS, "augment", "user_features.parquet"))
     assert np.isnan(feats.loc[7, "age"]) and feats.loc[7, "gender"] == 0
     assert (feats.drop(7)["age"] == 30.0).all() and len(feats) == 60
@@ -350,9 +341,10 @@ def test_forget_erases_the_user_from_retained_data_and_keeps_indices(bucket, sta
                      (layout.run_uri(DS, "train", "full") + "/embeddings.npz", 7)):
         emb = np.load(io.BytesIO(storage.read_bytes(uri)))
         assert not emb["user"][row].any() and emb["user"][np.arange(60) != row].all()
-    # the id map: the id is its tombstone, the stable index stays taken
-    idmap = storage.read_parquet(layout.id_map_prefix("users") + "map-000001.parquet")
-    assert USER not in set(idmap["user_id"]) and idmap.loc[7, "user_stable_idx"] == 107
+    # an earlier version's id map (gc deletes it; until then forget scrubs it)
+    idmap = storage.read_parquet(layout.legacy_id_map_prefix("users") + "map-000001.parquet")
+    assert idmap.loc[7, "user_id"] == retention.tombstone(USER) == out["tombstone"]
+    assert USER not in set(idmap["user_id"]) and len(idmap) == 60
     # the list and the audit hold the hash, never the id
     assert clean.forgotten_users() == {clean.user_hash(USER)}
     record_bytes = storage.read_bytes(out["audit"])
@@ -386,11 +378,11 @@ def test_clean_drops_a_forgotten_users_rows_on_the_next_run(bucket, state):
     lines += ["alice,i1,9,5", " alice ,i2,x,5"]  # alice's rows that would be quarantined
     storage.write_bytes(layout.raw_prefix(ds) + "a.csv", ("\n".join(lines) + "\n").encode())
     params = settings.load_params()
-    first = storage.read_json(clean.run(ds, ingest.run(ds, params), params)["stats"])
+    first = storage.read_json(clean.run(ingest.run(ds, params), params).stats)
     assert first["forgotten_rows"] == 0 and first["clean_rows"] == 18
 
     retention.forget_user("alice", apply=True)
-    stats = storage.read_json(clean.run(ds, ingest.run(ds, params), params)["stats"])
+    stats = storage.read_json(clean.run(ingest.run(ds, params), params).stats)
     assert stats["forgotten_rows"] == 8 and stats["raw_rows"] == 20
     assert stats["raw_rows"] == stats["clean_rows"] + stats["quarantined_rows"] \
         + stats["forgotten_rows"]
@@ -398,5 +390,4 @@ def test_clean_drops_a_forgotten_users_rows_on_the_next_run(bucket, state):
     interactions = storage.read_parquet(layout.run_uri(ds, "clean", "interactions.parquet"))
     assert set(interactions["user_id"]) == {"bob", "carol"}
     assert storage.read_parquet(layout.run_uri(ds, "clean", "quarantine.parquet")).empty
-    ids = storage.read_parquet(layout.run_uri(ds, "clean", "user_ids.parquet"))
-    assert set(ids["user_id"]) == {"bob", "carol"}
+

@@ -153,32 +153,6 @@ def test_kcore_iterates_until_stable():
     assert keep.tolist() == [True, True, True, True, False]
 
 
-def test_stable_ids_keep_their_index_and_new_ones_are_appended():
-    first, m1 = clean.assign_stable_ids(np.array(["b", "a"]), None, ds="2026-11-01",
-                                        id_col="user_id", stable_col="user_stable_idx")
-    assert first.tolist() == [1, 0]
-    second, m2 = clean.assign_stable_ids(np.array(["c", "b", "0"]), m1, ds="2026-11-02",
-                                         id_col="user_id", stable_col="user_stable_idx")
-    assert second.tolist() == [3, 1, 2]
-    assert m2["first_ds"].tolist() == ["2026-11-01"] * 2 + ["2026-11-02"] * 2
-    same, unchanged = clean.assign_stable_ids(np.array(["a"]), m2, ds="2026-11-03",
-                                              id_col="user_id", stable_col="user_stable_idx")
-    assert same.tolist() == [0] and unchanged is None
-
-
-def test_id_map_generations_are_created_exclusively(tmp_path):
-    prefix = str(tmp_path / "users")
-    a, n_new = clean.update_id_map(prefix, np.array(["x", "y"]), ds=DS, id_col="user_id",
-                                   stable_col="user_stable_idx")
-    assert a.tolist() == [0, 1] and n_new == 2
-    b, n_new = clean.update_id_map(prefix, np.array(["z", "x"]), ds=DS, id_col="user_id",
-                                   stable_col="user_stable_idx")
-    assert b.tolist() == [2, 0] and n_new == 1
-    assert sorted(p.name for p in tmp_path.joinpath("users").iterdir()) == [
-        "map-000001.parquet", "map-000002.parquet"]
-    assert not clean._create_exclusive(str(tmp_path / "users" / "map-000002.parquet"), b"x")
-
-
 def test_split_holds_out_each_users_latest_events_without_leakage():
     rows = [(u, i, 1000 * u + i) for u in range(3) for i in range(10)] + [(9, 0, 5), (9, 1, 6)]
     df = pd.DataFrame(rows, columns=["user_idx", "item_idx", "timestamp"])

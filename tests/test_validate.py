@@ -11,6 +11,7 @@ import pytest
 from nightrec.tasks import clean, ingest, split, validate
 
 from nightrec.core import settings
+from nightrec.core.records import Cleaned
 from nightrec.store import layout, storage
 
 DS = "2026-11-18"  # after the sample data's last event
@@ -77,9 +78,9 @@ def test_run_records_raw_and_clean_then_docs_gather_every_suite_of_the_ds(s3, sa
         storage.write_bytes(layout.raw_prefix(DS, table) + f"{table}.csv",
                             sample[table].read_bytes())
     params = settings.load_params()
-    cleaned = clean.run(DS, ingest.run(DS, params), params)
-    out = validate.run(DS, cleaned, params)
-    report = storage.read_json(out["validation_report"])
+    cleaned = clean.run(ingest.run(DS, params), params)
+    out = validate.run(cleaned, params)
+    report = storage.read_json(out.report)
     assert report["success"] and set(report["suites"]) == {"raw", "clean"}
     assert "ge_result" not in report["expectations"]  # kept apart, in reports/.../validations/
     assert storage.list_uris(validate.results_prefix(DS)) == [
@@ -90,7 +91,7 @@ def test_run_records_raw_and_clean_then_docs_gather_every_suite_of_the_ds(s3, sa
     assert len(_pages(docs, "raw_interactions")) == len(_pages(docs, "clean_interactions")) == 1
 
     # a later step records its suite: the one index now lists all three validations
-    events = storage.read_parquet(cleaned["interactions"]).assign(label=1, weight=1.0)
+    events = storage.read_parquet(cleaned.interactions).assign(label=1, weight=1.0)
     parts = split.split_interactions(events, valid_fraction=0.1, test_fraction=0.1,
                                      min_user_events_for_holdout=5)
     split_report = validate.check_split(parts, ds=DS, method="leave_last_fraction", p=_p())
@@ -105,7 +106,7 @@ def test_run_records_raw_and_clean_then_docs_gather_every_suite_of_the_ds(s3, sa
     # pages are named by ds (no wall clock): a rerun replaces its own, the split's stays
     (raw_page,) = _pages(docs, "raw_interactions")
     assert "/raw_interactions/2026-11-18/20261118T000000.000000Z/" in raw_page
-    validate.run(DS, cleaned, params)
+    validate.run(cleaned, params)
     assert storage.list_uris(validate.docs_prefix(DS)) == docs
 
 
@@ -117,15 +118,16 @@ def test_run_fails_on_a_broken_raw_table_with_the_expectation_named(s3, monkeypa
     cleaned_df, _, stats = clean.clean_interactions(
         raw, ds=ds, min_rating=0.5, max_rating=5.0, min_timestamp="1995-01-01",
         min_user_interactions=1, min_item_interactions=1)
-    uris = {"interactions": layout.run_uri(ds, "clean", "interactions.parquet"),
-            "stats": layout.run_uri(ds, "clean", "stats.json"),
-            "raw_interactions": layout.run_uri(ds, "ingest", "interactions.parquet")}
-    storage.write_parquet(cleaned_df, uris["interactions"])
-    storage.write_json(uris["stats"], stats)
-    storage.write_parquet(twice, uris["raw_interactions"])
+    uris = Cleaned(ds=ds, interactions=layout.run_uri(ds, "clean", "interactions.parquet"),
+                   stats=layout.run_uri(ds, "clean", "stats.json"),
+                   raw=layout.run_uri(ds, "ingest", "interactions.parquet"),
+                   quarantine=layout.run_uri(ds, "clean", "quarantine.parquet"))
+    storage.write_parquet(cleaned_df, uris.interactions)
+    storage.write_json(uris.stats, stats)
+    storage.write_parquet(twice, uris.raw)
     with pytest.raises(validate.ContractError, match=r"raw_interactions: "
                        r"expect_compound_columns_to_be_unique.*'unexpected_count': 400"):
-        validate.run(ds, uris)
+        validate.run(uris)
     report = storage.read_json(layout.run_uri(ds, "validate", "report.json"))
     assert report["success"] is False and report["suites"]["clean"]["success"] is True
     assert _pages(storage.list_uris(validate.docs_prefix(ds)), "raw_interactions")

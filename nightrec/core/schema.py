@@ -20,9 +20,6 @@ SOURCE_FILE = "source_file"  # the raw object's name under raw/interactions/ds=<
 PARSE_ERROR = "parse_error"  # a reason code ingest already knows (bad field count, encoding)
 RAW_TEXT = "raw_text"  # the raw line, kept only for rows ingest could not split into fields
 
-USER_STABLE_IDX = "user_stable_idx"  # int64 index of an external user id, stable across runs
-ITEM_STABLE_IDX = "item_stable_idx"
-FIRST_DS = "first_ds"  # the ds on which an external id was first given its stable index
 
 # What replaces an erased user's id where a row must stay (nightrec/ops/retention.py): "~" is in no id
 # the default clean.id_pattern accepts, so it never names a real user. Scoring skips such users.

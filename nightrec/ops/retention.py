@@ -9,8 +9,8 @@ removes one user. Both list what they would do (the default) and act only with `
 - ``models/<version>/`` for every registered version that is neither the champion, nor among the
   champion history's last ``retention.keep_models``, nor named by a published manifest that is
   still there, nor made by a run whose lease is live (a model registered before it is published);
-- ``state/id_map/<kind>/map-NNNNNN.parquet`` beyond the newest ``retention.id_map_generations``
-  (each generation is the whole map and clean reads only the newest);
+- everything under ``state/id_map/``: the cross-run id map earlier versions kept; nothing reads
+  it any more (README, "Retention and erasure"), and it holds user ids;
 - local DVC workspaces ``$NIGHTREC_STATE/dvc/ds=D`` untouched for ``retention.dvc_workspaces_days``
   days (not while D's lease is live);
 - objects of the DVC remote (``dvcstore/``) that no kept data_version references: the kept
@@ -27,11 +27,11 @@ and the champion right before each item, and writes an audit record ``audit/gc/.
 suppression list clean reads: the user's rows are dropped before judging, tasks/clean.py), then
 removes the user from retained derived data: the published tables (parts rewritten under the
 ds's publish claim, a new manifest), every per-run Parquet table holding external user ids
-(event tables lose the user's rows; the per-run index tables ``clean/user_ids.parquet`` and
-``augment/user_features.parquet`` keep the row with a tombstone id and blank features, so
-indices stay valid), models' ``users.parquet`` (a tombstone, and the user's rows of
-``embeddings.npz``/``holdout_embeddings.npz`` zeroed), and the id-map generations (the id
-becomes its tombstone; its stable index is never reused). The README's "Retention and erasure"
+(event tables lose the user's rows; the per-run index table ``augment/user_features.parquet``
+keeps the row with a tombstone id and blank features, so indices stay valid), models'
+``users.parquet`` (a tombstone, and the user's rows of ``embeddings.npz``/
+``holdout_embeddings.npz`` zeroed), and what earlier versions kept (``clean/user_ids.parquet``,
+``state/id_map/``: the id becomes its tombstone). The README's "Retention and erasure"
 says what is not erased.
 """
 
@@ -60,7 +60,6 @@ from nightrec.tasks import clean, publish, registry
 PARAMS = [
     "retention.runs_days",
     "retention.keep_models",
-    "retention.id_map_generations",
     "retention.dvc_workspaces_days",
     "retention.dvc_remote",
     "publish.claim_ttl_s",
@@ -70,8 +69,11 @@ RUN_ROOTS = ("runs", "reports", "alerts")  # per-ds folders pruned together
 # Per-run tables that map an index to an external id: the user's row stays (indices must stay
 # valid), its id becomes a tombstone. Every other Parquet table with a user_id column is a table
 # of events, which loses the user's rows.
-INDEX_TABLES = ("clean/user_ids.parquet", "augment/user_features.parquet")
-_KEEP_COLUMNS = {schema.USER_ID, schema.USER_IDX, schema.USER_STABLE_IDX}
+# The run's user index (user_idx -> user_id): augment's feature table, which train's factors
+# use; clean/user_ids.parquet is the same index as earlier versions wrote it.
+RUN_INDEX = "augment/user_features.parquet"
+INDEX_TABLES = (RUN_INDEX, "clean/user_ids.parquet")
+_KEEP_COLUMNS = {schema.USER_ID, schema.USER_IDX}
 _REMOVING = re.compile(r"^Removing (\S+)$", re.MULTILINE)  # what `dvc gc --dry` would delete
 FORGET_LOCK_TTL_S = 60.0
 TOMBSTONE_PREFIX = schema.FORGOTTEN_PREFIX
@@ -160,7 +162,7 @@ def _kept_models(keep_models: int, manifests: dict[str, dict]) -> dict[str, str]
 
 def _check(p: settings.StepParams) -> dict:
     out = {k.split(".", 1)[1]: v for k, v in p.items() if k.startswith("retention.")}
-    for key in ("runs_days", "keep_models", "id_map_generations", "dvc_workspaces_days"):
+    for key in ("runs_days", "keep_models", "dvc_workspaces_days"):
         if not isinstance(out[key], int) or isinstance(out[key], bool) or out[key] < 1:
             raise ValueError(f"retention.{key} must be an int >= 1, got {out[key]!r}")
     return out
@@ -217,13 +219,7 @@ def plan(params: dict | None = None) -> dict:
             continue
         models.append({"model_version": version, "objects": objects})
 
-    id_maps = []
-    for kind in ("users", "items"):
-        # the pattern clean reads generations by: it only ever reads the newest one
-        gens = sorted((int(m.group(1)), u) for u in storage.list_uris(layout.id_map_prefix(kind))
-                      if (m := clean._GEN.search(u)))
-        for gen, uri in gens[: max(0, len(gens) - r["id_map_generations"])]:
-            id_maps.append({"kind": kind, "generation": gen, "uri": uri})
+    id_maps = [{"uri": u} for u in storage.list_uris(layout.legacy_id_map_prefix())]
 
     workspaces = []
     root = settings.state_dir() / "dvc"
@@ -357,7 +353,7 @@ def apply(plan: dict, *, operator: str | None = None) -> dict:
         deleted["models"].append(version)
 
     for entry in plan.get("id_maps", []):
-        storage.delete([entry["uri"]])  # never the newest: a new generation only adds to it
+        storage.delete([entry["uri"]])
         deleted["id_maps"].append(entry["uri"])
 
     for entry in plan.get("dvc_workspaces", []):
@@ -467,7 +463,7 @@ def _blank(df: pd.DataFrame, mask: np.ndarray, user_id: str) -> pd.DataFrame:
     df = df.copy()
     df.loc[mask, schema.USER_ID] = tombstone(user_id)
     for col in df.columns:
-        if col in _KEEP_COLUMNS or col.endswith("_stable_idx"):
+        if col in _KEEP_COLUMNS:
             continue
         kind = df[col].dtype.kind
         if kind == "f":
@@ -517,7 +513,7 @@ def _run_tables(user_id: str) -> list[dict]:
             rel = uri[len(prefix):]
             action = "tombstone" if rel in INDEX_TABLES else "drop_rows"
             entry = {"ds": ds, "uri": uri, "rows": int(hit[1].sum()), "action": action}
-            if rel == "clean/user_ids.parquet":  # the run's index, which train's factors use
+            if rel == RUN_INDEX:
                 entry["user_idx"] = hit[0].loc[hit[1], schema.USER_IDX].astype(int).tolist()
             out.append(entry)
     return out
@@ -566,8 +562,8 @@ def _model_tables(user_id: str) -> list[dict]:
 
 def _id_maps(user_id: str) -> list[dict]:
     out = []
-    for uri in storage.list_uris(layout.id_map_prefix("users")):
-        if clean._GEN.search(uri) and _parquet_with_user(uri, user_id) is not None:
+    for uri in storage.list_uris(layout.legacy_id_map_prefix("users")):
+        if uri.endswith(".parquet") and _parquet_with_user(uri, user_id) is not None:
             out.append({"uri": uri})
     return out
 
@@ -686,7 +682,7 @@ def _scrub_id_map(uri: str, user_id: str) -> None:
         return
     frame, mask, etag = hit
     frame = frame.copy()
-    frame.loc[mask, schema.USER_ID] = tombstone(user_id)  # its stable index stays taken
+    frame.loc[mask, schema.USER_ID] = tombstone(user_id)
     storage.write_bytes(uri, storage.parquet_bytes(frame), if_match=etag)
 
 
@@ -761,9 +757,9 @@ def _print_plan(pl: dict) -> None:
     print(f"models ({len(pl['models'])}):")
     for e in pl["models"]:
         print(f"  {e['model_version']}  {len(e['objects'])} objects")
-    print(f"id-map generations ({len(pl['id_maps'])}):")
+    print(f"legacy id-map objects ({len(pl['id_maps'])}):")
     for e in pl["id_maps"]:
-        print(f"  {e['kind']} map-{e['generation']:06d}")
+        print(f"  {e['uri']}")
     print(f"local DVC workspaces ({len(pl['dvc_workspaces'])}):")
     for e in pl["dvc_workspaces"]:
         print(f"  {e['path']}  {e['age_days']} days old")

@@ -15,7 +15,7 @@ recommendations/ds=<ds>/part-*.parquet   the published table, described by _mani
 recommendations/ds=<ds>/_publishing.json a publisher's claim on that ds while it writes
 recommendations/_latest.json             pointer to the newest published manifest
 recommendations/_latest.lock             held while a publisher moves that pointer
-state/id_map/<users|items>/map-NNNNNN.parquet   stable id -> index map, one generation per change
+state/id_map/...                         legacy (earlier versions' id map): gc deletes it
 state/forgotten/users.parquet            sha256 of user ids erased on request (`nightrec forget`)
 state/forgotten/users.lock               held while a hash is added to that list
 recommendations/ds=<ds>/_retired.json    parts a republish replaced, deleted after the grace period
@@ -201,18 +201,12 @@ def latest_lock_uri() -> str:
     return storage.s3_uri("recommendations/_latest.lock")
 
 
-def id_map_prefix(kind: str) -> str:
-    """Where the stable external-id -> index map of ``kind`` ("users" or "items") lives.
-
-    Not per ds: it is the one piece of state that carries across runs (tasks/clean.py).
-    """
-    if kind not in ("users", "items"):
+def legacy_id_map_prefix(kind: str | None = None) -> str:
+    """``state/id_map/[<kind>/]``: the cross-run id map of earlier versions. Nothing writes or
+    reads it now; ``nightrec gc`` deletes it and ``nightrec forget`` still scrubs a user from it."""
+    if kind not in (None, "users", "items"):
         raise ValueError(f"unknown id map {kind!r}")
-    return storage.s3_uri(f"state/id_map/{kind}/")
-
-
-def id_map_generation_uri(kind: str, generation: int) -> str:
-    return id_map_prefix(kind) + f"map-{generation:06d}.parquet"
+    return storage.s3_uri("state/id_map/" + (f"{kind}/" if kind else ""))
 
 
 def forgotten_users_uri() -> str:
