@@ -3,6 +3,9 @@
 - ``s3``: a real SeaweedFS server (tasks/s3server.py) on free ports in a temp folder, for the
   session; the environment points boto3, DVC and nightrec at it.
 - ``test_params``: params.yaml with a smaller sample and fewer epochs, via NIGHTREC_PARAMS.
+- Services (PostgreSQL, Redis, Chromium): a test that needs one says so with
+  ``@pytest.mark.service(name, available=..., reason=...)`` or calls :func:`require_service`;
+  without it the test skips, or fails under NIGHTREC_REQUIRE_SERVICES=1 (what CI sets).
 """
 
 from __future__ import annotations
@@ -39,6 +42,37 @@ _params["sample"].update(n_users=600, n_items=300, n_interactions=15000)
 _params["train"]["mf_softmax"].update(epochs=8)
 TEST_PARAMS.write_text(yaml.safe_dump(_params))
 os.environ["NIGHTREC_PARAMS"] = str(TEST_PARAMS)
+
+
+REQUIRE_SERVICES_VAR = "NIGHTREC_REQUIRE_SERVICES"
+
+
+def require_service(name: str, *, available: bool, reason: str) -> None:
+    """Skip the running test (or fixture) when the service ``name`` is not available; under
+    NIGHTREC_REQUIRE_SERVICES=1 fail it instead. CI sets the variable because its machine runs
+    every service: there a missing one is a broken CI, and a skip would hide the tests behind it.
+    The one place a service skip is written; the ``service`` mark calls it too."""
+    if available:
+        return
+    if os.environ.get(REQUIRE_SERVICES_VAR) == "1":
+        pytest.fail(f"{name} required ({REQUIRE_SERVICES_VAR}=1) but not available: {reason}",
+                    pytrace=False)
+    # Reported at the test's own line, as a skipif mark's skip is, not at this one.
+    raise pytest.skip.Exception(f"{name} not available: {reason}", _use_item_location=True)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "service(name, *, available, reason): needs an outside service; skips "
+        "without it, fails under NIGHTREC_REQUIRE_SERVICES=1 (tests/conftest.py)")
+
+
+# tryfirst: before the runner sets up the test's fixtures, so that a missing service stops the
+# test before an S3 server, an Airflow stack or a DAG run starts for it.
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    for mark in item.iter_markers("service"):
+        require_service(*mark.args, **mark.kwargs)
 
 
 def labelled_events(**sample_kwargs):

@@ -2,7 +2,8 @@
 
 Redis (127.0.0.1:6379, the broker) and PostgreSQL (127.0.0.1:5432, trust auth: the metadata DB
 and Celery's result backend, in a database of this test's own, dropped at the end) are the
-services the development and CI machines run; the test skips without them.
+services the development and CI machines run; the test skips without them (fails in CI:
+NIGHTREC_REQUIRE_SERVICES=1).
 
 - The stack: api-server, scheduler, dag-processor (no triggerer: the DAG defers nothing) and two
   ``airflow celery worker`` processes, ``worker-a@<host>`` and ``worker-b@<host>``, each with
@@ -58,7 +59,7 @@ from .airflow_stack import (
     running,
     wait,
 )
-from .conftest import TEST_PARAMS, free_port
+from .conftest import TEST_PARAMS, free_port, require_service
 
 
 def _redis_up() -> bool:
@@ -75,9 +76,10 @@ def _redis_up() -> bool:
 # Probed at collection, so that nothing (S3 server, sample) starts where the test cannot run.
 pytestmark = [
     pytest.mark.e2e,
-    pytest.mark.skipif(not _redis_up(), reason="no Redis on 127.0.0.1:6379 (the Celery broker)"),
-    pytest.mark.skipif(not answers(5432),
-                       reason="no PostgreSQL on 127.0.0.1:5432 (the metadata DB)"),
+    pytest.mark.service("redis", available=_redis_up(),
+                        reason="nothing answers a PING on 127.0.0.1:6379 (the Celery broker)"),
+    pytest.mark.service("postgres", available=answers(5432),
+                        reason="nothing answers on 127.0.0.1:5432 (the metadata DB)"),
 ]
 DAG_ID = "nightly_recommendations"
 DS = "2026-12-09"  # after the sample's last event; no other test module uses this partition
@@ -175,8 +177,8 @@ def _prepare(home: Path, pg: str, tag: str, celery_params: Path, t0: float):
 @pytest.fixture(scope="module")
 def celery_stack(s3, buckets, celery_params, tmp_path_factory):
     pg = create_postgres_db("nightrec_celery")
-    if pg is None:
-        pytest.skip("cannot create a database on the PostgreSQL at 127.0.0.1:5432")
+    require_service("postgres", available=pg is not None,
+                    reason="cannot create a database on the PostgreSQL at 127.0.0.1:5432")
     t0 = time.monotonic()
     tag = f"nightrec_celery_{secrets.token_hex(4)}"  # this run's queue and Redis key prefix
 

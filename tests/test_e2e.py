@@ -317,7 +317,8 @@ def test_tune_dag_searches_the_declared_space_and_records_trials(first_run):
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
+@pytest.mark.service("chromium", available=CHROMIUM is not None,
+                     reason="no chromium or chromium-browser on PATH (Debian's chromium)")
 def test_report_renders_with_its_plots_in_headless_chromium(first_run, tmp_path):
     page = tmp_path / "report.html"
     page.write_bytes(storage.read_bytes(storage.s3_uri(f"reports/ds={DS1}/report.html")))

@@ -51,7 +51,8 @@ def _answers(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-@pytest.mark.skipif(not _answers(5432), reason="no PostgreSQL on 127.0.0.1:5432")
+@pytest.mark.service("postgres", available=_answers(5432),
+                     reason="nothing answers on 127.0.0.1:5432")
 def test_metadata_db_on_postgres_answers(tmp_path):
     env = {**_production_env(), "AIRFLOW_HOME": str(tmp_path),
            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"}
@@ -59,7 +60,8 @@ def test_metadata_db_on_postgres_answers(tmp_path):
                    capture_output=True)
 
 
-@pytest.mark.skipif(not _answers(6379), reason="no Redis on 127.0.0.1:6379")
+@pytest.mark.service("redis", available=_answers(6379),
+                     reason="nothing answers on 127.0.0.1:6379")
 def test_celery_broker_on_redis_answers():
     import redis
 
