@@ -31,7 +31,7 @@ from .airflow_stack import (
     runs,
     wait,
 )
-from .conftest import free_port
+from .conftest import free_port, require_service
 
 pytestmark = pytest.mark.e2e
 DS = "2026-11-20"
@@ -53,6 +53,11 @@ def own_bucket(s3):
 def airflow_stack(s3, own_bucket, sample, tmp_path_factory):
     home = tmp_path_factory.mktemp("airflow_real")
     pg = create_postgres_db("nightrec_it")
+    # Without Postgres the real scheduler still runs, on SQLite; CI (NIGHTREC_REQUIRE_SERVICES=1)
+    # has Postgres and must test on it.
+    if pg is None and os.environ.get("NIGHTREC_REQUIRE_SERVICES") == "1":
+        require_service("postgres", available=False,
+                        reason="cannot create a database on the PostgreSQL at 127.0.0.1:5432")
     port = free_port()
     env = core_env(home, port=port, executor="LocalExecutor",
                    db_url=pg or f"sqlite:///{home}/airflow.db")
