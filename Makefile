@@ -32,13 +32,13 @@ lint: setup
 	$(BIN)/ruff check nightrec tasks dags tests scripts benchmarks
 
 s3-up: setup
-	$(BIN)/python -m tasks.s3server up
+	$(BIN)/python -m nightrec.store.s3server up
 
 s3-down: setup
-	$(BIN)/python -m tasks.s3server down
+	$(BIN)/python -m nightrec.store.s3server down
 
 s3-status: setup
-	$(BIN)/python -m tasks.s3server status
+	$(BIN)/python -m nightrec.store.s3server status
 
 clean-state: s3-down
 	rm -rf .nightrec

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_serve.py --users 20000 --k 100 --requests 3000
 
-Starts SeaweedFS (tasks/s3server.py) on free ports in a temp folder, publishes a synthetic table
+Starts SeaweedFS (nightrec/store/s3server.py) on free ports in a temp folder, publishes a synthetic table
 through the real publish step (GE suite, claim, manifest, conditional pointer), starts
 ``python -m tasks.serve`` as its own process, and times GET /recommendations/<user>?k=10 from
 one keep-alive connection (sequential: latency), then from ``--clients`` connections at once

@@ -1,6 +1,6 @@
 """Shared fixtures. Airflow reads its settings at import, so they are set here, first.
 
-- ``s3``: a real SeaweedFS server (tasks/s3server.py) on free ports in a temp folder, for the
+- ``s3``: a real SeaweedFS server (nightrec/store/s3server.py) on free ports in a temp folder, for the
   session; the environment points boto3, DVC and nightrec at it.
 - ``test_params``: params.yaml with a smaller sample and fewer epochs, via NIGHTREC_PARAMS.
 - Services (PostgreSQL, Redis, Chromium): a test that needs one says so with

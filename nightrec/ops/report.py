@@ -180,7 +180,7 @@ def build_report(ds: str, *, run_id: str, task_states: dict[str, str], p) -> tup
     if manifest and manifest.get("publish_id"):
         rng = np.random.default_rng(0)
         parts = manifest["parts"]
-        frames = [storage.read_parquet(storage.s3_uri(pt["key"]), columns=[schema.ITEM_ID, schema.SCORE])
+        frames = [storage.read_parquet(layout.listed_part_uri(pt["key"]), columns=[schema.ITEM_ID, schema.SCORE])
                   for pt in parts]
         recs = pd.concat(frames, ignore_index=True)
         if len(recs) > int(p["report.sample_rows"]):

@@ -249,7 +249,7 @@ def plan(params: dict | None = None) -> dict:
 
 def _dir_uri(version: str) -> str:
     """The DVC 3 remote's object for a directory hash: ``files/md5/<2>/<30>.dir``."""
-    return layout.dvc_object_uri(version + ".dir")
+    return layout.dvc_dir_object_uri(version)
 
 
 def _kept_data_versions(kept_ds: list[str], kept_models: list[str],
@@ -578,7 +578,7 @@ def _published(user_id: str) -> list[dict]:
             lo, hi = part.get("min_user_id"), part.get("max_user_id")
             if part.get("rows") and lo is not None and not lo <= user_id <= hi:
                 continue
-            if _parquet_with_user(storage.s3_uri(part["key"]), user_id) is not None:
+            if _parquet_with_user(layout.listed_part_uri(part["key"]), user_id) is not None:
                 keys.append(part["key"])
         if keys:
             out.append({"ds": ds, "parts": keys})
@@ -605,7 +605,7 @@ def _rewrite_published(ds: str, user_id: str, *, owner: str, ttl_s: float,
         prefix = layout.recs_prefix(ds)
         new_parts, replaced, fresh = [], [], {}
         for part in manifest["parts"]:
-            uri = storage.s3_uri(part["key"])
+            uri = layout.listed_part_uri(part["key"])
             hit = _parquet_with_user(uri, user_id) if (
                 not part.get("rows") or part.get("min_user_id") is None
                 or part["min_user_id"] <= user_id <= part["max_user_id"]) else None

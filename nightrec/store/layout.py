@@ -91,6 +91,11 @@ def dvc_files_root() -> str:
     return dvc_remote_uri() + "/files/md5/"
 
 
+def dvc_dir_object_uri(md5: str) -> str:
+    """The DVC object listing a directory's files, for the directory hash ``md5``."""
+    return dvc_object_uri(f"{md5}.dir")
+
+
 def dvc_object_uri(md5: str) -> str:
     """One DVC object (``<md5>`` of a file, or ``<md5>.dir`` of a directory listing)."""
     if not re.fullmatch(r"[0-9a-f]{32}(\.dir)?", md5 or ""):
@@ -163,6 +168,20 @@ def shard_prefix(ds: str, run_key: str, shard: int) -> str:
     if not isinstance(shard, int) or not 0 <= shard < 100_000:
         raise ValueError(f"shard must be an int in 0..99999, got {shard!r}")
     return staging_prefix(ds, run_key) + f"shard-{shard:05d}/"
+
+
+def listed_part_uri(key: str) -> str:
+    """The URI of a part a manifest lists (its ``key``, relative to the bucket), checked to be a
+    Parquet part of a published table: a manifest cannot point a reader or gc elsewhere."""
+    if not (isinstance(key, str) and re.fullmatch(r"recommendations/ds=[0-9-]{10}/[\w.-]+\.parquet",
+                                                   key) and ".." not in key):
+        raise ValueError(f"not a published part's key: {key!r}")
+    return storage.s3_uri(key)
+
+
+def staging_root() -> str:
+    """``staging/recommendations/``: every ds's staged score shards (retention ages them)."""
+    return storage.s3_uri("staging/recommendations/")
 
 
 def recs_root() -> str:

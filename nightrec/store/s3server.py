@@ -1,6 +1,6 @@
 """The embedded object store: SeaweedFS ``weed mini`` on 127.0.0.1, started and stopped by us.
 
-``python -m tasks.s3server up|down|status|env`` (what ``make s3-up`` / ``make s3-down`` call).
+``python -m nightrec.store.s3server up|down|status|env`` (what ``make s3-up`` / ``make s3-down`` call).
 
 - Every port is explicit and comes from the environment: ``S3_PORT`` (default 8333), and
   ``S3_MASTER_PORT`` / ``S3_VOLUME_PORT`` / ``S3_FILER_PORT`` / ``S3_ADMIN_PORT`` (defaults 9333,
@@ -292,7 +292,7 @@ def _reap(pid: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tasks.s3server", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m nightrec.store.s3server", description=__doc__.split("\n")[0])
     parser.add_argument("action", choices=["up", "down", "status", "env"])
     args = parser.parse_args(argv)
     cfg = ServerConfig.from_env()
@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         running = _our_pid(cfg) is not None and is_ready(cfg)
         print(f"S3 {'up' if running else 'down'} at {cfg.endpoint_url}")
         return 0 if running else 1
-    else:  # env: for `eval $(python -m tasks.s3server env)`; prints secrets only to a terminal
+    else:  # env: for `eval $(python -m nightrec.store.s3server env)`; prints secrets only to a terminal
         for k, v in client_env(cfg).items():
             print(f"export {k}={v}")
     return 0
