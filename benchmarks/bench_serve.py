@@ -2,11 +2,12 @@
 
     .venv/bin/python benchmarks/bench_serve.py --users 20000 --k 100 --requests 3000
 
-Starts SeaweedFS (nightrec/store/s3server.py) on free ports in a temp folder, publishes a synthetic table
-through the real publish step (GE suite, claim, manifest, conditional pointer), starts
-``python -m tasks.serve`` as its own process, and times GET /recommendations/<user>?k=10 from
-one keep-alive connection (sequential: latency), then from ``--clients`` connections at once
-(throughput). Users are drawn uniformly from the table, so most lookups hit a different row
+Starts SeaweedFS (nightrec/store/s3server.py) on free ports in a temp folder, publishes a
+synthetic table through the real publish step (GE suite, claim, manifest, conditional pointer),
+starts the standalone endpoint ``python -m nightrec.table.serve`` (its defaults, no params.yaml:
+as a reader-only install runs it) as its own process, and times
+GET /recommendations/<user>?k=10 from one keep-alive connection (sequential: latency), then from
+``--clients`` connections at once (throughput). Users are drawn uniformly from the table, so most lookups hit a different row
 group; the first lookup of each part also fetches its footer (reported apart as "cold"). Prints
 one line per figure, then one JSON object. Stops both servers it started and removes its
 temp folder.

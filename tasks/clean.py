@@ -60,6 +60,7 @@ import pyarrow.compute as pc
 from nightrec.core import schema, settings
 from nightrec.core.records import Cleaned, Ingested
 from nightrec.store import layout, storage
+from nightrec.table import contract
 
 PARAMS = [
     "clean.min_rating",
@@ -72,8 +73,10 @@ PARAMS = [
     "clean.min_item_interactions",
     "clean.batch_rows",
 ]
-DEFAULT_ID_PATTERN = r"^[\pL\pN_][\pL\pN_.:@/=-]*$"
-DEFAULT_MAX_ID_LENGTH = 256
+# The id rule is the table contract's: the ids clean keeps are the ids a table holds and the ids
+# serve accepts, all checked by contract.ids_ok.
+DEFAULT_ID_PATTERN = contract.DEFAULT_ID_PATTERN
+DEFAULT_MAX_ID_LENGTH = contract.DEFAULT_MAX_ID_LENGTH
 DEDUPE_POLICY = (
     "latest event per (user_id, item_id) wins; on equal timestamps the one later in the snapshot"
 )
@@ -111,12 +114,9 @@ def _empty(text: pa.Array) -> np.ndarray:
 
 
 def _id_ok(ids: pa.Array, pattern: str, max_len: int) -> np.ndarray:
-    """Per value: matches ``pattern`` (RE2) and is at most ``max_len`` characters. Each distinct
-    id is checked once."""
-    enc = pc.dictionary_encode(ids)
-    ok = pc.and_(pc.match_substring_regex(enc.dictionary, pattern),
-                 pc.less_equal(pc.utf8_length(enc.dictionary), max_len))
-    return _np(pc.take(ok, enc.indices))
+    """Per value: matches ``pattern`` (RE2) and is at most ``max_len`` characters
+    (``contract.ids_ok``, the check serve makes too), as a numpy mask."""
+    return _np(contract.ids_ok(ids, pattern, max_len))
 
 
 def _numbers(text: pa.Array) -> tuple[np.ndarray, np.ndarray]:

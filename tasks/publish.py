@@ -63,25 +63,14 @@ from nightrec.tasks.validate import ContractError, run_suite
 
 from nightrec.core import schema, settings
 from nightrec.store import layout, locks, storage
+from nightrec.table import contract
 
 PARAMS = ["publish.retention_days", "publish.claim_ttl_s", "publish.reader_grace_s"]
 SUITE = "expectations/recommendations.json"
-SCHEMA = {
-    schema.USER_ID: "string",
-    schema.RANK: "int32",
-    schema.ITEM_ID: "string",
-    schema.SCORE: "float32",
-    schema.MODEL_VERSION: "string",
-    schema.DS: "string",
-}
-
-
-def arrow_schema():
-    """The published table's Arrow schema: ``SCHEMA``, in the contract's column order."""
-    import pyarrow as pa
-
-    return pa.schema([(name, pa.type_for_alias(kind)) for name, kind in SCHEMA.items()])
-
+# The table's schema, keys, manifest and pointer formats are the contract's
+# (nightrec/table/contract.py), which the readers import too; named here for the pipeline.
+SCHEMA = contract.SCHEMA
+arrow_schema = contract.arrow_schema
 
 POINTER_ATTEMPTS = 5
 VALIDATE_BATCH_ROWS = 2_000_000  # rows validated at a time (whole parts): bounds publish's memory
@@ -263,7 +252,7 @@ def popular_items(seen_uri: str | None, k: int) -> list[dict]:
 
 def build_manifest(*, ds: str, parts: list[dict], scored: dict, created_at: str) -> dict:
     return {
-        "format_version": 2,
+        "format_version": contract.MANIFEST_FORMAT_VERSION,
         "ds": ds,
         "table": layout.recs_prefix(ds),
         "created_at": created_at,
@@ -273,8 +262,8 @@ def build_manifest(*, ds: str, parts: list[dict], scored: dict, created_at: str)
         "rows": sum(p["rows"] for p in parts),
         "users": scored["users"],
         "parts": parts,
-        "schema": SCHEMA,
-        "sorted_by": [schema.USER_ID, schema.RANK],
+        "schema": contract.SCHEMA,
+        "sorted_by": contract.SORTED_BY,
         "metrics": scored.get("metrics"),
         # what produced the table: "model" (a new blessed or forced model), "champion_fallback",
         # "popularity_fallback" or "champion_rescore"; source_reason says why (None for a model)
@@ -674,7 +663,7 @@ def run(ds: str, scored: dict, params: dict | None = None, dry_run: bool = False
         replaced = set() if found is None else {pt["key"] for pt in json.loads(found[0])["parts"]}
         parts = []
         for n, (data, desc) in enumerate(zip(staged, described, strict=True)):
-            uri = storage.join(prefix, f"part-{pid}-{n:05d}.parquet")
+            uri = storage.s3_uri(contract.part_key(ds, pid, n))
             etag = storage.write_bytes(uri, data)
             written.append(uri)
             parts.append({"key": storage.split_uri(uri)[1], "etag": etag, **desc})
@@ -698,8 +687,9 @@ def run(ds: str, scored: dict, params: dict | None = None, dry_run: bool = False
         manifest_etag = commit_manifest(ds, manifest, expected=before)
         written = []  # committed: these parts are the table now
         moved = move_latest(
-            ds, {"ds": ds, "manifest": layout.manifest_uri(ds), "publish_id": pid,
-                 "model_version": manifest["model_version"], "updated_at": created},
+            ds, contract.pointer_record(ds=ds, manifest_uri=layout.manifest_uri(ds),
+                                        publish_id=pid, model_version=manifest["model_version"],
+                                        updated_at=created),
             manifest_etag=manifest_etag, owner=owner,
         )
         # Replaced parts are retired, not deleted: readers holding the previous manifest keep

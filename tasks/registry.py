@@ -50,7 +50,6 @@ log = logging.getLogger(__name__)
 CHAMPION_LOCK_TTL_S = 60.0  # held for two requests; a crashed holder's lock frees itself then
 
 MODEL_VERSION_RE = re.compile(r"^[a-z][a-z0-9]{0,15}-[0-9]{8}-[0-9a-f]{8}$")
-FILES = ("embeddings.npz", "users.parquet", "items.parquet", "meta.json")
 
 
 class ModelNotFound(PermanentError, LookupError):

@@ -15,12 +15,14 @@ import threading
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from nightrec.tasks import publish, score
 
 from nightrec.core import schema, settings
 from nightrec.store import layout, storage
+from nightrec.table import contract
 from nightrec.table.reader import RecommendationReader, TableChanged
 
 
@@ -165,6 +167,11 @@ def test_publish_writes_the_table_contract(bucket):
     assert m["publisher"] == "run-a" and len(m["popular"]) == 5
     assert (m["source"], m["source_reason"]) == ("model", None)
     assert listed(m) == objects(DS) and len(m["parts"]) == 3
+    # the keys and formats are the contract's (nightrec/table/contract.py), which readers check
+    assert [p["key"] for p in m["parts"]] == [contract.part_key(DS, m["publish_id"], n)
+                                              for n in range(3)]
+    assert contract.parse_manifest(storage.read_bytes(layout.manifest_uri(DS)), ds=DS) == m
+    assert m["format_version"] == contract.MANIFEST_FORMAT_VERSION
     previous_max = ""
     for part in m["parts"]:
         data = storage.read_bytes(storage.s3_uri(part["key"]))
@@ -178,13 +185,37 @@ def test_publish_writes_the_table_contract(bucket):
         assert (min(users), max(users)) == (part["min_user_id"], part["max_user_id"])
         assert part["min_user_id"] > previous_max
         previous_max = part["max_user_id"]
-    latest = storage.read_json(layout.latest_uri())
+    latest = contract.parse_pointer(storage.read_bytes(layout.latest_uri()))
     assert (latest["ds"], latest["publish_id"]) == (DS, m["publish_id"])
+    assert set(latest) == set(contract.POINTER_FIELDS)
     assert not storage.exists(layout.claim_uri(DS))
     assert storage.list_uris(scored["staging"]) == []
-    table = RecommendationReader().table()
-    assert len(table) == 300 and list(table.columns) == score.COLUMNS
-    assert table["user_id"].is_monotonic_increasing
+    table = RecommendationReader().table()  # Arrow, in the contract's schema
+    assert table.schema.equals(contract.arrow_schema()) and table.column_names == score.COLUMNS
+    assert len(table) == 300 and table.to_pandas()["user_id"].is_monotonic_increasing
+
+
+def test_the_contract_refuses_a_manifest_a_reader_must_not_follow():
+    part = {"key": contract.part_key(DS, "0" * 12, 0), "etag": '"e"', "bytes": 10, "rows": 2,
+            "min_user_id": "a", "max_user_id": "b", "sha256": "0" * 64}
+    good = {"format_version": 2, "ds": DS, "model_version": "m", "rows": 2, "publish_id": "0" * 12,
+            "parts": [part]}
+    assert contract.parse_manifest(json.dumps(good).encode(), ds=DS) == good
+    elsewhere = [f"recommendations/ds=2026-03-11/part-{'0' * 12}-00000.parquet",
+                 "state/forgotten/users.parquet", f"recommendations/ds={DS}/../x.parquet",
+                 f"recommendations/ds={DS}/sub/part.parquet"]
+    bad = [{**good, "format_version": 3}, {**good, "ds": "2026-02-30"},
+           {**good, "rows": 3}, {**good, "parts": [{**part, "sha256": "x"}]},
+           *({**good, "parts": [{**part, "key": key}]} for key in elsewhere)]
+    for manifest in bad:
+        with pytest.raises(contract.ContractViolation):
+            contract.parse_manifest(json.dumps(manifest).encode())
+    with pytest.raises(contract.ContractViolation, match="not 2026-03-11"):
+        contract.parse_manifest(json.dumps(good).encode(), ds="2026-03-11")
+    with pytest.raises(contract.ContractViolation):
+        contract.parse_pointer(b'{"ds": "../x"}')
+    with pytest.raises(ValueError):
+        contract.part_key(DS, "../../x", 0)
 
 
 def test_two_concurrent_publishers_of_one_ds_exactly_one_wins(bucket, serial_validation,
@@ -220,7 +251,7 @@ def test_two_concurrent_publishers_of_one_ds_exactly_one_wins(bucket, serial_val
     m = storage.read_json(layout.manifest_uri(DS))
     assert m["publisher"] == f"run-{winner}" and listed(m) == objects(DS)
     assert storage.read_json(layout.latest_uri())["publish_id"] == m["publish_id"]
-    table = RecommendationReader().table()
+    table = RecommendationReader().table().to_pandas()
     assert set(table["model_version"]) == {f"mf-20260310-{winner * 8}"}
     assert len(table) == staged[winner]["rows"]
     assert not storage.exists(layout.claim_uri(DS))
@@ -245,7 +276,8 @@ def test_a_stale_publisher_whose_claim_was_taken_over_cannot_commit(bucket, monk
     # A's parts, never listed by a committed manifest, were deleted by B's publish at once
     assert m["publisher"] == "run-b" and listed(m) == objects(DS) and not retired(DS)
     assert storage.read_json(layout.latest_uri())["publish_id"] == m["publish_id"]
-    assert set(RecommendationReader().table()["model_version"]) == {"mf-20260310-bbbbbbbb"}
+    assert set(RecommendationReader().table()["model_version"].to_pylist()) == {
+        "mf-20260310-bbbbbbbb"}
     assert not storage.exists(layout.claim_uri(DS))
 
 
@@ -291,11 +323,11 @@ def test_point_lookup_reads_only_the_row_group_that_holds_the_user(bucket):
                    shards=2, row_group_size=500)
     publish.run(DS, scored, params=params())
     reader = RecommendationReader()
-    full = reader.table()
+    full = reader.table().to_pandas()
     table = reader.open()
     part = table.manifest["parts"][1]
     assert part["row_groups"] == 200 and part["bytes"] > 500_000
-    rows = table.for_user("u03001")
+    rows = table.for_user("u03001").to_pandas()
     expected = full[full["user_id"] == "u03001"].reset_index(drop=True)
     pd.testing.assert_frame_equal(rows, expected)
     meta = pq.ParquetFile(io.BytesIO(storage.read_bytes(storage.s3_uri(part["key"])))).metadata
@@ -311,15 +343,14 @@ def test_point_lookup_reads_only_the_row_group_that_holds_the_user(bucket):
     assert stats["bytes"] < part["bytes"] / 5
     table.for_user("u03555")  # same part: footer cached, one more range request
     assert table.stats.as_dict()["requests"] == 3
-    assert table.for_user("nobody").empty and table.stats.as_dict()["requests"] == 3
+    assert table.for_user("nobody").num_rows == 0 and table.stats.as_dict()["requests"] == 3
 
 
 def test_iterator_yields_the_whole_table_part_by_part(bucket):
     publish.run(DS, stage(DS, run_key="r", model_version="mf-20260310-aaaaaaaa"), params=params())
-    frames = list(RecommendationReader().iter_batches())
-    assert len(frames) == 3 and sum(len(f) for f in frames) == 300
-    pd.testing.assert_frame_equal(pd.concat(frames, ignore_index=True),
-                                  RecommendationReader().table(DS))
+    batches = list(RecommendationReader().iter_batches())
+    assert len(batches) == 3 and sum(b.num_rows for b in batches) == 300
+    assert pa.Table.from_batches(batches).equals(RecommendationReader().table(DS))
 
 
 def test_a_reader_polling_during_publishes_never_sees_a_partial_or_mixed_table(bucket):
@@ -335,8 +366,8 @@ def test_a_reader_polling_during_publishes_never_sees_a_partial_or_mixed_table(b
         while not done.is_set():
             try:
                 t = reader.open()
-                df = t.to_pandas()
-                one = t.for_user(f"u{len(seen) % 300:05d}")
+                df = t.read().to_pandas()
+                one = t.for_user(f"u{len(seen) % 300:05d}").to_pandas()
             except TableChanged:
                 restarts[0] += 1
                 continue
@@ -446,7 +477,7 @@ def test_a_publisher_whose_claim_lapsed_deletes_nothing_of_the_rival_that_took_o
         publish.run(DS, a, params=params(claim_ttl_s=0))  # A's claim expires at once
     m = storage.read_json(layout.manifest_uri(DS))
     assert m["publisher"] == "run-b" and all(storage.exists(u) for u in listed(m))
-    table = RecommendationReader().table()
+    table = RecommendationReader().table().to_pandas()
     assert set(table["model_version"]) == {"mf-20260310-bbbbbbbb"} and len(table) == 150
     assert "is no longer run-a's" in caplog.text  # A skipped its sweep and said so
     # A's own table, which B replaced, is retired (for readers still holding it), not deleted
@@ -465,7 +496,7 @@ def test_a_republish_retires_the_old_parts_for_the_grace_period_then_a_later_pub
     publish.run(DS, stage(DS, run_key="r1", model_version="mf-20260310-aaaaaaaa", seed=1),
                 params=p)
     old = RecommendationReader().open()  # a reader holding the first manifest
-    old_rows = old.to_pandas()
+    old_rows = old.read()
     publish.run(DS, stage(DS, run_key="r2", model_version="mf-20260310-bbbbbbbb", n_users=30,
                           seed=2), params=p)
     old_keys = {part["key"] for part in old.manifest["parts"]}
@@ -476,10 +507,11 @@ def test_a_republish_retires_the_old_parts_for_the_grace_period_then_a_later_pub
     assert after - dt.datetime.fromisoformat(entry["retired_at"]) >= dt.timedelta(seconds=1)
     assert record["ds"] == DS and entry["replaced_by"] != old.publish_id
     # within the grace period the old manifest still reads: whole parts and range reads
-    pd.testing.assert_frame_equal(old.to_pandas(), old_rows)
+    assert old.read().equals(old_rows)
     cold = PublishedTable(old.manifest, bucket=bucket)  # no cached footer: range reads only
     assert len(cold.for_user("u00042")) == 5 and cold.stats.as_dict()["row_groups"] == 1
-    assert set(RecommendationReader().table(DS)["model_version"]) == {"mf-20260310-bbbbbbbb"}
+    assert set(RecommendationReader().table(DS)["model_version"].to_pylist()) == {
+        "mf-20260310-bbbbbbbb"}
 
     time.sleep(max(0.0, (after - dt.datetime.now(dt.UTC)).total_seconds()) + 0.2)
     publish.run("2026-03-11", stage("2026-03-11", run_key="r3",
@@ -489,7 +521,7 @@ def test_a_republish_retires_the_old_parts_for_the_grace_period_then_a_later_pub
         layout.claim_uri(DS))  # the later publish swept DS under DS's claim, then released it
     assert listed(storage.read_json(layout.manifest_uri(DS))) == objects(DS)
     with pytest.raises(TableChanged):
-        PublishedTable(old.manifest, bucket=bucket).to_pandas()
+        PublishedTable(old.manifest, bucket=bucket).read()
     assert len(RecommendationReader().table(DS)) == 150
 
 

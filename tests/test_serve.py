@@ -22,7 +22,7 @@ from nightrec.tasks import clean, publish
 
 from nightrec.core import settings
 from nightrec.store import storage
-from nightrec.table import serve
+from nightrec.table import contract, serve
 from tests.test_publish import stage
 
 DS1, DS2 = "2026-04-01", "2026-04-02"
@@ -37,7 +37,7 @@ def publish_table(ds: str, version: str = "mf-20260401-aaaaaaaa", n_users: int =
 def running(**serve_keys):
     base = settings.load_params()
     params = {**base, "serve": {**base["serve"], "poll_interval_s": 0.2, **serve_keys}}
-    server = serve.make_server("127.0.0.1", 0, params=params)
+    server = serve.make_server("127.0.0.1", 0, config=serve.ServeConfig.from_params(params))
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
     thread.start()
     try:
@@ -112,6 +112,8 @@ def test_serves_every_id_clean_accepts_percent_encoded_and_refuses_the_rest(buck
     pattern, max_len = (settings.load_params()["clean"][k] for k in ("id_pattern", "max_id_length"))
     assert clean._id_ok(pa.array(ODD_IDS), pattern, max_len).all()  # the same check as clean's
     assert not clean._id_ok(pa.array(REFUSED_IDS), pattern, max_len).any()
+    assert contract.ids_ok(pa.array(ODD_IDS + REFUSED_IDS), pattern, max_len).to_pylist() == [
+        True] * len(ODD_IDS) + [False] * len(REFUSED_IDS)  # clean's check is the contract's
     publish.run(DS1, stage(DS1, run_key="r-ids", model_version="mf-20260401-aaaaaaaa",
                            user_ids=[*ODD_IDS, "u00001"], shards=2, k=5),
                 params=settings.load_params())
@@ -206,12 +208,23 @@ def _wait_for(port: int, ok, timeout: float = 15.0) -> dict:
         time.sleep(0.05)
 
 
-def test_main_refuses_a_bad_ds_and_a_bad_setting(s3):
+def test_main_refuses_a_bad_ds_and_a_bad_setting(s3, monkeypatch):
     with pytest.raises(SystemExit):
         serve.main(["--ds", "2026-02-30"])
+    with pytest.raises(SystemExit):
+        serve.main(["--unknown-user", "x"])
     base = settings.load_params()
     with pytest.raises(ValueError, match="unknown_user"):
         serve.ServeConfig.from_params({**base, "serve": {**base["serve"], "unknown_user": "x"}})
+    # params.yaml's values are ServeConfig's own defaults, so the standalone endpoint (no
+    # params.yaml) behaves as `nightrec serve` does
+    assert serve.ServeConfig.from_params(base) == serve.ServeConfig()
+    monkeypatch.setenv("NIGHTREC_SERVE_MAX_K", "50")
+    monkeypatch.setenv("NIGHTREC_SERVE_UNKNOWN_USER", "popular")
+    assert serve.config_from_env() == serve.ServeConfig(max_k=50, unknown_user="popular")
+    monkeypatch.setenv("NIGHTREC_SERVE_MAX_K", "many")
+    with pytest.raises(SystemExit):
+        serve.main([])
 
 
 def test_nightrec_serve_cli_answers_and_stops_on_sigterm(bucket):

@@ -109,7 +109,7 @@ def test_four_mapped_shards_one_fails_once_and_only_it_reruns(own_bucket, airflo
     manifest = storage.read_json(layout.manifest_uri(DS))
     assert len(manifest["parts"]) == 4  # one per shard, in user_id order
     assert [p["users"] for p in manifest["parts"]] == [10, 11, 10, 11]
-    table = RecommendationReader().table(DS)
+    table = RecommendationReader().table(DS).to_pandas()
     assert sorted(table["user_id"].unique()) == all_users
     assert len(table) == manifest["rows"] == N_USERS * K
     assert table["user_id"].is_monotonic_increasing

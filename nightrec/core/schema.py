@@ -1,10 +1,14 @@
 """Column names and dtypes shared by every step, the expectation suites and the published table.
 
 Change a name here and ``tests/test_expectations.py`` tells you which suite still uses the old one.
+The published table's columns are the table contract's (nightrec/table/contract.py), named here
+too so that every step keeps one import for column names.
 """
 
-USER_ID = "user_id"
-ITEM_ID = "item_id"
+from nightrec.table import contract
+
+USER_ID = contract.USER_ID
+ITEM_ID = contract.ITEM_ID
 RATING = "rating"
 TIMESTAMP = "timestamp"  # int64 unix seconds, UTC
 
@@ -25,16 +29,16 @@ RAW_TEXT = "raw_text"  # the raw line, kept only for rows ingest could not split
 # the default clean.id_pattern accepts, so it never names a real user. Scoring skips such users.
 FORGOTTEN_PREFIX = "~forgotten:"
 
-RANK = "rank"
-SCORE = "score"
-MODEL_VERSION = "model_version"
-DS = "ds"
+RANK = contract.RANK
+SCORE = contract.SCORE
+MODEL_VERSION = contract.MODEL_VERSION
+DS = contract.DS
 
 INTERACTION_COLUMNS = [USER_ID, ITEM_ID, RATING, TIMESTAMP]
 # Ingest's output: the interaction columns as raw strings, plus where each row came from.
 RAW_COLUMNS = [*INTERACTION_COLUMNS, SOURCE_FILE, RAW_ROW, PARSE_ERROR, RAW_TEXT]
 
-RECOMMENDATION_COLUMNS = [USER_ID, RANK, ITEM_ID, SCORE, MODEL_VERSION, DS]
+RECOMMENDATION_COLUMNS = list(contract.COLUMNS)
 
 # Input column names (lower-cased, spaces as '_') that mean a schema column.
 COLUMN_ALIASES = {

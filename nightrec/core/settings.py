@@ -12,17 +12,16 @@ Tunables come from ``params.yaml`` only. Locations and endpoints come from the e
 
 from __future__ import annotations
 
-import datetime as dt
 import os
-import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-DEFAULT_BUCKET = "nightrec"
-_DS_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
+from nightrec.table import contract, objects
+
+DEFAULT_BUCKET = objects.DEFAULT_BUCKET
 
 
 def project_root() -> Path:
@@ -56,24 +55,11 @@ def load_params(path: str | Path | None = None) -> dict[str, Any]:
     return _load_params(str(p), p.stat().st_mtime)
 
 
-def bucket() -> str:
-    return os.environ.get("NIGHTREC_BUCKET", DEFAULT_BUCKET)
-
-
-def s3_endpoint_url() -> str | None:
-    """The S3 endpoint, or None to let boto3 talk to AWS."""
-    return os.environ.get("S3_ENDPOINT_URL") or None
-
-
-def check_ds(ds: str) -> str:
-    """Return ``ds`` if it is a real ``YYYY-MM-DD`` date, else raise ValueError.
-
-    Every object key built from a ds goes through here, so a ds can never carry a path.
-    """
-    if not isinstance(ds, str) or not _DS_RE.fullmatch(ds):
-        raise ValueError(f"ds must be a date as YYYY-MM-DD, got {ds!r}")
-    dt.date.fromisoformat(ds)  # rejects 2026-02-30
-    return ds
+# The store's location is the table package's rule (a reader-only install reads the same
+# variables); the ds rule is the table contract's. One definition each.
+bucket = objects.bucket  # NIGHTREC_BUCKET, default "nightrec"
+s3_endpoint_url = objects.endpoint_url  # S3_ENDPOINT_URL, or None for AWS itself
+check_ds = contract.check_ds  # a real YYYY-MM-DD date, else ValueError; every key's ds
 
 
 class StepParams(dict):

@@ -254,7 +254,7 @@ def _cmd_recs(args) -> int:
 
     use_object_store(not args.no_embedded_s3)
     try:
-        df = RecommendationReader().for_user(args.user, ds=args.ds)
+        df = RecommendationReader().for_user(args.user, ds=args.ds).to_pandas()
     except TableNotFound as e:
         print(f"nightrec recs: {e}", file=sys.stderr)
         return 1
@@ -266,17 +266,21 @@ def _cmd_recs(args) -> int:
 
 
 def _cmd_export(args) -> int:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
     from nightrec.table.reader import RecommendationReader, TableNotFound
 
     use_object_store(not args.no_embedded_s3)
     try:
-        df = RecommendationReader().table(ds=args.ds)
+        table = RecommendationReader().table(ds=args.ds)
     except TableNotFound as e:
         print(f"nightrec export: {e}", file=sys.stderr)
         return 1
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    df.to_parquet(args.out, index=False)
-    print(f"wrote {len(df)} rows for {df['user_id'].nunique()} users to {args.out}")
+    pq.write_table(table, args.out)
+    users = pc.count_distinct(table["user_id"]).as_py()
+    print(f"wrote {table.num_rows} rows for {users} users to {args.out}")
     return 0
 
 
@@ -362,9 +366,13 @@ def _cmd_serve(args) -> int:
     from nightrec.table import serve
 
     use_object_store(not args.no_embedded_s3)
+    # serve reads no file: params.yaml's serve group and clean's id rule are passed in
+    params = settings.load_params()
     return serve.main(["--host", args.host]
                       + (["--port", str(args.port)] if args.port is not None else [])
-                      + (["--ds", args.ds] if args.ds else [])) or 0
+                      + (["--ds", args.ds] if args.ds else []),
+                      config=serve.ServeConfig.from_params(params),
+                      port=int(params["serve"]["port"])) or 0
 
 
 def _cmd_models(args) -> int:

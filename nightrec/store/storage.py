@@ -1,5 +1,8 @@
 """Object-store plumbing: one boto3 client, URIs, and reads/writes of bytes, JSON and Parquet.
 
+The client, the bucket and the endpoint are the table package's (nightrec/table/objects.py),
+which the reader uses alone: one client setup for the pipeline and the readers.
+
 A URI is either ``s3://bucket/key`` or a local path, so every step's ``run()`` works the same
 under Airflow (S3) and under ``dvc repro`` (local files). A single S3 PUT is atomic: readers see
 the whole object or none of it; multi-object atomicity is the publisher's job (tasks/publish.py).
@@ -17,35 +20,17 @@ import io
 import json
 import os
 import tempfile
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from nightrec.core import settings
 from nightrec.core.errors import PermanentError
+from nightrec.table import objects
 
-
-@lru_cache(maxsize=4)
-def _client(endpoint: str | None, credential_fingerprint: str):
-    import boto3
-    from botocore.config import Config
-
-    cfg = Config(
-        signature_version="s3v4",
-        s3={"addressing_style": "path"},
-        retries={"max_attempts": 5, "mode": "standard"},
-        connect_timeout=5,
-        read_timeout=60,
-    )
-    # Credentials are not passed: boto3's own chain reads AWS_* / profiles / instance roles. A
-    # fresh Session, because the default one caches the credentials it resolved first.
-    return boto3.session.Session().client("s3", endpoint_url=endpoint, config=cfg)
-
-
-def s3_client():
-    """A boto3 S3 client for ``S3_ENDPOINT_URL`` (or AWS when unset)."""
-    creds = f"{os.environ.get('AWS_ACCESS_KEY_ID')}:{os.environ.get('AWS_SECRET_ACCESS_KEY')}"
-    return _client(settings.s3_endpoint_url(), sha256(creds.encode()))
+# The one boto3 client setup is the table package's (a reader-only install has it too); these
+# names stay here for the pipeline, and ``_client.cache_clear()`` clears that one cache.
+_client = objects._client
+s3_client = objects.s3_client
 
 
 def s3_uri(key: str, bucket: str | None = None) -> str:
@@ -73,16 +58,11 @@ def join(uri: str, *parts: str) -> str:
     return out
 
 
-class PreconditionFailed(RuntimeError):
-    """A conditional request lost: the object is not (or no longer) the version the caller saw."""
-
-
-_LOST_RACE = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
-_MISSING = {"404", "NoSuchKey", "NotFound"}
-
-
-def _error_code(e) -> str:
-    return str(e.response.get("Error", {}).get("Code", ""))
+# one class, so a lost race raised by the reader's reads and by these is caught alike
+PreconditionFailed = objects.PreconditionFailed
+_LOST_RACE = objects.LOST_RACE_CODES
+_MISSING = objects.MISSING_CODES
+_error_code = objects.error_code
 
 
 class BucketNotFound(PermanentError):
@@ -121,16 +101,7 @@ def read_bytes(uri: str) -> bytes:
 
 def read_versioned(uri: str) -> tuple[bytes, str] | None:
     """``(data, etag)`` of an S3 object, or None when there is none (for a later ``if_match``)."""
-    from botocore.exceptions import ClientError
-
-    b, k = split_uri(uri)
-    try:
-        obj = s3_client().get_object(Bucket=b, Key=k)
-    except ClientError as e:
-        if _error_code(e) in _MISSING:
-            return None
-        raise
-    return obj["Body"].read(), obj["ETag"]
+    return objects.get_versioned(*split_uri(uri))
 
 
 def read_range(uri: str, start: int, length: int, *, if_match: str | None = None) -> bytes:
@@ -138,31 +109,12 @@ def read_range(uri: str, start: int, length: int, *, if_match: str | None = None
 
     ``if_match``: fail with PreconditionFailed unless the object still has that ETag.
     """
-    from botocore.exceptions import ClientError
-
-    b, k = split_uri(uri)
-    rng = f"bytes=-{length}" if start < 0 else f"bytes={start}-{start + length - 1}"
-    kwargs = {"IfMatch": if_match} if if_match else {}
-    try:
-        return s3_client().get_object(Bucket=b, Key=k, Range=rng, **kwargs)["Body"].read()
-    except ClientError as e:
-        if _error_code(e) in _LOST_RACE:
-            raise PreconditionFailed(f"{uri} is no longer version {if_match}") from e
-        raise
+    return objects.get_range(*split_uri(uri), start, length, if_match=if_match)
 
 
 def head(uri: str) -> dict | None:
     """``{"etag", "bytes"}`` of an S3 object, or None when there is none."""
-    from botocore.exceptions import ClientError
-
-    b, k = split_uri(uri)
-    try:
-        h = s3_client().head_object(Bucket=b, Key=k)
-    except ClientError as e:
-        if _error_code(e) in _MISSING:
-            return None
-        raise
-    return {"etag": h["ETag"], "bytes": int(h["ContentLength"])}
+    return objects.head(*split_uri(uri))
 
 
 def write_bytes(

@@ -2,13 +2,18 @@
 
 ```python
 reader = RecommendationReader()
-reader.for_user("196")            # one user's rows from the latest table, by rank
-reader.table(ds="2026-11-28")     # a whole given day's table (pandas)
-for frame in reader.iter_batches():  # the whole latest table, one part at a time
+reader.for_user("196")            # one user's rows from the latest table, by rank (pyarrow.Table)
+reader.table(ds="2026-11-28")     # a whole given day's table (pyarrow.Table; .to_pandas())
+for batch in reader.iter_batches():  # the whole latest table, one part (RecordBatch) at a time
     ...
 table = reader.open()             # one table pinned: lookups and iteration see the same version
 table.for_user("196"); table.stats
 ```
+
+Results are Arrow: this package needs only the standard library, pyarrow and boto3
+(``pip install ./reader``), so a reader-only install has no pandas; call ``.to_pandas()`` where
+pandas is installed. Keys, formats and checks are the table contract's (contract.py); objects
+are read with objects.py's client (``S3_ENDPOINT_URL``, ``NIGHTREC_BUCKET``, the AWS chain).
 
 Everything goes through ``_latest.json`` and the manifest, so a reader only ever reads the parts
 of one committed manifest: never a table still being written, never two tables mixed. Whole
@@ -29,17 +34,17 @@ an iterator cannot (it has already handed out rows), so it raises.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import io
-import json
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 
-import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from nightrec.core import schema, settings
-from nightrec.store import layout, storage
-from nightrec.tasks.publish import arrow_schema
+from nightrec.table import contract, objects
 
 RETRIES = 3
 FOOTER_READ = 64 * 1024  # what pyarrow reads from a file's end to find its footer
@@ -51,11 +56,6 @@ class TableNotFound(LookupError):
 
 class TableChanged(RuntimeError):
     """A part the manifest lists is gone or different: a newer publish replaced the table."""
-
-
-def _missing(e: Exception) -> bool:
-    code = str(getattr(e, "response", {}).get("Error", {}).get("Code", ""))
-    return code in ("404", "NoSuchKey", "NotFound")
 
 
 class _Stats:
@@ -82,9 +82,10 @@ class _RangeFile(io.RawIOBase):
     request and kept (the Parquet footer). Every request is conditional on ``etag``.
     """
 
-    def __init__(self, uri: str, size: int, etag: str | None, stats: _Stats, tail: int = 0):
+    def __init__(self, bucket: str, key: str, size: int, etag: str | None, stats: _Stats,
+                 tail: int = 0):
         super().__init__()
-        self.uri, self.size, self.etag, self.stats = uri, size, etag, stats
+        self.bucket, self.key, self.size, self.etag, self.stats = bucket, key, size, etag, stats
         self.tail_len, self.tail = min(tail, size), None
         self.pos = 0
 
@@ -104,12 +105,12 @@ class _RangeFile(io.RawIOBase):
 
     def _fetch(self, start: int, length: int) -> bytes:
         try:
-            data = storage.read_range(self.uri, start, length, if_match=self.etag)
-        except storage.PreconditionFailed as e:
-            raise TableChanged(f"{self.uri} changed since its manifest was read") from e
+            data = objects.get_range(self.bucket, self.key, start, length, if_match=self.etag)
+        except objects.PreconditionFailed as e:
+            raise TableChanged(f"{self.key} changed since its manifest was read") from e
         except Exception as e:
-            if _missing(e):
-                raise TableChanged(f"{self.uri} is gone: a newer publish replaced it") from e
+            if objects.is_missing(e):
+                raise TableChanged(f"{self.key} is gone: a newer publish replaced it") from e
             raise
         self.stats.add(requests=1, nbytes=len(data))
         return data
@@ -139,7 +140,7 @@ class _Footer:
 
     def __init__(self, metadata):
         self.metadata = metadata
-        col = metadata.schema.names.index(schema.USER_ID)
+        col = metadata.schema.names.index(contract.USER_ID)
         self.ranges = []
         for i in range(metadata.num_row_groups):
             st = metadata.row_group(i).column(col).statistics
@@ -174,9 +175,10 @@ class FooterCache:
 
 
 class PublishedTable:
-    """One committed table (one manifest): point lookups, iteration, the whole table.
+    """One committed table (one manifest): point lookups, iteration, the whole table, as Arrow.
 
     Thread-safe; ``stats`` counts what it fetched (requests, bytes, row groups decoded).
+    ``manifest``: a manifest as :func:`contract.parse_manifest` returns it.
     """
 
     def __init__(self, manifest: dict, *, bucket: str, footers: FooterCache | None = None):
@@ -201,9 +203,6 @@ class PublishedTable:
     def model_version(self) -> str:
         return self.manifest["model_version"]
 
-    def _uri(self, part: dict) -> str:
-        return storage.s3_uri(part["key"], self.bucket)
-
     def parts_for(self, user_id: str) -> list[dict]:
         """The parts whose user range holds ``user_id`` (at most one in a format-2 table)."""
         if self._maxes is None:
@@ -216,8 +215,6 @@ class PublishedTable:
         key = f"{self.bucket}/{part['key']}:{part.get('etag')}"
         found = self.footers.get(key)
         if found is None:
-            import pyarrow.parquet as pq
-
             found = _Footer(pq.ParquetFile(f).metadata)
             self.footers.put(key, found)
         return found
@@ -225,7 +222,8 @@ class PublishedTable:
     def _range_file(self, part: dict) -> _RangeFile:
         # pyarrow reads the last 64 KiB first, then the rest of a longer footer: one request
         tail = max(int(part.get("footer_bytes") or 0), FOOTER_READ)
-        return _RangeFile(self._uri(part), int(part["bytes"]), part.get("etag"), self.stats, tail)
+        return _RangeFile(self.bucket, part["key"], int(part["bytes"]), part.get("etag"),
+                          self.stats, tail)
 
     def warm(self, max_parts: int | None = None) -> int:
         """Fetch the footers of the first ``max_parts`` parts (default: as many as the cache
@@ -235,12 +233,8 @@ class PublishedTable:
             self._footer(part, self._range_file(part))
         return len(todo)
 
-    def lookup(self, user_id: str):
+    def lookup(self, user_id: str) -> pa.Table:
         """One user's rows as an Arrow table (sorted by rank; empty when the user has none)."""
-        import pyarrow as pa
-        import pyarrow.compute as pc
-        import pyarrow.parquet as pq
-
         user_id = str(user_id)
         found = []
         for part in self.parts_for(user_id):
@@ -252,39 +246,44 @@ class PublishedTable:
             pf = pq.ParquetFile(f, metadata=footer.metadata, page_checksum_verification=True)
             t = pf.read_row_groups(groups)
             self.stats.add(row_groups=len(groups))
-            found.append(t.filter(pc.equal(t[schema.USER_ID], user_id)))
+            found.append(t.filter(pc.equal(t[contract.USER_ID], user_id)))
         if not found:
-            return arrow_schema().empty_table()
+            return contract.arrow_schema().empty_table()
         out = pa.concat_tables(found)
-        return out.sort_by(schema.RANK) if len(found) > 1 else out
+        return out.sort_by(contract.RANK) if len(found) > 1 else out
 
-    def for_user(self, user_id: str) -> pd.DataFrame:
-        return self.lookup(user_id).to_pandas()
+    for_user = lookup
 
     def _part_bytes(self, part: dict) -> bytes:
         try:
-            data = storage.read_bytes(self._uri(part))
+            data = objects.get(self.bucket, part["key"])
         except Exception as e:
-            if _missing(e):
+            if objects.is_missing(e):
                 raise TableChanged(f"{part['key']} is gone: a newer publish replaced it") from e
             raise
         self.stats.add(requests=1, nbytes=len(data))
-        if storage.sha256(data) != part["sha256"]:
+        if hashlib.sha256(data).hexdigest() != part["sha256"]:
             raise OSError(f"{part['key']}: checksum differs from the manifest")
         return data
 
-    def iter_parts(self) -> Iterator[pd.DataFrame]:
-        """The whole table, one part (at most ``publish.rows_per_part`` rows) at a time."""
-        import pyarrow.parquet as pq
-
+    def iter_parts(self) -> Iterator[pa.Table]:
+        """The whole table, one part (at most ``publish.rows_per_part`` rows) at a time, each
+        checked against the manifest's sha256."""
         for part in self.parts:
-            yield pq.read_table(io.BytesIO(self._part_bytes(part))).to_pandas()
+            yield pq.read_table(io.BytesIO(self._part_bytes(part)))
 
-    def to_pandas(self) -> pd.DataFrame:
-        frames = list(self.iter_parts())
-        if not frames:
-            return arrow_schema().empty_table().to_pandas()
-        return pd.concat(frames, ignore_index=True)
+    def iter_batches(self) -> Iterator[pa.RecordBatch]:
+        """:meth:`iter_parts`, each part as one RecordBatch (empty parts skipped)."""
+        for t in self.iter_parts():
+            if t.num_rows:
+                yield t.combine_chunks().to_batches()[0]
+
+    def read(self) -> pa.Table:
+        """The whole table in memory, every part checksum-verified."""
+        tables = list(self.iter_parts())
+        if not tables:
+            return contract.arrow_schema().empty_table()
+        return pa.concat_tables(tables)
 
     def popular(self, k: int) -> list[dict]:
         """The manifest's most popular items (for unknown users), at most ``k``."""
@@ -292,19 +291,19 @@ class PublishedTable:
 
 
 class RecommendationReader:
-    def __init__(self, bucket: str | None = None, *, footer_cache_parts: int = 512):
-        self.bucket = bucket or settings.bucket()
-        self.footers = FooterCache(footer_cache_parts)
+    """The published tables of one bucket (default ``NIGHTREC_BUCKET``), read through the latest
+    pointer or a ds's manifest. Every method that returns rows returns Arrow."""
 
-    def _here(self, uri: str) -> str:
-        return storage.s3_uri(storage.split_uri(uri)[1], self.bucket)
+    def __init__(self, bucket: str | None = None, *, footer_cache_parts: int = 512):
+        self.bucket = bucket or objects.bucket()
+        self.footers = FooterCache(footer_cache_parts)
 
     def latest(self) -> dict:
         """The latest pointer: ``{"ds", "manifest", "publish_id", "model_version", ...}``."""
-        found = storage.read_versioned(self._here(layout.latest_uri()))
+        found = objects.get_versioned(self.bucket, contract.latest_key())
         if found is None:
-            raise TableNotFound("nothing has been published yet (no recommendations/_latest.json)")
-        return json.loads(found[0])
+            raise TableNotFound(f"nothing has been published yet (no {contract.latest_key()})")
+        return contract.parse_pointer(found[0])
 
     def latest_ds(self) -> str:
         return self.latest()["ds"]
@@ -312,16 +311,18 @@ class RecommendationReader:
     def version(self, ds: str | None = None) -> str | None:
         """A cheap token that changes whenever what ``open(ds)`` would return changes: the ETag
         of the latest pointer (or of ds's manifest). None when there is nothing yet."""
-        uri = layout.manifest_uri(settings.check_ds(ds)) if ds else layout.latest_uri()
-        found = storage.head(self._here(uri))
+        key = contract.manifest_key(ds) if ds else contract.latest_key()
+        found = objects.head(self.bucket, key)
         return found["etag"] if found else None
 
     def manifest(self, ds: str | None = None) -> dict:
-        ds = settings.check_ds(ds) if ds else self.latest_ds()
-        found = storage.read_versioned(self._here(layout.manifest_uri(ds)))
+        """ds's manifest (default: the one the latest pointer names), checked
+        (``contract.parse_manifest``; ContractViolation when it breaks the contract)."""
+        ds = contract.check_ds(ds) if ds else self.latest_ds()
+        found = objects.get_versioned(self.bucket, contract.manifest_key(ds))
         if found is None:
             raise TableNotFound(f"no published table for ds={ds}")
-        return json.loads(found[0])
+        return contract.parse_manifest(found[0], ds=ds)
 
     def open(self, ds: str | None = None) -> PublishedTable:
         """The table of ``ds`` (default: the latest), pinned to its current manifest."""
@@ -336,15 +337,15 @@ class RecommendationReader:
                     raise
         raise AssertionError("unreachable")
 
-    def table(self, ds: str | None = None) -> pd.DataFrame:
+    def table(self, ds: str | None = None) -> pa.Table:
         """The whole table of ``ds`` (default latest) in memory, every part checksum-verified."""
-        return self._retrying(ds, PublishedTable.to_pandas)
+        return self._retrying(ds, PublishedTable.read)
 
-    def iter_batches(self, ds: str | None = None) -> Iterator[pd.DataFrame]:
-        """The whole table, one part at a time (bounded memory); TableChanged if it is replaced
-        mid-way (start again)."""
-        return self.open(ds).iter_parts()
+    def iter_batches(self, ds: str | None = None) -> Iterator[pa.RecordBatch]:
+        """The whole table, one part (one RecordBatch) at a time, bounded memory; TableChanged
+        if it is replaced mid-way (start again)."""
+        return self.open(ds).iter_batches()
 
-    def for_user(self, user_id: str, ds: str | None = None) -> pd.DataFrame:
+    def for_user(self, user_id: str, ds: str | None = None) -> pa.Table:
         """One user's rows, by rank (empty when the user has none)."""
-        return self._retrying(ds, lambda t: t.for_user(user_id))
+        return self._retrying(ds, lambda t: t.lookup(user_id))

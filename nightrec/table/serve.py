@@ -5,33 +5,43 @@
     HEAD on both; any other method gets 405.
 
     python -m nightrec.table.serve [--host 127.0.0.1] [--port 8090] [--ds YYYY-MM-DD]
+        [--bucket B] [--poll-interval-s S] [--unknown-user 404|popular] [--id-pattern RE2] ...
+
+Configuration: ``nightrec serve`` (the full install) loads params.yaml (its ``serve`` group and
+clean's id rule) and passes it in; this module reads no file, so a reader-only install runs it
+with flags, ``NIGHTREC_SERVE_<FIELD>`` variables (``NIGHTREC_SERVE_PORT``,
+``NIGHTREC_SERVE_UNKNOWN_USER``, ...) and ServeConfig's defaults, which are params.yaml's. The
+store: ``S3_ENDPOINT_URL``, ``NIGHTREC_BUCKET`` and the AWS chain (objects.py).
 
 It serves the table the latest pointer names (or, with ``--ds``, that day's), and checks every
 ``serve.poll_interval_s`` whether that pointer (or manifest) changed, with one HEAD request; when
 it has, it loads the new manifest and swaps it in whole, so a response always comes from one
-committed table. A lookup reads one Parquet row group by range request (nightrec/table/reader.py); part
-footers are cached. A user with no rows gets 404, or with ``serve.unknown_user: popular`` the
+committed table. A lookup reads one Parquet row group by range request (reader.py); part footers
+are cached. A user with no rows gets 404, or with ``serve.unknown_user: popular`` the
 manifest's most popular items (``"source": "popular"``).
 
 The user id is the path segment after ``/recommendations/``, percent-encoded (UTF-8), decoded
 exactly once. It is accepted exactly when clean accepts it: it matches ``clean.id_pattern`` and
 has at most ``clean.max_id_length`` characters, checked by the same function clean uses
-(``pyarrow.compute.match_substring_regex``, RE2), so every published user can be served.
+(``contract.ids_ok``: ``pyarrow.compute.match_substring_regex``, RE2), so every published user
+can be served.
 
 Inputs are bounded: the request target apart from the user id to ``serve.max_url_length``
 (414; the id is bounded by its own rule, at most 12 encoded characters per character), an id
-clean would refuse, ``k`` outside ``1..serve.max_k``, any query parameter but ``k`` (400). Every error is a JSON body
-``{"error": ...}``, never a traceback; a client idle for ``serve.request_timeout_s`` is
-disconnected. Standard library only (``http.server.ThreadingHTTPServer``, a thread per
-connection): put it behind a reverse proxy for TLS and connection limits.
+clean would refuse, ``k`` outside ``1..serve.max_k``, any query parameter but ``k`` (400). Every
+error is a JSON body ``{"error": ...}``, never a traceback; a client idle for
+``serve.request_timeout_s`` is disconnected. The server is the standard library's
+(``http.server.ThreadingHTTPServer``, a thread per connection): put it behind a reverse proxy
+for TLS and connection limits.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
+import dataclasses
 import json
 import logging
+import os
 import re
 import signal
 import sys
@@ -41,29 +51,31 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, unquote_to_bytes, urlsplit
 
-import pyarrow as pa
-import pyarrow.compute  # imported at start, not by the first lookup
+import pyarrow.compute  # noqa: F401 - imported at start, not by the first lookup
 
-from nightrec.core import settings
+from nightrec.table import contract
 from nightrec.table.reader import PublishedTable, RecommendationReader, TableChanged, TableNotFound
-from nightrec.tasks.clean import _id_ok  # clean's own id check: serve accepts what clean accepts
 
-PARAMS = ["serve.port", "serve.poll_interval_s", "serve.default_k", "serve.max_k",
-          "serve.unknown_user", "serve.max_url_length", "serve.footer_cache_parts",
-          "serve.request_timeout_s", "clean.id_pattern", "clean.max_id_length"]
+DEFAULT_PORT = 8090
+ENV_PREFIX = "NIGHTREC_SERVE_"  # NIGHTREC_SERVE_PORT, NIGHTREC_SERVE_POLL_INTERVAL_S, ...
 ROUTE_RE = re.compile(r"/recommendations/([^/]+)")
 # A character is at most 4 UTF-8 bytes, each "%XX" when percent-encoded: the longest encoding of
 # an id of n characters is 12 n.
 ENCODED_CHAR_MAX = 12
-ID_CHECK_CACHE = 65_536  # user ids whose verdict is kept (each at most clean.max_id_length)
 UNKNOWN_USER_MODES = ("404", "popular")
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ServeConfig:
-    id_pattern: str  # clean.id_pattern (RE2): the ids clean accepts, hence the ids published
-    max_id_length: int = 256  # clean.max_id_length, in characters
+    """What the endpoint needs to know. Defaults are params.yaml's; ``nightrec serve`` passes
+    params.yaml's values (:meth:`from_params`), ``python -m nightrec.table.serve`` takes flags
+    and ``NIGHTREC_SERVE_<FIELD>`` variables (:func:`main`). This module reads no file."""
+
+    # clean.id_pattern (RE2) and clean.max_id_length (characters): the ids clean accepts, hence
+    # the ids published; checked by contract.ids_ok, as clean does
+    id_pattern: str = contract.DEFAULT_ID_PATTERN
+    max_id_length: int = contract.DEFAULT_MAX_ID_LENGTH
     poll_interval_s: float = 5.0
     default_k: int = 10
     max_k: int = 1000
@@ -73,10 +85,14 @@ class ServeConfig:
     request_timeout_s: float = 10.0
 
     @classmethod
-    def from_params(cls, params: dict | None = None) -> ServeConfig:
-        p = settings.core_kwargs(settings.step_params(PARAMS, params))  # clean.x -> x too
-        p.pop("port")
-        cfg = cls(**{**p, "unknown_user": str(p["unknown_user"])})
+    def from_params(cls, params: dict) -> ServeConfig:
+        """From params.yaml as a dict (loaded by the caller): its ``serve`` group, and clean's
+        id rule (``clean.id_pattern``, ``clean.max_id_length``)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        given = {k: v for k, v in params["serve"].items() if k in names}
+        cfg = cls(**{**given, "unknown_user": str(given.get("unknown_user", "404")),
+                     "id_pattern": params["clean"]["id_pattern"],
+                     "max_id_length": int(params["clean"]["max_id_length"])})
         cfg.check()
         return cfg
 
@@ -152,18 +168,10 @@ class BadRequest(Exception):
 
 
 def id_ok(user_id: str, cfg: ServeConfig) -> bool:
-    """Whether clean accepts ``user_id``: ``clean._id_ok``, the same RE2 match and length bound,
-    so serve and clean can never disagree. An id over the length bound is refused without the
-    regex (``_id_ok`` refuses it too)."""
-    return len(user_id) <= cfg.max_id_length and _id_ok_cached(user_id, cfg.id_pattern,
-                                                                 cfg.max_id_length)
-
-
-@functools.lru_cache(maxsize=ID_CHECK_CACHE)
-def _id_ok_cached(user_id: str, pattern: str, max_len: int) -> bool:
-    # Arrow compiles the pattern on every call: about 1 ms for clean's \pL/\pN classes
-    # (measured), so each verdict is kept; the cache is bounded and thread-safe.
-    return bool(_id_ok(pa.array([user_id], pa.string()), pattern, max_len)[0])
+    """Whether clean accepts ``user_id``: ``contract.id_ok``, the function clean's check is
+    (``contract.ids_ok``), with the same pattern and length bound, so serve and clean can never
+    disagree. Verdicts are cached (``contract.ID_CHECK_CACHE`` ids)."""
+    return contract.id_ok(user_id, pattern=cfg.id_pattern, max_length=cfg.max_id_length)
 
 
 def parse_lookup(target: str, cfg: ServeConfig) -> tuple[str, int] | None:
@@ -339,11 +347,15 @@ class ServeServer(ThreadingHTTPServer):
 
 
 def make_server(host: str = "127.0.0.1", port: int = 0, *, ds: str | None = None,
-                params: dict | None = None) -> ServeServer:
-    """A started watcher and a bound (not yet serving) server; port 0 picks a free port."""
-    cfg = ServeConfig.from_params(params)
-    reader = RecommendationReader(footer_cache_parts=cfg.footer_cache_parts)
-    watcher = TableWatcher(reader, ds=settings.check_ds(ds) if ds else None,
+                config: ServeConfig | None = None, bucket: str | None = None) -> ServeServer:
+    """A started watcher and a bound (not yet serving) server; port 0 picks a free port.
+
+    ``config``: default ``ServeConfig()``; ``bucket``: default ``NIGHTREC_BUCKET``.
+    """
+    cfg = config or ServeConfig()
+    cfg.check()
+    reader = RecommendationReader(bucket, footer_cache_parts=cfg.footer_cache_parts)
+    watcher = TableWatcher(reader, ds=contract.check_ds(ds) if ds else None,
                            poll_interval_s=cfg.poll_interval_s)
     watcher.refresh()
     watcher.start()
@@ -354,30 +366,67 @@ def make_server(host: str = "127.0.0.1", port: int = 0, *, ds: str | None = None
         raise
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Serve until SIGINT/SIGTERM. The object store comes from the environment (tasks/storage)."""
-    p = settings.step_params(PARAMS)
+def config_from_env(base: ServeConfig | None = None) -> ServeConfig:
+    """``base`` (default ``ServeConfig()``) with each ``NIGHTREC_SERVE_<FIELD>`` that is set
+    (``NIGHTREC_SERVE_MAX_K=500``), converted to the field's type; ValueError when one does not
+    convert."""
+    base = base or ServeConfig()
+    changes = {}
+    for f in dataclasses.fields(base):
+        raw = os.environ.get(ENV_PREFIX + f.name.upper())
+        if raw is not None:
+            kind = type(getattr(base, f.name))
+            try:
+                changes[f.name] = kind(raw)
+            except ValueError:
+                raise ValueError(f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a "
+                                 f"{kind.__name__}") from None
+    return dataclasses.replace(base, **changes)
+
+
+def main(argv: list[str] | None = None, *, config: ServeConfig | None = None,
+         port: int | None = None) -> int:
+    """Serve until SIGINT/SIGTERM. The object store comes from the environment (objects.py).
+
+    ``config`` and ``port``: the defaults the flags override (``nightrec serve`` passes
+    params.yaml's); without them, ``NIGHTREC_SERVE_<FIELD>`` variables over ServeConfig's own
+    defaults, and ``NIGHTREC_SERVE_PORT`` or 8090.
+    """
     ap = argparse.ArgumentParser(prog="nightrec serve", description=__doc__.split("\n\n")[0])
+    try:
+        base = config or config_from_env()
+        default_port = port if port is not None else int(
+            os.environ.get(ENV_PREFIX + "PORT", DEFAULT_PORT))
+    except ValueError as e:
+        ap.error(str(e))
     ap.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    ap.add_argument("--port", type=int, default=int(p["serve.port"]),
-                    help="port (default serve.port; 0 picks a free one)")
+    ap.add_argument("--port", type=int, default=default_port,
+                    help=f"port (default {default_port}; 0 picks a free one)")
     ap.add_argument("--ds", help="serve this day's table (YYYY-MM-DD) instead of the latest")
+    ap.add_argument("--bucket", help="bucket (default NIGHTREC_BUCKET, else nightrec)")
+    for f in dataclasses.fields(base):
+        value = getattr(base, f.name)
+        ap.add_argument("--" + f.name.replace("_", "-"), type=type(value), default=value,
+                        help=f"default {value!r}".replace("%", "%%"))  # argparse %-formats
     args = ap.parse_args(argv)
-    if args.ds:
-        try:
-            settings.check_ds(args.ds)
-        except ValueError as e:
-            ap.error(str(e))
+    try:
+        if args.ds:
+            contract.check_ds(args.ds)
+        cfg = dataclasses.replace(base, **{f.name: getattr(args, f.name)
+                                           for f in dataclasses.fields(base)})
+        cfg.check()
+    except ValueError as e:
+        ap.error(str(e))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    server = make_server(args.host, args.port, ds=args.ds)
-    host, port = server.server_address[:2]
+    server = make_server(args.host, args.port, ds=args.ds, config=cfg, bucket=args.bucket)
+    host, bound = server.server_address[:2]
 
     def stop(*_):
         threading.Thread(target=server.shutdown, daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
     print(f"nightrec serve: {args.ds or 'latest'} table on "
-          f"http://{host}:{port}/recommendations/<user_id>?k=N", flush=True)
+          f"http://{host}:{bound}/recommendations/<user_id>?k=N", flush=True)
     try:
         server.serve_forever(poll_interval=0.5)
     except KeyboardInterrupt:
