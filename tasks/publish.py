@@ -584,7 +584,7 @@ def apply_retention(*, keep_days: int, protect: tuple[str, ...] = (),
     latest = json.loads(found[0])["ds"]
     published = {d: u for u in storage.list_prefixes(layout.recs_root())
                  if (d := layout.ds_of_prefix(u))}
-    staging = {d: u for u in storage.list_prefixes(storage.s3_uri("staging/recommendations/"))
+    staging = {d: u for u in storage.list_prefixes(layout.staging_root())
                if (d := layout.ds_of_prefix(u))}
     doomed = expired_partitions([*published, *staging], latest=latest, keep_days=keep_days,
                                 protect=protect)
@@ -663,7 +663,7 @@ def run(ds: str, scored: dict, params: dict | None = None, dry_run: bool = False
         replaced = set() if found is None else {pt["key"] for pt in json.loads(found[0])["parts"]}
         parts = []
         for n, (data, desc) in enumerate(zip(staged, described, strict=True)):
-            uri = storage.s3_uri(contract.part_key(ds, pid, n))
+            uri = layout.part_uri(ds, pid, n)
             etag = storage.write_bytes(uri, data)
             written.append(uri)
             parts.append({"key": storage.split_uri(uri)[1], "etag": etag, **desc})

@@ -296,8 +296,8 @@ def test_celery_workers_share_the_shards_and_publish_the_reference_table(
     assert all(by_worker.values()), f"both workers must run score shards: {by_worker}"
 
     # The published table equals the reference, row for row, score for score.
-    got = _sorted(RecommendationReader(BUCKET).table(DS))
-    want = _sorted(RecommendationReader(REF_BUCKET).table(DS))
+    got = _sorted(RecommendationReader(BUCKET).table(DS).to_pandas())
+    want = _sorted(RecommendationReader(REF_BUCKET).table(DS).to_pandas())
     assert len(got) == len(want) > 0
     pd.testing.assert_frame_equal(got, want, check_exact=True)
     say(f"Celery table == reference table: {len(got)} rows, {got['user_id'].nunique()} users, "

@@ -65,7 +65,7 @@ def test_run_publishes_table_with_schema_and_counts(first_run, sample):
     assert str(dr.state) == "success", states
     assert {t for t, s in states.items() if s != "success"} == {"load_model", "fallback"}, states
     manifest = storage.read_json(layout.manifest_uri(DS1))
-    table = RecommendationReader().table(DS1)
+    table = RecommendationReader().table(DS1).to_pandas()
     assert list(table.columns) == ["user_id", "rank", "item_id", "score", "model_version", "ds"]
     k = manifest["top_k"]
     assert k == 100
@@ -137,7 +137,7 @@ def test_rerun_same_ds_replaces_partition(first_run):
     dr, states = run_dag(DS1)
     assert str(dr.state) == "success", states
     after = storage.read_json(layout.manifest_uri(DS1))
-    table = RecommendationReader().table(DS1)
+    table = RecommendationReader().table(DS1).to_pandas()
     assert len(table) == after["rows"] == before["rows"]
     assert not table.duplicated(["user_id", "rank"]).any()
     assert len(_partition_parts(DS1)) == len(after["parts"])
@@ -228,7 +228,7 @@ def test_weakened_challenger_is_not_blessed_falls_back_to_the_champion_or_is_for
     manifest = storage.read_json(layout.manifest_uri(ds))
     assert manifest["source"] == "champion_fallback" and manifest["model_version"] == champion
     assert "popularity floor" in manifest["source_reason"]
-    table = RecommendationReader().table(ds)
+    table = RecommendationReader().table(ds).to_pandas()
     seen = storage.read_parquet(layout.run_uri(ds, "seen", "interactions.parquet"))
     assert set(table["user_id"]) == set(seen["user_id"])  # every user of the day gets a list
     pairs = set(zip(seen["user_id"], seen["item_id"]))
@@ -267,7 +267,7 @@ def test_a_first_night_publishes_popularity_and_a_model_is_champion_only_once_pu
     manifest = storage.read_json(layout.manifest_uri(first))
     assert manifest["source"] == "popularity_fallback" and "no champion" in manifest["source_reason"]
     assert storage.read_json(layout.latest_uri())["ds"] == first and registry.champion() is None
-    table = RecommendationReader().table(first)
+    table = RecommendationReader().table(first).to_pandas()
     seen = storage.read_parquet(layout.run_uri(first, "seen", "interactions.parquet"))
     assert set(table["user_id"]) == set(seen["user_id"])
     pairs = set(zip(seen["user_id"], seen["item_id"]))
@@ -349,7 +349,7 @@ def test_retrain_false_scores_with_the_champion_and_dry_run_publishes_nothing(fi
     assert storage.read_json(layout.manifest_uri(DS1)) == before  # dry run: nothing moved
     dr, states = run_dag(DS1, retrain=False, top_k=5)
     assert str(dr.state) == "success", states
-    table = RecommendationReader().table(DS1)
+    table = RecommendationReader().table(DS1).to_pandas()
     assert len(table) == before["users"] * 5 and set(table["model_version"]) == {champion}
     assert registry.champion() == champion
 

@@ -277,7 +277,7 @@ def test_forget_erases_the_user_from_retained_data_and_keeps_indices(bucket, sta
     publish.run(DS, scored, params=settings.load_params())
     _index_tables()
     reader = RecommendationReader()
-    table_before = reader.table()
+    table_before = reader.table().to_pandas()
     manifest_before = storage.read_json(layout.manifest_uri(DS))
     assert USER in set(table_before["user_id"])
     objects_before = {u: storage.head(u)["etag"] for u in _all()}
@@ -302,11 +302,11 @@ def test_forget_erases_the_user_from_retained_data_and_keeps_indices(bucket, sta
     out = retention.forget_user(USER, apply=True, operator="dpo")
     assert out["applied"] and out["added_to_suppression_list"]
     # the published table: the user is gone, every other row is as it was
-    table = RecommendationReader().table()
+    table = RecommendationReader().table().to_pandas()
     assert USER not in set(table["user_id"])
     pd.testing.assert_frame_equal(
         table, table_before[table_before["user_id"] != USER].reset_index(drop=True))
-    assert RecommendationReader().for_user(USER).empty
+    assert RecommendationReader().for_user(USER).num_rows == 0
     m = storage.read_json(layout.manifest_uri(DS))
     assert (m["rows"], m["users"]) == (manifest_before["rows"] - 5, manifest_before["users"] - 1)
     assert m["publish_id"] != manifest_before["publish_id"]

@@ -286,8 +286,8 @@ def _cmd_export(args) -> int:
 
 def run_summaries(limit: int) -> list[dict]:
     """The newest ``limit`` run summaries the report task left (``runs/ds=*/report/``)."""
-    prefix = storage.s3_uri("runs/")
-    uris = [u for u in storage.list_uris(prefix) if u.endswith("/report/summary.json")]
+    uris = [u for u in storage.list_uris(layout.runs_root())
+            if (ds := layout.ds_of_run_key(u)) and u == layout.run_uri(ds, "report", "summary.json")]
     return [storage.read_json(u) for u in sorted(uris, reverse=True)[:limit]]
 
 

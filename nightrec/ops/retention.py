@@ -55,6 +55,7 @@ import pandas as pd
 
 from nightrec.core import schema, settings
 from nightrec.store import layout, locks, storage
+from nightrec.table import contract
 from nightrec.tasks import clean, publish, registry
 
 PARAMS = [
@@ -602,7 +603,6 @@ def _rewrite_published(ds: str, user_id: str, *, owner: str, ttl_s: float,
         if found is None:
             return {"ds": ds, "rewritten": []}
         manifest, etag = json.loads(found[0]), found[1]
-        prefix = layout.recs_prefix(ds)
         new_parts, replaced, fresh = [], [], {}
         for part in manifest["parts"]:
             uri = layout.listed_part_uri(part["key"])
@@ -623,7 +623,7 @@ def _rewrite_published(ds: str, user_id: str, *, owner: str, ttl_s: float,
         pid = publish.publish_id([p["sha256"] if p else storage.sha256(fresh[i])
                                   for i, p in enumerate(new_parts)])
         for i, data in fresh.items():
-            uri = storage.join(prefix, f"part-{pid}-{i:05d}.parquet")
+            uri = layout.part_uri(ds, pid, i)
             part_etag = storage.write_bytes(uri, data)
             written.append(uri)
             desc = publish.describe_part(data, pq.read_table(io.BytesIO(data)))
@@ -639,9 +639,11 @@ def _rewrite_published(ds: str, user_id: str, *, owner: str, ttl_s: float,
         written = []
         if _latest_ds() == ds:
             publish.move_latest(
-                ds, {"ds": ds, "manifest": layout.manifest_uri(ds), "publish_id": pid,
-                     "model_version": new_manifest["model_version"],
-                     "updated_at": _iso(_now())}, manifest_etag=new_etag, owner=owner)
+                ds, contract.pointer_record(ds=ds, manifest_uri=layout.manifest_uri(ds),
+                                            publish_id=pid,
+                                            model_version=new_manifest["model_version"],
+                                            updated_at=_iso(_now())),
+                manifest_etag=new_etag, owner=owner)
         publish.delete_under_claim(claim, sorted(replaced), what="parts holding a forgotten user")
         return {"ds": ds, "rewritten": sorted(replaced), "publish_id": pid}
     finally:

@@ -29,6 +29,7 @@ import re
 
 from nightrec.core import settings
 from nightrec.store import storage
+from nightrec.table import contract
 
 _SAFE_TOKEN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -173,8 +174,10 @@ def shard_prefix(ds: str, run_key: str, shard: int) -> str:
 def listed_part_uri(key: str) -> str:
     """The URI of a part a manifest lists (its ``key``, relative to the bucket), checked to be a
     Parquet part of a published table: a manifest cannot point a reader or gc elsewhere."""
-    if not (isinstance(key, str) and re.fullmatch(r"recommendations/ds=[0-9-]{10}/[\w.-]+\.parquet",
-                                                   key) and ".." not in key):
+    folder, _, name = key.rpartition("/") if isinstance(key, str) else ("", "", "")
+    ds = contract.ds_of_key(folder)
+    if not (ds and folder + "/" == contract.ds_prefix_key(ds)
+            and re.fullmatch(r"[\w-][\w.-]*\.parquet", name)):
         raise ValueError(f"not a published part's key: {key!r}")
     return storage.s3_uri(key)
 
@@ -184,40 +187,43 @@ def staging_root() -> str:
     return storage.s3_uri("staging/recommendations/")
 
 
+# The published table's keys are the table contract's (nightrec/table/contract.py, which readers
+# use without this module); these put them in the bucket.
+
+
 def recs_root() -> str:
-    return storage.s3_uri("recommendations/")
+    return storage.s3_uri(contract.TABLE_ROOT)
 
 
 def ds_of_prefix(uri: str) -> str | None:
     """``.../ds=2026-11-28/`` -> ``2026-11-28``; None for anything that is not a ds folder."""
-    name = uri.rstrip("/").rsplit("/", 1)[-1]
-    if not name.startswith("ds="):
-        return None
-    try:
-        return settings.check_ds(name[3:])
-    except ValueError:
-        return None
+    return contract.ds_of_key(uri)
 
 
 def recs_prefix(ds: str) -> str:
-    return storage.s3_uri(f"recommendations/ds={settings.check_ds(ds)}/")
+    return storage.s3_uri(contract.ds_prefix_key(ds))
 
 
 def manifest_uri(ds: str) -> str:
-    return recs_prefix(ds) + "_manifest.json"
+    return storage.s3_uri(contract.manifest_key(ds))
 
 
 def claim_uri(ds: str) -> str:
-    return recs_prefix(ds) + "_publishing.json"
+    return storage.s3_uri(contract.claim_key(ds))
+
+
+def part_uri(ds: str, publish_id: str, n: int) -> str:
+    """Part ``n`` of the table ``publish_id`` of ``ds`` (content-addressed, never rewritten)."""
+    return storage.s3_uri(contract.part_key(ds, publish_id, n))
 
 
 def latest_uri() -> str:
-    return storage.s3_uri("recommendations/_latest.json")
+    return storage.s3_uri(contract.latest_key())
 
 
 def latest_lock_uri() -> str:
     """Held by a publisher while it reads and replaces the latest pointer (tasks/publish.py)."""
-    return storage.s3_uri("recommendations/_latest.lock")
+    return storage.s3_uri(contract.latest_lock_key())
 
 
 def legacy_id_map_prefix(kind: str | None = None) -> str:
@@ -240,7 +246,7 @@ def forgotten_users_lock_uri() -> str:
 
 def retired_parts_uri(ds: str) -> str:
     """Parts of ``ds`` that a republish replaced, with the time after which they may go."""
-    return recs_prefix(ds) + "_retired.json"
+    return storage.s3_uri(contract.retired_key(ds))
 
 
 def audit_uri(kind: str, stamp: str, token: str) -> str:
