@@ -122,14 +122,16 @@ def run_stage(stage: str, upstream_file: Path, out_file: Path) -> None:
 
     upstream = json.loads(upstream_file.read_text())
     started = time.perf_counter()
+    from nightrec.core import records
+
     if stage == "ingest":
         from nightrec.tasks import ingest
 
-        out = ingest.run(DS)
-    else:
+        out = ingest.run(DS).to_xcom()
+    else:  # the upstream step's record, as the DAG hands it over (XCom JSON)
         module = importlib.import_module("nightrec.tasks.versioning" if stage == "split" else
-                                         f"tasks.{stage}")
-        out = module.run(DS, upstream)
+                                         f"nightrec.tasks.{stage}")
+        out = module.run(getattr(records, upstream["record"]).from_xcom(upstream)).to_xcom()
     wall = time.perf_counter() - started
     cpu = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF,
               resource.RUSAGE_CHILDREN) for f in ("ru_utime", "ru_stime"))
@@ -149,7 +151,7 @@ def _rows(stage: str, out: dict) -> str:
         return (f"{s['clean_rows']:,} kept, {s['quarantined_rows']:,} quarantined "
                 f"{s['by_reason']}")
     if stage == "split":
-        meta = storage.read_json(out["split_meta"])
+        meta = storage.read_json(out["meta"])
         rows = meta["stats"]["rows"]
         return "train/valid/test " + "/".join(f"{rows[p]:,}" for p in ("train", "valid", "test"))
     if stage == "ingest":
@@ -228,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             res = json.loads(out.read_text())
             res.update(stage=stage, process_s=process_s, rows=_rows(stage, res["out"]))
             if stage == "split":
-                res["rows"] += f"; {storage.read_json(res['out']['split_meta'])['timings_s']}"
+                res["rows"] += f"; {storage.read_json(res['out']['meta'])['timings_s']}"
             results.append(res)
             upstream.write_text(json.dumps(res["out"]))
             print(f"{stage:9s} {res['wall_s']:7.1f} s (process {process_s:6.1f} s, CPU "
