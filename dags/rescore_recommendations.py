@@ -63,47 +63,36 @@ def rescore_recommendations():
         import contextlib
         import logging
 
-        from nightrec.tasks import registry
-
-        from nightrec.core import settings
-        from nightrec.store import layout, storage
-        from nightrec.table.reader import RecommendationReader
+        from nightrec.tasks import score as step
 
         ctx = get_current_context()
         params = ctx["params"]
         event_ds = [e.extra.get("ds") for events in (ctx.get("triggering_asset_events") or {}).values()
                     for e in events if e.extra.get("ds")]
-        ds = params.get("ds") or (event_ds[-1] if event_ds else RecommendationReader().latest_ds())
-        ds = settings.check_ds(ds)
+        ds = step.rescore_ds(params.get("ds"), event_ds)
         logging.getLogger("nightrec.rescore").info(
             "rescore plan: ds=%s (param %s, asset events %s)", ds, params.get("ds"), event_ds)
         hold_lease(ds)  # a nightly run of this ds still scoring or publishing: wait for it
         try:
-            model = permanent(registry.resolve, params.get("model_version"))
-            version = model["model_version"]
-            current = storage.read_json(layout.manifest_uri(ds)) if storage.exists(
-                layout.manifest_uri(ds)) else {}
+            planned = permanent(step.rescore_plan, ds, params.get("model_version"))
         except BaseException:
             with contextlib.suppress(Exception):  # the store may be what failed
                 release_lease(ds)  # the teardown cannot know the ds of a plan that failed
             raise
-        if current.get("model_version") == version and not params.get("model_version"):
-            logging.getLogger("nightrec.rescore").info(
-                "ds=%s is already published by %s: nothing to do", ds, version)
+        if planned is None:
             release_lease(ds)
             return None
-        from nightrec.tasks import seen as seen_step
-
-        model = {**model, "source": "champion_rescore",
-                 "source_reason": f"re-score with {version} (rescore_recommendations)"}
-        return {"ds": ds, "model": model, "seen": seen_step.build(ds)}
+        return planned.to_xcom()
 
     @task(doc_md="Split the model's users into user_id ranges, one score task each.")
     def plan_shards(prev: dict) -> list[dict]:
         from nightrec.tasks import score as step
 
+        from nightrec.core.records import RescorePlan
+
         params = get_current_context()["params"]
-        return step.plan(prev["ds"], prev["model"], prev["seen"], run_key=run_key(),
+        planned = RescorePlan.from_xcom(prev)
+        return step.plan(planned.ds, planned.model, planned.seen, run_key=run_key(),
                          top_k=params.get("top_k"), shards=params.get("shards"))
 
     @task(doc_md="Release this run's lease on its ds, however the run ended.")

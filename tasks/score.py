@@ -64,7 +64,7 @@ from nightrec.tasks.publish import arrow_schema
 from scipy import sparse
 
 from nightrec.core import schema, settings
-from nightrec.core.records import Evaluated, ModelChoice, Seen
+from nightrec.core.records import Evaluated, ModelChoice, RescorePlan, Seen
 from nightrec.ml import models, ranking
 from nightrec.store import layout, storage
 
@@ -409,6 +409,34 @@ def fallback(evaluated: Evaluated, seen: Seen) -> ModelChoice:
         model = {**popularity_model(evaluated.ds, seen.seen), "source": "popularity_fallback",
                  "source_reason": why + "; there is no champion yet"}
     return ModelChoice(ds=evaluated.ds, model=model)
+
+
+def rescore_ds(ds: str | None, event_ds: list[str]) -> str:
+    """The ds a re-score publishes: the ``ds`` param, else the newest champion asset event's,
+    else the latest published table's."""
+    from nightrec.core import settings
+    from nightrec.table.reader import RecommendationReader
+
+    return settings.check_ds(ds or (event_ds[-1] if event_ds else
+                                    RecommendationReader().latest_ds()))
+
+
+def rescore_plan(ds: str, model_version: str | None) -> RescorePlan | None:
+    """What a re-score of ``ds`` scores: ``model_version`` (else the champion) and ds's seen
+    table; None when ds's table is already published by that model and none was pinned."""
+    from nightrec.tasks import registry
+    from nightrec.tasks import seen as seen_step
+
+    model = registry.resolve(model_version)
+    version = model["model_version"]
+    current = (storage.read_json(layout.manifest_uri(ds))
+               if storage.exists(layout.manifest_uri(ds)) else {})
+    if current.get("model_version") == version and not model_version:
+        log.info("ds=%s is already published by %s: nothing to do", ds, version)
+        return None
+    model = {**model, "source": "champion_rescore",
+             "source_reason": f"re-score with {version} (rescore_recommendations)"}
+    return RescorePlan(ds=ds, model=model, seen=seen_step.build(ds))
 
 
 def popularity_model(ds: str, seen_uri: str, reason: str | None = None) -> dict:

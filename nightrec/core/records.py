@@ -162,6 +162,14 @@ class ModelChoice(StepRecord):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class RescorePlan(StepRecord):
+    """rescore_recommendations' plan: the registered model to score ds with, and ds's seen table."""
+
+    model: dict
+    seen: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Published(StepRecord):
     """publish: the committed manifest (None on a dry run) and whether latest moved to it."""
 
