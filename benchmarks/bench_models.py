@@ -187,10 +187,9 @@ def _pipeline_frames(ml: Path, params: dict, cut_quantile: float | None = None):
     """ML-100K as the pipeline's cores see it after clean and augment: ``(labelled interactions,
     side features for mf_softmax or None, future events or None)``. With ``cut_quantile`` the log
     is cut at that time quantile and the later events come back separately (indexed alike)."""
-    from nightrec.tasks import augment, clean
-
     from nightrec.core import schema
     from nightrec.ml import models
+    from nightrec.tasks import augment, clean
 
     ratings = pd.read_csv(ml / "u.data", sep="\t", names=["u", "i", "r", "t"])
     df = pd.DataFrame({schema.USER_ID: ratings["u"].astype(str),
@@ -251,9 +250,8 @@ def _gate_row(split_method: str, gated: str, result: dict, chosen: str, parts: d
 def gate_table(ml: Path, overrides: dict) -> dict:
     """The gate's figures before and after issue 12 per split method, and the next-period cost
     of a shipped model that never saw the test split (see the module doc)."""
-    from nightrec.tasks import evaluate, split, train
-
     from nightrec.core import settings
+    from nightrec.tasks import evaluate, split, train
 
     params = settings.with_overrides(settings.load_params(), overrides)
     p_train = settings.step_params(train.PARAMS, params)

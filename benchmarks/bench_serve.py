@@ -57,10 +57,9 @@ def free_port(pair: bool = False) -> int:
 
 def stage_table(n_users: int, k: int, *, rows_per_part: int, row_group_size: int) -> dict:
     """A synthetic scored table in staging, as score's shards leave it (collect()'s dict)."""
-    from nightrec.tasks import score
-
     from nightrec.core import schema
     from nightrec.store import layout, storage
+    from nightrec.tasks import score
 
     rng = np.random.default_rng(0)
     user_ids = np.array([f"{i:07d}" for i in range(n_users)])
@@ -131,10 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(NIGHTREC_STATE=str(tmp / "state"), GX_ANALYTICS_ENABLED="false")
     for var in ("S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
         os.environ.pop(var, None)
-    from nightrec.tasks import publish
-
     from nightrec.core import settings
     from nightrec.store import s3server, storage
+    from nightrec.tasks import publish
 
     cfg = s3server.ServerConfig(data_dir=tmp / "s3", s3_port=free_port(),
                                 master_port=free_port(True), volume_port=free_port(True),

@@ -96,25 +96,22 @@ def nightly_recommendations():
 
     @task(doc_md="Parse, quarantine bad rows with a reason, dedupe, k-core, index.")
     def clean(prev: dict) -> dict:
-        from nightrec.tasks import clean as step
-
         from nightrec.core.records import Ingested
+        from nightrec.tasks import clean as step
 
         return step.run(Ingested.from_xcom(prev)).to_xcom()
 
     @task(doc_md="Great Expectations contract on the cleaned data; fails the run when broken.")
     def validate(prev: dict) -> dict:
-        from nightrec.tasks import validate as step
-
         from nightrec.core.records import Cleaned
+        from nightrec.tasks import validate as step
 
         return permanent(step.run, Cleaned.from_xcom(prev)).to_xcom()
 
     @task(doc_md="Labels, weights and side-feature tables.")
     def augment(prev: dict) -> dict:
-        from nightrec.tasks import augment as step
-
         from nightrec.core.records import Validated
+        from nightrec.tasks import augment as step
 
         return step.run(Validated.from_xcom(prev)).to_xcom()
 
@@ -127,42 +124,37 @@ def nightly_recommendations():
 
     @task(doc_md="DVC stage: per-user temporal split, pushed to the DVC remote; data_version.")
     def split(prev: dict) -> dict:
-        from nightrec.tasks import versioning
-
         from nightrec.core.records import Augmented
+        from nightrec.tasks import versioning
 
         return versioning.run(Augmented.from_xcom(prev)).to_xcom()
 
     @task(doc_md="Fit the selection (holdout) model and the shipped train + valid refit (gated "
                  "and scored).")
     def train(prev: dict) -> dict:
-        from nightrec.tasks import train as step
-
         from nightrec.core.records import Split
+        from nightrec.tasks import train as step
 
         return step.run(Split.from_xcom(prev)).to_xcom()
 
     @task(doc_md="Full-ranking metrics vs popularity; writes metrics.json and the verdict.")
     def evaluate(prev: dict) -> dict:
-        from nightrec.tasks import evaluate as step
-
         from nightrec.core.records import Trained
+        from nightrec.tasks import evaluate as step
 
         return step.run(Trained.from_xcom(prev)).to_xcom()
 
     @task(doc_md="Every interaction up to ds with valid ids (clean + value/policy quarantine).")
     def seen(prev: dict) -> dict:
-        from nightrec.tasks import seen as step
-
         from nightrec.core.records import Validated
+        from nightrec.tasks import seen as step
 
         return step.run(Validated.from_xcom(prev)).to_xcom()
 
     @task.branch(doc_md="register a blessed (or forced) model; else the fallback, or nothing.")
     def gate(prev: dict) -> list[str]:
-        from nightrec.tasks import evaluate
-
         from nightrec.core.records import Evaluated
+        from nightrec.tasks import evaluate
 
         params = get_current_context()["params"]
         return evaluate.route(Evaluated.from_xcom(prev), forced=bool(params.get("force_publish")),
@@ -170,27 +162,24 @@ def nightly_recommendations():
 
     @task(doc_md="Register a blessed model (immutable; it becomes champion only once published).")
     def register(prev: dict) -> dict:
-        from nightrec.tasks import registry
-
         from nightrec.core.records import Evaluated
+        from nightrec.tasks import registry
 
         dry = bool(get_current_context()["params"].get("dry_run"))
         return registry.run(Evaluated.from_xcom(prev), dry_run=dry).to_xcom()
 
     @task(doc_md="The gate refused: the champion re-scored on today's seen items, or popularity.")
     def fallback(prev: dict, seen_out: dict) -> dict:
-        from nightrec.tasks import score as step
-
         from nightrec.core.records import Evaluated, Seen
+        from nightrec.tasks import score as step
 
         return step.fallback(Evaluated.from_xcom(prev), Seen.from_xcom(seen_out)).to_xcom()
 
     @task(outlets=[CHAMPION],
           doc_md="The published blessed model becomes champion (ds-ordered); emits the asset.")
     def promote(prev: dict, published: dict, *, outlet_events=None) -> dict:
-        from nightrec.tasks import registry
-
         from nightrec.core.records import ModelChoice, Published
+        from nightrec.tasks import registry
 
         chosen, done = ModelChoice.from_xcom(prev), Published.from_xcom(published)
         if not chosen.registered or done.dry_run:
@@ -214,9 +203,8 @@ def nightly_recommendations():
     @task(trigger_rule="none_failed_min_one_success",
           doc_md="Split the chosen model's users into user_id ranges, one score task each.")
     def plan_shards(prev: dict) -> list[dict]:
-        from nightrec.tasks import score as step
-
         from nightrec.core.records import ModelChoice, Seen
+        from nightrec.tasks import score as step
 
         ctx = get_current_context()
         chosen = [x for x in ctx["ti"].xcom_pull(task_ids=["register", "fallback", "load_model"])

@@ -86,9 +86,8 @@ def rescore_recommendations():
 
     @task(doc_md="Split the model's users into user_id ranges, one score task each.")
     def plan_shards(prev: dict) -> list[dict]:
-        from nightrec.tasks import score as step
-
         from nightrec.core.records import RescorePlan
+        from nightrec.tasks import score as step
 
         params = get_current_context()["params"]
         planned = RescorePlan.from_xcom(prev)

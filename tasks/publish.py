@@ -59,11 +59,11 @@ import uuid
 
 import numpy as np
 import pandas as pd
-from nightrec.tasks.validate import ContractError, run_suite
 
 from nightrec.core import schema, settings
 from nightrec.store import layout, locks, storage
 from nightrec.table import contract
+from nightrec.tasks.validate import ContractError, run_suite
 
 PARAMS = ["publish.retention_days", "publish.claim_ttl_s", "publish.reader_grace_s"]
 SUITE = "expectations/recommendations.json"

@@ -60,13 +60,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from nightrec.tasks.publish import arrow_schema
 from scipy import sparse
 
 from nightrec.core import schema, settings
 from nightrec.core.records import Evaluated, ModelChoice, RescorePlan, Seen
 from nightrec.ml import models, ranking
 from nightrec.store import layout, storage
+from nightrec.tasks.publish import arrow_schema
 
 PARAMS = ["score.top_k", "score.user_chunk", "score.shards", "score.fold_in_l2",
           "publish.rows_per_part", "publish.row_group_size"]

@@ -37,11 +37,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from nightrec.tasks import clean
 
 from nightrec.core import schema, settings
 from nightrec.core.records import Seen, Validated
 from nightrec.store import layout, storage
+from nightrec.tasks import clean
 
 PARAMS = ["clean.id_pattern", "clean.max_id_length", "clean.batch_rows"]
 INCLUDED_REASONS = (

@@ -21,10 +21,10 @@ import time
 
 import numpy as np
 import pandas as pd
-from nightrec.tasks import evaluate, split, train
 
 from nightrec.core import settings
 from nightrec.store import layout, storage
+from nightrec.tasks import evaluate, split, train
 
 PARAMS = ["seed", "tune.model", "tune.n_trials", "tune.timeout_s", "tune.space"]
 SCALES = ("log", "linear", "int")

@@ -28,11 +28,11 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
-from nightrec.tasks import split, validate
 
 from nightrec.core import settings
 from nightrec.core.records import Augmented, Split
 from nightrec.store import layout, storage
+from nightrec.tasks import split, validate
 
 SPLIT_DIR = "data/split"
 INPUT = "data/augment/interactions.parquet"

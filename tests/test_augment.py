@@ -8,12 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-from nightrec.tasks import augment
 from scipy import stats
 
 from nightrec.core import settings
 from nightrec.core.records import Validated
 from nightrec.store import layout, storage
+from nightrec.tasks import augment
 
 DAY = 86400.0
 

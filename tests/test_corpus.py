@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import pytest
-from nightrec.tasks import clean, ingest, validate
 
 from nightrec.core import settings
 from nightrec.store import layout, storage
+from nightrec.tasks import clean, ingest, validate
 
 CDS = "2026-10-15"  # the corpus's partition
 T0 = int(pd.Timestamp("2026-09-01", tz="UTC").timestamp())

@@ -25,11 +25,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from nightrec.tasks import augment, split, versioning
 
 from nightrec.core import settings
 from nightrec.dev import sample_data
 from nightrec.store import storage
+from nightrec.tasks import augment, split, versioning
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -253,11 +253,10 @@ def test_a_first_night_publishes_popularity_and_a_model_is_champion_only_once_pu
     """A new deployment's first night with a model the gate refuses still gives readers a
     table (popularity, seen items excluded); the next night's blessed model is registered, but
     while its publish fails it is not champion."""
+    from nightrec.ops import alerts
     from nightrec.tasks import publish as publish_step
     from nightrec.tasks import registry
     from nightrec.tasks.validate import ContractError
-
-    from nightrec.ops import alerts
 
     first, second = "2026-11-10", "2026-11-11"
     upload(first, sample)

@@ -18,12 +18,12 @@ import io
 import numpy as np
 import pandas as pd
 import pytest
-from nightrec.tasks import evaluate, registry, split
 
 from nightrec.core import schema, settings
 from nightrec.core.records import Split, Trained
 from nightrec.ml import models
 from nightrec.store import layout, storage
+from nightrec.tasks import evaluate, registry, split
 from tests.conftest import labelled_events
 
 KS = [10]

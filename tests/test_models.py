@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from nightrec.tasks import evaluate, split, train
 from scipy import sparse
 
 from nightrec.core import schema, settings
 from nightrec.ml import models
+from nightrec.tasks import evaluate, split, train
 from tests.conftest import labelled_events
 
 ROOT = Path(__file__).resolve().parents[1]

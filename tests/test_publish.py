@@ -18,12 +18,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from nightrec.tasks import publish, score
 
 from nightrec.core import schema, settings
 from nightrec.store import layout, storage
 from nightrec.table import contract
 from nightrec.table.reader import RecommendationReader, TableChanged
+from nightrec.tasks import publish, score
 
 
 @pytest.fixture

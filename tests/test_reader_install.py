@@ -25,10 +25,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from nightrec.tasks import publish
 
 from nightrec.core import settings
 from nightrec.store import layout, storage
+from nightrec.tasks import publish
 from tests.test_publish import stage
 
 ROOT = Path(__file__).resolve().parents[1]

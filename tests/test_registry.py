@@ -6,10 +6,10 @@ import json
 
 import pandas as pd
 import pytest
-from nightrec.tasks import registry
 
 from nightrec.core.errors import PermanentError
 from nightrec.store import storage
+from nightrec.tasks import registry
 
 
 @pytest.fixture

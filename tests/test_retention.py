@@ -25,12 +25,12 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from nightrec.tasks import clean, ingest, publish, registry
 
 from nightrec.core import settings
 from nightrec.ops import retention
 from nightrec.store import layout, storage
 from nightrec.table.reader import RecommendationReader
+from nightrec.tasks import clean, ingest, publish, registry
 from tests.test_publish import stage
 
 NEWEST = "2026-03-31"

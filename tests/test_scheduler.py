@@ -14,10 +14,10 @@ import os
 
 import psutil
 import pytest
-from nightrec.tasks import registry
 
 from nightrec.store import layout, storage
 from nightrec.table.reader import RecommendationReader
+from nightrec.tasks import registry
 
 from .airflow_stack import (
     core_commands,

@@ -17,10 +17,10 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
-from nightrec.tasks import clean, ingest, score, seen
 
 from nightrec.core import schema, settings
 from nightrec.store import layout, storage
+from nightrec.tasks import clean, ingest, score, seen
 
 DS = "2026-11-28"
 T0 = 1_780_000_000  # 2026-05-28

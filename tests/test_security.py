@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from nightrec.tasks import registry
 
 from nightrec.core import settings
 from nightrec.store import layout, storage
+from nightrec.tasks import registry
 
 ROOT = Path(__file__).resolve().parents[1]
 

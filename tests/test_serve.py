@@ -18,11 +18,11 @@ from urllib.parse import quote
 
 import pyarrow as pa
 import pytest
-from nightrec.tasks import clean, publish
 
 from nightrec.core import settings
 from nightrec.store import storage
 from nightrec.table import contract, serve
+from nightrec.tasks import clean, publish
 from tests.test_publish import stage
 
 DS1, DS2 = "2026-04-01", "2026-04-02"

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from nightrec.tasks import score
 
 from nightrec.store import layout, storage
 from nightrec.table.reader import RecommendationReader
+from nightrec.tasks import score
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.e2e

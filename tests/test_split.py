@@ -7,10 +7,10 @@ import importlib
 
 import pandas as pd
 import pytest
-from nightrec.tasks import augment, split, validate
 
 from nightrec.core import settings
 from nightrec.dev import sample_data
+from nightrec.tasks import augment, split, validate
 
 KW = {"valid_fraction": 0.1, "test_fraction": 0.2, "min_user_events_for_holdout": 5,
       "valid_n": 2, "test_n": 3}

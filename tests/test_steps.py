@@ -7,11 +7,11 @@ import gzip
 import numpy as np
 import pandas as pd
 import pytest
-from nightrec.tasks import augment, clean, ingest, split
 
 from nightrec.dev import sample_data
 from nightrec.ml import ranking
 from nightrec.ml.metrics import all_metrics, hit_matrix, ndcg_at_k, recall_at_k
+from nightrec.tasks import augment, clean, ingest, split
 
 DS = "2026-11-28"
 T0 = 1_780_000_000  # 2026-05-28

@@ -8,11 +8,11 @@ import re
 
 import pandas as pd
 import pytest
-from nightrec.tasks import clean, ingest, split, validate
 
 from nightrec.core import settings
 from nightrec.core.records import Cleaned
 from nightrec.store import layout, storage
+from nightrec.tasks import clean, ingest, split, validate
 
 DS = "2026-11-18"  # after the sample data's last event
 

@@ -1,6 +1,6 @@
 """``nightrec``: run the pipeline for a date, and read what it published.
 
-    nightrec run --interactions PATH --ds YYYY-MM-DD [--items PATH] [--users PATH] [--top-k N]
+    nightrec run --interactions FILE|DIR|GLOB --ds YYYY-MM-DD [--items PATH] [--users PATH] [--top-k N]
     nightrec recs --user ID [--ds DATE]
     nightrec export --out FILE.parquet [--ds DATE]
     nightrec status [--limit N]
@@ -13,7 +13,7 @@
 
 Object store: with ``S3_ENDPOINT_URL`` set, that store is used as it is (AWS when it names AWS,
 or with ``--no-embedded-s3`` and no endpoint at all). Otherwise the embedded SeaweedFS server is
-started if needed (tasks/s3server.py) and used.
+started if needed (nightrec/store/s3server.py) and used.
 """
 
 from __future__ import annotations
@@ -47,15 +47,58 @@ def use_object_store(embedded: bool = True) -> str:
     return cfg.endpoint_url
 
 
-def upload_snapshot(ds: str, interactions: Path, items: Path | None, users: Path | None) -> None:
-    """Make ``raw/*/ds=<ds>/`` exactly these files (older files of that ds are removed)."""
-    for table, path in (("interactions", interactions), ("items", items), ("users", users)):
+def snapshot_files(spec: str | Path) -> list[tuple[Path, str]]:
+    """The files of an interactions snapshot, each with the object name it gets under
+    ``raw/interactions/ds=<ds>/``: ``spec`` is one file, a directory (every file under it, as
+    Spark and other engines write a table: ``part-*.parquet`` beside ``_SUCCESS``, maybe in
+    ``key=value/`` folders) or a glob (``out/part-*.csv.gz``). Marker files (``_SUCCESS``,
+    ``.crc``: names starting with ``_`` or ``.``) are left out, as ingest would ignore them. A
+    file in a folder is named by its path under the directory, ``/`` as ``__``."""
+    import glob
+
+    from nightrec.tasks.ingest import is_ignored
+
+    path = Path(spec)
+    if path.is_file():
+        found, base = [path], path.parent
+    elif path.is_dir():
+        found, base = sorted(p for p in path.rglob("*") if p.is_file()), path
+    elif glob.has_magic(str(spec)):
+        found = sorted(Path(p) for p in glob.glob(str(spec), recursive=True) if Path(p).is_file())
+        base = Path(spec).parent
+        while glob.has_magic(str(base)):
+            base = base.parent
+    else:
+        raise FileNotFoundError(f"interactions not found: {spec} (a file, a folder or a glob)")
+    out, names = [], {}
+    for f in found:
+        rel = f.relative_to(base) if f.is_relative_to(base) else Path(f.name)
+        if any(is_ignored(part) for part in rel.parts):
+            continue
+        name = "__".join(layout.sanitize_token(part) for part in rel.parts)
+        if name in names:
+            raise ValueError(f"{f} and {names[name]} would both be uploaded as {name}")
+        names[name] = f
+        out.append((f, layout.safe_token(name, "file name")))
+    if not out:
+        raise FileNotFoundError(f"no interactions file in {spec} (marker files do not count)")
+    return out
+
+
+def upload_snapshot(ds: str, interactions: str | Path, items: Path | None,
+                    users: Path | None) -> None:
+    """Make ``raw/*/ds=<ds>/`` exactly these files (older files of that ds are removed);
+    ``interactions`` is a file, a folder of parts or a glob (:func:`snapshot_files`)."""
+    files = {"interactions": snapshot_files(interactions)}
+    for table, path in (("items", items), ("users", users)):
+        if path is not None and not path.is_file():
+            raise FileNotFoundError(f"{table} file not found: {path}")
+        files[table] = [(path, layout.safe_token(path.name, "file name"))] if path else []
+    for table, found in files.items():
         prefix = layout.raw_prefix(ds, table)
         storage.delete(storage.list_uris(prefix))
-        if path is not None:
-            if not path.is_file():
-                raise FileNotFoundError(f"{table} file not found: {path}")
-            storage.upload_from(path, prefix + layout.safe_token(path.name, "file name"))
+        for path, name in found:
+            storage.upload_from(path, prefix + name)
 
 
 # `nightrec run` exit codes (README "nightrec run: exit codes"); 130/143: stopped by a signal
@@ -434,7 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     r = add("run", _cmd_run, "upload a snapshot for ds and run the DAG through Airflow")
-    r.add_argument("--interactions", type=Path, required=True)
+    r.add_argument("--interactions", required=True,
+                   help="a file, a folder of parts (part-*.parquet, _SUCCESS...) or a glob")
     r.add_argument("--ds", required=True)
     r.add_argument("--items", type=Path)
     r.add_argument("--users", type=Path)
