@@ -301,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
         generate(args.generate, rows=args.interactions, users=args.users, items=args.items,
                  files=args.files, seed=args.seed)
         return 0
+    from nightrec.dev.bench_scoring import machine
+
+    print(machine(), flush=True)  # the CPU's vector width and the BLAS: machines differ
 
     from nightrec.store import s3server, storage
 

@@ -188,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
                 storage.upload_from(f, layout.raw_prefix(DS, table) + f.name)
                 f.unlink()
         return 0
+    from nightrec.dev.bench_scoring import machine
+
+    print(machine(), flush=True)  # the CPU's vector width and the BLAS: machines differ
 
     from nightrec.store import s3server, storage
 

@@ -125,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args(argv)
+    from nightrec.dev.bench_scoring import machine
+
+    print(machine(), flush=True)  # the CPU's vector width and the BLAS: machines differ
 
     tmp = Path(tempfile.mkdtemp(prefix="nightrec-bench-serve-"))
     os.environ.update(NIGHTREC_STATE=str(tmp / "state"), GX_ANALYTICS_ENABLED="false")
