@@ -149,9 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         scored = stage_table(args.users, args.k, rows_per_part=int(p["publish"]["rows_per_part"]),
                              row_group_size=int(p["publish"]["row_group_size"]))
-        out = publish.run(DS, scored)
-        print(f"published {out['rows']:,} rows, {args.users:,} users, "
-              f"{len(scored['parts'])} parts in {time.perf_counter() - t:.1f} s "
+        out = publish.run(scored)
+        print(f"published {out.rows:,} rows, {args.users:,} users, "
+              f"{len(scored.parts)} parts in {time.perf_counter() - t:.1f} s "
               f"(row groups of {p['publish']['row_group_size']} rows)", flush=True)
 
         port = free_port()
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         rng = np.random.default_rng(args.seed)
         users = [f"{u:07d}" for u in rng.integers(0, args.users, args.requests)]
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        per_part = args.users / max(1, len(scored["parts"]))
+        per_part = args.users / max(1, len(scored.parts))
         cold, warm, parts_seen = [], [], set()
         for u in users:
             status, took = get(conn, f"/recommendations/{u}?k={args.lookup_k}")
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             "unknown_user_404": percentiles(unknown),
             f"concurrent_{args.clients}_clients": {**percentiles(lat),
                                                    "requests_per_s": round(len(lat) / wall)},
-            "users": args.users, "rows": out["rows"], "parts": len(scored["parts"]),
+            "users": args.users, "rows": out.rows, "parts": len(scored.parts),
             "lookup_k": args.lookup_k, "cpus": len(os.sched_getaffinity(0)),
         }
         for name in ("sequential_warm", "sequential_cold", "unknown_user_404",

@@ -49,6 +49,7 @@ A failure before 4 leaves that ds's previous table (if any) and the pointer as t
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import io
@@ -61,6 +62,7 @@ import numpy as np
 import pandas as pd
 
 from nightrec.core import schema, settings
+from nightrec.core.records import Published, Scored
 from nightrec.store import layout, locks, storage
 from nightrec.table import contract
 from nightrec.tasks.validate import ContractError, run_suite
@@ -250,25 +252,25 @@ def popular_items(seen_uri: str | None, k: int) -> list[dict]:
             for i, n in zip(top[schema.ITEM_ID], top["interactions"], strict=True)]
 
 
-def build_manifest(*, ds: str, parts: list[dict], scored: dict, created_at: str) -> dict:
+def build_manifest(*, ds: str, parts: list[dict], scored: Scored, created_at: str) -> dict:
     return {
         "format_version": contract.MANIFEST_FORMAT_VERSION,
         "ds": ds,
         "table": layout.recs_prefix(ds),
         "created_at": created_at,
-        "model_version": scored["model_version"],
-        "data_version": scored["data_version"],
-        "top_k": scored["top_k"],
+        "model_version": scored.model_version,
+        "data_version": scored.data_version,
+        "top_k": scored.top_k,
         "rows": sum(p["rows"] for p in parts),
-        "users": scored["users"],
+        "users": scored.users,
         "parts": parts,
         "schema": contract.SCHEMA,
         "sorted_by": contract.SORTED_BY,
-        "metrics": scored.get("metrics"),
+        "metrics": scored.metrics,
         # what produced the table: "model" (a new blessed or forced model), "champion_fallback",
         # "popularity_fallback" or "champion_rescore"; source_reason says why (None for a model)
-        "source": scored.get("source", "model"),
-        "source_reason": scored.get("source_reason"),
+        "source": scored.source,
+        "source_reason": scored.source_reason,
     }
 
 
@@ -611,33 +613,32 @@ def apply_retention(*, keep_days: int, protect: tuple[str, ...] = (),
     return deleted
 
 
-def run(ds: str, scored: dict, params: dict | None = None, dry_run: bool = False,
-        publisher: str | None = None) -> dict:
-    """Validate and publish the staged parts of ``scored`` (``nightrec.tasks.score.collect``'s dict).
+def run(scored: Scored, params: dict | None = None, dry_run: bool = False,
+        publisher: str | None = None) -> Published:
+    """Validate and publish the staged parts of ``scored`` (``nightrec.tasks.score.collect``'s
+    record) as ds's table.
 
     ``publisher``: who is publishing, for the claim (default: the run key in ``scored``; a retry
     of the same run takes its own stale claim over). ``dry_run``: validate only, then remove the
     staged parts; readers see no change. Returns the manifest's URI, counts and ids.
     """
-    settings.check_ds(ds)
+    ds = settings.check_ds(scored.ds)
     p = settings.step_params(PARAMS, params)
     keep_days = int(p["publish.retention_days"])
     expired_partitions([], latest=ds, keep_days=keep_days)  # a bad setting fails before writing
     if float(p["publish.reader_grace_s"]) < 0:
         raise ValueError("publish.reader_grace_s must be >= 0 (seconds), got "
                          f"{p['publish.reader_grace_s']!r}")
-    if scored.get("ds", ds) != ds:
-        raise ValueError(f"scored table is for ds={scored['ds']}, not {ds}")
     # SeaweedFS creates a missing bucket on the first PUT, so publishing to a mistyped
     # NIGHTREC_BUCKET would "succeed" where no reader looks; AWS would refuse the PUT. Check.
     storage.require_bucket(storage.split_uri(layout.recs_root())[0])
-    staged = [storage.read_bytes(u) for u in scored["parts"]]  # each part downloaded once
+    staged = [storage.read_bytes(u) for u in scored.parts]  # each part downloaded once
     report, described = validate_parts(
-        staged, ds=ds, model_version=scored["model_version"], top_k=scored["top_k"]
+        staged, ds=ds, model_version=scored.model_version, top_k=scored.top_k
     )
     n_rows = sum(d["rows"] for d in described)
-    if "rows" in scored and scored["rows"] != n_rows:
-        report["ranking_problems"].append(f"shards reported {scored['rows']} rows, "
+    if scored.rows != n_rows:
+        report["ranking_problems"].append(f"shards reported {scored.rows} rows, "
                                           f"parts hold {n_rows}")
     report["success"] = report["success"] and not report["ranking_problems"]
     storage.write_json(layout.run_uri(ds, "publish", "validation.json"), report)
@@ -646,13 +647,13 @@ def run(ds: str, scored: dict, params: dict | None = None, dry_run: bool = False
         raise ContractError(f"recommendation table broke its contract: {failed}")
 
     if dry_run:
-        storage.delete(storage.list_uris(scored["staging"]))
+        storage.delete(storage.list_uris(scored.staging))
         log.info("dry run: %d rows validated, nothing published for ds=%s", n_rows, ds)
-        return {"dry_run": True, "rows": n_rows, "manifest": None}
+        return Published(ds=ds, dry_run=True, rows=n_rows, manifest=None)
 
     pid = publish_id([d["sha256"] for d in described])
-    owner = publisher or scored.get("run_key") or f"anonymous-{uuid.uuid4().hex[:8]}"
-    popular = popular_items(scored.get("seen"), int(scored["top_k"]))
+    owner = publisher or scored.run_key or f"anonymous-{uuid.uuid4().hex[:8]}"
+    popular = popular_items(scored.seen, int(scored.top_k))
     claim_ttl_s, grace_s = float(p["publish.claim_ttl_s"]), float(p["publish.reader_grace_s"])
     claim = claim_ds(ds, owner=owner, ttl_s=claim_ttl_s)
     prefix = layout.recs_prefix(ds)
@@ -670,7 +671,7 @@ def run(ds: str, scored: dict, params: dict | None = None, dry_run: bool = False
         created = _iso(_now())
         manifest = build_manifest(
             # parts never share a user (validated above), so their user counts add up
-            ds=ds, parts=parts, scored={**scored, "users": sum(d["users"] for d in described)},
+            ds=ds, parts=parts, scored=dataclasses.replace(scored, users=sum(d["users"] for d in described)),
             created_at=created,
         )
         manifest.update(publish_id=pid, publisher=owner, popular=popular)
@@ -697,7 +698,7 @@ def run(ds: str, scored: dict, params: dict | None = None, dry_run: bool = False
         settle_partition(ds, claim, listed=listed, replaced=replaced, grace_s=grace_s,
                          publish_id=pid)
         sweep_retired(ds, claim)
-        delete_under_claim(claim, storage.list_uris(scored["staging"]), what="staged parts")
+        delete_under_claim(claim, storage.list_uris(scored.staging), what="staged parts")
     except BaseException:
         _forget_unlisted(claim, written)
         raise
@@ -714,8 +715,9 @@ def run(ds: str, scored: dict, params: dict | None = None, dry_run: bool = False
         log.warning("retention failed (the table is published; next run retries): %s", e)
         expired = []
     log.info("published %d rows for %d users at %s", manifest["rows"], manifest["users"], prefix)
-    return {"manifest": layout.manifest_uri(ds), "rows": manifest["rows"], "publish_id": pid,
-            "users": manifest["users"], "latest_moved": moved, "expired": expired}
+    return Published(ds=ds, manifest=layout.manifest_uri(ds), rows=manifest["rows"],
+                     publish_id=pid, users=manifest["users"], latest_moved=moved,
+                     expired=expired)
 
 
 def _forget_unlisted(claim: dict, written: list[str]) -> None:

@@ -63,7 +63,7 @@ import pyarrow.parquet as pq
 from scipy import sparse
 
 from nightrec.core import schema, settings
-from nightrec.core.records import Evaluated, ModelChoice, RescorePlan, Seen
+from nightrec.core.records import Evaluated, ModelChoice, RescorePlan, Scored, Seen
 from nightrec.ml import models, ranking
 from nightrec.store import layout, storage
 from nightrec.tasks.publish import arrow_schema
@@ -366,7 +366,7 @@ def run_shard(spec: dict, params: dict | None = None) -> dict:
             "model": model, "top_k": int(spec["top_k"]), "seen": spec["seen"]}
 
 
-def collect(results: list[dict], specs: list[dict] | None = None) -> dict:
+def collect(results: list[dict], specs: list[dict] | None = None) -> Scored:
     """Merge the shards' results into what publish takes; refuses an incomplete set of shards.
 
     ``specs``: where the model, ``top_k`` and seen set come from (default: the results, which
@@ -383,16 +383,15 @@ def collect(results: list[dict], specs: list[dict] | None = None) -> dict:
     spec = (specs or results)[0]
     model = spec["model"]
     kinds = [r["user_kinds"] for r in results if r.get("user_kinds")]
-    return {
-        "ds": ds, "run_key": run_key, "shards": n,
-        "parts": [u for r in results for u in r["parts"]],
-        "rows": sum(r["rows"] for r in results), "users": sum(r["users"] for r in results),
-        "user_kinds": {k: sum(c[k] for c in kinds) for k in kinds[0]} if kinds else None,
-        "top_k": int(spec["top_k"]), "staging": layout.staging_prefix(ds, run_key),
-        "seen": spec["seen"], "model_version": model["model_version"],
-        "data_version": model["data_version"], "metrics": model.get("metrics"),
-        "source": model.get("source") or "model", "source_reason": model.get("source_reason"),
-    }
+    return Scored(
+        ds=ds, run_key=run_key, shards=n,
+        parts=[u for r in results for u in r["parts"]],
+        rows=sum(r["rows"] for r in results), users=sum(r["users"] for r in results),
+        user_kinds={k: sum(c[k] for c in kinds) for k in kinds[0]} if kinds else None,
+        top_k=int(spec["top_k"]), staging=layout.staging_prefix(ds, run_key),
+        seen=spec["seen"], model_version=model["model_version"],
+        data_version=model["data_version"], metrics=model.get("metrics"),
+        source=model.get("source") or "model", source_reason=model.get("source_reason"))
 
 
 def fallback(evaluated: Evaluated, seen: Seen) -> ModelChoice:
@@ -478,7 +477,7 @@ def popularity_model(ds: str, seen_uri: str, reason: str | None = None) -> dict:
 
 
 def run(ds: str, model: dict, seen_uri: str, run_key: str, params: dict | None = None,
-        top_k: int | None = None, shards: int | None = None) -> dict:
+        top_k: int | None = None, shards: int | None = None) -> Scored:
     """Every shard in this process, one after another (what the DAG does with mapped tasks).
 
     ``model``: ``embeddings``, ``users``, ``items`` URIs and ``model_version``/``data_version``

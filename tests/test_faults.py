@@ -198,7 +198,7 @@ def test_kill_9_in_each_writing_stage_leaves_the_latest_table_intact(fault_env):
 
     from .test_publish import stage as stage_table
 
-    publish.run(DS_PREV, stage_table(DS_PREV, run_key="before-faults", model_version=
+    publish.run(stage_table(DS_PREV, run_key="before-faults", model_version=
                                      "mf-20261201-0000aaaa", n_users=40, k=5),
                 params=yaml.safe_load(Path(fault_env["env"]["NIGHTREC_PARAMS"]).read_text()))
     latest_before = storage.read_bytes(layout.latest_uri())

@@ -8,6 +8,7 @@ test has a bucket of its own (the latest pointer and retention are per bucket).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import io
 import json
@@ -20,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from nightrec.core import schema, settings
+from nightrec.core.records import Published
 from nightrec.store import layout, storage
 from nightrec.table import contract
 from nightrec.table.reader import RecommendationReader, TableChanged
@@ -47,7 +49,7 @@ def params(**publish_keys) -> dict:
 def stage(ds: str, *, run_key: str, model_version: str, n_users: int = 60, k: int = 5,
           shards: int = 3, row_group_size: int = 10, seed: int = 0,
           user_ids: list[str] | None = None) -> dict:
-    """A synthetic scored table staged the way score's shards write it; collect()'s dict.
+    """A synthetic scored table staged the way score's shards write it; collect()'s record.
 
     ``user_ids``: the users (default ``u00000``.. ``n_users`` of them)."""
     rng = np.random.default_rng(seed)
@@ -157,9 +159,9 @@ def test_racing_pointer_moves_for_different_ds_end_at_the_latest_ds(bucket):
 
 def test_publish_writes_the_table_contract(bucket):
     scored = stage(DS, run_key="run-a", model_version="mf-20260310-aaaaaaaa")
-    out = publish.run(DS, scored, params=params())
+    out = publish.run(scored, params=params())
     m = storage.read_json(layout.manifest_uri(DS))
-    assert out["manifest"] == layout.manifest_uri(DS) and out["publish_id"] == m["publish_id"]
+    assert out.manifest == layout.manifest_uri(DS) and out.publish_id == m["publish_id"]
     assert (m["ds"], m["rows"], m["users"], m["top_k"]) == (DS, 300, 60, 5)
     assert m["model_version"] == "mf-20260310-aaaaaaaa" and m["data_version"] == "d" * 32
     assert m["schema"] == publish.SCHEMA and m["sorted_by"] == ["user_id", "rank"]
@@ -189,7 +191,7 @@ def test_publish_writes_the_table_contract(bucket):
     assert (latest["ds"], latest["publish_id"]) == (DS, m["publish_id"])
     assert set(latest) == set(contract.POINTER_FIELDS)
     assert not storage.exists(layout.claim_uri(DS))
-    assert storage.list_uris(scored["staging"]) == []
+    assert storage.list_uris(scored.staging) == []
     table = RecommendationReader().table()  # Arrow, in the contract's schema
     assert table.schema.equals(contract.arrow_schema()) and table.column_names == score.COLUMNS
     assert len(table) == 300 and table.to_pandas()["user_id"].is_monotonic_increasing
@@ -235,14 +237,14 @@ def test_two_concurrent_publishers_of_one_ds_exactly_one_wins(bucket, serial_val
 
     def publisher(who):
         try:
-            outcome[who] = publish.run(DS, staged[who], params=params())
+            outcome[who] = publish.run(staged[who], params=params())
         except publish.PublishConflict as e:
             outcome[who] = e
 
     threads = [threading.Thread(target=publisher, args=(w,)) for w in "ab"]
     [t.start() for t in threads]
     [t.join() for t in threads]
-    winners = [w for w, o in outcome.items() if isinstance(o, dict)]
+    winners = [w for w, o in outcome.items() if isinstance(o, Published)]
     assert len(winners) == 1, outcome
     winner, loser = winners[0], ({"a", "b"} - set(winners)).pop()
     message = str(outcome[loser])
@@ -253,10 +255,10 @@ def test_two_concurrent_publishers_of_one_ds_exactly_one_wins(bucket, serial_val
     assert storage.read_json(layout.latest_uri())["publish_id"] == m["publish_id"]
     table = RecommendationReader().table().to_pandas()
     assert set(table["model_version"]) == {f"mf-20260310-{winner * 8}"}
-    assert len(table) == staged[winner]["rows"]
+    assert len(table) == staged[winner].rows
     assert not storage.exists(layout.claim_uri(DS))
     # The loser changed nothing and its staged table is still there for its retry.
-    assert storage.list_uris(staged[loser]["staging"])
+    assert storage.list_uris(staged[loser].staging)
 
 
 def test_a_stale_publisher_whose_claim_was_taken_over_cannot_commit(bucket, monkeypatch):
@@ -266,12 +268,12 @@ def test_a_stale_publisher_whose_claim_was_taken_over_cannot_commit(bucket, monk
 
     def commit(ds, manifest, *, expected):
         if manifest["publisher"] == "run-a":  # A stalled past its claim; B came and published
-            publish.run(DS, b, params=params())
+            publish.run(b, params=params())
         return real_commit(ds, manifest, expected=expected)
 
     monkeypatch.setattr(publish, "commit_manifest", commit)
     with pytest.raises(publish.PublishConflict, match="another publisher committed a manifest"):
-        publish.run(DS, a, params=params(claim_ttl_s=0))  # A's claim expires at once
+        publish.run(a, params=params(claim_ttl_s=0))  # A's claim expires at once
     m = storage.read_json(layout.manifest_uri(DS))
     # A's parts, never listed by a committed manifest, were deleted by B's publish at once
     assert m["publisher"] == "run-b" and listed(m) == objects(DS) and not retired(DS)
@@ -287,14 +289,14 @@ def test_a_live_claim_stops_others_but_not_the_same_runs_retry(bucket):
              "expires_at": (now + dt.timedelta(hours=1)).isoformat()}
     storage.write_json(layout.claim_uri(DS), claim)
     with pytest.raises(publish.PublishConflict, match="being published by run-crashed"):
-        publish.run(DS, stage(DS, run_key="run-other", model_version="mf-20260310-cccccccc"),
+        publish.run(stage(DS, run_key="run-other", model_version="mf-20260310-cccccccc"),
                     params=params())
     assert not storage.exists(layout.manifest_uri(DS)) and objects(DS) == []
-    out = publish.run(DS, stage(DS, run_key="run-crashed", model_version="mf-20260310-cccccccc"),
+    out = publish.run(stage(DS, run_key="run-crashed", model_version="mf-20260310-cccccccc"),
                       params=params())  # the crashed run's retry takes its own claim over
-    assert out["latest_moved"] and not storage.exists(layout.claim_uri(DS))
+    assert out.latest_moved and not storage.exists(layout.claim_uri(DS))
     storage.write_json(layout.claim_uri(DS), {**claim, "expires_at": now.isoformat()})
-    publish.run(DS, stage(DS, run_key="run-other", model_version="mf-20260310-dddddddd"),
+    publish.run(stage(DS, run_key="run-other", model_version="mf-20260310-dddddddd"),
                 params=params())  # an expired claim is taken over by anyone
     assert storage.read_json(layout.manifest_uri(DS))["publisher"] == "run-other"
 
@@ -303,7 +305,7 @@ def test_retention_keeps_n_days_and_never_the_latest_and_backfill_keeps_latest(b
     p = params(retention_days=2)
 
     def put(ds, mv="mf-20260310-aaaaaaaa"):
-        return publish.run(ds, stage(ds, run_key="r", model_version=mv, n_users=6), params=p)
+        return publish.run(stage(ds, run_key="r", model_version=mv, n_users=6), params=p)
 
     days = ["2026-03-01", "2026-03-02", "2026-03-03"]
     for ds in days:
@@ -311,17 +313,17 @@ def test_retention_keeps_n_days_and_never_the_latest_and_backfill_keeps_latest(b
     assert partitions() == {"2026-03-02", "2026-03-03"}
     assert storage.list_uris(layout.staging_ds_prefix("2026-03-01")) == []
     backfill = put("2026-03-01")  # older than the window: published, latest stays, kept for now
-    assert backfill["latest_moved"] is False and backfill["expired"] == []
+    assert backfill.latest_moved is False and backfill.expired == []
     assert storage.read_json(layout.latest_uri())["ds"] == "2026-03-03"
     assert len(RecommendationReader().table("2026-03-01")) == 30
-    assert put("2026-03-04")["expired"] == ["2026-03-01", "2026-03-02"]
+    assert put("2026-03-04").expired == ["2026-03-01", "2026-03-02"]
     assert partitions() == {"2026-03-03", "2026-03-04"}
 
 
 def test_point_lookup_reads_only_the_row_group_that_holds_the_user(bucket):
     scored = stage(DS, run_key="r", model_version="mf-20260310-aaaaaaaa", n_users=4000, k=50,
                    shards=2, row_group_size=500)
-    publish.run(DS, scored, params=params())
+    publish.run(scored, params=params())
     reader = RecommendationReader()
     full = reader.table().to_pandas()
     table = reader.open()
@@ -347,7 +349,7 @@ def test_point_lookup_reads_only_the_row_group_that_holds_the_user(bucket):
 
 
 def test_iterator_yields_the_whole_table_part_by_part(bucket):
-    publish.run(DS, stage(DS, run_key="r", model_version="mf-20260310-aaaaaaaa"), params=params())
+    publish.run(stage(DS, run_key="r", model_version="mf-20260310-aaaaaaaa"), params=params())
     batches = list(RecommendationReader().iter_batches())
     assert len(batches) == 3 and sum(b.num_rows for b in batches) == 300
     assert pa.Table.from_batches(batches).equals(RecommendationReader().table(DS))
@@ -358,7 +360,7 @@ def test_a_reader_polling_during_publishes_never_sees_a_partial_or_mixed_table(b
     staged = [stage(ds, run_key=f"run-{i}", model_version=f"mf-20260310-{i:08d}",
                     n_users=300 + 40 * i, shards=3, row_group_size=50, seed=i)
               for i, ds in enumerate(days)]
-    publish.run(days[0], staged[0], params=params())
+    publish.run(staged[0], params=params())
     done, seen, bad, restarts = threading.Event(), set(), [], [0]
 
     def poll():
@@ -383,7 +385,7 @@ def test_a_reader_polling_during_publishes_never_sees_a_partial_or_mixed_table(b
     reader_thread.start()
     try:
         for ds, scored in zip(days[1:], staged[1:], strict=True):
-            publish.run(ds, scored, params=params())
+            publish.run(scored, params=params())
     finally:
         done.set()
         reader_thread.join()
@@ -403,18 +405,18 @@ def test_reader_raises_table_not_found_before_anything_is_published(bucket):
 
 def test_publish_refuses_a_table_with_a_user_split_over_two_parts(bucket):
     scored = stage(DS, run_key="r", model_version="mf-20260310-aaaaaaaa", shards=2)
-    first = storage.read_parquet(scored["parts"][0])
-    storage.write_bytes(scored["parts"][1], score.part_bytes(
-        pd.concat([first.tail(2), storage.read_parquet(scored["parts"][1])]),
+    first = storage.read_parquet(scored.parts[0])
+    storage.write_bytes(scored.parts[1], score.part_bytes(
+        pd.concat([first.tail(2), storage.read_parquet(scored.parts[1])]),
         row_group_size=10))
-    scored["rows"] += 2
+    scored = dataclasses.replace(scored, rows=scored.rows + 2)
     with pytest.raises(publish.ContractError, match="split over parts 0 and 1"):
-        publish.run(DS, scored, params=params())
+        publish.run(scored, params=params())
     assert not storage.exists(layout.latest_uri())
 
 
 def test_manifest_popular_items_are_the_most_interacted(bucket):
-    publish.run(DS, stage(DS, run_key="r", model_version="mf-20260310-aaaaaaaa"), params=params())
+    publish.run(stage(DS, run_key="r", model_version="mf-20260310-aaaaaaaa"), params=params())
     seen = storage.read_parquet(layout.run_uri(DS, "clean", "interactions.parquet"))
     counts = seen["item_id"].value_counts()
     popular = storage.read_json(layout.manifest_uri(DS))["popular"]
@@ -427,7 +429,7 @@ def test_s3_errors_fail_publish_clearly_and_leave_the_published_table(bucket, mo
                                                                       fault):
     from nightrec.core.errors import PermanentError
 
-    publish.run("2026-03-09", stage("2026-03-09", run_key="before",
+    publish.run(stage("2026-03-09", run_key="before",
                                     model_version="mf-20260309-aaaaaaaa"))
     latest_before = storage.read_bytes(layout.latest_uri())
     scored = stage(DS, run_key="run-b", model_version="mf-20260310-bbbbbbbb")
@@ -440,7 +442,7 @@ def test_s3_errors_fail_publish_clearly_and_leave_the_published_table(bucket, mo
             m.setenv("NIGHTREC_BUCKET", missing)
             error, expected = PermanentError, f"bucket '{missing}' does not exist .* NIGHTREC_BUCKET"
         with pytest.raises(error, match=expected):
-            publish.run(DS, scored)
+            publish.run(scored)
         if fault == "missing_bucket":
             assert missing not in {b["Name"] for b in storage.s3_client().list_buckets()["Buckets"]}
     # the store as readers see it: the earlier table, whole; nothing of DS, no claim left behind
@@ -448,13 +450,13 @@ def test_s3_errors_fail_publish_clearly_and_leave_the_published_table(bucket, mo
     assert storage.list_uris(layout.recs_prefix(DS)) == []
     assert len(RecommendationReader().table()) == 60 * 5
     # with the fault gone, the same staged table publishes
-    assert publish.run(DS, scored)["rows"] == 60 * 5
+    assert publish.run(scored).rows == 60 * 5
 
 
 def test_manifest_says_what_produced_the_table(bucket):
     scored = stage(DS, run_key="r", model_version="mf-20260310-aaaaaaaa")
     reason = "gate refused the new model: ndcg@10 0.028 < popularity 0.029"
-    publish.run(DS, {**scored, "source": "champion_fallback", "source_reason": reason},
+    publish.run(dataclasses.replace(scored, source="champion_fallback", source_reason=reason),
                 params=params())
     m = storage.read_json(layout.manifest_uri(DS))
     assert (m["source"], m["source_reason"]) == ("champion_fallback", reason)
@@ -469,12 +471,12 @@ def test_a_publisher_whose_claim_lapsed_deletes_nothing_of_the_rival_that_took_o
     def move(ds, record, *, manifest_etag, owner):
         moved = real_move(ds, record, manifest_etag=manifest_etag, owner=owner)
         if owner == "run-a":  # A committed, then stalled past its claim; B took over, published
-            publish.run(DS, b, params=params())
+            publish.run(b, params=params())
         return moved
 
     monkeypatch.setattr(publish, "move_latest", move)
     with caplog.at_level("WARNING", logger="nightrec.tasks.publish"):
-        publish.run(DS, a, params=params(claim_ttl_s=0))  # A's claim expires at once
+        publish.run(a, params=params(claim_ttl_s=0))  # A's claim expires at once
     m = storage.read_json(layout.manifest_uri(DS))
     assert m["publisher"] == "run-b" and all(storage.exists(u) for u in listed(m))
     table = RecommendationReader().table().to_pandas()
@@ -482,7 +484,7 @@ def test_a_publisher_whose_claim_lapsed_deletes_nothing_of_the_rival_that_took_o
     assert "is no longer run-a's" in caplog.text  # A skipped its sweep and said so
     # A's own table, which B replaced, is retired (for readers still holding it), not deleted
     assert len(retired(DS)) == 3 and listed(m) == live_objects(DS)
-    assert storage.list_uris(a["staging"])  # A could not verify its claim: it deleted nothing
+    assert storage.list_uris(a.staging)  # A could not verify its claim: it deleted nothing
     assert not storage.exists(layout.claim_uri(DS))
 
 
@@ -493,11 +495,11 @@ def test_a_republish_retires_the_old_parts_for_the_grace_period_then_a_later_pub
     from nightrec.table.reader import PublishedTable
 
     p = params(reader_grace_s=1)
-    publish.run(DS, stage(DS, run_key="r1", model_version="mf-20260310-aaaaaaaa", seed=1),
+    publish.run(stage(DS, run_key="r1", model_version="mf-20260310-aaaaaaaa", seed=1),
                 params=p)
     old = RecommendationReader().open()  # a reader holding the first manifest
     old_rows = old.read()
-    publish.run(DS, stage(DS, run_key="r2", model_version="mf-20260310-bbbbbbbb", n_users=30,
+    publish.run(stage(DS, run_key="r2", model_version="mf-20260310-bbbbbbbb", n_users=30,
                           seed=2), params=p)
     old_keys = {part["key"] for part in old.manifest["parts"]}
     assert retired(DS) == old_keys and len(live_objects(DS)) == 3
@@ -514,7 +516,7 @@ def test_a_republish_retires_the_old_parts_for_the_grace_period_then_a_later_pub
         "mf-20260310-bbbbbbbb"}
 
     time.sleep(max(0.0, (after - dt.datetime.now(dt.UTC)).total_seconds()) + 0.2)
-    publish.run("2026-03-11", stage("2026-03-11", run_key="r3",
+    publish.run(stage("2026-03-11", run_key="r3",
                                     model_version="mf-20260311-cccccccc"), params=p)
     assert not any(storage.exists(storage.s3_uri(k)) for k in old_keys)
     assert not storage.exists(layout.retired_parts_uri(DS)) and not storage.exists(
@@ -527,9 +529,9 @@ def test_a_republish_retires_the_old_parts_for_the_grace_period_then_a_later_pub
 
 def test_with_no_grace_a_republish_deletes_the_parts_it_replaced_itself(bucket):
     p = params(reader_grace_s=0)
-    publish.run(DS, stage(DS, run_key="r1", model_version="mf-20260310-aaaaaaaa", seed=1),
+    publish.run(stage(DS, run_key="r1", model_version="mf-20260310-aaaaaaaa", seed=1),
                 params=p)
-    publish.run(DS, stage(DS, run_key="r2", model_version="mf-20260310-bbbbbbbb", seed=2),
+    publish.run(stage(DS, run_key="r2", model_version="mf-20260310-bbbbbbbb", seed=2),
                 params=p)
     assert listed(storage.read_json(layout.manifest_uri(DS))) == objects(DS)
     assert not storage.exists(layout.retired_parts_uri(DS))
@@ -538,11 +540,11 @@ def test_with_no_grace_a_republish_deletes_the_parts_it_replaced_itself(bucket):
 def test_republishing_identical_content_never_deletes_the_parts_listed_again(bucket):
     p = params(reader_grace_s=0)
     first = stage(DS, run_key="r1", model_version="mf-20260310-aaaaaaaa", seed=1)
-    publish.run(DS, first, params=p)
-    publish.run(DS, stage(DS, run_key="r2", model_version="mf-20260310-bbbbbbbb", seed=2),
+    publish.run(first, params=p)
+    publish.run(stage(DS, run_key="r2", model_version="mf-20260310-bbbbbbbb", seed=2),
                 params=params())  # retires the first table's parts for 900 s
     again = stage(DS, run_key="r3", model_version="mf-20260310-aaaaaaaa", seed=1)
-    publish.run(DS, again, params=p)  # the same parts, the same keys, listed again
+    publish.run(again, params=p)  # the same parts, the same keys, listed again
     m = storage.read_json(layout.manifest_uri(DS))
     assert listed(m) == live_objects(DS) and not retired(DS) & {pt["key"] for pt in m["parts"]}
     assert len(RecommendationReader().table(DS)) == 300
@@ -550,21 +552,21 @@ def test_republishing_identical_content_never_deletes_the_parts_listed_again(buc
 
 def test_retention_deletes_a_whole_expired_partition_with_its_retired_parts(bucket):
     old = "2026-03-01"
-    publish.run(old, stage(old, run_key="r1", model_version="mf-20260301-aaaaaaaa", seed=1),
+    publish.run(stage(old, run_key="r1", model_version="mf-20260301-aaaaaaaa", seed=1),
                 params=params(retention_days=1))
-    publish.run(old, stage(old, run_key="r2", model_version="mf-20260301-bbbbbbbb", seed=2),
+    publish.run(stage(old, run_key="r2", model_version="mf-20260301-bbbbbbbb", seed=2),
                 params=params(retention_days=1))  # a republish: old parts retired for 900 s
     assert storage.exists(layout.retired_parts_uri(old)) and len(objects(old)) == 6
-    out = publish.run(DS, stage(DS, run_key="r3", model_version="mf-20260310-cccccccc"),
+    out = publish.run(stage(DS, run_key="r3", model_version="mf-20260310-cccccccc"),
                       params=params(retention_days=1))
-    assert out["expired"] == [old]
+    assert out.expired == [old]
     assert storage.list_uris(layout.recs_prefix(old)) == []  # parts, _retired.json, claim
     assert partitions() == {DS}
 
 
 def test_parts_replaced_by_a_publish_that_dies_after_its_commit_keep_their_grace(bucket,
                                                                                  monkeypatch):
-    publish.run(DS, stage(DS, run_key="r1", model_version="mf-20260310-aaaaaaaa", seed=1),
+    publish.run(stage(DS, run_key="r1", model_version="mf-20260310-aaaaaaaa", seed=1),
                 params=params())
     first = {pt["key"] for pt in storage.read_json(layout.manifest_uri(DS))["parts"]}
 
@@ -574,7 +576,7 @@ def test_parts_replaced_by_a_publish_that_dies_after_its_commit_keep_their_grace
     with monkeypatch.context() as m:
         m.setattr(publish, "settle_partition", die)
         with pytest.raises(SystemExit):
-            publish.run(DS, stage(DS, run_key="r2", model_version="mf-20260310-bbbbbbbb",
+            publish.run(stage(DS, run_key="r2", model_version="mf-20260310-bbbbbbbb",
                                   seed=2), params=params())
     assert storage.read_json(layout.manifest_uri(DS))["publisher"] == "r2"  # it did commit
     assert retired(DS) == first  # recorded before the commit
@@ -583,6 +585,6 @@ def test_parts_replaced_by_a_publish_that_dies_after_its_commit_keep_their_grace
     left = dt.datetime.fromisoformat(entry["delete_after"]) - dt.datetime.now(dt.UTC)
     assert left.total_seconds() > grace
     # the next publish takes them for retired parts, not for parts nobody listed
-    publish.run(DS, stage(DS, run_key="r3", model_version="mf-20260310-cccccccc", seed=3),
+    publish.run(stage(DS, run_key="r3", model_version="mf-20260310-cccccccc", seed=3),
                 params=params())
     assert all(storage.exists(storage.s3_uri(k)) for k in first) and first <= retired(DS)

@@ -109,8 +109,8 @@ def test_the_reader_installs_alone_and_reads_what_the_pipeline_published(reader_
 
     # a table written by the real publish step (GE suite, claim, parts, manifest, pointer)
     scored = stage(DS, run_key="r-reader", model_version=VERSION, n_users=30, k=5, shards=2)
-    written = pd.concat([storage.read_parquet(u) for u in scored["parts"]], ignore_index=True)
-    publish.run(DS, scored, params=settings.load_params())
+    written = pd.concat([storage.read_parquet(u) for u in scored.parts], ignore_index=True)
+    publish.run(scored, params=settings.load_params())
     manifest = storage.read_json(layout.manifest_uri(DS))
 
     out = _run(python, "-c", IN_VENV, USER, tmp_path / "table.parquet", *NOT_INSTALLED.values(),

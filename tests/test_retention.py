@@ -274,7 +274,7 @@ def _index_tables() -> None:
 
 def test_forget_erases_the_user_from_retained_data_and_keeps_indices(bucket, state):
     scored = stage(DS, run_key="run-a", model_version=MODEL)
-    publish.run(DS, scored, params=settings.load_params())
+    publish.run(scored, params=settings.load_params())
     _index_tables()
     reader = RecommendationReader()
     table_before = reader.table().to_pandas()

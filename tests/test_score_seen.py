@@ -99,8 +99,8 @@ def write_model(prefix: str, emb: dict, users: list[str], items: list[str], vers
             "data_version": "d" * 32}
 
 
-def recommendations(scored: dict) -> dict[str, list[str]]:
-    frames = [pd.read_parquet(io.BytesIO(storage.read_bytes(u))) for u in scored["parts"]]
+def recommendations(scored) -> dict[str, list[str]]:
+    frames = [pd.read_parquet(io.BytesIO(storage.read_bytes(u))) for u in scored.parts]
     table = pd.concat(frames, ignore_index=True)
     assert table[schema.USER_ID].is_monotonic_increasing
     return {u: g.sort_values(schema.RANK)[schema.ITEM_ID].tolist()
@@ -169,8 +169,8 @@ def test_a_rescore_covers_new_users_fold_in_seen_row_and_popular_for_the_unknown
     out = score.run(DS, model, seen_uri, "rescore", top_k=3, shards=2)
     recs = recommendations(out)
     assert sorted(recs) == sorted(TODAY)  # the model knew only m1
-    assert (out["users"], out["shards"]) == (5, 2)
-    assert out["user_kinds"] == {"known": 1, "folded_in": 3 if kind == "factor" else 0,
+    assert (out.users, out.shards) == (5, 2)
+    assert out.user_kinds == {"known": 1, "folded_in": 3 if kind == "factor" else 0,
                                  "popular": 1}
     for user, items in recs.items():
         assert not set(items) & set(TODAY[user]), user  # no seen item, ever
@@ -189,7 +189,7 @@ def test_a_rescore_covers_new_users_fold_in_seen_row_and_popular_for_the_unknown
         cov = ((v - vbar) * p0[:, None]).T @ (v - vbar)
         u = np.linalg.solve(2 * cov + 2 * l2 * np.eye(2), v[0] + v[1] - 2 * vbar)  # p0, p1
         table = pd.concat([pd.read_parquet(io.BytesIO(storage.read_bytes(x)))
-                           for x in out["parts"]])
+                           for x in out.parts])
         got = table[table[schema.USER_ID] == "n1"][schema.SCORE].to_numpy()
         np.testing.assert_allclose(got, [u @ v[2] + b[2]] * 3, rtol=1e-5)
 
@@ -205,9 +205,9 @@ def test_popularity_model_ranks_by_seen_count_without_seen_items(bucket):
     items = score.ids_by_index(model["items"], schema.ITEM_IDX, schema.ITEM_ID)
     assert items.tolist() == sorted({i for its in TODAY.values() for i in its})
     out = score.run(DS, model, seen_uri, "fallback", top_k=3)
-    assert (out["source"], out["source_reason"]) == ("popularity_fallback",
+    assert (out.source, out.source_reason) == ("popularity_fallback",
                                                      "gate refused; no champion")
-    assert out["model_version"] == model["model_version"]
+    assert out.model_version == model["model_version"]
     counts = pd.Series([i for its in TODAY.values() for i in its]).value_counts()
     recs = recommendations(out)
     assert sorted(recs) == sorted(TODAY)
@@ -224,8 +224,8 @@ def test_collect_passes_source_through_and_defaults_to_model():
               "users": 0}
     spec = {"top_k": 5, "seen": "s3://b/s",
             "model": {"model_version": "m", "data_version": "d"}}
-    assert score.collect([result], [spec])["source"] == "model"
+    assert score.collect([result], [spec]).source == "model"
     spec["model"].update(source="champion_fallback", source_reason="gate: below popularity")
     out = score.collect([result], [spec])
-    assert (out["source"], out["source_reason"]) == ("champion_fallback",
+    assert (out.source, out.source_reason) == ("champion_fallback",
                                                      "gate: below popularity")

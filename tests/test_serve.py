@@ -29,7 +29,7 @@ DS1, DS2 = "2026-04-01", "2026-04-02"
 
 
 def publish_table(ds: str, version: str = "mf-20260401-aaaaaaaa", n_users: int = 30) -> None:
-    publish.run(ds, stage(ds, run_key=f"r-{version}", model_version=version, n_users=n_users,
+    publish.run(stage(ds, run_key=f"r-{version}", model_version=version, n_users=n_users,
                           k=5), params=settings.load_params())
 
 
@@ -114,7 +114,7 @@ def test_serves_every_id_clean_accepts_percent_encoded_and_refuses_the_rest(buck
     assert not clean._id_ok(pa.array(REFUSED_IDS), pattern, max_len).any()
     assert contract.ids_ok(pa.array(ODD_IDS + REFUSED_IDS), pattern, max_len).to_pylist() == [
         True] * len(ODD_IDS) + [False] * len(REFUSED_IDS)  # clean's check is the contract's
-    publish.run(DS1, stage(DS1, run_key="r-ids", model_version="mf-20260401-aaaaaaaa",
+    publish.run(stage(DS1, run_key="r-ids", model_version="mf-20260401-aaaaaaaa",
                            user_ids=[*ODD_IDS, "u00001"], shards=2, k=5),
                 params=settings.load_params())
     with running() as port:

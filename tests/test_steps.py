@@ -286,8 +286,8 @@ def test_collect_refuses_a_missing_or_foreign_shard():
 
     spec = {"model": {"model_version": "m", "data_version": "d"}, "top_k": 5, "seen": "s3://b/s"}
     out = collect([result(2), result(0), result(1)], [spec])
-    assert out["parts"] == ["s3://b/p0", "s3://b/p1", "s3://b/p2"]
-    assert (out["rows"], out["users"], out["shards"]) == (30, 6, 3)
+    assert out.parts == ["s3://b/p0", "s3://b/p1", "s3://b/p2"]
+    assert (out.rows, out.users, out.shards) == (30, 6, 3)
     with pytest.raises(ValueError, match="expected 0..2, got \\[0, 2\\]"):
         collect([result(0), result(2)], [spec])
     with pytest.raises(ValueError):

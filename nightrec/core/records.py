@@ -162,6 +162,26 @@ class ModelChoice(StepRecord):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class Scored(StepRecord):
+    """score, every shard collected: the staged parts publish validates and makes visible."""
+
+    run_key: str  # the run whose staging folder holds the parts
+    shards: int
+    parts: list[str]  # every shard's staged Parquet parts, in shard (user_id) order
+    rows: int
+    users: int
+    user_kinds: dict | None  # users scored from the model, folded in, or given popular items
+    top_k: int
+    staging: str
+    seen: str | None  # the seen table (the manifest's popular items come from it)
+    model_version: str
+    data_version: str
+    metrics: str | None = None
+    source: str = "model"  # model, champion_fallback, popularity_fallback, champion_rescore
+    source_reason: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class RescorePlan(StepRecord):
     """rescore_recommendations' plan: the registered model to score ds with, and ds's seen table."""
 

@@ -208,12 +208,10 @@ def score_shard(spec: dict) -> dict:
       doc_md="Validate all shards' table, claim the ds, write parts and manifest, then move the "
              "latest pointer (conditional write); retention.")
 def publish_shards(shards: list[dict]) -> dict:
-    from nightrec.core.records import Published
     from nightrec.tasks import publish as step
     from nightrec.tasks.score import collect
 
     scored = collect(list(shards))
-    hold_lease(scored["ds"])
+    hold_lease(scored.ds)
     dry = bool(get_current_context()["params"].get("dry_run"))
-    out = permanent(step.run, scored["ds"], scored, dry_run=dry)
-    return Published(ds=scored["ds"], **out).to_xcom()
+    return permanent(step.run, scored, dry_run=dry).to_xcom()
