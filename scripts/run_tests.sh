@@ -8,7 +8,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
-HEAVY=(tests/test_faults.py tests/test_scheduler.py)  # the Celery test runs with the rest: it mostly waits
+HEAVY=(tests/test_faults.py tests/test_scheduler.py tests/test_celery.py)
 RUNS=(tests/test_e2e.py tests/test_cli_lifecycle.py)
 mkdir -p .nightrec
 "$PY" -m pytest -q --durations=10 -p no:cacheprovider "${HEAVY[@]}" > .nightrec/test-heavy.log 2>&1 &
