@@ -198,6 +198,9 @@ def gate(result: dict, *, gate_metric: str, min_lift: float, max_regression: flo
     return verdict
 
 
+ROUTE_PARAMS = ["publish.fallback"]  # the gate's default when the run gives no fallback param
+
+
 def route(evaluated: Evaluated, *, forced: bool, fallback: bool | None) -> list[str]:
     """The ``gate`` branch: ``["register"]`` for a blessed model or a forced publish,
     ``["fallback"]`` when the gate refuses and the fallback is on (``fallback``; None:
@@ -205,7 +208,7 @@ def route(evaluated: Evaluated, *, forced: bool, fallback: bool | None) -> list[
     verdict = evaluated.gate
     record_decision(evaluated.ds, verdict, forced=forced)
     if fallback is None:
-        fallback = bool(settings.load_params()["publish"]["fallback"])
+        fallback = bool(settings.step_params(ROUTE_PARAMS)["publish.fallback"])
     log = logging.getLogger("nightrec.gate")
     if evaluated.blessed:
         log.info("blessed: %s", verdict)

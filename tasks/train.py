@@ -533,7 +533,7 @@ def run(split_out: Split, params: dict | None = None) -> Trained:
         artifacts["selection"] = layout.run_uri(ds, "train", "selection.json")
         storage.write_json(artifacts["selection"], result["selection"])
         if result["tensorboard"].exists():
-            prefix = layout.report_uri(ds, "tensorboard") + "/"
+            prefix = layout.report_folder(ds, "tensorboard")
             for f in sorted(result["tensorboard"].rglob("*")):
                 if f.is_file():
                     storage.upload_from(f, prefix + f.relative_to(result["tensorboard"]).as_posix())

@@ -157,11 +157,11 @@ def run_suite(
 
 def results_prefix(ds: str) -> str:
     """Where GE's full result of each suite run for ``ds`` is kept (one JSON per suite)."""
-    return layout.report_uri(ds, "validations") + "/"
+    return layout.report_folder(ds, "validations")
 
 
 def docs_prefix(ds: str) -> str:
-    return layout.report_uri(ds, "data_docs") + "/"
+    return layout.report_folder(ds, "data_docs")
 
 
 def _suite_files() -> dict[str, Path]:

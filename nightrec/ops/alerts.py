@@ -42,7 +42,7 @@ def record_failure(*, dag_id: str, run_id: str, task_id: str, ds: str | None, er
     path.write_text(json.dumps(record, indent=2))
     try:
         if ds:
-            storage.write_json(_alert_uri(ds, run_id, task_id), record)
+            storage.write_json(layout.alert_uri(ds, run_id, task_id), record)
     except Exception as e:  # noqa: BLE001 - the alert must not mask the original failure
         log.warning("could not upload the alert record: %s", type(e).__name__)
     return record
@@ -53,7 +53,6 @@ def read_failure(run_id: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-_alert_uri = layout.alert_uri
 
 
 def latest_table_age(now: dt.datetime | None = None) -> dict | None:
@@ -90,6 +89,6 @@ def check_latest_age(*, ds: str, run_id: str, max_age_hours: float,
         record = {"kind": "stale_table", "ds": ds, "run_id": run_id, "error": what, **out,
                   "at": (now or dt.datetime.now(dt.UTC)).isoformat(timespec="seconds")}
         log.warning("stale table: %s", what)
-        out["alert"] = _alert_uri(ds, run_id, "stale_table")
+        out["alert"] = layout.alert_uri(ds, run_id, "stale_table")
         storage.write_json(out["alert"], record)
     return out

@@ -115,6 +115,12 @@ def report_uri(ds: str, *names: str) -> str:
     return reports_prefix(ds) + "/".join(_name(n) for n in names)
 
 
+def report_folder(ds: str, name: str) -> str:
+    """A folder of files under the run's reports (``data_docs/``, ``validations/``,
+    ``tensorboard/``): its prefix, ``/`` included, for uploading a tree under it."""
+    return report_uri(ds, name) + "/"
+
+
 def alert_uri(ds: str, run_id: str, kind: str) -> str:
     """One alert record: ``alerts/ds=<ds>/<run>.<kind>.json`` (any run id, sanitised)."""
     return storage.s3_uri(f"alerts/ds={settings.check_ds(ds)}/{sanitize_token(run_id)}."
@@ -123,8 +129,9 @@ def alert_uri(ds: str, run_id: str, kind: str) -> str:
 
 # Top-level folders partitioned by ds that retention ages out (name -> its root URI).
 def ds_partitioned_roots() -> dict[str, str]:
-    return {name: storage.s3_uri(f"{name}/") for name in
-            ("runs", "reports", "alerts", "staging/recommendations", "recommendations")}
+    return {"runs": runs_root(), "reports": storage.s3_uri("reports/"),
+            "alerts": storage.s3_uri("alerts/"), "staging/recommendations": staging_root(),
+            "recommendations": recs_root()}
 
 
 def models_root() -> str:
