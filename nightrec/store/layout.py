@@ -70,6 +70,24 @@ def run_uri(ds: str, step: str, *names: str) -> str:
     return storage.s3_uri(key + "/".join(_name(n) for n in names))
 
 
+def bucket_name(bucket: int) -> str:
+    """``bucket=NNN``: one user-hash bucket's folder name (Hive-style, zero-padded)."""
+    if not isinstance(bucket, int) or not 0 <= bucket < 1000:
+        raise ValueError(f"bucket must be an int in 0..999, got {bucket!r}")
+    return f"bucket={bucket:03d}"
+
+
+def bucket_uri(ds: str, step: str, table: str, bucket: int, name: str = "part-0.parquet") -> str:
+    """``runs/ds=<ds>/<step>/<table>/bucket=NNN/<name>``: one user-hash bucket of a step's
+    bucketed table (clean's interactions, the split's parts)."""
+    return run_uri(ds, step, table) + f"/{bucket_name(bucket)}/{_name(name)}"
+
+
+def bucketed_prefix(ds: str, step: str, table: str) -> str:
+    """The folder of a bucketed table, ``/`` included: what a reader lists."""
+    return run_uri(ds, step, table) + "/"
+
+
 def ds_of_run_key(uri: str) -> str | None:
     """``s3://b/runs/ds=2026-11-28/evaluate/x`` -> ``2026-11-28``; None outside ``runs/``."""
     root = runs_root()
