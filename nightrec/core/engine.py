@@ -19,6 +19,7 @@ S3 first), and extension autoloading is off, so a missing extension is an error,
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 from collections.abc import Iterator
@@ -74,6 +75,18 @@ def connect(step: str, params: dict[str, Any] | None = None) -> Iterator[duckdb.
     finally:
         con.close()
         shutil.rmtree(spill, ignore_errors=True)
+
+
+def bucket_sql(column: str, n_buckets: int) -> str:
+    """SQL for the user-hash bucket of ``column`` (a stripped user id): the low 64 bits of its
+    md5, little-endian, modulo ``n_buckets``; :func:`bucket_of` is the same in Python."""
+    return f"(md5_number_lower({column}) % {int(n_buckets)})"
+
+
+def bucket_of(user_id: str, n_buckets: int) -> int:
+    """The bucket of one user id, as :func:`bucket_sql` computes it."""
+    digest = hashlib.md5(str(user_id).encode("utf-8")).digest()
+    return int.from_bytes(digest[8:], "little") % int(n_buckets)
 
 
 def quote(path: str | Path) -> str:

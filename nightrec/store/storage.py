@@ -279,3 +279,24 @@ def upload_from(path: Path, uri: str) -> None:
         s3_client().upload_file(str(path), b, k)
     else:
         write_bytes(uri, path.read_bytes())
+
+
+def download_prefix(prefix_uri: str, dest: Path) -> list[Path]:
+    """Every object under ``prefix_uri`` into ``dest``, keeping the relative keys (a bucketed
+    table's ``bucket=NNN/part-0.parquet``); returns the local files, sorted. Streams to disk."""
+    root = prefix_uri.rstrip("/") + "/"
+    out = []
+    for uri in list_uris(root):
+        out.append(download_to(uri, dest / uri[len(root):]))
+    return sorted(out)
+
+
+def upload_tree(local_dir: Path, prefix_uri: str) -> list[str]:
+    """Every file under ``local_dir`` to ``prefix_uri`` + its relative path; returns the URIs."""
+    root = prefix_uri.rstrip("/") + "/"
+    out = []
+    for path in sorted(p for p in Path(local_dir).rglob("*") if p.is_file()):
+        uri = root + path.relative_to(local_dir).as_posix()
+        upload_from(path, uri)
+        out.append(uri)
+    return out
