@@ -22,8 +22,8 @@ before anything runs:
 
 **Stages**: ingest -> clean (quarantine with reasons) -> validate (Great Expectations; a broken
 contract stops the run, without retries) -> augment -> seen (every interaction up to ds with
-valid ids: what is never recommended back) -> choose -> split (DVC, pushed; its hash is the
-`data_version`) -> train -> evaluate (full ranking vs popularity and the champion) -> gate
+valid ids: what is never recommended back) -> choose -> plan_split -> split_bucket (one mapped
+task per user-hash bucket) -> split (DVC commit + push; its hash is the `data_version`) -> train -> evaluate (full ranking vs popularity and the champion) -> gate
 (branch) -> register (a blessed model, immutable; not yet champion) **or** fallback (the gate
 refused: the champion re-scored on today's seen items, else popularity) -> plan_shards -> score
 (one mapped task per user shard; a failed shard retries alone) -> publish (GE suite, a per-ds
@@ -119,15 +119,30 @@ def nightly_recommendations():
     def choose() -> str:
         params = get_current_context()["params"]
         if params.get("retrain", True) and not params.get("model_version"):
-            return "split"
+            return "plan_split"
         return "load_model"
 
-    @task(doc_md="DVC stage: per-user temporal split, pushed to the DVC remote; data_version.")
-    def split(prev: dict) -> dict:
+    @task(doc_md="One split task per user-hash bucket; global_time's cutoffs over every bucket.")
+    def plan_split(prev: dict) -> list[dict]:
         from nightrec.core.records import Augmented
         from nightrec.tasks import versioning
 
-        return versioning.run(Augmented.from_xcom(prev)).to_xcom()
+        return versioning.plan(Augmented.from_xcom(prev))
+
+    @task(doc_md="Split one user-hash bucket into train/valid/test (a mapped task).",
+          map_index_template="{{ task.op_kwargs['spec']['bucket'] }}")
+    def split_bucket(spec: dict) -> dict:
+        from nightrec.tasks import versioning
+
+        return versioning.run_bucket(spec)
+
+    @task(doc_md="DVC stage: every bucket's split committed and pushed to the DVC remote; "
+                 "the split suite and leakage checks; data_version.")
+    def split(prev: dict, done: list[dict]) -> dict:
+        from nightrec.core.records import Augmented
+        from nightrec.tasks import versioning
+
+        return versioning.finish(Augmented.from_xcom(prev), list(done)).to_xcom()
 
     @task(doc_md="Fit the selection (holdout) model and the shipped train + valid refit (gated "
                  "and scored).")
@@ -239,9 +254,10 @@ def nightly_recommendations():
     validated = validate(clean(ingest()))
     prepared = augment(validated)
     seen_out = seen(validated)
-    split_out = split(prepared)
+    planned_split = plan_split(prepared)
+    split_out = split(prepared, split_bucket.expand(spec=planned_split))
     loaded = load_model()
-    seen_out >> choose() >> [split_out, loaded]
+    seen_out >> choose() >> [planned_split, loaded]
     evaluated = evaluate(train(split_out))
     registered = register(evaluated)
     fell_back = fallback(evaluated, seen_out)

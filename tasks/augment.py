@@ -51,13 +51,15 @@ from __future__ import annotations
 
 import logging
 import re
+import tempfile
+from pathlib import Path
 
 import numba
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from nightrec.core import schema, settings
+from nightrec.core import engine, schema, settings
 from nightrec.core.records import Augmented, Validated
 from nightrec.store import layout, storage
 
@@ -368,43 +370,60 @@ def sample_negatives(
 # --- the step -----------------------------------------------------------------------------------
 
 
+def bucket_files(root: Path) -> list[Path]:
+    """The ``bucket=NNN/*.parquet`` files of a local bucketed table, in bucket order."""
+    return sorted(Path(root).glob("bucket=*/*.parquet"))
+
+
 def run(validated: Validated, params: dict | None = None) -> Augmented:
+    """Labels and weights bucket by bucket (memory: one bucket), the side-feature tables from
+    the distinct (index, id) pairs the engine reads from every bucket."""
     ds = validated.ds
+    params = params if params is not None else settings.load_params()
     p = settings.step_params(PARAMS, params)
-    clean = storage.read_parquet(validated.interactions)
     end_of_day = (pd.Timestamp(settings.check_ds(ds), tz="UTC") + pd.Timedelta(days=1)).timestamp()
     half_life = p["augment.recency_half_life_days"]
-    labelled = label_interactions(
-        clean,
-        positive_min_rating=p["augment.positive_min_rating"],
-        weight_by_rating=p["augment.weight_by_rating"],
-        max_rating=p["clean.max_rating"],
-        recency_half_life_days=None if half_life is None else float(half_life),
-        now=end_of_day,
-    )
     out = {
-        "interactions": layout.run_uri(ds, "augment", "interactions.parquet"),
+        "interactions": layout.bucketed_prefix(ds, "augment", "interactions"),
         "item_features": layout.run_uri(ds, "augment", "item_features.parquet"),
         "user_features": layout.run_uri(ds, "augment", "user_features.parquet"),
         "feature_encoding": layout.run_uri(ds, "augment", "feature_encoding.json"),
     }
-    storage.write_parquet(labelled, out["interactions"])
-    del labelled
     encodings = {}
-    for kind, id_col, idx_col in (
-        ("item", schema.ITEM_ID, schema.ITEM_IDX),
-        ("user", schema.USER_ID, schema.USER_IDX),
-    ):
-        uri = getattr(validated, f"{kind}s")
-        side = storage.read_parquet(uri) if uri else None
-        feats = index_features(clean, side, id_col=id_col, idx_col=idx_col)
-        spec = p[f"augment.{kind}_features"] or {}
-        unknown = set(spec) - set(FEATURE_KINDS)
-        if unknown:
-            raise ValueError(f"augment.{kind}_features: unknown kinds {sorted(unknown)}; "
-                             f"use {FEATURE_KINDS}")
-        feats, encodings[kind] = encode_features(
-            feats, **{k: list(spec.get(k) or []) for k in FEATURE_KINDS})
-        storage.write_parquet(feats, out[f"{kind}_features"])
+    with tempfile.TemporaryDirectory(prefix="nightrec-augment-",
+                                     dir=engine.spill_root()) as tmp, \
+            engine.connect("augment", params) as con:
+        local = Path(tmp) / "clean"
+        glob = storage.download_table(validated.interactions, local)
+        storage.delete(storage.list_uris(out["interactions"]))  # a rerun's older buckets
+        for path in bucket_files(local) or [Path(glob)]:
+            labelled = label_interactions(
+                pd.read_parquet(path),
+                positive_min_rating=p["augment.positive_min_rating"],
+                weight_by_rating=p["augment.weight_by_rating"],
+                max_rating=p["clean.max_rating"],
+                recency_half_life_days=None if half_life is None else float(half_life),
+                now=end_of_day,
+            )
+            name = path.parent.name if path.parent.name.startswith("bucket=") else "bucket=000"
+            storage.write_parquet(labelled, out["interactions"] + f"{name}/{path.name}")
+            del labelled
+        for kind, id_col, idx_col in (
+            ("item", schema.ITEM_ID, schema.ITEM_IDX),
+            ("user", schema.USER_ID, schema.USER_IDX),
+        ):
+            ids = con.execute(f"SELECT DISTINCT {idx_col}, {id_col} FROM "
+                              f"read_parquet({engine.quote(glob)}) ORDER BY {idx_col}").df()
+            uri = getattr(validated, f"{kind}s")
+            side = storage.read_parquet(uri) if uri else None
+            feats = index_features(ids, side, id_col=id_col, idx_col=idx_col)
+            spec = p[f"augment.{kind}_features"] or {}
+            unknown = set(spec) - set(FEATURE_KINDS)
+            if unknown:
+                raise ValueError(f"augment.{kind}_features: unknown kinds {sorted(unknown)}; "
+                                 f"use {FEATURE_KINDS}")
+            feats, encodings[kind] = encode_features(
+                feats, **{k: list(spec.get(k) or []) for k in FEATURE_KINDS})
+            storage.write_parquet(feats, out[f"{kind}_features"])
     storage.write_json(out["feature_encoding"], {"ds": ds, **encodings})
     return Augmented(ds=ds, **out)

@@ -57,7 +57,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from nightrec.core import schema, settings
+from nightrec.core import engine, schema, settings
 from nightrec.core.records import Cleaned, Ingested
 from nightrec.store import layout, storage
 from nightrec.table import contract
@@ -72,6 +72,8 @@ PARAMS = [
     "clean.min_user_interactions",
     "clean.min_item_interactions",
     "clean.batch_rows",
+    "clean.buckets",
+    "clean.bucket_rows",
 ]
 # The id rule is the table contract's: the ids clean keeps are the ids a table holds and the ids
 # serve accepts, all checked by contract.ids_ok.
@@ -201,111 +203,189 @@ def check_rows(
 # --- rules over the whole table -------------------------------------------------------------
 
 
-def timestamp_unit(ts: np.ndarray, unit: str = "auto") -> str:
-    """``unit``, or for ``auto`` the unit that the median of the finite ``ts`` suggests."""
+def unit_of_median(median: float, unit: str = "auto") -> str:
+    """``unit``, or for ``auto`` the unit a file's median numeric timestamp suggests."""
     if unit != "auto":
         if unit not in _UNIT_SCALE:
             raise ValueError(f"clean.timestamp_unit must be auto, s, ms, us or ns, got {unit!r}")
         return unit
-    finite = ts[np.isfinite(ts)]
-    median = float(np.median(finite)) if len(finite) else 0.0
     return next((u for bound, u in _AUTO_THRESHOLDS if median > bound), "s")
 
 
-def _kcore_codes(u: np.ndarray, i: np.ndarray, *, min_user: int, min_item: int) -> np.ndarray:
-    keep = np.ones(len(u), dtype=bool)
-    nu, ni = (int(u.max()) + 1, int(i.max()) + 1) if len(u) else (0, 0)
+def timestamp_unit(ts: np.ndarray, unit: str = "auto") -> str:
+    """``unit``, or for ``auto`` the unit that the median of the finite ``ts`` suggests."""
+    finite = ts[np.isfinite(ts)]
+    return unit_of_median(float(np.median(finite)) if len(finite) else 0.0, unit)
+
+
+def kcore_sql(con, table: str, *, min_user: int, min_item: int) -> int:
+    """Delete from ``table`` (columns ``user_id, item_id``) the rows outside the iterated
+    (min_user, min_item) k-core, in place, in the engine; returns the rounds taken.
+
+    Each round removes, at once, every row whose user has fewer than ``min_user`` rows or whose
+    item has fewer than ``min_item``, until a round removes nothing. The result is the unique
+    largest subset in which every user and item meets its threshold (the order of removals does
+    not matter), so it equals the in-memory loop it replaced."""
+    rounds = 0
     while True:
-        ucount = np.bincount(u[keep], minlength=nu)
-        icount = np.bincount(i[keep], minlength=ni)
-        bad = keep & ((ucount[u] < min_user) | (icount[i] < min_item))
-        if not bad.any():
-            return keep
-        keep &= ~bad
+        removed = con.execute(f"""
+            DELETE FROM {table} WHERE user_id IN (
+                SELECT user_id FROM {table} GROUP BY user_id HAVING count(*) < {int(min_user)})
+              OR item_id IN (
+                SELECT item_id FROM {table} GROUP BY item_id HAVING count(*) < {int(min_item)})
+        """).fetchone()[0]
+        rounds += 1
+        if not removed:
+            return rounds
 
 
 def kcore(df: pd.DataFrame, *, min_user: int, min_item: int) -> pd.Series:
-    """Boolean mask of rows that survive the iterated (min_user, min_item) k-core."""
-    u = pd.factorize(df[schema.USER_ID])[0]
-    i = pd.factorize(df[schema.ITEM_ID])[0]
-    return pd.Series(_kcore_codes(u, i, min_user=min_user, min_item=min_item), index=df.index)
+    """Boolean mask of rows that survive the iterated (min_user, min_item) k-core (a small
+    frame; the step runs :func:`kcore_sql` on the whole table)."""
+    import duckdb
+
+    con = duckdb.connect()
+    pairs = pd.DataFrame({schema.USER_ID: df[schema.USER_ID].astype(str).to_numpy(),
+                          schema.ITEM_ID: df[schema.ITEM_ID].astype(str).to_numpy(),
+                          "row": np.arange(len(df))})
+    con.register("pairs_in", pairs)
+    con.execute("CREATE TABLE k AS SELECT * FROM pairs_in")
+    kcore_sql(con, "k", min_user=min_user, min_item=min_item)
+    kept = con.execute("SELECT row FROM k").fetchnumpy()["row"]
+    mask = np.zeros(len(df), dtype=bool)
+    mask[np.asarray(kept, dtype=np.int64)] = True
+    return pd.Series(mask, index=df.index)
+
+
+def n_buckets(setting: int | str, rows: int, bucket_rows: int) -> int:
+    """clean.buckets: a number, or ``auto``: one per ``bucket_rows`` rows, 1..256."""
+    if setting == "auto":
+        return int(min(256, max(1, -(-int(rows) // int(bucket_rows)))))
+    n = int(setting)
+    if not 1 <= n <= 999:
+        raise ValueError(f"clean.buckets must be auto or 1..999, got {setting!r}")
+    return n
 
 
 def judge_table(
-    parsed: pd.DataFrame, *, ds: str, min_timestamp: str, timestamp_unit_param: str,
+    con, valid: str, *, ds: str, min_timestamp: str, timestamp_unit_param: str,
     catalogue: set[str] | None, min_user_interactions: int, min_item_interactions: int,
-) -> tuple[np.ndarray, pd.DataFrame, dict]:
-    """Rules 8-11 on the rows that passed ``check_rows`` (in snapshot order, with ``source_file``).
+    files: list[str], out_dir: Path, buckets: int | str = "auto", bucket_rows: int = 2_000_000,
+) -> tuple[tuple[np.ndarray, np.ndarray], dict]:
+    """Rules 8-11 and the dense indices, in the engine, on the rows that passed ``check_rows``.
 
-    Returns (codes per row of ``parsed``, the clean table, ``{"timestamp_units": {file: unit}}``).
+    ``valid``: a local Parquet file of those rows (``user_id, item_id, rating, ts, ts_iso,
+    pos, file``: ``pos`` the row's place in the snapshot, ``file`` an index into ``files``).
+    Writes the clean table to ``out_dir/bucket=NNN/part-0.parquet``, one file per user-hash
+    bucket (``engine.bucket_sql``), each sorted by user index, time, item index. Returns
+    ``((pos, code) of the rows rules 8-11 rejected, info)``; info has the timestamp units per
+    file, the bucket count, clean rows, users and items, and the k-core's rounds.
     """
     settings.check_ds(ds)
-    n = len(parsed)
-    codes = np.zeros(n, dtype=np.int8)
-
-    def mark(mask: np.ndarray, reason: str) -> None:
-        codes[(codes == 0) & mask] = _CODE[reason]
-
-    ts = parsed["ts"].to_numpy(dtype="float64", copy=True)
-    iso = parsed["ts_iso"].to_numpy(dtype=bool)
+    con.execute(f"CREATE OR REPLACE TABLE v AS SELECT * FROM read_parquet({engine.quote(valid)})")
+    medians = dict(con.execute(
+        "SELECT file, median(ts) FROM v WHERE NOT ts_iso AND isfinite(ts) GROUP BY file"
+    ).fetchall())
     units = {}
-    files = pd.Categorical(parsed[schema.SOURCE_FILE])
-    order = np.argsort(files.codes, kind="stable")
-    bounds = np.searchsorted(files.codes[order], np.arange(len(files.categories) + 1))
-    for k, name in enumerate(files.categories):
-        idx = order[bounds[k]: bounds[k + 1]]
-        numeric = idx[~iso[idx]]
-        unit = timestamp_unit(ts[numeric], timestamp_unit_param)
-        units[str(name)] = unit
-        ts[numeric] = ts[numeric] / _UNIT_SCALE[unit]
-    seconds = np.floor(ts)
+    scale = []
+    for k, name in enumerate(files):
+        unit = unit_of_median(float(medians.get(k, 0.0)), timestamp_unit_param)
+        units[name] = unit
+        scale.append((k, _UNIT_SCALE[unit]))
+    con.execute("CREATE OR REPLACE TEMP TABLE unit_scale (file INTEGER, scale DOUBLE)")
+    if scale:
+        con.executemany("INSERT INTO unit_scale VALUES (?, ?)", scale)
     lo = pd.Timestamp(min_timestamp, tz="UTC").timestamp()
     hi = (pd.Timestamp(ds, tz="UTC") + pd.Timedelta(days=1)).timestamp()
-    mark((seconds < lo) | (seconds >= hi), schema.REASON_TIMESTAMP_RANGE)
+    con.execute("CREATE OR REPLACE TEMP TABLE catalogue (item_id VARCHAR)")
     if catalogue is not None:
-        known = pa.array(sorted(catalogue), pa.string())
-        mark(~_np(pc.is_in(pa.array(parsed[schema.ITEM_ID], pa.string()), known)),
-             schema.REASON_NOT_IN_CATALOGUE)
+        con.register("catalogue_in", pa.table({"item_id": pa.array(sorted(catalogue), pa.string())}))
+        con.execute("INSERT INTO catalogue SELECT item_id FROM catalogue_in")
+        con.unregister("catalogue_in")
+    not_listed = ("item_id NOT IN (SELECT item_id FROM catalogue)" if catalogue is not None
+                  else "false")
+    # seconds: ISO text is already seconds; numbers are divided by their file's unit (the same
+    # IEEE division the in-memory version made), then floored.
+    con.execute(f"""
+        CREATE OR REPLACE TABLE judged AS
+        SELECT user_id, item_id, rating, pos, seconds,
+               CASE WHEN seconds < {lo!r} OR seconds >= {hi!r} THEN {int(_CODE[schema.REASON_TIMESTAMP_RANGE])}
+                    WHEN {not_listed} THEN {int(_CODE[schema.REASON_NOT_IN_CATALOGUE])}
+                    ELSE 0 END::TINYINT AS code
+        FROM (SELECT v.user_id, v.item_id, v.rating, v.pos,
+                     floor(CASE WHEN v.ts_iso THEN v.ts ELSE v.ts / s.scale END) AS seconds
+              FROM v JOIN unit_scale s USING (file))
+    """)
+    con.execute("DROP TABLE v")
+    # rule 10, the dedupe policy: per (user, item) the latest event, ties to the later row
+    con.execute("""
+        CREATE OR REPLACE TABLE w AS
+        SELECT user_id, item_id, rating, pos, seconds FROM (
+            SELECT *, row_number() OVER (PARTITION BY user_id, item_id
+                                         ORDER BY seconds DESC, pos DESC) AS nth
+            FROM judged WHERE code = 0)
+        WHERE nth = 1
+    """)
+    con.execute("CREATE OR REPLACE TABLE k AS SELECT * FROM w")
+    rounds = kcore_sql(con, "k", min_user=min_user_interactions, min_item=min_item_interactions)
+    dup, core = int(_CODE[schema.REASON_DUPLICATE]), int(_CODE[schema.REASON_KCORE])
+    late = con.execute(f"""
+        SELECT pos, code FROM judged WHERE code <> 0
+        UNION ALL
+        SELECT j.pos, {dup}::TINYINT FROM judged j ANTI JOIN w USING (pos) WHERE j.code = 0
+        UNION ALL
+        SELECT w.pos, {core}::TINYINT FROM w ANTI JOIN k USING (pos)
+    """).fetchnumpy()
+    con.execute("DROP TABLE w")
+    con.execute("DROP TABLE judged")
+    counts = con.execute("SELECT count(*), count(DISTINCT user_id), count(DISTINCT item_id) "
+                         "FROM k").fetchone()
+    n = n_buckets(buckets, counts[0], bucket_rows)
+    # Dense indices in sorted order of the external id (score relies on user order = id order;
+    # DuckDB compares text by its UTF-8 bytes, which is code point order, as numpy did).
+    con.execute(f"""
+        CREATE OR REPLACE TABLE clean AS
+        SELECT k.user_id, k.item_id, k.rating::DOUBLE AS rating, k.seconds::BIGINT AS timestamp,
+               u.user_idx, i.item_idx, {engine.bucket_sql("k.user_id", n)} AS bucket
+        FROM k
+        JOIN (SELECT user_id, (row_number() OVER (ORDER BY user_id) - 1)::INTEGER AS user_idx
+              FROM (SELECT DISTINCT user_id FROM k)) u USING (user_id)
+        JOIN (SELECT item_id, (row_number() OVER (ORDER BY item_id) - 1)::INTEGER AS item_idx
+              FROM (SELECT DISTINCT item_id FROM k)) i USING (item_id)
+    """)
+    con.execute("DROP TABLE k")
+    write_buckets(con, "clean", out_dir, n, columns=CLEAN_COLUMNS,
+                  order=[schema.USER_IDX, schema.TIMESTAMP, schema.ITEM_IDX])
+    con.execute("DROP TABLE clean")
+    info = {"timestamp_units": units, "buckets": n, "clean_rows": int(counts[0]),
+            "n_users": int(counts[1]), "n_items": int(counts[2]), "k_core_rounds": rounds}
+    return (np.asarray(late["pos"], dtype=np.int64), np.asarray(late["code"], dtype=np.int8)), info
 
-    u_codes, users = pd.factorize(parsed[schema.USER_ID])
-    i_codes, items = pd.factorize(parsed[schema.ITEM_ID])
-    u_codes, i_codes = u_codes.astype(np.int32), i_codes.astype(np.int32)
-    ok = np.flatnonzero(codes == 0)
-    order = ok[np.lexsort((ok, seconds[ok], i_codes[ok], u_codes[ok]))]
-    same_as_next = (u_codes[order][:-1] == u_codes[order][1:]) & (
-        i_codes[order][:-1] == i_codes[order][1:])
-    codes[order[:-1][same_as_next]] = _CODE[schema.REASON_DUPLICATE]
 
-    ok = np.flatnonzero(codes == 0)
-    keep = _kcore_codes(u_codes[ok], i_codes[ok], min_user=min_user_interactions,
-                        min_item=min_item_interactions)
-    codes[ok[~keep]] = _CODE[schema.REASON_KCORE]
-    ok = ok[keep]
-
-    # Dense indices in sorted order of the external id (score relies on user order = id order);
-    # rows by user index, then time, then item index.
-    user_rank = _sorted_rank(users, u_codes[ok])
-    item_rank = _sorted_rank(items, i_codes[ok])
-    final = np.lexsort((item_rank, seconds[ok], user_rank))
-    ok, user_rank, item_rank = ok[final], user_rank[final], item_rank[final]
-    clean = pd.DataFrame({
-        schema.USER_ID: users.take(u_codes[ok]).astype("str").array,
-        schema.ITEM_ID: items.take(i_codes[ok]).astype("str").array,
-        schema.RATING: parsed[schema.RATING].to_numpy(dtype="float64")[ok],
-        schema.TIMESTAMP: seconds[ok].astype("int64"),
-        schema.USER_IDX: user_rank,
-        schema.ITEM_IDX: item_rank,
-    })
-    return codes, clean, {"timestamp_units": units}
+CLEAN_COLUMNS = [schema.USER_ID, schema.ITEM_ID, schema.RATING, schema.TIMESTAMP,
+                 schema.USER_IDX, schema.ITEM_IDX]
 
 
-def _sorted_rank(uniques: pd.Index, codes: np.ndarray) -> np.ndarray:
-    """Dense 0..m-1 rank, in sorted order of the external id, of the uniques that ``codes`` use."""
-    used = np.unique(codes)
-    names = uniques.take(used).astype(str)
-    rank_of_used = np.empty(len(used), dtype=np.int32)
-    rank_of_used[names.argsort()] = np.arange(len(used), dtype=np.int32)
-    return rank_of_used[np.searchsorted(used, codes)]
+def write_buckets(con, table: str, out_dir: Path, n: int, *, columns: list[str],
+                  order: list[str], name: str = "part-0.parquet") -> list[Path]:
+    """``table`` (with a ``bucket`` column) as ``out_dir/bucket=NNN/<name>``, one file per
+    bucket 0..n-1 (empty buckets too), each sorted by ``order``. The rows are first written
+    once in bucket order, so each bucket reads only its own row groups."""
+    tmp = out_dir / "_by_bucket.parquet"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cols = ", ".join(columns)
+    con.execute(f"COPY (SELECT bucket, {cols} FROM {table} ORDER BY bucket) "
+                f"TO {engine.quote(tmp)} (FORMAT parquet, ROW_GROUP_SIZE 122880)")
+    paths = []
+    for b in range(n):
+        path = out_dir / layout.bucket_name(b) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        con.execute(f"COPY (SELECT {cols} FROM read_parquet({engine.quote(tmp)}) "
+                    f"WHERE bucket = {b} ORDER BY {', '.join(order)}) "
+                    f"TO {engine.quote(path)} (FORMAT parquet, COMPRESSION zstd)")
+        paths.append(path)
+    tmp.unlink()
+    return paths
 
 
 # --- the whole step -----------------------------------------------------------------------------
@@ -372,53 +452,75 @@ def _drop_forgotten(batches: Callable[[], Iterable[pa.RecordBatch | pa.Table]],
     return gen
 
 
+_VALID_SCHEMA = pa.schema([(schema.USER_ID, pa.string()), (schema.ITEM_ID, pa.string()),
+                           (schema.RATING, pa.float64()), ("ts", pa.float64()),
+                           ("ts_iso", pa.bool_()), ("pos", pa.int64()), ("file", pa.int32())])
+
+
 def clean_batches(
     batches: Callable[[], Iterable[pa.RecordBatch | pa.Table]], *, ds: str, min_rating: float,
     max_rating: float, min_timestamp: str, min_user_interactions: int,
-    min_item_interactions: int, timestamp_unit: str = "auto",
+    min_item_interactions: int, out_dir: Path, con, timestamp_unit: str = "auto",
     id_pattern: str = DEFAULT_ID_PATTERN, max_id_length: int = DEFAULT_MAX_ID_LENGTH,
     catalogue: Iterable[str] | None = None,
     write_quarantine: Callable[[pa.Table], None] | None = None,
-    forgotten: frozenset[str] = frozenset(),
-) -> tuple[pd.DataFrame, dict]:
-    """The step over ingest's output given as a re-iterable of batches (read twice: to judge,
-    then to copy the rejected rows' raw text to ``write_quarantine``). Returns (clean, stats).
+    forgotten: frozenset[str] = frozenset(), buckets: int | str = "auto",
+    bucket_rows: int = 2_000_000,
+) -> dict:
+    """The step over ingest's output given as a re-iterable of batches, read twice: to judge
+    (rules 1-7 batch by batch; the rows that pass are spilled to a local Parquet file, and rules
+    8-11 run on it in the engine ``con``), then to copy the rejected rows' raw text to
+    ``write_quarantine``. Writes the clean table to ``out_dir`` in user-hash buckets
+    (:func:`judge_table`) and returns the stats. Memory: a batch, plus one byte per raw row (its
+    reason code), plus what the engine is allowed.
 
     ``forgotten``: sha256 hashes (:func:`user_hash`) of users whose rows are dropped before
     judging (counted as ``forgotten_rows``, in neither output).
     """
+    import pyarrow.parquet as pq
+
     settings.check_ds(ds)
     dropped: Counter = Counter()
     batches = _drop_forgotten(batches, forgotten, dropped)
-    code_parts, parsed_parts, file_parts, offset = [], [], [], 0
+    code_parts, offset = [], 0
     file_ids: dict[str, int] = {}
-    for batch in batches():
-        codes, parsed = check_rows(batch, id_pattern=id_pattern, max_id_length=max_id_length,
-                                   min_rating=min_rating, max_rating=max_rating)
-        keep = np.flatnonzero(codes == 0)
-        parsed = parsed.iloc[keep].copy()
-        parsed["pos"] = keep + offset
-        file_parts.append(_file_codes(pc.take(_column(batch, schema.SOURCE_FILE),
-                                              pa.array(keep)), file_ids))
-        code_parts.append(codes)
-        parsed_parts.append(parsed)
-        offset += batch.num_rows
-    codes = np.concatenate(code_parts) if code_parts else np.zeros(0, np.int8)
-    parsed = (pd.concat(parsed_parts, ignore_index=True) if parsed_parts else
-              pd.DataFrame(columns=[schema.USER_ID, schema.ITEM_ID, schema.RATING, "ts",
-                                    "ts_iso", "pos"]))
-    parsed[schema.SOURCE_FILE] = pd.Categorical.from_codes(
-        np.concatenate(file_parts) if file_parts else np.zeros(0, np.int32),
-        categories=pd.Index(list(file_ids), dtype=object))
-    del parsed_parts, file_parts
-    pa.default_memory_pool().release_unused()  # the batches' buffers
-    late, clean, info = judge_table(
-        parsed, ds=ds, min_timestamp=min_timestamp, timestamp_unit_param=timestamp_unit,
-        catalogue=None if catalogue is None else {str(c).strip() for c in catalogue},
-        min_user_interactions=min_user_interactions, min_item_interactions=min_item_interactions,
-    )
-    codes[parsed["pos"].to_numpy(dtype=np.int64)] = late
-    del parsed, late
+    with tempfile.TemporaryDirectory(prefix="clean-valid-", dir=engine.spill_root()) as tmp:
+        valid = Path(tmp) / "valid.parquet"
+        with pq.ParquetWriter(valid, _VALID_SCHEMA, compression="lz4") as writer:
+            for batch in batches():
+                codes, parsed = check_rows(batch, id_pattern=id_pattern,
+                                           max_id_length=max_id_length,
+                                           min_rating=min_rating, max_rating=max_rating)
+                keep = np.flatnonzero(codes == 0)
+                files = _file_codes(pc.take(_column(batch, schema.SOURCE_FILE), pa.array(keep)),
+                                    file_ids)
+                parsed = parsed.iloc[keep]
+                writer.write_table(pa.table({
+                    schema.USER_ID: pa.array(parsed[schema.USER_ID].to_numpy(dtype=object),
+                                             pa.string()),
+                    schema.ITEM_ID: pa.array(parsed[schema.ITEM_ID].to_numpy(dtype=object),
+                                             pa.string()),
+                    schema.RATING: parsed[schema.RATING].to_numpy(dtype="float64"),
+                    "ts": parsed["ts"].to_numpy(dtype="float64"),
+                    "ts_iso": parsed["ts_iso"].to_numpy(dtype=bool),
+                    "pos": (keep + offset).astype(np.int64),
+                    "file": files.astype(np.int32),
+                }, schema=_VALID_SCHEMA))
+                code_parts.append(codes)
+                offset += batch.num_rows
+                del parsed
+        codes = np.concatenate(code_parts) if code_parts else np.zeros(0, np.int8)
+        del code_parts
+        pa.default_memory_pool().release_unused()  # the batches' buffers
+        (pos, late), info = judge_table(
+            con, str(valid), ds=ds, min_timestamp=min_timestamp,
+            timestamp_unit_param=timestamp_unit, files=list(file_ids),
+            catalogue=None if catalogue is None else {str(c).strip() for c in catalogue},
+            min_user_interactions=min_user_interactions,
+            min_item_interactions=min_item_interactions, out_dir=out_dir, buckets=buckets,
+            bucket_rows=bucket_rows)
+    codes[pos] = late
+    del pos, late
 
     by_file: dict[str, Counter] = {}
     rows_by_file: Counter = Counter()
@@ -444,16 +546,17 @@ def clean_batches(
     n_forgotten = int(sum(dropped.values()))
     raw_rows = len(codes) + n_forgotten  # = clean + quarantined + forgotten
     rows_by_file.update(dropped)  # a file's rows count its forgotten ones too
-    stats = {
+    return {
         "raw_rows": raw_rows,
-        "clean_rows": len(clean),
+        "clean_rows": info["clean_rows"],
         "quarantined_rows": int((codes != 0).sum()),
         "forgotten_rows": n_forgotten,
         "by_reason": dict(sorted(by_reason.items())),
         "invalid_rows": int(invalid),
         "invalid_fraction": float(invalid / raw_rows) if raw_rows else 0.0,
-        "n_users": int(clean[schema.USER_ID].nunique()),
-        "n_items": int(clean[schema.ITEM_ID].nunique()),
+        "n_users": info["n_users"],
+        "n_items": info["n_items"],
+        "buckets": info["buckets"],
         "by_file": {f: {"rows": int(n), "quarantined": dict(sorted(by_file.get(f, {}).items())),
                         **({"forgotten": int(dropped[f])} if dropped.get(f) else {})}
                     for f, n in sorted(rows_by_file.items())},
@@ -461,10 +564,19 @@ def clean_batches(
         "dedupe_policy": DEDUPE_POLICY,
         "k_core": {"min_user_interactions": min_user_interactions,
                    "min_item_interactions": min_item_interactions,
-                   "removed_rows": by_reason.get(schema.REASON_KCORE, 0)},
+                   "removed_rows": by_reason.get(schema.REASON_KCORE, 0),
+                   "rounds": info["k_core_rounds"]},
         "catalogue_items": None if catalogue is None else len(set(catalogue)),
     }
-    return clean, stats
+
+
+def read_buckets(out_dir: Path) -> pd.DataFrame:
+    """A local bucketed clean table as one frame in the order of the unbucketed one (user
+    index, time, item index). For small tables: tests and the pure core's callers."""
+    files = sorted(Path(out_dir).glob("bucket=*/*.parquet"))
+    frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    return frame.sort_values([schema.USER_IDX, schema.TIMESTAMP, schema.ITEM_IDX],
+                             kind="stable").reset_index(drop=True)
 
 
 def _as_raw_table(raw: pd.DataFrame) -> pa.Table:
@@ -489,17 +601,23 @@ def clean_interactions(
     min_user_interactions: int, min_item_interactions: int, timestamp_unit: str = "auto",
     id_pattern: str = DEFAULT_ID_PATTERN, max_id_length: int = DEFAULT_MAX_ID_LENGTH,
     catalogue: Iterable[str] | None = None, forgotten: frozenset[str] = frozenset(),
+    buckets: int | str = 1,
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """Pure core on a frame of ingest's output. Returns ``(interactions, quarantine, stats)``."""
+    """Pure core on a frame of ingest's output (small data: tests, notebooks). Returns
+    ``(interactions, quarantine, stats)``, the interactions as one frame (:func:`read_buckets`)."""
     table = _as_raw_table(raw.reset_index(drop=True))
     parts: list[pa.Table] = []
-    clean, stats = clean_batches(
-        lambda: [table], ds=ds, min_rating=min_rating, max_rating=max_rating,
-        min_timestamp=min_timestamp, min_user_interactions=min_user_interactions,
-        min_item_interactions=min_item_interactions, timestamp_unit=timestamp_unit,
-        id_pattern=id_pattern, max_id_length=max_id_length, catalogue=catalogue,
-        write_quarantine=parts.append, forgotten=forgotten,
-    )
+    with engine.connect("clean") as con, tempfile.TemporaryDirectory(
+            prefix="clean-out-", dir=engine.spill_root()) as out:
+        stats = clean_batches(
+            lambda: [table], ds=ds, min_rating=min_rating, max_rating=max_rating,
+            min_timestamp=min_timestamp, min_user_interactions=min_user_interactions,
+            min_item_interactions=min_item_interactions, timestamp_unit=timestamp_unit,
+            id_pattern=id_pattern, max_id_length=max_id_length, catalogue=catalogue,
+            write_quarantine=parts.append, forgotten=forgotten, out_dir=Path(out), con=con,
+            buckets=buckets,
+        )
+        clean = read_buckets(Path(out))
     quarantine = pa.concat_tables([QUARANTINE_SCHEMA.empty_table(), *parts]).to_pandas()
     return clean, quarantine, stats
 
@@ -521,45 +639,49 @@ def _core_kwargs(p: settings.StepParams) -> dict:
 
 
 def clean_file(
-    local: Path, *, ds: str, p: settings.StepParams, quarantine_path: Path,
-    catalogue: set[str] | None, forgotten: frozenset[str] = frozenset(),
-) -> tuple[pd.DataFrame, dict]:
+    local: Path, *, ds: str, p: settings.StepParams, quarantine_path: Path, out_dir: Path,
+    con, catalogue: set[str] | None, forgotten: frozenset[str] = frozenset(),
+) -> dict:
     """``clean_batches`` over a local Parquet file of ingest's output, batch by batch."""
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(local)
     columns = [c for c in schema.RAW_COLUMNS if c in pf.schema_arrow.names]
     with pq.ParquetWriter(quarantine_path, QUARANTINE_SCHEMA, compression="zstd") as writer:
-        clean, stats = clean_batches(
+        return clean_batches(
             lambda: pf.iter_batches(batch_size=int(p["clean.batch_rows"]), columns=columns),
             ds=ds, catalogue=catalogue, write_quarantine=writer.write_table,
-            forgotten=forgotten, **_core_kwargs(p),
+            forgotten=forgotten, out_dir=out_dir, con=con, **_core_kwargs(p),
         )
-    return clean, stats
 
 
 def run(ingested: Ingested, params: dict | None = None) -> Cleaned:
     ds = ingested.ds
+    params = params if params is not None else settings.load_params()
     p = settings.step_params(PARAMS, params)
     out = {
-        "interactions": layout.run_uri(ds, "clean", "interactions.parquet"),
+        "interactions": layout.bucketed_prefix(ds, "clean", "interactions"),
         "quarantine": layout.run_uri(ds, "clean", "quarantine.parquet"),
         "stats": layout.run_uri(ds, "clean", "stats.json"),
     }
-    with tempfile.TemporaryDirectory(prefix="nightrec-clean-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="nightrec-clean-",
+                                     dir=engine.spill_root()) as tmp, \
+            engine.connect("clean", params) as con:
         local = storage.download_to(ingested.interactions, Path(tmp) / "raw.parquet")
         qpath = Path(tmp) / "quarantine.parquet"
-        clean, stats = clean_file(local, ds=ds, p=p, quarantine_path=qpath,
-                                  catalogue=_catalogue(ingested.items),
-                                  forgotten=forgotten_users())
+        stats = clean_file(local, ds=ds, p=p, quarantine_path=qpath, out_dir=Path(tmp) / "out",
+                           con=con, catalogue=_catalogue(ingested.items),
+                           forgotten=forgotten_users())
         storage.upload_from(qpath, out["quarantine"])
+        storage.delete(storage.list_uris(out["interactions"]))  # a rerun's older buckets
+        storage.upload_tree(Path(tmp) / "out", out["interactions"])
     if ingested.files:
         files = storage.read_json(ingested.files)
         stats["blank_lines"] = files.get("blank_lines", 0)
         stats["ignored_files"] = files.get("ignored", [])
-    storage.write_parquet(clean, out["interactions"])
     storage.write_json(out["stats"], stats)
-    log.info("clean: %d of %d rows kept; quarantined by reason %s; %d of forgotten users",
-             stats["clean_rows"], stats["raw_rows"], stats["by_reason"], stats["forgotten_rows"])
+    log.info("clean: %d of %d rows kept in %d buckets; quarantined by reason %s; %d of forgotten "
+             "users", stats["clean_rows"], stats["raw_rows"], stats["buckets"],
+             stats["by_reason"], stats["forgotten_rows"])
     return Cleaned(ds=ds, raw=ingested.interactions, items=ingested.items, users=ingested.users,
                    **out)

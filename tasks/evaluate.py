@@ -40,6 +40,7 @@ from nightrec.core import schema, settings
 from nightrec.core.records import Evaluated, Trained
 from nightrec.ml import metrics, models, ranking
 from nightrec.store import layout, storage
+from nightrec.tasks import split
 
 PARAMS = [
     "evaluate.k",
@@ -297,7 +298,7 @@ def run(trained: Trained, params: dict | None = None) -> Evaluated:
     p = settings.step_params(PARAMS, params)
     # the shipped model (the train + valid refit) is what the gate scores
     emb = dict(np.load(io.BytesIO(storage.read_bytes(trained.full_embeddings))))
-    parts = {n: storage.read_parquet(getattr(trained.split, n)) for n in ("train", "valid", "test")}
+    parts = {n: split.read_part(getattr(trained.split, n)) for n in split.PARTS}
     n_users = len(storage.read_parquet(trained.split.user_features, columns=[schema.USER_IDX]))
     champion = _champion(trained)
     result = _evaluate(emb, parts, p, n_users=n_users, champion=champion)

@@ -5,7 +5,7 @@ than the clean table: clean drops real interactions for their *value* (a rating 
 bad timestamp) or by *policy* (an older duplicate of a pair, a user below the k-core). Those rows
 still say the user met the item. So the seen table is the union of
 
-- the clean table (``runs/ds=<ds>/clean/interactions.parquet``), and
+- the clean table (``runs/ds=<ds>/clean/interactions/``, every bucket), and
 - the quarantine rows (``runs/ds=<ds>/clean/quarantine.parquet``, raw strings) whose reason is in
   :data:`INCLUDED_REASONS` and whose ids, stripped of blanks as clean strips them, pass clean's id
   rules (``clean.id_pattern`` through the same RE2 engine, at most ``clean.max_id_length``).
@@ -21,8 +21,9 @@ Output: ``runs/ds=<ds>/seen/interactions.parquet`` with ``user_id, item_id`` (st
 per distinct pair, sorted by ``(user_id, item_id)`` (row groups of :data:`ROW_GROUP_ROWS`, so a
 score shard reading one ``user_id`` range skips the others), and ``stats.json`` beside it.
 
-Memory: the clean table's two id columns, plus the quarantine read in batches of
-``clean.batch_rows`` rows, three columns at a time (it is small next to the clean table).
+Memory: the quarantine is read in batches of ``clean.batch_rows`` rows, three columns at a time;
+the union, distinct and sort run in the engine under ``resources`` (nightrec/core/engine.py),
+spilling to local disk beyond it.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from nightrec.core import schema, settings
+from nightrec.core import engine, schema, settings
 from nightrec.core.records import Seen, Validated
 from nightrec.store import layout, storage
 from nightrec.tasks import clean
@@ -74,36 +75,47 @@ def quarantine_pairs(batch: pa.RecordBatch | pa.Table, *, id_pattern: str,
                                 schema=SEEN_SCHEMA), taken
 
 
-def seen_pairs(clean_ids: pa.Table, quarantine: Iterable[pa.RecordBatch | pa.Table], *,
-               id_pattern: str, max_id_length: int) -> tuple[pa.Table, dict]:
-    """Pure core: the distinct pairs of the clean table (``user_id, item_id``) and the qualifying
-    quarantine rows, sorted by (user_id, item_id). Returns (table, stats)."""
-    parts = [pa.Table.from_arrays(
-        [clean._column(clean_ids, schema.USER_ID), clean._column(clean_ids, schema.ITEM_ID)],
-        schema=SEEN_SCHEMA)]
+def write_seen(con, clean_glob: str, quarantine: Iterable[pa.RecordBatch | pa.Table],
+               out_path: Path, *, id_pattern: str, max_id_length: int) -> dict:
+    """Core, in the engine: the distinct pairs of the clean table (local Parquet files matching
+    ``clean_glob``) and of the qualifying quarantine rows, sorted by (user_id, item_id), written
+    to ``out_path`` in row groups of :data:`ROW_GROUP_ROWS`. Returns the stats. Memory: one
+    quarantine batch, plus what the engine is allowed (it spills)."""
     taken: Counter = Counter()
     quarantined = 0
-    for batch in quarantine:
-        pairs, counts = quarantine_pairs(batch, id_pattern=id_pattern,
-                                         max_id_length=max_id_length)
-        parts.append(pairs)
-        taken += counts
-        quarantined += batch.num_rows
-    both = pa.concat_tables(parts)
-    distinct = both.group_by([schema.USER_ID, schema.ITEM_ID]).aggregate([])
-    distinct = distinct.select([schema.USER_ID, schema.ITEM_ID]).sort_by(
-        [(schema.USER_ID, "ascending"), (schema.ITEM_ID, "ascending")])
-    stats = {
-        "clean_rows": clean_ids.num_rows,
+    spill = out_path.with_name(out_path.stem + "-quarantine-pairs.parquet")
+    with pq.ParquetWriter(spill, SEEN_SCHEMA, compression="lz4") as writer:
+        for batch in quarantine:
+            pairs, counts = quarantine_pairs(batch, id_pattern=id_pattern,
+                                             max_id_length=max_id_length)
+            writer.write_table(pairs)
+            taken += counts
+            quarantined += batch.num_rows
+    src = engine.quote(clean_glob)
+    clean_rows = con.execute(f"SELECT count(*) FROM read_parquet({src})").fetchone()[0]
+    con.execute(f"""
+        COPY (SELECT DISTINCT user_id, item_id FROM (
+                SELECT {schema.USER_ID} AS user_id, {schema.ITEM_ID} AS item_id
+                FROM read_parquet({src})
+                UNION ALL SELECT user_id, item_id FROM read_parquet({engine.quote(spill)}))
+              ORDER BY user_id, item_id)
+        TO {engine.quote(out_path)} (FORMAT parquet, COMPRESSION zstd,
+                                     ROW_GROUP_SIZE {ROW_GROUP_ROWS})
+    """)
+    spill.unlink()
+    pairs, users, items = con.execute(
+        f"SELECT count(*), count(DISTINCT user_id), count(DISTINCT item_id) "
+        f"FROM read_parquet({engine.quote(out_path)})").fetchone()
+    return {
+        "clean_rows": int(clean_rows),
         "quarantine_rows": quarantined,
         "quarantine_rows_taken": dict(sorted(taken.items())),
-        "pairs": distinct.num_rows,
-        "pairs_only_in_quarantine": distinct.num_rows - clean_ids.num_rows,
-        "users": len(pc.unique(distinct.column(schema.USER_ID))),
-        "items": len(pc.unique(distinct.column(schema.ITEM_ID))),
+        "pairs": int(pairs),
+        "pairs_only_in_quarantine": int(pairs) - int(clean_rows),
+        "users": int(users),
+        "items": int(items),
         "included_reasons": list(INCLUDED_REASONS),
     }
-    return distinct, stats
 
 
 def table_bytes(table: pa.Table) -> bytes:
@@ -114,23 +126,26 @@ def table_bytes(table: pa.Table) -> bytes:
     return buf.getvalue()
 
 
-def build(ds: str, params: dict | None = None) -> str:
-    """Write ds's seen table from its clean outputs; returns its URI."""
+def build(ds: str, params: dict | None = None, *, interactions: str | None = None) -> str:
+    """Write ds's seen table from its clean outputs; returns its URI. ``interactions``: the
+    clean table's URI (a bucketed prefix), default clean's for ds."""
+    params = params if params is not None else settings.load_params()
     p = settings.step_params(PARAMS, params)
     out = layout.run_uri(ds, "seen", "interactions.parquet")
-    clean_ids = pq.read_table(
-        io.BytesIO(storage.read_bytes(layout.run_uri(ds, "clean", "interactions.parquet"))),
-        columns=[schema.USER_ID, schema.ITEM_ID])
-    with tempfile.TemporaryDirectory(prefix="nightrec-seen-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="nightrec-seen-", dir=engine.spill_root()) as tmp, \
+            engine.connect("seen", params) as con:
+        glob = storage.download_table(
+            interactions or layout.bucketed_prefix(ds, "clean", "interactions"),
+            Path(tmp) / "clean")
         local = storage.download_to(layout.run_uri(ds, "clean", "quarantine.parquet"),
                                     Path(tmp) / "quarantine.parquet")
         pf = pq.ParquetFile(local)
         batches = pf.iter_batches(batch_size=int(p["clean.batch_rows"]),
                                   columns=[schema.USER_ID, schema.ITEM_ID, schema.REASON])
-        table, stats = seen_pairs(clean_ids, batches, id_pattern=p["clean.id_pattern"],
-                                  max_id_length=int(p["clean.max_id_length"]))
-    del clean_ids
-    storage.write_bytes(out, table_bytes(table))
+        table = Path(tmp) / "seen.parquet"
+        stats = write_seen(con, glob, batches, table, id_pattern=p["clean.id_pattern"],
+                           max_id_length=int(p["clean.max_id_length"]))
+        storage.upload_from(table, out)
     storage.write_json(layout.run_uri(ds, "seen", "stats.json"), stats)
     log.info("seen: %d pairs (%d only in the quarantine: %s), %d users, %d items", stats["pairs"],
              stats["pairs_only_in_quarantine"], stats["quarantine_rows_taken"], stats["users"],
@@ -140,4 +155,5 @@ def build(ds: str, params: dict | None = None) -> str:
 
 def run(validated: Validated, params: dict | None = None) -> Seen:
     """The DAG's ``seen`` task: the seen table of a ds whose clean outputs passed validate."""
-    return Seen(ds=validated.ds, seen=build(validated.ds, params))
+    return Seen(ds=validated.ds, seen=build(validated.ds, params,
+                                            interactions=validated.interactions))

@@ -34,12 +34,14 @@ pushes the outputs; the DVC hash of ``data/split`` is the run's ``data_version``
 from __future__ import annotations
 
 import argparse
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from nightrec.core import schema, settings
+from nightrec.core import engine, schema, settings
 from nightrec.store import storage
 
 PARAMS = [
@@ -64,9 +66,14 @@ def split_interactions(
     min_user_events_for_holdout: int,
     valid_n: int = 1,
     test_n: int = 1,
-    seed: int = 0,
+    seed: int | list[int] = 0,
+    cutoffs: tuple[int, int] | None = None,
 ) -> dict[str, pd.DataFrame]:
-    """Return ``{"train", "valid", "test"}`` frames with the input's columns; see module doc."""
+    """Return ``{"train", "valid", "test"}`` frames with the input's columns; see module doc.
+
+    ``cutoffs``: ``global_time``'s (valid, test) timestamps, computed over every bucket
+    (:func:`global_cutoffs`) when ``df`` is one bucket; None computes them from ``df``.
+    ``seed``: an int, or a list (``[seed, bucket]``: each bucket's own stream)."""
     if method not in METHODS:
         raise ValueError(f"split.method must be one of {METHODS}, got {method!r}")
     if not (0 <= valid_fraction < 1 and 0 < test_fraction < 1 and valid_fraction + test_fraction < 1):
@@ -78,8 +85,10 @@ def split_interactions(
     ).reset_index(drop=True)
     if method == "global_time":
         ts = ordered[schema.TIMESTAMP].to_numpy()
-        test_cut = np.quantile(ts, 1 - test_fraction, method="higher")
-        valid_cut = np.quantile(ts, 1 - test_fraction - valid_fraction, method="higher")
+        if cutoffs is None:
+            cutoffs = (np.quantile(ts, 1 - test_fraction - valid_fraction, method="higher"),
+                       np.quantile(ts, 1 - test_fraction, method="higher"))
+        valid_cut, test_cut = cutoffs
         part = np.where(ts >= test_cut, 2, np.where((ts >= valid_cut) & (valid_fraction > 0), 1, 0))
         return {name: ordered[part == i].reset_index(drop=True) for i, name in enumerate(PARTS)}
     if method == "random_per_user":
@@ -106,19 +115,96 @@ def split_interactions(
             for name, frame in out.items()}
 
 
-def split_stats(parts: dict[str, pd.DataFrame]) -> dict:
-    """Rows per part, and the users/items of valid and test that train never saw."""
-    train_users = set(parts["train"][schema.USER_IDX])
-    train_items = set(parts["train"][schema.ITEM_IDX])
-    out = {"rows": {name: len(f) for name, f in parts.items()}}
+def global_cutoffs(con, glob: str, *, test_fraction: float, valid_fraction: float
+                   ) -> tuple[int, int] | None:
+    """``global_time``'s (valid, test) cutoffs over every row of the local Parquet files
+    ``glob``, in the engine: exactly ``np.quantile(ts, q, method="higher")`` (the index numpy
+    would pick in the sorted timestamps, then the value there). None when there are no rows."""
+    src = f"read_parquet({engine.quote(glob)})"
+    n = con.execute(f"SELECT count(*) FROM {src}").fetchone()[0]
+    if not n:
+        return None
+    positions = np.arange(n, dtype=np.int64)  # 8 bytes a row, no more: the index rule alone
+    at = [int(np.quantile(positions, q, method="higher"))
+          for q in (1 - test_fraction - valid_fraction, 1 - test_fraction)]
+    del positions
+    rows = dict(con.execute(f"""
+        SELECT rn, {schema.TIMESTAMP} FROM (
+            SELECT {schema.TIMESTAMP}, row_number() OVER (ORDER BY {schema.TIMESTAMP}) - 1 AS rn
+            FROM {src}) WHERE rn IN ({at[0]}, {at[1]})""").fetchall())
+    return int(rows[at[0]]), int(rows[at[1]])
+
+
+def bucket_seed(seed: int, bucket: int) -> list[int]:
+    """The seed of one bucket's split: its own stream, whatever the other buckets hold."""
+    return [int(seed), int(bucket)]
+
+
+def split_bucket(path: Path, out_dir: Path, *, bucket: int, kwargs: dict,
+                 cutoffs: tuple[int, int] | None) -> dict[str, int]:
+    """Split one bucket's file into ``out_dir/{train,valid,test}.parquet``; rows per part.
+    A bucket holds whole users, so the per-user methods need nothing else; ``global_time``
+    takes the cutoffs computed over every bucket."""
+    kw = {**kwargs, "seed": bucket_seed(kwargs.get("seed", 0), bucket)}
+    frame = pd.read_parquet(path)
+    if kw["method"] == "global_time" and cutoffs is None and len(frame):
+        raise ValueError("global_time needs the cutoffs over every bucket")
+    parts = split_interactions(frame, cutoffs=cutoffs, **kw)
+    del frame
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, part in parts.items():
+        storage.write_parquet(part, str(out_dir / f"{name}.parquet"))
+    return {name: len(part) for name, part in parts.items()}
+
+
+def bucket_of_path(path: Path) -> int:
+    """``.../bucket=007/part-0.parquet`` -> 7."""
+    return int(path.parent.name.split("=", 1)[1])
+
+
+def split_stats_sql(con, globs: dict[str, str]) -> dict:
+    """Rows per part, and the users/items of valid and test that train never saw, in the engine
+    over local Parquet files (``globs``: part -> glob)."""
+    def src(name: str) -> str:
+        return f"read_parquet({engine.quote(globs[name])})"
+
+    out = {"rows": {name: int(con.execute(f"SELECT count(*) FROM {src(name)}").fetchone()[0])
+                    for name in PARTS}}
     for name in ("valid", "test"):
-        f = parts[name]
-        out[name] = {
-            "cold_users": len(set(f[schema.USER_IDX]) - train_users),
-            "cold_items": len(set(f[schema.ITEM_IDX]) - train_items),
-            "cold_item_rows": int((~f[schema.ITEM_IDX].isin(train_items)).sum()),
-        }
+        cold_users, cold_items, cold_rows = con.execute(f"""
+            SELECT
+              (SELECT count(DISTINCT {schema.USER_IDX}) FROM {src(name)}
+               WHERE {schema.USER_IDX} NOT IN (SELECT {schema.USER_IDX} FROM {src("train")})),
+              (SELECT count(DISTINCT {schema.ITEM_IDX}) FROM {src(name)}
+               WHERE {schema.ITEM_IDX} NOT IN (SELECT {schema.ITEM_IDX} FROM {src("train")})),
+              (SELECT count(*) FROM {src(name)}
+               WHERE {schema.ITEM_IDX} NOT IN (SELECT {schema.ITEM_IDX} FROM {src("train")}))
+        """).fetchone()
+        out[name] = {"cold_users": int(cold_users), "cold_items": int(cold_items),
+                     "cold_item_rows": int(cold_rows)}
     return out
+
+
+def split_stats(parts: dict[str, pd.DataFrame]) -> dict:
+    """:func:`split_stats_sql` on in-memory frames (small data: tests)."""
+    import duckdb
+
+    con = duckdb.connect()
+    with tempfile.TemporaryDirectory(prefix="split-stats-") as tmp:
+        globs = {}
+        for name, frame in parts.items():
+            path = Path(tmp) / f"{name}.parquet"
+            frame[[schema.USER_IDX, schema.ITEM_IDX]].to_parquet(path, index=False)
+            globs[name] = str(path)
+        return split_stats_sql(con, globs)
+
+
+def read_part(uri: str, columns: list[str] | None = None) -> pd.DataFrame:
+    """A split part (one Parquet object, or the bucketed prefix) as one frame in the order the
+    unbucketed split had: user index, time, item index. Whole in memory: trainers' input."""
+    frame = storage.read_parquet(uri, columns=columns)
+    keys = [c for c in (schema.USER_IDX, schema.TIMESTAMP, schema.ITEM_IDX) if c in frame]
+    return frame.sort_values(keys, kind="stable").reset_index(drop=True) if keys else frame
 
 
 def split_kwargs(p: settings.StepParams) -> dict:
@@ -126,16 +212,31 @@ def split_kwargs(p: settings.StepParams) -> dict:
     return {**kwargs, "seed": int(p["seed"])}
 
 
+def split_dir(input_dir: Path, out_dir: Path, p: settings.StepParams, con) -> dict[int, dict]:
+    """The whole split, bucket by bucket (memory: one bucket): what the DVC stage runs, and
+    what the DAG's mapped tasks do one bucket each. Returns rows per part per bucket."""
+    kw = split_kwargs(p)
+    files = sorted(Path(input_dir).glob("bucket=*/*.parquet"))
+    cutoffs = (global_cutoffs(con, str(Path(input_dir) / "bucket=*" / "*.parquet"),
+                              test_fraction=kw["test_fraction"],
+                              valid_fraction=kw["valid_fraction"])
+               if kw["method"] == "global_time" and files else None)
+    return {bucket_of_path(f): split_bucket(f, Path(out_dir) / f.parent.name,
+                                            bucket=bucket_of_path(f), kwargs=kw, cutoffs=cutoffs)
+            for f in files}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="split augmented interactions (dvc stage)")
-    parser.add_argument("--input", required=True)
+    parser.add_argument("--input", required=True, help="a bucketed table's folder (bucket=NNN/)")
     parser.add_argument("--out-dir", required=True)
     args = parser.parse_args(argv)
-    p = settings.step_params(PARAMS)
-    parts = split_interactions(storage.read_parquet(args.input), **split_kwargs(p))
-    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-    for name, frame in parts.items():
-        storage.write_parquet(frame, str(Path(args.out_dir) / f"{name}.parquet"))
+    params = settings.load_params()
+    p = settings.step_params(PARAMS, params)
+    out = Path(args.out_dir)
+    shutil.rmtree(out, ignore_errors=True)
+    with engine.connect("split", params) as con:
+        split_dir(Path(args.input), out, p, con)
     return 0
 
 

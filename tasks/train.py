@@ -54,6 +54,7 @@ from nightrec.core import schema, settings
 from nightrec.core.records import Split, Trained
 from nightrec.ml import models
 from nightrec.store import layout, storage
+from nightrec.tasks import split
 
 PARAMS = [
     "seed",
@@ -515,8 +516,7 @@ def _warm_start_init(split_out: Split, p: settings.StepParams) -> dict | None:
 def run(split_out: Split, params: dict | None = None) -> Trained:
     ds = split_out.ds
     p = settings.step_params(PARAMS, params)
-    parts = {name: storage.read_parquet(getattr(split_out, name))
-             for name in ("train", "valid", "test")}
+    parts = {name: split.read_part(getattr(split_out, name)) for name in split.PARTS}
     n_users, n_items = _sizes(split_out)
     init = _warm_start_init(split_out, p)
     side = side_features(split_out, p)

@@ -26,16 +26,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import pandas as pd
 import yaml
 
-from nightrec.core import settings
+from nightrec.core import engine, settings
 from nightrec.core.records import Augmented, Split
 from nightrec.store import layout, storage
 from nightrec.tasks import split, validate
 
 SPLIT_DIR = "data/split"
-INPUT = "data/augment/interactions.parquet"
+INPUT = "data/augment/interactions"  # a bucketed table: bucket=NNN/part-0.parquet
 log = logging.getLogger(__name__)
 
 
@@ -104,10 +103,54 @@ def data_version(ws: Path) -> str:
     raise DvcError(f"{ws}/dvc.lock has no output {SPLIT_DIR}")
 
 
-def run(augmented: Augmented, params: dict | None = None) -> Split:
-    """Reproduce the split for ``ds``, check it (the split suite and the leakage checks of
-    tasks/validate.py: a broken split raises ContractError and is neither pushed nor
-    published), push it; publish its files and ``data_version``."""
+def plan(augmented: Augmented, params: dict | None = None) -> list[dict]:
+    """The split's map step, planned: one spec per bucket of the augmented table. For
+    ``global_time`` the cutoffs are a global fact, computed here in the engine over every
+    bucket's timestamps (a reduce) and handed to each bucket. Clears a rerun's older parts."""
+    ds = augmented.ds
+    params = params if params is not None else settings.load_params()
+    p = settings.step_params(split.PARAMS, params)
+    inputs = [u for u in storage.list_uris(augmented.interactions) if u.endswith(".parquet")]
+    if not inputs:
+        raise FileNotFoundError(f"no buckets under {augmented.interactions}")
+    cutoffs = None
+    if p["split.method"] == "global_time":
+        with tempfile.TemporaryDirectory(prefix="nightrec-split-plan-",
+                                         dir=engine.spill_root()) as tmp, \
+                engine.connect("split", params) as con:
+            glob = storage.download_table(augmented.interactions, Path(tmp))
+            cutoffs = split.global_cutoffs(con, glob, test_fraction=p["split.test_fraction"],
+                                           valid_fraction=p["split.valid_fraction"])
+    for part in split.PARTS:
+        storage.delete(storage.list_uris(layout.bucketed_prefix(ds, "split", part)))
+    return [{"ds": ds, "bucket": split.bucket_of_path(Path(u)), "input": u,
+             "cutoffs": list(cutoffs) if cutoffs else None} for u in inputs]
+
+
+def run_bucket(spec: dict, params: dict | None = None) -> dict:
+    """One bucket's split (a mapped task): its augmented file in, its three parts out to
+    ``runs/ds=<ds>/split/<part>/bucket=NNN/part-0.parquet``. Memory: one bucket."""
+    params = params if params is not None else settings.load_params()
+    p = settings.step_params(split.PARAMS, params)
+    ds, bucket = spec["ds"], int(spec["bucket"])
+    with tempfile.TemporaryDirectory(prefix="nightrec-split-", dir=engine.spill_root()) as tmp:
+        local = storage.download_to(spec["input"], Path(tmp) / "in.parquet")
+        rows = split.split_bucket(local, Path(tmp) / "out", bucket=bucket,
+                                  kwargs=split.split_kwargs(p),
+                                  cutoffs=tuple(spec["cutoffs"]) if spec["cutoffs"] else None)
+        for part in split.PARTS:
+            storage.upload_from(Path(tmp) / "out" / f"{part}.parquet",
+                                layout.bucket_uri(ds, "split", part, bucket))
+    return {"ds": ds, "bucket": bucket, "rows": rows}
+
+
+def finish(augmented: Augmented, done: list[dict], params: dict | None = None) -> Split:
+    """The split's reduce: gather every bucket's parts into the ds's DVC workspace, record the
+    stage with ``dvc commit`` (deps, params and outs hashed into dvc.lock exactly as ``dvc
+    repro`` would; the stage's command, ``python -m nightrec.tasks.split``, computes the same
+    files, bucket by bucket, so ``dvc repro`` anywhere reproduces this data_version), check the
+    split (the split suite and the leakage checks: a broken split raises ContractError and is
+    neither pushed nor published), push it; publish ``data_version``."""
     ds = augmented.ds
     params = params if params is not None else settings.load_params()
     ws = workspace(ds)
@@ -119,15 +162,22 @@ def run(augmented: Augmented, params: dict | None = None) -> Split:
         timings[what] = round(now - clock, 2)
         clock = now
 
+    buckets = sorted(int(d["bucket"]) for d in done)
     prepare_workspace(ws, params)
-    storage.download_to(augmented.interactions, ws / INPUT)
-    lap("prepare")
-    _dvc(ws, "repro", "--single-item", "split")
+    shutil.rmtree(ws / INPUT, ignore_errors=True)
+    shutil.rmtree(ws / SPLIT_DIR, ignore_errors=True)
+    storage.download_prefix(augmented.interactions, ws / INPUT)
+    for b in buckets:
+        for part in split.PARTS:
+            storage.download_to(layout.bucket_uri(ds, "split", part, b),
+                                ws / SPLIT_DIR / layout.bucket_name(b) / f"{part}.parquet")
+    lap("gather")
+    _dvc(ws, "commit", "--force", "split")
     version = data_version(ws)
-    lap("repro")
-    parts = {name: pd.read_parquet(ws / SPLIT_DIR / f"{name}.parquet") for name in split.PARTS}
-    report = validate.check_split(parts, ds=ds, method=params["split"]["method"],
-                                  p=settings.step_params(validate.PARAMS, params))
+    lap("commit")
+    globs = {part: str(ws / SPLIT_DIR / "bucket=*" / f"{part}.parquet") for part in split.PARTS}
+    report = validate.check_split_files(globs, ds=ds, method=params["split"]["method"],
+                                        p=settings.step_params(validate.PARAMS, params))
     report["data_version"] = version
     report["data_docs"] = validate.record_results(ds, [report["expectations"]])
     out = {"validation": layout.run_uri(ds, "split", "validation.json")}
@@ -138,11 +188,12 @@ def run(augmented: Augmented, params: dict | None = None) -> Split:
     _dvc(ws, "push", "split")
     lap("push")
     for part in split.PARTS:
-        out[part] = layout.run_uri(ds, "split", f"{part}.parquet")
-        storage.upload_from(ws / SPLIT_DIR / f"{part}.parquet", out[part])
+        out[part] = layout.bucketed_prefix(ds, "split", part)
+    with engine.connect("split", params) as con:
+        stats = split.split_stats_sql(con, globs)
     meta = {"ds": ds, "data_version": version, "dvc_remote": layout.dvc_remote_uri(),
-            "stats": split.split_stats(parts)}
-    lap("publish")
+            "buckets": len(buckets), "stats": stats}
+    lap("stats")
     meta["dvc_lock"] = (ws / "dvc.lock").read_text()
     meta["timings_s"] = timings
     out["meta"] = layout.run_uri(ds, "split", "meta.json")
@@ -151,6 +202,12 @@ def run(augmented: Augmented, params: dict | None = None) -> Split:
     return Split(ds=ds, data_version=version, item_features=augmented.item_features,
                  user_features=augmented.user_features,
                  feature_encoding=augmented.feature_encoding, **out)
+
+
+def run(augmented: Augmented, params: dict | None = None) -> Split:
+    """The whole split in one process: plan, every bucket, finish (the DAG maps the buckets)."""
+    params = params if params is not None else settings.load_params()
+    return finish(augmented, [run_bucket(s, params) for s in plan(augmented, params)], params)
 
 
 def fetch(version: str, dest: Path) -> Path:
@@ -168,9 +225,7 @@ def fetch(version: str, dest: Path) -> Path:
         (ws / "split.dvc").write_text(yaml.safe_dump(
             {"outs": [{"md5": f"{version}.dir", "hash": "md5", "path": "split"}]}))
         _dvc(ws, "pull", "split.dvc")
-        dest.mkdir(parents=True, exist_ok=True)
-        for f in sorted((ws / "split").iterdir()):
-            shutil.copyfile(f, dest / f.name)
+        shutil.copytree(ws / "split", dest, dirs_exist_ok=True)
     return dest
 
 
@@ -181,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     get.add_argument("data_version")
     get.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
-    for f in sorted(fetch(args.data_version, args.out).iterdir()):
+    for f in sorted(p for p in fetch(args.data_version, args.out).rglob("*") if p.is_file()):
         print(f)
     return 0
 

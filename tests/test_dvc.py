@@ -26,7 +26,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from nightrec.core import settings
+from nightrec.core import engine, settings
 from nightrec.dev import sample_data
 from nightrec.store import storage
 from nightrec.tasks import augment, split, versioning
@@ -34,7 +34,11 @@ from nightrec.tasks import augment, split, versioning
 ROOT = Path(__file__).resolve().parents[1]
 
 
+BUCKETS = 3
+
+
 def _augmented(path: Path) -> None:
+    """A small augmented table as the DAG leaves it: user-hash buckets under ``path``."""
     inter, _, _ = sample_data.generate_sample(n_users=150, n_items=80, n_interactions=3000,
                                               seed=3)
     df = inter.assign(user_idx=inter["user_id"] - 1, item_idx=inter["item_id"] - 1,
@@ -42,8 +46,11 @@ def _augmented(path: Path) -> None:
                       rating=inter["rating"].astype("float64"))
     df = augment.label_interactions(df, positive_min_rating=0.0, weight_by_rating=False,
                                     max_rating=5.0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    storage.write_parquet(df, str(path))
+    bucket = df["user_id"].map(lambda u: engine.bucket_of(u, BUCKETS))
+    for b in range(BUCKETS):
+        out = path / f"bucket={b:03d}" / "part-0.parquet"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        storage.write_parquet(df[bucket == b], str(out))
 
 
 def _fresh_copy(root: Path) -> Path:
@@ -60,17 +67,19 @@ def _lock(ws: Path) -> dict:
 
 
 def _rows(ws: Path, part: str) -> int:
-    return len(pd.read_parquet(ws / versioning.SPLIT_DIR / f"{part}.parquet"))
+    return sum(len(pd.read_parquet(f))
+               for f in (ws / versioning.SPLIT_DIR).glob(f"bucket=*/{part}.parquet"))
 
 
 def _files(folder: Path) -> dict[str, bytes]:
-    return {f.name: f.read_bytes() for f in sorted(folder.iterdir())}
+    return {f.relative_to(folder).as_posix(): f.read_bytes()
+            for f in sorted(folder.rglob("*")) if f.is_file()}
 
 
 @pytest.fixture(scope="module")
 def workspaces(s3, tmp_path_factory):
     base = tmp_path_factory.mktemp("dvc")
-    data = base / "augmented.parquet"
+    data = base / "augmented"
     _augmented(data)
     params = settings.load_params()
     out = []
@@ -80,8 +89,7 @@ def workspaces(s3, tmp_path_factory):
             mp.setenv("NIGHTREC_HOME", str(clone))  # dvc.yaml and the stage's code from the copy
             ws = clone / "ws"
             versioning.prepare_workspace(ws, params)
-            (ws / versioning.INPUT).parent.mkdir(parents=True)
-            shutil.copyfile(data, ws / versioning.INPUT)
+            shutil.copytree(data, ws / versioning.INPUT)
             versioning._dvc(ws, "repro", "--single-item", "split")
         out.append(ws)
     return out
@@ -93,7 +101,8 @@ def test_repro_in_two_fresh_copies_gives_identical_split_files(workspaces):
     assert versioning.data_version(a) == versioning.data_version(b)
     assert _lock(a) == _lock(b)  # same input, params, and output hashes
     files = _files(a / versioning.SPLIT_DIR)
-    assert sorted(files) == [f"{p}.parquet" for p in sorted(split.PARTS)]
+    assert sorted(files) == [f"bucket={b:03d}/{p}.parquet"
+                             for b in range(BUCKETS) for p in sorted(split.PARTS)]
     assert files == _files(b / versioning.SPLIT_DIR)
     assert all(len(pd.read_parquet(a / versioning.SPLIT_DIR / n)) for n in files)
 
@@ -168,12 +177,42 @@ def test_a_pushed_data_version_comes_back_from_the_remote(workspaces, tmp_path, 
     # by the version alone, anywhere (the README's recipe)
     assert versioning.main(["fetch", version, "--out", str(tmp_path / "fetched")]) == 0
     assert _files(tmp_path / "fetched") == originals
-    assert str(tmp_path / "fetched" / "train.parquet") in capsys.readouterr().out
+    assert str(tmp_path / "fetched" / "bucket=000" / "train.parquet") in capsys.readouterr().out
     # dvc.api: the workspace's dvc.lock names the version; the bytes come from the remote
     fs = DVCFileSystem(str(ws))
-    assert fs.read_bytes(f"{versioning.SPLIT_DIR}/test.parquet") == originals["test.parquet"]
+    assert (fs.read_bytes(f"{versioning.SPLIT_DIR}/bucket=001/test.parquet")
+            == originals["bucket=001/test.parquet"])
     # dvc pull restores the workspace
     versioning._dvc(ws, "pull", "split")
     assert _files(ws / versioning.SPLIT_DIR) == originals
     with pytest.raises(ValueError, match="32 hex digits"):
         versioning.fetch("../etc", tmp_path / "x")
+
+
+def test_the_mapped_buckets_committed_are_what_dvc_repro_computes(workspaces, tmp_path,
+                                                                   monkeypatch):
+    """The DAG splits each bucket in its own task and records the stage with ``dvc commit``;
+    ``dvc repro`` of that stage (its command splits every bucket in one process) must give the
+    same files, so the committed data_version is reproducible."""
+    repro = workspaces[0]
+    clone = repro.parent
+    monkeypatch.setenv("NIGHTREC_HOME", str(clone))
+    ws = tmp_path / "mapped"
+    params = yaml.safe_load((repro / "params.yaml").read_text())
+    versioning.prepare_workspace(ws, params)
+    shutil.copytree(repro / versioning.INPUT, ws / versioning.INPUT)
+    p = settings.step_params(split.PARAMS, params)
+    files = sorted((ws / versioning.INPUT).glob("bucket=*/*.parquet"))
+    with engine.connect("split", params) as con:
+        cutoffs = split.global_cutoffs(con, str(ws / versioning.INPUT / "bucket=*" / "*.parquet"),
+                                       test_fraction=p["split.test_fraction"],
+                                       valid_fraction=p["split.valid_fraction"])
+    for f in reversed(files):  # any order, as mapped tasks finish
+        b = split.bucket_of_path(f)
+        split.split_bucket(f, ws / versioning.SPLIT_DIR / f.parent.name, bucket=b,
+                           kwargs=split.split_kwargs(p), cutoffs=cutoffs)
+    versioning._dvc(ws, "commit", "--force", "split")
+    assert versioning.data_version(ws) == versioning.data_version(repro)
+    assert _lock(ws)["deps"] == _lock(repro)["deps"]
+    assert "Data and pipelines are up to date" in versioning._dvc(ws, "status", "split")
+    assert _files(ws / versioning.SPLIT_DIR) == _files(repro / versioning.SPLIT_DIR)

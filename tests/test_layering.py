@@ -167,8 +167,8 @@ def test_nightly_dag_structure(airflow_db):
     dag = DagBag(dag_folder=str(ROOT / "dags")).get_dag("nightly_recommendations")
     assert dag.catchup is False and dag.max_active_runs == 1
     assert dag.schedule == "0 2 * * *"
-    order = ["ingest", "clean", "validate", "augment", "split", "train",
-             "evaluate", "register", "plan_shards", "score", "publish", "promote"]
+    order = ["ingest", "clean", "validate", "augment", "plan_split", "split_bucket", "split",
+             "train", "evaluate", "register", "plan_shards", "score", "publish", "promote"]
     assert set(order) | {"seen", "choose", "gate", "fallback", "load_model", "report"} == set(
         dag.task_ids)
     for up, down in itertools.pairwise(order):
@@ -181,7 +181,9 @@ def test_nightly_dag_structure(airflow_db):
     assert {"register", "publish"} <= dag.get_task("promote").upstream_task_ids
     assert {"register", "fallback"} == dag.get_task("gate").downstream_task_ids
     assert "plan_shards" in dag.get_task("fallback").downstream_task_ids
-    assert {"split", "load_model"} == dag.get_task("choose").downstream_task_ids
+    assert {"plan_split", "load_model"} == dag.get_task("choose").downstream_task_ids
+    assert "split" in dag.get_task("augment").downstream_task_ids  # DVC's input, the buckets
+    assert dag.get_task("split_bucket").is_mapped and not dag.get_task("split").is_mapped
     assert "plan_shards" in dag.get_task("load_model").downstream_task_ids
     assert dag.get_task("score").is_mapped and not dag.get_task("publish").is_mapped
     assert dag.get_task("report").is_teardown

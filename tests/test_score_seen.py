@@ -54,7 +54,8 @@ def write_clean_outputs() -> dict:
     interactions, quarantine, stats = clean.clean_interactions(
         raw, ds=DS, min_rating=0.5, max_rating=5.0, min_timestamp="1995-01-01",
         min_user_interactions=2, min_item_interactions=1, catalogue=CATALOGUE)
-    storage.write_parquet(interactions, layout.run_uri(DS, "clean", "interactions.parquet"))
+    storage.delete(storage.list_uris(layout.bucketed_prefix(DS, "clean", "interactions")))
+    storage.write_parquet(interactions, layout.bucket_uri(DS, "clean", "interactions", 0))
     storage.write_parquet(quarantine, layout.run_uri(DS, "clean", "quarantine.parquet"))
     return stats
 
@@ -118,7 +119,7 @@ def test_an_item_quarantined_for_its_rating_is_not_recommended_to_its_user(bucke
            "item_bias": np.zeros(len(items), np.float32)}
     model = write_model(storage.s3_uri("models/mf-20261128-0000aaaa/"), emb, ["a", "b", "c"],
                         items, "mf-20261128-0000aaaa")
-    clean_uri = layout.run_uri(DS, "clean", "interactions.parquet")
+    clean_uri = layout.bucket_uri(DS, "clean", "interactions", 0)  # the one bucket
     before = recommendations(score.run(DS, model, clean_uri, "old", top_k=3))
     assert before["a"][0] == "i3" and before["b"][0] == "i4"  # what the clean table let through
     recs = recommendations(score.run(DS, model, seen_uri, "new", top_k=3))

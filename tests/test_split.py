@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -139,3 +140,20 @@ def test_the_default_split_trains_on_nothing_later_than_what_it_is_judged_on(eve
     per_user = split.split_interactions(events, **{**split.split_kwargs(p),
                                                    "method": "leave_last_fraction"})
     assert per_user["train"]["timestamp"].max() > per_user["test"]["timestamp"].min()
+
+
+@pytest.mark.parametrize("n", [1, 2, 11, 1000, 1237])
+def test_the_engines_global_cutoffs_are_numpys_higher_quantiles(n, tmp_path):
+    """Buckets split alone with cutoffs the engine computed over every bucket; they must be
+    what the whole-table split computed with ``np.quantile(..., method="higher")``."""
+    import duckdb
+
+    ts = np.random.default_rng(n).integers(0, 50, n)  # many ties, as real clocks have
+    for b, part in enumerate(np.array_split(ts, 3)):
+        pd.DataFrame({"timestamp": part}).to_parquet(tmp_path / f"b{b}.parquet")
+    for test_fraction, valid_fraction in ((0.1, 0.1), (0.2, 0.0), (0.5, 0.25)):
+        got = split.global_cutoffs(duckdb.connect(), str(tmp_path / "b*.parquet"),
+                                   test_fraction=test_fraction, valid_fraction=valid_fraction)
+        want = (np.quantile(ts, 1 - test_fraction - valid_fraction, method="higher"),
+                np.quantile(ts, 1 - test_fraction, method="higher"))
+        assert got == (int(want[0]), int(want[1]))

@@ -52,8 +52,15 @@ def budget(step: str, params: dict[str, Any] | None = None) -> dict[str, float]:
     return {"memory_gb": memory_gb, "threads": threads or (os.cpu_count() or 1)}
 
 
+def spill_root() -> Path:
+    """``$NIGHTREC_STATE/spill``: the engine's spill folders and the steps' local scratch."""
+    path = settings.state_dir() / "spill"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def spill_dir(step: str) -> Path:
-    return settings.state_dir() / "spill" / f"{step}-{os.getpid()}"
+    return spill_root() / f"{step}-{os.getpid()}"
 
 
 @contextlib.contextmanager

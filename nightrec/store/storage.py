@@ -240,9 +240,30 @@ def write_json(uri: str, obj: Any, *, if_match: str | None = None,
 
 
 def read_parquet(uri: str, columns: list[str] | None = None):
+    """One Parquet object, or a bucketed table (a prefix ending in ``/``: its parts
+    concatenated in key order), as a pandas frame. For small tables: the data steps read big
+    ones with the engine (nightrec/core/engine.py) from a local copy (:func:`download_table`)."""
     import pandas as pd
 
+    if uri.endswith("/"):
+        parts = [pd.read_parquet(io.BytesIO(read_bytes(u)), columns=columns)
+                 for u in list_uris(uri) if u.endswith(".parquet")]
+        if not parts:
+            raise FileNotFoundError(f"no Parquet parts under {uri}")
+        return pd.concat(parts, ignore_index=True)
     return pd.read_parquet(io.BytesIO(read_bytes(uri)), columns=columns)
+
+
+def download_table(uri: str, dest: Path) -> str:
+    """A Parquet object or a bucketed table (prefix ending in ``/``) into the folder ``dest``;
+    returns the glob of its local Parquet files, for ``read_parquet('<glob>')`` in DuckDB."""
+    dest.mkdir(parents=True, exist_ok=True)
+    if uri.endswith("/"):
+        files = download_prefix(uri, dest)
+        if not any(f.suffix == ".parquet" for f in files):
+            raise FileNotFoundError(f"no Parquet parts under {uri}")
+        return str(dest / "**" / "*.parquet")
+    return str(download_to(uri, dest / "table.parquet"))
 
 
 def parquet_bytes(df, *, row_group_size: int | None = None) -> bytes:
