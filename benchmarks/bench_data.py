@@ -1,19 +1,61 @@
-"""Data stages at scale: ingest, clean, validate, augment and split (DVC repro + push) on a
-generated snapshot, each stage's ``run()`` in its own process, against a private SeaweedFS.
+"""Data stages at scale: ingest, clean, validate, augment, seen and split (DVC repro + push) on a
+generated snapshot, each stage's ``run()`` in its own process, against a private SeaweedFS; with
+``--baseline DIR``, the same stages of another checkout (the pandas version before issue 14) on
+the same snapshot, back to back, and the ratios.
 
-    .venv/bin/python benchmarks/bench_data.py                 # 10M events, 200k users x 20k items
-    .venv/bin/python benchmarks/bench_data.py --rows 1000000  # a quick look
+    .venv/bin/python benchmarks/bench_data.py --baseline /work/wt/baseline \\
+        --json-out /tmp/bench-data-10m.json                 # 10M events, 200k users x 20k items
+    .venv/bin/python benchmarks/bench_data.py --rows 100000000 --users 2000000 --items 100000 \\
+        --files 8 --format parquet --baseline /work/wt/baseline \\
+        --reference /tmp/bench-data-10m.json               # 100M; the baseline is skipped (30M cap)
+    .venv/bin/python benchmarks/bench_data.py --rows 1000000 --baseline /work/wt/baseline  # a look
 
-The snapshot is generated vectorised and seeded: log-normal user activity, Zipf item popularity
-(so heavy users meet popular items twice: some ``duplicate_event``), ratings 1..5, timestamps
-over the 200 days before ds, and a small share of malformed rows (bad rating, empty item,
-timestamp in the future) for the quarantine; written as ``--files`` CSV parts (or Parquet) with
-item and user side tables, and uploaded to ``raw/.../ds=<ds>/``.
+The snapshot (``nightrec/dev/bench_data_gen.py``) is generated once, seeded and one file at a
+time, into the work folder: log-normal user activity, Zipf items, ratings 1..5, timestamps over
+the 200 days before ds, a ``--bad-fraction`` of malformed rows, as ``--files`` CSV or Parquet
+parts plus item and user side tables. Its generation is timed and not counted.
 
-Per stage it prints the wall time and the peak RSS of the stage process and everything it
-waited for (``max(RUSAGE_SELF, RUSAGE_CHILDREN)``: DVC runs the split in a grandchild), which
-includes the ~0.3-0.5 GB that importing pandas, pyarrow and Great Expectations costs. The S3
-server's own memory is not counted. Targets: <= 6 minutes in all and <= 6 GB peak on 2 cores.
+Each checkout then gets, in turn (the baseline first), a fresh SeaweedFS and state folder; the
+snapshot is uploaded to ``raw/.../ds=<ds>/`` (not counted), and each stage runs as
+``<checkout>/.venv/bin/python bench_data.py --stage S`` with ``PYTHONPATH`` and ``NIGHTREC_HOME``
+at that checkout (the child checks that ``nightrec`` and ``nightrec.tasks`` were imported from
+there). A stage gets its upstream's record as the DAG hands it over: the ``to_xcom()`` JSON,
+rebuilt with ``records.<its "record">.from_xcom``; its fields pass through untouched, so the two
+versions may differ in them. The DAG's wiring: clean <- ingest, validate <- clean,
+augment <- validate, seen <- validate, split (``tasks/versioning.run``) <- augment.
+
+Per stage:
+
+- **wall**: ``run()`` alone (the stage module imported before the clock starts; what ``run()``
+  imports lazily, Great Expectations say, counts); **process**: the stage process's lifetime;
+- **CPU**: user + sys of the stage's process tree (``os.wait4`` on the stage process: it and
+  every descendant it waited for; DVC runs the split in grandchildren) less what the process
+  spent before ``run()`` (interpreter start and imports);
+- **peak RSS**: the stage's process tree summed, sampled with psutil every ~0.2 s; imports
+  included, the S3 server not (its own peak is printed apart). Cross-checks: the stage process's
+  own ``VmHWM`` and the largest waited-for descendant's (``RUSAGE_CHILDREN``), and ``wait4``'s.
+
+A stage whose tree passes a memory cap (``--baseline-mem-cap-gb``, default 16, for the baseline;
+``--mem-cap-gb`` for the current checkout, off by default) is killed (SIGKILL to its process
+group), reported as such, and the stages that need its output are not run. At 0.2 s a sample,
+a fast allocation can pass the cap by a little before the kill. Above ``--baseline-max-rows``
+(default 30M) the baseline is not run at all: the pandas version needs ~0.5 GB per million events.
+
+Targets (issue 14): 10M: <= 2 min in all (the six stages' ``run()`` wall, summed; their process
+lifetimes are printed beside) and <= 1.5 GB per stage. 100M (``--rows`` >= 50M selects these):
+<= 25 min through split, each stage <= 4 GB; with ``--reference`` (a 10M run's ``--json-out``),
+also <= 1.5x that run's peak for the same stage. Other sizes are held to the 10M targets as a bar.
+The comparison also checks that ingest, clean, seen and split produced the same row counts in
+both checkouts (the rules must not change with the engine).
+
+Wall times on a shared 2-core machine carry noise (other work's load); CPU seconds are steadier.
+At 50k rows the six stages still take ~50 s of wall: validate (Great Expectations' import and
+Data Docs, ~13 s) and split (DVC prepare, repro, push and the split suite, ~27 s) are mostly
+fixed costs.
+
+Params: each checkout's own params.yaml, as shipped; every ``--set key=value`` (YAML value,
+applied to both checkouts where the key's section exists) is printed, and the data steps'
+params in effect are printed per checkout.
 """
 
 from __future__ import annotations
@@ -23,88 +65,49 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 DS = "2026-11-28"
-STAGES = ("ingest", "clean", "validate", "augment", "split")
-TARGET_S, TARGET_GB = 360.0, 6.0
+# (stage, the stage whose record it takes): the DAG's wiring (dags/nightly_recommendations.py)
+STAGES = (("ingest", None), ("clean", "ingest"), ("validate", "clean"), ("augment", "validate"),
+          ("seen", "validate"), ("split", "augment"))
+MODULES = {"split": "versioning"}
+COUNTED = ("ingest", "clean", "seen", "split")  # their row counts must not change with the code  # the split stage's run() (DVC repro + push) lives there
+PARAM_SECTIONS = ("resources", "ingest", "clean", "validate", "augment", "split")
+TARGETS = {
+    "10M": {"total_s": 2 * 60.0, "stage_gb": 1.5},
+    "100M": {"total_s": 25 * 60.0, "stage_gb": 4.0},
+}
+REFERENCE_FACTOR = 1.5  # a stage's peak at 100M against its peak at 10M (--reference)
+GB = 2**30
+MB = 2**20
+SAMPLE_S = 0.2
 
 
-def generate(work: Path, *, rows: int, users: int, items: int, files: int, fmt: str,
-             bad_fraction: float, seed: int) -> dict[str, list[Path]]:
-    """Write the snapshot's interaction parts and side tables under ``work``; returns paths."""
-    import numpy as np
-    import pandas as pd
-    import pyarrow as pa
-    import pyarrow.csv as pcsv
-    import pyarrow.parquet as pq
+# ---------------------------------------------------------------------------- child modes
+# Run by a checkout's own .venv python, with PYTHONPATH and NIGHTREC_HOME at that checkout: they
+# import nothing from the checkout this script lives in.
 
-    from nightrec.dev import sample_data
+def _code_root() -> Path:
+    return Path(os.environ["NIGHTREC_HOME"]).resolve()
 
-    rng = np.random.default_rng(seed)
-    activity = rng.lognormal(0.0, 1.0, users)
-    counts = rng.multinomial(rows, activity / activity.sum())
-    u = np.repeat(np.arange(users, dtype=np.int64), counts)
-    u = u[rng.permutation(len(u))]
-    popularity = 1.0 / np.arange(1, items + 1) ** 0.9
-    item_of_rank = rng.permutation(items)
-    cdf = np.cumsum(popularity) / popularity.sum()
-    i = item_of_rank[np.minimum(np.searchsorted(cdf, rng.random(len(u))), items - 1)]
-    end = pd.Timestamp(DS, tz="UTC").timestamp() + 86399
-    ts = (end - rng.random(len(u)) * 200 * 86400).astype(np.int64)
-    rating = rng.integers(1, 6, len(u))
-    table = pa.table({"user_id": pa.array(u + 1).cast(pa.string()),
-                      "item_id": pa.array(i + 1).cast(pa.string()),
-                      "rating": pa.array(rating).cast(pa.string()),
-                      "timestamp": pa.array(ts).cast(pa.string())})
-    n_bad = int(bad_fraction * len(u))
-    if n_bad:
-        bad = rng.choice(len(u), n_bad, replace=False)
-        kind = rng.integers(0, 3, n_bad)
-        cols = {c: table.column(c).to_numpy(zero_copy_only=False).astype(object)
-                for c in ("item_id", "rating", "timestamp")}
-        cols["rating"][bad[kind == 0]] = "x"
-        cols["item_id"][bad[kind == 1]] = ""
-        cols["timestamp"][bad[kind == 2]] = str(int(end) + 86400 * 30)
-        for c, v in cols.items():
-            table = table.set_column(table.schema.get_field_index(c), c, pa.array(v, pa.string()))
-    del u, i, ts, rating
-    out: dict[str, list[Path]] = {"interactions": [], "items": [], "users": []}
-    step = -(-table.num_rows // files)
-    for k in range(files):
-        part = table.slice(k * step, step)
-        if fmt == "parquet":
-            path = work / f"part-{k:03d}.parquet"
-            pq.write_table(part, path, compression="zstd")
-        else:
-            path = work / f"part-{k:03d}.csv"
-            pcsv.write_csv(part, path, pcsv.WriteOptions(quoting_style="none"))
-        out["interactions"].append(path)
-    genres = np.array(sample_data.GENRES)
-    picks = rng.integers(0, len(genres), (items, 3))
-    n_genres = rng.integers(1, 4, items)
-    items_df = pd.DataFrame({
-        "item_id": np.arange(1, items + 1), "title": [f"Item {k}" for k in range(1, items + 1)],
-        "year": rng.integers(1950, 2026, items),
-        "genres": [" ".join(sorted(set(genres[picks[k, :n_genres[k]]]))) for k in range(items)]})
-    users_df = pd.DataFrame({
-        "user_id": np.arange(1, users + 1), "age": rng.integers(15, 75, users),
-        "gender": rng.choice(["F", "M"], users),
-        "occupation": rng.choice(sample_data.OCCUPATIONS, users),
-        "zip_code": [f"{z:05d}" for z in rng.integers(0, 99999, users)]})
-    out["items"].append(work / "items.csv")
-    items_df.to_csv(out["items"][0], index=False)
-    out["users"].append(work / "users.csv")
-    users_df.to_csv(out["users"][0], index=False)
-    return out
 
+def _check_origin(*modules) -> None:
+    """A stage must run the code of the checkout it is measured for, not this script's."""
+    code = _code_root()
+    for m in modules:
+        path = Path(m.__file__).resolve()
+        if not path.is_relative_to(code):
+            raise SystemExit(f"{m.__name__} imported from {path}, not from {code}: "
+                             "PYTHONPATH or the venv's editable install points elsewhere")
 
 
 def _vm_hwm_kb() -> int:
@@ -116,47 +119,436 @@ def _vm_hwm_kb() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def run_stage(stage: str, upstream_file: Path, out_file: Path) -> None:
-    """Child mode: run one stage's ``run()`` on the upstream outputs, report time and memory."""
+def _cpu_s(*whos: int) -> float:
+    return sum(getattr(resource.getrusage(who), f) for who in whos
+               for f in ("ru_utime", "ru_stime"))
+
+
+def run_stage(stage: str, upstream_file: Path | None, out_file: Path) -> None:
+    """Child mode: run one stage's ``run()`` on its upstream's record; write its record and
+    figures to ``out_file``."""
     import importlib
 
-    upstream = json.loads(upstream_file.read_text())
-    started = time.perf_counter()
+    import nightrec
     from nightrec.core import records
 
-    if stage == "ingest":
-        from nightrec.tasks import ingest
-
-        out = ingest.run(DS).to_xcom()
-    else:  # the upstream step's record, as the DAG hands it over (XCom JSON)
-        module = importlib.import_module("nightrec.tasks.versioning" if stage == "split" else
-                                         f"nightrec.tasks.{stage}")
-        out = module.run(getattr(records, upstream["record"]).from_xcom(upstream)).to_xcom()
+    module = importlib.import_module(f"nightrec.tasks.{MODULES.get(stage, stage)}")
+    _check_origin(nightrec, records, module)
+    record = None
+    if stage != "ingest":  # the upstream step's record, as the DAG hands it over (XCom JSON)
+        upstream = json.loads(upstream_file.read_text())
+        record = getattr(records, upstream["record"]).from_xcom(upstream)
+    cpu_before = _cpu_s(resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    result = module.run(DS) if record is None else module.run(record)
     wall = time.perf_counter() - started
-    cpu = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF,
-              resource.RUSAGE_CHILDREN) for f in ("ru_utime", "ru_stime"))
-    self_kb = _vm_hwm_kb()
-    child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    out_file.write_text(json.dumps({"out": out, "wall_s": wall, "cpu_s": cpu,
-                                    "peak_rss_mb": max(self_kb, child_kb) / 1024,
-                                    "self_rss_mb": self_kb / 1024,
-                                    "children_rss_mb": child_kb / 1024}, default=str))
+    cpu = _cpu_s(resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN) - cpu_before
+    out_file.write_text(json.dumps({
+        "out": result.to_xcom(), "wall_s": wall, "cpu_before_s": cpu_before, "self_cpu_s": cpu,
+        "vm_hwm_mb": _vm_hwm_kb() / 1024,
+        "children_maxrss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+        "module": module.__file__}, default=str))
 
 
-def _rows(stage: str, out: dict) -> str:
-    from nightrec.store import storage
+def upload_snapshot(folder: Path) -> None:
+    """Child mode: upload the generated snapshot to ``raw/<table>/ds=<DS>/`` of the S3 server
+    the environment names, with the measured checkout's own storage and layout."""
+    import nightrec
+    from nightrec.store import layout, storage
 
-    if stage == "clean":
-        s = storage.read_json(out["stats"])
-        return (f"{s['clean_rows']:,} kept, {s['quarantined_rows']:,} quarantined "
-                f"{s['by_reason']}")
-    if stage == "split":
-        meta = storage.read_json(out["meta"])
-        rows = meta["stats"]["rows"]
-        return "train/valid/test " + "/".join(f"{rows[p]:,}" for p in ("train", "valid", "test"))
-    if stage == "ingest":
-        return f"{storage.read_json(out['files'])['rows']:,} raw rows"
+    _check_origin(nightrec, storage)
+    for f in sorted(folder.iterdir()):
+        table = f.stem if f.stem in ("items", "users") else "interactions"
+        storage.upload_from(f, layout.raw_prefix(DS, table) + f.name)
+
+
+# ---------------------------------------------------------------------------- measuring
+
+class TreeMonitor:
+    """Samples the RSS of a process tree (and of the S3 server) every ``SAMPLE_S`` seconds;
+    kills the tree's process group when it passes ``cap_bytes`` (0: no cap)."""
+
+    def __init__(self, pid: int, weed_pid: int | None, cap_bytes: int):
+        import psutil
+
+        self.proc = psutil.Process(pid)
+        self.weed = psutil.Process(weed_pid) if weed_pid else None
+        self.pid, self.cap = pid, cap_bytes
+        self.peak = self.weed_peak = self.samples = 0
+        self.killed_at = 0  # the sample that passed the cap, bytes
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _tree_rss(self) -> int:
+        import psutil
+
+        try:
+            procs = [self.proc, *self.proc.children(recursive=True)]
+        except psutil.Error:
+            return 0
+        total = 0
+        for p in procs:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            rss = self._tree_rss()
+            self.samples += 1
+            self.peak = max(self.peak, rss)
+            if self.weed is not None:
+                try:
+                    self.weed_peak = max(self.weed_peak, self.weed.memory_info().rss)
+                except Exception:  # noqa: BLE001 - the server went away; the stage will fail
+                    pass
+            if self.cap and rss > self.cap and not self.killed_at:
+                self.killed_at = rss
+                try:
+                    os.killpg(self.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self._stop.wait(SAMPLE_S)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join()
+
+
+def measure(cmd: list[str], *, env: dict, log: Path, weed_pid: int | None,
+            cap_bytes: int) -> dict:
+    """Run ``cmd`` in its own process group; its lifetime, the tree's CPU (wait4) and peaks."""
+    with open(log, "w") as f:
+        started = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        mon = TreeMonitor(proc.pid, weed_pid, cap_bytes)
+        try:
+            _, status, ru = os.wait4(proc.pid, 0)
+        except BaseException:  # Ctrl-C here: do not leave a stage running in its own session
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            mon.stop()
+            raise
+        process_s = time.perf_counter() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        mon.stop()
+    return {"rc": proc.returncode, "process_s": process_s,
+            "tree_cpu_s": ru.ru_utime + ru.ru_stime, "wait4_maxrss_mb": ru.ru_maxrss / 1024,
+            "peak_rss_mb": mon.peak / MB, "samples": mon.samples,
+            "weed_peak_mb": mon.weed_peak / MB,
+            "killed_at_mb": mon.killed_at / MB if mon.killed_at else None}
+
+
+def _summary(stage: str, out: dict) -> str:
+    """A line on what the stage produced, from the JSON it wrote (empty when the fields this
+    reads are not there: the record's shape may differ between versions)."""
+    from nightrec.store import layout, storage
+
+    try:
+        if stage == "ingest":
+            return f"{storage.read_json(out['files'])['rows']:,} raw rows"
+        if stage == "clean":
+            s = storage.read_json(out["stats"])
+            reasons = ", ".join(f"{v:,} {k}" for k, v in sorted(
+                s["by_reason"].items(), key=lambda kv: -kv[1]))
+            return f"{s['clean_rows']:,} kept; quarantined {s['quarantined_rows']:,}: {reasons}"
+        if stage == "validate":
+            suites = storage.read_json(out["report"])["suites"].values()
+            return "contract holds: " + ", ".join(
+                f"{s['suite']} {s['n_expectations']} expectations" for s in suites)
+        if stage == "seen":
+            s = storage.read_json(layout.run_uri(DS, "seen", "stats.json"))
+            return f"{s['pairs']:,} pairs, {s['users']:,} users, {s['items']:,} items"
+        if stage == "split":
+            meta = storage.read_json(out["meta"])
+            rows = meta["stats"]["rows"]
+            timings = ", ".join(f"{k} {v:.1f} s" for k, v in meta.get("timings_s", {}).items())
+            return ("train/valid/test " + "/".join(f"{rows[p]:,}" for p in ("train", "valid",
+                                                                            "test"))
+                    + (f"; {timings}" if timings else ""))
+    except Exception as e:  # noqa: BLE001 - a summary, never a failure
+        return f"(no summary: {type(e).__name__} {e})"
     return ""
+
+
+# ---------------------------------------------------------------------------- params
+
+def _parse_sets(items: list[str]) -> list[tuple[str, object]]:
+    import yaml
+
+    out = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set {item!r}: KEY=VALUE, e.g. resources.memory_gb=2")
+        out.append((key, yaml.safe_load(value)))
+    return out
+
+
+def checkout_params(code: Path, sets: list[tuple[str, object]], dest: Path
+                    ) -> tuple[dict, Path | None, list[str]]:
+    """The checkout's params with the overrides that apply to it; the private params file
+    (None: none applied, the shipped file is used) and the overrides it could not take."""
+    import yaml
+
+    params = yaml.safe_load((code / "params.yaml").read_text())
+    skipped = []
+    applied = 0
+    for key, value in sets:
+        node = params
+        *parents, last = key.split(".")
+        for k in parents:
+            node = node.get(k) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            skipped.append(key)
+            continue
+        node[last] = value
+        applied += 1
+    if not applied:
+        return params, None, skipped
+    dest.write_text(yaml.safe_dump(params, sort_keys=False))
+    return params, dest, skipped
+
+
+# ---------------------------------------------------------------------------- driver
+
+def _git(code: Path) -> str:
+    def git(*a: str) -> str:
+        return subprocess.run(["git", "-C", str(code), *a], capture_output=True, text=True,
+                              check=False).stdout.strip()
+    dirty = " + uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") \
+        else ""
+    return f"{git('rev-parse', '--short', 'HEAD') or '?'} ({git('log', '-1', '--format=%s')[:60]})" \
+        f"{dirty}"
+
+
+def _python(code: Path) -> Path:
+    py = code / ".venv" / "bin" / "python"
+    if not py.exists():
+        raise SystemExit(f"{py} is missing: run `make setup` in {code}")
+    return py
+
+
+def _versions_line(py: Path) -> str:
+    code = ("import importlib.metadata as m\n"
+            "def v(p):\n"
+            "    try:\n"
+            "        return f'{p} {m.version(p)}'\n"
+            "    except m.PackageNotFoundError:\n"
+            "        return f'{p} -'\n"
+            "print(', '.join(v(p) for p in ('pandas', 'pyarrow', 'duckdb', "
+            "'great-expectations', 'dvc')))")
+    return subprocess.run([str(py), "-c", code], capture_output=True, text=True,
+                          check=False).stdout.strip()
+
+
+def _dir_bytes(path: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def run_version(label: str, code: Path, *, snapshot: Path, work: Path, base_env: dict,
+                params_file: Path | None, cap_gb: float) -> dict:
+    """Fresh SeaweedFS and state for ``code``; upload the snapshot; run every stage."""
+    from nightrec.store import s3server, storage
+
+    py = _python(code)
+    vdir = work / label
+    vdir.mkdir()
+    ports = s3server.free_port_pairs(5)
+    cfg = s3server.ServerConfig(data_dir=vdir / "s3", s3_port=ports[0], master_port=ports[1],
+                                volume_port=ports[2], filer_port=ports[3], admin_port=ports[4],
+                                bucket="nightrec-bench")
+    env = {**base_env, "PYTHONPATH": str(code), "NIGHTREC_HOME": str(code),
+           "NIGHTREC_STATE": str(vdir / "state"), "NIGHTREC_BUCKET": cfg.bucket,
+           "TMPDIR": str(vdir / "tmp")}
+    (vdir / "tmp").mkdir()
+    if params_file:
+        env["NIGHTREC_PARAMS"] = str(params_file)
+    res: dict = {"label": label, "code": str(code), "stages": []}
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # the last server's: new ones
+        os.environ.pop(k, None)
+    os.environ["NIGHTREC_BUCKET"] = cfg.bucket  # s3server reads it
+    s3server.up(cfg)
+    try:
+        env.update(s3server.client_env(cfg))
+        os.environ.update({k: env[k] for k in ("S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                                               "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+                                               "NIGHTREC_BUCKET")})
+        storage._client.cache_clear()  # this process reads the stages' JSON from this server
+        weed_pid = int(cfg.pid_file.read_text())
+        script = str(Path(__file__).resolve())
+        t0 = time.perf_counter()
+        subprocess.run([str(py), script, "--upload", str(snapshot)], env=env, check=True)
+        res["upload_s"] = time.perf_counter() - t0
+        print(f"[{label}] {code} @ {_git(code)}: fresh SeaweedFS, snapshot uploaded in "
+              f"{res['upload_s']:.0f} s (not counted)", flush=True)
+        records: dict[str, Path] = {}
+        stopped: str | None = None
+        for stage, upstream in STAGES:
+            row: dict = {"stage": stage}
+            res["stages"].append(row)
+            if stopped:
+                row["status"] = f"not run ({stopped})"
+                continue
+            out = vdir / f"{stage}.json"
+            cmd = [str(py), script, "--stage", stage, "--out", str(out)]
+            if upstream:
+                cmd += ["--upstream", str(records[upstream])]
+            m = measure(cmd, env=env, log=vdir / f"{stage}.log", weed_pid=weed_pid,
+                        cap_bytes=int(cap_gb * GB))
+            row.update(m)
+            if m["killed_at_mb"]:
+                row["status"] = (f"killed at the {cap_gb:g} GB cap (tree at "
+                                 f"{m['killed_at_mb'] / 1024:.2f} GB after "
+                                 f"{m['process_s']:.0f} s)")
+                stopped = f"{stage} killed at the memory cap"
+            elif m["rc"] != 0:
+                tail = (vdir / f"{stage}.log").read_text(errors="replace")[-3000:]
+                why = ("killed by SIGKILL, not by this script: the kernel's OOM killer?"
+                       if m["rc"] == -signal.SIGKILL else f"exit {m['rc']}")
+                row["status"] = f"failed: {why}"
+                print(f"[{label}] {stage} failed ({why}); log tail:\n{tail}", flush=True)
+                stopped = f"{stage} failed"
+            else:
+                child = json.loads(out.read_text())
+                records[stage] = vdir / f"{stage}.record.json"
+                records[stage].write_text(json.dumps(child["out"]))
+                row.update(status="ok", wall_s=child["wall_s"],
+                           cpu_s=m["tree_cpu_s"] - child["cpu_before_s"],
+                           self_cpu_s=child["self_cpu_s"], vm_hwm_mb=child["vm_hwm_mb"],
+                           children_maxrss_mb=child["children_maxrss_mb"],
+                           record=child["out"].get("record"),
+                           summary=_summary(stage, child["out"]))
+            _print_row(label, row)
+        res["s3_bytes"] = _dir_bytes(cfg.data_dir)
+        res["state_bytes"] = _dir_bytes(vdir / "state")
+        res["weed_peak_mb"] = max((r.get("weed_peak_mb") or 0 for r in res["stages"]), default=0)
+    finally:
+        s3server.down(cfg)
+        storage._client.cache_clear()
+    return res
+
+
+def _print_row(label: str, r: dict) -> None:
+    if r.get("status") != "ok":
+        print(f"[{label}] {r['stage']:9s} {r.get('status')}", flush=True)
+        return
+    print(f"[{label}] {r['stage']:9s} {r['wall_s']:7.1f} s (process {r['process_s']:6.1f} s, "
+          f"CPU {r['cpu_s']:6.1f} s)  peak RSS {r['peak_rss_mb']:7.0f} MB  {r['summary']}",
+          flush=True)
+
+
+def _scale(rows: int) -> str:
+    return "100M" if rows >= 50_000_000 else "10M"
+
+
+def _target_note(r: dict, targets: dict, reference: dict | None) -> str:
+    notes = []
+    ok = r["peak_rss_mb"] / 1024 <= targets["stage_gb"]
+    notes.append(f"{'ok' if ok else 'OVER'} <= {targets['stage_gb']:g} GB")
+    if reference:
+        ref = reference.get(r["stage"])
+        if ref:
+            x = r["peak_rss_mb"] / ref
+            notes.append(f"{x:.2f}x ref {'ok' if x <= REFERENCE_FACTOR else 'OVER'}")
+        else:
+            notes.append("no ref")
+    return ", ".join(notes)
+
+
+def print_table(res: dict, targets: dict, reference: dict | None, with_targets: bool) -> None:
+    print(f"\n{res['label']}: {res['code']}")
+    if res.get("skipped"):
+        print(f"  not run: {res['skipped']}")
+        return
+    head = (f"  {'stage':9s} {'wall s':>7s} {'proc s':>7s} {'CPU s':>7s} {'peak MB':>8s}"
+            f" {'VmHWM/child/wait4 MB':>21s}  " + (f"{'target':30s} " if with_targets else "")
+            + "what")
+    print(head)
+    for r in res["stages"]:
+        if r.get("status") != "ok":
+            print(f"  {r['stage']:9s} {r.get('status')}")
+            continue
+        cross = (f"{r['vm_hwm_mb']:.0f}/{r['children_maxrss_mb']:.0f}/"
+                 f"{r['wait4_maxrss_mb']:.0f}")
+        tgt = f"{_target_note(r, targets, reference):30s} " if with_targets else ""
+        print(f"  {r['stage']:9s} {r['wall_s']:7.1f} {r['process_s']:7.1f} {r['cpu_s']:7.1f} "
+              f"{r['peak_rss_mb']:8.0f} {cross:>21s}  {tgt}{r['summary']}")
+    ok_rows = [r for r in res["stages"] if r.get("status") == "ok"]
+    complete = len(ok_rows) == len(STAGES)
+    wall = sum(r["wall_s"] for r in ok_rows)
+    proc = sum(r["process_s"] for r in ok_rows)
+    cpu = sum(r["cpu_s"] for r in ok_rows)
+    peak = max((r["peak_rss_mb"] for r in ok_rows), default=0.0)
+    line = (f"  {'total':9s} {wall:7.1f} {proc:7.1f} {cpu:7.1f} {peak:8.0f} (max)"
+            + ("" if complete else "  (stages that ran)"))
+    if with_targets:
+        t_ok = complete and wall <= targets["total_s"]
+        m_ok = complete and peak / 1024 <= targets["stage_gb"]
+        line += (f"\n  targets: all stages' wall {wall / 60:.1f} min "
+                 f"{'ok' if t_ok else 'MISSED'} <= {targets['total_s'] / 60:g} min (their "
+                 f"processes {proc / 60:.1f} min); every stage's peak "
+                 f"{'ok' if m_ok else 'MISSED'} <= {targets['stage_gb']:g} GB")
+    print(line)
+    print(f"  SeaweedFS peak RSS {res.get('weed_peak_mb', 0):.0f} MB (not counted); its data "
+          f"{res.get('s3_bytes', 0) / GB:.2f} GiB, state folder "
+          f"{res.get('state_bytes', 0) / GB:.2f} GiB at the end")
+
+
+def _ratio_cell(c: float, b: float, digits: int) -> str:
+    x = f"{c / b:5.2f}x" if b else "    -"
+    return f"{c:7.{digits}f} / {b:7.{digits}f} ({x})"
+
+
+def _counts(summary: str) -> str:
+    """A summary's row counts, the timings left out: what must not change between versions."""
+    return "" if summary.startswith("(no summary") else summary.split(";")[0] \
+        if "train/valid/test" in summary else summary
+
+
+def print_comparison(cur: dict, base: dict) -> None:
+    print("\ncurrent vs baseline (current / baseline, and the ratio: < 1 is the current smaller)")
+    if base.get("skipped"):
+        print(f"  baseline not run: {base['skipped']}")
+        return
+    print(f"  {'stage':9s} {'wall s':>26s} {'CPU s':>26s} {'peak RSS MB':>26s}  counts")
+    by = {r["stage"]: r for r in base["stages"]}
+    both = []
+    for r in cur["stages"]:
+        b = by.get(r["stage"], {})
+        if r.get("status") != "ok" or b.get("status") != "ok":
+            print(f"  {r['stage']:9s} current: {r.get('status')}; baseline: {b.get('status')}")
+            continue
+        both.append((r, b))
+        counts = (_counts(r["summary"]), _counts(b["summary"])) if r["stage"] in COUNTED \
+            else ("", "")
+        print(f"  {r['stage']:9s} {_ratio_cell(r['wall_s'], b['wall_s'], 1):>26s} "
+              f"{_ratio_cell(r['cpu_s'], b['cpu_s'], 1):>26s} "
+              f"{_ratio_cell(r['peak_rss_mb'], b['peak_rss_mb'], 0):>26s}  "
+              + ("" if not any(counts) else "same" if counts[0] == counts[1] else
+                 f"DIFFER: current {counts[0]!r}, baseline {counts[1]!r}"))
+    if both:
+        def total(i: int, k: str) -> float:
+            return sum(pair[i][k] for pair in both)
+
+        def peak(i: int) -> float:
+            return max(pair[i]["peak_rss_mb"] for pair in both)
+
+        print(f"  {'total':9s} {_ratio_cell(total(0, 'wall_s'), total(1, 'wall_s'), 1):>26s} "
+              f"{_ratio_cell(total(0, 'cpu_s'), total(1, 'cpu_s'), 1):>26s} "
+              f"{_ratio_cell(peak(0), peak(1), 0):>26s}   (peak: the largest stage's"
+              + ("" if len(both) == len(STAGES) else "; stages both ran only") + ")")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,90 +560,160 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", choices=("csv", "parquet"), default="csv")
     parser.add_argument("--bad-fraction", type=float, default=0.005)
     parser.add_argument("--seed", type=int, default=20261128)
-    parser.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)  # child mode
+    parser.add_argument("--baseline", type=Path,
+                        help="another checkout (with its own .venv) to run first, e.g. the "
+                             "pandas version: /work/wt/baseline")
+    parser.add_argument("--baseline-max-rows", type=int, default=30_000_000,
+                        help="above this many rows the baseline is not run")
+    parser.add_argument("--baseline-mem-cap-gb", type=float, default=16.0,
+                        help="a baseline stage whose process tree passes this is killed")
+    parser.add_argument("--mem-cap-gb", type=float, default=0.0,
+                        help="the same for the current checkout (0: no cap)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="params override for both checkouts, e.g. resources.memory_gb=2")
+    parser.add_argument("--reference", type=Path,
+                        help="a 10M run's --json-out: each stage's peak is compared with it")
+    parser.add_argument("--json-out", type=Path, help="also write the figures here")
+    parser.add_argument("--work", type=Path, help="folder for the work dir (default: TMPDIR)")
+    parser.add_argument("--keep", action="store_true", help="keep the work dir")
+    # child modes
+    parser.add_argument("--stage", choices=[s for s, _ in STAGES], help=argparse.SUPPRESS)
     parser.add_argument("--upstream", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--generate", type=Path, help=argparse.SUPPRESS)  # child: make the input
+    parser.add_argument("--upload", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.stage:
         run_stage(args.stage, args.upstream, args.out)
         return 0
-    if args.generate:
-        from nightrec.store import layout, storage
-
-        args.generate.mkdir(parents=True)
-        paths = generate(args.generate, rows=args.rows, users=args.users, items=args.items,
-                         files=args.files, fmt=args.format, bad_fraction=args.bad_fraction,
-                         seed=args.seed)
-        for table, files in paths.items():
-            for f in files:
-                storage.upload_from(f, layout.raw_prefix(DS, table) + f.name)
-                f.unlink()
+    if args.upload:
+        upload_snapshot(args.upload)
         return 0
+
+    sys.path.insert(0, str(ROOT))
+    import psutil
+
     from nightrec.dev.bench_scoring import machine
 
     print(machine(), flush=True)  # the CPU's vector width and the BLAS: machines differ
+    cpu_model = next((line.split(":", 1)[1].strip() for line in
+                      Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), "?")
+    print(f"{os.cpu_count()} CPUs ({cpu_model}), {psutil.virtual_memory().total / GB:.1f} GiB "
+          f"memory, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
 
-    from nightrec.store import s3server, storage
+    scale = _scale(args.rows)
+    targets = TARGETS[scale]
+    reference = None
+    if args.reference:
+        ref = json.loads(args.reference.read_text())
+        reference = {r["stage"]: r["peak_rss_mb"] for r in ref["versions"]["current"]["stages"]
+                     if r.get("status") == "ok"}
+        print(f"reference peaks ({args.reference}, {ref['rows']:,} rows): "
+              + ", ".join(f"{k} {v:.0f} MB" for k, v in reference.items()))
+    sets = _parse_sets(args.set)
+    checkouts = [("current", ROOT)]
+    baseline_skip = None
+    if args.baseline:
+        base = args.baseline.resolve()
+        _python(base)
+        if args.rows > args.baseline_max_rows:
+            baseline_skip = (f"{args.rows:,} rows > --baseline-max-rows "
+                             f"{args.baseline_max_rows:,} (the pandas version needs ~0.5 GB per "
+                             f"million events: ~{args.rows / 1e6 * 0.5:.0f} GB)")
+        else:
+            checkouts.insert(0, ("baseline", base))
 
-    work = Path(tempfile.mkdtemp(prefix="nightrec-bench-data-"))
-    ports = s3server.free_port_pairs(5)
-    cfg = s3server.ServerConfig(data_dir=work / "s3", s3_port=ports[0], master_port=ports[1],
-                                volume_port=ports[2], filer_port=ports[3], admin_port=ports[4])
-    env = {k: v for k, v in os.environ.items() if k not in (
-        "S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "NIGHTREC_PARAMS")}
-    env.update(NIGHTREC_STATE=str(work / "state"), GX_ANALYTICS_ENABLED="false",
-               PYTHONPATH=str(ROOT))
-    s3server.up(cfg)
-    results = []
+    work = Path(tempfile.mkdtemp(prefix="nightrec-bench-data-", dir=args.work))
+    print(f"work dir {work} ({shutil.disk_usage(work).free / GB:.0f} GiB free)")
+    print("params (the data steps' sections in effect, per checkout):")
+    params_files: dict[str, Path | None] = {}
+    shown: dict[str, str] = {}
+    for label, code in checkouts + ([("baseline", args.baseline.resolve())]
+                                    if baseline_skip else []):
+        params, pfile, skipped = checkout_params(code, sets, work / f"params-{label}.yaml")
+        params_files[label] = pfile
+        where = (f"{code}/params.yaml as shipped" if not pfile else
+                 f"{code}/params.yaml with " + ", ".join(f"{k}={v!r}" for k, v in sets
+                                                         if k not in skipped))
+        print(f"  {label}: {where}" + (f"; not applied (no such section there): "
+                                      f"{', '.join(skipped)}" if skipped else ""))
+        for sec in PARAM_SECTIONS:
+            text = json.dumps(params.get(sec), default=str) if sec in params else "(absent)"
+            if label != "current" and shown.get(sec) == text:
+                text = "(same as current)"
+            else:
+                shown.setdefault(sec, text)
+            print(f"    {sec}: {text}")
+    print(f"targets: the {scale} snapshot's (issue 14): <= {targets['total_s'] / 60:g} min in "
+          f"all, <= {targets['stage_gb']:g} GB per stage"
+          + (f", <= {REFERENCE_FACTOR:g}x the reference run's peak per stage"
+             if reference else "")
+          + ("" if args.rows in (10_000_000, 100_000_000) else
+             f" (held to them at {args.rows:,} rows as a bar only)"), flush=True)
+
+    base_env = {k: v for k, v in os.environ.items() if k not in (
+        "S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE",
+        "NIGHTREC_PARAMS", "NIGHTREC_BUCKET", "NIGHTREC_HOME", "NIGHTREC_STATE", "PYTHONPATH",
+        "VIRTUAL_ENV")}
+    base_env.update(GX_ANALYTICS_ENABLED="false", DVC_NO_ANALYTICS="1")
+    figures: dict = {"rows": args.rows, "users": args.users, "items": args.items,
+                     "files": args.files, "format": args.format, "seed": args.seed,
+                     "bad_fraction": args.bad_fraction, "sets": dict(sets), "scale": scale,
+                     "machine": machine(), "versions": {}}
     try:
-        env.update(s3server.client_env(cfg))
-        os.environ.update(env)
-        storage._client.cache_clear()
+        snapshot = work / "snapshot"
         t0 = time.perf_counter()
-        # generated in a child, so that this process stays small: a stage process inherits
-        # nothing from it, and DVC's grandchildren inherit only the stage process's RSS
-        subprocess.run([sys.executable, str(Path(__file__).resolve()), "--generate",
-                        str(work / "input"), "--rows", str(args.rows), "--users", str(args.users),
+        # a child, so that this process stays small; the current checkout's generator for both
+        subprocess.run([sys.executable, "-m", "nightrec.dev.bench_data_gen", "--out",
+                        str(snapshot), "--rows", str(args.rows), "--users", str(args.users),
                         "--items", str(args.items), "--files", str(args.files), "--format",
                         args.format, "--bad-fraction", str(args.bad_fraction), "--seed",
-                        str(args.seed)], env=env, check=True)
-        print(f"generated and uploaded {args.rows:,} events ({args.users:,} users x "
-              f"{args.items:,} items, {args.files} {args.format} files) in "
-              f"{time.perf_counter() - t0:.0f} s", flush=True)
-        upstream = work / "upstream.json"
-        upstream.write_text("{}")
-        for stage in STAGES:
-            out = work / f"{stage}.json"
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--stage", stage,
-                   "--upstream", str(upstream), "--out", str(out)]
-            started = time.perf_counter()
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-            process_s = time.perf_counter() - started
-            if proc.returncode != 0:
-                raise SystemExit(f"stage {stage} failed:\n{proc.stderr[-4000:]}")
-            res = json.loads(out.read_text())
-            res.update(stage=stage, process_s=process_s, rows=_rows(stage, res["out"]))
-            if stage == "split":
-                res["rows"] += f"; {storage.read_json(res['out']['meta'])['timings_s']}"
-            results.append(res)
-            upstream.write_text(json.dumps(res["out"]))
-            print(f"{stage:9s} {res['wall_s']:7.1f} s (process {process_s:6.1f} s, CPU "
-                  f"{res['cpu_s']:6.1f} s)  peak RSS "
-                  f"{res['peak_rss_mb']:7.0f} MB  {res['rows']}", flush=True)
+                        str(args.seed), "--ds", DS],
+                       env={**base_env, "PYTHONPATH": str(ROOT)}, check=True)
+        figures["generate_s"] = time.perf_counter() - t0
+        figures["snapshot_bytes"] = _dir_bytes(snapshot)
+        print(f"snapshot generated in {figures['generate_s']:.0f} s (not counted), "
+              f"{figures['snapshot_bytes'] / GB:.2f} GiB", flush=True)
+        for label, code in checkouts:
+            cap = args.baseline_mem_cap_gb if label == "baseline" else args.mem_cap_gb
+            res = run_version(label, code, snapshot=snapshot, work=work, base_env=base_env,
+                              params_file=params_files[label], cap_gb=cap)
+            res["git"] = _git(code)
+            res["libraries"] = _versions_line(_python(code))
+            figures["versions"][label] = res
+            if not args.keep:
+                shutil.rmtree(work / label, ignore_errors=True)
+        if baseline_skip:
+            figures["versions"]["baseline"] = {"label": "baseline",
+                                               "code": str(args.baseline.resolve()),
+                                               "skipped": baseline_skip}
     finally:
-        s3server.down(cfg)
-        shutil.rmtree(work, ignore_errors=True)
-    total = sum(r["process_s"] for r in results)
-    peak = max(r["peak_rss_mb"] for r in results)
-    core = sum(r["process_s"] for r in results if r["stage"] != "augment")
-    print(f"total {total:.0f} s (ingest+clean+validate+split {core:.0f} s), peak RSS "
-          f"{peak / 1024:.2f} GB; target <= {TARGET_S:.0f} s and <= {TARGET_GB:.0f} GB: "
-          f"{'met' if total <= TARGET_S and peak / 1024 <= TARGET_GB else 'MISSED'}")
-    print(json.dumps([{k: r[k] for k in ("stage", "wall_s", "process_s", "cpu_s", "peak_rss_mb",
-                                         "self_rss_mb", "children_rss_mb", "rows")}
-                      for r in results]))
-    return 0
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+    print(f"\n=== {args.rows:,} events, {args.users:,} users x {args.items:,} items, "
+          f"{args.files} {args.format} files ({args.bad_fraction:g} malformed), seed "
+          f"{args.seed}; {machine()}")
+    vs = figures["versions"]
+    for label in ("baseline", "current"):
+        if label in vs:
+            if "git" in vs[label]:
+                print(f"\n[{label}] {vs[label]['git']}; {vs[label]['libraries']}", end="")
+            print_table(vs[label], targets, reference, with_targets=label == "current")
+    if "baseline" in vs:
+        print_comparison(vs["current"], vs["baseline"])
+    print("\ncolumns: wall = run() alone; proc = the stage process's lifetime (imports "
+          "included); CPU = user+sys of the process tree during run(); peak = the tree's RSS "
+          f"summed, sampled every {SAMPLE_S} s; VmHWM/child/wait4 = the stage process's own peak, "
+          "its largest waited-for descendant's, wait4's (cross-checks)")
+    if args.json_out:
+        args.json_out.write_text(json.dumps(figures, indent=2, default=str))
+        print(f"figures written to {args.json_out}")
+    failed = [r for v in vs.values() for r in v.get("stages", []) if r.get("status") != "ok"
+              and v["label"] == "current"]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
