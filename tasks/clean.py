@@ -46,7 +46,9 @@ second pass over the same batches.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -193,8 +195,9 @@ def check_rows(
     with np.errstate(invalid="ignore"):
         mark(has_rating & ((rating < min_rating) | (rating > max_rating)),
              schema.REASON_RATING_RANGE)
-    parsed = pd.DataFrame({
-        schema.USER_ID: user.to_pandas(), schema.ITEM_ID: item.to_pandas(),
+    parsed = pd.DataFrame({  # ids stay Arrow strings (a Python str per row costs ~60 bytes)
+        schema.USER_ID: pd.arrays.ArrowExtensionArray(user),
+        schema.ITEM_ID: pd.arrays.ArrowExtensionArray(item),
         schema.RATING: rating, "ts": ts, "ts_iso": ts_iso,
     })
     return codes, parsed
@@ -282,9 +285,9 @@ def judge_table(
     file, the bucket count, clean rows, users and items, and the k-core's rounds.
     """
     settings.check_ds(ds)
-    con.execute(f"CREATE OR REPLACE TABLE v AS SELECT * FROM read_parquet({engine.quote(valid)})")
+    src = f"read_parquet({engine.quote(valid)})"
     medians = dict(con.execute(
-        "SELECT file, median(ts) FROM v WHERE NOT ts_iso AND isfinite(ts) GROUP BY file"
+        f"SELECT file, median(ts) FROM {src} WHERE NOT ts_iso AND isfinite(ts) GROUP BY file"
     ).fetchall())
     units = {}
     scale = []
@@ -314,17 +317,15 @@ def judge_table(
                     ELSE 0 END::TINYINT AS code
         FROM (SELECT v.user_id, v.item_id, v.rating, v.pos,
                      floor(CASE WHEN v.ts_iso THEN v.ts ELSE v.ts / s.scale END) AS seconds
-              FROM v JOIN unit_scale s USING (file))
+              FROM {src} v JOIN unit_scale s USING (file))
     """)
-    con.execute("DROP TABLE v")
     # rule 10, the dedupe policy: per (user, item) the latest event, ties to the later row
+    # (an aggregate, not a window: a hash table of pairs rather than a sort of every row)
     con.execute("""
         CREATE OR REPLACE TABLE w AS
-        SELECT user_id, item_id, rating, pos, seconds FROM (
-            SELECT *, row_number() OVER (PARTITION BY user_id, item_id
-                                         ORDER BY seconds DESC, pos DESC) AS nth
-            FROM judged WHERE code = 0)
-        WHERE nth = 1
+        SELECT j.user_id, j.item_id, j.rating, j.pos, j.seconds FROM judged j
+        SEMI JOIN (SELECT max_by(pos, (seconds, pos)) AS pos FROM judged WHERE code = 0
+                   GROUP BY user_id, item_id) latest USING (pos)
     """)
     con.execute("CREATE OR REPLACE TABLE k AS SELECT * FROM w")
     rounds = kcore_sql(con, "k", min_user=min_user_interactions, min_item=min_item_interactions)
@@ -354,8 +355,7 @@ def judge_table(
               FROM (SELECT DISTINCT item_id FROM k)) i USING (item_id)
     """)
     con.execute("DROP TABLE k")
-    write_buckets(con, "clean", out_dir, n, columns=CLEAN_COLUMNS,
-                  order=[schema.USER_IDX, schema.TIMESTAMP, schema.ITEM_IDX])
+    write_buckets(con, "clean", out_dir, n, columns=CLEAN_COLUMNS)
     con.execute("DROP TABLE clean")
     info = {"timestamp_units": units, "buckets": n, "clean_rows": int(counts[0]),
             "n_users": int(counts[1]), "n_items": int(counts[2]), "k_core_rounds": rounds}
@@ -367,24 +367,31 @@ CLEAN_COLUMNS = [schema.USER_ID, schema.ITEM_ID, schema.RATING, schema.TIMESTAMP
 
 
 def write_buckets(con, table: str, out_dir: Path, n: int, *, columns: list[str],
-                  order: list[str], name: str = "part-0.parquet") -> list[Path]:
+                  name: str = "part-0.parquet") -> list[Path]:
     """``table`` (with a ``bucket`` column) as ``out_dir/bucket=NNN/<name>``, one file per
-    bucket 0..n-1 (empty buckets too), each sorted by ``order``. The rows are first written
-    once in bucket order, so each bucket reads only its own row groups."""
-    tmp = out_dir / "_by_bucket.parquet"
+    bucket 0..n-1 (empty buckets too), in one partitioned write. Rows within a bucket file are
+    in no particular order (a partitioned write does not keep one; sorting would cost a pass):
+    readers sort what they need (the split sorts each user's events itself)."""
+    staged = out_dir / "_partitioned"
     out_dir.mkdir(parents=True, exist_ok=True)
     cols = ", ".join(columns)
-    con.execute(f"COPY (SELECT bucket, {cols} FROM {table} ORDER BY bucket) "
-                f"TO {engine.quote(tmp)} (FORMAT parquet, ROW_GROUP_SIZE 122880)")
+    con.execute(f"COPY (SELECT bucket, {cols} FROM {table}) TO {engine.quote(staged)} "
+                f"(FORMAT parquet, PARTITION_BY (bucket), COMPRESSION zstd)")
     paths = []
     for b in range(n):
         path = out_dir / layout.bucket_name(b) / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        con.execute(f"COPY (SELECT {cols} FROM read_parquet({engine.quote(tmp)}) "
-                    f"WHERE bucket = {b} ORDER BY {', '.join(order)}) "
-                    f"TO {engine.quote(path)} (FORMAT parquet, COMPRESSION zstd)")
+        written = sorted((staged / f"bucket={b}").glob("*.parquet"))
+        if len(written) == 1:
+            written[0].rename(path)
+        else:  # an empty bucket (no folder), or a bucket the writer split into several files
+            glob = engine.quote(staged / f"bucket={b}" / "*.parquet")
+            rows = (f"SELECT {cols} FROM read_parquet({glob}, hive_partitioning = false)"
+                    if written else f"SELECT {cols} FROM {table} WHERE false")
+            con.execute(f"COPY ({rows}) TO {engine.quote(path)} (FORMAT parquet, "
+                        f"COMPRESSION zstd)")
         paths.append(path)
-    tmp.unlink()
+    shutil.rmtree(staged)
     return paths
 
 
@@ -452,6 +459,16 @@ def _drop_forgotten(batches: Callable[[], Iterable[pa.RecordBatch | pa.Table]],
     return gen
 
 
+def _release_memory() -> None:
+    """Hand freed memory back to the OS: Arrow's pool, and glibc's arenas (a batch's parse
+    leaves hundreds of MB of freed blocks the engine's budget would otherwise sit on top of)."""
+    pa.default_memory_pool().release_unused()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 _VALID_SCHEMA = pa.schema([(schema.USER_ID, pa.string()), (schema.ITEM_ID, pa.string()),
                            (schema.RATING, pa.float64()), ("ts", pa.float64()),
                            ("ts_iso", pa.bool_()), ("pos", pa.int64()), ("file", pa.int32())])
@@ -496,10 +513,8 @@ def clean_batches(
                                     file_ids)
                 parsed = parsed.iloc[keep]
                 writer.write_table(pa.table({
-                    schema.USER_ID: pa.array(parsed[schema.USER_ID].to_numpy(dtype=object),
-                                             pa.string()),
-                    schema.ITEM_ID: pa.array(parsed[schema.ITEM_ID].to_numpy(dtype=object),
-                                             pa.string()),
+                    schema.USER_ID: pa.array(parsed[schema.USER_ID], pa.string()),
+                    schema.ITEM_ID: pa.array(parsed[schema.ITEM_ID], pa.string()),
                     schema.RATING: parsed[schema.RATING].to_numpy(dtype="float64"),
                     "ts": parsed["ts"].to_numpy(dtype="float64"),
                     "ts_iso": parsed["ts_iso"].to_numpy(dtype=bool),
@@ -511,7 +526,7 @@ def clean_batches(
                 del parsed
         codes = np.concatenate(code_parts) if code_parts else np.zeros(0, np.int8)
         del code_parts
-        pa.default_memory_pool().release_unused()  # the batches' buffers
+        _release_memory()  # the batches' buffers, before the engine takes its share
         (pos, late), info = judge_table(
             con, str(valid), ds=ds, min_timestamp=min_timestamp,
             timestamp_unit_param=timestamp_unit, files=list(file_ids),

@@ -20,8 +20,8 @@ NIGHTREC_REQUIRE_SERVICES=1).
   (closed form, seconds) in a NIGHTREC_PARAMS file. While the Celery run goes on, the same DAG
   with the same params and input runs through ``scripts/run_dag.py`` (``dag.test()``, the path
   of ``nightrec run``: every task in one process) into a second bucket: the reference table.
-- The checks: the score shards ran on both workers (each shard's task-instance hostname, and its
-  task log in that worker's own log folder); the two published tables are identical (same
+- The checks: the split's bucket tasks and the score shards each ran on both workers (each
+  mapped task instance's hostname, and its task log in that worker's own log folder); the two published tables are identical (same
   rows, same float32 scores bit for bit: the pipeline is seeded and deterministic on CPU); every
   process the test started is gone afterwards.
 """
@@ -84,6 +84,7 @@ pytestmark = [
 DAG_ID = "nightly_recommendations"
 DS = "2026-12-09"  # after the sample's last event; no other test module uses this partition
 SHARDS = 4
+BUCKETS = 4  # clean.buckets: the split's mapped tasks, one per user-hash bucket
 CONF = {"ds": DS, "shards": SHARDS}
 WORKERS = ("worker-a", "worker-b")
 BUCKET, REF_BUCKET = "nightrec-celery", "nightrec-celery-ref"
@@ -109,9 +110,11 @@ def _log(msg: str, t0: float) -> None:
 
 @pytest.fixture(scope="module")
 def celery_params(tmp_path_factory) -> Path:
-    """The session's test params with EASE as the only candidate (closed form: fast)."""
+    """The session's test params with EASE as the only candidate (closed form: fast), and the
+    data in BUCKETS user-hash buckets (auto would make one of the sample's 60k events)."""
     params = yaml.safe_load(TEST_PARAMS.read_text())
     params["train"]["candidates"] = ["ease"]
+    params["clean"]["buckets"] = BUCKETS
     path = tmp_path_factory.mktemp("celery_params") / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     return path
@@ -278,22 +281,23 @@ def test_celery_workers_share_the_shards_and_publish_the_reference_table(
         mine = sorted((t for t in ran if t["hostname"] == node), key=lambda t: t["start_date"])
         say(f"tasks on {node}: " + ", ".join(
             t["task_id"] + (f"[{t['map_index']}]" if t["map_index"] >= 0 else "") for t in mine))
-    score = sorted((t for t in tis if t["task_id"] == "score"), key=lambda t: t["map_index"])
-    assert [t["map_index"] for t in score] == list(range(SHARDS))
-    assert all(t["state"] == "success" for t in score), score
-    by_worker: dict[str, list[int]] = {name: [] for name in WORKERS}
-    for t in score:
-        worker = nodes[t["hostname"]]
-        logs = {name: sorted(h.glob(f"logs/dag_id={DAG_ID}/run_id={run_id}/task_id=score/"
-                                    f"map_index={t['map_index']}/attempt=*.log"))
-                for name, h in worker_homes.items()}
-        assert logs[worker], (t, logs)
-        assert not any(logs[other] for other in WORKERS if other != worker), logs
-        by_worker[worker].append(t["map_index"])
-        say(f"score shard {t['map_index']}: task instance hostname {t['hostname']}, task log "
-            f"{logs[worker][-1].relative_to(home)}")
-    say(f"score shards per worker: {by_worker}")
-    assert all(by_worker.values()), f"both workers must run score shards: {by_worker}"
+    for task_id, count in (("split_bucket", BUCKETS), ("score", SHARDS)):
+        mapped = sorted((t for t in tis if t["task_id"] == task_id), key=lambda t: t["map_index"])
+        assert [t["map_index"] for t in mapped] == list(range(count)), (task_id, mapped)
+        assert all(t["state"] == "success" for t in mapped), mapped
+        by_worker: dict[str, list[int]] = {name: [] for name in WORKERS}
+        for t in mapped:
+            worker = nodes[t["hostname"]]
+            logs = {name: sorted(h.glob(f"logs/dag_id={DAG_ID}/run_id={run_id}/task_id={task_id}/"
+                                        f"map_index={t['map_index']}/attempt=*.log"))
+                    for name, h in worker_homes.items()}
+            assert logs[worker], (t, logs)
+            assert not any(logs[other] for other in WORKERS if other != worker), logs
+            by_worker[worker].append(t["map_index"])
+            say(f"{task_id} {t['map_index']}: task instance hostname {t['hostname']}, task log "
+                f"{logs[worker][-1].relative_to(home)}")
+        say(f"{task_id} per worker: {by_worker}")
+        assert all(by_worker.values()), f"both workers must run {task_id} tasks: {by_worker}"
 
     # The published table equals the reference, row for row, score for score.
     got = _sorted(RecommendationReader(BUCKET).table(DS).to_pandas())
