@@ -111,12 +111,12 @@ def _context(docs_dir: Path | None = None):
 
 
 @contextlib.contextmanager
-def _connection(con=None, params: dict | None = None) -> Iterator[Any]:
+def _connection(con=None) -> Iterator[Any]:
     """``con`` itself, or a new connection under the validate step's DuckDB budget."""
     if con is not None:
         yield con
     else:
-        with engine.connect("validate", params) as new:
+        with engine.connect("validate") as new:
             yield new
 
 
