@@ -13,6 +13,13 @@ params.yaml and the run's ds (:func:`suite_parameters`):
   :func:`split_problems` (the leakage checks GE cannot express per user).
 - ``recommendations``: the published table (tasks/publish.py).
 
+How suites run: GE's SQL execution engine over DuckDB (a SQLAlchemy engine through
+``duckdb-engine``) on a view of the table's local Parquet files, under the step's DuckDB budget
+(``engine.connect("validate")``: memory limit, threads, spill folder). Every expectation sees
+every row and no table is ever a pandas frame, at 100M rows too; a report's ``rows_checked``
+says how many. A pandas frame (tests, small tables) is written to a temporary Parquet file and
+checked the same way. As in pandas, a float NaN counts as missing (the view turns it into NULL).
+
 This step runs the raw and clean suites and checks that the share of raw rows quarantined as
 *invalid* (see nightrec/core/schema.py) is at most ``validate.max_invalid_fraction``. Every check runs
 before the verdict, so one report names every failure.
@@ -27,17 +34,19 @@ each failing expectation and what was observed.
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
-from nightrec.core import schema, settings
+from nightrec.core import engine, schema, settings
 from nightrec.core.errors import PermanentError
 from nightrec.core.records import Cleaned, Validated
 from nightrec.store import layout, storage
@@ -54,7 +63,12 @@ PARAMS = [
 ]
 SITE = "nightrec"
 TEMPORAL_SPLITS = ("leave_last_fraction", "leave_last_n", "global_time")
+SPLIT_PARTS = ("train", "valid", "test")
 log = logging.getLogger(__name__)
+
+# What a suite can check: a frame (small tables: tests, notebooks), or local Parquet (a file, or
+# a glob such as '<dir>/bucket=*/*.parquet' for a bucketed table).
+Table = pd.DataFrame | str | Path
 
 
 class ContractError(PermanentError):
@@ -80,11 +94,7 @@ def _context(docs_dir: Path | None = None):
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
-    from great_expectations.execution_engine import pandas_execution_engine
 
-    # GE fingerprints every pandas batch under 1 GB (hash_pandas_object + md5) only to label
-    # it: 7.5 s of a 20 s raw suite on 10M rows. The label is not worth it.
-    pandas_execution_engine.HASH_THRESHOLD = 0
     ctx = gx.get_context(mode="ephemeral")
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
     if docs_dir is not None:
@@ -97,17 +107,81 @@ def _context(docs_dir: Path | None = None):
     return ctx
 
 
-def run_suite(
-    df: pd.DataFrame, suite_path: Path, parameters: dict[str, Any], docs_dir: Path | None = None,
-    *, run_name: str | None = None,
-) -> dict:
-    """Run one GE suite on a frame. Returns ``{suite, success, n_expectations, failures: [...],
-    ge_result}``; ``ge_result`` (``{"key", "result"}``, JSON) is GE's whole result, for
-    :func:`record_results`, which pops it.
+# --- DuckDB under GE -----------------------------------------------------------------------------
 
-    With ``docs_dir``, GE also builds a Data Docs site (HTML) for this one validation there.
-    ``run_name`` (the ds, say) names the validation run in Data Docs.
+
+@contextlib.contextmanager
+def _connection(con=None) -> Iterator[Any]:
+    """``con`` itself, or a new connection under the validate step's DuckDB budget."""
+    if con is not None:
+        yield con
+    else:
+        with engine.connect("validate") as new:
+            yield new
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _parquet(files: str | Path) -> str:
+    """SQL reading local Parquet ``files`` (a path or a glob). Hive partitioning is off: a
+    bucketed table's ``bucket=NNN`` folders must not add a column the contract does not have."""
+    return f"SELECT * FROM read_parquet({engine.quote(files)}, hive_partitioning = false)"
+
+
+def _create_view(con, name: str, select_sql: str) -> str:
+    """A view ``name`` over ``select_sql`` in which a float NaN reads as NULL, as pandas (and so
+    the suites as first written) take it: clean's implicit ratings are NaN. Returns the name."""
+    columns = con.execute(f"DESCRIBE {select_sql}").fetchall()
+    floats = [c for c, t, *_ in columns if t in ("DOUBLE", "FLOAT", "REAL")]
+    if floats:
+        nan_free = ", ".join(f"CASE WHEN isnan({_ident(c)}) THEN NULL ELSE {_ident(c)} END AS "
+                             f"{_ident(c)}" for c in floats)
+        select_sql = f"SELECT * REPLACE ({nan_free}) FROM ({select_sql})"
+    con.execute(f"CREATE OR REPLACE VIEW {_ident(name)} AS {select_sql}")
+    return name
+
+
+def _local(table: Table, tmp: str, name: str) -> str | Path:
+    """Local Parquet of ``table``: a frame is written to ``tmp``; a path or glob is itself."""
+    if isinstance(table, pd.DataFrame):
+        path = Path(tmp) / f"{name}.parquet"
+        table.to_parquet(path, index=False)
+        return path
+    return table
+
+
+def _sql_datasource(ctx, con):
+    """A GE SQL datasource whose queries run on ``con``'s DuckDB database.
+
+    Why the wrapper: duckdb-engine 0.17 hands SQLAlchemy the DuckDB connection itself as every
+    cursor, and a DuckDB connection holds one pending result. GE's ``execute_query`` returns a
+    result after leaving ``with engine.connect()``, whose close rolls back the connection's
+    transaction: that ROLLBACK runs on the same DuckDB connection and replaces the pending
+    result, so ``fetchall()`` is ``[]`` and every metric fails with "list index out of range"
+    (great_expectations#10738, #11579). Each cursor of ours is its own DuckDB cursor
+    (``con.cursor()``: a handle on the same database), whose result the rollback leaves alone.
     """
+    import duckdb_engine
+
+    class _Connection(duckdb_engine.ConnectionWrapper):
+        def __init__(self, handle):
+            super().__init__(handle)
+            self._handle = handle
+
+        def cursor(self):
+            return duckdb_engine.CursorWrapper(self._handle.cursor(), self)
+
+    # every SQLAlchemy connection is a cursor of con: the same database, views and budget
+    return ctx.data_sources.add_sql("nightrec", connection_string="duckdb:///:memory:",
+                                    kwargs={"creator": lambda: _Connection(con.cursor())})
+
+
+def _validate_view(
+    con, view: str, suite_path: Path, parameters: dict[str, Any], docs_dir: Path | None,
+    run_name: str | None,
+) -> dict:
     import great_expectations as gx
     from great_expectations.core.run_identifier import RunIdentifier
 
@@ -115,17 +189,22 @@ def run_suite(
     actions = [gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=[SITE])] if (
         docs_dir is not None) else []
     suite = ctx.suites.add(load_suite(suite_path))
-    asset = ctx.data_sources.add_pandas("nightrec").add_dataframe_asset(suite.name)
-    batch = asset.add_batch_definition_whole_dataframe("whole")
-    vd = ctx.validation_definitions.add(
-        gx.ValidationDefinition(name=f"{suite.name}_check", data=batch, suite=suite)
-    )
-    checkpoint = ctx.checkpoints.add(gx.Checkpoint(
-        name=f"{suite.name}_checkpoint", validation_definitions=[vd], actions=actions,
-        result_format="SUMMARY",
-    ))
-    outcome = checkpoint.run(batch_parameters={"dataframe": df}, expectation_parameters=parameters,
-                             run_id=RunIdentifier(run_name=run_name) if run_name else None)
+    source = _sql_datasource(ctx, con)
+    try:
+        batch = source.add_table_asset(suite.name, table_name=view).add_batch_definition_whole_table(
+            "whole")
+        vd = ctx.validation_definitions.add(
+            gx.ValidationDefinition(name=f"{suite.name}_check", data=batch, suite=suite)
+        )
+        checkpoint = ctx.checkpoints.add(gx.Checkpoint(
+            name=f"{suite.name}_checkpoint", validation_definitions=[vd], actions=actions,
+            result_format="SUMMARY",
+        ))
+        outcome = checkpoint.run(expectation_parameters=parameters,
+                                 run_id=RunIdentifier(run_name=run_name) if run_name else None)
+    finally:  # no pooled cursor outlives con
+        source.get_execution_engine().engine.dispose()
+        source.get_engine().dispose()
     key, res = next(iter(outcome.run_results.items()))
     failures = []
     for r in res.results:
@@ -142,14 +221,35 @@ def run_suite(
             failures.append(
                 {"expectation": r.expectation_config.type, "kwargs": kwargs, "observed": observed}
             )
+    (rows,) = con.execute(f"SELECT count(*) FROM {_ident(view)}").fetchone()
     return {
         "suite": suite.name,
         "success": bool(res.success),
         "n_expectations": len(res.results),
+        "rows_checked": int(rows),
         "failures": failures,
         "ge_result": {"key": list(key.to_tuple()),
                       "result": json.loads(ctx.validation_results_store.serialize(res))},
     }
+
+
+def run_suite(
+    table: Table, suite_path: Path, parameters: dict[str, Any], docs_dir: Path | None = None,
+    *, run_name: str | None = None, con=None,
+) -> dict:
+    """Run one GE suite on a table (a frame, or local Parquet: a file or a glob), every row of
+    it, in DuckDB. Returns ``{suite, success, n_expectations, rows_checked, failures: [...],
+    ge_result}``; ``ge_result`` (``{"key", "result"}``, JSON) is GE's whole result, for
+    :func:`record_results`, which pops it. ``rows_checked``: the rows every expectation saw.
+
+    With ``docs_dir``, GE also builds a Data Docs site (HTML) for this one validation there.
+    ``run_name`` (the ds, say) names the validation run in Data Docs. ``con``: a DuckDB
+    connection to run on (default: a new one under the validate step's budget).
+    """
+    name = json.loads(Path(suite_path).read_text())["name"]
+    with _connection(con) as c, tempfile.TemporaryDirectory(prefix="nightrec-suite-") as tmp:
+        view = _create_view(c, name, _parquet(_local(table, tmp, name)))
+        return _validate_view(c, view, suite_path, parameters, docs_dir, run_name)
 
 
 # --- Data Docs ------------------------------------------------------------------------------------
@@ -234,19 +334,21 @@ def _suite(p: settings.StepParams, key: str) -> Path:
     return settings.project_root() / p[key]
 
 
-def check_raw(raw: pd.DataFrame, *, ds: str, p: settings.StepParams) -> dict[str, Any]:
-    """The raw suite on ingest's table (a :func:`run_suite` result)."""
-    return run_suite(raw, _suite(p, "validate.raw_suite"), suite_parameters(p, ds), run_name=ds)
+def check_raw(raw: Table, *, ds: str, p: settings.StepParams, con=None) -> dict[str, Any]:
+    """The raw suite on ingest's table (a frame or local Parquet; a :func:`run_suite` result)."""
+    return run_suite(raw, _suite(p, "validate.raw_suite"), suite_parameters(p, ds), run_name=ds,
+                     con=con)
 
 
 def check_contract(
-    clean: pd.DataFrame, stats: dict, *, ds: str, p: settings.StepParams,
-    raw: pd.DataFrame | dict | None = None, docs_dir: Path | None = None,
+    clean: Table, stats: dict, *, ds: str, p: settings.StepParams,
+    raw: Table | dict | None = None, docs_dir: Path | None = None, con=None,
 ) -> dict[str, Any]:
-    """Pure-ish core (runs GE in memory). Returns the report; ``report['success']`` is the verdict.
+    """Pure-ish core (runs GE in DuckDB). Returns the report; ``report['success']`` is the verdict.
 
-    ``raw``: ingest's table, or the result of :func:`check_raw` on it (so that a caller can
-    free the raw table before loading the clean one), or None to skip the raw suite.
+    ``clean``: the cleaned interactions, a frame or local Parquet (a file or a glob).
+    ``raw``: ingest's table (a frame or local Parquet), or the result of :func:`check_raw` on
+    it, or None to skip the raw suite.
     ``report['expectations']`` is the clean suite's result; ``report['suites']`` has every
     suite run (raw and clean), each with its ``ge_result``.
     """
@@ -254,12 +356,13 @@ def check_contract(
     quarantine_ok = stats["invalid_fraction"] <= max_frac
     params = suite_parameters(p, ds)
     suites = {}
-    if isinstance(raw, pd.DataFrame):
-        suites["raw"] = check_raw(raw, ds=ds, p=p)
-    elif raw is not None:
-        suites["raw"] = raw
-    suites["clean"] = run_suite(clean, _suite(p, "validate.suite"), params, docs_dir=docs_dir,
-                                run_name=ds)
+    with _connection(con) as c:
+        if isinstance(raw, dict):
+            suites["raw"] = raw
+        elif raw is not None:
+            suites["raw"] = check_raw(raw, ds=ds, p=p, con=c)
+        suites["clean"] = run_suite(clean, _suite(p, "validate.suite"), params,
+                                    docs_dir=docs_dir, run_name=ds, con=c)
     return {
         "ds": ds,
         "success": quarantine_ok and all(s["success"] for s in suites.values()),
@@ -291,85 +394,165 @@ def describe_failure(report: dict) -> str:
     return "data contract broken: " + "; ".join(parts)
 
 
-def split_problems(parts: dict[str, pd.DataFrame], *, method: str) -> list[str]:
-    """The split's leakage checks, vectorised: no (user, item) pair in two parts and, for the
-    temporal methods, no training on the future (per user for the per-user methods; globally
-    for ``global_time``). Returns one line per broken rule (empty when the split is sound)."""
+def _split_view(con, files: dict[str, str | Path]) -> tuple[str, list[str]]:
+    """The view ``split``: every part's rows with a ``split`` column naming the part. Returns
+    the view and the parts in it, in ``SPLIT_PARTS`` order (a part whose files are missing is
+    not in it)."""
+    names = [n for n in SPLIT_PARTS
+             if n in files and glob.glob(str(files[n]), recursive=True)]
+    if not names:
+        raise ContractError(f"split: no Parquet file matches any part of {files}")
+    union = " UNION ALL BY NAME ".join(
+        f"SELECT *, '{n}' AS {_ident(schema.SPLIT)} FROM ({_parquet(files[n])})" for n in names)
+    return _create_view(con, "split", union), names
+
+
+def _split_problems_sql(con, view: str, names: list[str], *, method: str) -> list[str]:
+    """:func:`split_problems` on the view of :func:`_split_view`, in DuckDB (every row, under
+    the connection's memory limit: the pair check is one spilling GROUP BY)."""
+    u, i, ts, part = (_ident(c) for c in (schema.USER_IDX, schema.ITEM_IDX, schema.TIMESTAMP,
+                                          schema.SPLIT))
     problems = []
-    names = [n for n in ("train", "valid", "test") if n in parts]
-    keys = np.concatenate([(parts[n][schema.USER_IDX].to_numpy(np.int64) << 32)
-                           | parts[n][schema.ITEM_IDX].to_numpy(np.int64) for n in names])
-    part = np.repeat(np.arange(len(names)), [len(parts[n]) for n in names])
-    order = np.argsort(keys, kind="stable")  # one sort; a pair in two parts sits side by side
-    keys, part = keys[order], part[order]
-    shared = np.flatnonzero((keys[1:] == keys[:-1]) & (part[1:] != part[:-1]))
-    for a_i, a in enumerate(names):
+    # A pair's parts as a bit set; a pair in several parts is reported for each two parts
+    # that are next to each other among its own (train+valid+test: train/valid, valid/test).
+    index = "CASE " + " ".join(f"WHEN {part} = '{n}' THEN {k}" for k, n in enumerate(names)) + \
+        " END"
+    pairs = []
+    for a_i in range(len(names)):
         for b_i in range(a_i + 1, len(names)):
-            hit = shared[(part[shared] == a_i) & (part[shared + 1] == b_i)]
-            if len(hit):
-                u, i = keys[hit[0]] >> 32, keys[hit[0]] & 0xFFFFFFFF
-                problems.append(f"{len(hit)} (user_idx, item_idx) pairs are in both {a} and "
-                                f"{names[b_i]}, e.g. ({u}, {i})")
-    del keys, part, order
+            between = sum(1 << k for k in range(a_i + 1, b_i))
+            pairs.append(((a_i, b_i), f"(m & {1 << a_i}) != 0 AND (m & {1 << b_i}) != 0 AND "
+                                      f"(m & {between}) = 0"))
+    if pairs:
+        counts = ", ".join(f"count(*) FILTER (WHERE {cond}), min(k) FILTER (WHERE {cond})"
+                           for _, cond in pairs)
+        row = con.execute(f"""
+            SELECT {counts} FROM (
+                SELECT k, bit_or(1 << p) AS m FROM (
+                    SELECT ({u}::BIGINT * 4294967296) | {i}::BIGINT AS k, {index} AS p
+                    FROM {_ident(view)} WHERE {u} IS NOT NULL AND {i} IS NOT NULL)
+                GROUP BY k HAVING count(DISTINCT p) > 1)""").fetchone()
+        for n, ((a_i, b_i), _) in enumerate(pairs):
+            hits, key = row[2 * n], row[2 * n + 1]
+            if hits:
+                problems.append(f"{hits} (user_idx, item_idx) pairs are in both {names[a_i]} "
+                                f"and {names[b_i]}, e.g. ({key >> 32}, {key & 0xFFFFFFFF})")
     if method not in TEMPORAL_SPLITS:
         return problems
-    train = parts["train"]
-    for later in [n for n in ("valid", "test") if n in parts and len(parts[n])]:
-        f = parts[later]
-        if method == "global_time":
-            if len(train) and train[schema.TIMESTAMP].max() > f[schema.TIMESTAMP].min():
-                problems.append(f"global_time: train has events after the first {later} event")
-            continue
-        last_train = train.groupby(schema.USER_IDX)[schema.TIMESTAMP].max()
-        first = f.groupby(schema.USER_IDX)[schema.TIMESTAMP].min()
-        common = first.index.intersection(last_train.index)
-        bad = common[(last_train[common] > first[common]).to_numpy()]
-        if len(bad):
-            problems.append(f"{method}: {len(bad)} users have train events after their first "
-                            f"{later} event, e.g. user_idx {int(bad[0])}")
-    if method != "global_time" and {"valid", "test"} <= set(parts) and len(parts["valid"]):
-        last_valid = parts["valid"].groupby(schema.USER_IDX)[schema.TIMESTAMP].max()
-        first_test = parts["test"].groupby(schema.USER_IDX)[schema.TIMESTAMP].min()
-        common = first_test.index.intersection(last_valid.index)
-        bad = common[(last_valid[common] > first_test[common]).to_numpy()]
-        if len(bad):
-            problems.append(f"{method}: {len(bad)} users have valid events after their first "
-                            f"test event, e.g. user_idx {int(bad[0])}")
+    sizes = dict(con.execute(
+        f"SELECT {part}, count(*) FROM {_ident(view)} GROUP BY {part}").fetchall())
+    later = [n for n in ("valid", "test") if sizes.get(n)]
+    if method == "global_time":
+        if not sizes.get("train"):
+            return problems
+        for n in later:
+            (bad,) = con.execute(
+                f"SELECT max({ts}) FILTER (WHERE {part} = 'train') > "
+                f"min({ts}) FILTER (WHERE {part} = '{n}') FROM {_ident(view)}").fetchone()
+            if bad:
+                problems.append(f"global_time: train has events after the first {n} event")
+        return problems
+    # per user: (earlier part, later part) whose last and first events must be in order
+    rules = [("train", n) for n in later]
+    if {"valid", "test"} <= set(names) and sizes.get("valid"):
+        rules.append(("valid", "test"))
+    if not rules:
+        return problems
+    checks = ", ".join(
+        f"count(*) FILTER (WHERE last_{e} > first_{n}), "
+        f"min({u}) FILTER (WHERE last_{e} > first_{n})" for e, n in rules)
+    per_user = ", ".join(
+        [f"max({ts}) FILTER (WHERE {part} = '{e}') AS last_{e}" for e in {e for e, _ in rules}]
+        + [f"min({ts}) FILTER (WHERE {part} = '{n}') AS first_{n}"
+           for n in {n for _, n in rules}])
+    row = con.execute(f"""
+        SELECT {checks} FROM (
+            SELECT {u}, {per_user} FROM {_ident(view)} WHERE {u} IS NOT NULL GROUP BY {u})
+        """).fetchone()
+    for n, (e, later_part) in enumerate(rules):
+        bad, user = row[2 * n], row[2 * n + 1]
+        if bad:
+            problems.append(f"{method}: {bad} users have {e} events after their first "
+                            f"{later_part} event, e.g. user_idx {int(user)}")
     return problems
 
 
-def check_split(
-    parts: dict[str, pd.DataFrame], *, ds: str, method: str, p: settings.StepParams
+def _write_parts(parts: dict[str, pd.DataFrame], tmp: str) -> dict[str, Path]:
+    out = {}
+    for name, frame in parts.items():
+        out[name] = Path(tmp) / f"{name}.parquet"
+        frame.to_parquet(out[name], index=False)
+    return out
+
+
+def split_problems(parts: dict[str, pd.DataFrame], *, method: str) -> list[str]:
+    """The split's leakage checks: no (user, item) pair in two parts and, for the temporal
+    methods, no training on the future (per user for the per-user methods; globally for
+    ``global_time``). Returns one line per broken rule (empty when the split is sound).
+
+    Frames (small: tests) go through the same DuckDB SQL as :func:`check_split_files`."""
+    with engine.connect("validate") as con, tempfile.TemporaryDirectory(
+            prefix="nightrec-split-") as tmp:
+        view, names = _split_view(con, _write_parts(parts, tmp))
+        return _split_problems_sql(con, view, names, method=method)
+
+
+def check_split_files(
+    globs: dict[str, str | Path], *, ds: str, method: str, p: settings.StepParams,
+    params: dict | None = None,
 ) -> dict[str, Any]:
-    """The split suite on the three parts (one table, ``split`` column) plus
-    :func:`split_problems`. Returns the report (``success``, ``expectations``, ``problems``)."""
-    table = pd.concat(
-        [f.assign(**{schema.SPLIT: name}) for name, f in parts.items()], ignore_index=True)
-    ge = run_suite(table, _suite(p, "validate.split_suite"), suite_parameters(p, ds),
-                   run_name=ds)
-    del table
-    problems = split_problems(parts, method=method)
+    """The split suite on the parts' local Parquet files (``{"train": '<dir>/bucket=*/
+    train.parquet', "valid": ..., "test": ...}``, each a path or a glob) as one table with a
+    ``split`` column, plus :func:`split_problems`, all in DuckDB on every row under the
+    validate step's budget (``params``' ``resources``; default params.yaml). A part whose glob
+    matches no file counts as empty. Returns the report (``success``, ``expectations``,
+    ``suites``, ``problems``)."""
+    with engine.connect("validate", params) as con:
+        view, names = _split_view(con, globs)
+        ge = _validate_view(con, view, _suite(p, "validate.split_suite"),
+                            suite_parameters(p, ds), None, ds)
+        problems = _split_problems_sql(con, view, names, method=method)
     return {"ds": ds, "success": ge["success"] and not problems, "expectations": ge,
             "suites": {"split": ge}, "problems": problems}
 
 
-def _read_local(uri: str, tmp: str, name: str) -> pd.DataFrame:
-    """A Parquet object read through a local file (half the peak of reading it from bytes)."""
-    return pd.read_parquet(storage.download_to(uri, Path(tmp) / name))
+def check_split(
+    parts: dict[str, pd.DataFrame], *, ds: str, method: str, p: settings.StepParams,
+    params: dict | None = None,
+) -> dict[str, Any]:
+    """:func:`check_split_files` on the parts as frames (small: tests), through temporary
+    Parquet files."""
+    with tempfile.TemporaryDirectory(prefix="nightrec-split-") as tmp:
+        return check_split_files(_write_parts(parts, tmp), ds=ds, method=method, p=p,
+                                 params=params)
+
+
+def _download_table(uri: str, dest: Path) -> str:
+    """A table on S3 as local Parquet for DuckDB; returns the path or glob to read. ``uri`` is
+    one Parquet object, or a bucketed table's prefix (ending in ``/``: every
+    ``bucket=NNN/part-0.parquet`` under it)."""
+    if not uri.endswith("/"):
+        return str(storage.download_to(uri, dest.with_suffix(".parquet")))
+    if not storage.download_prefix(uri, dest):
+        raise ContractError(f"{uri}: the table has no files")
+    return str(dest / "**" / "*.parquet")
 
 
 def run(cleaned: Cleaned, params: dict | None = None) -> Validated:
     ds = cleaned.ds
+    params = params if params is not None else settings.load_params()
     p = settings.step_params(PARAMS, params)
     raw_uri = cleaned.raw
     stats = storage.read_json(cleaned.stats)
-    with tempfile.TemporaryDirectory(prefix="nightrec-validate-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="nightrec-validate-") as tmp, \
+            engine.connect("validate", params) as con:
         raw = None
-        if storage.exists(raw_uri):  # one table in memory at a time
-            raw = check_raw(_read_local(raw_uri, tmp, "raw.parquet"), ds=ds, p=p)
-        clean = _read_local(cleaned.interactions, tmp, "clean.parquet")
-        report = check_contract(clean, stats, ds=ds, p=p, raw=raw)
-    del clean
+        if storage.exists(raw_uri):
+            local = _download_table(raw_uri, Path(tmp) / "raw")
+            raw = check_raw(local, ds=ds, p=p, con=con)
+            os.remove(local)  # one table on disk at a time
+        clean = _download_table(cleaned.interactions, Path(tmp) / "clean")
+        report = check_contract(clean, stats, ds=ds, p=p, raw=raw, con=con)
     report["data_docs"] = record_results(ds, list(report["suites"].values()))
     out = Validated(ds=ds, interactions=cleaned.interactions, items=cleaned.items,
                     users=cleaned.users, report=layout.run_uri(ds, "validate", "report.json"))
@@ -377,12 +560,13 @@ def run(cleaned: Cleaned, params: dict | None = None) -> Validated:
     if not report["success"]:
         raise ContractError(describe_failure(report))
     log.info(
-        "contract holds: %s expectations passed, invalid fraction %.4f",
+        "contract holds: %s expectations passed on %s rows, invalid fraction %.4f",
         {s["suite"]: s["n_expectations"] for s in report["suites"].values()},
+        {s["suite"]: s["rows_checked"] for s in report["suites"].values()},
         stats["invalid_fraction"],
     )
     return out
 
 
-__all__ = ["ContractError", "check_contract", "check_raw", "check_split", "load_suite",
-           "record_results", "run", "run_suite", "split_problems"]
+__all__ = ["ContractError", "check_contract", "check_raw", "check_split", "check_split_files",
+           "load_suite", "record_results", "run", "run_suite", "split_problems"]

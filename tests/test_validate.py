@@ -1,11 +1,14 @@
 """Validate (tasks/validate.py): the raw suite, the step's report, and the ds's Data Docs site
-built from every suite recorded for it, on the real S3."""
+built from every suite recorded for it, on the real S3. The suites run in GE's SQL engine over
+DuckDB on every row: a bad row far past any sample is caught, a bucketed table is one table."""
 
 from __future__ import annotations
 
 import importlib
 import re
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -23,6 +26,25 @@ def _p():
 
 def _suite_params():
     return validate.suite_parameters(_p(), DS)
+
+
+def _read_table(uri: str) -> pd.DataFrame:
+    """A table on S3: one Parquet object, or a bucketed prefix (every bucket's part)."""
+    if not uri.endswith("/"):
+        return storage.read_parquet(uri)
+    return pd.concat([storage.read_parquet(u) for u in storage.list_uris(uri)],
+                     ignore_index=True)
+
+
+def _clean_table(n: int) -> pd.DataFrame:
+    """A sound clean-shaped table of ``n`` rows (100 distinct items per user; one rating in
+    ten NaN, an implicit event)."""
+    k = np.arange(n)
+    user, item = k // 100, k % 100
+    rating = np.where(k % 10 == 0, np.nan, 1.0 + k % 5)
+    return pd.DataFrame({"user_id": (user + 1).astype(str), "item_id": (item + 1).astype(str),
+                         "rating": rating, "timestamp": 1_780_000_000 + k,
+                         "user_idx": user.astype("int32"), "item_idx": item.astype("int32")})
 
 
 def _csv(n: int, ragged: int = 0) -> bytes:
@@ -91,7 +113,7 @@ def test_run_records_raw_and_clean_then_docs_gather_every_suite_of_the_ds(s3, sa
     assert len(_pages(docs, "raw_interactions")) == len(_pages(docs, "clean_interactions")) == 1
 
     # a later step records its suite: the one index now lists all three validations
-    events = storage.read_parquet(cleaned.interactions).assign(label=1, weight=1.0)
+    events = _read_table(cleaned.interactions).assign(label=1, weight=1.0)
     parts = split.split_interactions(events, valid_fraction=0.1, test_fraction=0.1,
                                      min_user_events_for_holdout=5)
     split_report = validate.check_split(parts, ds=DS, method="leave_last_fraction", p=_p())
@@ -131,3 +153,139 @@ def test_run_fails_on_a_broken_raw_table_with_the_expectation_named(s3, monkeypa
     report = storage.read_json(layout.run_uri(ds, "validate", "report.json"))
     assert report["success"] is False and report["suites"]["clean"]["success"] is True
     assert _pages(storage.list_uris(validate.docs_prefix(ds)), "raw_interactions")
+
+
+def test_every_row_is_checked_one_bad_row_among_many_is_caught(tmp_path):
+    """No sample: the suite's expectations each see all rows, in DuckDB, so one bad rating and
+    one repeated (user, item) at the far end of 300k rows are counted exactly. NaN ratings are
+    implicit events (missing, as pandas takes them), not out of range."""
+    n = 300_000
+    table = _clean_table(n)
+    suite = settings.project_root() / _p()["validate.suite"]
+    path = tmp_path / "clean.parquet"
+    table.to_parquet(path, index=False)
+    ok = validate.run_suite(path, suite, _suite_params())
+    assert ok["success"] is True, ok["failures"]
+    assert ok["rows_checked"] == n
+
+    table.loc[n - 1, "rating"] = 9.0
+    table.loc[n - 2, ["user_id", "item_id"]] = table.loc[n - 3, ["user_id", "item_id"]].values
+    table.to_parquet(path, index=False)
+    report = validate.run_suite(path, suite, _suite_params())
+    failed = {(f["expectation"], f["kwargs"].get("column")): f["observed"]
+              for f in report["failures"]}
+    assert set(failed) == {("expect_column_values_to_be_between", "rating"),
+                           ("expect_compound_columns_to_be_unique", None)}
+    assert failed[("expect_column_values_to_be_between", "rating")]["unexpected_count"] == 1
+    assert failed[("expect_column_values_to_be_between", "rating")][
+        "partial_unexpected_list"] == [9.0]
+    assert failed[("expect_compound_columns_to_be_unique", None)]["unexpected_count"] == 2
+    assert report["rows_checked"] == n
+
+
+def _bucketed(table: pd.DataFrame, root: Path, name: str, n_buckets: int = 3) -> str:
+    """``table`` as ``root/bucket=NNN/<name>``, split by user; returns the glob over them."""
+    for b in range(n_buckets):
+        folder = root / f"bucket={b:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        table[table["user_idx"] % n_buckets == b].to_parquet(folder / name, index=False)
+    return str(root / "bucket=*" / name)
+
+
+def test_a_bucketed_table_is_checked_as_one_table_without_a_bucket_column(tmp_path):
+    table = _clean_table(3000)
+    suite = settings.project_root() / _p()["validate.suite"]
+    glob = _bucketed(table, tmp_path, "part-0.parquet")
+    report = validate.run_suite(glob, suite, _suite_params())
+    assert report["success"] is True, report["failures"]  # columns match exactly: no `bucket`
+    assert report["rows_checked"] == len(table)
+    dup = table.iloc[[0]].assign(timestamp=1_780_000_000)  # user 0's pair again, same bucket
+    _bucketed(pd.concat([table, dup], ignore_index=True), tmp_path, "part-0.parquet")
+    report = validate.run_suite(glob, suite, _suite_params())
+    (failure,) = report["failures"]
+    assert failure["expectation"] == "expect_compound_columns_to_be_unique"
+    assert failure["observed"]["unexpected_count"] == 2
+
+
+def _parts() -> dict[str, pd.DataFrame]:
+    from tests.conftest import labelled_events
+
+    events = labelled_events(n_users=60, n_items=50, n_interactions=1500, seed=3)
+    events["user_id"], events["item_id"] = (events["user_idx"].astype(str),
+                                            events["item_idx"].astype(str))
+    events["rating"] = np.nan
+    return split.split_interactions(events, valid_fraction=0.1, test_fraction=0.2,
+                                    min_user_events_for_holdout=5)
+
+
+def test_check_split_files_on_bucket_globs_agrees_with_check_split_on_frames(tmp_path):
+    p = _p()
+    parts = _parts()
+    leaked = dict(parts, train=pd.concat([parts["train"], parts["test"].iloc[:2]]))
+    globs = {name: _bucketed(frame, tmp_path / "split", f"{name}.parquet")
+             for name, frame in leaked.items()}
+    on_files = validate.check_split_files(globs, ds=DS, method="leave_last_fraction", p=p)
+    on_frames = validate.check_split(leaked, ds=DS, method="leave_last_fraction", p=p)
+    assert on_files["success"] is on_frames["success"] is False
+    assert on_files["problems"] == on_frames["problems"] == validate.split_problems(
+        leaked, method="leave_last_fraction")
+    assert any(p.startswith("2 (user_idx, item_idx) pairs are in both train and test, e.g. (")
+               for p in on_files["problems"])
+    assert any("users have train events after their first test event" in p
+               for p in on_files["problems"])
+    assert ([f["expectation"] for f in on_files["expectations"]["failures"]]
+            == [f["expectation"] for f in on_frames["expectations"]["failures"]]
+            == ["expect_compound_columns_to_be_unique"])
+    assert on_files["expectations"]["rows_checked"] == sum(map(len, leaked.values()))
+    assert set(on_files) == set(on_frames) == {"ds", "success", "expectations", "suites",
+                                                "problems"}
+
+    sound = {name: _bucketed(frame, tmp_path / "sound", f"{name}.parquet")
+             for name, frame in parts.items()}
+    assert validate.check_split_files(sound, ds=DS, method="leave_last_fraction",
+                                      p=p)["success"] is True
+    # a part with no file is an empty part: the split suite names the missing test part
+    no_test = dict(sound, test=str(tmp_path / "none" / "bucket=*" / "test.parquet"))
+    report = validate.check_split_files(no_test, ds=DS, method="leave_last_fraction", p=p)
+    assert report["problems"] == [] and report["success"] is False
+    assert ("expect_column_distinct_values_to_contain_set", "split") in {
+        (f["expectation"], f["kwargs"].get("column")) for f in report["expectations"]["failures"]}
+    with pytest.raises(validate.ContractError, match="no Parquet file matches"):
+        validate.check_split_files({"train": str(tmp_path / "nothing.parquet")}, ds=DS,
+                                   method="random_per_user", p=p)
+
+
+def test_split_problems_pairs_in_three_parts_and_the_temporal_rules():
+    base = {"user_idx": [0], "item_idx": [0], "timestamp": [10]}
+    parts = {"train": pd.DataFrame(base), "valid": pd.DataFrame(base),
+             "test": pd.DataFrame(base).assign(timestamp=5)}
+    # a pair in all three parts is reported for train/valid and valid/test, as before
+    assert validate.split_problems(parts, method="random_per_user") == [
+        "1 (user_idx, item_idx) pairs are in both train and valid, e.g. (0, 0)",
+        "1 (user_idx, item_idx) pairs are in both valid and test, e.g. (0, 0)"]
+    assert validate.split_problems(parts, method="leave_last_n")[2:] == [
+        "leave_last_n: 1 users have train events after their first test event, e.g. user_idx 0",
+        "leave_last_n: 1 users have valid events after their first test event, e.g. user_idx 0"]
+    assert validate.split_problems(parts, method="global_time")[2:] == [
+        "global_time: train has events after the first test event"]
+
+
+def test_run_validates_a_bucketed_clean_prefix(s3):
+    ds = "2026-09-30"
+    storage.delete(storage.list_uris(storage.s3_uri(f"reports/ds={ds}/")))
+    table = _clean_table(1000)
+    prefix = layout.bucketed_prefix(ds, "clean", "interactions")
+    storage.delete(storage.list_uris(prefix))
+    for b in range(3):
+        storage.write_parquet(table[table["user_idx"] % 3 == b],
+                              layout.bucket_uri(ds, "clean", "interactions", b))
+    stats = {"invalid_fraction": 0.0, "by_reason": {}}
+    uris = Cleaned(ds=ds, interactions=prefix, stats=layout.run_uri(ds, "clean", "stats.json"),
+                   raw=layout.run_uri(ds, "ingest", "absent.parquet"),
+                   quarantine=layout.run_uri(ds, "clean", "quarantine.parquet"))
+    storage.write_json(uris.stats, stats)
+    out = validate.run(uris)
+    report = storage.read_json(out.report)
+    assert report["success"] and set(report["suites"]) == {"clean"}
+    assert report["expectations"]["rows_checked"] == len(table)
+    assert out.interactions == prefix
