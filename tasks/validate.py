@@ -544,7 +544,7 @@ def run(cleaned: Cleaned, params: dict | None = None) -> Validated:
     p = settings.step_params(PARAMS, params)
     raw_uri = cleaned.raw
     stats = storage.read_json(cleaned.stats)
-    with tempfile.TemporaryDirectory(prefix="nightrec-validate-") as tmp, \
+    with tempfile.TemporaryDirectory(prefix="nightrec-validate-", dir=engine.spill_root()) as tmp, \
             engine.connect("validate", params) as con:
         raw = None
         if storage.exists(raw_uri):

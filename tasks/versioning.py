@@ -177,7 +177,8 @@ def finish(augmented: Augmented, done: list[dict], params: dict | None = None) -
     lap("commit")
     globs = {part: str(ws / SPLIT_DIR / "bucket=*" / f"{part}.parquet") for part in split.PARTS}
     report = validate.check_split_files(globs, ds=ds, method=params["split"]["method"],
-                                        p=settings.step_params(validate.PARAMS, params))
+                                        p=settings.step_params(validate.PARAMS, params),
+                                        params=params)
     report["data_version"] = version
     report["data_docs"] = validate.record_results(ds, [report["expectations"]])
     out = {"validation": layout.run_uri(ds, "split", "validation.json")}
