@@ -508,6 +508,7 @@ def clean_batches(
     file_ids: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="clean-valid-", dir=engine.spill_root()) as tmp:
         valid = Path(tmp) / "valid.parquet"
+        batch = parsed = files = keep = None
         with pq.ParquetWriter(valid, _VALID_SCHEMA, compression="lz4") as writer:
             for batch in batches():
                 codes, parsed = check_rows(batch, id_pattern=id_pattern,
@@ -528,7 +529,7 @@ def clean_batches(
                 }, schema=_VALID_SCHEMA))
                 code_parts.append(codes)
                 offset += batch.num_rows
-                del parsed
+        del parsed, batch, files, keep  # the loop's names would keep the last batch alive
         codes = np.concatenate(code_parts) if code_parts else np.zeros(0, np.int8)
         del code_parts
         _release_memory()  # the batches' buffers, before the engine takes its share
