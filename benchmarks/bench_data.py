@@ -255,7 +255,11 @@ def _summary(stage: str, out: dict) -> str:
             s = storage.read_json(out["stats"])
             reasons = ", ".join(f"{v:,} {k}" for k, v in sorted(
                 s["by_reason"].items(), key=lambda kv: -kv[1]))
-            return f"{s['clean_rows']:,} kept; quarantined {s['quarantined_rows']:,}: {reasons}"
+            placed = s["clean_rows"] + s["quarantined_rows"] + s.get("forgotten_rows", 0)
+            check = ("every raw row in clean or quarantine" if placed == s["raw_rows"] else
+                     f"ROWS LOST: raw {s['raw_rows']:,} != {placed:,} placed")
+            return (f"{s['clean_rows']:,} kept; quarantined {s['quarantined_rows']:,}: {reasons}"
+                    f" ({check}: raw {s['raw_rows']:,})")
         if stage == "validate":
             suites = storage.read_json(out["report"])["suites"].values()
             return "contract holds: " + ", ".join(

@@ -83,7 +83,7 @@ def write_seen(con, clean_glob: str, quarantine: Iterable[pa.RecordBatch | pa.Ta
     quarantine batch, plus what the engine is allowed (it spills)."""
     taken: Counter = Counter()
     quarantined = 0
-    spill = out_path.with_name(out_path.stem + "-quarantine-pairs.parquet")
+    spill = out_path.parent / f"{out_path.stem}.quarantine-pairs.parquet"
     with pq.ParquetWriter(spill, SEEN_SCHEMA, compression="lz4") as writer:
         for batch in quarantine:
             pairs, counts = quarantine_pairs(batch, id_pattern=id_pattern,

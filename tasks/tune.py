@@ -116,13 +116,12 @@ def search(parts: dict, params: dict, *, n_users: int, n_items: int, workdir,
 
 def load_split(ds: str) -> tuple[dict, int, int]:
     """The train/valid/test parts a nightly run of ``ds`` split, and its user and item counts."""
-    uri = layout.run_uri(ds, "split", "train.parquet")
-    if not storage.exists(uri):
+    uri = layout.bucketed_prefix(ds, "split", "train")
+    if not storage.list_uris(uri):
         from nightrec.core.errors import PermanentError
 
         raise PermanentError(f"no split for ds={ds} ({uri}): run nightly_recommendations first")
-    parts = {n: storage.read_parquet(layout.run_uri(ds, "split", f"{n}.parquet"))
-             for n in split.PARTS}
+    parts = {n: split.read_part(layout.bucketed_prefix(ds, "split", n)) for n in split.PARTS}
     n_users = len(storage.read_parquet(layout.run_uri(ds, "augment", "user_features.parquet"),
                                        columns=["user_idx"]))
     n_items = len(storage.read_parquet(layout.run_uri(ds, "augment", "item_features.parquet"),

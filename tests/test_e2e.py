@@ -69,7 +69,7 @@ def test_run_publishes_table_with_schema_and_counts(first_run, sample):
     assert list(table.columns) == ["user_id", "rank", "item_id", "score", "model_version", "ds"]
     k = manifest["top_k"]
     assert k == 100
-    clean = storage.read_parquet(layout.run_uri(DS1, "clean", "interactions.parquet"))
+    clean = storage.read_parquet(layout.bucketed_prefix(DS1, "clean", "interactions"))
     seen_df = storage.read_parquet(layout.run_uri(DS1, "seen", "interactions.parquet"))
     # Every user with a valid event gets a list: the clean table's, and those k-core removed
     # (folded in from their seen items).
@@ -111,12 +111,17 @@ def test_dvc_remote_holds_the_split(first_run):
     dir_obj = [u for u in remote if u.endswith(f"/{version[:2]}/{version[2:]}.dir")]
     assert len(dir_obj) == 1
     listing = json.loads(storage.read_bytes(dir_obj[0]))
-    assert sorted(e["relpath"] for e in listing) == ["test.parquet", "train.parquet", "valid.parquet"]
+    buckets = meta["buckets"]
+    assert sorted(e["relpath"] for e in listing) == [
+        f"bucket={b:03d}/{p}.parquet" for b in range(buckets)
+        for p in ("test", "train", "valid")]
     for entry in listing:
         md5 = entry["md5"]
         blob = [u for u in remote if u.endswith(f"/{md5[:2]}/{md5[2:]}")]
         assert len(blob) == 1
-        ours = storage.read_bytes(layout.run_uri(DS1, "split", entry["relpath"]))
+        folder, name = entry["relpath"].split("/")
+        ours = storage.read_bytes(layout.bucket_uri(DS1, "split", name.removesuffix(".parquet"),
+                                                    int(folder.split("=")[1])))
         assert storage.read_bytes(blob[0]) == ours
 
 

@@ -307,7 +307,7 @@ def small_disk(tmp_path):
 
 def test_a_full_disk_fails_the_run_clearly_and_publishes_nothing(fault_env, sample, small_disk):
     """The worker's disk fills up mid-run (ingest has written its output, clean spools to the
-    local disk): the run fails with a message that says so, every task retry meets the same
+    local disk: TMPDIR and NIGHTREC_SPILL, the engine's scratch, both on it): the run fails with a message that says so, every task retry meets the same
     full disk, and readers keep the table they had."""
     for table in ("interactions", "items", "users"):
         storage.write_bytes(layout.raw_prefix(DS_DISK, table) + f"{table}.csv",
@@ -331,7 +331,8 @@ def test_a_full_disk_fails_the_run_clearly_and_publishes_nothing(fault_env, samp
 
     filler = threading.Thread(target=fill_disk)
     filler.start()
-    run = run_dag(fault_env, DS_DISK, env={"TMPDIR": str(small_disk)})
+    run = run_dag(fault_env, DS_DISK, env={"TMPDIR": str(small_disk),
+                                           "NIGHTREC_SPILL": str(small_disk)})
     filler.join(60)
     assert filled.get("errno") == errno.ENOSPC
     assert run.returncode == 1 and run.result["state"] == "failed", run.stdout[-3000:]

@@ -57,7 +57,7 @@ def stage(ds: str, *, run_key: str, model_version: str, n_users: int = 60, k: in
         n_users = len(user_ids)
     user_ids = np.array(sorted(user_ids) if user_ids is not None
                         else [f"u{i:05d}" for i in range(n_users)])
-    seen_uri = layout.run_uri(ds, "clean", "interactions.parquet")
+    seen_uri = layout.bucket_uri(ds, "clean", "interactions", 0)
     seen = pd.DataFrame({schema.USER_ID: np.repeat(user_ids, 2),
                          schema.ITEM_ID: [f"i{j}" for j in rng.integers(0, 9, 2 * n_users)]})
     storage.write_parquet(seen, seen_uri)
@@ -417,7 +417,7 @@ def test_publish_refuses_a_table_with_a_user_split_over_two_parts(bucket):
 
 def test_manifest_popular_items_are_the_most_interacted(bucket):
     publish.run(stage(DS, run_key="r", model_version="mf-20260310-aaaaaaaa"), params=params())
-    seen = storage.read_parquet(layout.run_uri(DS, "clean", "interactions.parquet"))
+    seen = storage.read_parquet(layout.bucket_uri(DS, "clean", "interactions", 0))
     counts = seen["item_id"].value_counts()
     popular = storage.read_json(layout.manifest_uri(DS))["popular"]
     assert [p["interactions"] for p in popular] == sorted(counts.to_numpy(), reverse=True)[:5]

@@ -288,7 +288,7 @@ def test_forget_erases_the_user_from_retained_data_and_keeps_indices(bucket, sta
     assert len(dry["found"]["published"][0]["parts"]) == 1
     actions = {e["uri"].rsplit("/", 2)[-2] + "/" + e["uri"].rsplit("/", 1)[-1]: e["action"]
                for e in dry["found"]["run_tables"]}
-    assert actions == {"clean/interactions.parquet": "drop_rows",  # stage's seen table
+    assert actions == {"bucket=000/part-0.parquet": "drop_rows",  # clean bucket: the seen table
                        "augment/user_features.parquet": "tombstone",
                        "clean/quarantine.parquet": "drop_rows"}
     assert dry["found"]["models"] == [{"model_version": MODEL,
@@ -326,7 +326,7 @@ def test_forget_erases_the_user_from_retained_data_and_keeps_indices(bucket, sta
     assert not storage.exists(layout.claim_uri(DS))
 
     # per-run tables: events lose the rows, index tables keep the index with a tombstone
-    seen = storage.read_parquet(layout.run_uri(DS, "clean", "interactions.parquet"))
+    seen = storage.read_parquet(layout.bucketed_prefix(DS, "clean", "interactions"))
     assert USER not in set(seen["user_id"]) and len(seen) == 118
     feats = storage.read_parquet(layout.run_uri(DS, "augment", "user_features.parquet"))
     assert np.isnan(feats.loc[7, "age"]) and feats.loc[7, "gender"] == 0
@@ -387,7 +387,7 @@ def test_clean_drops_a_forgotten_users_rows_on_the_next_run(bucket, state):
     assert stats["raw_rows"] == stats["clean_rows"] + stats["quarantined_rows"] \
         + stats["forgotten_rows"]
     assert stats["by_file"]["a.csv"] == {"rows": 20, "quarantined": {}, "forgotten": 8}
-    interactions = storage.read_parquet(layout.run_uri(ds, "clean", "interactions.parquet"))
+    interactions = storage.read_parquet(layout.bucketed_prefix(ds, "clean", "interactions"))
     assert set(interactions["user_id"]) == {"bob", "carol"}
     assert storage.read_parquet(layout.run_uri(ds, "clean", "quarantine.parquet")).empty
 

@@ -59,7 +59,7 @@ def register_model() -> list[str]:
                                               "ds": DS})
     seen = pd.DataFrame({"user_id": np.repeat(users, 3),
                          "item_id": items[rng.integers(0, N_ITEMS, 3 * N_USERS)]})
-    storage.write_parquet(seen, layout.run_uri(DS, "clean", "interactions.parquet"))
+    storage.write_parquet(seen, layout.bucket_uri(DS, "clean", "interactions", 0))
     # an empty quarantine: re-score builds ds's seen set from clean's two outputs (tasks/seen.py)
     storage.write_parquet(pd.DataFrame({"user_id": [], "item_id": [], "reason": []}, dtype=str),
                           layout.run_uri(DS, "clean", "quarantine.parquet"))

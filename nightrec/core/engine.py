@@ -7,7 +7,8 @@ streaming engine took 7 GB. ``connect(step)`` gives a connection with
 
 - ``memory_limit`` = ``resources.memory_gb`` (or ``resources.steps.<step>.memory_gb``);
 - ``threads`` = ``resources.threads`` (0: one per core);
-- ``temp_directory`` under ``$NIGHTREC_STATE/spill/<step>-<pid>``, where joins, sorts and
+- ``temp_directory`` under ``spill_root()/<step>-<pid>`` (``$NIGHTREC_SPILL``, default
+  ``$NIGHTREC_STATE/spill``), where joins, sorts and
   window functions spill when the budget is reached, removed when the connection closes;
 - insertion order not preserved (``preserve_insertion_order=false``) unless a query says
   ``ORDER BY``: that is what lets DuckDB stream large copies.
@@ -53,8 +54,10 @@ def budget(step: str, params: dict[str, Any] | None = None) -> dict[str, float]:
 
 
 def spill_root() -> Path:
-    """``$NIGHTREC_STATE/spill``: the engine's spill folders and the steps' local scratch."""
-    path = settings.state_dir() / "spill"
+    """The engine's spill folders and the data steps' local scratch: ``$NIGHTREC_SPILL`` (a
+    worker's fast local disk, say), default ``$NIGHTREC_STATE/spill``."""
+    env = os.environ.get("NIGHTREC_SPILL")
+    path = Path(env) if env else settings.state_dir() / "spill"
     path.mkdir(parents=True, exist_ok=True)
     return path
 

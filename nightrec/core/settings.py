@@ -5,6 +5,8 @@ Tunables come from ``params.yaml`` only. Locations and endpoints come from the e
 - ``NIGHTREC_HOME``: project root (default: the checkout this package lives in).
 - ``NIGHTREC_PARAMS``: path of params.yaml (default ``$NIGHTREC_HOME/params.yaml``).
 - ``NIGHTREC_STATE``: git-ignored local state (default ``$NIGHTREC_HOME/.nightrec``).
+- ``NIGHTREC_SPILL``: the data steps' local scratch and DuckDB's spill (default
+  ``$NIGHTREC_STATE/spill``; nightrec/core/engine.py).
 - ``NIGHTREC_BUCKET``: bucket (default ``nightrec``).
 - ``S3_ENDPOINT_URL``: S3 endpoint; unset means AWS itself, as boto3 does.
 - ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_DEFAULT_REGION``: the usual AWS chain.

@@ -185,9 +185,10 @@ def build_report(ds: str, *, run_id: str, task_states: dict[str, str], p) -> tup
         recs = pd.concat(frames, ignore_index=True)
         if len(recs) > int(p["report.sample_rows"]):
             recs = recs.iloc[rng.choice(len(recs), int(p["report.sample_rows"]), replace=False)]
-        clean = storage.read_parquet(layout.run_uri(ds, "clean", "interactions.parquet"),
-                                     columns=[schema.ITEM_ID])
-        pop = clean[schema.ITEM_ID].value_counts()
+        pop = pd.Series(dtype="int64")  # events per item, summed bucket by bucket
+        for uri in storage.list_uris(layout.bucketed_prefix(ds, "clean", "interactions")):
+            counts = storage.read_parquet(uri, columns=[schema.ITEM_ID])[schema.ITEM_ID]
+            pop = pop.add(counts.value_counts(), fill_value=0)
         rec_pop = pop.reindex(recs[schema.ITEM_ID]).fillna(0).to_numpy()
         coverage = recs[schema.ITEM_ID].nunique() / max(len(pop), 1)
         add("Published recommendations",

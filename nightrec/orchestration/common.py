@@ -141,7 +141,7 @@ def on_failure(context) -> None:
     else:
         error = f"{type(err).__name__}: {err}" if err else "unknown error"
     if disk_full(err):
-        error = (f"disk full on the worker {socket.gethostname()} (its TMPDIR or NIGHTREC_STATE); "
+        error = (f"disk full on the worker {socket.gethostname()} (its TMPDIR, NIGHTREC_SPILL or NIGHTREC_STATE); "
                  f"nothing was published; free space, then clear the task: {error}")
     record_failure(dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id, ds=ds, error=error)
 
