@@ -181,23 +181,6 @@ def generate(out: Path, *, rows: int, users: int, items: int, files: int, seed: 
     print(f"generated and uploaded in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
-
-def _tree_rss(proc) -> int:
-    import psutil
-
-    total = 0
-    try:
-        procs = [proc, *proc.children(recursive=True)]
-    except psutil.Error:
-        return 0
-    for p in procs:
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
-
-
 def _log_time(line: str) -> float | None:
     m = _TS.search(line[:80])
     if not m:
@@ -258,9 +241,11 @@ class Monitor:
                     self.running.pop(key, None)
 
     def run(self) -> None:
+        from nightrec.dev.bench_scoring import tree_rss
+
         while True:
             self._read_log()
-            rss = _tree_rss(self.proc)
+            rss = tree_rss(self.proc)
             weed = 0
             if self.weed is not None:
                 try:

@@ -180,24 +180,11 @@ class TreeMonitor:
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
-    def _tree_rss(self) -> int:
-        import psutil
-
-        try:
-            procs = [self.proc, *self.proc.children(recursive=True)]
-        except psutil.Error:
-            return 0
-        total = 0
-        for p in procs:
-            try:
-                total += p.memory_info().rss
-            except psutil.Error:
-                pass
-        return total
-
     def _run(self) -> None:
+        from nightrec.dev.bench_scoring import tree_rss
+
         while not self._stop.is_set():
-            rss = self._tree_rss()
+            rss = tree_rss(self.proc)
             self.samples += 1
             self.peak = max(self.peak, rss)
             if self.weed is not None:

@@ -167,6 +167,24 @@ class NightrecGemm:
         return (time.perf_counter() - t) * len(u) / max(n, 1)
 
 
+def tree_rss(proc) -> int:
+    """Resident bytes of a psutil process and all its descendants (0 when it is gone): what a
+    benchmark charges a stage whose work runs in children (DVC, Airflow's task runners)."""
+    import psutil
+
+    try:
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
 def machine() -> str:
     """The CPU's vector width the kernel dispatched on (AVX-512 or AVX2) and the BLAS in use:
     what every benchmark prints, because two machines of one kind differ."""
