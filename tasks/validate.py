@@ -528,14 +528,11 @@ def check_split(
 
 
 def _download_table(uri: str, dest: Path) -> str:
-    """A table on S3 as local Parquet for DuckDB; returns the path or glob to read. ``uri`` is
-    one Parquet object, or a bucketed table's prefix (ending in ``/``: every
-    ``bucket=NNN/part-0.parquet`` under it)."""
-    if not uri.endswith("/"):
-        return str(storage.download_to(uri, dest.with_suffix(".parquet")))
-    if not storage.download_prefix(uri, dest):
-        raise ContractError(f"{uri}: the table has no files")
-    return str(dest / "**" / "*.parquet")
+    """``storage.download_table``, a table without files being a broken contract."""
+    try:
+        return storage.download_table(uri, dest)
+    except FileNotFoundError as e:
+        raise ContractError(f"{uri}: the table has no files") from e
 
 
 def run(cleaned: Cleaned, params: dict | None = None) -> Validated:
