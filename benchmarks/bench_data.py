@@ -614,6 +614,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             checkouts.insert(0, ("baseline", base))
 
+    if args.work:
+        Path(args.work).mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="nightrec-bench-data-", dir=args.work))
     print(f"work dir {work} ({shutil.disk_usage(work).free / GB:.0f} GiB free)")
     print("params (the data steps' sections in effect, per checkout):")

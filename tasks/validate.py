@@ -178,6 +178,19 @@ def _sql_datasource(ctx, con):
                                     kwargs={"creator": lambda: _Connection(con.cursor())})
 
 
+def _exception_message(info: Any) -> str | None:
+    """The error a failed expectation's metric raised: GE 1.x keeps it either flat
+    (``{"raised_exception": True, "exception_message": ...}``) or per metric (a dict of
+    those keyed by the metric's id)."""
+    if not isinstance(info, dict):
+        return None
+    if info.get("raised_exception"):
+        return str(info.get("exception_message"))
+    messages = [str(v.get("exception_message")) for v in info.values()
+                if isinstance(v, dict) and v.get("raised_exception")]
+    return "; ".join(messages) or None
+
+
 def _validate_view(
     con, view: str, suite_path: Path, parameters: dict[str, Any], docs_dir: Path | None,
     run_name: str | None,
@@ -216,8 +229,9 @@ def _validate_view(
                           "partial_unexpected_list")
                 if r.result.get(k) is not None
             }
-            if r.exception_info and r.exception_info.get("raised_exception"):
-                observed["exception"] = r.exception_info.get("exception_message")
+            error = _exception_message(r.exception_info)
+            if error:
+                observed["exception"] = error
             failures.append(
                 {"expectation": r.expectation_config.type, "kwargs": kwargs, "observed": observed}
             )
