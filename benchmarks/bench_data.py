@@ -124,9 +124,12 @@ def _cpu_s(*whos: int) -> float:
                for f in ("ru_utime", "ru_stime"))
 
 
-def run_stage(stage: str, upstream_file: Path | None, out_file: Path) -> None:
+def run_stage(stage: str, upstream_file: Path | None, out_file: Path,
+              phase: str | None = None, phase_input: Path | None = None) -> None:
     """Child mode: run one stage's ``run()`` on its upstream's record; write its record and
-    figures to ``out_file``."""
+    figures to ``out_file``. For the split, ``phase`` runs one of the processes the DAG runs
+    instead: ``plan`` (the bucket specs), ``bucket`` (one mapped bucket, its spec in
+    ``phase_input``) or ``finish`` (the reduce, the buckets' results in ``phase_input``)."""
     import importlib
 
     import nightrec
@@ -140,11 +143,18 @@ def run_stage(stage: str, upstream_file: Path | None, out_file: Path) -> None:
         record = getattr(records, upstream["record"]).from_xcom(upstream)
     cpu_before = _cpu_s(resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    result = module.run(DS) if record is None else module.run(record)
+    if phase == "plan":
+        result = module.plan(record)
+    elif phase == "bucket":
+        result = module.run_bucket(json.loads(phase_input.read_text()))
+    elif phase == "finish":
+        result = module.finish(record, json.loads(phase_input.read_text()))
+    else:
+        result = module.run(DS) if record is None else module.run(record)
     wall = time.perf_counter() - started
     cpu = _cpu_s(resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN) - cpu_before
     out_file.write_text(json.dumps({
-        "out": result.to_xcom(), "wall_s": wall, "cpu_before_s": cpu_before, "self_cpu_s": cpu,
+        "out": result.to_xcom() if hasattr(result, "to_xcom") else result, "wall_s": wall, "cpu_before_s": cpu_before, "self_cpu_s": cpu,
         "vm_hwm_mb": _vm_hwm_kb() / 1024,
         "children_maxrss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
         "module": module.__file__}, default=str))
@@ -228,6 +238,68 @@ def measure(cmd: list[str], *, env: dict, log: Path, weed_pid: int | None,
             "peak_rss_mb": mon.peak / MB, "samples": mon.samples,
             "weed_peak_mb": mon.weed_peak / MB,
             "killed_at_mb": mon.killed_at / MB if mon.killed_at else None}
+
+
+def _maps_split(code: Path) -> bool:
+    """Whether the checkout's split is a map (plan, one task per bucket, finish), as the DAG runs
+    it; the pandas version's is one ``run()``."""
+    src = code / "tasks" / "versioning.py"
+    return src.exists() and "def run_bucket(" in src.read_text()
+
+
+def measure_mapped_split(cmd: list[str], out: Path, *, env: dict, vdir: Path,
+                         weed_pid: int | None, cap_bytes: int) -> dict:
+    """The split as the DAG runs it: a plan process, one process per bucket (each a mapped task
+    instance, run here one after another: 2 cores) and the finish (the reduce). The figures are
+    the stage's: lifetimes, wall and CPU summed, the peak the largest process's (each is its own
+    task process in the DAG); ``mapped`` keeps each kind's figures. The finish writes ``out``."""
+    runs: list[tuple[str, dict, dict]] = []
+
+    def one(kind: str, extra: list[str], result: Path, log: str) -> dict | None:
+        m = measure([*cmd[:cmd.index("--out")], "--out", str(result), *cmd[cmd.index("--out") + 2:],
+                     *extra], env=env, log=vdir / log, weed_pid=weed_pid, cap_bytes=cap_bytes)
+        if m["rc"] != 0 or m["killed_at_mb"]:
+            if log != "split.log":
+                shutil.copyfile(vdir / log, vdir / "split.log")
+            return m
+        runs.append((kind, m, json.loads(result.read_text())))
+        return None
+
+    plan_out = vdir / "split-plan.json"
+    failed = one("plan", ["--phase", "plan"], plan_out, "split-plan.log")
+    done = []
+    if not failed:
+        for i, spec in enumerate(json.loads(plan_out.read_text())["out"]):
+            spec_file = vdir / f"split-bucket-{i:03d}.spec.json"
+            spec_file.write_text(json.dumps(spec))
+            res = vdir / f"split-bucket-{i:03d}.json"
+            failed = one("bucket", ["--phase", "bucket", "--phase-input", str(spec_file)], res,
+                         f"split-bucket-{i:03d}.log")
+            if failed:
+                break
+            done.append(runs[-1][2]["out"])
+    if not failed:
+        done_file = vdir / "split-done.json"
+        done_file.write_text(json.dumps(done))
+        failed = one("finish", ["--phase", "finish", "--phase-input", str(done_file)], out,
+                     "split.log")
+    if failed:
+        return failed
+    ms = [m for _, m, _ in runs]
+    kinds = {k: {"processes": sum(1 for kk, _, _ in runs if kk == k),
+                 "peak_rss_mb": max(m["peak_rss_mb"] for kk, m, _ in runs if kk == k),
+                 "wall_s": sum(c["wall_s"] for kk, _, c in runs if kk == k)}
+             for k in ("plan", "bucket", "finish")}
+    return {"rc": 0, "process_s": sum(m["process_s"] for m in ms),
+            "tree_cpu_s": sum(m["tree_cpu_s"] for m in ms),
+            "wait4_maxrss_mb": max(m["wait4_maxrss_mb"] for m in ms),
+            "peak_rss_mb": max(m["peak_rss_mb"] for m in ms),
+            "samples": sum(m["samples"] for m in ms),
+            "weed_peak_mb": max(m["weed_peak_mb"] for m in ms), "killed_at_mb": None,
+            "mapped": {"wall_s": sum(c["wall_s"] for _, _, c in runs),
+                       "self_cpu_s": sum(c["self_cpu_s"] for _, _, c in runs),
+                       "cpu_before_s": sum(c["cpu_before_s"] for _, _, c in runs),
+                       "vm_hwm_mb": max(c["vm_hwm_mb"] for _, _, c in runs), "kinds": kinds}}
 
 
 def _summary(stage: str, out: dict) -> str:
@@ -396,8 +468,12 @@ def run_version(label: str, code: Path, *, snapshot: Path, work: Path, base_env:
             cmd = [str(py), script, "--stage", stage, "--out", str(out)]
             if upstream:
                 cmd += ["--upstream", str(records[upstream])]
-            m = measure(cmd, env=env, log=vdir / f"{stage}.log", weed_pid=weed_pid,
-                        cap_bytes=int(cap_gb * GB))
+            if stage == "split" and _maps_split(code):
+                m = measure_mapped_split(cmd, out, env=env, vdir=vdir, weed_pid=weed_pid,
+                                         cap_bytes=int(cap_gb * GB))
+            else:
+                m = measure(cmd, env=env, log=vdir / f"{stage}.log", weed_pid=weed_pid,
+                            cap_bytes=int(cap_gb * GB))
             row.update(m)
             if m["killed_at_mb"]:
                 row["status"] = (f"killed at the {cap_gb:g} GB cap (tree at "
@@ -413,6 +489,11 @@ def run_version(label: str, code: Path, *, snapshot: Path, work: Path, base_env:
                 stopped = f"{stage} failed"
             else:
                 child = json.loads(out.read_text())
+                if "mapped" in m:  # the finish's figures; wall and CPU over every process
+                    child.update(wall_s=m["mapped"]["wall_s"],
+                                 cpu_before_s=m["mapped"]["cpu_before_s"],
+                                 self_cpu_s=m["mapped"]["self_cpu_s"],
+                                 vm_hwm_mb=m["mapped"]["vm_hwm_mb"])
                 records[stage] = vdir / f"{stage}.record.json"
                 records[stage].write_text(json.dumps(child["out"]))
                 row.update(status="ok", wall_s=child["wall_s"],
@@ -421,6 +502,11 @@ def run_version(label: str, code: Path, *, snapshot: Path, work: Path, base_env:
                            children_maxrss_mb=child["children_maxrss_mb"],
                            record=child["out"].get("record"),
                            summary=_summary(stage, child["out"]))
+                if "mapped" in m:
+                    row["mapped"] = m["mapped"]["kinds"]
+                    row["summary"] += "; processes " + ", ".join(
+                        f"{k} {v['processes']}x peak {v['peak_rss_mb']:.0f} MB"
+                        for k, v in row["mapped"].items())
             _print_row(label, row)
         res["s3_bytes"] = _dir_bytes(cfg.data_dir)
         res["state_bytes"] = _dir_bytes(vdir / "state")
@@ -572,9 +658,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--upstream", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--upload", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--phase", choices=("plan", "bucket", "finish"), help=argparse.SUPPRESS)
+    parser.add_argument("--phase-input", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.stage:
-        run_stage(args.stage, args.upstream, args.out)
+        run_stage(args.stage, args.upstream, args.out, args.phase, args.phase_input)
         return 0
     if args.upload:
         upload_snapshot(args.upload)

@@ -289,3 +289,48 @@ def test_run_validates_a_bucketed_clean_prefix(s3):
     assert report["success"] and set(report["suites"]) == {"clean"}
     assert report["expectations"]["rows_checked"] == len(table)
     assert out.interactions == prefix
+
+
+def test_an_expectation_whose_query_fails_names_the_engine_error(tmp_path):
+    """A metric that raises inside GE (here DuckDB refusing to compare text with a number; at
+    scale, DuckDB out of memory) fails the suite with the engine's message in the report, not
+    with an empty observed value."""
+    suite = {"name": "broken", "expectations": [
+        {"type": "expect_column_values_to_be_between",
+         "kwargs": {"column": "user_id", "min_value": 0}}]}
+    suite_path = tmp_path / "broken.json"
+    suite_path.write_text(__import__("json").dumps(suite))
+    table = tmp_path / "t.parquet"
+    pd.DataFrame({"user_id": ["1", "x1"], "item_id": ["a", "b"]}).to_parquet(table)
+    report = validate.run_suite(table, suite_path, {})
+    assert report["success"] is False
+    (failure,) = report["failures"]
+    assert failure["expectation"] == "expect_column_values_to_be_between"
+    assert "Cannot compare values of type VARCHAR" in failure["observed"]["exception"]
+
+
+def test_each_step_gets_its_resources_budget_and_its_spill_folder_goes_with_it(monkeypatch,
+                                                                                 tmp_path):
+    """The shipped params give validate (which also checks the split) more memory than the
+    other steps; a step's override wins over the section's default; DuckDB runs under it."""
+    from nightrec.core import engine
+
+    monkeypatch.setenv("NIGHTREC_SPILL", str(tmp_path / "spill"))
+    shipped = settings.load_params()
+    assert engine.budget("validate", shipped)["memory_gb"] > engine.budget("clean",
+                                                                          shipped)["memory_gb"]
+    params = {"resources": {"memory_gb": 0.5, "threads": 1,
+                            "steps": {"split": {"memory_gb": 0.25}}}}
+    assert engine.budget("clean", params) == {"memory_gb": 0.5, "threads": 1}
+    assert engine.budget("split", params) == {"memory_gb": 0.25, "threads": 1}
+    with engine.connect("split", params) as con:
+        limit = con.execute("SELECT current_setting('memory_limit')").fetchone()[0]
+        # engine.connect passes int(memory_gb * 1024) "MB", which DuckDB reads as 10^6 bytes
+        assert limit == f"{256e6 / 2**20:.1f} MiB"
+        spill = engine.spill_dir("split")
+        assert spill.is_dir()
+    assert not spill.exists()
+    with pytest.raises(ValueError, match="unknown step"):
+        engine.budget("train", params)
+    with pytest.raises(ValueError, match="unknown steps"):
+        engine.budget("clean", {"resources": {"steps": {"scoring": {}}}})
