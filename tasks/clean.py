@@ -221,6 +221,43 @@ def timestamp_unit(ts: np.ndarray, unit: str = "auto") -> str:
     return unit_of_median(float(np.median(finite)) if len(finite) else 0.0, unit)
 
 
+def median_exceeds(n: int, above: int, below_max: float | None, above_min: float | None,
+                   bound: float) -> bool:
+    """Whether the median of ``n`` numbers (``np.median``'s: the middle one, or the mean of the
+    two middle ones) exceeds ``bound``, from ``above`` (how many exceed it), the largest number
+    at or below it and the smallest above it. No number is held: streaming aggregates give
+    all four, where an exact median is a holistic aggregate that must keep every value (at 100M
+    rows more than the engine's budget)."""
+    if n == 0:
+        return 0.0 > bound
+    if n % 2:
+        return above >= (n + 1) // 2
+    if above != n // 2:
+        return above > n // 2
+    return (float(below_max) + float(above_min)) / 2 > bound
+
+
+def timestamp_units_sql(con, src: str, files: list[str], unit: str = "auto") -> dict[str, str]:
+    """Each file's timestamp unit (:func:`unit_of_median` of its finite numeric timestamps'
+    median), over ``src`` (columns ``ts``, ``ts_iso``, ``file``: an index into ``files``) in
+    one streaming pass: per threshold, :func:`median_exceeds`'s counts."""
+    if unit != "auto":
+        return {name: unit_of_median(0.0, unit) for name in files}
+    cols = ", ".join(
+        f"count(*) FILTER (WHERE ts > {b!r}), max(ts) FILTER (WHERE ts <= {b!r}), "
+        f"min(ts) FILTER (WHERE ts > {b!r})" for b, _ in _AUTO_THRESHOLDS)
+    rows = con.execute(f"SELECT file, count(*), {cols} FROM {src} "
+                       "WHERE NOT ts_iso AND isfinite(ts) GROUP BY file").fetchall()
+    stats = {int(r[0]): r[1:] for r in rows}
+    out = {}
+    for k, name in enumerate(files):
+        n, *rest = stats.get(k, (0,))
+        out[name] = next((u for i, (b, u) in enumerate(_AUTO_THRESHOLDS)
+                          if median_exceeds(n, *(rest[3 * i:3 * i + 3] or (0, None, None)), b)),
+                         "s")
+    return out
+
+
 def kcore_sql(con, table: str, *, min_user: int, min_item: int) -> int:
     """Delete from ``table`` (columns ``user_id, item_id``) the rows outside the iterated
     (min_user, min_item) k-core, in place, in the engine; returns the rounds taken.
@@ -286,15 +323,8 @@ def judge_table(
     """
     settings.check_ds(ds)
     src = f"read_parquet({engine.quote(valid)})"
-    medians = dict(con.execute(
-        f"SELECT file, median(ts) FROM {src} WHERE NOT ts_iso AND isfinite(ts) GROUP BY file"
-    ).fetchall())
-    units = {}
-    scale = []
-    for k, name in enumerate(files):
-        unit = unit_of_median(float(medians.get(k, 0.0)), timestamp_unit_param)
-        units[name] = unit
-        scale.append((k, _UNIT_SCALE[unit]))
+    units = timestamp_units_sql(con, src, files, timestamp_unit_param)
+    scale = [(k, _UNIT_SCALE[units[name]]) for k, name in enumerate(files)]
     con.execute("CREATE OR REPLACE TEMP TABLE unit_scale (file INTEGER, scale DOUBLE)")
     if scale:
         con.executemany("INSERT INTO unit_scale VALUES (?, ?)", scale)

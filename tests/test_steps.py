@@ -314,3 +314,35 @@ def test_check_parts_finds_a_user_split_over_two_parts():
     assert check_parts([a, {"rows": 4, "min_user_id": "d", "max_user_id": "f"}]) == []
     assert check_parts([a, {"rows": 4, "min_user_id": "c", "max_user_id": "f"}]) == [
         "user 'c' is split over parts 0 and 1"]
+
+
+def test_the_timestamp_unit_from_streaming_counts_is_the_median_s_unit():
+    """Clean picks a file's timestamp unit from its median without holding the values: per
+    threshold, how many exceed it and the nearest values on each side. Same unit as
+    ``np.median`` on every case, the two middle values straddling a threshold included."""
+    import duckdb
+
+    rng = np.random.default_rng(7)
+    cases = [
+        [1.7e9] * 3,                                   # seconds
+        [1.7e12, 1.7e12 + 1],                          # ms
+        [1.7e15, 1.7e9, 1.7e15],                       # us, odd
+        [1.7e18, 1.7e18, 1.7e9, 1.7e9],                # ns/s half and half: mean is ns
+        [1e11 - 10, 1e11 + 5],                         # mean below 1e11: s
+        [1e11 - 5, 1e11 + 10],                         # mean above: ms
+        [1e14, 1e14],                                  # equal to the bound is not above it
+        list(rng.choice([1.7e9, 1.7e12, 1.7e15], 1001)),
+        list(rng.choice([1.7e9, 1.7e12], 1000)),
+        [],
+    ]
+    files = [f"f{k}" for k in range(len(cases))]
+    con = duckdb.connect()
+    rows = [(float(t), False, k) for k, case in enumerate(cases) for t in case]
+    rows += [(float("nan"), False, 0), (5e20, True, 1)]   # NaN and ISO text do not count
+    con.execute("CREATE TABLE v (ts DOUBLE, ts_iso BOOLEAN, file INTEGER)")
+    con.executemany("INSERT INTO v VALUES (?, ?, ?)", rows)
+    got = clean.timestamp_units_sql(con, "v", files)
+    want = {f: clean.timestamp_unit(np.asarray(c, dtype=float)) for f, c in zip(files, cases)}
+    assert got == want
+    assert [got[f] for f in files[:7]] == ["s", "ms", "us", "ns", "s", "ms", "ms"]
+    assert clean.timestamp_units_sql(con, "v", files, "ms") == {f: "ms" for f in files}
