@@ -22,12 +22,14 @@ per distinct pair, sorted by ``(user_id, item_id)`` (row groups of :data:`ROW_GR
 score shard reading one ``user_id`` range skips the others), and ``stats.json`` beside it.
 
 Memory: the quarantine is read in batches of ``clean.batch_rows`` rows, three columns at a time;
-the union, distinct and sort run in the engine under ``resources`` (nightrec/core/engine.py),
-spilling to local disk beyond it.
+the union and distinct run in the engine one user-hash bucket of the clean table at a time, and
+the sort over every bucket's pairs, under ``resources`` (nightrec/core/engine.py), spilling to
+local disk beyond it.
 """
 
 from __future__ import annotations
 
+import glob as globmod
 import io
 import logging
 import tempfile
@@ -91,17 +93,30 @@ def write_seen(con, clean_glob: str, quarantine: Iterable[pa.RecordBatch | pa.Ta
             writer.write_table(pairs)
             taken += counts
             quarantined += batch.num_rows
-    src = engine.quote(clean_glob)
-    clean_rows = con.execute(f"SELECT count(*) FROM read_parquet({src})").fetchone()[0]
+    groups, n = _bucket_groups(clean_glob)
+    clean_rows = con.execute(
+        f"SELECT count(*) FROM read_parquet({_file_list(sum(groups.values(), []))})").fetchone()[0]
+    # Distinct per user-hash bucket (a user's pairs are all in one bucket, so the buckets'
+    # distinct pairs are the whole table's), then one sort: a DISTINCT over every pair at once
+    # is a hash table of every pair, which at 90M pairs outgrew the step's 0.75 GB.
     con.execute(f"""
-        COPY (SELECT DISTINCT user_id, item_id FROM (
-                SELECT {schema.USER_ID} AS user_id, {schema.ITEM_ID} AS item_id
-                FROM read_parquet({src})
-                UNION ALL SELECT user_id, item_id FROM read_parquet({engine.quote(spill)}))
-              ORDER BY user_id, item_id)
+        CREATE OR REPLACE TEMP TABLE seen_quarantine AS
+        SELECT {engine.bucket_sql("user_id", n)} AS bucket, user_id, item_id
+        FROM read_parquet({engine.quote(spill)}) ORDER BY bucket""")
+    con.execute("CREATE OR REPLACE TEMP TABLE seen_pairs (user_id VARCHAR, item_id VARCHAR)")
+    for b in range(n):
+        own = (f"SELECT {schema.USER_ID} AS user_id, {schema.ITEM_ID} AS item_id "
+               f"FROM read_parquet({_file_list(groups[b])}) UNION ALL " if groups.get(b) else "")
+        con.execute(f"""
+            INSERT INTO seen_pairs SELECT DISTINCT user_id, item_id FROM (
+                {own}SELECT user_id, item_id FROM seen_quarantine WHERE bucket = {b})""")
+    con.execute("DROP TABLE seen_quarantine")
+    con.execute(f"""
+        COPY (SELECT user_id, item_id FROM seen_pairs ORDER BY user_id, item_id)
         TO {engine.quote(out_path)} (FORMAT parquet, COMPRESSION zstd,
                                      ROW_GROUP_SIZE {ROW_GROUP_ROWS})
     """)
+    con.execute("DROP TABLE seen_pairs")
     spill.unlink()
     pairs, users, items = con.execute(
         f"SELECT count(*), count(DISTINCT user_id), count(DISTINCT item_id) "
@@ -116,6 +131,25 @@ def write_seen(con, clean_glob: str, quarantine: Iterable[pa.RecordBatch | pa.Ta
         "items": int(items),
         "included_reasons": list(INCLUDED_REASONS),
     }
+
+
+def _bucket_groups(clean_glob: str) -> tuple[dict[int, list[str]], int]:
+    """The clean files matching ``clean_glob`` by user-hash bucket (``.../bucket=NNN/...``) and
+    the bucket count; files outside bucket folders (a single-file table) form bucket 0 of 1."""
+    files = sorted(globmod.glob(clean_glob))
+    if not files:
+        raise FileNotFoundError(f"seen: no clean table file matches {clean_glob}")
+    groups: dict[int, list[str]] = {}
+    for f in files:
+        folder = Path(f).parent.name
+        if not folder.startswith("bucket="):
+            return {0: files}, 1
+        groups.setdefault(int(folder.split("=", 1)[1]), []).append(f)
+    return groups, max(groups) + 1
+
+
+def _file_list(files: list[str]) -> str:
+    return "[" + ", ".join(engine.quote(f) for f in files) + "]"
 
 
 def table_bytes(table: pa.Table) -> bytes:

@@ -230,3 +230,43 @@ def test_collect_passes_source_through_and_defaults_to_model():
     out = score.collect([result], [spec])
     assert (out.source, out.source_reason) == ("champion_fallback",
                                                      "gate: below popularity")
+
+
+def test_seen_pairs_are_distinct_per_bucket_and_sorted_over_all_buckets(tmp_path):
+    """write_seen takes the distinct pairs one user-hash bucket at a time (memory: a bucket) and
+    sorts them all at once: the result is the distinct union of clean and qualifying quarantine
+    pairs, whichever bucket a quarantined user hashes to, in (user_id, item_id) order."""
+    from nightrec.core import engine
+
+    n = 3
+    rng = np.random.default_rng(5)
+    users = [f"u{k}" for k in range(40)]
+    clean_pairs = {(u, f"i{j}") for u in users for j in rng.choice(30, 6, replace=False)}
+    frame = pd.DataFrame(sorted(clean_pairs), columns=[schema.USER_ID, schema.ITEM_ID])
+    frame["bucket"] = [engine.bucket_of(u, n) for u in frame[schema.USER_ID]]
+    assert frame["bucket"].nunique() == n
+    for b in range(n):
+        folder = tmp_path / "clean" / f"bucket={b:03d}"
+        folder.mkdir(parents=True)
+        frame[frame["bucket"] == b].drop(columns="bucket").to_parquet(folder / "part-0.parquet")
+    quarantine = pd.DataFrame({
+        schema.USER_ID: ["u1", "u1", "u2", "new", "new", "u3"],
+        schema.ITEM_ID: [sorted(clean_pairs)[6][1], "q1", "q1", "q2", "q2", "q3"],
+        schema.REASON: [schema.REASON_DUPLICATE, schema.REASON_KCORE, schema.REASON_DUPLICATE,
+                        schema.REASON_TIMESTAMP_RANGE, schema.REASON_DUPLICATE,
+                        schema.REASON_MISSING_FIELD],  # the last does not name a pair
+    })
+    quarantine[schema.USER_ID] = quarantine[schema.USER_ID].where(
+        quarantine[schema.USER_ID] != "u1", sorted(clean_pairs)[6][0])
+    out = tmp_path / "seen.parquet"
+    with engine.connect("seen", {"resources": {"memory_gb": 0.25, "threads": 1}}) as con:
+        stats = seen.write_seen(con, str(tmp_path / "clean" / "bucket=*" / "*.parquet"),
+                                [pa.Table.from_pandas(quarantine)], out,
+                                id_pattern=r"^[\pL\pN_][\pL\pN_.:@/=-]*$", max_id_length=256)
+    got = pd.read_parquet(out)
+    want = sorted(clean_pairs | set(zip(quarantine[schema.USER_ID][:5],
+                                        quarantine[schema.ITEM_ID][:5])))
+    assert list(zip(got[schema.USER_ID], got[schema.ITEM_ID])) == want
+    assert stats["clean_rows"] == len(clean_pairs)
+    assert stats["pairs"] == len(want) == len(clean_pairs) + 3
+    assert stats["users"] == len(users) + 1
