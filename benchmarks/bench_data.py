@@ -131,9 +131,13 @@ def run_stage(stage: str, upstream_file: Path | None, out_file: Path,
     instead: ``plan`` (the bucket specs), ``bucket`` (one mapped bucket, its spec in
     ``phase_input``) or ``finish`` (the reduce, the buckets' results in ``phase_input``)."""
     import importlib
+    import logging
 
     import nightrec
     from nightrec.core import records
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s.%(msecs)03d %(name)s %(message)s",
+                        datefmt="%H:%M:%S")
 
     module = importlib.import_module(f"nightrec.tasks.{MODULES.get(stage, stage)}")
     _check_origin(nightrec, records, module)
@@ -185,6 +189,7 @@ class TreeMonitor:
         self.weed = psutil.Process(weed_pid) if weed_pid else None
         self.pid, self.cap = pid, cap_bytes
         self.peak = self.weed_peak = self.samples = 0
+        self.series: list[tuple[float, int]] = []  # (unix time, tree RSS) about once a second
         self.killed_at = 0  # the sample that passed the cap, bytes
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -197,6 +202,8 @@ class TreeMonitor:
             rss = tree_rss(self.proc)
             self.samples += 1
             self.peak = max(self.peak, rss)
+            if not self.series or time.time() - self.series[-1][0] >= 1.0 or rss > self.peak * 0.98:
+                self.series.append((time.time(), rss))
             if self.weed is not None:
                 try:
                     self.weed_peak = max(self.weed_peak, self.weed.memory_info().rss)
@@ -233,6 +240,10 @@ def measure(cmd: list[str], *, env: dict, log: Path, weed_pid: int | None,
         process_s = time.perf_counter() - started
         proc.returncode = os.waitstatus_to_exitcode(status)
         mon.stop()
+    # the tree's RSS over time, beside the stage's log (whose lines carry the same clock)
+    log.with_suffix(".rss.tsv").write_text("".join(
+        f"{time.strftime('%H:%M:%S', time.localtime(t))}.{int(t % 1 * 1000):03d}\t{rss / MB:.0f}\n"
+        for t, rss in mon.series))
     return {"rc": proc.returncode, "process_s": process_s,
             "tree_cpu_s": ru.ru_utime + ru.ru_stime, "wait4_maxrss_mb": ru.ru_maxrss / 1024,
             "peak_rss_mb": mon.peak / MB, "samples": mon.samples,

@@ -334,6 +334,7 @@ def judge_table(
     """
     settings.check_ds(ds)
     src = f"read_parquet({engine.quote(valid)})"
+    log.info("clean: rules 8-11 in the engine")
     units = timestamp_units_sql(con, src, files, timestamp_unit_param)
     scale = [(k, _UNIT_SCALE[units[name]]) for k, name in enumerate(files)]
     con.execute("CREATE OR REPLACE TEMP TABLE unit_scale (file INTEGER, scale DOUBLE)")
@@ -369,6 +370,7 @@ def judge_table(
                           AS pos
                    FROM judged WHERE code = 0 GROUP BY user_id, item_id) latest USING (pos)
     """)
+    log.info("clean: judged and deduplicated")
     dup, core = int(_CODE[schema.REASON_DUPLICATE]), int(_CODE[schema.REASON_KCORE])
     late = [con.execute(f"""
         SELECT pos, code FROM judged WHERE code <> 0
@@ -376,6 +378,7 @@ def judge_table(
         SELECT j.pos, {dup}::TINYINT FROM judged j ANTI JOIN w USING (pos) WHERE j.code = 0
     """).fetchnumpy()]
     con.execute("DROP TABLE judged")
+    log.info("clean: %d rows rejected by rules 8-10", sum(len(x["pos"]) for x in late))
     con.execute("CREATE OR REPLACE TABLE k AS SELECT * FROM w")
     rounds = kcore_sql(con, "k", min_user=min_user_interactions, min_item=min_item_interactions)
     late.append(con.execute(f"SELECT w.pos, {core}::TINYINT AS code FROM w ANTI JOIN k USING (pos)"
@@ -384,6 +387,7 @@ def judge_table(
     counts = con.execute("SELECT count(*), count(DISTINCT user_id), count(DISTINCT item_id) "
                          "FROM k").fetchone()
     n = n_buckets(buckets, counts[0], bucket_rows)
+    log.info("clean: k-core in %d rounds, %d rows kept, %d buckets", rounds, counts[0], n)
     # Dense indices in sorted order of the external id (score relies on user order = id order;
     # DuckDB compares text by its UTF-8 bytes, which is code point order, as numpy did).
     con.execute(f"""
@@ -398,7 +402,9 @@ def judge_table(
               FROM (SELECT DISTINCT item_id FROM k)) i USING (item_id)
     """)
     con.execute("DROP TABLE k")
+    log.info("clean: dense indices assigned")
     write_buckets(con, "clean", out_dir, n, columns=CLEAN_COLUMNS)
+    log.info("clean: buckets written")
     con.execute("DROP TABLE clean")
     info = {"timestamp_units": units, "buckets": n, "clean_rows": int(counts[0]),
             "n_users": int(counts[1]), "n_items": int(counts[2]), "k_core_rounds": rounds}
@@ -583,6 +589,7 @@ def clean_batches(
             bucket_rows=bucket_rows)
     codes[pos] = late
     del pos, late
+    log.info("clean: the quarantine pass")
 
     by_file: dict[str, Counter] = {}
     rows_by_file: Counter = Counter()
