@@ -718,7 +718,8 @@ def clean_file(
     columns = [c for c in schema.RAW_COLUMNS if c in pf.schema_arrow.names]
     with pq.ParquetWriter(quarantine_path, QUARANTINE_SCHEMA, compression="zstd") as writer:
         return clean_batches(
-            lambda: pf.iter_batches(batch_size=int(p["clean.batch_rows"]), columns=columns),
+            lambda: storage.parquet_batches(pf, columns=columns,
+                                            batch_rows=int(p["clean.batch_rows"])),
             ds=ds, catalogue=catalogue, write_quarantine=writer.write_table,
             forgotten=forgotten, out_dir=out_dir, con=con, **_core_kwargs(p),
         )

@@ -459,7 +459,8 @@ def _iter_parquet(
     info.columns = dict(mapping)
     row = 1
     try:
-        batches = pf.iter_batches(batch_size=batch_rows, columns=list(mapping.values()))
+        batches = storage.parquet_batches(pf, columns=list(mapping.values()),
+                                          batch_rows=batch_rows)
         for batch in batches:
             fields, bad_id, bad_enc = {}, np.zeros(batch.num_rows, bool), np.zeros(
                 batch.num_rows, bool)

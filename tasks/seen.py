@@ -174,8 +174,9 @@ def build(ds: str, params: dict | None = None, *, interactions: str | None = Non
         local = storage.download_to(layout.run_uri(ds, "clean", "quarantine.parquet"),
                                     Path(tmp) / "quarantine.parquet")
         pf = pq.ParquetFile(local)
-        batches = pf.iter_batches(batch_size=int(p["clean.batch_rows"]),
-                                  columns=[schema.USER_ID, schema.ITEM_ID, schema.REASON])
+        batches = storage.parquet_batches(
+            pf, columns=[schema.USER_ID, schema.ITEM_ID, schema.REASON],
+            batch_rows=int(p["clean.batch_rows"]))
         table = Path(tmp) / "seen.parquet"
         stats = write_seen(con, glob, batches, table, id_pattern=p["clean.id_pattern"],
                            max_id_length=int(p["clean.max_id_length"]))

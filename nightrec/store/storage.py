@@ -276,6 +276,15 @@ def parquet_bytes(df, *, row_group_size: int | None = None) -> bytes:
     return buf.getvalue()
 
 
+def parquet_batches(pf, *, columns: list[str] | None = None, batch_rows: int):
+    """Record batches of at most ``batch_rows`` rows of an open ``pyarrow.parquet.ParquetFile``,
+    one row group at a time. pyarrow's ``iter_batches`` over the whole file keeps memory for
+    every row group it has passed (measured on clean's input: +10 MB per 1M-row group, 1.3 GB
+    of RSS by the end of 100M rows); over one row group at a time it stays flat."""
+    for i in range(pf.metadata.num_row_groups):
+        yield from pf.iter_batches(batch_size=batch_rows, columns=columns, row_groups=[i])
+
+
 def write_parquet(df, uri: str, *, row_group_size: int | None = None) -> None:
     write_bytes(uri, parquet_bytes(df, row_group_size=row_group_size))
 
