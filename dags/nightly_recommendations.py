@@ -50,6 +50,7 @@ from airflow.sdk.exceptions import AirflowSkipException
 
 from nightrec.orchestration.common import (
     CHAMPION,
+    LEASE_HELD_KEY,
     dag_kwargs,
     dry_run_param,
     ds_param,
@@ -245,6 +246,10 @@ def nightly_recommendations():
         other = locks.held_by_another(ds, run_owner())
         if other:  # this run was refused: the ds's report is the other run's to write
             raise AirflowSkipException(f"ds={ds} belongs to run {other['owner']}")
+        if not ctx["ti"].xcom_pull(task_ids="ingest", key=LEASE_HELD_KEY):
+            # refused at its first task, and the run that refused it has finished since
+            raise AirflowSkipException(f"this run never held ds={ds}'s lease: it writes nothing "
+                                       "of the ds")
         try:
             return step.run(ds, run_id=ctx["run_id"], task_states=states,
                             started_at=dt.datetime.fromisoformat(started) if started else None)

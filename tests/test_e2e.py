@@ -510,3 +510,35 @@ def test_cli_status_lists_runs_champion_and_latest(s3, first_run):
     assert DS1 in out.stdout and "success" in out.stdout
     assert f"champion: {registry.champion()}" in out.stdout
     assert f"ds={storage.read_json(layout.latest_uri())['ds']}" in out.stdout
+
+
+def test_a_refused_run_writes_no_report_even_once_the_holder_has_released(first_run, sample,
+                                                                           monkeypatch):
+    """A run refused at its first task never held the ds: its report task must not write the
+    ds's report, even when the run that refused it has finished and released the lease by the
+    time the report runs (simulated: the lease check at report time finds no holder). The
+    report is the holder's to write."""
+    from nightrec.core import settings
+    from nightrec.store import locks
+
+    ds = "2026-11-21"
+    upload(ds, sample)
+    load = settings.load_params
+
+    def short_wait(*a, **kw):
+        params = load(*a, **kw)
+        return {**params, "run": {**params["run"], "lock_wait_s": 2}}
+
+    monkeypatch.setattr(settings, "load_params", short_wait)
+    holder = "another-deployment/nightly_recommendations/manual"
+    locks.hold_run(ds, holder)
+    try:
+        monkeypatch.setattr(locks, "held_by_another", lambda *_a, **_k: None)
+        dr, states = run_dag(ds)
+    finally:
+        monkeypatch.undo()
+        locks.release_run(ds, holder)
+    assert states["ingest"] == "failed"
+    assert states["report"] == "skipped", states
+    assert storage.list_uris(layout.reports_prefix(ds)) == []
+    assert not storage.exists(layout.manifest_uri(ds))

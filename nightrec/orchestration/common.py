@@ -110,10 +110,17 @@ def release_lease(ds: str) -> None:
 LEASE_FREE_TASKS = frozenset({"report"})
 
 
+# The XCom key a task pushes once its run holds the ds's lease: the report of a run that never
+# held it (refused at its first task) must not write the ds's report, even when the run that
+# refused it has finished and released the lease by the time the report runs.
+LEASE_HELD_KEY = "lease_held"
+
+
 def hold_lease_before(context) -> None:
     """``pre_execute`` of every task of a DAG whose ds is known up front (the nightly one)."""
     if context["ti"].task_id not in LEASE_FREE_TASKS:
         hold_lease(run_ds())
+        context["ti"].xcom_push(key=LEASE_HELD_KEY, value=True)
 
 
 def disk_full(err: BaseException | None) -> bool:
