@@ -258,7 +258,7 @@ def _maps_split(code: Path) -> bool:
     return src.exists() and "def run_bucket(" in src.read_text()
 
 
-def measure_mapped_split(cmd: list[str], out: Path, *, env: dict, vdir: Path,
+def measure_mapped_split(base: list[str], out: Path, *, env: dict, vdir: Path,
                          weed_pid: int | None, cap_bytes: int) -> dict:
     """The split as the DAG runs it: a plan process, one process per bucket (each a mapped task
     instance, run here one after another: 2 cores) and the finish (the reduce). The figures are
@@ -267,8 +267,8 @@ def measure_mapped_split(cmd: list[str], out: Path, *, env: dict, vdir: Path,
     runs: list[tuple[str, dict, dict]] = []
 
     def one(kind: str, extra: list[str], result: Path, log: str) -> dict | None:
-        m = measure([*cmd[:cmd.index("--out")], "--out", str(result), *cmd[cmd.index("--out") + 2:],
-                     *extra], env=env, log=vdir / log, weed_pid=weed_pid, cap_bytes=cap_bytes)
+        m = measure([*base, "--out", str(result), *extra], env=env, log=vdir / log,
+                    weed_pid=weed_pid, cap_bytes=cap_bytes)
         if m["rc"] != 0 or m["killed_at_mb"]:
             if log != "split.log":
                 shutil.copyfile(vdir / log, vdir / "split.log")
@@ -476,14 +476,14 @@ def run_version(label: str, code: Path, *, snapshot: Path, work: Path, base_env:
                 row["status"] = f"not run ({stopped})"
                 continue
             out = vdir / f"{stage}.json"
-            cmd = [str(py), script, "--stage", stage, "--out", str(out)]
+            base = [str(py), script, "--stage", stage]
             if upstream:
-                cmd += ["--upstream", str(records[upstream])]
+                base += ["--upstream", str(records[upstream])]
             if stage == "split" and _maps_split(code):
-                m = measure_mapped_split(cmd, out, env=env, vdir=vdir, weed_pid=weed_pid,
+                m = measure_mapped_split(base, out, env=env, vdir=vdir, weed_pid=weed_pid,
                                          cap_bytes=int(cap_gb * GB))
             else:
-                m = measure(cmd, env=env, log=vdir / f"{stage}.log", weed_pid=weed_pid,
+                m = measure([*base, "--out", str(out)], env=env, log=vdir / f"{stage}.log", weed_pid=weed_pid,
                             cap_bytes=int(cap_gb * GB))
             row.update(m)
             if m["killed_at_mb"]:

@@ -251,10 +251,12 @@ def timestamp_units_sql(con, src: str, files: list[str], unit: str = "auto") -> 
     stats = {int(r[0]): r[1:] for r in rows}
     out = {}
     for k, name in enumerate(files):
-        n, *rest = stats.get(k, (0,))
+        if k not in stats:  # no numeric timestamp: the median of nothing, 0.0
+            out[name] = unit_of_median(0.0)
+            continue
+        n, *rest = stats[k]
         out[name] = next((u for i, (b, u) in enumerate(_AUTO_THRESHOLDS)
-                          if median_exceeds(n, *(rest[3 * i:3 * i + 3] or (0, None, None)), b)),
-                         "s")
+                          if median_exceeds(n, *rest[3 * i:3 * i + 3], b)), "s")
     return out
 
 
@@ -273,13 +275,14 @@ def kcore_sql(con, table: str, *, min_user: int, min_item: int) -> int:
     try:
         while True:
             rounds += 1
-            con.execute(f"CREATE OR REPLACE TEMP TABLE kcore_users AS SELECT user_id FROM {table} "
-                        f"GROUP BY user_id HAVING count(*) < {int(min_user)}")
-            con.execute(f"CREATE OR REPLACE TEMP TABLE kcore_items AS SELECT item_id FROM {table} "
-                        f"GROUP BY item_id HAVING count(*) < {int(min_item)}")
-            few = con.execute("SELECT (SELECT count(*) FROM kcore_users) "
-                              "+ (SELECT count(*) FROM kcore_items)").fetchone()[0]
-            if not few:
+            # DuckDB's CREATE TABLE AS answers with the rows it wrote
+            few_users = con.execute(
+                f"CREATE OR REPLACE TEMP TABLE kcore_users AS SELECT user_id FROM {table} "
+                f"GROUP BY user_id HAVING count(*) < {int(min_user)}").fetchone()[0]
+            few_items = con.execute(
+                f"CREATE OR REPLACE TEMP TABLE kcore_items AS SELECT item_id FROM {table} "
+                f"GROUP BY item_id HAVING count(*) < {int(min_item)}").fetchone()[0]
+            if not few_users + few_items:
                 return rounds
             con.execute(f"CREATE OR REPLACE TABLE {table}__kcore AS SELECT * FROM {table} "
                         "ANTI JOIN kcore_users USING (user_id) ANTI JOIN kcore_items USING (item_id)")

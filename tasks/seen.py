@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 from nightrec.core import engine, schema, settings
 from nightrec.core.records import Seen, Validated
 from nightrec.store import layout, storage
-from nightrec.tasks import clean
+from nightrec.tasks import clean, split
 
 PARAMS = ["clean.id_pattern", "clean.max_id_length", "clean.batch_rows"]
 INCLUDED_REASONS = (
@@ -139,12 +139,11 @@ def _bucket_groups(clean_glob: str) -> tuple[dict[int, list[str]], int]:
     files = sorted(globmod.glob(clean_glob))
     if not files:
         raise FileNotFoundError(f"seen: no clean table file matches {clean_glob}")
+    if not all(Path(f).parent.name.startswith("bucket=") for f in files):
+        return {0: files}, 1
     groups: dict[int, list[str]] = {}
     for f in files:
-        folder = Path(f).parent.name
-        if not folder.startswith("bucket="):
-            return {0: files}, 1
-        groups.setdefault(int(folder.split("=", 1)[1]), []).append(f)
+        groups.setdefault(split.bucket_of_path(Path(f)), []).append(f)
     return groups, max(groups) + 1
 
 
