@@ -26,12 +26,38 @@ The gate blesses the model when both hold (``evaluate.gate_metric``):
 
 ``metrics.json`` records every side, the candidates train compared, and the verdict with its
 reason. It is the ``evaluate`` stage's DVC metrics file.
+
+Sampling. Ranking every test user against the whole catalogue costs about as much as scoring
+them all; above ``evaluate.max_users`` eligible users (warm, with a positive test event), a
+seeded sample of exactly that many (``np.random.default_rng`` from ``seed``, the first of its
+``SeedSequence``'s two children) is ranked, and the same users serve the model and popularity
+(and, on the champion's subset, sampled from that subset the same way, the model and the
+champion). Each sampled side then gets a percentile bootstrap confidence interval of each
+ranking metric: ``evaluate.bootstrap_samples`` resamples of the evaluated users (the seed's
+second child; the same resamples for every side of a comparison, so their intervals are
+paired), two-sided at ``evaluate.ci_level``. It says how far the sample's figure may be from
+the whole population's. Unsampled runs report no interval: their figures are the population's.
+The gate still compares the point estimates (a sampled run's figures are unbiased estimates
+of the full ones); the interval is reported so that ops can see how close a verdict was.
+
+What this adds to ``metrics.json``, beside the figures (which keep their keys and floats):
+
+- on every run, ``n_test_users``: the eligible test users; ``evaluated_users``: those ranked
+  (equal to it unless sampled); ``sampled``: bool; ``bootstrap``: ``{"samples", "level"}``
+  when sampled, else null;
+- ``model``, ``popularity`` and, when compared, ``champion``: each also holds, when sampled,
+  ``"ci": {"ndcg_at_10": [lo, hi], ...}`` for every ``<metric>_at_<k>``. Catalogue coverage and
+  mean item popularity are of the evaluated users' lists (a sample covers less of the
+  catalogue than everyone would) and have no interval: they are not means over users;
+- ``champion_comparison``, when it compared: ``users`` (eligible), ``evaluated_users`` and
+  ``sampled`` likewise, its ``model`` and ``champion`` with a ``ci`` when sampled.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -47,7 +73,63 @@ PARAMS = [
     "evaluate.gate_metric",
     "evaluate.min_lift_over_popularity",
     "evaluate.max_regression_vs_champion",
+    "evaluate.max_users",
+    "evaluate.bootstrap_samples",
+    "evaluate.ci_level",
+    "seed",
 ]
+
+# the split columns evaluate reads (run): a part's other columns are never loaded
+PART_COLUMNS = [schema.USER_IDX, schema.ITEM_IDX, schema.LABEL, schema.TIMESTAMP]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """At most ``max_users`` test users ranked (a seeded sample above it) and the bootstrap
+    interval of a sample's metrics: ``bootstrap_samples`` resamples, two-sided ``ci_level`` in
+    (0, 1). params.yaml ``evaluate.max_users``, ``evaluate.bootstrap_samples``,
+    ``evaluate.ci_level`` and ``seed``."""
+
+    max_users: int
+    bootstrap_samples: int
+    ci_level: float
+    seed: int
+
+    def __post_init__(self):
+        if self.max_users < 1:
+            raise ValueError(f"evaluate.max_users must be >= 1, got {self.max_users}")
+        if self.bootstrap_samples < 1:
+            raise ValueError(f"evaluate.bootstrap_samples must be >= 1, got "
+                             f"{self.bootstrap_samples}")
+        if not 0.0 < self.ci_level < 1.0:
+            raise ValueError(f"evaluate.ci_level must be in (0, 1), got {self.ci_level}")
+
+    @classmethod
+    def from_params(cls, p: settings.StepParams) -> Sampling:
+        return cls(max_users=int(p["evaluate.max_users"]),
+                   bootstrap_samples=int(p["evaluate.bootstrap_samples"]),
+                   ci_level=float(p["evaluate.ci_level"]), seed=int(p["seed"]))
+
+    def _seeds(self) -> tuple[np.random.SeedSequence, np.random.SeedSequence]:
+        # independent streams for the user sample and the bootstrap, both from one seed
+        sample, bootstrap = np.random.SeedSequence(self.seed).spawn(2)
+        return sample, bootstrap
+
+    def sample_rows(self, n: int) -> np.ndarray | None:
+        """Sorted positions of exactly ``max_users`` of ``n`` users (seeded, without
+        replacement), or None when ``n <= max_users``: everyone is ranked."""
+        if n <= self.max_users:
+            return None
+        rng = np.random.default_rng(self._seeds()[0])
+        return np.sort(rng.choice(n, size=self.max_users, replace=False))
+
+    def ci(self, per_user: dict[str, np.ndarray]) -> dict[str, list[float]]:
+        """``{metric: [lo, hi]}`` of the sampled users' per-user values."""
+        return metrics.bootstrap_ci(per_user, samples=self.bootstrap_samples,
+                                    level=self.ci_level, seed=self._seeds()[1])
+
+    def record(self) -> dict:
+        return {"samples": self.bootstrap_samples, "level": self.ci_level}
 
 
 def recommend(emb: dict, seen, users: np.ndarray, k: int) -> np.ndarray:
@@ -59,7 +141,8 @@ def recommend(emb: dict, seen, users: np.ndarray, k: int) -> np.ndarray:
 
 
 def targets(known: pd.DataFrame, target: pd.DataFrame, *, n_users: int, n_items: int):
-    """``(seen CSR of known, users to rank, their relevant item sets)``.
+    """``(seen CSR of known, users to rank (sorted int64), their relevant items)``, the last a
+    :class:`nightrec.ml.metrics.Relevant` with one row per user to rank.
 
     Users to rank: those with a positive target event *and* some known history; a user with no
     history (cold) is not a ranking question any model here can answer, and is left out (counted
@@ -69,9 +152,14 @@ def targets(known: pd.DataFrame, target: pd.DataFrame, *, n_users: int, n_items:
         known, n_users=n_users, n_items=n_items, user_col=schema.USER_IDX, item_col=schema.ITEM_IDX
     )
     pos = target[target[schema.LABEL] == 1]
-    relevant = pos.groupby(schema.USER_IDX)[schema.ITEM_IDX].apply(set)
-    warm = np.diff(seen.indptr)[relevant.index.to_numpy()] > 0
-    return seen, relevant.index.to_numpy()[warm], [r for r, w in zip(relevant.values, warm) if w]
+    user = pos[schema.USER_IDX].to_numpy(np.int64)
+    item = pos[schema.ITEM_IDX].to_numpy(np.int64)
+    candidates = np.unique(user)
+    users = candidates[np.diff(seen.indptr)[candidates] > 0]
+    row = np.searchsorted(users, user)
+    warm = row < len(users)
+    warm[warm] = users[row[warm]] == user[warm]
+    return seen, users, metrics.Relevant.from_pairs(row[warm], item[warm], n_rows=len(users))
 
 
 def ranking_metric(emb: dict, known: pd.DataFrame, target: pd.DataFrame, *, metric: str,
@@ -93,46 +181,68 @@ def popularity_model(train: pd.DataFrame, *, n_users: int, n_items: int) -> dict
             "item_bias": counts}
 
 
-def _side_metrics(recs: np.ndarray, rel: list[set[int]], ks: list[int], *, share: np.ndarray,
-                  n_items: int) -> dict:
-    out = metrics.all_metrics(recs, rel, ks)
+def _side_metrics(recs: np.ndarray, rel: metrics.Relevant, ks: list[int], *,
+                  share: np.ndarray, n_items: int, ci: Sampling | None = None) -> dict:
+    """The ranking metrics (means over users), catalogue coverage and mean item popularity of
+    one side's ``recs``; with ``ci``, also ``"ci": {metric: [lo, hi]}`` (the bootstrap)."""
+    per_user = metrics.user_metrics(recs, rel, ks)
+    out = {name: float(np.mean(v)) for name, v in per_user.items()}
     shown = recs[:, : min(ks)]
     shown = shown[shown >= 0]
     out["catalogue_coverage"] = float(len(np.unique(shown)) / n_items)
     # mean share of fit users who interacted with a recommended item (lower: less head)
     out["mean_item_popularity"] = float(share[shown].mean()) if shown.size else 0.0
+    if ci is not None:
+        out["ci"] = ci.ci(per_user)
     return out
+
+
+def _sample(users: np.ndarray, rel: metrics.Relevant, sampling: Sampling | None):
+    """``(users, rel, sampled)``: a seeded sample of the users to rank when there are more than
+    ``sampling.max_users`` (None: all of them)."""
+    rows = None if sampling is None else sampling.sample_rows(len(users))
+    if rows is None:
+        return users, rel, False
+    return users[rows], rel.take(rows), True
 
 
 def evaluate_embeddings(
     emb: dict[str, np.ndarray], parts: dict[str, pd.DataFrame], *, ks: list[int], n_users: int,
+    sampling: Sampling | None = None,
 ) -> dict:
     """Metrics on ``parts['test']`` of the model and of popularity counted on train + valid,
-    the user's train and valid items excluded from ranking."""
+    the user's train and valid items excluded from ranking. ``sampling`` None: every eligible
+    user is ranked (no interval); else see the module doc, Sampling."""
     n_items = models.n_items(emb)
     known = pd.concat([parts["train"], parts["valid"]])
     seen, users, rel = targets(known, parts["test"], n_users=n_users, n_items=n_items)
+    n_test_users = len(users)
+    users, rel, sampled = _sample(users, rel, sampling)
     k = max(ks)
     pop = popularity_model(known, n_users=n_users, n_items=n_items)
     share = pop["item_bias"] / max(1, known[schema.USER_IDX].nunique())
+    ci = sampling if sampled else None
     out = {name: _side_metrics(recommend(e, seen, users, k), rel, ks, share=share,
-                               n_items=n_items)
+                               n_items=n_items, ci=ci)
            for name, e in (("model", emb), ("popularity", pop))}
-    out["n_test_users"] = len(users)
+    out.update(n_test_users=n_test_users, evaluated_users=len(users), sampled=sampled,
+               bootstrap=ci.record() if ci else None)
     return out
 
 
 def compare_with_champion(
     emb: dict[str, np.ndarray], champion, parts: dict[str, pd.DataFrame], *,
-    train_cutoff: int | None, ks: list[int], n_users: int,
+    train_cutoff: int | None, ks: list[int], n_users: int, sampling: Sampling | None = None,
 ) -> dict:
     """The model and the champion on the test events later than the champion's
     ``train_cutoff`` (unix seconds), each user's other events excluded from ranking.
 
     ``champion``: its weights aligned to this run (:func:`nightrec.ml.models.align`), or a callable
     returning them, called only when there is something to compare on. Returns ``{"compared":
-    bool, "reason", "train_cutoff", "test_events", "later_events", "users", "model": metrics,
-    "champion": metrics}`` (the metrics only when compared).
+    bool, "reason", "train_cutoff", "test_events", "later_events", "users", "evaluated_users",
+    "sampled", "model": metrics, "champion": metrics}`` (the last four only when compared);
+    ``users`` are the eligible users, ``evaluated_users`` those ranked, both sides on the same
+    ones (``sampling``: as in :func:`evaluate_embeddings`).
     """
     test = parts["test"]
     out = {"compared": False, "train_cutoff": train_cutoff, "test_events": len(test)}
@@ -152,13 +262,15 @@ def compare_with_champion(
     if len(users) == 0:
         return {**out, "reason": "the test events after the champion's train_cutoff are all of "
                                  "users with no history"}
+    users, rel, sampled = _sample(users, rel, sampling)
+    out.update(evaluated_users=len(users), sampled=sampled)
     champion = champion() if callable(champion) else champion
     pop = popularity_model(known, n_users=n_users, n_items=n_items)
     share = pop["item_bias"] / max(1, known[schema.USER_IDX].nunique())
     k = max(ks)
     for name, e in (("model", emb), ("champion", champion)):
         out[name] = _side_metrics(recommend(e, seen, users, k), rel, ks, share=share,
-                                  n_items=n_items)
+                                  n_items=n_items, ci=sampling if sampled else None)
     return {**out, "compared": True,
             "reason": f"on the {len(later)} test events after the champion's train_cutoff"}
 
@@ -166,7 +278,8 @@ def compare_with_champion(
 def gate(result: dict, *, gate_metric: str, min_lift: float, max_regression: float) -> dict:
     """Bless when the model beats popularity by ``min_lift`` (relative) on the test split and,
     if ``result["champion_comparison"]`` compared a champion, is not worse than it by more than
-    ``max_regression`` (relative) on that comparison's events."""
+    ``max_regression`` (relative) on that comparison's events. On the point estimates, sampled
+    or not: a side's ``ci`` is reported for ops, never gated on."""
     model, pop = result["model"][gate_metric], result["popularity"][gate_metric]
     floor = pop * (1.0 + min_lift)
     verdict = {
@@ -275,13 +388,14 @@ def _evaluate(emb, parts, p: settings.StepParams, *, n_users: int, champion=None
     """Test metrics, the champion comparison (``champion``: :func:`_champion`'s triple, or
     None) and the gate's verdict."""
     ks = list(p["evaluate.k"])
-    result = evaluate_embeddings(emb, parts, ks=ks, n_users=n_users)
+    sampling = Sampling.from_params(p)
+    result = evaluate_embeddings(emb, parts, ks=ks, n_users=n_users, sampling=sampling)
     version, cutoff, load = champion or (None, None, None)
     if version is None:
         comparison = {"compared": False, "reason": "no champion"}
     else:
         comparison = compare_with_champion(emb, load, parts, train_cutoff=cutoff, ks=ks,
-                                           n_users=n_users)
+                                           n_users=n_users, sampling=sampling)
     result["champion_comparison"] = {"version": version, **comparison}
     if comparison["compared"]:
         result["champion"] = comparison["champion"]
@@ -298,7 +412,9 @@ def run(trained: Trained, params: dict | None = None) -> Evaluated:
     p = settings.step_params(PARAMS, params)
     # the shipped model (the train + valid refit) is what the gate scores
     emb = dict(np.load(io.BytesIO(storage.read_bytes(trained.full_embeddings))))
-    parts = {n: split.read_part(getattr(trained.split, n)) for n in split.PARTS}
+    # only what targets, popularity and the champion's cutoff read: not weights, ratings, ids
+    parts = {n: split.read_part(getattr(trained.split, n), columns=PART_COLUMNS)
+             for n in split.PARTS}
     n_users = len(storage.read_parquet(trained.split.user_features, columns=[schema.USER_IDX]))
     champion = _champion(trained)
     result = _evaluate(emb, parts, p, n_users=n_users, champion=champion)

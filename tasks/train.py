@@ -66,6 +66,16 @@ PARAMS = [
     "train.ease.l2",
     "train.ease.dropout",
     "train.ease.max_items",
+    "train.time_budget.s_per_million_events",
+    "train.time_budget.min_s",
+    "train.time_budget.max_s",
+    "train.ials.factors",
+    "train.ials.iterations",
+    "train.ials.regularization",
+    "train.ials.alpha",
+    "train.ials.cg_steps",
+    "train.ials.kernel",
+    "train.ials.warm_start",
     "train.mf_softmax.embedding_dim",
     "train.mf_softmax.epochs",
     "train.mf_softmax.batch_size",
@@ -179,6 +189,62 @@ def _ranking_callback(valid_fn, metric: str, patience: int):
     return ValidRanking()
 
 
+def _budget_callback(deadline: float, steps: int, probe: int = 20):
+    """Stops mf_softmax's fit at the epoch that would end after ``deadline`` (``time.monotonic``
+    seconds; every epoch must have ended by then, except the first). Within the first epoch, after
+    ``probe`` steps, it projects the epoch's end from their pace: past the deadline, it stops and
+    sets ``over_budget`` (the candidate is then skipped: a fraction of an epoch is not a model)."""
+    keras = models.keras_module()
+
+    class Budget(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.over_budget, self.stopped, self.epoch_s = None, None, []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t0 = time.monotonic()
+
+        def on_train_batch_end(self, batch, logs=None):
+            if self.epoch_s or batch + 1 != min(probe, steps):
+                return
+            now = time.monotonic()
+            projected = (now - self.t0) / (batch + 1) * steps
+            if self.t0 + projected > deadline and steps > batch + 1:
+                self.over_budget = (f"first epoch projected at {projected:.0f} s ({steps} steps "
+                                    f"at {(now - self.t0) / (batch + 1) * 1000:.0f} ms), past its "
+                                    f"time budget share of {deadline - self.t0:.0f} s")
+                self.model.stop_training = True
+
+        def on_epoch_end(self, epoch, logs=None):
+            now = time.monotonic()
+            self.epoch_s.append(round(now - self.t0, 2))
+            if now + float(np.mean(self.epoch_s)) > deadline and not self.model.stop_training:
+                self.stopped = f"time budget: stopped after epoch {epoch + 1}"
+                self.model.stop_training = True
+
+    return Budget()
+
+
+def mf_batch(p: settings.StepParams, n_examples: int) -> tuple[int, float]:
+    """``(batch size, learning rate)`` of mf_softmax. ``train.mf_softmax.batch_size: auto``: the
+    smallest of 512 x 2^k (at most 65536) that makes at most ``MAX_STEPS_PER_EPOCH`` steps an
+    epoch; per-step overhead dominates on CPU, so steps, not examples, set an epoch's time. The
+    learning rate is ``train.mf_softmax.learning_rate`` at batch 512, scaled by sqrt(batch / 512)
+    (the gradient's noise falls as 1/sqrt(batch)). An integer batch size is used as given, with
+    the learning rate as given."""
+    size = p["train.mf_softmax.batch_size"]
+    lr = float(p["train.mf_softmax.learning_rate"])
+    if size != "auto":
+        return int(size), lr
+    batch = 512
+    while batch < 65536 and -(-n_examples // batch) > MAX_STEPS_PER_EPOCH:
+        batch *= 2
+    return batch, lr * float(np.sqrt(batch / 512))
+
+
+MAX_STEPS_PER_EPOCH = 1000
+
+
 def softmax_kind(p: settings.StepParams, n_items: int) -> str:
     """``full`` or ``sampled``: ``train.mf_softmax.loss``, where ``auto`` means full softmax up
     to ``train.mf_softmax.full_softmax_max_items`` items (a batch x items logit matrix per step)
@@ -255,11 +321,13 @@ def fit_mf(
     train: pd.DataFrame, valid: pd.DataFrame | None, *, n_users: int, n_items: int,
     p: settings.StepParams, workdir: Path, epochs: int | None = None,
     init: dict[str, np.ndarray] | None = None, tensorboard_dir: Path | None = None,
-    side: dict[str, np.ndarray | None] | None = None,
+    side: dict[str, np.ndarray | None] | None = None, deadline: float | None = None,
 ) -> tuple[dict[str, np.ndarray], dict, object]:
     """Fit mf_softmax on the positive rows of ``train``; with ``valid``, early-stop on
     ``train.select_metric`` measured on (a ``train.valid_users`` sample of) it; the best epoch's
-    weights are returned. Returns ``(weights, history, keras model)``."""
+    weights are returned. ``deadline``: see :func:`_budget_callback`; a fit it stopped within
+    its first epoch has ``history["over_budget"]`` (why). Returns ``(weights, history, keras
+    model)``."""
     from nightrec.tasks import evaluate
 
     keras = models.keras_module()
@@ -270,6 +338,7 @@ def fit_mf(
     x = pos[schema.USER_IDX].to_numpy(dtype="int32")
     y = pos[schema.ITEM_IDX].to_numpy(dtype="int32")
     w = pos[schema.WEIGHT].to_numpy(dtype="float32")
+    batch_size, learning_rate = mf_batch(p, len(x))
     with training_scope(plan):
         model = models.build_mf(
             n_users=n_users, n_items=n_items, embedding_dim=int(p["train.mf_softmax.embedding_dim"]),
@@ -278,7 +347,7 @@ def fit_mf(
         )
         warm_rows = models.warm_start(model, init) if init is not None else 0
         model.compile(
-            optimizer=keras.optimizers.Adam(learning_rate=float(p["train.mf_softmax.learning_rate"])),
+            optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         )
     metric = p["train.select_metric"]
@@ -299,7 +368,10 @@ def fit_mf(
     if tensorboard_dir is not None:
         callbacks.append(keras.callbacks.TensorBoard(str(tensorboard_dir), write_graph=False))
     loss = softmax_kind(p, n_items)
-    batch_size = int(p["train.mf_softmax.batch_size"])
+    budget = None
+    if deadline is not None:
+        budget = _budget_callback(deadline, -(-len(x) // batch_size))
+        callbacks.append(budget)
     if loss == "full":
         data = {"x": x, "y": y, "sample_weight": w, "batch_size": batch_size, "shuffle": True}
     else:
@@ -318,6 +390,13 @@ def fit_mf(
     history["device_plan"] = plan
     history["warm_start_rows"] = warm_rows
     history["loss_kind"] = loss
+    history["batch_size"], history["learning_rate"] = batch_size, learning_rate
+    if budget is not None:
+        history["epoch_s"] = budget.epoch_s
+        if budget.over_budget:
+            history["over_budget"] = budget.over_budget
+        if budget.stopped:
+            history["stopped"] = budget.stopped
     return models.mf_weights(model), history, model
 
 
@@ -328,6 +407,39 @@ def fit_ease(train: pd.DataFrame, *, n_users: int, n_items: int, p: settings.Ste
                                   user_col=schema.USER_IDX, item_col=schema.ITEM_IDX)
     emb = models.fit_ease(x, l2=float(p["train.ease.l2"]), dropout=float(p["train.ease.dropout"]))
     return emb, {"l2": float(p["train.ease.l2"]), "dropout": float(p["train.ease.dropout"])}
+
+
+def fit_ials(train: pd.DataFrame, *, n_users: int, n_items: int, p: settings.StepParams,
+             init: dict[str, np.ndarray] | None = None, deadline: float | None = None,
+             iterations: int | None = None) -> tuple[dict, dict]:
+    """Fit iALS (nightrec/ml/ials.py) on the positive rows of ``train``, their ``weight`` the
+    confidence scale; returns ``(weights, history)``. ``deadline``: ``time.monotonic()`` seconds
+    no iteration may start to overrun; ``iterations`` overrides ``train.ials.iterations`` (the
+    refit repeats the selection fit's count)."""
+    from nightrec.ml import ials
+
+    pos = train[train[schema.LABEL] == 1]
+    emb, hist = ials.fit(
+        pos[schema.USER_IDX].to_numpy(), pos[schema.ITEM_IDX].to_numpy(),
+        pos[schema.WEIGHT].to_numpy(dtype="float32") if schema.WEIGHT in pos else None,
+        n_users=n_users, n_items=n_items, factors=int(p["train.ials.factors"]),
+        iterations=int(iterations or p["train.ials.iterations"]),
+        regularization=float(p["train.ials.regularization"]), alpha=float(p["train.ials.alpha"]),
+        cg_steps=int(p["train.ials.cg_steps"]), seed=int(p["seed"]), init=init,
+        deadline=deadline, kernel=p["train.ials.kernel"])
+    hist["best_epoch"] = hist["iterations"]  # the refit repeats this count
+    return emb, hist
+
+
+def budget_s(p: settings.StepParams, events: int) -> float:
+    """The step's fitting budget in seconds: ``train.time_budget.s_per_million_events`` x
+    ``events`` / 1e6, clamped to ``[min_s, max_s]``. Linear in events because every candidate's
+    epoch or iteration is (ials: O(events d); mf_softmax: O(events) steps x a per-step cost that
+    does not grow with users); the clamp keeps small logs fully trained and big ones bounded."""
+    lo, hi = float(p["train.time_budget.min_s"]), float(p["train.time_budget.max_s"])
+    if not 0 < lo <= hi:
+        raise ValueError(f"train.time_budget needs 0 < min_s <= max_s, got {lo}, {hi}")
+    return min(hi, max(lo, float(p["train.time_budget.s_per_million_events"]) * events / 1e6))
 
 
 def candidates(p: settings.StepParams, n_items: int) -> tuple[list[str], dict[str, str]]:
@@ -360,12 +472,24 @@ def choose(names: list[str], valid: dict[str, float], *, min_gain: float) -> str
     return chosen
 
 
+def _share(deadline: float, remaining: int) -> float:
+    """The deadline of the next of ``remaining`` fits, one more share kept for the refit."""
+    now = time.monotonic()
+    return now + max(0.0, deadline - now) / (remaining + 1)
+
+
 def train_both(
     parts: dict[str, pd.DataFrame], *, n_users: int, n_items: int, p: settings.StepParams,
-    workdir: Path, init: dict[str, np.ndarray] | None = None,
+    workdir: Path, init: dict[str, dict[str, np.ndarray]] | None = None,
     side: dict[str, np.ndarray | None] | None = None,
 ) -> dict:
     """Select the best candidate on the valid split, then refit it on train + valid (what ships).
+
+    ``init``: per family (``ials``, ``mf_softmax``), the champion's factors aligned to this run
+    (warm start), when it is of that family. The fits share :func:`budget_s`: each candidate's
+    selection fit gets an equal share of what is left (one share kept for the refit), and stops
+    at the iteration or epoch that would overrun it; an mf_softmax whose first epoch is projected
+    to overrun is skipped (``selection["skipped"]``, logged).
 
     Returns ``{"chosen", "selection", "holdout": (weights, history), "full": (weights,
     history), "train_cutoff", "keras": {fit: model}, "tensorboard": dir}``; ``full`` is the
@@ -374,24 +498,40 @@ def train_both(
     """
     from nightrec.tasks import evaluate
 
+    init = init or {}
+    t_start = time.monotonic()
     metric = p["train.select_metric"]
     names, skipped = candidates(p, n_items)
+    for name, why in skipped.items():
+        log.warning("candidate %s skipped: %s", name, why)
+    budget = budget_s(p, len(parts["train"]) + len(parts["valid"]))
+    deadline = time.monotonic() + budget
     tb = workdir / "tensorboard"
     # One seeded valid-user sample, scored by one function, for every candidate.
     sample = valid_sample(parts["valid"], max_users=int(p["train.valid_users"]), seed=int(p["seed"]))
     fits, selection = {}, {"metric": metric, "candidates": {}, "skipped": skipped,
                            "valid_users": int(sample[schema.USER_IDX].nunique()),
-                           "valid_rows": len(sample)}
+                           "valid_rows": len(sample), "time_budget_s": round(budget, 1)}
     keras_models = {}
-    for name in names:
+    for n, name in enumerate(names):
         started = time.perf_counter()
+        share = _share(deadline, len(names) - n)
         if name == "ease":
             emb, hist = fit_ease(parts["train"], n_users=n_users, n_items=n_items, p=p)
+        elif name == "ials":
+            emb, hist = fit_ials(parts["train"], n_users=n_users, n_items=n_items, p=p,
+                                 init=init.get("ials"), deadline=share)
         else:
             emb, hist, keras_models[name] = fit_mf(
                 parts["train"], sample, n_users=n_users, n_items=n_items, p=p,
-                workdir=workdir, init=init, tensorboard_dir=tb / "holdout", side=side,
+                workdir=workdir, init=init.get("mf_softmax"), tensorboard_dir=tb / "holdout",
+                side=side, deadline=share,
             )
+            if hist.get("over_budget"):
+                skipped[name] = hist["over_budget"]
+                log.warning("candidate %s skipped: %s", name, hist["over_budget"])
+                keras_models.pop(name)
+                continue
         # the final weights (mf: its best epoch's, restored), by the same function on the sample
         value = evaluate.ranking_metric(emb, parts["train"], sample, metric=metric,
                                         n_users=n_users)
@@ -399,10 +539,13 @@ def train_both(
         fits[name] = (emb, hist)
         selection["candidates"][name] = {f"valid_{metric}": value,
                                          "fit_s": round(time.perf_counter() - started, 2)}
-        if "best_epoch" in hist:  # mf_softmax
+        if "best_epoch" in hist:  # the iterative families
             selection["candidates"][name]["best_epoch"] = hist["best_epoch"]
         log.info("candidate %s: valid %s = %.4f", name, metric, value)
-    chosen = choose(names, {n: c[f"valid_{metric}"] for n, c in selection["candidates"].items()},
+    if not fits:
+        raise ValueError(f"no candidate could be fitted within the budget: {skipped}")
+    fitted = [n for n in names if n in fits]
+    chosen = choose(fitted, {n: c[f"valid_{metric}"] for n, c in selection["candidates"].items()},
                     min_gain=float(p["train.select_min_gain"]))
     selection["chosen"] = chosen
     keras_models = {"holdout": keras_models.get(chosen)}
@@ -410,17 +553,21 @@ def train_both(
     shipped_on = pd.concat([parts["train"], parts["valid"]], ignore_index=True)
     if chosen == "ease":
         full = fit_ease(shipped_on, n_users=n_users, n_items=n_items, p=p)
+    elif chosen == "ials":
+        full = fit_ials(shipped_on, n_users=n_users, n_items=n_items, p=p,
+                        init=init.get("ials"), iterations=fits[chosen][1]["best_epoch"])
     else:
         emb, hist, keras_models["full"] = fit_mf(
             shipped_on, None, n_users=n_users, n_items=n_items, p=p, workdir=workdir,
-            epochs=fits[chosen][1]["best_epoch"], init=init, tensorboard_dir=tb / "full",
-            side=side,
+            epochs=fits[chosen][1]["best_epoch"], init=init.get("mf_softmax"),
+            tensorboard_dir=tb / "full", side=side,
         )
         full = (emb, hist)
     cutoff = train_cutoff(shipped_on)
     full[1]["fitted_on"] = ["train", "valid"]
     full[1]["train_cutoff"] = cutoff
     selection["train_cutoff"] = cutoff
+    selection["train_s"] = round(time.monotonic() - t_start, 1)
     return {"chosen": chosen, "selection": selection, "holdout": fits[chosen], "full": full,
             "train_cutoff": cutoff, "keras": keras_models, "tensorboard": tb}
 
@@ -487,36 +634,52 @@ def side_features(split_out: Split, p: settings.StepParams) -> dict | None:
     return out
 
 
-def _warm_start_init(split_out: Split, p: settings.StepParams) -> dict | None:
-    """The champion's full-refit factors aligned to this run, when warm start is asked for and
-    the champion is an mf model; else None (logged)."""
-    if not p["train.mf_softmax.warm_start"]:
-        return None
+WARM_FAMILIES = {"ials": "ials", "mf": "mf_softmax"}  # model version prefix -> family
+
+
+def _warm_start_init(split_out: Split, p: settings.StepParams) -> dict:
+    """``{family: the champion's full-refit factors aligned to this run}`` for the champion's
+    family (a model version starts with it: ``ials-...``, ``mf-...``) when that family's
+    ``warm_start`` is on; else ``{}`` (logged). The other families start from random."""
+    wanted = {f for f in WARM_FAMILIES.values() if p[f"train.{f}.warm_start"]}
+    if not wanted:
+        return {}
     from nightrec.tasks import registry, score
 
     version = registry.champion()
     if version is None:
-        log.info("warm start asked for, but there is no champion yet: random init")
-        return None
+        log.info("warm start asked for (%s), but there is no champion yet: random init",
+                 sorted(wanted))
+        return {}
+    family = WARM_FAMILIES.get(version.split("-")[0])
+    if family not in wanted:
+        log.info("warm start: champion %s is not of a warm-started family %s: random init",
+                 version, sorted(wanted))
+        return {}
     model = registry.model_uris(version)
     emb = dict(np.load(io.BytesIO(storage.read_bytes(model["embeddings"]))))
     if models.is_item_item(emb):
-        log.info("warm start: champion %s is item-item; mf_softmax starts from random", version)
-        return None
-    log.info("warm start from champion %s", version)
-    return models.align(
+        return {}
+    log.info("warm start of %s from champion %s", family, version)
+    return {family: models.align(
         emb,
         model_users=score.ids_by_index(model["users"], schema.USER_IDX, schema.USER_ID),
         model_items=score.ids_by_index(model["items"], schema.ITEM_IDX, schema.ITEM_ID),
         user_ids=score.ids_by_index(split_out.user_features, schema.USER_IDX, schema.USER_ID),
         item_ids=score.ids_by_index(split_out.item_features, schema.ITEM_IDX, schema.ITEM_ID),
-    )
+    )}
+
+
+COLUMNS = [schema.USER_IDX, schema.ITEM_IDX, schema.LABEL, schema.WEIGHT, schema.TIMESTAMP]
 
 
 def run(split_out: Split, params: dict | None = None) -> Trained:
     ds = split_out.ds
     p = settings.step_params(PARAMS, params)
-    parts = {name: split.read_part(getattr(split_out, name)) for name in split.PARTS}
+    # the columns the fits and the valid metric read: the split's other columns (ids, rating,
+    # side features) would double the frames at 100M events
+    parts = {name: split.read_part(getattr(split_out, name), columns=COLUMNS)
+             for name in split.PARTS if name != "test"}
     n_users, n_items = _sizes(split_out)
     init = _warm_start_init(split_out, p)
     side = side_features(split_out, p)

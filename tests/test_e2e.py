@@ -184,7 +184,7 @@ def test_registry_holds_the_models_lineage_and_training_artifacts(first_run):
     assert {"embeddings.npz", "holdout_embeddings.npz", "selection.json", "history.json",
             "users.parquet", "items.parquet"} <= set(meta["files"])
     selection = storage.read_json(registry.model_prefix(version) + "selection.json")
-    assert set(selection["candidates"]) == {"ease", "mf_softmax"}
+    assert set(selection["candidates"]) == {"ease", "ials", "mf_softmax"}
     assert version.startswith(selection["chosen"].split("_")[0] + "-")
     metrics = storage.read_json(layout.run_uri(DS1, "evaluate", "metrics.json"))
     for key in ("ndcg_at_10", "recall_at_10", "map_at_10", "mrr_at_10", "hit_rate_at_10",

@@ -175,8 +175,8 @@ def test_candidates_are_chosen_by_valid_metric_and_the_winner_shipped_from_train
                            workdir=tmp_path)
     sel = res["selection"]
     scores = {n: c["valid_ndcg_at_10"] for n, c in sel["candidates"].items()}
-    assert set(scores) == {"ease", "mf_softmax"}
-    assert sel["chosen"] == train.choose(["ease", "mf_softmax"], scores, min_gain=0.10)
+    assert set(scores) == {"ease", "ials", "mf_softmax"}
+    assert sel["chosen"] == train.choose(["ease", "ials", "mf_softmax"], scores, min_gain=0.10)
     assert sel["chosen"] == res["chosen"]
     # what ships is refit on train + valid, never on the test split the gate scores it on
     shipped_on = pd.concat([parts["train"], parts["valid"]])
@@ -189,6 +189,8 @@ def test_candidates_are_chosen_by_valid_metric_and_the_winner_shipped_from_train
                                       item_col=schema.ITEM_IDX)
         want = models.fit_ease(x, l2=float(p["train.ease.l2"]), dropout=float(p["train.ease.dropout"]))
         assert np.allclose(res["full"][0]["item_item"], want["item_item"])
+    elif res["chosen"] == "ials":
+        assert res["full"][1]["iterations"] == res["holdout"][1]["best_epoch"]
     else:
         assert len(res["full"][1]["loss"]) == res["holdout"][1]["best_epoch"]
         p_mf = settings.step_params(train.PARAMS, _params())
@@ -248,9 +250,9 @@ def test_choose_keeps_the_preferred_candidate_unless_another_clearly_wins():
 
 def test_candidate_list_is_checked_and_ease_skipped_above_its_catalogue_limit():
     p = settings.step_params(train.PARAMS, _params(**{"ease.max_items": 100}))
-    assert train.candidates(p, 100) == (["ease", "mf_softmax"], {})
+    assert train.candidates(p, 100) == (["ease", "ials", "mf_softmax"], {})
     fit, skipped = train.candidates(p, 101)
-    assert fit == ["mf_softmax"] and "max_items" in skipped["ease"]
+    assert fit == ["ials", "mf_softmax"] and "max_items" in skipped["ease"]
     for bad in ([], ["ease", "deep_magic"]):
         with pytest.raises(ValueError, match="train.candidates"):
             train.candidates(settings.step_params(train.PARAMS, _params(candidates=bad)), 10)

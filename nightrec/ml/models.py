@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-KINDS = ("ease", "mf_softmax")
+KINDS = ("ease", "ials", "mf_softmax")
 UNKNOWN_ITEM_BIAS = -1e30  # an item a model never saw ranks below every item it knows
 
 

@@ -1,0 +1,188 @@
+"""iALS (nightrec/ml/ials.py): known answers on tiny problems, seeding, the time budget, warm
+start, and its place among train's candidates."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from nightrec.core import schema, settings
+from nightrec.ml import ials
+from nightrec.tasks import train
+from tests.conftest import labelled_events
+
+
+def _exact(y: np.ndarray, users: np.ndarray, items: np.ndarray, *, n_users: int, alpha: float,
+           reg: float) -> np.ndarray:
+    """Every user's normal equations solved densely in float64 (duplicates add confidence)."""
+    counts = np.zeros((n_users, y.shape[0]))
+    np.add.at(counts, (users, items), 1.0)
+    c = np.where(counts > 0, alpha * counts, 1.0)
+    p = (counts > 0).astype(float)
+    y64 = y.astype(np.float64)
+    return np.stack([np.linalg.solve(y64.T @ (c[u][:, None] * y64) + reg * np.eye(y.shape[1]),
+                                     y64.T @ (c[u] * p[u])) for u in range(n_users)])
+
+
+@pytest.mark.parametrize("kernel", ["numba", "keras"])
+def test_conjugate_gradient_reaches_the_exact_least_squares_solution(kernel):
+    """With as many CG steps as factors, CG solves a d x d system exactly (up to round-off):
+    each user's vector equals the closed-form ALS update. Users with no item get 0."""
+    rng = np.random.default_rng(0)
+    n_users, n_items, d = 50, 40, 5
+    users, items = rng.integers(0, n_users - 3, 400), rng.integers(0, n_items, 400)
+    m = ials.build_csr(users, items, None, n_rows=n_users, uniform=3.0)
+    y = rng.standard_normal((n_items, d)).astype(np.float32)
+    x0 = np.zeros((n_users, d), np.float32)
+    want = _exact(y, users, items, n_users=n_users, alpha=3.0, reg=0.5)
+    if kernel == "numba":
+        got = ials.solve_numba(x0, y, m, regularization=0.5, cg_steps=2 * d)
+    else:  # small chunks: rows split over several chunks give the same answer
+        got = ials.solve(x0, y, m, regularization=0.5, cg_steps=2 * d, chunk_nnz=37)
+    assert np.abs(got - want).max() < 1e-4
+    assert np.all(got[-3:] == 0)
+    # three steps (the default) are close but not exact: the comparison above is not vacuous
+    three = ials.solve_numba(x0, y, m, regularization=0.5, cg_steps=3)
+    assert np.abs(three - want).max() > 1e-3
+
+
+def test_the_two_kernels_agree_and_fitting_lowers_the_objective():
+    rng = np.random.default_rng(1)
+    users, items = rng.integers(0, 60, 700), rng.integers(0, 30, 700)
+    kw = dict(n_users=60, n_items=30, factors=6, iterations=6, regularization=0.1, alpha=4.0,
+              cg_steps=3, seed=5)
+    a, ha = ials.fit(users, items, None, kernel="numba", **kw)
+    b, _ = ials.fit(users, items, None, kernel="keras", **kw)
+    assert ha["kernel"] == "numba" and ha["iterations"] == 6
+    # float32 sums in different orders: round-off grows over iterations of a 3-step CG
+    assert np.allclose(a["user"], b["user"], atol=2e-2) and np.allclose(a["item"], b["item"],
+                                                                        atol=2e-2)
+    a1, _ = ials.fit(users, items, None, kernel="numba", **{**kw, "iterations": 1})
+    b1, _ = ials.fit(users, items, None, kernel="keras", **{**kw, "iterations": 1})
+    assert np.allclose(a1["user"], b1["user"], atol=1e-4)
+    pairs = np.unique(np.stack([users, items], 1), axis=0).T
+    one, _ = ials.fit(users, items, None, kernel="numba", **{**kw, "iterations": 1})
+    loss = lambda w: ials.loss(w, *pairs, alpha=4.0, regularization=0.1)  # noqa: E731
+    assert loss(a) < loss(one)
+
+
+def test_checkerboard_blocks_are_recovered():
+    """implicit's known-answer test: users and items in two blocks, each user has seen most of
+    its block's items; a rank-2 iALS ranks the unseen items of the user's block above every
+    item of the other block."""
+    n, half = 40, 20
+    users, items = [], []
+    rng = np.random.default_rng(2)
+    for u in range(n):
+        block = np.arange(half) + (0 if u < half else half)
+        for i in block:
+            if rng.random() < 0.7:
+                users.append(u)
+                items.append(i)
+    users, items = np.array(users), np.array(items)
+    w, _ = ials.fit(users, items, None, n_users=n, n_items=n, factors=2, iterations=15,
+                    regularization=0.01, alpha=10.0, cg_steps=3, seed=0)
+    scores = w["user"] @ w["item"].T
+    for u in range(n):
+        own = slice(0, half) if u < half else slice(half, n)
+        other = slice(half, n) if u < half else slice(0, half)
+        assert scores[u, own].min() > scores[u, other].max()
+
+
+def test_fit_is_seeded_and_weights_scale_the_confidence():
+    rng = np.random.default_rng(3)
+    users, items = rng.integers(0, 30, 300), rng.integers(0, 20, 300)
+    kw = dict(n_users=30, n_items=20, factors=4, iterations=3, regularization=0.1, alpha=2.0,
+              cg_steps=3, seed=9)
+    a, _ = ials.fit(users, items, None, **kw)
+    b, _ = ials.fit(users, items, np.ones(len(users), np.float32), **kw)
+    assert all(np.array_equal(a[k], b[k]) for k in a)  # weight 1 == no weight
+    c, _ = ials.fit(users, items, np.full(len(users), 2.0, np.float32), **kw)
+    d, _ = ials.fit(users, items, None, **{**kw, "alpha": 4.0})
+    assert np.allclose(c["user"], d["user"], atol=1e-5)  # weight 2 at alpha 2 == alpha 4
+    e, _ = ials.fit(users, items, None, **{**kw, "seed": 10})
+    assert not np.allclose(a["user"], e["user"])
+
+
+def test_deadline_stops_between_iterations_and_warm_start_copies_known_rows():
+    rng = np.random.default_rng(4)
+    users, items = rng.integers(0, 30, 300), rng.integers(0, 20, 300)
+    kw = dict(n_users=30, n_items=20, factors=4, regularization=0.1, alpha=2.0, cg_steps=3,
+              seed=9)
+    w, h = ials.fit(users, items, None, iterations=10, deadline=time.monotonic(), **kw)
+    assert h["iterations"] == 1 and h["stopped"].startswith("time budget")
+    init = {"user": np.zeros((30, 4), np.float32), "item": np.zeros((20, 4), np.float32)}
+    init["user"][:5] = 1.0
+    init["item"][:3] = 2.0
+    _, h = ials.fit(users, items, None, iterations=1, init=init, **kw)
+    assert h["warm_start_rows"] == 8
+    with pytest.raises(ValueError, match="dim"):
+        ials.fit(users, items, None, iterations=1, init={"user": np.ones((30, 3)),
+                                                         "item": np.ones((20, 3))}, **kw)
+
+
+def test_budget_is_linear_in_events_and_clamped():
+    p = settings.step_params(train.PARAMS, settings.with_overrides(settings.load_params(), {
+        "train.time_budget.s_per_million_events": 20, "train.time_budget.min_s": 100,
+        "train.time_budget.max_s": 1000}))
+    assert train.budget_s(p, 100_000) == 100
+    assert train.budget_s(p, 10_000_000) == 200
+    assert train.budget_s(p, 100_000_000) == 1000
+
+
+def test_mf_batch_auto_caps_the_steps_per_epoch():
+    base = settings.load_params()
+    p = settings.step_params(train.PARAMS, settings.with_overrides(
+        base, {"train.mf_softmax.batch_size": "auto", "train.mf_softmax.learning_rate": 0.003}))
+    assert train.mf_batch(p, 80_000) == (512, 0.003)
+    batch, lr = train.mf_batch(p, 7_800_000)
+    assert batch == 8192 and -(-7_800_000 // batch) <= train.MAX_STEPS_PER_EPOCH
+    assert lr == pytest.approx(0.003 * 4)
+    fixed = settings.step_params(train.PARAMS, settings.with_overrides(
+        base, {"train.mf_softmax.batch_size": 1024}))
+    assert train.mf_batch(fixed, 7_800_000)[0] == 1024
+
+
+@pytest.fixture(scope="module")
+def parts():
+    from nightrec.tasks import split
+
+    df = labelled_events(n_users=300, n_items=120, n_interactions=9000, seed=7)
+    out = split.split_interactions(df, valid_fraction=0.1, test_fraction=0.1,
+                                   min_user_events_for_holdout=5)
+    return out
+
+
+def test_ials_is_a_candidate_and_its_refit_repeats_the_iterations(parts, tmp_path):
+    p = settings.step_params(train.PARAMS, settings.with_overrides(settings.load_params(), {
+        "train.candidates": ["ials"], "train.ials.factors": 8, "train.ials.iterations": 4}))
+    res = train.train_both(parts, n_users=300, n_items=120, p=p, workdir=tmp_path)
+    assert res["chosen"] == "ials"
+    assert res["selection"]["candidates"]["ials"]["best_epoch"] == 4
+    assert res["full"][1]["iterations"] == 4 and res["full"][0]["user"].shape == (300, 8)
+    assert res["selection"]["time_budget_s"] >= float(p["train.time_budget.min_s"])
+    from nightrec.tasks import evaluate
+
+    again = evaluate.ranking_metric(res["holdout"][0], parts["train"], parts["valid"],
+                                    metric="ndcg_at_10", n_users=300)
+    assert res["selection"]["candidates"]["ials"]["valid_ndcg_at_10"] == again
+    # the shipped refit saw train + valid: users whose only events are in valid get a vector
+    valid_only = np.setdiff1d(parts["valid"][schema.USER_IDX], parts["train"][schema.USER_IDX])
+    if len(valid_only):
+        assert np.any(res["full"][0]["user"][valid_only] != 0)
+
+
+def test_an_mf_fit_projected_past_its_share_is_skipped(parts, tmp_path):
+    """A deadline already passed: mf_softmax stops after its probe steps and is skipped, with the
+    reason in selection.json; the run goes on with the others."""
+    p = settings.step_params(train.PARAMS, settings.with_overrides(settings.load_params(), {
+        "train.candidates": ["ials", "mf_softmax"], "train.ials.factors": 8,
+        "train.ials.iterations": 2, "train.mf_softmax.batch_size": 16,
+        "train.mf_softmax.embedding_dim": 8, "train.time_budget.min_s": 0.01,
+        "train.time_budget.max_s": 0.01}))
+    res = train.train_both(parts, n_users=300, n_items=120, p=p, workdir=tmp_path)
+    assert "mf_softmax" in res["selection"]["skipped"]
+    assert "projected" in res["selection"]["skipped"]["mf_softmax"]
+    assert set(res["selection"]["candidates"]) == {"ials"} and res["chosen"] == "ials"
