@@ -1,26 +1,31 @@
 """Step 9, publish: make the scored table visible to readers, all at once or not at all.
 
-The protocol. Every write is one S3 PUT, atomic on its own. Who may write is decided by
-conditional PUTs: ``If-None-Match: *`` (create only if absent) for locks and first writes, and
-``If-Match: <etag>`` (replace only the version read) as a guard on every replace. Mutual
-exclusion rests on create-if-absent alone, because SeaweedFS 4.48, the embedded store, lets two
-racing ``If-Match`` PUTs both succeed now and then (measured; its ``If-None-Match`` holds, as
-both do on AWS S3).
+The protocol. Every write is one S3 request (a PUT, or a server-side copy of a staged part),
+atomic on its own. Who may write is decided by conditional PUTs: ``If-None-Match: *`` (create
+only if absent) for locks and first writes, and ``If-Match: <etag>`` (replace only the version
+read) as a guard on every replace. Mutual exclusion rests on create-if-absent alone, because
+SeaweedFS 4.48, the embedded store, lets two racing ``If-Match`` PUTs both succeed now and then
+(measured; its ``If-None-Match`` holds, as both do on AWS S3).
 
 1. **Validate** the staged table (all shards' parts) with ``expectations/recommendations.json``,
    plus checks that ranks are 1..n per user with non-increasing scores, rows sorted by
-   ``user_id``, no user split over two parts, and each part's schema is the contract's. Parts
-   are decoded and validated a batch of ``VALIDATE_BATCH_ROWS`` rows at a time (see
-   :func:`validate_parts`), so publish's memory does not grow with the table.
+   ``user_id``, no user split over two parts, and each part's schema is the contract's. One
+   streaming pass (:func:`validate_parts`): each staged part is read once by ranged GETs and
+   decoded a row group at a time, and its rows are validated a batch of
+   ``VALIDATE_BATCH_ROWS`` rows at a time, so publish's memory does not grow with the table.
+   The same pass computes what the manifest says of each part (sha256, rows, users, user
+   range, footer size).
 2. **Claim the ds**: create ``recommendations/ds=<ds>/_publishing.json`` if absent. A second
    publisher of the same ds finds it and stops with ``PublishConflict`` before writing
    anything. A claim names its owner (the run) and expires after ``publish.claim_ttl_s``; the
    same run's retry renews it in place, and anyone after expiry deletes it and creates its own
    (nightrec/store/locks.py), so a crashed
    publisher blocks nobody for long.
-3. **Write the parts** at content-addressed keys ``part-<publish_id>-NNNNN.parquet``
+3. **Copy the parts** to content-addressed keys ``part-<publish_id>-NNNNN.parquet``
    (``publish_id`` hashes the parts' checksums): a key never changes content, so a reader that
-   holds a manifest can range-read its parts safely.
+   holds a manifest can range-read its parts safely. The copies are server-side
+   (:func:`copy_parts`: no part's bytes pass through publish) and conditional on the staged
+   part being the version validated.
 4. **Commit the manifest** ``recommendations/ds=<ds>/_manifest.json``, conditional on it being
    the version seen just after claiming (or absent). This fences a publisher whose claim expired
    and was taken over: its commit fails instead of overwriting the newer one. The manifest *is*
@@ -57,6 +62,7 @@ import itertools
 import json
 import logging
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -75,7 +81,13 @@ SCHEMA = contract.SCHEMA
 arrow_schema = contract.arrow_schema
 
 POINTER_ATTEMPTS = 5
-VALIDATE_BATCH_ROWS = 2_000_000  # rows validated at a time (whole parts): bounds publish's memory
+# rows validated at a time (cut at a user boundary): bounds publish's memory, whatever the table.
+# Each batch is one Great Expectations run over DuckDB (~1.3 s per million rows plus ~0.5 s;
+# through pandas it was ~10 s a 2M-row batch), held as Arrow (~25 bytes a row)
+VALIDATE_BATCH_ROWS = 10_000_000
+# Server-side copies in flight at once: each is one request whose work the store does (its
+# time grows with the part's size), so a table of many parts copies a few at a time.
+COPY_THREADS = 8
 POINTER_LOCK_TTL_S = 60.0  # the pointer lock is held for two requests; a crash frees it then
 # A claim that expires within this many seconds (or a tenth of its TTL, if less) is not trusted
 # for a delete: one delete request (up to 1000 keys) takes milliseconds, so a claim live this
@@ -107,88 +119,171 @@ class PublishConflict(RuntimeError):
     """
 
 
-def check_rankings(df: pd.DataFrame) -> list[str]:
-    """Problems with ranks and scores: ranks 1..n per user in order, scores non-increasing."""
+def check_rankings(table) -> list[str]:
+    """Problems with ranks and scores: ranks 1..n per user in order, scores non-increasing,
+    rows sorted by user. ``table``: an Arrow table (or a frame) with the contract's columns;
+    vectorised over Arrow arrays, so a batch of millions of rows costs no Python objects."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(table, pd.DataFrame):
+        table = pa.Table.from_pandas(table[[schema.USER_ID, schema.RANK, schema.SCORE]],
+                                     preserve_index=False)
+    n = table.num_rows
+    if n == 0:
+        return []
     problems = []
-    g = df.groupby(schema.USER_ID, sort=False)
-    expected = g.cumcount() + 1
-    if not np.array_equal(df[schema.RANK].to_numpy(), expected.to_numpy()):
+    users = table.column(schema.USER_ID).combine_chunks()
+    new = np.ones(n, bool)  # the first row of each run of one user
+    if n > 1:
+        new[1:] = pc.fill_null(pc.not_equal(users.slice(1), users.slice(0, n - 1)),
+                               True).to_numpy(zero_copy_only=False)
+    starts = np.flatnonzero(new)
+    expected = np.arange(n) - np.repeat(starts, np.diff(np.append(starts, n))) + 1
+    ranks = table.column(schema.RANK).to_numpy()
+    if not np.array_equal(ranks, expected):
         problems.append("ranks are not 1..n in order within each user")
-    diffs = g[schema.SCORE].diff()
-    if (diffs > 0).any():
-        problems.append(f"scores increase with rank for {int((diffs > 0).sum())} rows")
-    if not df[schema.USER_ID].is_monotonic_increasing:
+    scores = table.column(schema.SCORE).to_numpy().astype(np.float64, copy=False)
+    rising = int(((np.diff(scores) > 0) & ~new[1:]).sum())
+    if rising:
+        problems.append(f"scores increase with rank for {rising} rows")
+    if n > 1 and pc.any(pc.fill_null(pc.less(users.slice(1), users.slice(0, n - 1)),
+                                     False)).as_py():
         problems.append("rows are not sorted by user_id")
     return problems
 
 
 def check_parts(parts: list[dict]) -> list[str]:
-    """Problems with the parts' user ranges: each part's users come after the previous part's."""
+    """Problems with the parts' user ranges: each part's users come after the previous part's.
+    A part without rows or without a user range (one of another schema) is not compared."""
     return [
         f"user {b['min_user_id']!r} is split over parts {i} and {i + 1}"
         for i, (a, b) in enumerate(itertools.pairwise(parts))
-        if b["rows"] and a["rows"] and b["min_user_id"] <= a["max_user_id"]
+        if b["rows"] and a["rows"] and None not in (a["max_user_id"], b["min_user_id"])
+        and b["min_user_id"] <= a["max_user_id"]
     ]
 
 
-def validate_table(df: pd.DataFrame, *, ds: str, model_version: str, top_k: int) -> dict:
-    report = run_suite(
-        df, settings.project_root() / SUITE,
-        {"top_k": top_k, "ds_set": [ds], "model_version_set": [model_version]},
-    )
-    report["ranking_problems"] = check_rankings(df)
+def validate_table(table, *, ds: str, model_version: str, top_k: int) -> dict:
+    """The recommendations suite (Great Expectations over DuckDB) and :func:`check_rankings` on
+    one table: an Arrow table is written to a local Parquet file for the suite (no pandas:
+    a frame of 10M rows with string ids is ~1 GB, the Parquet file tens of MB), a frame as is."""
+    import tempfile
+
+    import pyarrow.parquet as pq
+
+    parameters = {"top_k": top_k, "ds_set": [ds], "model_version_set": [model_version]}
+    if isinstance(table, pd.DataFrame):
+        report = run_suite(table, settings.project_root() / SUITE, parameters)
+    else:
+        with tempfile.TemporaryDirectory(prefix="nightrec-publish-") as tmp:
+            path = Path(tmp) / "batch.parquet"
+            pq.write_table(table, path)
+            report = run_suite(path, settings.project_root() / SUITE, parameters)
+    report["ranking_problems"] = check_rankings(table)
     report["success"] = report["success"] and not report["ranking_problems"]
     return report
 
 
-def validate_parts(staged: list[bytes], *, ds: str, model_version: str, top_k: int,
-                   batch_rows: int | None = None) -> tuple[dict, list[dict]]:
-    """Validate the staged parts (Parquet bytes, in table order) batch by batch; returns
-    ``(report, described parts)``.
+def validate_parts(uris: list[str], *, ds: str, model_version: str, top_k: int,
+                   batch_rows: int | None = None) -> tuple[dict, list[dict], list[str | None]]:
+    """Validate the staged parts (URIs, in table order) in one streaming pass; returns
+    ``(report, described, versions)``: the report, what the manifest says about each part
+    (:func:`describe_part`'s fields) and the ETag of the version of each part that was read
+    (None for a local file), so that publish copies exactly what was validated.
 
-    Memory: only about ``batch_rows`` rows (whole parts, ``VALIDATE_BATCH_ROWS`` by default) are
-    decoded at a time, not the whole table (at 200k users x top 100 that is 20M rows, several GB
-    as pandas). Nothing is lost by batching: every expectation of the suite and every ranking
-    check is about rows of one user (unique ``(user_id, rank)`` and ``(user_id, item_id)``,
-    ranks 1..n, non-increasing scores), or holds for the table when it holds for each batch
-    (non-null, ranges, the ``ds`` and ``model_version`` sets, columns); ``check_parts`` makes
-    sure no user is split over two parts, hence over two batches, and that the parts' user
-    ranges are in order, so rows sorted within each batch are sorted in the table. The row
-    count expectation (at least one row) is checked on the whole table.
+    Memory is flat in the table's size. Each part is read once, front to back, and decoded
+    one row group at a time (``storage.ParquetScan``: its footer, then its row groups in ranged
+    GETs of at most ``storage.SCAN_READ_BYTES`` or one row group), which also gives its sha256,
+    rows, users and user range: nothing is downloaded whole, nor read twice. The rows are validated a batch of about ``batch_rows`` rows at a time
+    (``VALIDATE_BATCH_ROWS`` by default; Great Expectations runs once per batch). A batch ends
+    at a user boundary (the last user's rows wait for the next batch), so every check about one
+    user's rows sees all of them, whatever the row groups: the suite's unique ``(user_id,
+    rank)`` and ``(user_id, item_id)``, and ranks 1..n in order with non-increasing scores.
+    The other expectations hold for the table when they hold for each batch (columns,
+    non-null, ranks within 1..top_k, the ``ds`` and ``model_version`` sets). Sort order by
+    ``user_id``: within a batch, :func:`check_rankings`; from one batch to the next, the first
+    user must come after the last; from one part to the next, :func:`check_parts` (no user
+    split over two parts). A part's schema is checked from its footer, before its rows. The
+    row count expectation (at least one row) is checked on the whole table.
     """
+    import numpy as np
     import pyarrow as pa
-    import pyarrow.parquet as pq
+    import pyarrow.compute as pc
 
     limit = max(1, int(batch_rows or VALIDATE_BATCH_ROWS))
+    expected = arrow_schema()
     described: list[dict] = []
-    schema_problems: list[str] = []
+    versions: list[str | None] = []
     reports: list[dict] = []
-    batch: list = []
-    batched = 0
+    problems: list[str] = []  # order between batches, schemas
+    pending: list = []  # row groups (Arrow tables) not validated yet
+    pending_rows = 0
+    last_user: list = [None]  # the last user_id validated so far
+    read = {"bytes": 0, "requests": 0}
 
-    def flush() -> None:
-        nonlocal batch, batched
-        if not batch:
+    def check(table) -> None:
+        users = table.column(schema.USER_ID)
+        first = users[0].as_py()
+        if None not in (first, last_user[0]) and first <= last_user[0]:
+            problems.append("rows are not sorted by user_id")
+        last_user[0] = users[-1].as_py()
+        reports.append(validate_table(table, ds=ds, model_version=model_version, top_k=top_k))
+
+    def flush(*, final: bool) -> None:
+        nonlocal pending, pending_rows
+        if not pending:
             return
-        frame = pa.concat_tables(batch).to_pandas() if len(batch) > 1 else batch[0].to_pandas()
-        batch, batched = [], 0
-        reports.append(validate_table(frame, ds=ds, model_version=model_version, top_k=top_k))
+        table = pa.concat_tables(pending) if len(pending) > 1 else pending[0]
+        pending, pending_rows = [], 0
+        if not final:  # hold the last user's rows back: a user is never split over two batches
+            users = table.column(schema.USER_ID)
+            same = pc.fill_null(pc.equal(users, users[-1]), False).to_numpy()
+            others = np.flatnonzero(~same)
+            cut = int(others[-1]) + 1 if len(others) else 0  # 0: the batch is one user
+            if 0 < cut < table.num_rows:
+                pending, pending_rows = [table.slice(cut)], table.num_rows - cut
+                table = table.slice(0, cut)
+        check(table)
 
-    for i, data in enumerate(staged):
-        table = pq.read_table(io.BytesIO(data))
-        described.append(describe_part(data, table))
-        if not table.schema.equals(arrow_schema(), check_metadata=False):
-            schema_problems.append(f"part {i} has schema {table.schema}")
-            continue  # a part of another schema cannot be concatenated with the others
-        if table.num_rows == 0:
-            continue
-        batch.append(table)
-        batched += table.num_rows
-        if batched >= limit:
-            flush()
-    flush()
+    for i, uri in enumerate(uris):
+        with storage.ParquetScan(uri) as scan:
+            meta = scan.metadata
+            desc = {"bytes": scan.size, "rows": meta.num_rows, "users": 0, "min_user_id": None,
+                    "max_user_id": None, "row_groups": meta.num_row_groups,
+                    "footer_bytes": scan.footer_bytes, "sha256": None}
+            found = meta.schema.to_arrow_schema()
+            if not found.equals(expected, check_metadata=False):
+                problems.append(f"part {i} has schema {found}")  # its rows are not read
+            else:
+                previous = None  # the part's last user so far
+                for group in scan.row_groups():
+                    if not group.num_rows:
+                        continue
+                    users = group.column(schema.USER_ID)
+                    bounds = pc.min_max(users)
+                    lo, hi = bounds["min"].as_py(), bounds["max"].as_py()
+                    if lo is not None:
+                        desc["min_user_id"] = lo if desc["min_user_id"] is None else min(
+                            lo, desc["min_user_id"])
+                        desc["max_user_id"] = hi if desc["max_user_id"] is None else max(
+                            hi, desc["max_user_id"])
+                    # a user who goes on from the previous row group is counted once
+                    desc["users"] += pc.count_distinct(users).as_py() - (
+                        previous is not None and users[0].as_py() == previous)
+                    previous = users[-1].as_py()
+                    pending.append(group)
+                    pending_rows += group.num_rows
+                    if pending_rows >= limit:
+                        flush(final=False)
+                desc["sha256"] = scan.finish()
+            read["bytes"] += scan.bytes_read
+            read["requests"] += scan.requests
+        described.append(desc)
+        versions.append(scan.etag)
+    flush(final=True)
     if not reports:  # no rows at all: the suite reports it (row count >= 1) on an empty table
-        reports.append(validate_table(arrow_schema().empty_table().to_pandas(), ds=ds,
+        reports.append(validate_table(expected.empty_table(), ds=ds,
                                       model_version=model_version, top_k=top_k))
     first_bad = next((r for r in reports if not r["success"]), reports[-1])
     failures, seen = [], set()
@@ -198,21 +293,59 @@ def validate_parts(staged: list[bytes], *, ds: str, model_version: str, top_k: i
             if key not in seen:  # one entry per broken expectation (its first batch's figures)
                 seen.add(key)
                 failures.append(f)
-    problems = [x for r in reports for x in r["ranking_problems"]]
+    ranking = [x for r in reports for x in r["ranking_problems"]]
     report = {
         **first_bad,
-        "success": all(r["success"] for r in reports) and not schema_problems,
+        "success": all(r["success"] for r in reports) and not problems,
         "failures": failures,
-        "ranking_problems": list(dict.fromkeys(problems)) + check_parts(described)
-        + schema_problems,
+        "ranking_problems": list(dict.fromkeys(ranking + problems)) + check_parts(described),
         "batches": len(reports),
         "batch_rows": limit,
+        "rows_checked": sum(r["rows_checked"] for r in reports),
+        "read": read,  # what the pass fetched from the store: each part's bytes once
     }
-    return report, described
+    return report, described, versions
 
 
 def publish_id(checksums: list[str]) -> str:
     return hashlib.sha256("".join(checksums).encode()).hexdigest()[:12]
+
+
+def copy_parts(staged: list[str], *, ds: str, publish_id: str, versions: list[str | None],
+               described: list[dict], written: list[str]) -> list[dict]:
+    """Copy the staged parts to their published keys; returns the manifest's part entries.
+
+    Server-side copies (``storage.copy``: no byte passes through publish), up to
+    ``COPY_THREADS`` at a time, each conditional on the staged part still being the version
+    :func:`validate_parts` read (``versions``), so that what is published is what was
+    validated and checksummed: a part rewritten since raises PublishConflict. Every target
+    goes into ``written`` before its copy starts, so that a failed publish removes what it made;
+    when one copy fails, the others still queued are cancelled and those running finish first.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    targets = [layout.part_uri(ds, publish_id, n) for n in range(len(staged))]
+    written.extend(targets)
+
+    def one(n: int) -> str | None:
+        try:
+            return storage.copy(staged[n], targets[n], if_match=versions[n],
+                                size=described[n]["bytes"])
+        except storage.PreconditionFailed as e:
+            raise PublishConflict(f"{staged[n]} changed after publish validated it (a shard "
+                                  "rewrote it?); nothing of this publish is visible; retry "
+                                  "to validate it again") from e
+
+    with ThreadPoolExecutor(max_workers=max(1, min(COPY_THREADS, len(targets)))) as pool:
+        futures = [pool.submit(one, n) for n in range(len(targets))]
+        try:
+            etags = [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+    return [{"key": storage.split_uri(uri)[1], "etag": etag, **desc}
+            for uri, etag, desc in zip(targets, etags, described, strict=True)]
 
 
 def describe_part(data: bytes, table) -> dict:
@@ -241,12 +374,17 @@ def _parquet_metadata(data: bytes):
 
 def popular_items(seen_uri: str | None, k: int) -> list[dict]:
     """The ``k`` items with the most interactions up to ds (ties: lower item_id first), for
-    readers that serve unknown users. Empty when no seen set is given."""
+    readers that serve unknown users. Empty when no seen set is given.
+
+    From the seen step's item counts (``seen.item_counts``: the small table it writes beside
+    the seen table, one row per item), so publish never reads the seen table's rows."""
     if not seen_uri:
         return []
-    seen = storage.read_parquet(seen_uri, columns=[schema.ITEM_ID])
-    counts = seen[schema.ITEM_ID].astype(str).value_counts()
-    top = counts.reset_index().set_axis([schema.ITEM_ID, "interactions"], axis=1)
+    from nightrec.tasks import seen  # imported here: publish's importers need none of it
+
+    counts = seen.item_counts(seen_uri)
+    top = pd.DataFrame({schema.ITEM_ID: counts[schema.ITEM_ID].astype(str),
+                        "interactions": counts[seen.COUNT].astype("int64")})
     top = top.sort_values(["interactions", schema.ITEM_ID], ascending=[False, True]).head(k)
     return [{schema.ITEM_ID: str(i), "interactions": int(n)}
             for i, n in zip(top[schema.ITEM_ID], top["interactions"], strict=True)]
@@ -632,9 +770,8 @@ def run(scored: Scored, params: dict | None = None, dry_run: bool = False,
     # SeaweedFS creates a missing bucket on the first PUT, so publishing to a mistyped
     # NIGHTREC_BUCKET would "succeed" where no reader looks; AWS would refuse the PUT. Check.
     storage.require_bucket(storage.split_uri(layout.recs_root())[0])
-    staged = [storage.read_bytes(u) for u in scored.parts]  # each part downloaded once
-    report, described = validate_parts(
-        staged, ds=ds, model_version=scored.model_version, top_k=scored.top_k
+    report, described, versions = validate_parts(
+        scored.parts, ds=ds, model_version=scored.model_version, top_k=scored.top_k
     )
     n_rows = sum(d["rows"] for d in described)
     if scored.rows != n_rows:
@@ -662,12 +799,8 @@ def run(scored: Scored, params: dict | None = None, dry_run: bool = False,
         found = storage.read_versioned(layout.manifest_uri(ds))
         before = None if found is None else {"etag": found[1]}
         replaced = set() if found is None else {pt["key"] for pt in json.loads(found[0])["parts"]}
-        parts = []
-        for n, (data, desc) in enumerate(zip(staged, described, strict=True)):
-            uri = layout.part_uri(ds, pid, n)
-            etag = storage.write_bytes(uri, data)
-            written.append(uri)
-            parts.append({"key": storage.split_uri(uri)[1], "etag": etag, **desc})
+        parts = copy_parts(scored.parts, ds=ds, publish_id=pid, versions=versions,
+                           described=described, written=written)
         created = _iso(_now())
         manifest = build_manifest(
             # parts never share a user (validated above), so their user counts add up

@@ -29,13 +29,30 @@ Sharded over users, for Airflow's dynamic task mapping (one mapped task per shar
 - ``plan`` computes the sorted union of the model's and the seen table's user ids, splits it into
   ``score.shards`` contiguous ranges and returns one small spec per shard: positions ``[lo, hi)``
   and the range's first and last ``user_id``, never id lists (it also empties the run's staging
-  folder);
-- ``run_shard`` reads only its range (the seen table is sorted by ``user_id``, so row-group
-  statistics skip the rest), checks it holds the ``hi - lo`` users the plan counted, and scores
-  them into its own folder
+  folder). It reads the ``user_id`` columns only, one row group at a time (:func:`distinct_ids`):
+  memory is the distinct ids, not the pairs;
+- ``run_shard`` reads only its range, checks it holds the ``hi - lo`` users the plan counted, and
+  scores them into its own folder
   ``staging/recommendations/ds=<ds>/<run_key>/shard-NNNNN/part-NNNNN.parquet``, which it empties
   first: a retried shard rewrites only its own parts, under the same keys, and nothing else;
 - ``collect`` checks that every shard of the plan reported, and lists all parts in shard order.
+
+**What a shard reads** (:class:`ObjectFile`: ranged GETs of the byte ranges read, all of one
+object version), so its memory is flat in the total number of users:
+
+- of the seen table, the row groups whose ``user_id`` statistics overlap its range (the table is
+  sorted by ``user_id``), then exactly its rows: :func:`read_seen`;
+- of the model's ``users.parquet``, the row groups that can hold its range (all of them when
+  the file is not in id order; clean's indices put it in id order), one at a time, keeping only
+  its users: :func:`model_users_in_range`;
+- of ``embeddings.npz`` (``np.savez``: members stored uncompressed), the item members whole and,
+  of ``user``, only its known users' rows, located from the zip directory and the ``.npy``
+  header and fetched as coalesced ranges: :func:`read_embeddings`. (Reading ``user`` whole was
+  ``n_users x d x 4`` bytes a shard: 512 MB at 2M users and d = 64);
+- for cold users, the seen table's item counts (tasks/seen.py :func:`seen.item_counts`), not a
+  pass over its item column.
+
+``run_shard`` returns what it read (requests, bytes, row groups, rows) under ``reads``.
 
 Contiguous ``user_id`` ranges rather than a user hash: the published table is sorted by
 ``user_id``, so the shards' parts concatenate into it as they are, and each part covers one
@@ -53,6 +70,9 @@ from __future__ import annotations
 import io
 import itertools
 import logging
+import os
+import struct
+import zipfile
 from collections.abc import Iterator
 
 import numpy as np
@@ -70,6 +90,13 @@ from nightrec.tasks.publish import arrow_schema
 
 PARAMS = ["score.top_k", "score.user_chunk", "score.shards", "score.fold_in_l2",
           "publish.rows_per_part", "publish.row_group_size"]
+# Read granularity of ObjectFile and read_embeddings: layout of requests, not tunables.
+TAIL_BYTES = 64 * 1024  # read first from an object's end: a Parquet footer or a zip's directory
+HEADER_BYTES = 4096  # read at a zip member's start: its local header and the .npy header
+# wanted rows of an .npy member closer than this are read through in one request: a request's
+# latency (~10 ms on S3) buys about this many bytes
+GAP_BYTES = 1024**2
+READ_BYTES = 16 * 1024**2  # the most one request of a member fetches (and holds at a time)
 POPULARITY_SOURCE = "popularity_fallback"
 log = logging.getLogger(__name__)
 COLUMNS = [schema.USER_ID, schema.RANK, schema.ITEM_ID, schema.SCORE, schema.MODEL_VERSION,
@@ -104,15 +131,272 @@ def ids_by_index(uri: str, idx_col: str, id_col: str) -> np.ndarray:
     return table[id_col].to_numpy(dtype=str)
 
 
+class ObjectFile(io.RawIOBase):
+    """A read-only, seekable file over one object (``s3://`` or a local path) that fetches only
+    the byte ranges read: for pyarrow's ``ParquetFile`` (footer, then the column chunks of the
+    row groups asked for) and ``zipfile``.
+
+    The last :data:`TAIL_BYTES` come in one request on the first read there and are kept (a
+    Parquet footer, a zip directory). Every S3 request is conditional on the ETag of the HEAD
+    that opened the file, so all bytes are of one version (a change raises PreconditionFailed).
+    ``requests`` and ``bytes_read`` count what was fetched. Use as a context manager.
+    """
+
+    def __init__(self, uri: str):
+        super().__init__()
+        self.uri, self.pos, self.requests, self.bytes_read = uri, 0, 0, 0
+        self._local = None
+        if storage.is_s3(uri):
+            found = storage.head(uri)
+            if found is None:
+                raise FileNotFoundError(f"no object {uri}")
+            self.etag, self.size = found["etag"], int(found["bytes"])
+        else:
+            self._local = open(uri, "rb")  # noqa: SIM115 - closed by close()
+            self.etag, self.size = None, os.fstat(self._local.fileno()).st_size
+        self._tail_start, self._tail = max(0, self.size - TAIL_BYTES), None
+
+    def close(self) -> None:
+        if self._local is not None:
+            self._local.close()
+            self._local = None
+        super().close()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def _fetch(self, start: int, end: int) -> bytes:
+        if end <= start:
+            return b""
+        if self._local is not None:
+            self._local.seek(start)
+            data = self._local.read(end - start)
+        else:
+            data = storage.read_range(self.uri, start, end - start, if_match=self.etag)
+        if len(data) != end - start:
+            raise OSError(f"{self.uri}: read {len(data)} bytes at {start}, not {end - start}")
+        self.requests += 1
+        self.bytes_read += len(data)
+        return data
+
+    def read(self, n: int = -1) -> bytes:
+        end = self.size if n is None or n < 0 else min(self.size, self.pos + n)
+        if end <= self.pos:
+            return b""
+        if end > self._tail_start and self._tail is None:
+            self._tail = self._fetch(self._tail_start, self.size)
+        if end > self._tail_start:
+            out = (self._fetch(self.pos, self._tail_start)
+                   + self._tail[max(0, self.pos - self._tail_start) : end - self._tail_start])
+        else:
+            out = self._fetch(self.pos, end)
+        self.pos += len(out)
+        return out
+
+    def readinto(self, buf) -> int:
+        data = self.read(len(buf))
+        buf[: len(data)] = data
+        return len(data)
+
+
+def _tally(reads: dict | None, f: ObjectFile, **counts: int) -> None:
+    """Add ``f``'s requests and bytes, and ``counts``, into ``reads`` (when given)."""
+    if reads is not None:
+        for key, n in {"requests": f.requests, "bytes": f.bytes_read, **counts}.items():
+            reads[key] = reads.get(key, 0) + int(n)
+
+
+def _row_groups_in(metadata, column: str, first: str, last: str) -> list[int]:
+    """The row groups whose ``column`` statistics overlap ``[first, last]`` (a group without
+    statistics always does)."""
+    j = metadata.schema.names.index(column)
+    out = []
+    for i in range(metadata.num_row_groups):
+        st = metadata.row_group(i).column(j).statistics
+        if st is None or not st.has_min_max or (st.min <= last and st.max >= first):
+            out.append(i)
+    return out
+
+
+def _in_range(ids, first: str, last: str) -> pa.Array:
+    return pc.and_(pc.greater_equal(ids, pa.scalar(first, pa.string())),
+                   pc.less_equal(ids, pa.scalar(last, pa.string())))
+
+
 def read_seen(uri: str, columns: list[str], *, first: str | None = None,
-              last: str | None = None) -> pa.Table:
-    """Columns of a seen table, only users in ``[first, last]`` (inclusive) when given. The
-    table is sorted by user_id (tasks/seen.py), so row-group statistics skip other users."""
-    filters = None
+              last: str | None = None, reads: dict | None = None) -> pa.Table:
+    """Columns of a seen table (as strings), only users in ``[first, last]`` (inclusive) when
+    given. The table is sorted by user_id (tasks/seen.py), so only the row groups whose
+    statistics overlap the range are fetched (ranged reads of their column chunks), then cut to
+    the range exactly. ``reads``: counts of requests, bytes, row groups and rows fetched."""
+    read = list(columns) if first is None or schema.USER_ID in columns else [*columns,
+                                                                             schema.USER_ID]
+    with ObjectFile(uri) as f:
+        pf = pq.ParquetFile(f, pre_buffer=True)
+        groups = (list(range(pf.metadata.num_row_groups)) if first is None
+                  else _row_groups_in(pf.metadata, schema.USER_ID, first, last))
+        table = (pf.read_row_groups(groups, columns=read) if groups
+                 else pf.schema_arrow.empty_table().select(read))
+        _tally(reads, f, row_groups=len(groups), rows=table.num_rows)
+    table = table.cast(pa.schema([(c, pa.string()) for c in read]))
     if first is not None:
-        filters = [(schema.USER_ID, ">=", first), (schema.USER_ID, "<=", last)]
-    table = pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=columns, filters=filters)
-    return table.cast(pa.schema([(c, pa.string()) for c in columns]))
+        table = table.filter(_in_range(table.column(schema.USER_ID), first, last))
+    return table.select(columns)
+
+
+def distinct_ids(uri: str, column: str, *, reads: dict | None = None) -> pa.Array:
+    """The distinct values of one string column of a Parquet object, sorted: read one row
+    group (and only that column's chunks) at a time, so memory is one row group plus the
+    distinct values, whatever the number of rows."""
+    parts = []
+    with ObjectFile(uri) as f:
+        pf = pq.ParquetFile(f)
+        for i in range(pf.metadata.num_row_groups):
+            parts.append(pc.unique(pf.read_row_group(i, columns=[column]).column(column)
+                                   .cast(pa.string())))
+        _tally(reads, f, row_groups=pf.metadata.num_row_groups)
+    return sorted_union(*parts)
+
+
+def model_users_in_range(uri: str, first: str, last: str, *,
+                         reads: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The users of a model's ``users.parquet`` with ids in ``[first, last]``: their ids
+    (object array, sorted) and ``user_idx`` (int64, the rows of the model's ``user``).
+
+    Reads the row groups whose ``user_id`` statistics overlap the range, one at a time, keeping
+    only the users in it: memory is one row group plus the range's users. Raises if an index is
+    outside ``0 .. rows - 1`` or an id repeats.
+    """
+    ids, idx = [], []
+    with ObjectFile(uri) as f:
+        pf = pq.ParquetFile(f)
+        n_rows = pf.metadata.num_rows
+        groups = _row_groups_in(pf.metadata, schema.USER_ID, first, last)
+        for i in groups:
+            t = pf.read_row_group(i, columns=[schema.USER_IDX, schema.USER_ID])
+            u = t.column(schema.USER_ID).cast(pa.string())
+            keep = _in_range(u, first, last)
+            ids.append(pc.filter(u, keep))
+            idx.append(pc.filter(t.column(schema.USER_IDX), keep).cast(pa.int64()))
+        _tally(reads, f, row_groups=len(groups))
+    ids_a = pa.chunked_array(ids, pa.string())
+    idx_a = pa.chunked_array(idx, pa.int64())
+    order = pc.sort_indices(ids_a)
+    out_ids = pc.take(ids_a, order).to_numpy(zero_copy_only=False).astype(object)
+    out_idx = pc.take(idx_a, order).to_numpy().astype(np.int64)
+    if len(out_idx) and (out_idx.min() < 0 or out_idx.max() >= n_rows):
+        raise ValueError(f"{uri}: {schema.USER_IDX} outside 0..{n_rows - 1}")
+    if len(out_ids) > 1 and (out_ids[1:] == out_ids[:-1]).any():
+        raise ValueError(f"{uri}: a {schema.USER_ID} repeats")
+    return out_ids, out_idx
+
+
+def read_embeddings(uri: str, *, user_rows: np.ndarray | None = None,
+                    reads: dict | None = None) -> dict[str, np.ndarray]:
+    """The arrays of an ``embeddings.npz``; of ``user``, only rows ``user_rows`` (int, in that
+    order) when given.
+
+    ``np.savez`` stores each ``.npy`` member uncompressed, so a member's data sits at a known
+    offset: the zip directory (the object's tail) gives the member's local header, which with
+    the ``.npy`` header gives the data's offset, shape and dtype. The wanted rows are fetched as
+    ranges (rows closer than :data:`GAP_BYTES` in one range, at most :data:`READ_BYTES` a
+    request, only the wanted rows kept): one range when they are contiguous, as a shard's are
+    when the model's users are in id order. Other members are read whole. A compressed member
+    (``np.savez_compressed``) is read whole through ``zipfile`` and then indexed.
+    """
+    out = {}
+    with ObjectFile(uri) as f, zipfile.ZipFile(f) as zf:
+        for info in zf.infolist():
+            name = info.filename.removesuffix(".npy")
+            rows = user_rows if name == "user" else None
+            if info.compress_type != zipfile.ZIP_STORED:
+                arr = np.lib.format.read_array(zf.open(info), allow_pickle=False)
+                out[name] = arr if rows is None else arr[np.asarray(rows, np.int64)]
+                continue
+            offset, shape, fortran, dtype = _npy_member(f, info)
+            if rows is None or fortran or not shape:
+                arr = _npy_whole(f, offset, shape, fortran, dtype)
+                out[name] = arr if rows is None else arr[np.asarray(rows, np.int64)]
+            else:
+                out[name] = _npy_rows(f, offset, shape, dtype, np.asarray(rows, np.int64))
+        _tally(reads, f)
+    return out
+
+
+def _npy_member(f: ObjectFile, info: zipfile.ZipInfo):
+    """``(data offset, shape, fortran_order, dtype)`` of a stored ``.npy`` zip member."""
+    f.seek(info.header_offset)
+    head = f.read(HEADER_BYTES)
+    if head[:4] != b"PK\x03\x04":
+        raise ValueError(f"{f.uri}: no zip local header for {info.filename}")
+    name_len, extra_len = struct.unpack("<HH", head[26:30])
+    start = 30 + name_len + extra_len
+    major = head[start + 6] if len(head) > start + 6 else 0
+    size_len = 2 if major == 1 else 4
+    header_end = start + 8 + size_len + int.from_bytes(head[start + 8 : start + 8 + size_len],
+                                                       "little")
+    if header_end > len(head):  # a long .npy header: read on
+        head += f.read(header_end - len(head))
+    buf = io.BytesIO(head[start:header_end])
+    version = np.lib.format.read_magic(buf)
+    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                   else np.lib.format.read_array_header_2_0)
+    shape, fortran, dtype = read_header(buf)
+    if dtype.hasobject:
+        raise ValueError(f"{f.uri}: {info.filename} holds Python objects")
+    return info.header_offset + header_end, tuple(shape), bool(fortran), dtype
+
+
+def _read_into(f: ObjectFile, start: int, out: memoryview) -> None:
+    for pos in range(0, len(out), READ_BYTES):
+        f.seek(start + pos)
+        part = out[pos : pos + READ_BYTES]
+        if f.readinto(part) != len(part):
+            raise OSError(f"{f.uri}: short read at {start + pos}")
+
+
+def _npy_whole(f: ObjectFile, offset: int, shape: tuple, fortran: bool,
+               dtype: np.dtype) -> np.ndarray:
+    flat = np.empty(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize, np.uint8)
+    _read_into(f, offset, memoryview(flat))
+    return flat.view(dtype).reshape(shape, order="F" if fortran else "C")
+
+
+def _npy_rows(f: ObjectFile, offset: int, shape: tuple, dtype: np.dtype,
+              rows: np.ndarray) -> np.ndarray:
+    """Rows ``rows`` of a C-order member, fetched as coalesced ranges of wanted rows."""
+    if len(rows) and (rows.min() < 0 or rows.max() >= shape[0]):
+        raise IndexError(f"{f.uri}: rows outside 0..{shape[0] - 1}")
+    want = np.unique(rows)
+    row_shape = shape[1:]
+    row_bytes = dtype.itemsize * int(np.prod(row_shape, dtype=np.int64))
+    got = np.empty((len(want), *row_shape), dtype)
+    if len(want) and row_bytes:
+        gaps = (np.diff(want) - 1) * row_bytes
+        bounds = [0, *(np.flatnonzero(gaps > GAP_BYTES) + 1).tolist(), len(want)]
+        per_read = max(1, READ_BYTES // row_bytes)
+        for a, b in itertools.pairwise(bounds):
+            r0, end = int(want[a]), int(want[b - 1]) + 1
+            while r0 < end:
+                r1 = min(end, r0 + per_read)
+                block = np.empty((r1 - r0) * row_bytes, np.uint8)
+                _read_into(f, offset + r0 * row_bytes, memoryview(block))
+                block = block.view(dtype).reshape((r1 - r0, *row_shape))
+                i0, i1 = np.searchsorted(want, [r0, r1])
+                got[i0:i1] = block[want[i0:i1] - r0]
+                r0 = int(want[i1]) if i1 < b else end
+    return got[np.searchsorted(want, rows)]
 
 
 def sorted_union(*id_arrays) -> pa.Array:
@@ -167,19 +451,16 @@ def user_inputs(emb: dict, seen: sparse.csr_matrix, model_rows: np.ndarray, *,
     return user_vecs, emb["item"], emb["item_bias"], ~known & ~has_seen, folded
 
 
-def item_counts(seen_items: pa.ChunkedArray, item_ids: np.ndarray) -> np.ndarray:
-    """float32 per item of ``item_ids``: its rows in ``seen_items`` (the seen table's item_id
-    column: one row per user who interacted with it). Exact up to 2^24 users an item."""
-    counts = pc.value_counts(seen_items)
-    index = pd.Index(counts.field("values").to_numpy(zero_copy_only=False))
-    pos = index.get_indexer(item_ids)
-    n = np.asarray(counts.field("counts").to_numpy(), np.float32)
-    return np.where(pos >= 0, n[np.maximum(pos, 0)], np.float32(0)).astype(np.float32)
-
-
 def popular_bias(seen_uri: str, item_ids: np.ndarray) -> np.ndarray:
-    """:func:`item_counts` of the model's items over the whole seen table."""
-    return item_counts(read_seen(seen_uri, [schema.ITEM_ID]).column(schema.ITEM_ID), item_ids)
+    """float32 per item of ``item_ids``: its rows in the seen table (one per user who
+    interacted with it; 0 for an item it lacks), from the table's item counts
+    (tasks/seen.py :func:`item_counts`). Exact up to 2^24 users an item."""
+    from nightrec.tasks import seen as seen_step
+
+    counts = seen_step.item_counts(seen_uri)
+    pos = pd.Index(counts[schema.ITEM_ID]).get_indexer(np.asarray(item_ids, dtype=object))
+    n = counts[seen_step.COUNT].to_numpy(np.float32)
+    return np.where(pos >= 0, n[np.maximum(pos, 0)] if len(n) else 0, 0).astype(np.float32)
 
 
 def score_users(
@@ -194,8 +475,10 @@ def score_users(
         raise ValueError("cold users need popular item counts")
     no_vecs = np.zeros((n, 1), np.float32)
     no_items = np.zeros((len(item_bias), 1), np.float32)
-    # items packed once per shard, not once per chunk (iter_top_k runs per chunk and kind)
-    kinds = ((user_vecs, item_vecs, item_bias, ranking.pack_items(item_vecs)),
+    # items packed once per shard, not once per chunk (iter_top_k runs per chunk and kind);
+    # sparse user rows (an item-item model) take the sparse path, which packs nothing
+    panels = None if sparse.issparse(user_vecs) else ranking.pack_items(item_vecs)
+    kinds = ((user_vecs, item_vecs, item_bias, panels),
              (no_vecs, no_items, popular, ranking.pack_items(no_items)))
     for lo in range(0, n, max(1, user_chunk)):
         rows = np.arange(lo, min(n, lo + max(1, user_chunk)))
@@ -266,11 +549,14 @@ def _digest(*parts: str) -> str:
     return storage.sha256("|".join(parts).encode())
 
 
-def scorable(user_ids: np.ndarray) -> np.ndarray:
-    """``user_ids`` without the tombstones of users erased on request (``nightrec forget``):
-    a model keeps their rows (zeroed) so its indices stay valid, but they get no list."""
+def scorable(user_ids):
+    """``user_ids`` (numpy or Arrow) without the tombstones of users erased on request
+    (``nightrec forget``): a model keeps their rows (zeroed) so its indices stay valid, but they
+    get no list."""
     if len(user_ids) == 0:
         return user_ids
+    if isinstance(user_ids, pa.Array | pa.ChunkedArray):
+        return pc.filter(user_ids, pc.invert(pc.starts_with(user_ids, schema.FORGOTTEN_PREFIX)))
     return user_ids[~np.char.startswith(user_ids.astype(str), schema.FORGOTTEN_PREFIX)]
 
 
@@ -286,8 +572,8 @@ def plan(ds: str, model: dict, seen_uri: str, run_key: str, params: dict | None 
     p = settings.step_params(PARAMS, params)
     k = int(top_k or p["score.top_k"])
     n_shards = int(shards or p["score.shards"])
-    union = sorted_union(scorable(ids_by_index(model["users"], schema.USER_IDX, schema.USER_ID)),
-                         read_seen(seen_uri, [schema.USER_ID]).column(schema.USER_ID))
+    union = sorted_union(scorable(distinct_ids(model["users"], schema.USER_ID)),
+                         distinct_ids(seen_uri, schema.USER_ID))
     storage.delete(storage.list_uris(layout.staging_prefix(ds, run_key)))
     ranges = shard_ranges(len(union), shards=n_shards)
     return [
@@ -299,15 +585,19 @@ def plan(ds: str, model: dict, seen_uri: str, run_key: str, params: dict | None 
     ]
 
 
-def shard_users(spec: dict, model_user_ids: np.ndarray) -> tuple[np.ndarray, pa.Table]:
+def shard_users(spec: dict, model_user_ids: np.ndarray, *,
+                reads: dict | None = None) -> tuple[np.ndarray, pa.Table]:
     """The shard's users (sorted ids, object array) and its seen pairs; raises if the range does
-    not hold the ``hi - lo`` users the plan counted (the model or the seen table changed)."""
+    not hold the ``hi - lo`` users the plan counted (the model or the seen table changed).
+    ``model_user_ids``: the model's user ids (those outside the range are ignored: pass
+    :func:`model_users_in_range`'s); ``reads``: what :func:`read_seen` fetched."""
     lo, hi = spec["users"]
     if not spec.get("user_ids"):
         empty = pa.schema([(schema.USER_ID, pa.string()), (schema.ITEM_ID, pa.string())])
         return np.array([], dtype=object), empty.empty_table()
     first, last = spec["user_ids"]
-    seen = read_seen(spec["seen"], [schema.USER_ID, schema.ITEM_ID], first=first, last=last)
+    seen = read_seen(spec["seen"], [schema.USER_ID, schema.ITEM_ID], first=first, last=last,
+                     reads=reads)
     in_range = scorable(model_user_ids[(model_user_ids >= first) & (model_user_ids <= last)])
     users = sorted_union(in_range, seen.column(schema.USER_ID)).to_numpy(zero_copy_only=False)
     if len(users) != hi - lo:
@@ -318,16 +608,26 @@ def shard_users(spec: dict, model_user_ids: np.ndarray) -> tuple[np.ndarray, pa.
 
 
 def run_shard(spec: dict, params: dict | None = None) -> dict:
-    """Score one shard's users into its own staging folder; returns its parts and counts."""
+    """Score one shard's users into its own staging folder; returns its parts, counts and what
+    it read (``reads``: requests, bytes, row groups, rows per object; module docstring)."""
     p = settings.step_params(PARAMS, params)
     ds, model, shard = spec["ds"], spec["model"], int(spec["shard"])
-    emb = dict(np.load(io.BytesIO(storage.read_bytes(model["embeddings"]))))
-    model_user_ids = ids_by_index(model["users"], schema.USER_IDX, schema.USER_ID)
+    reads: dict[str, dict] = {"seen": {}, "model_users": {}, "embeddings": {}}
     item_ids = ids_by_index(model["items"], schema.ITEM_IDX, schema.ITEM_ID)
-    users, seen_pairs = shard_users(spec, model_user_ids)
+    in_model, in_model_rows = np.array([], dtype=object), np.array([], np.int64)
+    if spec.get("user_ids"):
+        in_model, in_model_rows = model_users_in_range(model["users"], *spec["user_ids"],
+                                                       reads=reads["model_users"])
+    users, seen_pairs = shard_users(spec, in_model, reads=reads["seen"])
     seen = seen_rows(seen_pairs, users, item_ids)
     del seen_pairs
-    model_rows = pd.Index(model_user_ids).get_indexer(users)
+    at = pd.Index(in_model).get_indexer(users)
+    known = at >= 0
+    # emb["user"] holds only the known users' rows, in user order: model_rows index it
+    emb = read_embeddings(model["embeddings"], user_rows=in_model_rows[at[known]],
+                          reads=reads["embeddings"])
+    model_rows = np.full(len(users), -1, np.int64)
+    model_rows[known] = np.arange(int(known.sum()))
     user_vecs, item_vecs, bias, cold, folded = user_inputs(
         emb, seen, model_rows, fold_in_l2=float(p["score.fold_in_l2"]))
     popular = popular_bias(spec["seen"], item_ids) if cold.any() else None
@@ -360,10 +660,11 @@ def run_shard(spec: dict, params: dict | None = None) -> dict:
     flush()
     counts = {"known": int((model_rows >= 0).sum()), "folded_in": int(folded.sum()),
               "popular": int(cold.sum())}
-    log.info("score shard %d: %d users (%s), %d rows", shard, len(users), counts, rows)
+    log.info("score shard %d: %d users (%s), %d rows; read %s", shard, len(users), counts, rows,
+             reads)
     return {"ds": ds, "run_key": spec["run_key"], "shard": shard, "shards": int(spec["shards"]),
             "parts": parts, "rows": rows, "users": len(users), "user_kinds": counts,
-            "model": model, "top_k": int(spec["top_k"]), "seen": spec["seen"]}
+            "model": model, "top_k": int(spec["top_k"]), "seen": spec["seen"], "reads": reads}
 
 
 def collect(results: list[dict], specs: list[dict] | None = None) -> Scored:
@@ -449,12 +750,13 @@ def popularity_model(ds: str, seen_uri: str, reason: str | None = None) -> dict:
     model dict, ``model_version`` ``popular-YYYYMMDD-<8 hex>``, ``data_version`` a hash of the
     seen table's ETag, ``source: popularity_fallback`` and ``source_reason`` (``reason``).
     """
+    from nightrec.tasks import seen as seen_step
+
     settings.check_ds(ds)
-    seen = read_seen(seen_uri, [schema.USER_ID, schema.ITEM_ID])
-    users = sorted_union(seen.column(schema.USER_ID)).to_numpy(zero_copy_only=False)
-    items = sorted_union(seen.column(schema.ITEM_ID)).to_numpy(zero_copy_only=False)
-    counts = item_counts(seen.column(schema.ITEM_ID), items)
-    del seen
+    users = distinct_ids(seen_uri, schema.USER_ID).to_numpy(zero_copy_only=False)
+    table = seen_step.item_counts(seen_uri)  # sorted by item_id, as sorted_union sorts
+    items = table[schema.ITEM_ID].to_numpy(dtype=object)
+    counts = table[seen_step.COUNT].to_numpy(np.float32)
     emb = {"user": np.zeros((len(users), 1), np.float32),
            "item": np.zeros((len(items), 1), np.float32), "item_bias": counts}
     out = {name: layout.run_uri(ds, "fallback", f"{name}.{ext}") for name, ext in (

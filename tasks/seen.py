@@ -19,7 +19,11 @@ needs no exclusion. ``timestamp_out_of_range`` rows are included: a clock before
 
 Output: ``runs/ds=<ds>/seen/interactions.parquet`` with ``user_id, item_id`` (strings), one row
 per distinct pair, sorted by ``(user_id, item_id)`` (row groups of :data:`ROW_GROUP_ROWS`, so a
-score shard reading one ``user_id`` range skips the others), and ``stats.json`` beside it.
+score shard reading one ``user_id`` range skips the others); ``item_counts.parquet`` beside it,
+``item_id, count`` (int64: the item's rows, i.e. the users who met it), one row per item, sorted
+by item_id, aggregated from the same pairs in the same engine session; and ``stats.json``.
+Popularity (score's cold users and fallback model, publish's ``popular`` list) reads the counts
+through :func:`item_counts`: an object of ``n_items`` rows instead of a pass over every pair.
 
 Memory: the quarantine is read in batches of ``clean.batch_rows`` rows, three columns at a time;
 the union and distinct run in the engine one user-hash bucket of the clean table at a time, and
@@ -37,6 +41,8 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -57,6 +63,9 @@ INCLUDED_REASONS = (
 )
 ROW_GROUP_ROWS = 1 << 17  # a layout choice (pushdown granularity), not a tunable
 SEEN_SCHEMA = pa.schema([(schema.USER_ID, pa.string()), (schema.ITEM_ID, pa.string())])
+COUNT = "count"  # item_counts.parquet: an item's rows in the seen table
+COUNTS_NAME = "item_counts.parquet"
+COUNTS_SCHEMA = pa.schema([(schema.ITEM_ID, pa.string()), (COUNT, pa.int64())])
 log = logging.getLogger(__name__)
 
 
@@ -78,11 +87,14 @@ def quarantine_pairs(batch: pa.RecordBatch | pa.Table, *, id_pattern: str,
 
 
 def write_seen(con, clean_glob: str, quarantine: Iterable[pa.RecordBatch | pa.Table],
-               out_path: Path, *, id_pattern: str, max_id_length: int) -> dict:
+               out_path: Path, *, id_pattern: str, max_id_length: int,
+               counts_path: Path | None = None) -> dict:
     """Core, in the engine: the distinct pairs of the clean table (local Parquet files matching
     ``clean_glob``) and of the qualifying quarantine rows, sorted by (user_id, item_id), written
-    to ``out_path`` in row groups of :data:`ROW_GROUP_ROWS`. Returns the stats. Memory: one
-    quarantine batch, plus what the engine is allowed (it spills)."""
+    to ``out_path`` in row groups of :data:`ROW_GROUP_ROWS`; with ``counts_path``, the pairs per
+    item there too (:data:`COUNTS_SCHEMA`, sorted by item_id). Returns the stats. Memory: one
+    quarantine batch, plus what the engine is allowed (it spills; the counts are a hash
+    aggregate of ``n_items`` groups)."""
     taken: Counter = Counter()
     quarantined = 0
     spill = out_path.parent / f"{out_path.stem}.quarantine-pairs.parquet"
@@ -116,6 +128,12 @@ def write_seen(con, clean_glob: str, quarantine: Iterable[pa.RecordBatch | pa.Ta
         TO {engine.quote(out_path)} (FORMAT parquet, COMPRESSION zstd,
                                      ROW_GROUP_SIZE {ROW_GROUP_ROWS})
     """)
+    if counts_path is not None:
+        con.execute(f"""
+            COPY (SELECT item_id AS {schema.ITEM_ID}, count(*)::BIGINT AS "{COUNT}"
+                  FROM seen_pairs GROUP BY item_id ORDER BY item_id)
+            TO {engine.quote(counts_path)} (FORMAT parquet, COMPRESSION zstd)
+        """)
     con.execute("DROP TABLE seen_pairs")
     spill.unlink()
     pairs, users, items = con.execute(
@@ -176,15 +194,58 @@ def build(ds: str, params: dict | None = None, *, interactions: str | None = Non
         batches = storage.parquet_batches(
             pf, columns=[schema.USER_ID, schema.ITEM_ID, schema.REASON],
             batch_rows=int(p["clean.batch_rows"]))
-        table = Path(tmp) / "seen.parquet"
+        table, counts = Path(tmp) / "seen.parquet", Path(tmp) / COUNTS_NAME
         stats = write_seen(con, glob, batches, table, id_pattern=p["clean.id_pattern"],
-                           max_id_length=int(p["clean.max_id_length"]))
+                           max_id_length=int(p["clean.max_id_length"]), counts_path=counts)
         storage.upload_from(table, out)
+        storage.upload_from(counts, item_counts_uri(out))  # after the table it describes
     storage.write_json(layout.run_uri(ds, "seen", "stats.json"), stats)
     log.info("seen: %d pairs (%d only in the quarantine: %s), %d users, %d items", stats["pairs"],
              stats["pairs_only_in_quarantine"], stats["quarantine_rows_taken"], stats["users"],
              stats["items"])
     return out
+
+
+def item_counts_uri(seen_uri: str) -> str:
+    """Where :func:`build` writes the item counts of the seen table ``seen_uri``: beside it."""
+    return seen_uri.rsplit("/", 1)[0] + "/" + COUNTS_NAME
+
+
+def item_counts(seen_uri: str) -> pd.DataFrame:
+    """``item_id`` (str), ``count`` (int64, >= 1): each item's rows in the seen table
+    ``seen_uri`` (one per user who interacted with it), one row per item, sorted by item_id.
+
+    Reads the counts :func:`build` wrote beside the table (``n_items`` rows) when they match it:
+    they sum to the table's row count, read from its footer (a HEAD and one ranged read). Else
+    (a table written before the counts were, one written by other means, or a mismatch) counts
+    the table's ``item_id`` column, one row group at a time (``storage.ParquetScan``: the object
+    is fetched once, front to back): memory is one row group plus the counts, never the table.
+    """
+    with storage.ParquetScan(seen_uri) as scan:
+        rows = scan.metadata.num_rows
+        uri = item_counts_uri(seen_uri)
+        if storage.exists(uri):
+            counts = storage.read_parquet(uri, columns=[schema.ITEM_ID, COUNT])
+            if int(counts[COUNT].sum()) == rows:
+                return _sorted_counts(counts)
+            log.warning("%s: counts sum to %d, the table has %d rows: counting the table", uri,
+                        int(counts[COUNT].sum()), rows)
+        total = pa.table({schema.ITEM_ID: pa.array([], pa.string()),
+                          COUNT: pa.array([], pa.int64())})
+        for group in scan.row_groups(columns=[schema.ITEM_ID]):
+            vc = pc.value_counts(group.column(schema.ITEM_ID).cast(pa.string()))
+            part = pa.table({schema.ITEM_ID: vc.field("values"), COUNT: vc.field("counts")})
+            merged = pa.concat_tables([total, part]).group_by(schema.ITEM_ID).aggregate(
+                [(COUNT, "sum")])
+            total = pa.table({schema.ITEM_ID: merged[schema.ITEM_ID],
+                              COUNT: merged[f"{COUNT}_sum"]})
+    return _sorted_counts(total.to_pandas())
+
+
+def _sorted_counts(counts: pd.DataFrame) -> pd.DataFrame:
+    out = pd.DataFrame({schema.ITEM_ID: counts[schema.ITEM_ID].astype(str).astype(object),
+                        COUNT: counts[COUNT].astype(np.int64)})
+    return out.sort_values(schema.ITEM_ID, kind="stable", ignore_index=True)
 
 
 def run(validated: Validated, params: dict | None = None) -> Seen:

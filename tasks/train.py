@@ -328,6 +328,7 @@ def fit_mf(
     weights are returned. ``deadline``: see :func:`_budget_callback`; a fit it stopped within
     its first epoch has ``history["over_budget"]`` (why). Returns ``(weights, history, keras
     model)``."""
+    from nightrec.ml import sparse_optim
     from nightrec.tasks import evaluate
 
     keras = models.keras_module()
@@ -347,7 +348,9 @@ def fit_mf(
         )
         warm_rows = models.warm_start(model, init) if init is not None else 0
         model.compile(
-            optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+            # Adam on the rows each batch uses (sparse_optim.RowAdam): Keras's Adam rewrites
+            # every row of both tables each step, a cost growing with users (benchmarks/RESULTS.md)
+            optimizer=sparse_optim.RowAdam(learning_rate=learning_rate),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         )
     metric = p["train.select_metric"]

@@ -90,31 +90,51 @@ def fit_ease(x: sparse.csr_matrix, *, l2: float, dropout: float) -> dict[str, np
     }
 
 
-class InteractionRows:
-    """Lazy dense user vectors of an item-item model: row ``u`` is user u's 0/1 seen row.
+def interaction_rows(seen: sparse.csr_matrix) -> sparse.csr_matrix:
+    """The user vectors of an item-item model: ``seen`` as a 0/1 float32 CSR, column indices
+    sorted, duplicates merged (a copy; ``seen`` is left as it is).
 
-    ``iter_top_k`` indexes user vectors with an array of user indices; this densifies only
-    those rows, so memory stays flat in the number of users.
+    Sparse on purpose: ``nightrec.ml.ranking.iter_top_k`` scores sparse rows by adding the rows
+    of ``B`` of each user's seen items (``nnz_u * n_items`` per user) instead of multiplying a
+    dense 0/1 row by all of ``B`` (``n_items^2``), with the same results.
+    """
+    rows = sparse.csr_matrix(seen, dtype=np.float32, copy=True)
+    rows.sum_duplicates()
+    rows.data[:] = 1.0
+    return rows
+
+
+class InteractionRows:
+    """The same user vectors as :func:`interaction_rows`, densified lazily: row ``u`` is user
+    u's 0/1 seen row.
+
+    Indexed with an array of user indices (as ``iter_top_k`` reads dense user vectors), it
+    densifies only those rows, so memory stays flat in the number of users. Scoring no longer
+    uses it (it costs ``n_items^2`` a user); it is the dense reference the sparse path is
+    checked against.
     """
 
     def __init__(self, seen: sparse.csr_matrix):
-        self.seen = sparse.csr_matrix(seen, dtype=np.float32)
+        self.seen = interaction_rows(seen)
         self.shape = self.seen.shape
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def __getitem__(self, rows) -> np.ndarray:
-        block = self.seen[rows]
-        block.data[:] = 1.0
-        return block.toarray()
+        return self.seen[rows].toarray()
 
 
 def scoring_inputs(emb: dict, seen: sparse.csr_matrix):
     """``(user_vecs, item_vecs, item_bias)`` for ``ranking.iter_top_k``; ``seen`` is the CSR of
-    what each user interacted with (rows = the model's users, columns = its items)."""
+    what each user interacted with (rows = the model's users, columns = its items).
+
+    An item-item model's user vectors are :func:`interaction_rows` (sparse) and its item vectors
+    ``item_item.T``, a view whose transpose is ``B`` itself, so the sparse path adds rows of
+    ``B`` without copying it.
+    """
     if is_item_item(emb):
-        return InteractionRows(seen), emb["item_item"].T, emb["item_bias"]
+        return interaction_rows(seen), emb["item_item"].T, emb["item_bias"]
     return emb["user"], emb["item"], emb["item_bias"]
 
 
@@ -246,6 +266,10 @@ def build_mf(*, n_users: int, n_items: int, embedding_dim: int, l2: float, seed:
     keras = keras_module()
     from keras import layers, ops
 
+    # row-wise lookups: Keras's Embedding reads the whole table per lookup, which TF copies
+    # whole once an optimizer updated rows in place (360 ms a step at 2M users; sparse_optim)
+    from nightrec.ml.sparse_optim import RowEmbedding
+
     class DotProductSoftmax(keras.Model):
         def __init__(self, **kwargs):
             super().__init__(**kwargs)
@@ -255,13 +279,13 @@ def build_mf(*, n_users: int, n_items: int, embedding_dim: int, l2: float, seed:
             # x 20k items that erased every user vector and left item bias only (the model tied
             # popularity, benchmarks/RESULTS.md). The penalty is on the rows a batch uses.
             self.l2 = float(l2)
-            self.user = layers.Embedding(
+            self.user = RowEmbedding(
                 n_users, embedding_dim, name="user",
                 embeddings_initializer=keras.initializers.RandomNormal(stddev=0.05, seed=seed))
-            self.item = layers.Embedding(
+            self.item = RowEmbedding(
                 n_items, embedding_dim, name="item",
                 embeddings_initializer=keras.initializers.RandomNormal(stddev=0.05, seed=seed + 1))
-            self.bias = layers.Embedding(n_items, 1, embeddings_initializer="zeros", name="bias")
+            self.bias = RowEmbedding(n_items, 1, embeddings_initializer="zeros", name="bias")
             # Side features: a user's (item's) vector is its id embedding plus a linear map of
             # its side features. The maps start at zero, so a warm start is exact at epoch 0.
             self.user_side = self.item_side = None

@@ -41,6 +41,15 @@ another process does not hold the others at a barrier) and multiplies and select
 nogil numba call, in its own reused score block (``BLOCK x n_items`` float32). Memory is flat in
 the number of users: ``user_vecs`` is read and results are returned ``chunk`` users at a time.
 A GPU path would use the backend's matmul plus top_k; on CPU this kernel is what runs.
+
+**Sparse user rows** (an item-item model: the user vector is the user's 0/1 seen row, ``d =
+n_items``). A dense row makes the product ``n_items^2`` per user, nearly all of it multiplying
+zeros. Given ``user_vecs`` as a scipy sparse matrix, each user's scores are instead the sum of the
+item vectors' columns at the user's stored entries (for EASE: the rows of ``B`` of the items the
+user has seen), ``nnz_u * n_items`` per user, by :func:`_sparse_rows`, and the selection is the
+one above. The same numbers: per score it is the same fused multiply-add chain in the same
+(column) order, minus the terms whose factor is 0, which leave a finite sum unchanged; so the
+top-K, ties and seen-masking are those of the dense path (tests/test_score_scale.py compares).
 """
 
 from __future__ import annotations
@@ -210,6 +219,37 @@ def pack_items(item_vecs: np.ndarray, nr: int = NR) -> np.ndarray:
     padded = np.zeros((n_panels * nr, d), np.float32)
     padded[:n] = v
     return np.ascontiguousarray(padded.reshape(n_panels, nr, d).transpose(0, 2, 1))
+
+
+@intrinsic
+def _fma(typingctx, a, b, c):
+    """``a * b + c`` rounded once (float32): what the tile's vector FMA does per lane."""
+    sig = types.float32(types.float32, types.float32, types.float32)
+
+    def codegen(context, builder, signature, args):
+        f32 = ir.FloatType()
+        fma = builder.module.globals.get("llvm.fma.f32") or ir.Function(
+            builder.module, ir.FunctionType(f32, [f32, f32, f32]), name="llvm.fma.f32")
+        return builder.call(fma, args)
+
+    return sig, codegen
+
+
+@numba.njit(cache=True, nogil=True)
+def _sparse_rows(users, u_indptr, u_indices, u_data, weights, c):  # pragma: no cover
+    """``c[r, :n] = x_u @ weights`` for user ``u = users[r]``, ``x_u`` the CSR row (indices
+    sorted) and ``weights`` (d, n) C-contiguous: row ``k`` of ``weights`` is added, scaled by
+    ``x_u[k]``, for each stored ``k`` in order, one FMA per element (it vectorises)."""
+    n = weights.shape[1]
+    for r in range(users.shape[0]):
+        row = c[r, :n]
+        row[:] = 0
+        u = users[r]
+        for p in range(u_indptr[u], u_indptr[u + 1]):
+            x = u_data[p]
+            w = weights[u_indices[p]]
+            for j in range(n):
+                row[j] = _fma(x, w[j], row[j])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,6 +465,16 @@ def _score_block(ub, users, panels, n, bias, indptr, indices, k, n_groups, c, gm
                  out_items, out_scores)
 
 
+@numba.njit(cache=True, nogil=True)
+def _score_block_sparse(users, u_indptr, u_indices, u_data, weights, n, bias, indptr, indices, k,
+                        n_groups, c, gmax, keys, groups, out_items,
+                        out_scores):  # pragma: no cover
+    """:func:`_score_block` for sparse user rows: :func:`_sparse_rows`, then the selection."""
+    _sparse_rows(users, u_indptr, u_indices, u_data, weights, c)
+    _select_rows(c, n, bias, users, indptr, indices, k, n_groups, gmax, keys, groups,
+                 out_items, out_scores)
+
+
 def default_groups(k: int, n_items: int) -> int:
     """About sqrt(k * n_items) groups: balances the group-maxima bisection against the scan."""
     return int(min(n_items, max(2 * k, np.sqrt(k * n_items))))
@@ -443,7 +493,7 @@ class _Scratch:
 
 
 def iter_top_k(
-    user_vecs: np.ndarray,
+    user_vecs,
     item_vecs: np.ndarray,
     item_bias: np.ndarray | None,
     seen,
@@ -458,15 +508,16 @@ def iter_top_k(
     rows of the CSR ``seen``). ``items`` (int32) is -1 and ``scores`` (float32) -inf where a user
     has fewer than k unseen items. ``threads`` defaults to the CPUs this process may use.
 
-    ``user_vecs`` only needs ``user_vecs[index_array]`` to give the rows as a 2-D array: it is
-    read one chunk at a time (nightrec/ml/models.py passes lazy rows). ``panels``: ``pack_items(
-    item_vecs)`` when the caller already packed them (a caller that calls this many times with
-    the same items packs them once: for an item-item model that is an n_items^2 copy)."""
+    ``user_vecs``: dense, it only needs ``user_vecs[index_array]`` to give the rows as a 2-D
+    array (it is read one chunk at a time); or a scipy sparse matrix (n_users x d), scored by
+    the sparse path (module docstring), which reads ``item_vecs.T`` as it is when that is
+    C-contiguous (pass the transpose of a C-contiguous (d, n_items) matrix: no copy) and never
+    packs. ``panels``: ``pack_items(item_vecs)`` when the caller already packed them (a caller
+    that calls this many times with the same dense user vectors packs them once)."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     item_vecs = np.asarray(item_vecs, np.float32)
     n_items, d = item_vecs.shape
-    panels = pack_items(item_vecs) if panels is None else panels
     bias = (np.empty(0, np.float32) if item_bias is None
             else np.ascontiguousarray(np.asarray(item_bias, np.float32).reshape(-1)))
     if bias.size not in (0, n_items):
@@ -478,8 +529,29 @@ def iter_top_k(
     users = np.asarray(users, np.int64)
     threads = max(1, threads or len(os.sched_getaffinity(0)))
     n_groups = default_groups(k, n_items)
-    scratch = [_Scratch(BLOCK, d, panels.shape[0] * NR, n_items, n_groups, k)
-               for _ in range(threads)]
+    if sparse.issparse(user_vecs):
+        rows = _canonical_rows(user_vecs, d)
+        weights = item_vecs.T if item_vecs.T.flags.c_contiguous else np.ascontiguousarray(
+            item_vecs.T)
+        scratch = [_Scratch(BLOCK, 0, n_items, n_items, n_groups, k) for _ in range(threads)]
+
+        def block(s: _Scratch, batch, vecs, items, best):
+            _score_block_sparse(batch, rows.indptr, rows.indices, rows.data, weights, n_items,
+                                bias, indptr, indices, k, n_groups, s.c, s.gmax, s.keys, s.groups,
+                                items, best)
+    else:
+        panels = pack_items(item_vecs) if panels is None else panels
+        scratch = [_Scratch(BLOCK, d, panels.shape[0] * NR, n_items, n_groups, k)
+                   for _ in range(threads)]
+
+        def block(s: _Scratch, batch, ub, items, best):
+            if len(batch) % MR:  # the tile multiplies MR users at a time: pad with zeros
+                padded = -(-len(batch) // MR) * MR
+                s.ub[: len(batch)] = ub
+                s.ub[len(batch) : padded] = 0
+                ub = s.ub[:padded]
+            _score_block(ub, batch, panels, n_items, bias, indptr, indices, k, n_groups,
+                         s.c, s.gmax, s.keys, s.groups, items, best)
 
     def work(s: _Scratch, batch, vecs, items, best, blocks, lock):
         while True:
@@ -488,23 +560,22 @@ def iter_top_k(
             if lo is None:
                 return
             hi = min(lo + BLOCK, len(batch))
-            ub = vecs[lo:hi]
-            if (hi - lo) % MR:  # the tile multiplies MR users at a time: pad with zeros
-                padded = -(-(hi - lo) // MR) * MR
-                s.ub[: hi - lo] = ub
-                s.ub[hi - lo : padded] = 0
-                ub = s.ub[:padded]
-            _score_block(ub, batch[lo:hi], panels, n_items, bias, indptr, indices, k, n_groups,
-                         s.c, s.gmax, s.keys, s.groups, items[lo:hi], best[lo:hi])
+            block(s, batch[lo:hi], None if vecs is None else vecs[lo:hi], items[lo:hi],
+                  best[lo:hi])
 
     with ThreadPoolExecutor(threads) as pool:
         for lo in range(0, len(users), chunk):
             batch = users[lo : lo + chunk]
             if len(batch) and (batch.min() < 0 or batch.max() >= seen.shape[0]):
                 raise IndexError(f"users must be rows of seen (0 .. {seen.shape[0] - 1})")
-            vecs = np.ascontiguousarray(user_vecs[batch], dtype=np.float32)
-            if vecs.shape != (len(batch), d):
-                raise ValueError(f"user vectors {vecs.shape} do not match items {(n_items, d)}")
+            vecs = None
+            if not sparse.issparse(user_vecs):
+                vecs = np.ascontiguousarray(user_vecs[batch], dtype=np.float32)
+                if vecs.shape != (len(batch), d):
+                    raise ValueError(
+                        f"user vectors {vecs.shape} do not match items {(n_items, d)}")
+            elif len(batch) and batch.max() >= user_vecs.shape[0]:
+                raise IndexError(f"users must be rows of user_vecs (0 .. {user_vecs.shape[0] - 1})")
             items = np.empty((len(batch), k), np.int32)
             best = np.empty((len(batch), k), np.float32)
             if n_items == 0:
@@ -517,3 +588,15 @@ def iter_top_k(
                 for f in futures:
                     f.result()
             yield batch, items, best
+
+
+def _canonical_rows(user_vecs, d: int) -> sparse.csr_matrix:
+    """``user_vecs`` as a float32 CSR with sorted column indices and no duplicates (the order
+    of each user's FMA chain); the matrix itself when it already is one."""
+    rows = user_vecs if user_vecs.format == "csr" else sparse.csr_matrix(user_vecs)
+    if rows.shape[1] != d:
+        raise ValueError(f"user vectors have {rows.shape[1]} columns for {d} factors")
+    if rows.dtype != np.float32 or not rows.has_canonical_format:
+        rows = sparse.csr_matrix(rows, dtype=np.float32, copy=True)
+        rows.sum_duplicates()
+    return rows

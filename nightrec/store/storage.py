@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -214,14 +215,110 @@ def delete(uris: list[str]) -> None:
             s3_client().delete_objects(Bucket=b, Delete={"Objects": objs, "Quiet": True})
 
 
-def copy(src: str, dst: str) -> None:
-    """Server-side copy within S3, or a plain copy for local paths."""
+# S3's CopyObject copies at most 5 GiB in one request; a larger object is copied part by part
+# (UploadPartCopy, server-side too). Parts of that size keep a 5 TiB object under 10,000 parts
+# (s3transfer raises the size further if needed).
+COPY_MAX_SINGLE_BYTES = 5 * 1024**3
+COPY_PART_BYTES = 512 * 1024**2
+COPY_CHUNK_BYTES = 8 * 1024**2  # held at a time by a copy that streams through this process
+
+
+def _quoted(etag: str) -> str:
+    """An ETag as HEAD and GET give it (quoted): SeaweedFS's CopyObject answers it bare."""
+    return etag if etag.startswith('"') else f'"{etag}"'
+
+
+def copy(src: str, dst: str, *, if_match: str | None = None, size: int | None = None) -> str | None:
+    """Copy the object ``src`` to ``dst`` without its bytes passing through memory; returns the
+    new object's ETag (S3) or None (local).
+
+    S3 to S3 is a server-side copy: CopyObject up to ``COPY_MAX_SINGLE_BYTES``, a multipart copy
+    (UploadPartCopy) above, so nothing is downloaded or uploaded here. Otherwise (local to
+    local, or between S3 and a local path) the bytes stream through this process,
+    ``COPY_CHUNK_BYTES`` at a time. A local destination is written to a temp file and renamed,
+    like an S3 write: whole or absent.
+
+    ``if_match`` (an S3 source only): copy only if ``src`` is still that version (the one the
+    caller read and checked), else PreconditionFailed and no copy. ``size``: ``src``'s size in
+    bytes when known (saves a HEAD to choose between the two copies). A missing ``src`` raises
+    FileNotFoundError.
+    """
+    if if_match and not is_s3(src):
+        raise ValueError(f"if_match needs an s3:// source, got {src!r}")
     if is_s3(src) and is_s3(dst):
-        sb, sk = split_uri(src)
-        db, dk = split_uri(dst)
-        s3_client().copy_object(Bucket=db, Key=dk, CopySource={"Bucket": sb, "Key": sk})
-    else:
-        write_bytes(dst, read_bytes(src))
+        return _copy_s3(src, dst, if_match=if_match, size=size)
+    if is_s3(src):
+        from botocore.exceptions import ClientError
+
+        b, k = split_uri(src)
+        try:
+            body = s3_client().get_object(Bucket=b, Key=k, **(
+                {"IfMatch": if_match} if if_match else {}))["Body"]
+        except ClientError as e:
+            _raise_copy_error(e, src, if_match)
+            raise
+        with body:
+            _replace_local(dst, lambda f: shutil.copyfileobj(body, f, COPY_CHUNK_BYTES))
+        return None
+    if not Path(src).is_file():
+        raise FileNotFoundError(f"no file {src}")
+    if is_s3(dst):
+        upload_from(Path(src), dst)
+        return head(dst)["etag"]
+    _replace_local(dst, lambda f: _copy_file(src, f))
+    return None
+
+
+def _copy_file(src: str, f) -> None:
+    with open(src, "rb") as s:
+        shutil.copyfileobj(s, f, COPY_CHUNK_BYTES)
+
+
+def _replace_local(dst: str, write) -> None:
+    """``write(file)`` into a temp file next to ``dst``, then rename it to ``dst``."""
+    path = Path(dst)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _raise_copy_error(e: BaseException, src: str, if_match: str | None) -> None:
+    if if_match and _error_code(e) in _LOST_RACE:
+        raise PreconditionFailed(f"{src} is no longer version {if_match}") from e
+    if _error_code(e) in _MISSING:
+        raise FileNotFoundError(f"no object {src}") from e
+
+
+def _copy_s3(src: str, dst: str, *, if_match: str | None, size: int | None) -> str:
+    from botocore.exceptions import ClientError
+
+    sb, sk = split_uri(src)
+    db, dk = split_uri(dst)
+    if size is None:
+        found = head(src)
+        if found is None:
+            raise FileNotFoundError(f"no object {src}")
+        size = found["bytes"]
+    cond = {"CopySourceIfMatch": if_match} if if_match else {}
+    source = {"Bucket": sb, "Key": sk}
+    try:
+        if size <= COPY_MAX_SINGLE_BYTES:
+            out = s3_client().copy_object(Bucket=db, Key=dk, CopySource=source, **cond)
+            return _quoted(out["CopyObjectResult"]["ETag"])
+        from boto3.s3.transfer import TransferConfig
+
+        s3_client().copy(source, db, dk, ExtraArgs=cond or None, Config=TransferConfig(
+            multipart_threshold=COPY_MAX_SINGLE_BYTES, multipart_chunksize=COPY_PART_BYTES))
+    except ClientError as e:
+        _raise_copy_error(e, src, if_match)
+        raise
+    return head(dst)["etag"]
 
 
 def read_json(uri: str) -> Any:
@@ -283,6 +380,189 @@ def parquet_batches(pf, *, columns: list[str] | None = None, batch_rows: int):
     of RSS by the end of 100M rows); over one row group at a time it stays flat."""
     for i in range(pf.metadata.num_row_groups):
         yield from pf.iter_batches(batch_size=batch_rows, columns=columns, row_groups=[i])
+
+
+SCAN_TAIL_BYTES = 64 * 1024  # read first from an object's end: the footer, in one request
+# A scan reads on in ranges of this many bytes (several row groups of a part at a time): a
+# request per row group would be ~100 per part, each paying the store's latency; this bounds
+# what a scan holds instead (one read, plus one row group if that is larger).
+SCAN_READ_BYTES = 8 * 1024**2
+
+
+class ParquetScan:
+    """One Parquet object (S3 or a local file) read exactly once, front to back, one row group
+    at a time, with its sha256 computed on the way: for checking a table of any size with
+    memory flat in its size.
+
+    What is held at a time: the footer (``SCAN_TAIL_BYTES``, or the footer's size if larger),
+    one read of ``SCAN_READ_BYTES`` (or of one row group, if larger) and one row group's
+    decoded rows. Every byte is fetched once, as ranged GETs conditional on the ETag the scan
+    opened with (a HEAD), so all of it is one version and :meth:`finish`'s sha256 is that
+    version's; ``etag``, ``size``, ``footer_bytes`` and ``metadata`` describe it. pyarrow
+    decodes each row group from the bytes read, page CRCs verified (a damaged page fails).
+
+    ``requests`` and ``bytes_read`` count what was fetched (``bytes_read == size`` after
+    :meth:`finish`, unless a writer put row groups out of file order, which costs re-reads).
+    Use as a context manager; :meth:`row_groups` once, then :meth:`finish`.
+    """
+
+    def __init__(self, uri: str, *, if_match: str | None = None):
+        self.uri = uri
+        self.requests = self.bytes_read = 0
+        self._file = None
+        if is_s3(uri):
+            found = head(uri)
+            if found is None:
+                raise FileNotFoundError(f"no object {uri}")
+            if if_match and found["etag"] != if_match:
+                raise PreconditionFailed(f"{uri} is no longer version {if_match}")
+            self.etag, self.size = found["etag"], found["bytes"]
+        else:
+            self._file = open(uri, "rb")  # noqa: SIM115 - closed by close()
+            self.etag, self.size = None, os.fstat(self._file.fileno()).st_size
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self) -> None:
+        import pyarrow.parquet as pq
+
+        self._hash = hashlib.sha256()
+        self._pos = 0  # bytes [0, _pos) are hashed
+        self._tail_start = max(0, self.size - SCAN_TAIL_BYTES)
+        self._tail = self._get(self._tail_start, self.size)
+        if self.size < 12 or self._tail[-4:] != b"PAR1":
+            raise ValueError(f"{self.uri} is not a Parquet file")
+        self.footer_bytes = int.from_bytes(self._tail[-8:-4], "little") + 8
+        if self.footer_bytes > len(self._tail):  # a footer longer than the first read
+            start = max(0, self.size - self.footer_bytes)
+            self._tail = self._get(start, self._tail_start) + self._tail
+            self._tail_start = start
+        self.metadata = pq.ParquetFile(io.BytesIO(self._tail[-self.footer_bytes:])).metadata
+
+    def __enter__(self) -> ParquetScan:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _get(self, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` from the store (nothing is kept)."""
+        if end <= start:
+            return b""
+        if self._file is not None:
+            self._file.seek(start)
+            data = self._file.read(end - start)
+        else:
+            data = read_range(self.uri, start, end - start, if_match=self.etag)
+        if len(data) != end - start:
+            raise OSError(f"{self.uri}: read {len(data)} bytes at {start}, not {end - start} "
+                          "(the object changed?)")
+        self.requests += 1
+        self.bytes_read += len(data)
+        return data
+
+    def _advance(self, end: int) -> bytes:
+        """Bytes ``[_pos, end)``, hashed; the part in the footer read comes from it."""
+        data = self._get(self._pos, min(end, self._tail_start))
+        if end > self._tail_start:
+            data += self._tail[max(self._pos, self._tail_start) - self._tail_start:
+                               end - self._tail_start]
+        self._hash.update(data)
+        self._pos = max(self._pos, end)
+        return data
+
+    def span(self, i: int) -> tuple[int, int]:
+        """Row group ``i``'s byte range ``[start, end)``: its column chunks, dictionary pages
+        included."""
+        rg = self.metadata.row_group(i)
+        starts, ends = [], []
+        for j in range(rg.num_columns):
+            col = rg.column(j)
+            start = col.data_page_offset
+            if col.has_dictionary_page and col.dictionary_page_offset:
+                start = min(start, col.dictionary_page_offset)
+            starts.append(start)
+            ends.append(start + col.total_compressed_size)
+        return (min(starts), max(ends)) if starts else (self._pos, self._pos)
+
+    def row_groups(self, columns: list[str] | None = None):
+        """Each row group as a ``pyarrow.Table``, in file order; only one is held at a time.
+
+        The bytes come in reads of ``SCAN_READ_BYTES`` (or one row group, if larger), each
+        kept until the row groups in it are decoded: what is held is at most that plus one
+        row group."""
+        import pyarrow.parquet as pq
+
+        buf, buf_start = b"", 0  # bytes [buf_start, _pos): read, not all decoded yet
+        for i in range(self.metadata.num_row_groups):
+            lo, hi = self.span(i)
+            if hi > self._pos:  # drop what is before this group, read on past its end
+                keep = min(max(lo, buf_start), self._pos)
+                ahead = max(hi, min(self._pos + SCAN_READ_BYTES, self._tail_start))
+                buf, buf_start = buf[keep - buf_start:] + self._advance(ahead), keep
+            if lo >= buf_start:
+                view = _ByteView(self, buf_start, buf)
+            else:  # a writer that put row groups out of file order: read this one again
+                view = _ByteView(self, lo, self._get(lo, hi))
+            pf = pq.ParquetFile(view, metadata=self.metadata, page_checksum_verification=True)
+            yield pf.read_row_group(i, columns=columns)
+
+    def finish(self) -> str:
+        """Read (and hash) whatever the row groups did not cover, up to the end; the object's
+        sha256 (hex)."""
+        self._advance(self.size)
+        return self._hash.hexdigest()
+
+
+class _ByteView(io.RawIOBase):
+    """The object as a seekable file for pyarrow, serving one row group's bytes (``data`` from
+    ``start``) and the footer read from memory; any other read (none, for a well-formed file)
+    is fetched."""
+
+    def __init__(self, scan: ParquetScan, start: int, data: bytes):
+        super().__init__()
+        self.scan, self.start, self.data, self.pos = scan, start, data, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.scan.size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def read(self, n: int = -1) -> bytes:
+        end = self.scan.size if n is None or n < 0 else min(self.scan.size, self.pos + n)
+        if end <= self.pos:
+            return b""
+        s = self.scan
+        if self.start <= self.pos and end <= self.start + len(self.data):
+            out = self.data[self.pos - self.start : end - self.start]
+        elif s._tail_start <= self.pos:
+            out = s._tail[self.pos - s._tail_start : end - s._tail_start]
+        else:
+            out = s._get(self.pos, end)
+        self.pos += len(out)
+        return out
+
+    def readinto(self, buf) -> int:
+        data = self.read(len(buf))
+        buf[: len(data)] = data
+        return len(data)
 
 
 def write_parquet(df, uri: str, *, row_group_size: int | None = None) -> None:
