@@ -51,17 +51,17 @@ def machine() -> str:
             f", {os.cpu_count()} cores; blas: {', '.join(blas) or 'none loaded'}")
 
 
-def generated(rows: int, seed: int) -> pd.DataFrame:
+def generated(rows: int, seed: int, users: int = 50_000, items: int = 20_000) -> pd.DataFrame:
     import bench_dag
 
     from nightrec.core import schema
 
-    u, i, _r, ts, _f = bench_dag.interactions(rows=rows, users=50_000, items=20_000, seed=seed)
+    u, i, _r, ts, _f = bench_dag.interactions(rows=rows, users=users, items=items, seed=seed)
     return pd.DataFrame({schema.USER_IDX: u, schema.ITEM_IDX: i, schema.TIMESTAMP: ts,
                          schema.LABEL: np.int8(1), schema.WEIGHT: np.float32(1.0)})
 
 
-def grid(name: str, labelled: pd.DataFrame, params: dict) -> dict:
+def grid(name: str, labelled: pd.DataFrame, params: dict, alphas=ALPHAS, regs=REGS) -> dict:
     from nightrec.core import schema, settings
     from nightrec.ml import ials
     from nightrec.tasks import evaluate, split
@@ -73,8 +73,11 @@ def grid(name: str, labelled: pd.DataFrame, params: dict) -> dict:
     n_items = int(labelled[schema.ITEM_IDX].max()) + 1
     pos = parts["train"][parts["train"][schema.LABEL] == 1]
     t = params["train"]["ials"]
+    pop = {"user": np.zeros((n_users, 1), np.float32), "item": np.zeros((n_items, 1), np.float32),
+           "item_bias": np.bincount(pos[schema.ITEM_IDX], minlength=n_items).astype(np.float32)}
+    print(f"{name:10s} popularity valid ndcg@10 {evaluate.ranking_metric(pop, parts['train'], parts['valid'], metric='ndcg_at_10', n_users=n_users):.4f}", flush=True)  # noqa: E501
     out = {}
-    for alpha, reg in itertools.product(ALPHAS, REGS):
+    for alpha, reg in itertools.product(alphas, regs):
         started = time.perf_counter()
         emb, _ = ials.fit(pos[schema.USER_IDX].to_numpy(), pos[schema.ITEM_IDX].to_numpy(), None,
                           n_users=n_users, n_items=n_items, factors=int(t["factors"]),
@@ -92,20 +95,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ml100k", type=Path, default=Path(os.environ.get(
         "NIGHTREC_ML100K", ROOT.parent / "shared" / "data" / "ml-100k")))
     parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--users", type=int, default=50_000)
+    parser.add_argument("--items", type=int, default=20_000)
+    parser.add_argument("--alphas", type=float, nargs="*", default=list(ALPHAS))
+    parser.add_argument("--regs", type=float, nargs="*", default=list(REGS))
+    parser.add_argument("--skip-ml100k", action="store_true")
     args = parser.parse_args(argv)
     from nightrec.core import settings
 
     print(machine())
     params = settings.load_params()
     results = {}
-    if (args.ml100k / "u.data").exists():
+    if (args.ml100k / "u.data").exists() and not args.skip_ml100k:
         import bench_models
 
         results["ml-100k"] = grid("ml-100k", bench_models._pipeline_frames(args.ml100k, params)[0],
-                                  params)
+                                  params, args.alphas, args.regs)
     else:
         print(f"MovieLens-100K not found at {args.ml100k}: generated data only")
-    results["generated"] = grid("generated", generated(args.rows, int(params["seed"])), params)
+    results["generated"] = grid("generated", generated(args.rows, int(params["seed"]), args.users,
+                                                        args.items), params, args.alphas, args.regs)
     ranks = {}
     for scores in results.values():
         order = sorted(scores, key=lambda k: -scores[k])

@@ -136,8 +136,9 @@ def recommend(emb: dict, seen, users: np.ndarray, k: int) -> np.ndarray:
     """Top-``k`` item indices (n_users, k) of ``users`` for either model kind, ``seen`` excluded
     (and, for an item-item model, used as the user vectors: nightrec/ml/models.py)."""
     user_vecs, item_vecs, bias = models.scoring_inputs(emb, seen)
-    chunks = ranking.iter_top_k(user_vecs, item_vecs, bias, seen, users, k=k)
-    return np.concatenate([items for _, items, _ in chunks])
+    chunks = ranking.iter_top_k(user_vecs, item_vecs, bias, models.ranked_seen(emb, seen), users,
+                                k=k)
+    return models.to_items(emb, np.concatenate([items for _, items, _ in chunks]))
 
 
 def targets(known: pd.DataFrame, target: pd.DataFrame, *, n_users: int, n_items: int):

@@ -84,7 +84,7 @@ POINTER_ATTEMPTS = 5
 # rows validated at a time (cut at a user boundary): bounds publish's memory, whatever the table.
 # Each batch is one Great Expectations run over DuckDB (~1.3 s per million rows plus ~0.5 s;
 # through pandas it was ~10 s a 2M-row batch), held as Arrow (~25 bytes a row)
-VALIDATE_BATCH_ROWS = 10_000_000
+VALIDATE_BATCH_ROWS = 5_000_000
 # Server-side copies in flight at once: each is one request whose work the store does (its
 # time grows with the part's size), so a table of many parts copies a few at a time.
 COPY_THREADS = 8

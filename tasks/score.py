@@ -466,15 +466,19 @@ def popular_bias(seen_uri: str, item_ids: np.ndarray) -> np.ndarray:
 def score_users(
     user_vecs, item_vecs: np.ndarray, item_bias: np.ndarray, seen: sparse.csr_matrix,
     cold: np.ndarray, popular: np.ndarray | None, *, top_k: int, user_chunk: int,
+    item_index: np.ndarray | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Yield ``(rows, items, scores)`` per ``user_chunk`` rows of ``seen``, in row order: warm rows
     ranked by the model, ``cold`` rows by ``popular`` (one count per item), seen items excluded
-    for both, ties to the lower item index (nightrec/ml/ranking.py)."""
+    for both, ties to the lower item index (nightrec/ml/ranking.py). ``item_index``: a head
+    item-item model's items (``models.item_index``): its vectors cover those columns only, and
+    its warm rows are ranked over them (mapped back to item indices)."""
     n = seen.shape[0]
+    warm_seen = seen if item_index is None else seen[:, item_index]
     if cold.any() and popular is None:
         raise ValueError("cold users need popular item counts")
     no_vecs = np.zeros((n, 1), np.float32)
-    no_items = np.zeros((len(item_bias), 1), np.float32)
+    no_items = np.zeros((seen.shape[1], 1), np.float32)
     # items packed once per shard, not once per chunk (iter_top_k runs per chunk and kind);
     # sparse user rows (an item-item model) take the sparse path, which packs nothing
     panels = None if sparse.issparse(user_vecs) else ranking.pack_items(item_vecs)
@@ -484,12 +488,15 @@ def score_users(
         rows = np.arange(lo, min(n, lo + max(1, user_chunk)))
         items = np.empty((len(rows), top_k), np.int32)
         scores = np.empty((len(rows), top_k), np.float32)
-        for mask, (vecs, ivecs, bias, panels) in zip((~cold[rows], cold[rows]), kinds,
-                                                    strict=True):
+        for warm, mask, (vecs, ivecs, bias, panels) in zip(
+                (True, False), (~cold[rows], cold[rows]), kinds, strict=True):
             if mask.any():
-                for batch, it, sc in ranking.iter_top_k(vecs, ivecs, bias, seen, rows[mask],
+                for batch, it, sc in ranking.iter_top_k(vecs, ivecs, bias,
+                                                        warm_seen if warm else seen, rows[mask],
                                                         k=top_k, chunk=len(rows),
                                                         panels=panels):
+                    if warm and item_index is not None:
+                        it = np.where(it >= 0, item_index[np.maximum(it, 0)], -1)
                     items[batch - lo], scores[batch - lo] = it, sc
         yield rows, items, scores
 
@@ -649,7 +656,7 @@ def run_shard(spec: dict, params: dict | None = None) -> dict:
 
     for batch, items, scores in score_users(
         user_vecs, item_vecs, bias, seen, cold, popular, top_k=int(spec["top_k"]),
-        user_chunk=int(p["score.user_chunk"]),
+        user_chunk=int(p["score.user_chunk"]), item_index=models.item_index(emb),
     ):
         frame = recommendations_frame(batch, items, scores, user_ids=users, item_ids=item_ids,
                                       model_version=model["model_version"], ds=ds)

@@ -408,13 +408,60 @@ def fit_ease(train: pd.DataFrame, *, n_users: int, n_items: int, p: settings.Ste
     pos = train[train[schema.LABEL] == 1]
     x = models.interaction_matrix(pos, n_users=n_users, n_items=n_items,
                                   user_col=schema.USER_IDX, item_col=schema.ITEM_IDX)
-    emb = models.fit_ease(x, l2=float(p["train.ease.l2"]), dropout=float(p["train.ease.dropout"]))
-    return emb, {"l2": float(p["train.ease.l2"]), "dropout": float(p["train.ease.dropout"])}
+    max_items = int(p["train.ease.max_items"])
+    emb = models.fit_ease(x, l2=float(p["train.ease.l2"]), dropout=float(p["train.ease.dropout"]),
+                          max_items=max_items)
+    hist = {"l2": float(p["train.ease.l2"]), "dropout": float(p["train.ease.dropout"])}
+    if models.item_index(emb) is not None:
+        hist["head_items"] = max_items
+        log.info("ease: %d items > train.ease.max_items %d: fitted on the %d most interacted "
+                 "(the rest are never recommended by it)", n_items, max_items, max_items)
+    return emb, hist
+
+
+def ials_regularizations(p: settings.StepParams) -> list[float]:
+    """``train.ials.regularization`` as a list: one value, or the values searched on valid."""
+    value = p["train.ials.regularization"]
+    values = [float(v) for v in (value if isinstance(value, list | tuple) else [value])]
+    if not values or any(v <= 0 for v in values):
+        raise ValueError(f"train.ials.regularization must be > 0 (or a list of such), got {value}")
+    return values
+
+
+def search_ials(train: pd.DataFrame, sample: pd.DataFrame, *, n_users: int, n_items: int,
+                p: settings.StepParams, init: dict[str, np.ndarray] | None,
+                deadline: float) -> tuple[dict, dict]:
+    """The iALS selection fit: one fit per value of ``train.ials.regularization`` (an equal
+    share of the time to ``deadline`` each), each scored on the valid ``sample`` by
+    ``evaluate.ranking_metric``; the best is the selection fit. Its history records every
+    value's figure and iteration count (``search``) and the choice (``regularization``). The
+    test split is not an argument: nothing here can read it."""
+    from nightrec.tasks import evaluate
+
+    values = ials_regularizations(p)
+    metric = p["train.select_metric"]
+    best, search = None, {}
+    for n, reg in enumerate(values):
+        now = time.monotonic()
+        own = now + max(0.0, deadline - now) / (len(values) - n)
+        emb, hist = fit_ials(train, n_users=n_users, n_items=n_items, p=p, init=init,
+                             deadline=own, regularization=reg)
+        value = (evaluate.ranking_metric(emb, train, sample, metric=metric, n_users=n_users)
+                 if len(values) > 1 else None)
+        search[str(reg)] = {f"valid_{metric}": value, "iterations": hist["iterations"]}
+        log.info("ials regularization %s: valid %s = %s (%d iterations)", reg, metric, value,
+                 hist["iterations"])
+        if best is None or (value is not None and value > best[0]):
+            best = (value, reg, emb, hist)
+    _, reg, emb, hist = best
+    hist["regularization"], hist["search"] = reg, search
+    return emb, hist
 
 
 def fit_ials(train: pd.DataFrame, *, n_users: int, n_items: int, p: settings.StepParams,
              init: dict[str, np.ndarray] | None = None, deadline: float | None = None,
-             iterations: int | None = None) -> tuple[dict, dict]:
+             iterations: int | None = None, regularization: float | None = None,
+             ) -> tuple[dict, dict]:
     """Fit iALS (nightrec/ml/ials.py) on the positive rows of ``train``, their ``weight`` the
     confidence scale; returns ``(weights, history)``. ``deadline``: ``time.monotonic()`` seconds
     no iteration may start to overrun; ``iterations`` overrides ``train.ials.iterations`` (the
@@ -427,7 +474,8 @@ def fit_ials(train: pd.DataFrame, *, n_users: int, n_items: int, p: settings.Ste
         pos[schema.WEIGHT].to_numpy(dtype="float32") if schema.WEIGHT in pos else None,
         n_users=n_users, n_items=n_items, factors=int(p["train.ials.factors"]),
         iterations=int(iterations or p["train.ials.iterations"]),
-        regularization=float(p["train.ials.regularization"]), alpha=float(p["train.ials.alpha"]),
+        regularization=float(regularization or ials_regularizations(p)[0]),
+        alpha=float(p["train.ials.alpha"]),
         cg_steps=int(p["train.ials.cg_steps"]), seed=int(p["seed"]), init=init,
         deadline=deadline, kernel=p["train.ials.kernel"])
     hist["best_epoch"] = hist["iterations"]  # the refit repeats this count
@@ -446,19 +494,18 @@ def budget_s(p: settings.StepParams, events: int) -> float:
 
 
 def candidates(p: settings.StepParams, n_items: int) -> tuple[list[str], dict[str, str]]:
-    """``(names to fit, {skipped name: why})`` from ``train.candidates`` and the catalogue."""
+    """``(names to fit, {skipped name: why})`` from ``train.candidates``. Nothing is skipped
+    for the catalogue's size any more: above ``train.ease.max_items`` EASE is fitted on the head
+    of the catalogue (:func:`nightrec.ml.models.fit_ease`); a candidate can still be skipped by
+    the time budget (:func:`train_both`)."""
     names = list(p["train.candidates"])
     unknown = [n for n in names if n not in models.KINDS]
     if not names or unknown:
         raise ValueError(f"train.candidates must be a non-empty subset of {models.KINDS}, "
                          f"got {names}")
-    skipped = {}
-    if "ease" in names and n_items > int(p["train.ease.max_items"]):
-        skipped["ease"] = f"{n_items} items > train.ease.max_items {p['train.ease.max_items']}"
-    fit = [n for n in names if n not in skipped]
-    if not fit:
-        raise ValueError(f"no candidate can be fitted: {skipped}")
-    return fit, skipped
+    if int(p["train.ease.max_items"]) < 1:
+        raise ValueError("train.ease.max_items must be >= 1")
+    return names, {}
 
 
 def choose(names: list[str], valid: dict[str, float], *, min_gain: float) -> str:
@@ -522,8 +569,8 @@ def train_both(
         if name == "ease":
             emb, hist = fit_ease(parts["train"], n_users=n_users, n_items=n_items, p=p)
         elif name == "ials":
-            emb, hist = fit_ials(parts["train"], n_users=n_users, n_items=n_items, p=p,
-                                 init=init.get("ials"), deadline=share)
+            emb, hist = search_ials(parts["train"], sample, n_users=n_users, n_items=n_items,
+                                    p=p, init=init.get("ials"), deadline=share)
         else:
             emb, hist, keras_models[name] = fit_mf(
                 parts["train"], sample, n_users=n_users, n_items=n_items, p=p,
@@ -544,6 +591,11 @@ def train_both(
                                          "fit_s": round(time.perf_counter() - started, 2)}
         if "best_epoch" in hist:  # the iterative families
             selection["candidates"][name]["best_epoch"] = hist["best_epoch"]
+        if "head_items" in hist:  # ease above max_items: fitted on the catalogue's head
+            selection["candidates"][name]["head_items"] = hist["head_items"]
+        if "search" in hist:  # ials: the regularization chosen on valid
+            selection["candidates"][name]["regularization"] = hist["regularization"]
+            selection["candidates"][name]["search"] = hist["search"]
         log.info("candidate %s: valid %s = %.4f", name, metric, value)
     if not fits:
         raise ValueError(f"no candidate could be fitted within the budget: {skipped}")
@@ -558,7 +610,9 @@ def train_both(
         full = fit_ease(shipped_on, n_users=n_users, n_items=n_items, p=p)
     elif chosen == "ials":
         full = fit_ials(shipped_on, n_users=n_users, n_items=n_items, p=p,
-                        init=init.get("ials"), iterations=fits[chosen][1]["best_epoch"])
+                        init=init.get("ials"), iterations=fits[chosen][1]["best_epoch"],
+                        regularization=fits[chosen][1]["regularization"])
+        full[1]["regularization"] = fits[chosen][1]["regularization"]
     else:
         emb, hist, keras_models["full"] = fit_mf(
             shipped_on, None, n_users=n_users, n_items=n_items, p=p, workdir=workdir,
@@ -705,7 +759,9 @@ def run(split_out: Split, params: dict | None = None) -> Trained:
                     storage.upload_from(f, prefix + f.relative_to(result["tensorboard"]).as_posix())
             artifacts["tensorboard"] = prefix
     log.info("trained %s (%s) on %s; selection %s", version, result["chosen"],
-             result["holdout"][1].get("device_plan", "cpu (closed form)"), result["selection"])
+             result["holdout"][1].get("device_plan")
+             or f"the {result['holdout'][1].get('kernel', 'closed-form')} kernel",
+             result["selection"])
     return Trained(ds=ds, model_version=version, data_version=split_out.data_version,
                    chosen=result["chosen"], selection=result["selection"],
                    train_cutoff=result["train_cutoff"],

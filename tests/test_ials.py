@@ -186,3 +186,28 @@ def test_an_mf_fit_projected_past_its_share_is_skipped(parts, tmp_path):
     assert "mf_softmax" in res["selection"]["skipped"]
     assert "projected" in res["selection"]["skipped"]["mf_softmax"]
     assert set(res["selection"]["candidates"]) == {"ials"} and res["chosen"] == "ials"
+
+
+def test_a_regularization_list_is_searched_on_valid_and_the_refit_uses_the_choice(parts,
+                                                                                   tmp_path):
+    from nightrec.tasks import evaluate
+
+    p = settings.step_params(train.PARAMS, settings.with_overrides(settings.load_params(), {
+        "train.candidates": ["ials"], "train.ials.factors": 8, "train.ials.iterations": 3,
+        "train.ials.regularization": [0.01, 30.0, 5000.0]}))
+    res = train.train_both(parts, n_users=300, n_items=120, p=p, workdir=tmp_path)
+    cand = res["selection"]["candidates"]["ials"]
+    figures = {float(r): s["valid_ndcg_at_10"] for r, s in cand["search"].items()}
+    assert set(figures) == {0.01, 30.0, 5000.0}
+    assert cand["regularization"] == max(figures, key=figures.get)
+    assert res["full"][1]["regularization"] == cand["regularization"]
+    # each searched fit is scored like the candidates: the chosen one's figure is reproducible
+    again, _ = train.fit_ials(parts["train"], n_users=300, n_items=120, p=p,
+                              regularization=cand["regularization"])
+    sample = train.valid_sample(parts["valid"], max_users=int(p["train.valid_users"]),
+                                seed=int(p["seed"]))
+    assert evaluate.ranking_metric(again, parts["train"], sample, metric="ndcg_at_10",
+                                   n_users=300) == figures[cand["regularization"]]
+    with pytest.raises(ValueError, match="regularization"):
+        train.ials_regularizations(settings.step_params(train.PARAMS, settings.with_overrides(
+            settings.load_params(), {"train.ials.regularization": [1.0, -2.0]})))

@@ -248,18 +248,36 @@ def test_choose_keeps_the_preferred_candidate_unless_another_clearly_wins():
     assert train.choose(names[::-1], {"ease": 0.30, "mf_softmax": 0.20}, min_gain=0.05) == "ease"
 
 
-def test_candidate_list_is_checked_and_ease_skipped_above_its_catalogue_limit():
+def test_candidate_list_is_checked_and_ease_fits_the_head_above_its_catalogue_limit():
     p = settings.step_params(train.PARAMS, _params(**{"ease.max_items": 100}))
-    assert train.candidates(p, 100) == (["ease", "ials", "mf_softmax"], {})
-    fit, skipped = train.candidates(p, 101)
-    assert fit == ["ials", "mf_softmax"] and "max_items" in skipped["ease"]
+    assert train.candidates(p, 101) == (["ease", "ials", "mf_softmax"], {})
     for bad in ([], ["ease", "deep_magic"]):
         with pytest.raises(ValueError, match="train.candidates"):
             train.candidates(settings.step_params(train.PARAMS, _params(candidates=bad)), 10)
-    only_ease = settings.step_params(
-        train.PARAMS, _params(candidates=["ease"], **{"ease.max_items": 100}))
-    with pytest.raises(ValueError, match="no candidate"):
-        train.candidates(only_ease, 101)
+    rng = np.random.default_rng(5)
+    x = (rng.random((80, 30)) < 0.25).astype(np.float64)
+    x[:, 3] = 1.0  # the most interacted item is in the head
+    emb = models.fit_ease(sparse.csr_matrix(x), l2=5.0, dropout=0.0, max_items=10)
+    head = models.item_index(emb)
+    counts = x.sum(axis=0)
+    assert len(head) == 10 and 3 in head and np.all(np.diff(head) > 0)
+    assert counts[head].min() >= np.delete(counts, head).max()  # the 10 most interacted
+    # the head model is EASE on the head's columns, exactly
+    want = _numpy_edlae(x[:, head], 5.0, 0.0)
+    assert np.allclose(emb["item_item"], want, atol=1e-5)
+    assert np.all(emb["item_bias"][head] == 0)
+    assert np.all(np.delete(emb["item_bias"], head) == models.UNKNOWN_ITEM_BIAS)
+    # ranked over the head only, items mapped back, seen items never recommended
+    seen = sparse.csr_matrix(x[:5])
+    recs = evaluate.recommend(emb, seen, np.arange(5), k=5)
+    assert np.all(np.isin(recs[recs >= 0], head))
+    for u in range(5):
+        assert not set(recs[u][recs[u] >= 0]) & set(np.flatnonzero(x[u]))
+        dense = x[u, head] @ want  # the head model's scores, by hand
+        unseen = np.flatnonzero(x[u, head] == 0)
+        best = head[unseen[np.argsort(-dense[unseen], kind="stable")[:5]]]
+        assert np.array_equal(recs[u][:len(best)], best)
+        assert np.all(recs[u][len(best):] == -1)
 
 
 def test_warm_start_copies_the_champions_rows_and_leaves_new_ones_random(parts):

@@ -265,3 +265,28 @@ def test_sparse_item_item_scoring_equals_the_dense_path(integer_weights):
     # the result does not depend on chunk or threads
     again, again_scores, _ = top_k(user_vecs, chunk=37, threads=1)
     assert np.array_equal(again, items) and np.array_equal(again_scores, scores)
+
+
+def test_a_head_item_item_model_scores_over_its_head_and_cold_users_over_everything():
+    """EASE fitted on the catalogue's head (train.ease.max_items): a shard ranks warm users over
+    the head, maps positions back to item indices, and ranks cold users by popularity over every
+    item; the same lists as evaluate's ranking of the same users."""
+    from nightrec.tasks import evaluate
+
+    rng = np.random.default_rng(11)
+    x = (rng.random((40, 25)) < 0.3).astype(np.float64)
+    x[-3:] = 0.0  # three users with nothing seen: cold
+    emb = models.fit_ease(sparse.csr_matrix(x), l2=3.0, dropout=0.0, max_items=8)
+    head = models.item_index(emb)
+    seen_m = sparse.csr_matrix(x, dtype=np.float32)
+    user_vecs, item_vecs, bias, cold, _ = score.user_inputs(
+        emb, seen_m, np.arange(40), fold_in_l2=1.0)
+    assert cold.sum() == 3
+    popular = np.arange(25, dtype=np.float32)  # item 24 the most popular
+    rows = list(score.score_users(user_vecs, item_vecs, bias, seen_m, cold, popular, top_k=6,
+                                  user_chunk=16, item_index=head))
+    items = np.concatenate([it for _, it, _ in rows])
+    warm = np.flatnonzero(~cold)
+    assert np.array_equal(items[warm], evaluate.recommend(emb, seen_m, warm, k=6))
+    assert np.all(np.isin(items[warm][items[warm] >= 0], head))
+    assert np.array_equal(items[cold][0], np.arange(24, 18, -1))  # popularity, every item

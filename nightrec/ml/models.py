@@ -63,11 +63,19 @@ def interaction_matrix(df: pd.DataFrame, *, n_users: int, n_items: int, user_col
     return m
 
 
-def fit_ease(x: sparse.csr_matrix, *, l2: float, dropout: float) -> dict[str, np.ndarray]:
+def fit_ease(x: sparse.csr_matrix, *, l2: float, dropout: float,
+             max_items: int | None = None) -> dict[str, np.ndarray]:
     """EASE/EDLAE weights for the 0/1 matrix ``x``, computed with ``keras.ops`` in float64.
 
     The Gram matrix is a sparse product (scipy); the regularised inverse, the only O(n^3) part,
     runs on the Keras backend, so a GPU does it when one is present.
+
+    ``max_items``: with more items than this, EASE is fitted on the ``max_items`` items with the
+    most interactions (the *head*; ties to the lower index) and the export carries
+    ``item_index`` (the head's item indices, ascending): B is head x head, the other items are
+    never recommended by it (bias ``UNKNOWN_ITEM_BIAS``) and do not enter users' scores. An
+    approximation whose memory (3 head^2 float64) and time (head^3) are bounded whatever the
+    catalogue; benchmarks/RESULTS.md measures it against EASE over every item.
     """
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"train.ease.dropout must be in [0, 1), got {dropout}")
@@ -76,18 +84,52 @@ def fit_ease(x: sparse.csr_matrix, *, l2: float, dropout: float) -> dict[str, np
     keras = keras_module()
     from keras import ops
 
+    n_items = x.shape[1]
+    head = None
+    if max_items is not None and n_items > max_items:
+        counts = np.asarray(x.sum(axis=0)).reshape(-1)
+        head = np.sort(np.argsort(-counts, kind="stable")[:max_items]).astype(np.int64)
+        x = x[:, head]
     gram = np.asarray((x.T @ x).todense(), dtype=np.float64)
+    n = gram.shape[0]
     g = ops.convert_to_tensor(gram, dtype="float64")
-    diag = ops.diagonal(g)
-    lam = l2 + dropout / (1.0 - dropout) * diag
-    p = ops.inv(g + ops.diag(lam))
-    b = -p / ops.expand_dims(ops.diagonal(p), 0)  # column j divided by P_jj
-    b = b * (1.0 - ops.eye(gram.shape[0], dtype="float64"))  # zero diagonal: no self-loops
-    del keras
-    return {
-        "item_item": np.asarray(ops.convert_to_numpy(b), dtype=np.float32),
-        "item_bias": np.zeros(gram.shape[0], np.float32),
-    }
+    del gram
+    lam = l2 + dropout / (1.0 - dropout) * ops.diagonal(g)
+    g = g + ops.diag(lam)
+    p = ops.inv(g)
+    del g
+    b = np.asarray(ops.convert_to_numpy(-p / ops.expand_dims(ops.diagonal(p), 0)),
+                   dtype=np.float32)  # column j divided by -P_jj
+    del p, keras
+    np.fill_diagonal(b, 0.0)  # zero diagonal: no self-loops
+    if head is None:
+        return {"item_item": b, "item_bias": np.zeros(n, np.float32)}
+    bias = np.full(n_items, UNKNOWN_ITEM_BIAS, np.float32)
+    bias[head] = 0.0
+    return {"item_item": b, "item_bias": bias, "item_index": head}
+
+
+def item_index(emb: dict) -> np.ndarray | None:
+    """An item-item model fitted on a head of the catalogue (:func:`fit_ease`): the item index
+    of each row/column of its ``item_item``; None when it covers every item."""
+    index = emb.get("item_index")
+    return None if index is None else np.asarray(index, np.int64)
+
+
+def ranked_seen(emb: dict, seen: sparse.csr_matrix) -> sparse.csr_matrix:
+    """``seen`` as ``ranking.iter_top_k`` must get it for ``emb``: restricted to the head's
+    columns for a head model (the ranking runs over the head; map its items back with
+    :func:`to_items`), else as it is."""
+    index = item_index(emb)
+    return seen if index is None else sparse.csr_matrix(seen)[:, index]
+
+
+def to_items(emb: dict, items: np.ndarray) -> np.ndarray:
+    """Ranked positions (``iter_top_k``'s items, -1 for none) back to item indices."""
+    index = item_index(emb)
+    if index is None:
+        return items
+    return np.where(items >= 0, index[np.maximum(items, 0)], -1).astype(items.dtype)
 
 
 def interaction_rows(seen: sparse.csr_matrix) -> sparse.csr_matrix:
@@ -134,7 +176,9 @@ def scoring_inputs(emb: dict, seen: sparse.csr_matrix):
     ``B`` without copying it.
     """
     if is_item_item(emb):
-        return interaction_rows(seen), emb["item_item"].T, emb["item_bias"]
+        index = item_index(emb)
+        bias = emb["item_bias"] if index is None else emb["item_bias"][index]
+        return interaction_rows(ranked_seen(emb, seen)), emb["item_item"].T, bias
     return emb["user"], emb["item"], emb["item_bias"]
 
 
@@ -202,9 +246,22 @@ def align(emb: dict, *, model_users: np.ndarray, model_items: np.ndarray, user_i
     bias = np.full(len(item_ids), UNKNOWN_ITEM_BIAS, np.float32)
     bias[known] = emb["item_bias"][i[known]]
     if is_item_item(emb):
-        b = np.zeros((len(item_ids), len(item_ids)), np.float32)
-        b[np.ix_(known, known)] = emb["item_item"][np.ix_(i[known], i[known])]
-        return {"item_item": b, "item_bias": bias}
+        index = item_index(emb)
+        if index is None:
+            b = np.zeros((len(item_ids), len(item_ids)), np.float32)
+            b[np.ix_(known, known)] = emb["item_item"][np.ix_(i[known], i[known])]
+            return {"item_item": b, "item_bias": bias}
+        # a head model stays a head model: this run's items that are in its head, in order
+        row = np.full(int(emb["item_bias"].shape[0]), -1, np.int64)
+        row[index] = np.arange(len(index))
+        in_head = known.copy()
+        in_head[known] = row[i[known]] >= 0
+        new_index = np.flatnonzero(in_head)
+        rows = row[i[new_index]]
+        bias = np.full(len(item_ids), UNKNOWN_ITEM_BIAS, np.float32)
+        bias[new_index] = 0.0
+        return {"item_item": emb["item_item"][np.ix_(rows, rows)], "item_bias": bias,
+                "item_index": new_index}
     u = pd.Index(model_users).get_indexer(user_ids)
     d = emb["user"].shape[1]
     user = np.zeros((len(user_ids), d), np.float32)

@@ -155,6 +155,24 @@ def build_report(ds: str, *, run_id: str, task_states: dict[str, str], p) -> tup
     if hist:
         add("Training", img(plot_training(hist), "training curves"))
 
+    selection = _maybe_json(layout.run_uri(ds, "train", "selection.json"))
+    if selection:
+        metric = selection.get("metric", "")
+        rows = "".join(
+            f"<tr><td>{html.escape(n)}</td><td>{c.get(f'valid_{metric}', float('nan')):.4f}</td>"
+            f"<td>{c.get('fit_s', '-')}</td><td>{c.get('best_epoch', '-')}</td>"
+            f"<td>{'chosen' if n == selection.get('chosen') else ''}</td></tr>"
+            for n, c in selection.get("candidates", {}).items())
+        rows += "".join(f"<tr><td>{html.escape(n)}</td><td colspan=\"4\">skipped: "
+                        f"{html.escape(str(why))}</td></tr>"
+                        for n, why in (selection.get("skipped") or {}).items())
+        add("Model selection",
+            f"<p>Candidates on {selection.get('valid_users', '?')} valid users by valid "
+            f"{html.escape(metric)}; time budget {selection.get('time_budget_s', '?')} s, train "
+            f"took {selection.get('train_s', '?')} s.</p><table><tr><th>candidate</th>"
+            f"<th>valid {html.escape(metric)}</th><th>fit s</th><th>epochs / iterations</th>"
+            f"<th></th></tr>{rows}</table>")
+
     metrics = _maybe_json(layout.run_uri(ds, "evaluate", "metrics.json"))
     if metrics:
         g = metrics["gate"]
@@ -179,17 +197,27 @@ def build_report(ds: str, *, run_id: str, task_states: dict[str, str], p) -> tup
     summary_extra = {}
     if manifest and manifest.get("publish_id"):
         rng = np.random.default_rng(0)
-        parts = manifest["parts"]
-        frames = [storage.read_parquet(layout.listed_part_uri(pt["key"]), columns=[schema.ITEM_ID, schema.SCORE])
-                  for pt in parts]
+        # Seeded whole parts until report.sample_rows rows (a part is at most
+        # publish.rows_per_part): memory flat in the table (200M rows at 2M users x 100).
+        sample_rows = int(p["report.sample_rows"])
+        frames, rows = [], 0
+        for i in rng.permutation(len(manifest["parts"])):
+            if rows >= sample_rows:
+                break
+            frames.append(storage.read_parquet(
+                layout.listed_part_uri(manifest["parts"][i]["key"]),
+                columns=[schema.ITEM_ID, schema.SCORE]))
+            rows += len(frames[-1])
         recs = pd.concat(frames, ignore_index=True)
-        if len(recs) > int(p["report.sample_rows"]):
-            recs = recs.iloc[rng.choice(len(recs), int(p["report.sample_rows"]), replace=False)]
-        pop = pd.Series(dtype="int64")  # events per item, summed bucket by bucket
-        for uri in storage.list_uris(layout.bucketed_prefix(ds, "clean", "interactions")):
-            counts = storage.read_parquet(uri, columns=[schema.ITEM_ID])[schema.ITEM_ID]
-            pop = pop.add(counts.value_counts(), fill_value=0)
-        rec_pop = pop.reindex(recs[schema.ITEM_ID]).fillna(0).to_numpy()
+        if len(recs) > sample_rows:
+            recs = recs.iloc[rng.choice(len(recs), sample_rows, replace=False)]
+        from nightrec.tasks import seen as seen_step
+
+        # users per item up to ds: the seen step's counts (one small object), not every event
+        counts = seen_step.item_counts(layout.run_uri(ds, "seen", "interactions.parquet"))
+        pop = pd.Series(counts[seen_step.COUNT].to_numpy(),
+                        index=counts[schema.ITEM_ID].astype(str).to_numpy())
+        rec_pop = pop.reindex(recs[schema.ITEM_ID].astype(str)).fillna(0).to_numpy()
         coverage = recs[schema.ITEM_ID].nunique() / max(len(pop), 1)
         add("Published recommendations",
             f"<p>{manifest['rows']:,} rows for {manifest['users']:,} users, model "
