@@ -186,6 +186,17 @@ def bucket(s3, monkeypatch):
     from nightrec.store import storage
 
     name = f"t-{uuid.uuid4().hex[:12]}"
-    storage.s3_client().create_bucket(Bucket=name)
+    client = storage.s3_client()
+    client.create_bucket(Bucket=name)
     monkeypatch.setenv("NIGHTREC_BUCKET", name)
-    return name
+    yield name
+    # Each bucket is a SeaweedFS collection with volumes of its own: ~400 tests' buckets left in
+    # one server exhausted them (PutObject InternalError for every later test, CI 2026-12-04).
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            for i in range(0, len(keys), 1000):
+                client.delete_objects(Bucket=name, Delete={"Objects": keys[i:i + 1000]})
+        client.delete_bucket(Bucket=name)
+    except Exception:  # noqa: BLE001 - best effort: a test may have stopped the server
+        pass

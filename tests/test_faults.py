@@ -96,7 +96,13 @@ SITECUSTOMIZE = textwrap.dedent('''
             _check(uri)
             return real_upload(path, uri, *a, **k)
 
-        storage.write_bytes, storage.upload_from = write_bytes, upload_from
+        real_copy = storage.copy
+
+        def copy(src, dst, *a, **k):  # publish makes parts visible by server-side copy
+            _check(dst)
+            return real_copy(src, dst, *a, **k)
+
+        storage.write_bytes, storage.upload_from, storage.copy = write_bytes, upload_from, copy
 
     elif STAGE == "dvc_push":
         from nightrec.tasks import versioning
