@@ -453,8 +453,10 @@ def search_ials(train: pd.DataFrame, sample: pd.DataFrame, *, n_users: int, n_it
                  hist["iterations"])
         if best is None or (value is not None and value > best[0]):
             best = (value, reg, emb, hist)
-    _, reg, emb, hist = best
+    value, reg, emb, hist = best
     hist["regularization"], hist["search"] = reg, search
+    if value is not None:  # already scored on the sample: train_both need not rank it again
+        hist[f"valid_{metric}"] = value
     return emb, hist
 
 
@@ -583,8 +585,10 @@ def train_both(
                 keras_models.pop(name)
                 continue
         # the final weights (mf: its best epoch's, restored), by the same function on the sample
-        value = evaluate.ranking_metric(emb, parts["train"], sample, metric=metric,
-                                        n_users=n_users)
+        value = hist.get(f"valid_{metric}")
+        if value is None:
+            value = evaluate.ranking_metric(emb, parts["train"], sample, metric=metric,
+                                            n_users=n_users)
         hist[f"valid_{metric}"] = value
         fits[name] = (emb, hist)
         selection["candidates"][name] = {f"valid_{metric}": value,
