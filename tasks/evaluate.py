@@ -215,7 +215,9 @@ def evaluate_embeddings(
     the user's train and valid items excluded from ranking. ``sampling`` None: every eligible
     user is ranked (no interval); else see the module doc, Sampling."""
     n_items = models.n_items(emb)
-    known = pd.concat([parts["train"], parts["valid"]])
+    known = parts.get("known")
+    if known is None:
+        known = pd.concat([parts["train"], parts["valid"]])
     seen, users, rel = targets(known, parts["test"], n_users=n_users, n_items=n_items)
     n_test_users = len(users)
     users, rel, sampled = _sample(users, rel, sampling)
@@ -256,8 +258,8 @@ def compare_with_champion(
         return {**out, "reason": f"no positive test event after the champion's train_cutoff "
                                  f"{int(train_cutoff)}: it may have trained on all of them"}
     n_items = models.n_items(emb)
-    known = pd.concat([parts["train"], parts["valid"],
-                       test[test[schema.TIMESTAMP] <= int(train_cutoff)]])
+    before = [parts["known"]] if "known" in parts else [parts["train"], parts["valid"]]
+    known = pd.concat([*before, test[test[schema.TIMESTAMP] <= int(train_cutoff)]])
     seen, users, rel = targets(known, later, n_users=n_users, n_items=n_items)
     out["users"] = len(users)
     if len(users) == 0:
@@ -414,8 +416,12 @@ def run(trained: Trained, params: dict | None = None) -> Evaluated:
     # the shipped model (the train + valid refit) is what the gate scores
     emb = dict(np.load(io.BytesIO(storage.read_bytes(trained.full_embeddings))))
     # only what targets, popularity and the champion's cutoff read: not weights, ratings, ids
-    parts = {n: split.read_part(getattr(trained.split, n), columns=PART_COLUMNS)
-             for n in split.PARTS}
+    # one frame, part after part (no concat or sort copies): parts are views of it, and
+    # "known" (train + valid, what ranking excludes) is its head
+    frame, (n_train, n_valid, _) = split.read_parts(
+        [getattr(trained.split, n) for n in split.PARTS], columns=PART_COLUMNS)
+    parts = {"train": frame.iloc[:n_train], "valid": frame.iloc[n_train:n_train + n_valid],
+             "test": frame.iloc[n_train + n_valid:], "known": frame.iloc[:n_train + n_valid]}
     n_users = len(storage.read_parquet(trained.split.user_features, columns=[schema.USER_IDX]))
     champion = _champion(trained)
     result = _evaluate(emb, parts, p, n_users=n_users, champion=champion)

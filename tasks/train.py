@@ -317,17 +317,26 @@ def valid_sample(valid: pd.DataFrame, *, max_users: int, seed: int) -> pd.DataFr
     return valid[valid[schema.USER_IDX].isin(keep)]
 
 
+def sample_known(train: pd.DataFrame, sample: pd.DataFrame) -> pd.DataFrame:
+    """The rows of ``train`` whose user is in ``sample``: all a valid metric on the sample
+    excludes (the same figure as with every train row, without a seen matrix of every user
+    built per call: 72M rows at 100M events)."""
+    users = sample[schema.USER_IDX].unique()
+    return train[train[schema.USER_IDX].isin(users)]
+
+
 def fit_mf(
     train: pd.DataFrame, valid: pd.DataFrame | None, *, n_users: int, n_items: int,
     p: settings.StepParams, workdir: Path, epochs: int | None = None,
     init: dict[str, np.ndarray] | None = None, tensorboard_dir: Path | None = None,
     side: dict[str, np.ndarray | None] | None = None, deadline: float | None = None,
+    known: pd.DataFrame | None = None,
 ) -> tuple[dict[str, np.ndarray], dict, object]:
     """Fit mf_softmax on the positive rows of ``train``; with ``valid``, early-stop on
     ``train.select_metric`` measured on (a ``train.valid_users`` sample of) it; the best epoch's
     weights are returned. ``deadline``: see :func:`_budget_callback`; a fit it stopped within
-    its first epoch has ``history["over_budget"]`` (why). Returns ``(weights, history, keras
-    model)``."""
+    its first epoch has ``history["over_budget"]`` (why). ``known``: see :func:`search_ials`.
+    Returns ``(weights, history, keras model)``."""
     from nightrec.ml import sparse_optim
     from nightrec.tasks import evaluate
 
@@ -358,8 +367,9 @@ def fit_mf(
     ranker = None
     if valid is not None and len(valid):
         valid = valid_sample(valid, max_users=int(p["train.valid_users"]), seed=seed)
+        seen_by = sample_known(train, valid) if known is None else known
         ranker = _ranking_callback(
-            lambda m: evaluate.ranking_metric(models.mf_weights(m), train, valid, metric=metric,
+            lambda m: evaluate.ranking_metric(models.mf_weights(m), seen_by, valid, metric=metric,
                                               n_users=n_users),
             metric, int(p["train.mf_softmax.patience"]),
         )
@@ -405,9 +415,11 @@ def fit_mf(
 
 def fit_ease(train: pd.DataFrame, *, n_users: int, n_items: int, p: settings.StepParams):
     """Fit EASE/EDLAE on the positive rows of ``train``; returns ``(weights, history)``."""
-    pos = train[train[schema.LABEL] == 1]
-    x = models.interaction_matrix(pos, n_users=n_users, n_items=n_items,
+    pos = train[schema.LABEL].to_numpy() == 1  # two columns copied, not the frame
+    pairs = pd.DataFrame({c: train[c].to_numpy()[pos] for c in (schema.USER_IDX, schema.ITEM_IDX)})
+    x = models.interaction_matrix(pairs, n_users=n_users, n_items=n_items,
                                   user_col=schema.USER_IDX, item_col=schema.ITEM_IDX)
+    del pairs
     max_items = int(p["train.ease.max_items"])
     emb = models.fit_ease(x, l2=float(p["train.ease.l2"]), dropout=float(p["train.ease.dropout"]),
                           max_items=max_items)
@@ -430,23 +442,26 @@ def ials_regularizations(p: settings.StepParams) -> list[float]:
 
 def search_ials(train: pd.DataFrame, sample: pd.DataFrame, *, n_users: int, n_items: int,
                 p: settings.StepParams, init: dict[str, np.ndarray] | None,
-                deadline: float) -> tuple[dict, dict]:
+                deadline: float, known: pd.DataFrame | None = None) -> tuple[dict, dict]:
     """The iALS selection fit: one fit per value of ``train.ials.regularization`` (an equal
     share of the time to ``deadline`` each), each scored on the valid ``sample`` by
     ``evaluate.ranking_metric``; the best is the selection fit. Its history records every
     value's figure and iteration count (``search``) and the choice (``regularization``). The
-    test split is not an argument: nothing here can read it."""
+    test split is not an argument: nothing here can read it. ``known``: the train rows of the
+    sample's users (:func:`sample_known`; default ``train``), what the metric excludes."""
     from nightrec.tasks import evaluate
 
     values = ials_regularizations(p)
     metric = p["train.select_metric"]
+    known = train if known is None else known
+    data = ials_pairs(train, n_users=n_users, n_items=n_items, p=p)  # once for every value
     best, search = None, {}
     for n, reg in enumerate(values):
         now = time.monotonic()
         own = now + max(0.0, deadline - now) / (len(values) - n)
-        emb, hist = fit_ials(train, n_users=n_users, n_items=n_items, p=p, init=init,
-                             deadline=own, regularization=reg)
-        value = (evaluate.ranking_metric(emb, train, sample, metric=metric, n_users=n_users)
+        emb, hist = fit_ials(None, n_users=n_users, n_items=n_items, p=p, init=init,
+                             deadline=own, regularization=reg, data=data)
+        value = (evaluate.ranking_metric(emb, known, sample, metric=metric, n_users=n_users)
                  if len(values) > 1 else None)
         search[str(reg)] = {f"valid_{metric}": value, "iterations": hist["iterations"]}
         log.info("ials regularization %s: valid %s = %s (%d iterations)", reg, metric, value,
@@ -460,20 +475,32 @@ def search_ials(train: pd.DataFrame, sample: pd.DataFrame, *, n_users: int, n_it
     return emb, hist
 
 
-def fit_ials(train: pd.DataFrame, *, n_users: int, n_items: int, p: settings.StepParams,
-             init: dict[str, np.ndarray] | None = None, deadline: float | None = None,
-             iterations: int | None = None, regularization: float | None = None,
-             ) -> tuple[dict, dict]:
-    """Fit iALS (nightrec/ml/ials.py) on the positive rows of ``train``, their ``weight`` the
-    confidence scale; returns ``(weights, history)``. ``deadline``: ``time.monotonic()`` seconds
-    no iteration may start to overrun; ``iterations`` overrides ``train.ials.iterations`` (the
-    refit repeats the selection fit's count)."""
+def ials_pairs(train: pd.DataFrame, *, n_users: int, n_items: int, p: settings.StepParams):
+    """The positive rows of ``train`` as iALS's pairs (``ials.pairs``), their ``weight`` the
+    confidence scale. Only the three columns' positive entries are copied, not the frame."""
     from nightrec.ml import ials
 
-    pos = train[train[schema.LABEL] == 1]
+    pos = train[schema.LABEL].to_numpy() == 1
+    weight = train[schema.WEIGHT].to_numpy(dtype="float32")[pos] if schema.WEIGHT in train else None
+    return ials.pairs(train[schema.USER_IDX].to_numpy()[pos], train[schema.ITEM_IDX].to_numpy()[pos],
+                      weight, n_users=n_users, n_items=n_items, alpha=float(p["train.ials.alpha"]))
+
+
+def fit_ials(train: pd.DataFrame | None, *, n_users: int, n_items: int, p: settings.StepParams,
+             init: dict[str, np.ndarray] | None = None, deadline: float | None = None,
+             iterations: int | None = None, regularization: float | None = None,
+             data=None) -> tuple[dict, dict]:
+    """Fit iALS (nightrec/ml/ials.py) on the positive rows of ``train`` (or on ``data``,
+    :func:`ials_pairs` of it, built once for several fits); returns ``(weights, history)``.
+    ``deadline``: ``time.monotonic()`` seconds no iteration may start to overrun;
+    ``iterations`` overrides ``train.ials.iterations`` (the refit repeats the selection fit's
+    count)."""
+    from nightrec.ml import ials
+
+    if data is None:
+        data = ials_pairs(train, n_users=n_users, n_items=n_items, p=p)
     emb, hist = ials.fit(
-        pos[schema.USER_IDX].to_numpy(), pos[schema.ITEM_IDX].to_numpy(),
-        pos[schema.WEIGHT].to_numpy(dtype="float32") if schema.WEIGHT in pos else None,
+        None, None, None, data=data,
         n_users=n_users, n_items=n_items, factors=int(p["train.ials.factors"]),
         iterations=int(iterations or p["train.ials.iterations"]),
         regularization=float(regularization or ials_regularizations(p)[0]),
@@ -561,6 +588,7 @@ def train_both(
     tb = workdir / "tensorboard"
     # One seeded valid-user sample, scored by one function, for every candidate.
     sample = valid_sample(parts["valid"], max_users=int(p["train.valid_users"]), seed=int(p["seed"]))
+    known = sample_known(parts["train"], sample)
     fits, selection = {}, {"metric": metric, "candidates": {}, "skipped": skipped,
                            "valid_users": int(sample[schema.USER_IDX].nunique()),
                            "valid_rows": len(sample), "time_budget_s": round(budget, 1)}
@@ -572,12 +600,12 @@ def train_both(
             emb, hist = fit_ease(parts["train"], n_users=n_users, n_items=n_items, p=p)
         elif name == "ials":
             emb, hist = search_ials(parts["train"], sample, n_users=n_users, n_items=n_items,
-                                    p=p, init=init.get("ials"), deadline=share)
+                                    p=p, init=init.get("ials"), deadline=share, known=known)
         else:
             emb, hist, keras_models[name] = fit_mf(
                 parts["train"], sample, n_users=n_users, n_items=n_items, p=p,
                 workdir=workdir, init=init.get("mf_softmax"), tensorboard_dir=tb / "holdout",
-                side=side, deadline=share,
+                side=side, deadline=share, known=known,
             )
             if hist.get("over_budget"):
                 skipped[name] = hist["over_budget"]
@@ -587,8 +615,7 @@ def train_both(
         # the final weights (mf: its best epoch's, restored), by the same function on the sample
         value = hist.get(f"valid_{metric}")
         if value is None:
-            value = evaluate.ranking_metric(emb, parts["train"], sample, metric=metric,
-                                            n_users=n_users)
+            value = evaluate.ranking_metric(emb, known, sample, metric=metric, n_users=n_users)
         hist[f"valid_{metric}"] = value
         fits[name] = (emb, hist)
         selection["candidates"][name] = {f"valid_{metric}": value,
@@ -609,7 +636,10 @@ def train_both(
     selection["chosen"] = chosen
     keras_models = {"holdout": keras_models.get(chosen)}
     # The shipped fit excludes the test split, so the gate scores it on events it never saw.
-    shipped_on = pd.concat([parts["train"], parts["valid"]], ignore_index=True)
+    # parts["shipped"] (run(): one frame whose head is train and tail valid) saves a copy.
+    shipped_on = parts.get("shipped")
+    if shipped_on is None:
+        shipped_on = pd.concat([parts["train"], parts["valid"]], ignore_index=True)
     if chosen == "ease":
         full = fit_ease(shipped_on, n_users=n_users, n_items=n_items, p=p)
     elif chosen == "ials":
@@ -739,8 +769,9 @@ def run(split_out: Split, params: dict | None = None) -> Trained:
     p = settings.step_params(PARAMS, params)
     # the columns the fits and the valid metric read: the split's other columns (ids, rating,
     # side features) would double the frames at 100M events
-    parts = {name: split.read_part(getattr(split_out, name), columns=COLUMNS)
-             for name in split.PARTS if name != "test"}
+    # train and valid as one frame (train's rows first): the refit on both needs no copy
+    shipped, (n_train, _) = split.read_parts([split_out.train, split_out.valid], columns=COLUMNS)
+    parts = {"train": shipped.iloc[:n_train], "valid": shipped.iloc[n_train:], "shipped": shipped}
     n_users, n_items = _sizes(split_out)
     init = _warm_start_init(split_out, p)
     side = side_features(split_out, p)

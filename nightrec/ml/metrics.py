@@ -280,7 +280,9 @@ def bootstrap_ci(values: dict[str, np.ndarray], *, samples: int, level: float,
         draws = rng.integers(0, n, size=(b, n), dtype=np.int64)
         draws += np.arange(b, dtype=np.int64)[:, None] * n
         counts = np.bincount(draws.ravel(), minlength=b * n).reshape(b, n)
-        means[lo:lo + b] = (counts @ table) / n
+        # einsum's own loop, not BLAS: each mean's sum runs in one order whatever the block
+        # size (a BLAS product's blocking changed the last bit between block sizes)
+        means[lo:lo + b] = np.einsum("bn,nm->bm", counts, table) / n
     alpha = (1.0 - level) / 2.0
     lo_hi = np.quantile(means, [alpha, 1.0 - alpha], axis=0)
     return {name: [float(lo_hi[0, j]), float(lo_hi[1, j])] for j, name in enumerate(names)}
