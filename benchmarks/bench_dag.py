@@ -230,8 +230,15 @@ def quality(params_path: Path) -> dict:
         shipped["user"] = pad
     out["nightrec_shipped"] = {"ndcg_at_10": ndcg(shipped)}
     t = params["train"]["ials"]
+    # train.ials.regularization is searched on the valid sample in the run: the peer gets the
+    # value the run chose (selection.json), else the list's first (never a test-split choice)
+    chosen = storage.read_json(layout.run_uri(DS, "train", "selection.json"))[
+        "candidates"].get("ials", {}).get("regularization")
+    regs = t["regularization"] if isinstance(t["regularization"], list) else [t["regularization"]]
     kw = dict(factors=int(t["factors"]), iterations=int(t["iterations"]),
-              regularization=float(t["regularization"]), alpha=float(t["alpha"]))
+              regularization=float(chosen if chosen is not None else regs[0]),
+              alpha=float(t["alpha"]))
+    out["ials_regularization"] = kw["regularization"]
     als = implicit.cpu.als.AlternatingLeastSquares(random_state=int(params["seed"]), **kw)
     als.cg_steps = int(t["cg_steps"])
     t0 = time.perf_counter()

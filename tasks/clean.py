@@ -46,7 +46,6 @@ second pass over the same batches.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import shutil
 import tempfile
@@ -512,18 +511,6 @@ def _drop_forgotten(batches: Callable[[], Iterable[pa.RecordBatch | pa.Table]],
     return gen
 
 
-def _release_memory() -> None:
-    """Hand freed memory back to the OS: Arrow's pool, and glibc's arenas (a batch's parse
-    leaves hundreds of MB of freed blocks the engine's budget would otherwise sit on top of;
-    measured at 10M rows: 528 MB resident after the batches with Arrow's default mimalloc pool,
-    412 MB after its release, 363 MB with the system allocator trimmed, which ``run`` uses)."""
-    pa.default_memory_pool().release_unused()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
-
-
 _VALID_SCHEMA = pa.schema([(schema.USER_ID, pa.string()), (schema.ITEM_ID, pa.string()),
                            (schema.RATING, pa.float64()), ("ts", pa.float64()),
                            ("ts_iso", pa.bool_()), ("pos", pa.int64()), ("file", pa.int32())])
@@ -582,7 +569,7 @@ def clean_batches(
         del parsed, batch, files, keep  # the loop's names would keep the last batch alive
         codes = np.concatenate(code_parts) if code_parts else np.zeros(0, np.int8)
         del code_parts
-        _release_memory()  # the batches' buffers, before the engine takes its share
+        engine.release_memory()  # the batches' buffers, before the engine takes its share
         (pos, late), info = judge_table(
             con, str(valid), ds=ds, min_timestamp=min_timestamp,
             timestamp_unit_param=timestamp_unit, files=list(file_ids),
@@ -737,7 +724,7 @@ def run(ingested: Ingested, params: dict | None = None) -> Cleaned:
         "quarantine": layout.run_uri(ds, "clean", "quarantine.parquet"),
         "stats": layout.run_uri(ds, "clean", "stats.json"),
     }
-    pa.set_memory_pool(pa.system_memory_pool())  # trimmable: see _release_memory
+    pa.set_memory_pool(pa.system_memory_pool())  # trimmable: see engine.release_memory
     with tempfile.TemporaryDirectory(prefix="nightrec-clean-",
                                      dir=engine.spill_root()) as tmp, \
             engine.connect("clean", params) as con:

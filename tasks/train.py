@@ -1,9 +1,11 @@
 """Step 6, train: fit each candidate model family, keep the best on the valid split, refit it.
 
 Candidates (``train.candidates``, families in nightrec/ml/models.py): ``ease`` (closed-form item-item,
-skipped above ``train.ease.max_items`` items) and ``mf_softmax`` (Keras embedding model, full
-softmax, or above ``train.mf_softmax.full_softmax_max_items`` items a logQ-corrected sampled
-softmax with negatives from ``augment.sample_negatives``). Per run:
+above ``train.ease.max_items`` items fitted on the most interacted ones), ``ials`` (implicit ALS,
+nightrec/ml/ials.py) and ``mf_softmax`` (Keras embedding model, full softmax, or above
+``train.mf_softmax.full_softmax_max_items`` items a logQ-corrected sampled softmax with negatives
+from ``augment.sample_negatives``; without a GPU not a candidate above
+``train.mf_softmax.cpu_max_events``). All share ``train.time_budget``. Per run:
 
 1. **select**: every candidate is fitted on the train split, and its final weights are scored by
    one function (``evaluate.ranking_metric``, ``train.select_metric``, full ranking, train items
@@ -39,6 +41,7 @@ plan); ``selection.json`` (every candidate's valid metric); TensorBoard logs und
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import io
 import json
@@ -50,7 +53,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from nightrec.core import schema, settings
+from nightrec.core import engine, schema, settings
 from nightrec.core.records import Split, Trained
 from nightrec.ml import models
 from nightrec.store import layout, storage
@@ -89,6 +92,7 @@ PARAMS = [
     "augment.negative_alpha",
     "train.mf_softmax.side_features",
     "train.mf_softmax.max_side_categories",
+    "train.mf_softmax.cpu_max_events",
     "augment.item_features",
     "augment.user_features",
 ]
@@ -522,11 +526,15 @@ def budget_s(p: settings.StepParams, events: int) -> float:
     return min(hi, max(lo, float(p["train.time_budget.s_per_million_events"]) * events / 1e6))
 
 
-def candidates(p: settings.StepParams, n_items: int) -> tuple[list[str], dict[str, str]]:
+def candidates(p: settings.StepParams, n_items: int, *, events: int = 0,
+               gpus: int | None = None) -> tuple[list[str], dict[str, str]]:
     """``(names to fit, {skipped name: why})`` from ``train.candidates``. Nothing is skipped
-    for the catalogue's size any more: above ``train.ease.max_items`` EASE is fitted on the head
-    of the catalogue (:func:`nightrec.ml.models.fit_ease`); a candidate can still be skipped by
-    the time budget (:func:`train_both`)."""
+    for the catalogue's size: above ``train.ease.max_items`` EASE is fitted on the head of the
+    catalogue (:func:`nightrec.ml.models.fit_ease`). Without a GPU, ``mf_softmax`` is skipped
+    above ``train.mf_softmax.cpu_max_events`` train events: on CPU its epoch costs more than its
+    share of the time budget at every size above that (README, "Train at scale"), and building
+    it first to find out would load TensorFlow and its user and item tables. A candidate can
+    still be skipped by the time budget (:func:`train_both`)."""
     names = list(p["train.candidates"])
     unknown = [n for n in names if n not in models.KINDS]
     if not names or unknown:
@@ -534,7 +542,16 @@ def candidates(p: settings.StepParams, n_items: int) -> tuple[list[str], dict[st
                          f"got {names}")
     if int(p["train.ease.max_items"]) < 1:
         raise ValueError("train.ease.max_items must be >= 1")
-    return names, {}
+    skipped = {}
+    limit = int(p["train.mf_softmax.cpu_max_events"])
+    if "mf_softmax" in names and events > limit and len(names) > 1:
+        from nightrec.ml import ials
+
+        if not (ials.gpu_count() if gpus is None else gpus):
+            skipped["mf_softmax"] = (f"no GPU and {events:,} train events > "
+                                     f"train.mf_softmax.cpu_max_events {limit:,}")
+            names.remove("mf_softmax")
+    return names, skipped
 
 
 def choose(names: list[str], valid: dict[str, float], *, min_gain: float) -> str:
@@ -580,7 +597,7 @@ def train_both(
     init = init or {}
     t_start = time.monotonic()
     metric = p["train.select_metric"]
-    names, skipped = candidates(p, n_items)
+    names, skipped = candidates(p, n_items, events=len(parts["train"]))
     for name, why in skipped.items():
         log.warning("candidate %s skipped: %s", name, why)
     budget = budget_s(p, len(parts["train"]) + len(parts["valid"]))
@@ -635,6 +652,12 @@ def train_both(
                     min_gain=float(p["train.select_min_gain"]))
     selection["chosen"] = chosen
     keras_models = {"holdout": keras_models.get(chosen)}
+    fits = {chosen: fits[chosen]}  # the others' weights and Keras models go before the refit
+    emb = hist = None
+    if keras_models["holdout"] is None and "mf_softmax" in names:  # Keras's graphs and caches
+        models.keras_module().backend.clear_session()
+    gc.collect()
+    engine.release_memory()
     # The shipped fit excludes the test split, so the gate scores it on events it never saw.
     # parts["shipped"] (run(): one frame whose head is train and tail valid) saves a copy.
     shipped_on = parts.get("shipped")

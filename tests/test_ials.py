@@ -211,3 +211,19 @@ def test_a_regularization_list_is_searched_on_valid_and_the_refit_uses_the_choic
     with pytest.raises(ValueError, match="regularization"):
         train.ials_regularizations(settings.step_params(train.PARAMS, settings.with_overrides(
             settings.load_params(), {"train.ials.regularization": [1.0, -2.0]})))
+
+
+def test_a_machine_without_gpu_device_files_counts_none_without_loading_tensorflow():
+    """gpu_count answers 0 from the device files alone (TensorFlow's import is ~0.5 GB resident
+    for the rest of a ``nightrec run`` process); where a GPU's device file exists it asks the
+    backend, so this check is for CPU machines only."""
+    import glob
+    import subprocess
+    import sys
+
+    if any(glob.glob(p) for p in ials.GPU_DEVICE_FILES):
+        pytest.skip("a GPU device file exists: the backend is asked")
+    code = ("import sys; from nightrec.ml import ials; n = ials.gpu_count(); "
+            "print(n, 'tensorflow' in sys.modules, 'keras' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["0", "False", "False"]

@@ -254,6 +254,15 @@ def test_candidate_list_is_checked_and_ease_fits_the_head_above_its_catalogue_li
     for bad in ([], ["ease", "deep_magic"]):
         with pytest.raises(ValueError, match="train.candidates"):
             train.candidates(settings.step_params(train.PARAMS, _params(candidates=bad)), 10)
+    # without a GPU, mf_softmax is not a candidate above cpu_max_events train events (with one, or
+    # at or below the limit, or as the only candidate, it is)
+    limit = int(p["train.mf_softmax.cpu_max_events"])
+    names, skipped = train.candidates(p, 101, events=limit + 1, gpus=0)
+    assert names == ["ease", "ials"] and "cpu_max_events" in skipped["mf_softmax"]
+    assert train.candidates(p, 101, events=limit, gpus=0) == (["ease", "ials", "mf_softmax"], {})
+    assert train.candidates(p, 101, events=limit + 1, gpus=1)[1] == {}
+    only = settings.step_params(train.PARAMS, _params(candidates=["mf_softmax"]))
+    assert train.candidates(only, 101, events=limit + 1, gpus=0) == (["mf_softmax"], {})
     rng = np.random.default_rng(5)
     x = (rng.random((80, 30)) < 0.25).astype(np.float64)
     x[:, 3] = 1.0  # the most interacted item is in the head

@@ -20,6 +20,7 @@ S3 first), and extension autoloading is off, so a missing extension is an error,
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import os
 import shutil
@@ -102,3 +103,19 @@ def bucket_of(user_id: str, n_buckets: int) -> int:
 def quote(path: str | Path) -> str:
     """A path as a SQL string literal."""
     return "'" + str(path).replace("'", "''") + "'"
+
+
+def release_memory() -> None:
+    """Hand freed memory back to the OS: Arrow's pool, and glibc's arenas. Every task of a
+    ``nightrec run`` shares one process (``dag.test()``), so what one step freed but did not
+    return is still resident under the next. In clean, a batch's parse
+    leaves hundreds of MB of freed blocks the engine's budget would otherwise sit on top of
+    (measured at 10M rows: 528 MB resident after the batches with Arrow's default mimalloc pool,
+    412 MB after its release, 363 MB with the system allocator trimmed, which clean uses)."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
