@@ -421,8 +421,11 @@ def fit_ease(train: pd.DataFrame, *, n_users: int, n_items: int, p: settings.Ste
     """Fit EASE/EDLAE on the positive rows of ``train``; returns ``(weights, history)``."""
     pos = train[schema.LABEL].to_numpy() == 1  # two columns copied, not the frame
     pairs = pd.DataFrame({c: train[c].to_numpy()[pos] for c in (schema.USER_IDX, schema.ITEM_IDX)})
-    x = models.interaction_matrix(pairs, n_users=n_users, n_items=n_items,
-                                  user_col=schema.USER_IDX, item_col=schema.ITEM_IDX)
+    del pos
+    # built items x users and passed transposed (a CSC view): fit_ease needs that orientation,
+    # and a user x item CSR would be copied into it (8 bytes a pair more at the peak)
+    x = models.interaction_matrix(pairs, n_users=n_items, n_items=n_users,
+                                  user_col=schema.ITEM_IDX, item_col=schema.USER_IDX).T
     del pairs
     max_items = int(p["train.ease.max_items"])
     emb = models.fit_ease(x, l2=float(p["train.ease.l2"]), dropout=float(p["train.ease.dropout"]),

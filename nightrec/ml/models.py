@@ -83,7 +83,9 @@ def fit_ease(x: sparse.csr_matrix, *, l2: float, dropout: float,
         raise ValueError(f"train.ease.l2 must be > 0, got {l2}")
     n_items = x.shape[1]
     head = None
-    xt = sparse.csr_matrix(x).T.tocsr()  # items x users: an item's row is its users
+    # items x users, an item's row its users: no copy when x is the transpose of such a CSR
+    # (tasks/train.py builds it that way), one otherwise
+    xt = (x if sparse.issparse(x) else sparse.csr_matrix(x)).T.tocsr()
     if max_items is not None and n_items > max_items:
         counts = np.diff(xt.indptr)
         head = np.sort(np.argsort(-counts, kind="stable")[:max_items]).astype(np.int64)
