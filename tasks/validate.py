@@ -75,6 +75,21 @@ class ContractError(PermanentError):
     """The data broke its contract; the message lists every failure."""
 
 
+class CheckError(PermanentError):
+    """A check raised instead of judging the data (the engine failed, e.g. DuckDB out of
+    memory): not a broken contract, and rerunning with the same budget fails the same way."""
+
+
+def unjudged(report: dict) -> bool:
+    """True when the report failed only because checks raised (every failure carries an
+    ``exception``): nothing says the data broke its contract."""
+    q = report.get("quarantine", {"success": True})
+    failures = [f for s in (report.get("suites") or {"clean": report.get("expectations", {})}
+                            ).values() for f in s.get("failures", [])]
+    return (bool(failures) and q["success"] and not report.get("problems")
+            and all("exception" in f["observed"] for f in failures))
+
+
 def load_suite(path: Path):
     """Load a suite JSON into a gx.ExpectationSuite, refusing one GE would silently shorten."""
     import great_expectations as gx
@@ -569,6 +584,12 @@ def run(cleaned: Cleaned, params: dict | None = None) -> Validated:
                     users=cleaned.users, report=layout.run_uri(ds, "validate", "report.json"))
     storage.write_json(out.report, report)
     if not report["success"]:
+        if unjudged(report):
+            budget = engine.budget("validate", params)["memory_gb"]
+            raise CheckError(
+                "validate: checks raised instead of judging the data (not a broken contract); "
+                f"if DuckDB ran out of memory, raise resources.steps.validate.memory_gb (now "
+                f"{budget} GB): " + describe_failure(report).removeprefix("data contract broken: "))
         raise ContractError(describe_failure(report))
     log.info(
         "contract holds: %s expectations passed on %s rows, invalid fraction %.4f",

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from nightrec.core import settings
+from nightrec.core.errors import PermanentError
 from nightrec.core.records import Cleaned
 from nightrec.store import layout, storage
 from nightrec.tasks import clean, ingest, split, validate
@@ -334,3 +335,21 @@ def test_each_step_gets_its_resources_budget_and_its_spill_folder_goes_with_it(m
         engine.budget("train", params)
     with pytest.raises(ValueError, match="unknown steps"):
         engine.budget("clean", {"resources": {"steps": {"scoring": {}}}})
+
+
+def test_a_report_whose_checks_only_raised_is_not_called_a_broken_contract():
+    """A check that raised (DuckDB out of memory) is the engine's failure: ``unjudged`` tells it
+    from a real breach, so run() raises CheckError naming the memory knob, not ContractError."""
+    raised = {"expectation": "expect_compound_columns_to_be_unique", "kwargs": {},
+              "observed": {"exception": "Out of Memory Error"}}
+    breach = {"expectation": "expect_column_values_to_not_be_null", "kwargs": {},
+              "observed": {"unexpected_count": 3}}
+    ok_q = {"success": True}
+    assert validate.unjudged({"quarantine": ok_q, "suites": {"c": {"failures": [raised]}}})
+    assert not validate.unjudged({"quarantine": ok_q,
+                                  "suites": {"c": {"failures": [raised, breach]}}})
+    assert not validate.unjudged({"quarantine": {"success": False},
+                                  "suites": {"c": {"failures": [raised]}}})
+    assert not validate.unjudged({"quarantine": ok_q, "suites": {"c": {"failures": []}}})
+    assert issubclass(validate.CheckError, PermanentError)
+    assert not issubclass(validate.CheckError, validate.ContractError)
