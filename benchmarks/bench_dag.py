@@ -81,8 +81,13 @@ def write_params(path: Path, args) -> list[tuple[str, object, str]]:
     return ov
 
 
+EXACT_MAX_CELLS = 5_000_000_000  # users x items up to which ``--generator auto`` is exact
+CLUSTERS = 1024  # item clusters of the linear-time generator
+
+
 def interactions(*, rows: int, users: int, items: int, seed: int, days: int = 200,
-                 n_factors: int = 8, temperature: float = 0.25, chunk: int = 2048):
+                 n_factors: int = 8, temperature: float = 0.25, chunk: int = 2048,
+                 clusters: int = 0):
     """``(user, item, rating, timestamp)`` int arrays, about ``rows`` events, no repeated pair.
 
     The model of ``tasks.sample_data`` (unit-norm user and item factors, a user picks items with
@@ -91,9 +96,15 @@ def interactions(*, rows: int, users: int, items: int, seed: int, days: int = 20
     inverse CDF (with replacement, oversampled, then the first draws of each distinct pair
     kept), so memory stays at a few chunk x items matrices. ``sample_data.generate_sample``
     itself loops over users in Python and grew past 16 GB at 10M events here.
+
+    That costs users x items per draw (an hour at 2M x 100k on 2 cores). With ``clusters`` > 0
+    the draw is linear in events instead: items are grouped by their nearest of ``clusters``
+    random unit centres; a user picks a cluster with probability ``softmax(u . centre /
+    temperature + log cluster popularity)`` and then an item of that cluster by popularity, so
+    taste is kept at cluster grain and popularity at item grain. Ratings still rise with the
+    exact affinity ``u . v``.
     """
     import numpy as np
-    import pandas as pd
 
     rng = np.random.default_rng(seed)
     user_f = rng.normal(size=(users, n_factors)).astype(np.float32)
@@ -104,6 +115,32 @@ def interactions(*, rows: int, users: int, items: int, seed: int, days: int = 20
     activity = rng.lognormal(0.0, 0.9, users)
     counts = np.maximum(5, np.round(activity / activity.sum() * rows)).astype(np.int64)
     counts = np.minimum(counts, items // 4)
+    if clusters:
+        u, i, a = _clustered(rng, user_f, item_f, log_pop, counts, clusters=clusters,
+                             temperature=temperature)
+    else:
+        u, i, a = _exact(rng, user_f, item_f, log_pop, counts, temperature=temperature,
+                         chunk=chunk)
+    rating = np.clip(np.round(3.2 + 2.2 * a + rng.normal(scale=0.7, size=a.size)), 1, 5)
+    t0 = dt.datetime.fromisoformat(DS).replace(tzinfo=dt.UTC).timestamp() - days * 86400
+    user_start = rng.uniform(0, 0.7, size=users) * days * 86400
+    ts = t0 + user_start[u] + rng.uniform(0, 0.3, size=u.size) * days * 86400
+    return u, i, rating.astype(np.int64), ts.astype(np.int64), item_f
+
+
+def _first_distinct(row, item, counts):
+    """The first draws of each distinct ``(row, item)`` pair, at most ``counts[row]`` per row."""
+    import pandas as pd
+
+    df = pd.DataFrame({"r": row, "i": item}).drop_duplicates()
+    df = df[df.groupby("r").cumcount().to_numpy() < counts[df["r"].to_numpy()]]
+    return df["r"].to_numpy(), df["i"].to_numpy()
+
+
+def _exact(rng, user_f, item_f, log_pop, counts, *, temperature, chunk):
+    import numpy as np
+
+    users, items = len(user_f), len(item_f)
     out_u, out_i, out_a = [], [], []
     for lo in range(0, users, chunk):
         hi = min(lo + chunk, users)
@@ -118,21 +155,55 @@ def interactions(*, rows: int, users: int, items: int, seed: int, days: int = 20
         row = np.repeat(np.arange(n), draws)
         flat = np.searchsorted(cdf.reshape(-1), row + rng.random(len(row)))
         item = np.minimum(flat - row * items, items - 1)
-        df = pd.DataFrame({"r": row, "i": item}).drop_duplicates()
-        df = df[df.groupby("r").cumcount().to_numpy() < counts[lo:hi][df["r"].to_numpy()]]
-        r, i = df["r"].to_numpy(), df["i"].to_numpy()
+        r, i = _first_distinct(row, item, counts[lo:hi])
         out_u.append(r + lo)
         out_i.append(i)
         out_a.append(aff[r, i])
-    u, i, a = np.concatenate(out_u), np.concatenate(out_i), np.concatenate(out_a)
-    rating = np.clip(np.round(3.2 + 2.2 * a + rng.normal(scale=0.7, size=a.size)), 1, 5)
-    t0 = dt.datetime.fromisoformat(DS).replace(tzinfo=dt.UTC).timestamp() - days * 86400
-    user_start = rng.uniform(0, 0.7, size=users) * days * 86400
-    ts = t0 + user_start[u] + rng.uniform(0, 0.3, size=u.size) * days * 86400
-    return u, i, rating.astype(np.int64), ts.astype(np.int64), item_f
+    return np.concatenate(out_u), np.concatenate(out_i), np.concatenate(out_a)
 
 
-def generate(out: Path, *, rows: int, users: int, items: int, files: int, seed: int) -> None:
+def _clustered(rng, user_f, item_f, log_pop, counts, *, clusters, temperature, chunk=32768):
+    import numpy as np
+
+    users = len(user_f)
+    centres = rng.normal(size=(clusters, item_f.shape[1])).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    cluster = np.argmax(item_f @ centres.T, axis=1)
+    order = np.argsort(cluster, kind="stable")  # items grouped by cluster
+    pop = np.exp(log_pop[order].astype(np.float64))
+    mass = np.bincount(cluster, weights=np.exp(log_pop.astype(np.float64)), minlength=clusters)
+    start = np.concatenate([[0], np.cumsum(np.bincount(cluster, minlength=clusters))])
+    # within-cluster CDFs laid end to end, cluster c's in [c, c + 1] (as _exact does per row)
+    csum = np.cumsum(pop)
+    before = np.concatenate([[0.0], csum])[start[:-1]]
+    c_of = cluster[order]
+    within = (csum - before[c_of]) / np.maximum(mass[c_of], 1e-300) + c_of
+    log_mass = np.log(np.maximum(mass, 1e-300))
+    log_mass[mass == 0] = -np.inf
+    out_u, out_i, out_a = [], [], []
+    for lo in range(0, users, chunk):
+        hi = min(lo + chunk, users)
+        n = hi - lo
+        logits = (user_f[lo:hi] @ centres.T / temperature).astype(np.float64) + log_mass
+        logits -= logits.max(axis=1, keepdims=True)
+        cdf = np.cumsum(np.exp(logits, out=logits), axis=1, out=logits)
+        cdf /= cdf[:, -1:]
+        cdf += np.arange(n, dtype=np.float64)[:, None]
+        draws = np.ceil(counts[lo:hi] * 1.5 + 10).astype(np.int64)
+        row = np.repeat(np.arange(n), draws)
+        c = np.searchsorted(cdf.reshape(-1), row + rng.random(len(row))) - row * clusters
+        c = np.clip(c, 0, clusters - 1)
+        pos = np.searchsorted(within, c + rng.random(len(row)))
+        pos = np.clip(pos, start[c], start[c + 1] - 1)
+        r, i = _first_distinct(row, order[pos], counts[lo:hi])
+        out_u.append(r + lo)
+        out_i.append(i)
+        out_a.append(np.einsum("nf,nf->n", user_f[r + lo], item_f[i]))
+    return np.concatenate(out_u), np.concatenate(out_i), np.concatenate(out_a)
+
+
+def generate(out: Path, *, rows: int, users: int, items: int, files: int, seed: int,
+             generator: str = "auto") -> None:
     """Child mode: generate and upload the snapshot (env points at the private S3)."""
     import numpy as np
     import pandas as pd
@@ -143,8 +214,13 @@ def generate(out: Path, *, rows: int, users: int, items: int, files: int, seed: 
     from nightrec.store import layout, storage
 
     t0 = time.perf_counter()
-    u, i, rating, ts, item_f = interactions(rows=rows, users=users, items=items, seed=seed)
-    print(f"generated {len(u):,} events in {time.perf_counter() - t0:.0f} s", flush=True)
+    if generator == "auto":
+        generator = "exact" if users * items <= EXACT_MAX_CELLS else "clusters"
+    clusters = CLUSTERS if generator == "clusters" else 0
+    u, i, rating, ts, item_f = interactions(rows=rows, users=users, items=items, seed=seed,
+                                            clusters=clusters)
+    print(f"generated {len(u):,} events in {time.perf_counter() - t0:.0f} s ({generator}"
+          + (f", {clusters} item clusters" if clusters else "") + ")", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     order = np.random.default_rng(seed).permutation(len(u))  # files are not time-sorted
     table = pa.table({"user_id": u[order] + 1, "item_id": i[order] + 1,
@@ -384,11 +460,14 @@ def main(argv: list[str] | None = None) -> int:
                              "(auto: up to 20M events)")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, state)")
     parser.add_argument("--json-out", type=Path, help="also write the figures here")
+    parser.add_argument("--generator", choices=["auto", "exact", "clusters"], default="auto",
+                        help="exact: per-item softmax, users x items work; clusters: linear in "
+                        "events; auto: exact up to 5e9 users x items")
     parser.add_argument("--generate", type=Path, help=argparse.SUPPRESS)  # child mode
     args = parser.parse_args(argv)
     if args.generate:
         generate(args.generate, rows=args.interactions, users=args.users, items=args.items,
-                 files=args.files, seed=args.seed)
+                 files=args.files, seed=args.seed, generator=args.generator)
         return 0
     from nightrec.dev.bench_scoring import machine
 
@@ -427,7 +506,8 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run([sys.executable, str(Path(__file__).resolve()), "--generate",
                         str(work / "input"), "--interactions", str(args.interactions),
                         "--users", str(args.users), "--items", str(args.items),
-                        "--files", str(args.files), "--seed", str(args.seed)],
+                        "--files", str(args.files), "--seed", str(args.seed),
+                        "--generator", args.generator],
                        env=env, check=True)
         figures["generate_s"] = time.perf_counter() - t0
         print(f"input ready in {figures['generate_s']:.0f} s (not counted)", flush=True)

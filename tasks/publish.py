@@ -71,9 +71,11 @@ from nightrec.core import schema, settings
 from nightrec.core.records import Published, Scored
 from nightrec.store import layout, locks, storage
 from nightrec.table import contract
+from nightrec.tasks import output_checks
 from nightrec.tasks.validate import ContractError, run_suite
 
-PARAMS = ["publish.retention_days", "publish.claim_ttl_s", "publish.reader_grace_s"]
+PARAMS = ["publish.retention_days", "publish.claim_ttl_s", "publish.reader_grace_s",
+          *output_checks.PARAMS]
 SUITE = "expectations/recommendations.json"
 # The table's schema, keys, manifest and pointer formats are the contract's
 # (nightrec/table/contract.py), which the readers import too; named here for the pipeline.
@@ -186,7 +188,8 @@ def validate_table(table, *, ds: str, model_version: str, top_k: int) -> dict:
 
 
 def validate_parts(uris: list[str], *, ds: str, model_version: str, top_k: int,
-                   batch_rows: int | None = None) -> tuple[dict, list[dict], list[str | None]]:
+                   batch_rows: int | None = None,
+                   visit=None) -> tuple[dict, list[dict], list[str | None]]:
     """Validate the staged parts (URIs, in table order) in one streaming pass; returns
     ``(report, described, versions)``: the report, what the manifest says about each part
     (:func:`describe_part`'s fields) and the ETag of the version of each part that was read
@@ -206,6 +209,9 @@ def validate_parts(uris: list[str], *, ds: str, model_version: str, top_k: int,
     user must come after the last; from one part to the next, :func:`check_parts` (no user
     split over two parts). A part's schema is checked from its footer, before its rows. The
     row count expectation (at least one row) is checked on the whole table.
+
+    ``visit``: called with each row group as it is read (output_checks.Summary.add), so that
+    what else publish needs of the rows costs no second read.
     """
     import numpy as np
     import pyarrow as pa
@@ -272,6 +278,8 @@ def validate_parts(uris: list[str], *, ds: str, model_version: str, top_k: int,
                     desc["users"] += pc.count_distinct(users).as_py() - (
                         previous is not None and users[0].as_py() == previous)
                     previous = users[-1].as_py()
+                    if visit is not None:
+                        visit(group)
                     pending.append(group)
                     pending_rows += group.num_rows
                     if pending_rows >= limit:
@@ -752,13 +760,15 @@ def apply_retention(*, keep_days: int, protect: tuple[str, ...] = (),
 
 
 def run(scored: Scored, params: dict | None = None, dry_run: bool = False,
-        publisher: str | None = None) -> Published:
+        publisher: str | None = None, force: bool = False) -> Published:
     """Validate and publish the staged parts of ``scored`` (``nightrec.tasks.score.collect``'s
     record) as ds's table.
 
     ``publisher``: who is publishing, for the claim (default: the run key in ``scored``; a retry
     of the same run takes its own stale claim over). ``dry_run``: validate only, then remove the
-    staged parts; readers see no change. Returns the manifest's URI, counts and ids.
+    staged parts; readers see no change. ``force`` (the run's ``force_publish``): publish even
+    when the output checks against the latest table break (output_checks.py). Returns the
+    manifest's URI, counts and ids.
     """
     ds = settings.check_ds(scored.ds)
     p = settings.step_params(PARAMS, params)
@@ -770,8 +780,11 @@ def run(scored: Scored, params: dict | None = None, dry_run: bool = False,
     # SeaweedFS creates a missing bucket on the first PUT, so publishing to a mistyped
     # NIGHTREC_BUCKET would "succeed" where no reader looks; AWS would refuse the PUT. Check.
     storage.require_bucket(storage.split_uri(layout.recs_root())[0])
+    summary = output_checks.Summary(output_checks.threshold(
+        int(scored.users or 0), int(p["monitor.output.sample_users"])))
     report, described, versions = validate_parts(
-        scored.parts, ds=ds, model_version=scored.model_version, top_k=scored.top_k
+        scored.parts, ds=ds, model_version=scored.model_version, top_k=scored.top_k,
+        visit=summary.add,
     )
     n_rows = sum(d["rows"] for d in described)
     if scored.rows != n_rows:
@@ -782,6 +795,14 @@ def run(scored: Scored, params: dict | None = None, dry_run: bool = False,
     if not report["success"]:
         failed = [f["expectation"] for f in report["failures"]] + report["ranking_problems"]
         raise ContractError(f"recommendation table broke its contract: {failed}")
+    checked = output_checks.check(ds, summary, model_version=scored.model_version,
+                                  forced=force, p=p)
+    storage.write_json(layout.run_uri(ds, "publish", "output_checks.json"), checked)
+    if checked["refused"]:
+        raise output_checks.OutputCheckError(
+            f"today's table differs from the latest (ds={checked['against']['ds']}) beyond "
+            f"monitor.output: {checked['breaches']} (see runs/ds={ds}/publish/"
+            "output_checks.json); nothing was published. Rerun with force_publish to publish it")
 
     if dry_run:
         storage.delete(storage.list_uris(scored.staging))
@@ -789,6 +810,7 @@ def run(scored: Scored, params: dict | None = None, dry_run: bool = False,
         return Published(ds=ds, dry_run=True, rows=n_rows, manifest=None)
 
     pid = publish_id([d["sha256"] for d in described])
+    summary.to_store(ds, publish_id=pid, model_version=scored.model_version)
     owner = publisher or scored.run_key or f"anonymous-{uuid.uuid4().hex[:8]}"
     popular = popular_items(scored.seen, int(scored.top_k))
     claim_ttl_s, grace_s = float(p["publish.claim_ttl_s"]), float(p["publish.reader_grace_s"])

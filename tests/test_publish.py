@@ -25,7 +25,7 @@ from nightrec.core.records import Published
 from nightrec.store import layout, storage
 from nightrec.table import contract
 from nightrec.table.reader import RecommendationReader, TableChanged
-from nightrec.tasks import publish, score
+from nightrec.tasks import output_checks, publish, score
 
 
 @pytest.fixture
@@ -48,10 +48,15 @@ def params(**publish_keys) -> dict:
 
 def stage(ds: str, *, run_key: str, model_version: str, n_users: int = 60, k: int = 5,
           shards: int = 3, row_group_size: int = 10, seed: int = 0,
-          user_ids: list[str] | None = None) -> dict:
+          user_ids: list[str] | None = None, shuffle_lists: bool = False,
+          score_scale: float = 1.0) -> dict:
     """A synthetic scored table staged the way score's shards write it; collect()'s record.
 
-    ``user_ids``: the users (default ``u00000``.. ``n_users`` of them)."""
+    ``user_ids``: the users (default ``u00000``.. ``n_users`` of them). A user's list (its
+    items) depends on the user alone, as a model's would from one night to the next (so
+    publish's output checks against the previous table pass); the scores, hence the parts'
+    bytes, on ``seed``. ``shuffle_lists``: each user gets another user's list (a mis-joined id
+    map); ``score_scale`` multiplies every score."""
     rng = np.random.default_rng(seed)
     if user_ids is not None:
         n_users = len(user_ids)
@@ -64,13 +69,17 @@ def stage(ds: str, *, run_key: str, model_version: str, n_users: int = 60, k: in
     results = []
     for shard, (lo, hi) in enumerate(score.shard_ranges(n_users, shards=shards)):
         users = user_ids[lo:hi]
-        items = np.argsort(rng.random((len(users), 100)), axis=1)[:, :k] + 10
+        items = np.array([np.random.default_rng(int(h)).permutation(100)[:k] for h in
+                          output_checks.user_hash(users) % (2**32)], dtype=np.int64
+                         ).reshape(len(users), k) + 10
+        if shuffle_lists and len(users) > 1:
+            items = np.roll(items, 1, axis=0)
         frame = pd.DataFrame({
             schema.USER_ID: np.repeat(users, k),
             schema.RANK: np.tile(np.arange(1, k + 1, dtype=np.int32), len(users)),
             schema.ITEM_ID: [f"i{j}" for j in items.reshape(-1)],
-            schema.SCORE: -np.sort(-rng.random((len(users), k)), axis=1).reshape(-1)
-            .astype(np.float32),
+            schema.SCORE: (score_scale * -np.sort(-rng.random((len(users), k)), axis=1))
+            .reshape(-1).astype(np.float32),
             schema.MODEL_VERSION: model_version, schema.DS: ds,
         })
         uri = layout.shard_prefix(ds, run_key, shard) + "part-00000.parquet"

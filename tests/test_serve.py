@@ -9,6 +9,7 @@ pointer moves.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import http.client
 import json
 import socket
@@ -248,3 +249,74 @@ def test_nightrec_serve_cli_answers_and_stops_on_sigterm(bucket):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
+
+
+def scrape(port: int) -> dict[str, list]:
+    """``/metrics`` parsed by prometheus-client's own parser: {sample name: [samples]}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", "/metrics")
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.getheader("Content-Type").startswith("text/plain")
+        text = resp.read().decode()
+    finally:
+        conn.close()
+    out: dict[str, list] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append(sample)
+    return out
+
+
+def _value(samples: dict, name: str, **labels) -> float:
+    found = [s.value for s in samples.get(name, []) if all(s.labels.get(k) == v
+                                                           for k, v in labels.items())]
+    assert len(found) == 1, (name, labels, samples.get(name))
+    return found[0]
+
+
+def test_metrics_count_requests_by_route_and_status_and_describe_the_served_table(bucket):
+    with running() as port:
+        before = scrape(port)
+        assert "nightrec_serve_table_info" not in before  # nothing published: no table figures
+        assert _value(before, "nightrec_serve_table_reloads_total") == 0
+        assert request(port, "/recommendations/u00001")[0] == 503
+        publish_table(DS1)
+        _wait_for(port, lambda b: b.get("ds") == DS1)  # 503s until the reload, then one 200
+        for target in ("/recommendations/u00002?k=2", "/recommendations/nobody",
+                       "/recommendations/u00002?k=0", "/healthz", "/nowhere"):
+            request(port, target)
+        request(port, "/healthz", method="DELETE")
+        m = scrape(port)
+        count = {(s.labels["route"], s.labels["status"]): s.value
+                 for s in m["nightrec_serve_requests_total"]}
+        assert count[("recommendations", "404")] == 1 and count[("recommendations", "400")] == 1
+        assert count[("recommendations", "200")] == 2  # _wait_for's hit and the k=2 lookup
+        assert count[("recommendations", "503")] >= 1
+        assert count[("healthz", "200")] == 1 and count[("healthz", "405")] == 1
+        assert count[("other", "404")] == 1
+        assert count[("metrics", "200")] == 1  # the first scrape (this one is counted after)
+        lookups = sum(v for (route, _), v in count.items() if route == "recommendations")
+        assert _value(m, "nightrec_serve_request_duration_seconds_count",
+                      route="recommendations") == lookups
+        inf = _value(m, "nightrec_serve_request_duration_seconds_bucket",
+                     route="recommendations", le="+Inf")
+        assert inf == lookups
+        manifest = storage.read_json(storage.s3_uri(f"recommendations/ds={DS1}/_manifest.json"))
+        assert _value(m, "nightrec_serve_table_info", ds=DS1,
+                      model_version="mf-20260401-aaaaaaaa") == 1
+        assert _value(m, "nightrec_serve_table_rows") == manifest["rows"] == 150
+        assert _value(m, "nightrec_serve_table_ds_timestamp_seconds") == 1775001600  # 2026-04-01
+        created = dt.datetime.fromisoformat(manifest["created_at"]).timestamp()
+        age = _value(m, "nightrec_serve_table_age_seconds")
+        assert 0 <= age <= time.time() - created + 1
+        assert _value(m, "nightrec_serve_table_reloads_total") == 1
+        publish_table(DS2, version="mf-20260402-bbbbbbbb", n_users=40)
+        _wait_for(port, lambda b: b.get("ds") == DS2)
+        m = scrape(port)
+        assert _value(m, "nightrec_serve_table_reloads_total") == 2
+        assert _value(m, "nightrec_serve_table_info", ds=DS2) == 1
+        assert len(m["nightrec_serve_table_info"]) == 1  # the old table's series is gone
+        assert _value(m, "nightrec_serve_table_rows") == 200

@@ -236,5 +236,6 @@ def publish_shards(shards: list[dict]) -> dict:
 
     scored = collect(list(shards))
     hold_lease(scored.ds)
-    dry = bool(get_current_context()["params"].get("dry_run"))
-    return permanent(step.run, scored, dry_run=dry).to_xcom()
+    params = get_current_context()["params"]
+    return permanent(step.run, scored, dry_run=bool(params.get("dry_run")),
+                     force=bool(params.get("force_publish"))).to_xcom()

@@ -2,7 +2,8 @@
 
     GET  /recommendations/<user_id>?k=10   one user's top k, as JSON
     GET  /healthz                          which table is loaded (503 until one is published)
-    HEAD on both; any other method gets 405.
+    GET  /metrics                          Prometheus text format (prometheus-client)
+    HEAD on all three; any other method gets 405.
 
     python -m nightrec.table.serve [--host 127.0.0.1] [--port 8090] [--ds YYYY-MM-DD]
         [--bucket B] [--poll-interval-s S] [--unknown-user 404|popular] [--id-pattern RE2] ...
@@ -33,6 +34,14 @@ error is a JSON body ``{"error": ...}``, never a traceback; a client idle for
 ``serve.request_timeout_s`` is disconnected. The server is the standard library's
 (``http.server.ThreadingHTTPServer``, a thread per connection): put it behind a reverse proxy
 for TLS and connection limits.
+
+``/metrics`` (one registry per server, :class:`ServeMetrics`): ``nightrec_serve_requests_total``
+by route and status, ``nightrec_serve_request_duration_seconds`` (a histogram by route),
+``nightrec_serve_table_age_seconds`` (now minus the served manifest's ``created_at``),
+``nightrec_serve_table_ds_timestamp_seconds`` (the ds, midnight UTC), ``nightrec_serve_table_rows``,
+``nightrec_serve_table_info`` (ds, publish_id and model_version as labels, value 1) and
+``nightrec_serve_table_reloads_total`` / ``nightrec_serve_table_reload_errors_total``. The
+table figures are read when scraped; before anything is published they are absent.
 """
 
 from __future__ import annotations
@@ -46,12 +55,18 @@ import re
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, unquote_to_bytes, urlsplit
 
 import pyarrow.compute  # noqa: F401 - imported at start, not by the first lookup
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client import generate_latest as prometheus_text
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from nightrec.table import contract
 from nightrec.table.reader import PublishedTable, RecommendationReader, TableChanged, TableNotFound
@@ -59,6 +74,8 @@ from nightrec.table.reader import PublishedTable, RecommendationReader, TableCha
 DEFAULT_PORT = 8090
 ENV_PREFIX = "NIGHTREC_SERVE_"  # NIGHTREC_SERVE_PORT, NIGHTREC_SERVE_POLL_INTERVAL_S, ...
 ROUTE_RE = re.compile(r"/recommendations/([^/]+)")
+# request latency buckets (seconds): a lookup is one cached footer and one range read
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # A character is at most 4 UTF-8 bytes, each "%XX" when percent-encoded: the longest encoding of
 # an id of n characters is 12 n.
 ENCODED_CHAR_MAX = 12
@@ -119,6 +136,8 @@ class TableWatcher:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.reloads = 0  # tables swapped in (the first load included)
+        self.reload_errors = 0  # checks for a new table that failed (the old one kept serving)
 
     def current(self) -> PublishedTable | None:
         return self._table
@@ -136,6 +155,7 @@ class TableWatcher:
             except (TableNotFound, TableChanged):
                 table = None  # gone again meanwhile: the next poll finds the newer one
             self._table, self._version = table, version
+            self.reloads += table is not None
         if table is None:
             log.warning("nothing to serve yet for %s", self.ds or "latest")
         else:
@@ -148,6 +168,7 @@ class TableWatcher:
             try:
                 self.refresh()
             except Exception:  # keep serving the table we have; try again next interval
+                self.reload_errors += 1
                 log.exception("could not check for a new table; still serving the previous one")
 
     def start(self) -> None:
@@ -159,6 +180,67 @@ class TableWatcher:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self.poll_interval_s + 5)
+
+
+class ServeMetrics(Collector):
+    """The endpoint's Prometheus metrics, in a registry of its own (two servers in one process
+    do not share counters). Request figures are counted as requests are answered; the table's
+    are read from the watcher when scraped."""
+
+    def __init__(self, watcher: TableWatcher, *, clock=time.time):
+        self.watcher, self.clock = watcher, clock
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("nightrec_serve_requests", "HTTP requests answered, by route "
+                                "and status", ["route", "status"], registry=self.registry)
+        self.latency = Histogram("nightrec_serve_request_duration_seconds", "Time to answer a "
+                                 "request, by route", ["route"], buckets=LATENCY_BUCKETS,
+                                 registry=self.registry)
+        self.registry.register(self)
+
+    def observe(self, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(route=route, status=str(int(status))).inc()
+        self.latency.labels(route=route).observe(seconds)
+
+    def describe(self):
+        return []  # the table's metrics come and go with the table: collected, not described
+
+    def collect(self):
+        w = self.watcher
+        reloads = CounterMetricFamily("nightrec_serve_table_reloads", "Tables loaded or swapped "
+                                      "in", value=w.reloads)
+        errors = CounterMetricFamily("nightrec_serve_table_reload_errors", "Checks for a new "
+                                     "table that failed (the previous table kept serving)",
+                                     value=w.reload_errors)
+        yield reloads
+        yield errors
+        table = w.current()
+        if table is None:
+            return
+        m = table.manifest
+        info = GaugeMetricFamily("nightrec_serve_table_info", "The served table (value 1)",
+                                 labels=["ds", "publish_id", "model_version"])
+        info.add_metric([table.ds, table.publish_id or "", table.model_version], 1)
+        yield info
+        yield GaugeMetricFamily("nightrec_serve_table_rows", "Rows of the served table",
+                                value=m["rows"])
+        ds_ts = datetime.fromisoformat(table.ds).replace(tzinfo=UTC).timestamp()
+        yield GaugeMetricFamily("nightrec_serve_table_ds_timestamp_seconds", "The served "
+                                "table's ds, midnight UTC, as Unix time", value=ds_ts)
+        created = m.get("created_at")
+        if created:
+            t = datetime.fromisoformat(created)
+            t = t if t.tzinfo else t.replace(tzinfo=UTC)
+            yield GaugeMetricFamily("nightrec_serve_table_age_seconds", "Seconds since the "
+                                    "served table was published (its manifest's created_at)",
+                                    value=self.clock() - t.timestamp())
+
+
+def route_of(target: str) -> str:
+    """The route label of a request target: a bounded set, never the user id."""
+    path = urlsplit(target).path
+    if path in ("/healthz", "/metrics"):
+        return path[1:]
+    return "recommendations" if path.startswith("/recommendations/") else "other"
 
 
 class BadRequest(Exception):
@@ -192,7 +274,8 @@ def parse_lookup(target: str, cfg: ServeConfig) -> tuple[str, int] | None:
         return None
     if not match:
         raise BadRequest(HTTPStatus.NOT_FOUND, "no such resource",
-                         routes=["/recommendations/<percent-encoded user_id>?k=N", "/healthz"])
+                         routes=["/recommendations/<percent-encoded user_id>?k=N", "/healthz",
+                                 "/metrics"])
     try:
         raw = match[1].encode("latin-1")  # http.server decoded the request line as Latin-1
         user_id = unquote_to_bytes(raw).decode("utf-8")
@@ -261,11 +344,18 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(HTTPStatus.METHOD_NOT_ALLOWED,
                    {"error": f"method {self.command} not allowed", "allowed": ["GET", "HEAD"]},
                    headers={"Allow": "GET, HEAD"}, close=True)
+        self.server.metrics.observe(route_of(self.path), HTTPStatus.METHOD_NOT_ALLOWED, 0.0)
 
     def _handle(self, *, head: bool) -> None:
         # A body on a GET is not read; close after answering so it cannot be taken for the next
         # request on this connection.
         close = bool(self.headers.get("Content-Length") or self.headers.get("Transfer-Encoding"))
+        started = time.perf_counter()
+        if urlsplit(self.path).path == "/metrics" and len(self.path) <= 256:
+            data = prometheus_text(self.server.metrics.registry)
+            self._send_bytes(HTTPStatus.OK, data, CONTENT_TYPE_LATEST, head=head, close=close)
+            self.server.metrics.observe("metrics", HTTPStatus.OK, time.perf_counter() - started)
+            return
         try:
             status, body = self._answer()
         except BadRequest as e:
@@ -274,6 +364,7 @@ class _Handler(BaseHTTPRequestHandler):
             log.exception("lookup failed: %s", self.path[:200])
             status, body = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error"}
         self._send(status, body, head=head, close=close)
+        self.server.metrics.observe(route_of(self.path), status, time.perf_counter() - started)
 
     def _answer(self) -> tuple[HTTPStatus, dict]:
         cfg, watcher = self.server.config, self.server.watcher
@@ -297,9 +388,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, body: dict, *, head: bool = False, close: bool = False,
               headers: dict | None = None) -> None:
-        data = json.dumps(body).encode()
+        self._send_bytes(status, json.dumps(body).encode(), "application/json", head=head,
+                         close=close, headers=headers)
+
+    def _send_bytes(self, status: int, data: bytes, content_type: str, *, head: bool = False,
+                    close: bool = False, headers: dict | None = None) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Cache-Control", "no-store")
         for name, value in (headers or {}).items():
@@ -329,6 +424,7 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             phrase = "error"
         self._send(code, {"error": message or phrase}, head=self.command == "HEAD", close=True)
+        self.server.metrics.observe("other", code, 0.0)
 
     def log_message(self, format: str, *args) -> None:  # http.server's signature
         log.debug("%s %s", self.address_string(), format % args)
@@ -339,6 +435,7 @@ class ServeServer(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], *, config: ServeConfig, watcher: TableWatcher):
         self.config, self.watcher = config, watcher
+        self.metrics = ServeMetrics(watcher)
         super().__init__(address, _Handler)
 
     def server_close(self) -> None:
