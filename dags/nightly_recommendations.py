@@ -21,13 +21,15 @@ before anything runs:
 | `dry_run` | `false` | run and validate everything; publish and promote nothing |
 
 **Stages**: ingest -> clean (quarantine with reasons) -> validate (Great Expectations; a broken
-contract stops the run, without retries) -> augment -> seen (every interaction up to ds with
+contract stops the run, without retries) -> realized (beside the rest: the table latest before
+ds scored on ds's new events, with an alert on a drop; never fails the run) -> augment -> seen (every interaction up to ds with
 valid ids: what is never recommended back) -> choose -> plan_split -> split_bucket (one mapped
 task per user-hash bucket) -> split (DVC commit + push; its hash is the `data_version`) -> train -> evaluate (full ranking vs popularity and the champion) -> gate
 (branch) -> register (a blessed model, immutable; not yet champion) **or** fallback (the gate
 refused: the champion re-scored on today's seen items, else popularity) -> plan_shards -> score
-(one mapped task per user shard; a failed shard retries alone) -> publish (GE suite, a per-ds
-claim, parts, manifest, then the latest pointer by conditional write; retention) -> promote (the
+(one mapped task per user shard; a failed shard retries alone) -> publish (GE suite, output checks
+against the latest table, refused on a breach unless `force_publish`, a per-ds claim, parts,
+manifest, then the latest pointer by conditional write; retention) -> promote (the
 published blessed model becomes champion, ds-ordered; emits the `nightrec_champion` asset).
 `report` always runs last, uploads `reports/ds=<ds>/report.html`, writes an alert when the latest
 table is older than `publish.max_age_hours`, and releases the run's lease on the ds.
@@ -102,12 +104,22 @@ def nightly_recommendations():
 
         return step.run(Ingested.from_xcom(prev)).to_xcom()
 
-    @task(doc_md="Great Expectations contract on the cleaned data; fails the run when broken.")
+    @task(doc_md="Great Expectations contract on the cleaned data; fails the run when broken. "
+                 "Then input drift against the previous ds (warn or stop, per monitor.drift).")
     def validate(prev: dict) -> dict:
         from nightrec.core.records import Cleaned
         from nightrec.tasks import validate as step
 
-        return permanent(step.run, Cleaned.from_xcom(prev)).to_xcom()
+        return permanent(step.run, Cleaned.from_xcom(prev),
+                         run_id=get_current_context()["run_id"]).to_xcom()
+
+    @task(doc_md="Realized quality: the table latest before ds against ds's new events "
+                 "(runs/ds=<ds>/monitor/realized.json); never fails the run.")
+    def realized(prev: dict) -> dict:
+        from nightrec.core.records import Validated
+        from nightrec.tasks import realized as step
+
+        return step.run(Validated.from_xcom(prev), run_id=get_current_context()["run_id"])
 
     @task(doc_md="Labels, weights and side-feature tables.")
     def augment(prev: dict) -> dict:
@@ -273,6 +285,6 @@ def nightly_recommendations():
     promoted = promote(registered, published)
     # report is the teardown of the whole run: after promote too, whose lease renewal would
     # otherwise take the ds again after report released it.
-    [published, promoted] >> report().as_teardown()
+    [published, promoted, realized(validated)] >> report().as_teardown()
 
 nightly_recommendations()

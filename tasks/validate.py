@@ -564,7 +564,12 @@ def _download_table(uri: str, dest: Path) -> str:
         raise ContractError(f"{uri}: the table has no files") from e
 
 
-def run(cleaned: Cleaned, params: dict | None = None) -> Validated:
+def run(cleaned: Cleaned, params: dict | None = None, run_id: str | None = None) -> Validated:
+    """The contract, then (when it holds) the input drift checks against the previous ds
+    (tasks/drift.py): a ``stop`` check that breaks raises DriftError, a ``warn`` one is logged
+    and recorded. ``run_id``: names the drift alert record."""
+    from nightrec.tasks import drift
+
     ds = cleaned.ds
     params = params if params is not None else settings.load_params()
     p = settings.step_params(PARAMS, params)
@@ -579,6 +584,11 @@ def run(cleaned: Cleaned, params: dict | None = None) -> Validated:
             os.remove(local)  # one table on disk at a time
         clean = _download_table(cleaned.interactions, Path(tmp) / "clean")
         report = check_contract(clean, stats, ds=ds, p=p, raw=raw, con=con)
+        if report["success"]:
+            report["drift"] = drift.run_checks(ds, clean, stats, con=con, params=params,
+                                               run_suite=run_suite, run_id=run_id)
+            if report["drift"].get("suite"):
+                report["suites"]["drift"] = report["drift"].pop("suite")
     report["data_docs"] = record_results(ds, list(report["suites"].values()))
     out = Validated(ds=ds, interactions=cleaned.interactions, items=cleaned.items,
                     users=cleaned.users, report=layout.run_uri(ds, "validate", "report.json"))
@@ -591,6 +601,9 @@ def run(cleaned: Cleaned, params: dict | None = None) -> Validated:
                 f"if DuckDB ran out of memory, raise resources.steps.validate.memory_gb (now "
                 f"{budget} GB): " + describe_failure(report).removeprefix("data contract broken: "))
         raise ContractError(describe_failure(report))
+    if report["drift"]["stop"]:
+        raise drift.DriftError(f"{report['drift']['message']}; the run stops before training "
+                               "(monitor.drift: a check's action 'warn' lets it go on)")
     log.info(
         "contract holds: %s expectations passed on %s rows, invalid fraction %.4f",
         {s["suite"]: s["n_expectations"] for s in report["suites"].values()},

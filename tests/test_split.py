@@ -108,11 +108,11 @@ def test_split_suite_passes_on_a_split_and_names_what_breaks(events):
     assert report["success"] is False
     failed = {(f["expectation"], f["kwargs"].get("column")) for f in
               report["expectations"]["failures"]}
-    assert {("expect_compound_columns_to_be_unique", None),
+    assert {("unexpected_rows_expectation", None),
             ("expect_column_values_to_be_in_set", "label"),
             ("expect_column_values_to_be_between", "weight")} <= failed
     message = validate.describe_failure(report)
-    assert "split: expect_compound_columns_to_be_unique" in message
+    assert "split: unexpected_rows_expectation" in message
     assert "pairs are in both train and test" in message
     weight = next(f for f in report["expectations"]["failures"] if f["kwargs"].get("column")
                   == "weight")

@@ -70,10 +70,10 @@ def test_raw_suite_passes_on_ingest_output_and_names_what_breaks():
         ("expect_column_values_to_not_be_null", "user_id"),
         ("expect_column_values_to_not_be_null", "item_id"),
         ("expect_column_values_to_not_be_null", "timestamp"),
-        ("expect_compound_columns_to_be_unique", None),
+        ("unexpected_rows_expectation", None),
     }
     assert failed[("expect_column_values_to_be_null", "parse_error")]["unexpected_count"] == 30
-    assert failed[("expect_compound_columns_to_be_unique", None)]["unexpected_count"] == 2
+    assert failed[("unexpected_rows_expectation", None)]["observed_value"] == 1  # one pair twice
 
 
 def test_contract_report_has_every_suite_and_the_message_names_the_suite():
@@ -149,7 +149,7 @@ def test_run_fails_on_a_broken_raw_table_with_the_expectation_named(s3, monkeypa
     storage.write_json(uris.stats, stats)
     storage.write_parquet(twice, uris.raw)
     with pytest.raises(validate.ContractError, match=r"raw_interactions: "
-                       r"expect_compound_columns_to_be_unique.*'unexpected_count': 400"):
+                       r"unexpected_rows_expectation.*'observed_value': 200"):
         validate.run(uris)
     report = storage.read_json(layout.run_uri(ds, "validate", "report.json"))
     assert report["success"] is False and report["suites"]["clean"]["success"] is True
@@ -176,11 +176,11 @@ def test_every_row_is_checked_one_bad_row_among_many_is_caught(tmp_path):
     failed = {(f["expectation"], f["kwargs"].get("column")): f["observed"]
               for f in report["failures"]}
     assert set(failed) == {("expect_column_values_to_be_between", "rating"),
-                           ("expect_compound_columns_to_be_unique", None)}
+                           ("unexpected_rows_expectation", None)}
     assert failed[("expect_column_values_to_be_between", "rating")]["unexpected_count"] == 1
     assert failed[("expect_column_values_to_be_between", "rating")][
         "partial_unexpected_list"] == [9.0]
-    assert failed[("expect_compound_columns_to_be_unique", None)]["unexpected_count"] == 2
+    assert failed[("unexpected_rows_expectation", None)]["observed_value"] == 1  # one pair twice
     assert report["rows_checked"] == n
 
 
@@ -204,8 +204,8 @@ def test_a_bucketed_table_is_checked_as_one_table_without_a_bucket_column(tmp_pa
     _bucketed(pd.concat([table, dup], ignore_index=True), tmp_path, "part-0.parquet")
     report = validate.run_suite(glob, suite, _suite_params())
     (failure,) = report["failures"]
-    assert failure["expectation"] == "expect_compound_columns_to_be_unique"
-    assert failure["observed"]["unexpected_count"] == 2
+    assert failure["expectation"] == "unexpected_rows_expectation"
+    assert failure["observed"]["observed_value"] == 1  # one (user, item) pair repeated
 
 
 def _parts() -> dict[str, pd.DataFrame]:
@@ -236,7 +236,7 @@ def test_check_split_files_on_bucket_globs_agrees_with_check_split_on_frames(tmp
                for p in on_files["problems"])
     assert ([f["expectation"] for f in on_files["expectations"]["failures"]]
             == [f["expectation"] for f in on_frames["expectations"]["failures"]]
-            == ["expect_compound_columns_to_be_unique"])
+            == ["unexpected_rows_expectation"])
     assert on_files["expectations"]["rows_checked"] == sum(map(len, leaked.values()))
     assert set(on_files) == set(on_frames) == {"ds", "success", "expectations", "suites",
                                                 "problems"}

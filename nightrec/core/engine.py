@@ -32,7 +32,7 @@ import duckdb
 
 from nightrec.core import settings
 
-STEPS = ("ingest", "clean", "validate", "augment", "seen", "split")
+STEPS = ("ingest", "clean", "validate", "augment", "seen", "split", "monitor")
 
 
 def budget(step: str, params: dict[str, Any] | None = None) -> dict[str, float]:

@@ -334,6 +334,22 @@ def run_summaries(limit: int) -> list[dict]:
     return [storage.read_json(u) for u in sorted(uris, reverse=True)[:limit]]
 
 
+def realized_cell(r: dict | None) -> str:
+    """``nightrec status``'s realized column: the watched figure of the previous table."""
+    if not r or r.get("value") is None:
+        return "-"
+    return (f"{r['metric']} {r['value']:.4f} (table {r['table_ds']})"
+            + (" ALERT" if r.get("alert") else ""))
+
+
+def output_cell(c: dict | None) -> str:
+    if not c:
+        return "-"
+    if not c.get("breaches"):
+        return "ok"
+    return ("REFUSED: " if c.get("refused") else "breach: ") + ", ".join(c["breaches"])
+
+
 def _cmd_status(args) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -343,12 +359,15 @@ def _cmd_status(args) -> int:
     use_object_store(not args.no_embedded_s3)
     console = Console()
     table = Table(title="last runs")
-    for col in ("ds", "state", "duration", "failed", "rows", "model", "run"):
+    for col in ("ds", "state", "duration", "failed", "rows", "model", "realized", "output",
+                "run"):
         table.add_column(col)
     for s in run_summaries(args.limit):
         duration = f"{s['duration_s']:.0f}s" if s.get("duration_s") is not None else "-"
         table.add_row(s["ds"], s["state"], duration, ", ".join(s.get("failed", {})) or "-",
-                      f"{s.get('rows', '-')}", s.get("model_version", "-"), s["run_id"])
+                      f"{s.get('rows', '-')}", s.get("model_version", "-"),
+                      realized_cell(s.get("realized")), output_cell(s.get("output_checks")),
+                      s["run_id"])
     console.print(table)
     console.print(f"champion: {registry.champion() or 'none'}")
     for line, warn in latest_table_lines():

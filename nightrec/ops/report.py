@@ -117,6 +117,83 @@ def metric_history(ds: str, metric: str, n: int) -> list[dict]:
     return rows
 
 
+def realized_history(ds: str, metric: str, n: int) -> list[dict]:
+    """``[{"ds", "value", "table_ds"}]`` for up to n runs up to ds with realized figures."""
+    days = sorted({day for u in storage.list_uris(layout.runs_root())
+                   if (day := layout.ds_of_run_key(u))
+                   and u == layout.run_uri(day, "monitor", "realized.json")})
+    rows = []
+    for day in [d for d in days if d <= ds][-n:]:
+        r = storage.read_json(layout.run_uri(day, "monitor", "realized.json"))
+        value = (r.get("metrics") or {}).get(metric)
+        if value is not None:
+            rows.append({"ds": day, "value": value, "table_ds": r["table"]["ds"]})
+    return rows
+
+
+def plot_realized(rows: list[dict], metric: str) -> str:
+    fig, ax = _figure(f"realized {metric} of the previous table, by run")
+    if rows:
+        ax.plot([r["ds"] for r in rows], [r["value"] for r in rows], marker="o")
+        ax.tick_params(axis="x", rotation=45)
+    ax.set_ylabel(metric)
+    return _png(fig)
+
+
+def realized_section(ds: str, r: dict, p) -> str:
+    """The report's realized-quality section from realized.json."""
+    if r.get("error"):
+        return f"<p class='failed'>Not measured: {html.escape(r['error'])}</p>"
+    if not r.get("table"):
+        return f"<p>{html.escape(r.get('note', 'nothing to measure'))}</p>"
+    ks = r.get("ks") or []
+    names = ("hit_rate", "recall", "ndcg", "mrr")
+    head = "".join(f"<th>{n}@{k}</th>" for k in ks for n in names)
+
+    def row(label: str, users: int, m: dict) -> str:
+        cells = "".join(f"<td>{m[f'{n}_at_{k}']:.4f}</td>" if m else "<td>-</td>"
+                        for k in ks for n in names)
+        return f"<tr><td>{html.escape(label)}</td><td>{users}</td>{cells}</tr>"
+
+    rows = row("all", r["users"], r.get("metrics") or {}) + "".join(
+        row(name, seg["users"], seg["metrics"]) for name, seg in (r.get("segments") or {}).items())
+    t = r.get("trailing") or {}
+    metric = t.get("metric", "ndcg_at_10")
+    trail = ("<p>No earlier runs to compare with.</p>" if not t.get("runs") else
+             f"<p{' class=failed' if t.get('alert') else ''}>{html.escape(metric)} against the "
+             f"median {t['median']:.4f} of the last {t['runs']} runs: drop "
+             f"{(t.get('drop') or 0):.1%} (alert above {t['max_drop']:.0%})"
+             f"{': ALERT written' if t.get('alert') else ''}.</p>")
+    share = r.get("event_share_on_recommended")
+    history = realized_history(ds, metric, int(p["report.history_runs"]))
+    return (f"<p>The table of ds={html.escape(r['table']['ds'])} (model "
+            f"{html.escape(str(r['table']['model_version']))}) on the {r['events']:,} events of "
+            f"{r['users']:,} users after {html.escape(r['cutoff'])}; catalogue coverage "
+            f"{(r.get('coverage') or 0):.1%}; share of events on a recommended item "
+            f"{(share or 0):.1%}. New users are scored on the popular list.</p>"
+            f"<table><tr><th>segment</th><th>users</th>{head}</tr>{rows}</table>" + trail
+            + f'<img class="plot" alt="realized history" src="data:image/png;base64,'
+            f'{plot_realized(history, metric)}">')
+
+
+def output_checks_section(c: dict) -> str:
+    """The report's output-checks section from publish's output_checks.json."""
+    if not c.get("against"):
+        return f"<p>{html.escape(c.get('note') or 'nothing to compare with')}</p>"
+    rows = "".join(
+        f"<tr><td>{html.escape(x['name'])}</td><td>{'-' if x['value'] is None else x['value']}"
+        f"</td><td>{x['op']} {x['threshold']:g}</td><td class="
+        f"'{'success' if x['ok'] else 'failed'}'>{'ok' if x['ok'] else 'BREACH'}</td><td>"
+        f"{'' if x['judged'] else html.escape('not judged: ' + str(x['why']))}</td></tr>"
+        for x in c["checks"])
+    verdict = ("REFUSED: nothing was published" if c.get("refused") else
+               html.escape(c.get("note") or "passed"))
+    a = c["against"]
+    return (f"<p>Against the latest table ds={html.escape(a['ds'])} (model "
+            f"{html.escape(str(a.get('model_version')))}): {verdict}.</p><table><tr><th>check"
+            f"</th><th>value</th><th>bound</th><th></th><th></th></tr>{rows}</table>")
+
+
 def build_report(ds: str, *, run_id: str, task_states: dict[str, str], p) -> tuple[str, dict]:
     """Return ``(html, summary)`` for the run from what its steps left in the bucket."""
     sections: list[tuple[str, str]] = []
@@ -193,8 +270,22 @@ def build_report(ds: str, *, run_id: str, task_states: dict[str, str], p) -> tup
             + _champion_note(metrics.get("champion_comparison") or {}, g["metric"])
             + img(plot_history(history, g["metric"]), "metric history"))
 
+    summary_extra: dict = {}
+    real = _maybe_json(layout.run_uri(ds, "monitor", "realized.json"))
+    if real:
+        add("Realized quality of the previous table", realized_section(ds, real, p))
+        metric = (real.get("trailing") or {}).get("metric", "ndcg_at_10")
+        summary_extra["realized"] = {
+            "table_ds": (real.get("table") or {}).get("ds"), "metric": metric,
+            "value": (real.get("metrics") or {}).get(metric),
+            "alert": bool((real.get("trailing") or {}).get("alert"))}
+    checks = _maybe_json(layout.run_uri(ds, "publish", "output_checks.json"))
+    if checks:
+        add("Output checks against the latest table", output_checks_section(checks))
+        summary_extra["output_checks"] = {"breaches": checks.get("breaches", []),
+                                          "refused": checks.get("refused", False)}
+
     manifest = _maybe_json(layout.manifest_uri(ds))
-    summary_extra = {}
     if manifest and manifest.get("publish_id"):
         rng = np.random.default_rng(0)
         # Seeded whole parts until report.sample_rows rows (a part is at most
