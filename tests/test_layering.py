@@ -3,8 +3,9 @@
 The rule (README, "Layout"): each role folder of the ``nightrec`` package may import only the
 roles listed for it below, and only the third-party libraries its role needs. Airflow is
 imported by ``dags/`` and ``nightrec/orchestration/`` alone; the published-table package
-(``nightrec/table/``) needs nothing beyond the standard library, pyarrow and boto3, so it installs
-alone (tests/test_reader_install.py installs it into a bare virtualenv).
+(``nightrec/table/``) needs nothing beyond the standard library, pyarrow, boto3 and
+prometheus-client, so it installs alone (tests/test_reader_install.py installs it into a bare
+virtualenv).
 """
 
 import ast
@@ -169,14 +170,17 @@ def test_nightly_dag_structure(airflow_db):
     assert dag.schedule == "0 2 * * *"
     order = ["ingest", "clean", "validate", "augment", "plan_split", "split_bucket", "split",
              "train", "evaluate", "register", "plan_shards", "score", "publish", "promote"]
-    assert set(order) | {"seen", "choose", "gate", "fallback", "load_model", "report"} == set(
-        dag.task_ids)
+    assert set(order) | {"seen", "choose", "gate", "fallback", "load_model", "report",
+                         "realized"} == set(dag.task_ids)
     for up, down in itertools.pairwise(order):
         assert down in dag.get_task(up).downstream_task_ids, (up, down)
     assert "seen" in dag.get_task("validate").downstream_task_ids  # beside augment
     assert {"seen"} == dag.get_task("choose").upstream_task_ids
     assert {"choose", "fallback", "plan_shards"} <= dag.get_task("seen").downstream_task_ids
     assert "report" in dag.get_task("publish").downstream_task_ids
+    # realized quality: after validate, beside the rest, before the report
+    assert {"validate"} == dag.get_task("realized").upstream_task_ids
+    assert {"report"} == dag.get_task("realized").downstream_task_ids
     # The champion moves only after publish: promote is downstream of both register and publish.
     assert {"register", "publish"} <= dag.get_task("promote").upstream_task_ids
     assert {"register", "fallback"} == dag.get_task("gate").downstream_task_ids

@@ -176,6 +176,26 @@ def realized_section(ds: str, r: dict, p) -> str:
             f'{plot_realized(history, metric)}">')
 
 
+def drift_section(d: dict) -> str:
+    """The report's input-drift section from validate's report (tasks/drift.py)."""
+    if not d.get("previous"):
+        return f"<p>{html.escape(d.get('note') or 'nothing to compare with')}</p>"
+
+    def num(v) -> str:
+        return "-" if v is None or abs(v) >= 1e299 else f"{v:.4g}"
+
+    rows = "".join(
+        f"<tr><td>{html.escape(c['check'])}</td><td>{num(c['value'])}</td><td>{num(c['min'])}"
+        f"</td><td>{num(c['max'])}</td><td>{html.escape(c['action'])}</td><td class="
+        f"'{'success' if c['ok'] else 'failed'}'>{'ok' if c['ok'] else 'BREACH'}</td></tr>"
+        for c in d.get("checks", []))
+    verdict = ("STOPPED the run: " + ", ".join(d["stop"]) if d.get("stop") else
+               "warnings: " + ", ".join(d["warn"]) if d.get("warn") else "no drift")
+    return (f"<p>Against ds={html.escape(d['previous'])} (the last accepted ds): "
+            f"{html.escape(verdict)}.</p><table><tr><th>check</th><th>value</th><th>min</th>"
+            f"<th>max</th><th>action</th><th></th></tr>{rows}</table>")
+
+
 def output_checks_section(c: dict) -> str:
     """The report's output-checks section from publish's output_checks.json."""
     if not c.get("against"):
@@ -227,6 +247,9 @@ def build_report(ds: str, *, run_id: str, task_states: dict[str, str], p) -> tup
             f"<p><a href=\"data_docs/index.html\">Great Expectations Data Docs</a> (beside this "
             f"report); the raw result is <code>{layout.run_uri(ds, 'validate', 'report.json')}"
             "</code>.</p>")
+
+    if val and val.get("drift"):
+        add("Input drift", drift_section(val["drift"]))
 
     hist = _maybe_json(layout.run_uri(ds, "train", "holdout", "history.json"))
     if hist:
