@@ -19,7 +19,8 @@ cutoff.
 
 Written to ``runs/ds=D/monitor/realized.json``. With ``monitor.realized.history_runs`` earlier
 figures, a drop of ``monitor.realized.metric`` by more than ``monitor.realized.max_drop``
-(relative) below their median writes an alert record (``alerts/ds=D/<run>.realized_drop.json``)
+(relative) below their median, measured on at least ``monitor.realized.min_users`` users,
+writes an alert record (``alerts/ds=D/<run>.realized_drop.json``)
 and a warning. This step never stops the run: any failure is logged and recorded in
 realized.json as ``error``.
 
@@ -47,7 +48,7 @@ from nightrec.store import layout, storage
 from nightrec.table.reader import RecommendationReader
 
 PARAMS = ["monitor.realized.metric", "monitor.realized.max_drop",
-          "monitor.realized.history_runs"]
+          "monitor.realized.history_runs", "monitor.realized.min_users"]
 NAMES = ("hit_rate", "recall", "ndcg", "mrr")
 log = logging.getLogger(__name__)
 
@@ -122,9 +123,11 @@ def realized(events: pd.DataFrame, lists: pd.DataFrame, history: pd.Series,
     return out
 
 
-def trailing(ds: str, value: float | None, *, metric: str, runs: int, max_drop: float) -> dict:
+def trailing(ds: str, value: float | None, *, metric: str, runs: int, max_drop: float,
+             users: int = 0, min_users: int = 0) -> dict:
     """The median of ``metric`` over the last ``runs`` realized.json before ``ds``, and whether
-    ``value`` dropped more than ``max_drop`` (relative) below it."""
+    ``value`` dropped more than ``max_drop`` (relative) below it; judged only on at least
+    ``min_users`` users (a handful of users' figure swings by more than any threshold)."""
     earlier = sorted({d for u in storage.list_prefixes(layout.runs_root())
                       if (d := layout.ds_of_prefix(u)) and d < ds}, reverse=True)
     values = []
@@ -138,8 +141,10 @@ def trailing(ds: str, value: float | None, *, metric: str, runs: int, max_drop: 
             break
     median = float(np.median(values)) if values else None
     drop = (1 - value / median) if median and value is not None else None
+    judged = users >= min_users
     return {"metric": metric, "runs": len(values), "median": median, "drop": drop,
-            "max_drop": max_drop, "alert": drop is not None and drop > max_drop}
+            "max_drop": max_drop, "users": users, "min_users": min_users, "judged": judged,
+            "alert": judged and drop is not None and drop > max_drop}
 
 
 def measure(ds: str, clean_uri: str, params: dict) -> dict:
@@ -207,7 +212,9 @@ def run(validated: Validated, *, run_id: str, params: dict | None = None) -> dic
             metric = str(p["monitor.realized.metric"])
             out["trailing"] = trailing(ds, (out.get("metrics") or {}).get(metric), metric=metric,
                                        runs=int(p["monitor.realized.history_runs"]),
-                                       max_drop=float(p["monitor.realized.max_drop"]))
+                                       max_drop=float(p["monitor.realized.max_drop"]),
+                                       users=int(out.get("users") or 0),
+                                       min_users=int(p["monitor.realized.min_users"]))
             if out["trailing"]["alert"]:
                 t = out["trailing"]
                 what = (f"realized {metric} {out['metrics'][metric]:.4f} of the ds="

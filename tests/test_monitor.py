@@ -56,6 +56,22 @@ def test_realized_figures_on_a_case_with_a_known_answer():
     assert sum(seg[f"activity_t{i}"]["users"] for i in (1, 2, 3)) == 3
 
 
+def test_a_drop_below_the_trailing_median_is_judged_on_enough_users(bucket):
+    for ds, value in (("2026-06-01", 0.30), ("2026-06-02", 0.20), ("2026-06-03", 0.25)):
+        storage.write_json(layout.run_uri(ds, "monitor", "realized.json"),
+                           {"ds": ds, "metrics": {"ndcg_at_10": value}})
+    storage.write_json(layout.run_uri("2026-06-04", "monitor", "realized.json"),
+                       {"ds": "2026-06-04", "error": "not measured"})  # no figure: skipped
+    kw = dict(metric="ndcg_at_10", runs=2, max_drop=0.2, min_users=200)
+    t = realized.trailing("2026-06-05", 0.17, users=500, **kw)
+    assert t["runs"] == 2 and t["median"] == pytest.approx(0.225)  # the last two with figures
+    assert t["drop"] == pytest.approx(1 - 0.17 / 0.225) and t["alert"] is True
+    assert realized.trailing("2026-06-05", 0.19, users=500, **kw)["alert"] is False
+    few = realized.trailing("2026-06-05", 0.05, users=50, **kw)
+    assert few["judged"] is False and few["alert"] is False
+    assert realized.trailing("2026-06-01", 0.1, users=500, **kw)["runs"] == 0
+
+
 def _independent(ds: str, table_ds: str, k: int) -> dict:
     """The realized figures of ``table_ds``'s table on ``ds``'s new events, computed here with
     plain Python from the run's clean table and the table as a reader reads it."""
@@ -153,6 +169,8 @@ def test_a_replay_of_generated_days_measures_each_table_on_the_next_days_events(
     (summary,) = [x for x in cli.run_summaries(5) if x["ds"] == DAYS[2]]
     assert summary["realized"] == {"table_ds": DAYS[1], "metric": "ndcg_at_10", "alert": False,
                                    "value": last["metrics"]["ndcg_at_10"]}
+    # tens of users a day here: below monitor.realized.min_users, a drop is not judged
+    assert last["trailing"]["judged"] is False and last["users"] < 200
     assert summary["output_checks"] == {"breaches": [], "refused": False}
     cell = cli.realized_cell(summary["realized"])
     assert cell == f"ndcg_at_10 {last['metrics']['ndcg_at_10']:.4f} (table {DAYS[1]})"

@@ -339,7 +339,7 @@ def build_report(ds: str, *, run_id: str, task_states: dict[str, str], p) -> tup
             f"popularity of recommended items {rec_pop.mean():.1f} vs catalogue "
             f"{pop.mean():.1f}.</p>" + img(plot_scores(recs[schema.SCORE].to_numpy()), "scores")
             + img(plot_popularity(rec_pop, pop.to_numpy()), "popularity"))
-        summary_extra = {"rows": manifest["rows"], "model_version": manifest["model_version"]}
+        summary_extra.update(rows=manifest["rows"], model_version=manifest["model_version"])
     else:
         add("Published recommendations", "<p>Nothing was published by this run.</p>")
     if manifest and manifest.get("publish_id"):
