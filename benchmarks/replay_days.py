@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--days", type=int, default=30)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--json-out", type=Path)
+    ap.add_argument("--screenshot", type=Path, help="render the last night's report here (PNG, "
+                    "headless Chromium)")
     args = ap.parse_args(argv)
 
     from nightrec.core import settings
@@ -110,6 +112,18 @@ def main(argv: list[str] | None = None) -> int:
                   f"output {row['output_breaches'] or 'ok'}", flush=True)
             if run.returncode not in (0, 3):
                 print(run.stderr[-2000:], flush=True)
+        if args.screenshot:
+            import shutil
+
+            page = work / "report.html"
+            page.write_bytes(storage.read_bytes(layout.report_uri(days[-1], "report.html")))
+            chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+            subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu",
+                            "--no-first-run", f"--user-data-dir={work / 'chromium'}",
+                            "--virtual-time-budget=5000", f"--screenshot={args.screenshot}",
+                            "--window-size=1000,4400", page.as_uri()], check=True,
+                           capture_output=True, timeout=120)
+            print(f"report of ds={days[-1]} rendered to {args.screenshot}")
     finally:
         s3server.down(s3server.ServerConfig.from_env())
     measured = [r for r in rows if r["ndcg_at_10"] is not None]
