@@ -321,15 +321,20 @@ def test_tune_dag_searches_the_declared_space_and_records_trials(first_run):
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+def chromium_flags(tmp_path: Path) -> list[str]:
+    """Headless Chromium with a private profile, nothing fetched, 5 s of virtual time."""
+    return [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+            "--no-first-run", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+            "--virtual-time-budget=5000"]
+
+
 @pytest.mark.service("chromium", available=CHROMIUM is not None,
                      reason="no chromium or chromium-browser on PATH (Debian's chromium)")
 def test_report_renders_with_its_plots_in_headless_chromium(first_run, tmp_path):
     page = tmp_path / "report.html"
     page.write_bytes(storage.read_bytes(storage.s3_uri(f"reports/ds={DS1}/report.html")))
-    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-             "--no-first-run", "--disable-background-networking", "--disable-component-update",
-             "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
-             "--virtual-time-budget=5000"]
+    flags = chromium_flags(tmp_path)
     dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True,
                          timeout=120, check=True).stdout
     assert 'data-plots-rendered="5"' in dom

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ from nightrec.ops import cli
 from nightrec.store import layout, storage
 from nightrec.table.reader import RecommendationReader
 from nightrec.tasks import realized
+from tests.test_e2e import CHROMIUM, chromium_flags
 
 NIGHTREC = str(Path(sys.executable).parent / "nightrec")
 
@@ -103,7 +103,6 @@ def _independent(ds: str, table_ds: str, k: int) -> dict:
             **{f"{n}_at_10": float(np.mean(v)) for n, v in per_user.items()}}
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # the sample's users are active over windows starting in the first 70% of its 200 days
 # (2026-05-01 on): from day 120 on events are densest
 DAYS = ["2026-08-29", "2026-08-30", "2026-08-31"]
@@ -183,10 +182,7 @@ def test_a_replay_of_generated_days_measures_each_table_on_the_next_days_events(
 def test_the_report_renders_the_monitoring_sections_in_headless_chromium(replay, tmp_path):
     page = tmp_path / "report.html"
     page.write_bytes(storage.read_bytes(layout.report_uri(DAYS[2], "report.html")))
-    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-             "--no-first-run", "--disable-background-networking", "--disable-component-update",
-             "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
-             "--virtual-time-budget=5000"]
+    flags = chromium_flags(tmp_path)
     dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True,
                          timeout=120, check=True).stdout
     for title in ("Realized quality of the previous table", "Input drift",

@@ -103,14 +103,18 @@ def plot_popularity(rec_pop: np.ndarray, cat_pop: np.ndarray) -> str:
     return _png(fig)
 
 
+def _run_days(ds: str, step: str, name: str, n: int) -> list[str]:
+    """The last ``n`` ds up to ``ds`` whose run holds ``runs/ds=<day>/<step>/<name>``."""
+    days = sorted({day for u in storage.list_uris(layout.runs_root())
+                   if (day := layout.ds_of_run_key(u)) and u == layout.run_uri(day, step, name)})
+    return [d for d in days if d <= ds][-n:]
+
+
 def metric_history(ds: str, metric: str, n: int) -> list[dict]:
     """``[{"ds", "model", "champion", "popularity"}]`` for up to n runs up to ds with metrics
     (``champion`` is None for a run that had no champion to compare with)."""
-    days = sorted({day for u in storage.list_uris(layout.runs_root())
-                   if (day := layout.ds_of_run_key(u))
-                   and u == layout.run_uri(day, "evaluate", "metrics.json")})
     rows = []
-    for day in [d for d in days if d <= ds][-n:]:
+    for day in _run_days(ds, "evaluate", "metrics.json", n):
         m = storage.read_json(layout.run_uri(day, "evaluate", "metrics.json"))
         rows.append({"ds": day, "model": m["model"][metric], "popularity": m["popularity"][metric],
                      "champion": m.get("champion", {}).get(metric)})
@@ -119,11 +123,8 @@ def metric_history(ds: str, metric: str, n: int) -> list[dict]:
 
 def realized_history(ds: str, metric: str, n: int) -> list[dict]:
     """``[{"ds", "value", "table_ds"}]`` for up to n runs up to ds with realized figures."""
-    days = sorted({day for u in storage.list_uris(layout.runs_root())
-                   if (day := layout.ds_of_run_key(u))
-                   and u == layout.run_uri(day, "monitor", "realized.json")})
     rows = []
-    for day in [d for d in days if d <= ds][-n:]:
+    for day in _run_days(ds, "monitor", "realized.json", n):
         r = storage.read_json(layout.run_uri(day, "monitor", "realized.json"))
         value = (r.get("metrics") or {}).get(metric)
         if value is not None:
