@@ -290,7 +290,9 @@ def test_forget_erases_the_user_from_retained_data_and_keeps_indices(bucket, sta
                for e in dry["found"]["run_tables"]}
     assert actions == {"bucket=000/part-0.parquet": "drop_rows",  # clean bucket: the seen table
                        "augment/user_features.parquet": "tombstone",
-                       "clean/quarantine.parquet": "drop_rows"}
+                       "clean/quarantine.parquet": "drop_rows",
+                       # the output checks' sample of top-10 lists (tasks/output_checks.py)
+                       "publish/output_summary.parquet": "drop_rows"}
     assert dry["found"]["models"] == [{"model_version": MODEL,
                                        "uri": registry.model_prefix(MODEL) + "users.parquet",
                                        "user_idx": [52]}]
@@ -333,6 +335,8 @@ def test_forget_erases_the_user_from_retained_data_and_keeps_indices(bucket, sta
     assert (feats.drop(7)["age"] == 30.0).all() and len(feats) == 60
     q = storage.read_parquet(layout.run_uri(DS, "clean", "quarantine.parquet"))
     assert q["user_id"].tolist() == ["u00001"]
+    sampled = storage.read_parquet(layout.run_uri(DS, "publish", "output_summary.parquet"))
+    assert USER not in set(sampled["user_id"]) and len(sampled)
     # the model: a tombstone at the user's index, zeros in its embedding row only
     users = storage.read_parquet(registry.model_prefix(MODEL) + "users.parquet")
     assert users.loc[52, "user_id"] == retention.tombstone(USER) and len(users) == 60
