@@ -85,18 +85,9 @@ EXACT_MAX_CELLS = 5_000_000_000  # users x items up to which ``--generator auto`
 CLUSTERS = 1024  # item clusters of the linear-time generator
 
 
-def interactions(
-    *,
-    rows: int,
-    users: int,
-    items: int,
-    seed: int,
-    days: int = 200,
-    n_factors: int = 8,
-    temperature: float = 0.25,
-    chunk: int = 2048,
-    clusters: int = 0,
-):
+def interactions(*, rows: int, users: int, items: int, seed: int, days: int = 200,
+                 n_factors: int = 8, temperature: float = 0.25, chunk: int = 2048,
+                 clusters: int = 0):
     """``(user, item, rating, timestamp)`` int arrays, about ``rows`` events, no repeated pair.
 
     The model of ``tasks.sample_data`` (unit-norm user and item factors, a user picks items with
@@ -125,11 +116,11 @@ def interactions(
     counts = np.maximum(5, np.round(activity / activity.sum() * rows)).astype(np.int64)
     counts = np.minimum(counts, items // 4)
     if clusters:
-        u, i, a = _clustered(
-            rng, user_f, item_f, log_pop, counts, clusters=clusters, temperature=temperature
-        )
+        u, i, a = _clustered(rng, user_f, item_f, log_pop, counts, clusters=clusters,
+                             temperature=temperature)
     else:
-        u, i, a = _exact(rng, user_f, item_f, log_pop, counts, temperature=temperature, chunk=chunk)
+        u, i, a = _exact(rng, user_f, item_f, log_pop, counts, temperature=temperature,
+                         chunk=chunk)
     rating = np.clip(np.round(3.2 + 2.2 * a + rng.normal(scale=0.7, size=a.size)), 1, 5)
     t0 = dt.datetime.fromisoformat(DS).replace(tzinfo=dt.UTC).timestamp() - days * 86400
     user_start = rng.uniform(0, 0.7, size=users) * days * 86400
@@ -211,9 +202,8 @@ def _clustered(rng, user_f, item_f, log_pop, counts, *, clusters, temperature, c
     return np.concatenate(out_u), np.concatenate(out_i), np.concatenate(out_a)
 
 
-def generate(
-    out: Path, *, rows: int, users: int, items: int, files: int, seed: int, generator: str = "auto"
-) -> None:
+def generate(out: Path, *, rows: int, users: int, items: int, files: int, seed: int,
+             generator: str = "auto") -> None:
     """Child mode: generate and upload the snapshot (env points at the private S3)."""
     import numpy as np
     import pandas as pd
@@ -227,49 +217,28 @@ def generate(
     if generator == "auto":
         generator = "exact" if users * items <= EXACT_MAX_CELLS else "clusters"
     clusters = CLUSTERS if generator == "clusters" else 0
-    u, i, rating, ts, item_f = interactions(
-        rows=rows, users=users, items=items, seed=seed, clusters=clusters
-    )
-    print(
-        f"generated {len(u):,} events in {time.perf_counter() - t0:.0f} s ({generator}"
-        + (f", {clusters} item clusters" if clusters else "")
-        + ")",
-        flush=True,
-    )
+    u, i, rating, ts, item_f = interactions(rows=rows, users=users, items=items, seed=seed,
+                                            clusters=clusters)
+    print(f"generated {len(u):,} events in {time.perf_counter() - t0:.0f} s ({generator}"
+          + (f", {clusters} item clusters" if clusters else "") + ")", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     order = np.random.default_rng(seed).permutation(len(u))  # files are not time-sorted
-    table = pa.table(
-        {
-            "user_id": u[order] + 1,
-            "item_id": i[order] + 1,
-            "rating": rating[order],
-            "timestamp": ts[order],
-        }
-    )
+    table = pa.table({"user_id": u[order] + 1, "item_id": i[order] + 1,
+                      "rating": rating[order], "timestamp": ts[order]})
     del u, i, rating, ts, order
     rng = np.random.default_rng(seed + 1)
     genres = sample_data.GENRES
     dominant, second = np.argmax(item_f, axis=1), np.argsort(item_f, axis=1)[:, -2]
-    items_df = pd.DataFrame(
-        {
-            "item_id": np.arange(1, items + 1),
-            "title": [f"Item {k}" for k in range(1, items + 1)],
-            "year": rng.integers(1950, 2026, size=items),
-            "genres": [
-                f"{genres[d % len(genres)]} {genres[(s + 7) % len(genres)]}"
-                for d, s in zip(dominant, second, strict=True)
-            ],
-        }
-    )
-    users_df = pd.DataFrame(
-        {
-            "user_id": np.arange(1, users + 1),
-            "age": rng.integers(15, 75, size=users),
-            "gender": rng.choice(["F", "M"], size=users),
-            "occupation": rng.choice(sample_data.OCCUPATIONS, size=users),
-            "zip_code": [f"{z:05d}" for z in rng.integers(0, 99999, size=users)],
-        }
-    )
+    items_df = pd.DataFrame({
+        "item_id": np.arange(1, items + 1), "title": [f"Item {k}" for k in range(1, items + 1)],
+        "year": rng.integers(1950, 2026, size=items),
+        "genres": [f"{genres[d % len(genres)]} {genres[(s + 7) % len(genres)]}"
+                   for d, s in zip(dominant, second, strict=True)]})
+    users_df = pd.DataFrame({
+        "user_id": np.arange(1, users + 1), "age": rng.integers(15, 75, size=users),
+        "gender": rng.choice(["F", "M"], size=users),
+        "occupation": rng.choice(sample_data.OCCUPATIONS, size=users),
+        "zip_code": [f"{z:05d}" for z in rng.integers(0, 99999, size=users)]})
     step = -(-table.num_rows // files)
     for k in range(files):
         path = out / f"part-{k:03d}.parquet"
@@ -307,15 +276,10 @@ def quality(params_path: Path) -> dict:
 
     params = yaml.safe_load(params_path.read_text())
     cols = [schema.USER_IDX, schema.ITEM_IDX, schema.LABEL]
-    parts = {
-        n: split.read_part(layout.bucketed_prefix(DS, "split", n), columns=cols)
-        for n in split.PARTS
-    }
-    shipped = dict(
-        np.load(
-            io.BytesIO(storage.read_bytes(layout.run_uri(DS, "train", "full", "embeddings.npz")))
-        )
-    )
+    parts = {n: split.read_part(layout.bucketed_prefix(DS, "split", n), columns=cols)
+             for n in split.PARTS}
+    shipped = dict(np.load(io.BytesIO(storage.read_bytes(
+        layout.run_uri(DS, "train", "full", "embeddings.npz")))))
     n_items = int(shipped["item_bias"].shape[0])
     n_users = max(int(parts[n][schema.USER_IDX].max()) + 1 for n in split.PARTS)
     if "user" in shipped:
@@ -325,20 +289,15 @@ def quality(params_path: Path) -> dict:
     known = pd.concat([parts["train"], parts["valid"]], ignore_index=True)
     seen, users, rel = evaluate.targets(known, parts["test"], n_users=n_users, n_items=n_items)
     pos = known[known[schema.LABEL] == 1]
-    x = sparse.csr_matrix(
-        (
-            np.ones(len(pos), np.float32),
-            (pos[schema.USER_IDX].to_numpy(), pos[schema.ITEM_IDX].to_numpy()),
-        ),
-        shape=(n_users, n_items),
-    )
+    x = sparse.csr_matrix((np.ones(len(pos), np.float32),
+                           (pos[schema.USER_IDX].to_numpy(), pos[schema.ITEM_IDX].to_numpy())),
+                          shape=(n_users, n_items))
     x.sum_duplicates()
     x.data[:] = 1.0
 
     def ndcg(emb: dict) -> float:
         return metrics.all_metrics(evaluate.recommend(emb, seen, users, 10), rel, [10])[
-            "ndcg_at_10"
-        ]
+            "ndcg_at_10"]
 
     out = {"test_users": int(len(users)), "train_pairs": int(x.nnz)}
     if "user" in shipped:  # a factor export: align it to the split's user count
@@ -349,89 +308,56 @@ def quality(params_path: Path) -> dict:
     t = params["train"]["ials"]
     # train.ials.regularization is searched on the valid sample in the run: the peer gets the
     # value the run chose (selection.json), else the list's first (never a test-split choice)
-    chosen = (
-        storage.read_json(layout.run_uri(DS, "train", "selection.json"))["candidates"]
-        .get("ials", {})
-        .get("regularization")
-    )
+    chosen = storage.read_json(layout.run_uri(DS, "train", "selection.json"))[
+        "candidates"].get("ials", {}).get("regularization")
     regs = t["regularization"] if isinstance(t["regularization"], list) else [t["regularization"]]
-    kw = dict(
-        factors=int(t["factors"]),
-        iterations=int(t["iterations"]),
-        regularization=float(chosen if chosen is not None else regs[0]),
-        alpha=float(t["alpha"]),
-    )
+    kw = dict(factors=int(t["factors"]), iterations=int(t["iterations"]),
+              regularization=float(chosen if chosen is not None else regs[0]),
+              alpha=float(t["alpha"]))
     out["ials_regularization"] = kw["regularization"]
     als = implicit.cpu.als.AlternatingLeastSquares(random_state=int(params["seed"]), **kw)
     als.cg_steps = int(t["cg_steps"])
     t0 = time.perf_counter()
     als.fit(x, show_progress=False)
     secs = time.perf_counter() - t0
-    out["implicit_ials"] = {
-        "ndcg_at_10": ndcg(
-            {
-                "user": als.user_factors,
-                "item": als.item_factors,
-                "item_bias": np.zeros(n_items, np.float32),
-            }
-        ),
-        "fit_s": secs,
-        "s_per_iteration": secs / kw["iterations"],
-        "version": implicit.__version__,
-    }
+    out["implicit_ials"] = {"ndcg_at_10": ndcg({"user": als.user_factors,
+                                                "item": als.item_factors,
+                                                "item_bias": np.zeros(n_items, np.float32)}),
+                            "fit_s": secs, "s_per_iteration": secs / kw["iterations"],
+                            "version": implicit.__version__}
     coo = x.tocoo()
     t0 = time.perf_counter()
-    mine, hist = ials.fit(
-        coo.row,
-        coo.col,
-        None,
-        n_users=n_users,
-        n_items=n_items,
-        cg_steps=int(t["cg_steps"]),
-        seed=int(params["seed"]),
-        **kw,
-    )
+    mine, hist = ials.fit(coo.row, coo.col, None, n_users=n_users, n_items=n_items,
+                          cg_steps=int(t["cg_steps"]), seed=int(params["seed"]), **kw)
     secs = time.perf_counter() - t0
-    out["nightrec_ials"] = {
-        "ndcg_at_10": ndcg(mine),
-        "fit_s": secs,
-        "s_per_iteration": float(np.mean(hist["iteration_s"])),
-        "kernel": hist["kernel"],
-    }
+    out["nightrec_ials"] = {"ndcg_at_10": ndcg(mine), "fit_s": secs,
+                            "s_per_iteration": float(np.mean(hist["iteration_s"])),
+                            "kernel": hist["kernel"]}
     e = params["train"]["ease"]
     t0 = time.perf_counter()
     gram = (x.T @ x).toarray().astype(np.float32)
     diag = np.diag(gram).copy()
-    gram[np.diag_indices(n_items)] += (
-        float(e["l2"]) + float(e["dropout"]) / (1.0 - float(e["dropout"])) * diag
-    )
+    gram[np.diag_indices(n_items)] += float(e["l2"]) + float(e["dropout"]) / (
+        1.0 - float(e["dropout"])) * diag
     p_inv = np.linalg.inv(gram)
     del gram
     b = p_inv / (-np.diag(p_inv))[None, :]
     del p_inv
     np.fill_diagonal(b, 0.0)
-    out["ease_all_items"] = {
-        "ndcg_at_10": ndcg({"item_item": b, "item_bias": np.zeros(n_items, np.float32)}),
-        "fit_s": time.perf_counter() - t0,
-        "l2": e["l2"],
-        "dropout": e["dropout"],
-    }
+    out["ease_all_items"] = {"ndcg_at_10": ndcg({"item_item": b,
+                                                  "item_bias": np.zeros(n_items, np.float32)}),
+                             "fit_s": time.perf_counter() - t0, "l2": e["l2"],
+                             "dropout": e["dropout"]}
     del b
     best = max(out["implicit_ials"]["ndcg_at_10"], out["ease_all_items"]["ndcg_at_10"])
     out["shipped_over_best_baseline"] = out["nightrec_shipped"]["ndcg_at_10"] / best
     print("quality on the run's test split (ndcg@10, same users, train + valid excluded):")
     for name in ("nightrec_shipped", "nightrec_ials", "implicit_ials", "ease_all_items"):
-        extra = {
-            k: (round(v, 2) if isinstance(v, float) else v)
-            for k, v in out[name].items()
-            if k != "ndcg_at_10"
-        }
+        extra = {k: (round(v, 2) if isinstance(v, float) else v)
+                 for k, v in out[name].items() if k != "ndcg_at_10"}
         print(f"  {name:18s} {out[name]['ndcg_at_10']:.4f}  {extra}")
-    print(
-        f"  shipped / max(implicit iALS, EASE) = {out['shipped_over_best_baseline']:.3f} "
-        f"on {out['test_users']:,} test users",
-        flush=True,
-    )
+    print(f"  shipped / max(implicit iALS, EASE) = {out['shipped_over_best_baseline']:.3f} "
+          f"on {out['test_users']:,} test users", flush=True)
     return out
 
 
@@ -452,22 +378,16 @@ def _log_time(line: str) -> float | None:
 class Monitor:
     """Follows the run log and samples RSS every ``interval`` s until the run exits."""
 
-    def __init__(
-        self,
-        proc,
-        weed_pid: int | None,
-        log_path: Path,
-        interval: float = 0.2,
-        trace: Path | None = None,
-    ):
+    def __init__(self, proc, weed_pid: int | None, log_path: Path, interval: float = 0.2,
+                 trace: Path | None = None):
         import psutil
 
         self.proc = psutil.Process(proc.pid)
         self.weed = psutil.Process(weed_pid) if weed_pid else None
         self.popen, self.log_path, self.interval = proc, log_path, interval
         self.running: dict[str, float] = {}  # task key -> seen start (wall clock)
-        self.tasks: dict[str, dict] = {}  # task key -> start, end, peak, order
-        self.outside_peak = 0  # samples with no task running (DAG parse, db...)
+        self.tasks: dict[str, dict] = {}      # task key -> start, end, peak, order
+        self.outside_peak = 0                 # samples with no task running (DAG parse, db...)
         self.tree_peak = 0
         self.all_peak = 0
         self.weed_peak = 0
@@ -495,9 +415,8 @@ class Monitor:
                 task, idx = m.group(1), int(m.group(2))
                 key = task if idx < 0 else f"{task}[{idx}]"
                 t = _log_time(line)
-                rec = self.tasks.setdefault(
-                    key, {"task": task, "order": len(self.tasks), "peak": 0}
-                )
+                rec = self.tasks.setdefault(key, {"task": task, "order": len(self.tasks),
+                                                  "peak": 0})
                 if kind == "start":
                     rec.update(start=t or now, start_seen=now)
                     self.running[key] = now
@@ -542,41 +461,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--items", type=int, default=20_000)
     parser.add_argument("--files", type=int, default=4, help="Parquet parts in the snapshot")
     parser.add_argument("--seed", type=int, default=20261128)
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a params.yaml override (printed beside every figure); none by default",
-    )
-    parser.add_argument(
-        "--baselines",
-        choices=["auto", "on", "off"],
-        default="auto",
-        help="quality against implicit's iALS and EASE on the run's own split "
-        "(auto: up to 20M events)",
-    )
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a params.yaml override (printed beside every figure); none by default")
+    parser.add_argument("--baselines", choices=["auto", "on", "off"], default="auto",
+                        help="quality against implicit's iALS and EASE on the run's own split "
+                             "(auto: up to 20M events)")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, state)")
     parser.add_argument("--json-out", type=Path, help="also write the figures here")
-    parser.add_argument(
-        "--generator",
-        choices=["auto", "exact", "clusters"],
-        default="auto",
-        help="exact: per-item softmax, users x items work; clusters: linear in "
-        "events; auto: exact up to 5e9 users x items",
-    )
+    parser.add_argument("--generator", choices=["auto", "exact", "clusters"], default="auto",
+                        help="exact: per-item softmax, users x items work; clusters: linear in "
+                        "events; auto: exact up to 5e9 users x items")
     parser.add_argument("--generate", type=Path, help=argparse.SUPPRESS)  # child mode
     args = parser.parse_args(argv)
     if args.generate:
-        generate(
-            args.generate,
-            rows=args.interactions,
-            users=args.users,
-            items=args.items,
-            files=args.files,
-            seed=args.seed,
-            generator=args.generator,
-        )
+        generate(args.generate, rows=args.interactions, users=args.users, items=args.items,
+                 files=args.files, seed=args.seed, generator=args.generator)
         return 0
     from nightrec.dev.bench_scoring import machine
 
@@ -586,123 +485,63 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="nightrec-bench-dag-"))
     ports = s3server.free_port_pairs(5)
-    cfg = s3server.ServerConfig(
-        data_dir=work / "s3",
-        s3_port=ports[0],
-        master_port=ports[1],
-        volume_port=ports[2],
-        filer_port=ports[3],
-        admin_port=ports[4],
-        bucket="nightrec-bench",
-    )
+    cfg = s3server.ServerConfig(data_dir=work / "s3", s3_port=ports[0], master_port=ports[1],
+                                volume_port=ports[2], filer_port=ports[3], admin_port=ports[4],
+                                bucket="nightrec-bench")
     params_path = work / "params.yaml"
     ov = write_params(params_path, args)
-    print(
-        f"work dir {work}; params.yaml as shipped"
-        + (f", with overrides (in {params_path}):" if ov else " (no override)")
-    )
+    print(f"work dir {work}; params.yaml as shipped" + (
+        f", with overrides (in {params_path}):" if ov else " (no override)"))
     for key, value, why in ov:
         print(f"  {key} = {value}: {why}")
     target_s, target_gb = targets(args.interactions)
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k
-        not in (
-            "S3_ENDPOINT_URL",
-            "AWS_ACCESS_KEY_ID",
-            "AWS_SECRET_ACCESS_KEY",
-            "AWS_PROFILE",
-            "NIGHTREC_PARAMS",
-            "NIGHTREC_BUCKET",
-            "AIRFLOW_HOME",
-        )
-    }
-    env.update(
-        NIGHTREC_STATE=str(work / "state"),
-        NIGHTREC_PARAMS=str(params_path),
-        NIGHTREC_BUCKET=cfg.bucket,
-        GX_ANALYTICS_ENABLED="false",
-        PYTHONPATH=str(ROOT),
-        TF_CPP_MIN_LOG_LEVEL="2",
-    )
+    env = {k: v for k, v in os.environ.items() if k not in (
+        "S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE",
+        "NIGHTREC_PARAMS", "NIGHTREC_BUCKET", "AIRFLOW_HOME")}
+    env.update(NIGHTREC_STATE=str(work / "state"), NIGHTREC_PARAMS=str(params_path),
+               NIGHTREC_BUCKET=cfg.bucket, GX_ANALYTICS_ENABLED="false", PYTHONPATH=str(ROOT),
+               TF_CPP_MIN_LOG_LEVEL="2")
     os.environ.update(env)  # so that s3server reads this bucket
     s3server.up(cfg)
     weed_pid = int(cfg.pid_file.read_text())
-    figures: dict = {
-        "interactions": args.interactions,
-        "users": args.users,
-        "items": args.items,
-        "overrides": {k: v for k, v, _ in ov},
-    }
+    figures: dict = {"interactions": args.interactions, "users": args.users, "items": args.items,
+                     "overrides": {k: v for k, v, _ in ov}}
     try:
         env.update(s3server.client_env(cfg))
         os.environ.update(env)
         storage._client.cache_clear()
         t0 = time.perf_counter()
-        subprocess.run(
-            [
-                sys.executable,
-                str(Path(__file__).resolve()),
-                "--generate",
-                str(work / "input"),
-                "--interactions",
-                str(args.interactions),
-                "--users",
-                str(args.users),
-                "--items",
-                str(args.items),
-                "--files",
-                str(args.files),
-                "--seed",
-                str(args.seed),
-                "--generator",
-                args.generator,
-            ],
-            env=env,
-            check=True,
-        )
+        subprocess.run([sys.executable, str(Path(__file__).resolve()), "--generate",
+                        str(work / "input"), "--interactions", str(args.interactions),
+                        "--users", str(args.users), "--items", str(args.items),
+                        "--files", str(args.files), "--seed", str(args.seed),
+                        "--generator", args.generator],
+                       env=env, check=True)
         figures["generate_s"] = time.perf_counter() - t0
         print(f"input ready in {figures['generate_s']:.0f} s (not counted)", flush=True)
 
         state = work / "state"
         log_path = work / "run.log"
         result_path = work / "result.json"
-        cmd = [
-            sys.executable,
-            str(ROOT / "scripts" / "run_dag.py"),
-            "--ds",
-            DS,
-            "--conf",
-            json.dumps({"force_publish": False}),
-            "--state",
-            str(state),
-            "--result-file",
-            str(result_path),
-        ]
+        cmd = [sys.executable, str(ROOT / "scripts" / "run_dag.py"), "--ds", DS,
+               "--conf", json.dumps({"force_publish": False}), "--state", str(state),
+               "--result-file", str(result_path)]
         # the Airflow metadata DB is migrated before the run (run_dag.py does it once per state
         # dir): it is setup, not part of a night's run
-        migrate_env = {
-            **env,
-            "AIRFLOW_HOME": str(work / "state" / "airflow"),
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{work / 'state' / 'airflow'}/airflow.db",
-        }
+        migrate_env = {**env, "AIRFLOW_HOME": str(work / "state" / "airflow"),
+                       "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN":
+                           f"sqlite:///{work / 'state' / 'airflow'}/airflow.db"}
         (work / "state" / "airflow").mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        subprocess.run(
-            [str(Path(sys.executable).parent / "airflow"), "db", "migrate"],
-            env=migrate_env,
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
+        subprocess.run([str(Path(sys.executable).parent / "airflow"), "db", "migrate"],
+                       env=migrate_env, check=True, stdout=subprocess.DEVNULL)
         (work / "state" / "airflow" / ".migrated").write_text("ok")
         print(f"airflow db migrate in {time.perf_counter() - t0:.0f} s (not counted)", flush=True)
 
         t0 = time.perf_counter()
         with open(log_path, "w") as log:
-            proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT)
-            )
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                    cwd=str(ROOT))
             mon = Monitor(proc, weed_pid, log_path, trace=work / "rss.tsv")
             th = threading.Thread(target=mon.run, daemon=True)
             th.start()
@@ -711,33 +550,24 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(1.0)
                 if time.perf_counter() - last > 30:
                     last = time.perf_counter()
-                    print(
-                        f"  t={time.perf_counter() - t0:5.0f} s running "
-                        f"{sorted(mon.running) or '-'} tree RSS peak "
-                        f"{mon.tree_peak / 2**30:.2f} GB",
-                        flush=True,
-                    )
+                    print(f"  t={time.perf_counter() - t0:5.0f} s running "
+                          f"{sorted(mon.running) or '-'} tree RSS peak "
+                          f"{mon.tree_peak / 2**30:.2f} GB", flush=True)
             th.join()
         wall = time.perf_counter() - t0
         result = json.loads(result_path.read_text()) if result_path.exists() else None
-        figures.update(
-            total_s=wall,
-            tree_peak_gb=mon.tree_peak / 2**30,
-            all_peak_gb=mon.all_peak / 2**30,
-            weed_peak_gb=mon.weed_peak / 2**30,
-            outside_tasks_peak_gb=mon.outside_peak / 2**30,
-            exit=proc.returncode,
-            result=result,
-        )
+        figures.update(total_s=wall, tree_peak_gb=mon.tree_peak / 2**30,
+                       all_peak_gb=mon.all_peak / 2**30, weed_peak_gb=mon.weed_peak / 2**30,
+                       outside_tasks_peak_gb=mon.outside_peak / 2**30, exit=proc.returncode,
+                       result=result)
         rows = []
         covered = 0.0
         for key, rec in sorted(mon.tasks.items(), key=lambda kv: kv[1]["order"]):
             secs = rec["end"] - rec["start"] if "end" in rec and "start" in rec else None
             covered += secs or 0.0
             state_ = (result or {}).get("tasks", {}).get(rec["task"], "?")
-            rows.append(
-                {"task": key, "wall_s": secs, "peak_rss_gb": rec["peak"] / 2**30, "state": state_}
-            )
+            rows.append({"task": key, "wall_s": secs, "peak_rss_gb": rec["peak"] / 2**30,
+                         "state": state_})
         figures["tasks"] = rows
         figures["outside_tasks_s"] = wall - covered
         print()
@@ -746,18 +576,14 @@ def main(argv: list[str] | None = None) -> int:
             w = f"{r['wall_s']:8.1f}" if r["wall_s"] is not None else "       ?"
             peak = f"{r['peak_rss_gb']:12.2f}" if r["peak_rss_gb"] else f"{'(no sample)':>12s}"
             print(f"{r['task']:16s} {w} {peak}  {r['state']}")
-        print(
-            f"{'(outside tasks)':16s} {wall - covered:8.1f} {mon.outside_peak / 2**30:12.2f}  "
-            "DAG parse, dag.test() setup, scheduling between tasks"
-        )
+        print(f"{'(outside tasks)':16s} {wall - covered:8.1f} {mon.outside_peak / 2**30:12.2f}  "
+              "DAG parse, dag.test() setup, scheduling between tasks")
         ok = wall <= target_s and mon.all_peak / 2**30 <= target_gb
-        print(
-            f"total {wall:.0f} s ({wall / 60:.1f} min) wall; peak RSS of the DAG process tree "
-            f"{mon.tree_peak / 2**30:.2f} GB; with SeaweedFS {mon.all_peak / 2**30:.2f} GB "
-            f"(SeaweedFS alone peaked at {mon.weed_peak / 2**30:.2f} GB). Targets <= "
-            f"{target_s / 60:.0f} min and <= {target_gb:.0f} GB with SeaweedFS: "
-            f"{'met' if ok else 'MISSED'}"
-        )
+        print(f"total {wall:.0f} s ({wall / 60:.1f} min) wall; peak RSS of the DAG process tree "
+              f"{mon.tree_peak / 2**30:.2f} GB; with SeaweedFS {mon.all_peak / 2**30:.2f} GB "
+              f"(SeaweedFS alone peaked at {mon.weed_peak / 2**30:.2f} GB). Targets <= "
+              f"{target_s / 60:.0f} min and <= {target_gb:.0f} GB with SeaweedFS: "
+              f"{'met' if ok else 'MISSED'}")
         if result is None or proc.returncode != 0:
             print(f"run exit {proc.returncode}; result {result}; log tail:")
             print("".join(log_path.read_text(errors="replace").splitlines(True)[-60:]))
@@ -770,18 +596,15 @@ def main(argv: list[str] | None = None) -> int:
                 print("evaluate:", json.dumps(metrics)[:1500])
                 m = storage.read_json(layout.manifest_uri(DS))
                 figures["manifest"] = {k: m.get(k) for k in ("rows", "users", "model_version")}
-                print(
-                    f"published {m['rows']:,} rows for {m['users']:,} users, model "
-                    f"{m['model_version']}"
-                )
+                print(f"published {m['rows']:,} rows for {m['users']:,} users, model "
+                      f"{m['model_version']}")
                 sel = storage.read_json(layout.run_uri(DS, "train", "selection.json"))
                 figures["selection"] = sel
                 print("selection:", json.dumps(sel))
             except Exception as e:  # noqa: BLE001 - report what is there
                 print(f"(could not read run outputs: {e})")
-            if args.baselines == "on" or (
-                args.baselines == "auto" and args.interactions <= 20_000_000
-            ):
+            if args.baselines == "on" or (args.baselines == "auto"
+                                          and args.interactions <= 20_000_000):
                 figures["quality"] = quality(params_path)
         if args.json_out:
             args.json_out.write_text(json.dumps(figures, indent=2, default=str))

@@ -152,7 +152,7 @@ def targets(known: pd.DataFrame, target: pd.DataFrame, *, n_users: int, n_items:
     seen = ranking.seen_matrix(
         known, n_users=n_users, n_items=n_items, user_col=schema.USER_IDX, item_col=schema.ITEM_IDX
     )
-    pos = target[target[schema.LABEL] == 1]
+    pos = schema.positives(target)
     user = pos[schema.USER_IDX].to_numpy(np.int64)
     item = pos[schema.ITEM_IDX].to_numpy(np.int64)
     candidates = np.unique(user)
@@ -176,7 +176,7 @@ def ranking_metric(emb: dict, known: pd.DataFrame, target: pd.DataFrame, *, metr
 
 def popularity_model(train: pd.DataFrame, *, n_users: int, n_items: int) -> dict:
     """Popularity as a factor model: zero vectors, item bias = count of train positives."""
-    pos = train[train[schema.LABEL] == 1]
+    pos = schema.positives(train)
     counts = np.bincount(pos[schema.ITEM_IDX], minlength=n_items).astype(np.float32)
     return {"user": np.zeros((n_users, 1), np.float32), "item": np.zeros((n_items, 1), np.float32),
             "item_bias": counts}

@@ -218,12 +218,8 @@ def read_parts(uris: list[str], columns: list[str] | None = None) -> tuple[pd.Da
 
     tables, lengths = [], []
     for uri in uris:
-        objs = ([u for u in storage.list_uris(uri) if u.endswith(".parquet")]
-                if uri.endswith("/") else [uri])
-        if not objs:
-            raise FileNotFoundError(f"no Parquet parts under {uri}")
         part = [pq.read_table(pa.BufferReader(storage.read_bytes(u)), columns=columns)
-                for u in objs]
+                for u in _objects(uri)]
         lengths.append(sum(t.num_rows for t in part))
         tables.extend(part)
     table = pa.concat_tables(tables)
@@ -231,6 +227,48 @@ def read_parts(uris: list[str], columns: list[str] | None = None) -> tuple[pd.Da
     frame = table.to_pandas(split_blocks=True, self_destruct=True)
     del table
     return frame, lengths
+
+
+def _objects(uri: str) -> list[str]:
+    """A part's Parquet objects: the prefix's (``.../train/``), or the one object."""
+    objs = ([u for u in storage.list_uris(uri) if u.endswith(".parquet")]
+            if uri.endswith("/") else [uri])
+    if not objs:
+        raise FileNotFoundError(f"no Parquet parts under {uri}")
+    return objs
+
+
+def column_ranges(uris: list[str], columns: list[str]) -> dict[str, tuple | None]:
+    """Each column's ``(min, max)`` over every row of the parts ``uris``, from the Parquet
+    footers' row-group statistics alone (one ranged read per object, no data): None for a
+    column some non-empty row group has no complete statistics for (min, max, no nulls), or
+    that no object has. What lets train skip reading a column that holds one value (every
+    label 1, every weight 1) and take the latest timestamp without reading timestamps."""
+    found: dict[str, list] = {c: [None, None] for c in columns}
+    unknown = set()
+    for uri in uris:
+        for obj in _objects(uri):
+            with storage.ParquetScan(obj) as scan:
+                meta = scan.metadata
+            names = meta.schema.to_arrow_schema().names
+            for c in columns:
+                if c not in names:
+                    unknown.add(c)
+                    continue
+                at = names.index(c)
+                for g in range(meta.num_row_groups):
+                    group = meta.row_group(g)
+                    if group.num_rows == 0:
+                        continue
+                    stats = group.column(at).statistics
+                    if (stats is None or not stats.has_min_max or not stats.has_null_count
+                            or stats.null_count):
+                        unknown.add(c)
+                        break
+                    lo, hi = found[c]
+                    found[c] = [stats.min if lo is None else min(lo, stats.min),
+                                stats.max if hi is None else max(hi, stats.max)]
+    return {c: None if c in unknown or found[c][0] is None else tuple(found[c]) for c in columns}
 
 
 def split_kwargs(p: settings.StepParams) -> dict:

@@ -348,10 +348,8 @@ def fit_mf(
     seed = int(p["seed"])
     _seed_everything(seed)
     plan = device_plan(p["train.strategy"])
-    pos = train[train[schema.LABEL] == 1]
-    x = pos[schema.USER_IDX].to_numpy(dtype="int32")
-    y = pos[schema.ITEM_IDX].to_numpy(dtype="int32")
-    w = pos[schema.WEIGHT].to_numpy(dtype="float32")
+    x, y, w = schema.positive_columns(train, [schema.USER_IDX, schema.ITEM_IDX, schema.WEIGHT])
+    x, y, w = x.astype("int32", copy=False), y.astype("int32", copy=False), w.astype("float32")
     batch_size, learning_rate = mf_batch(p, len(x))
     with training_scope(plan):
         model = models.build_mf(
@@ -392,8 +390,9 @@ def fit_mf(
     if loss == "full":
         data = {"x": x, "y": y, "sample_weight": w, "batch_size": batch_size, "shuffle": True}
     else:
-        seen = models.interaction_matrix(pos, n_users=n_users, n_items=n_items,
-                                         user_col=schema.USER_IDX, item_col=schema.ITEM_IDX)
+        seen = models.interaction_matrix(pd.DataFrame({"u": x, "i": y}, copy=False),
+                                         n_users=n_users, n_items=n_items, user_col="u",
+                                         item_col="i")
         data = {"x": _negatives_dataset(
             x, y, w, seen=seen, counts=np.bincount(y, minlength=n_items).astype(np.float64),
             n_neg=int(p["augment.negatives_per_positive"]), alpha=float(p["augment.negative_alpha"]),
@@ -419,9 +418,10 @@ def fit_mf(
 
 def fit_ease(train: pd.DataFrame, *, n_users: int, n_items: int, p: settings.StepParams):
     """Fit EASE/EDLAE on the positive rows of ``train``; returns ``(weights, history)``."""
-    pos = train[schema.LABEL].to_numpy() == 1  # two columns copied, not the frame
-    pairs = pd.DataFrame({c: train[c].to_numpy()[pos] for c in (schema.USER_IDX, schema.ITEM_IDX)})
-    del pos
+    # two columns (views when every row is positive), not the frame
+    cols = (schema.USER_IDX, schema.ITEM_IDX)
+    pairs = pd.DataFrame(dict(zip(cols, schema.positive_columns(train, list(cols)), strict=True)),
+                         copy=False)
     # built items x users and passed transposed (a CSC view): fit_ease needs that orientation,
     # and a user x item CSR would be copied into it (8 bytes a pair more at the peak)
     x = models.interaction_matrix(pairs, n_users=n_items, n_items=n_users,
@@ -474,7 +474,9 @@ def search_ials(train: pd.DataFrame, sample: pd.DataFrame, *, n_users: int, n_it
         log.info("ials regularization %s: valid %s = %s (%d iterations)", reg, metric, value,
                  hist["iterations"])
         if best is None or (value is not None and value > best[0]):
-            best = (value, reg, emb, hist)
+            # the best so far waits on disk while the next value's fit runs
+            best = (value, reg, _parked(emb) if n + 1 < len(values) else emb, hist)
+        emb = None
     value, reg, emb, hist = best
     hist["regularization"], hist["search"] = reg, search
     if value is not None:  # already scored on the sample: train_both need not rank it again
@@ -482,15 +484,32 @@ def search_ials(train: pd.DataFrame, sample: pd.DataFrame, *, n_users: int, n_it
     return emb, hist
 
 
+def _parked(emb: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``emb``'s arrays written to unlinked temporary files and memory-mapped back
+    (copy-on-write): what a search holds of its best fit so far while the next one runs, its
+    user table (0.5 GB at 2M users x 64 factors) in the page cache, not in the process."""
+    out = {}
+    for key, a in emb.items():
+        if a.nbytes < 1 << 20:  # not worth a file (and an empty one cannot be mapped)
+            out[key] = a
+            continue
+        with tempfile.TemporaryFile() as f:  # the map keeps its own handle
+            np.ascontiguousarray(a).tofile(f)
+            f.flush()
+            out[key] = np.memmap(f, dtype=a.dtype, shape=a.shape, mode="c")
+    return out
+
+
 def ials_pairs(train: pd.DataFrame, *, n_users: int, n_items: int, p: settings.StepParams):
     """The positive rows of ``train`` as iALS's pairs (``ials.pairs``), their ``weight`` the
-    confidence scale. Only the three columns' positive entries are copied, not the frame."""
+    confidence scale. Only the columns' positive entries are copied (views when every row is
+    positive), not the frame."""
     from nightrec.ml import ials
 
-    pos = train[schema.LABEL].to_numpy() == 1
-    weight = train[schema.WEIGHT].to_numpy(dtype="float32")[pos] if schema.WEIGHT in train else None
-    return ials.pairs(train[schema.USER_IDX].to_numpy()[pos], train[schema.ITEM_IDX].to_numpy()[pos],
-                      weight, n_users=n_users, n_items=n_items, alpha=float(p["train.ials.alpha"]))
+    cols = [schema.USER_IDX, schema.ITEM_IDX] + ([schema.WEIGHT] if schema.WEIGHT in train else [])
+    user, item, *weight = schema.positive_columns(train, cols)
+    return ials.pairs(user, item, weight[0].astype(np.float32, copy=False) if weight else None,
+                      n_users=n_users, n_items=n_items, alpha=float(p["train.ials.alpha"]))
 
 
 def fit_ials(train: pd.DataFrame | None, *, n_users: int, n_items: int, p: settings.StepParams,
@@ -580,7 +599,7 @@ def _share(deadline: float, remaining: int) -> float:
 def train_both(
     parts: dict[str, pd.DataFrame], *, n_users: int, n_items: int, p: settings.StepParams,
     workdir: Path, init: dict[str, dict[str, np.ndarray]] | None = None,
-    side: dict[str, np.ndarray | None] | None = None,
+    side: dict[str, np.ndarray | None] | None = None, cutoff: int | None = None,
 ) -> dict:
     """Select the best candidate on the valid split, then refit it on train + valid (what ships).
 
@@ -593,7 +612,8 @@ def train_both(
     Returns ``{"chosen", "selection", "holdout": (weights, history), "full": (weights,
     history), "train_cutoff", "keras": {fit: model}, "tensorboard": dir}``; ``full`` is the
     shipped model (never fitted on ``parts["test"]``), ``train_cutoff`` the latest timestamp
-    (unix seconds) it was fitted on.
+    (unix seconds) it was fitted on: ``cutoff`` when given (run(): from the parts' statistics,
+    the frames then have no timestamp column), else the frames' latest timestamp.
     """
     from nightrec.tasks import evaluate
 
@@ -680,7 +700,8 @@ def train_both(
             tensorboard_dir=tb / "full", side=side,
         )
         full = (emb, hist)
-    cutoff = train_cutoff(shipped_on)
+    if cutoff is None:
+        cutoff = train_cutoff(shipped_on)
     full[1]["fitted_on"] = ["train", "valid"]
     full[1]["train_cutoff"] = cutoff
     selection["train_cutoff"] = cutoff
@@ -788,23 +809,46 @@ def _warm_start_init(split_out: Split, p: settings.StepParams) -> dict:
 
 
 COLUMNS = [schema.USER_IDX, schema.ITEM_IDX, schema.LABEL, schema.WEIGHT, schema.TIMESTAMP]
+CONSTANT = {schema.LABEL: 1, schema.WEIGHT: 1.0}  # a column holding only this is not read
+
+
+def columns_to_read(ranges: dict[str, tuple | None]) -> tuple[list[str], int | None]:
+    """``(columns, train_cutoff)`` from the train and valid parts' column statistics
+    (:func:`nightrec.tasks.split.column_ranges`): of :data:`COLUMNS`, a label or weight
+    column whose every value is its :data:`CONSTANT` is left out (positives and weights read
+    as all 1), and the timestamps are not read when the statistics give their maximum (the
+    cutoff; None: read them). With the shipped params (every event positive, weight 1) that is
+    8 bytes an event where all five columns were 21: 1.2 GB less at 90M events."""
+    cutoff = ranges.get(schema.TIMESTAMP)
+    columns = [c for c in COLUMNS if not (
+        (c in CONSTANT and ranges.get(c) == (CONSTANT[c], CONSTANT[c]))
+        or (c == schema.TIMESTAMP and cutoff is not None))]
+    return columns, None if cutoff is None else int(cutoff[1])
 
 
 def run(split_out: Split, params: dict | None = None) -> Trained:
     ds = split_out.ds
     p = settings.step_params(PARAMS, params)
     # the columns the fits and the valid metric read: the split's other columns (ids, rating,
-    # side features) would double the frames at 100M events
+    # side features) would double the frames at 100M events; of these, the ones the parts'
+    # statistics make constant (columns_to_read)
+    uris = [split_out.train, split_out.valid]
+    columns, cutoff = columns_to_read(split.column_ranges(uris, COLUMNS[2:]))
     # train and valid as one frame (train's rows first): the refit on both needs no copy
-    shipped, (n_train, _) = split.read_parts([split_out.train, split_out.valid], columns=COLUMNS)
+    shipped, (n_train, _) = split.read_parts(uris, columns=columns)
+    log.info("train: %d train + %d valid rows, columns %s%s", n_train, len(shipped) - n_train,
+             columns, "" if cutoff is None else f", cutoff {cutoff} from the parts' statistics")
     parts = {"train": shipped.iloc[:n_train], "valid": shipped.iloc[n_train:], "shipped": shipped}
     n_users, n_items = _sizes(split_out)
     init = _warm_start_init(split_out, p)
-    side = side_features(split_out, p)
+    # side features feed only mf_softmax: not read when it is no candidate (a 2M-user feature
+    # table is ~1 GB as a frame)
+    side = (side_features(split_out, p)
+            if "mf_softmax" in candidates(p, n_items, events=n_train)[0] else None)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         result = train_both(parts, n_users=n_users, n_items=n_items, p=p, workdir=work, init=init,
-                            side=side)
+                            side=side, cutoff=cutoff)
         version = model_version(ds, split_out.data_version, result["chosen"], p)
         artifacts = {}
         for name in ("holdout", "full"):

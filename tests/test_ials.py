@@ -48,6 +48,40 @@ def test_conjugate_gradient_reaches_the_exact_least_squares_solution(kernel):
     assert np.abs(three - want).max() > 1e-3
 
 
+def test_the_in_place_numba_solve_is_the_copying_one():
+    """fit updates its factor tables in place (one user table, not two): the same rows as the
+    copying solve, written into the array given; an array it cannot write into is refused."""
+    rng = np.random.default_rng(3)
+    m = ials.build_csr(rng.integers(0, 30, 300), rng.integers(0, 20, 300), None, n_rows=30,
+                       uniform=4.0)
+    y = rng.standard_normal((20, 4)).astype(np.float32)
+    x = rng.standard_normal((30, 4)).astype(np.float32)
+    want = ials.solve_numba(x, y, m, regularization=0.3, cg_steps=3)
+    assert not np.array_equal(want, x)  # the solve changes the rows
+    got = ials.solve_numba(x, y, m, regularization=0.3, cg_steps=3, in_place=True)
+    assert got is x and np.array_equal(got, want)
+    with pytest.raises(ValueError, match="in_place"):
+        ials.solve_numba(np.asfortranarray(x), y, m, regularization=0.3, cg_steps=3,
+                         in_place=True)
+
+
+def test_positive_columns_are_views_when_every_row_is_positive():
+    """What train reads (no label column when every label is 1) costs no copy; a frame with
+    negatives gives only its positive rows, and a missing weight column reads as 1."""
+    import pandas as pd
+
+    frame = pd.DataFrame({schema.USER_IDX: np.arange(6, dtype=np.int32),
+                          schema.ITEM_IDX: np.arange(6, dtype=np.int32)[::-1].copy()})
+    user, item, weight = schema.positive_columns(
+        frame, [schema.USER_IDX, schema.ITEM_IDX, schema.WEIGHT])
+    assert np.shares_memory(user, frame[schema.USER_IDX].to_numpy())
+    assert weight.tolist() == [1.0] * 6
+    labelled = frame.assign(**{schema.LABEL: [1, 0, 1, 1, 0, 1]})
+    user, item = schema.positive_columns(labelled, [schema.USER_IDX, schema.ITEM_IDX])
+    assert user.tolist() == [0, 2, 3, 5] and item.tolist() == [5, 3, 2, 0]
+    assert schema.positives(frame) is frame and len(schema.positives(labelled)) == 4
+
+
 def test_the_two_kernels_agree_and_fitting_lowers_the_objective():
     rng = np.random.default_rng(1)
     users, items = rng.integers(0, 60, 700), rng.integers(0, 30, 700)

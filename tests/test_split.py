@@ -157,3 +157,42 @@ def test_the_engines_global_cutoffs_are_numpys_higher_quantiles(n, tmp_path):
         want = (np.quantile(ts, 1 - test_fraction - valid_fraction, method="higher"),
                 np.quantile(ts, 1 - test_fraction, method="higher"))
         assert got == (int(want[0]), int(want[1]))
+
+
+def test_column_ranges_come_from_the_footers_and_decide_what_train_reads(tmp_path):
+    """The parts' row-group statistics give each column's range over every part (no data
+    read); train then skips a label or weight column that holds only 1 and takes the cutoff
+    from the timestamps' maximum. A column some row group has no statistics for is unknown
+    (None), and train reads it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from nightrec.core import schema
+    from nightrec.tasks import train
+
+    def write(path, ts, label, weight, **kw):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({schema.USER_IDX: np.arange(len(ts), dtype=np.int32),
+                                 schema.ITEM_IDX: np.zeros(len(ts), np.int32),
+                                 schema.LABEL: np.asarray(label, np.int8),
+                                 schema.WEIGHT: np.asarray(weight, np.float32),
+                                 schema.TIMESTAMP: np.asarray(ts, np.int64)}),
+                       path, row_group_size=2, **kw)
+
+    write(tmp_path / "train" / "bucket=000.parquet", [5, 9, 7], [1, 1, 1], [1, 1, 1])
+    write(tmp_path / "train" / "bucket=001.parquet", [3, 4], [1, 1], [1, 1])
+    write(tmp_path / "valid.parquet", [12, 11], [1, 1], [1, 1])
+    uris = [str(tmp_path / "train") + "/", str(tmp_path / "valid.parquet")]
+    cols = train.COLUMNS[2:]
+    ranges = split.column_ranges(uris, cols)
+    assert ranges == {schema.LABEL: (1, 1), schema.WEIGHT: (1.0, 1.0), schema.TIMESTAMP: (3, 12)}
+    assert train.columns_to_read(ranges) == ([schema.USER_IDX, schema.ITEM_IDX], 12)
+    frame, lengths = split.read_parts(uris, columns=train.columns_to_read(ranges)[0])
+    assert lengths == [5, 2] and list(frame.columns) == [schema.USER_IDX, schema.ITEM_IDX]
+
+    # a negative label and a weight other than 1 are read; timestamps without statistics too
+    write(tmp_path / "valid.parquet", [12, 11], [1, 0], [1, 0.5], write_statistics=[schema.LABEL,
+                                                                                    schema.WEIGHT])
+    ranges = split.column_ranges(uris, cols)
+    assert ranges == {schema.LABEL: (0, 1), schema.WEIGHT: (0.5, 1.0), schema.TIMESTAMP: None}
+    assert train.columns_to_read(ranges) == (train.COLUMNS, None)

@@ -25,6 +25,30 @@ PARSE_ERROR = "parse_error"  # a reason code ingest already knows (bad field cou
 RAW_TEXT = "raw_text"  # the raw line, kept only for rows ingest could not split into fields
 
 
+def positive_columns(frame, columns: list[str]) -> list:
+    """``columns`` of ``frame``'s positive rows (label 1) as numpy arrays; a frame whose every
+    row is positive gives views, not copies. A frame without a label column is all positives
+    (train reads no label column when the split's statistics say every label is 1), and a
+    missing ``weight`` column reads as 1."""
+    import numpy as np
+
+    def col(c):
+        if c == WEIGHT and c not in frame:
+            return np.ones(len(frame), np.float32)
+        return frame[c].to_numpy()
+
+    pos = None if LABEL not in frame else frame[LABEL].to_numpy() == 1
+    if pos is None or pos.all():
+        return [col(c) for c in columns]
+    return [col(c)[pos] for c in columns]
+
+
+def positives(frame):
+    """``frame``'s positive rows (the frame itself when it has no label column: see
+    :func:`positive_columns`)."""
+    return frame if LABEL not in frame else frame[frame[LABEL] == 1]
+
+
 # What replaces an erased user's id where a row must stay (nightrec/ops/retention.py): "~" is in no id
 # the default clean.id_pattern accepts, so it never names a real user. Scoring skips such users.
 FORGOTTEN_PREFIX = "~forgotten:"

@@ -235,13 +235,18 @@ _KERNEL = None
 
 
 def solve_numba(x: np.ndarray, y: np.ndarray, m: Csr, *, regularization: float,
-                cg_steps: int) -> np.ndarray:
+                cg_steps: int, in_place: bool = False) -> np.ndarray:
     """:func:`solve` on the CPU with the numba kernel (same steps, same result to float32
     round-off): TensorFlow's CPU gathers and segment sums ran ~10x slower than ``implicit``
-    (benchmarks/RESULTS.md), a per-row loop keeps each row's items in cache."""
+    (benchmarks/RESULTS.md), a per-row loop keeps each row's items in cache. ``in_place``:
+    the rows are updated in ``x`` (a C-contiguous float32 array; each row's solve reads only
+    that row of ``x``), which :func:`fit` uses to hold one user table, not two (0.5 GB at 2M
+    users x 64 factors)."""
     y = np.ascontiguousarray(y, np.float32)
     gram = (y.T.astype(np.float64) @ y + regularization * np.eye(y.shape[1])).astype(np.float32)
-    out = np.array(x, np.float32, order="C", copy=True)
+    if in_place and not (x.dtype == np.float32 and x.flags.c_contiguous and x.flags.writeable):
+        raise ValueError("solve_numba(in_place=True) needs a writeable C-contiguous float32 x")
+    out = x if in_place else np.array(x, np.float32, order="C", copy=True)
     conf = m.conf if m.conf is not None else np.zeros(1, np.float32)
     _numba_kernel()(m.indptr, m.indices, conf, np.float32(m.uniform), m.conf is not None, out, y,
                     gram, int(cg_steps))
@@ -342,8 +347,10 @@ def fit(user_idx: np.ndarray, item_idx: np.ndarray, weight: np.ndarray | None, *
                 break
         t0 = time.perf_counter()
         if kernel == "numba":
-            x = solve_numba(x, y, by_user, regularization=regularization, cg_steps=cg_steps)
-            y = solve_numba(y, x, by_item, regularization=regularization, cg_steps=cg_steps)
+            x = solve_numba(x, y, by_user, regularization=regularization, cg_steps=cg_steps,
+                            in_place=True)
+            y = solve_numba(y, x, by_item, regularization=regularization, cg_steps=cg_steps,
+                            in_place=True)
         else:
             x = solve(x, y, by_user, regularization=regularization, cg_steps=cg_steps,
                       chunk_nnz=chunk_nnz)
