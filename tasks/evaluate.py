@@ -79,7 +79,8 @@ PARAMS = [
     "seed",
 ]
 
-# the split columns evaluate reads (run): a part's other columns are never loaded
+# the split columns evaluate reads (run): a part's other columns are never loaded, the label
+# only when some label is not 1, the timestamps only of the test part (the champion's cutoff)
 PART_COLUMNS = [schema.USER_IDX, schema.ITEM_IDX, schema.LABEL, schema.TIMESTAMP]
 
 
@@ -141,17 +142,33 @@ def recommend(emb: dict, seen, users: np.ndarray, k: int) -> np.ndarray:
     return models.to_items(emb, np.concatenate([items for _, items, _ in chunks]))
 
 
-def targets(known: pd.DataFrame, target: pd.DataFrame, *, n_users: int, n_items: int):
+def _seen(known: pd.DataFrame | list[pd.DataFrame], *, n_users: int, n_items: int):
+    """The seen CSR of ``known``: a frame, or several whose rows together are what is known
+    (a list spares a concatenated copy of them)."""
+    seen = None
+    for frame in known if isinstance(known, list) else [known]:
+        m = ranking.seen_matrix(frame, n_users=n_users, n_items=n_items,
+                                user_col=schema.USER_IDX, item_col=schema.ITEM_IDX)
+        seen = m if seen is None else seen + m  # what one matrix of the concatenation holds
+    return seen
+
+
+def known_users(seen) -> int:
+    """Users with some known event: the seen matrix's non-empty rows (no hash of every row)."""
+    return int(np.count_nonzero(np.diff(seen.indptr)))
+
+
+def targets(known: pd.DataFrame | list[pd.DataFrame], target: pd.DataFrame, *, n_users: int,
+            n_items: int):
     """``(seen CSR of known, users to rank (sorted int64), their relevant items)``, the last a
-    :class:`nightrec.ml.metrics.Relevant` with one row per user to rank.
+    :class:`nightrec.ml.metrics.Relevant` with one row per user to rank. ``known``: a frame,
+    or a list of frames (:func:`_seen`).
 
     Users to rank: those with a positive target event *and* some known history; a user with no
     history (cold) is not a ranking question any model here can answer, and is left out (counted
     by tasks/split.py's stats). Cold target items stay relevant: they count as misses.
     """
-    seen = ranking.seen_matrix(
-        known, n_users=n_users, n_items=n_items, user_col=schema.USER_IDX, item_col=schema.ITEM_IDX
-    )
+    seen = _seen(known, n_users=n_users, n_items=n_items)
     pos = schema.positives(target)
     user = pos[schema.USER_IDX].to_numpy(np.int64)
     item = pos[schema.ITEM_IDX].to_numpy(np.int64)
@@ -174,10 +191,15 @@ def ranking_metric(emb: dict, known: pd.DataFrame, target: pd.DataFrame, *, metr
     return metrics.all_metrics(recommend(emb, seen, users, k), rel, [k])[metric]
 
 
-def popularity_model(train: pd.DataFrame, *, n_users: int, n_items: int) -> dict:
-    """Popularity as a factor model: zero vectors, item bias = count of train positives."""
-    pos = schema.positives(train)
-    counts = np.bincount(pos[schema.ITEM_IDX], minlength=n_items).astype(np.float32)
+def popularity_model(train: pd.DataFrame | list[pd.DataFrame], *, n_users: int,
+                     n_items: int) -> dict:
+    """Popularity as a factor model: zero vectors, item bias = count of train positives
+    (``train``: a frame, or a list of frames counted together)."""
+    counts = np.zeros(n_items, np.float64)
+    for frame in train if isinstance(train, list) else [train]:
+        (items,) = schema.positive_columns(frame, [schema.ITEM_IDX])
+        counts += np.bincount(items, minlength=n_items)[:n_items]
+    counts = counts.astype(np.float32)
     return {"user": np.zeros((n_users, 1), np.float32), "item": np.zeros((n_items, 1), np.float32),
             "item_bias": counts}
 
@@ -217,13 +239,13 @@ def evaluate_embeddings(
     n_items = models.n_items(emb)
     known = parts.get("known")
     if known is None:
-        known = pd.concat([parts["train"], parts["valid"]])
+        known = [parts["train"], parts["valid"]]  # not concatenated
     seen, users, rel = targets(known, parts["test"], n_users=n_users, n_items=n_items)
     n_test_users = len(users)
     users, rel, sampled = _sample(users, rel, sampling)
     k = max(ks)
     pop = popularity_model(known, n_users=n_users, n_items=n_items)
-    share = pop["item_bias"] / max(1, known[schema.USER_IDX].nunique())
+    share = pop["item_bias"] / max(1, known_users(seen))
     ci = sampling if sampled else None
     out = {name: _side_metrics(recommend(e, seen, users, k), rel, ks, share=share,
                                n_items=n_items, ci=ci)
@@ -254,12 +276,12 @@ def compare_with_champion(
                                  "recorded): its training events are unknown"}
     later = test[test[schema.TIMESTAMP] > int(train_cutoff)]
     out["later_events"] = len(later)
-    if not (later[schema.LABEL] == 1).any():
+    if not len(schema.positives(later)):
         return {**out, "reason": f"no positive test event after the champion's train_cutoff "
                                  f"{int(train_cutoff)}: it may have trained on all of them"}
     n_items = models.n_items(emb)
     before = [parts["known"]] if "known" in parts else [parts["train"], parts["valid"]]
-    known = pd.concat([*before, test[test[schema.TIMESTAMP] <= int(train_cutoff)]])
+    known = [*before, test[test[schema.TIMESTAMP] <= int(train_cutoff)]]  # not concatenated
     seen, users, rel = targets(known, later, n_users=n_users, n_items=n_items)
     out["users"] = len(users)
     if len(users) == 0:
@@ -269,7 +291,7 @@ def compare_with_champion(
     out.update(evaluated_users=len(users), sampled=sampled)
     champion = champion() if callable(champion) else champion
     pop = popularity_model(known, n_users=n_users, n_items=n_items)
-    share = pop["item_bias"] / max(1, known[schema.USER_IDX].nunique())
+    share = pop["item_bias"] / max(1, known_users(seen))
     k = max(ks)
     for name, e in (("model", emb), ("champion", champion)):
         out[name] = _side_metrics(recommend(e, seen, users, k), rel, ks, share=share,
@@ -415,13 +437,17 @@ def run(trained: Trained, params: dict | None = None) -> Evaluated:
     p = settings.step_params(PARAMS, params)
     # the shipped model (the train + valid refit) is what the gate scores
     emb = dict(np.load(io.BytesIO(storage.read_bytes(trained.full_embeddings))))
-    # only what targets, popularity and the champion's cutoff read: not weights, ratings, ids
-    # one frame, part after part (no concat or sort copies): parts are views of it, and
-    # "known" (train + valid, what ranking excludes) is its head
-    frame, (n_train, n_valid, _) = split.read_parts(
-        [getattr(trained.split, n) for n in split.PARTS], columns=PART_COLUMNS)
-    parts = {"train": frame.iloc[:n_train], "valid": frame.iloc[n_train:n_train + n_valid],
-             "test": frame.iloc[n_train + n_valid:], "known": frame.iloc[:n_train + n_valid]}
+    # only what targets, popularity and the champion's cutoff read: not weights, ratings, ids;
+    # not the label when the parts' statistics say every label is 1, and the timestamps of
+    # the test part only. "known" (train + valid, what ranking excludes) is one frame, part
+    # after part (no concat or sort copies): train and valid are views of it
+    uris = [getattr(trained.split, n) for n in split.PARTS]
+    constant = split.column_ranges(uris, [schema.LABEL])[schema.LABEL] == (1, 1)
+    columns = [c for c in PART_COLUMNS if not (c == schema.LABEL and constant)]
+    known, (n_train, _) = split.read_parts(uris[:2], columns=columns[:-1])
+    test, _ = split.read_parts(uris[2:], columns=columns)
+    parts = {"train": known.iloc[:n_train], "valid": known.iloc[n_train:], "test": test,
+             "known": known}
     n_users = len(storage.read_parquet(trained.split.user_features, columns=[schema.USER_IDX]))
     champion = _champion(trained)
     result = _evaluate(emb, parts, p, n_users=n_users, champion=champion)

@@ -137,6 +137,34 @@ def test_targets_match_the_per_user_sets_they_replace():
     assert not set(users) & (set(range(40, n_users)))
 
 
+def test_known_as_several_frames_is_known_concatenated():
+    """evaluate passes what ranking excludes as a list of frames (train + valid, the test
+    events before a champion's cutoff) instead of a concatenated copy: the seen matrix, the
+    users and relevant items, popularity and the known-user count are the concatenation's. A
+    frame without a label column is all positives."""
+    rng = np.random.default_rng(4)
+    n_users, n_items = 50, 30
+    frames = [pd.DataFrame({schema.USER_IDX: rng.integers(0, 35, n).astype(np.int32),
+                            schema.ITEM_IDX: rng.integers(0, n_items, n).astype(np.int32)})
+              for n in (200, 90, 40)]  # pairs repeat within and across the frames
+    target = pd.DataFrame({schema.USER_IDX: rng.integers(0, n_users, 300),
+                           schema.ITEM_IDX: rng.integers(0, n_items, 300)})
+    whole = pd.concat(frames, ignore_index=True)
+    seen, users, rel = evaluate.targets(frames, target, n_users=n_users, n_items=n_items)
+    want_seen, want_users, want_rel = evaluate.targets(whole, target, n_users=n_users,
+                                                       n_items=n_items)
+    assert seen.dtype == want_seen.dtype
+    assert np.array_equal(seen.toarray(), want_seen.toarray()) and seen.data.max() > 1
+    assert users.tolist() == want_users.tolist() and rel.to_sets() == want_rel.to_sets()
+    assert evaluate.known_users(seen) == whole[schema.USER_IDX].nunique()
+    pop = evaluate.popularity_model(frames, n_users=n_users, n_items=n_items)["item_bias"]
+    assert pop.tolist() == np.bincount(whole[schema.ITEM_IDX], minlength=n_items).tolist()
+    labelled = whole.assign(**{schema.LABEL: rng.integers(0, 2, len(whole)).astype(np.int8)})
+    pop = evaluate.popularity_model(labelled, n_users=n_users, n_items=n_items)["item_bias"]
+    pos = labelled[labelled[schema.LABEL] == 1]
+    assert pop.tolist() == np.bincount(pos[schema.ITEM_IDX], minlength=n_items).tolist()
+
+
 def test_bootstrap_is_seeded_and_independent_of_its_blocking(monkeypatch):
     rng = np.random.default_rng(0)
     values = {"a": rng.random(500), "b": (rng.random(500) < 0.2).astype(float)}
