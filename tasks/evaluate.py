@@ -143,13 +143,19 @@ def recommend(emb: dict, seen, users: np.ndarray, k: int) -> np.ndarray:
 
 
 def _seen(known: pd.DataFrame | list[pd.DataFrame], *, n_users: int, n_items: int):
-    """The seen CSR of ``known``: a frame, or several whose rows together are what is known
-    (a list spares a concatenated copy of them)."""
+    """The seen CSR of ``known``, 0/1 (int8): a frame, or several whose rows together are what
+    is known (a list spares a concatenated copy of them). 0/1 as EASE was fitted on
+    (``models.interaction_matrix``); counts in int8 would wrap at 256 repeats of a pair, and a
+    wrapped 0 would be dropped by a sum of matrices."""
     seen = None
     for frame in known if isinstance(known, list) else [known]:
         m = ranking.seen_matrix(frame, n_users=n_users, n_items=n_items,
                                 user_col=schema.USER_IDX, item_col=schema.ITEM_IDX)
-        seen = m if seen is None else seen + m  # what one matrix of the concatenation holds
+        m.data[:] = 1
+        if seen is not None:
+            m = seen + m
+            m.data[:] = 1
+        seen = m
     return seen
 
 

@@ -250,12 +250,14 @@ def column_ranges(uris: list[str], columns: list[str]) -> dict[str, tuple | None
         for obj in _objects(uri):
             with storage.ParquetScan(obj) as scan:
                 meta = scan.metadata
-            names = meta.schema.to_arrow_schema().names
+            # leaf columns by their path (a nested column has several leaves: Arrow field
+            # positions are not leaf positions)
+            paths = [meta.schema.column(i).path for i in range(meta.num_columns)]
             for c in columns:
-                if c not in names:
+                if c not in paths:
                     unknown.add(c)
                     continue
-                at = names.index(c)
+                at = paths.index(c)
                 for g in range(meta.num_row_groups):
                     group = meta.row_group(g)
                     if group.num_rows == 0:

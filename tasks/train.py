@@ -490,13 +490,18 @@ def _parked(emb: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     user table (0.5 GB at 2M users x 64 factors) in the page cache, not in the process."""
     out = {}
     for key, a in emb.items():
-        if a.nbytes < 1 << 20:  # not worth a file (and an empty one cannot be mapped)
-            out[key] = a
+        if not isinstance(a, np.ndarray) or isinstance(a, np.memmap) or a.nbytes < 1 << 20:
+            out[key] = a  # parked already, or small (and an empty file cannot be mapped)
             continue
-        with tempfile.TemporaryFile() as f:  # the map keeps its own handle
-            np.ascontiguousarray(a).tofile(f)
-            f.flush()
-            out[key] = np.memmap(f, dtype=a.dtype, shape=a.shape, mode="c")
+        try:
+            with tempfile.TemporaryFile() as f:  # the map keeps its own handle
+                np.ascontiguousarray(a).tofile(f)
+                f.flush()
+                out[key] = np.memmap(f, dtype=a.dtype, shape=a.shape, mode="c")
+        except OSError as e:  # a full or small TMPDIR: kept in memory, as before parking
+            log.warning("could not park %s (%d MB) in %s: %s; kept in memory", key,
+                        a.nbytes >> 20, tempfile.gettempdir(), e)
+            out[key] = a
     return out
 
 
@@ -675,7 +680,9 @@ def train_both(
                     min_gain=float(p["train.select_min_gain"]))
     selection["chosen"] = chosen
     keras_models = {"holdout": keras_models.get(chosen)}
-    fits = {chosen: fits[chosen]}  # the others' weights and Keras models go before the refit
+    # the others' weights and Keras models go before the refit; the chosen one's selection fit
+    # (the holdout artifacts, saved after the refit) waits on disk while the refit runs
+    fits = {chosen: (_parked(fits[chosen][0]), fits[chosen][1])}
     emb = hist = None
     if keras_models["holdout"] is None and "mf_softmax" in names:  # Keras's graphs and caches
         models.keras_module().backend.clear_session()

@@ -65,6 +65,30 @@ def test_the_in_place_numba_solve_is_the_copying_one():
                          in_place=True)
 
 
+def test_a_parked_fit_reads_back_and_saves_as_it_was(tmp_path, monkeypatch):
+    """The search's best fit and the chosen selection fit wait memory-mapped from a temporary
+    file: the same values, saved by np.savez as before, writable without touching the file;
+    small arrays stay in memory; a TMPDIR that cannot take the file keeps it in memory."""
+    import tempfile
+
+    rng = np.random.default_rng(0)
+    emb = {"user": rng.random((5000, 64), dtype=np.float32), "item_bias": np.zeros(3, np.float32)}
+    parked = train._parked(emb)
+    assert isinstance(parked["user"], np.memmap) and parked["item_bias"] is emb["item_bias"]
+    assert np.array_equal(parked["user"], emb["user"]) and train._parked(parked)["user"] is parked["user"]
+    np.savez(tmp_path / "e.npz", **parked)
+    assert np.array_equal(np.load(tmp_path / "e.npz")["user"], emb["user"])
+    parked["user"][0, 0] = -1.0  # copy-on-write: private to the process
+    assert parked["user"][0, 0] == -1.0
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", full)
+    kept = train._parked(emb)
+    assert kept["user"] is emb["user"]
+
+
 def test_positive_columns_are_views_when_every_row_is_positive():
     """What train reads (no label column when every label is 1) costs no copy; a frame with
     negatives gives only its positive rows, and a missing weight column reads as 1."""
