@@ -65,6 +65,15 @@ def test_the_in_place_numba_solve_is_the_copying_one():
                          in_place=True)
 
 
+def test_the_blocked_gram_is_the_whole_one():
+    """solve_numba's Gram matrix is summed over row blocks (no float64 copy of the table): the
+    same as the whole product in float64, for a last block shorter than the others too."""
+    y = np.random.default_rng(2).standard_normal((1001, 7)).astype(np.float32)
+    want = y.astype(np.float64).T @ y.astype(np.float64)
+    for block_rows in (1, 100, 1001, 5000):
+        assert np.allclose(ials.gram_f64(y, block_rows=block_rows), want, rtol=1e-12, atol=1e-9)
+
+
 def test_a_parked_fit_reads_back_and_saves_as_it_was(tmp_path, monkeypatch):
     """The search's best fit and the chosen selection fit wait memory-mapped from a temporary
     file: the same values, saved by np.savez as before, writable without touching the file;

@@ -234,6 +234,17 @@ def _numba_kernel():
 _KERNEL = None
 
 
+def gram_f64(y: np.ndarray, *, block_rows: int = 65_536) -> np.ndarray:
+    """``y^T y`` in float64, summed over blocks of ``block_rows`` rows: the whole table cast
+    to float64 at once (and numpy's cast of the other operand) was 2 x 8 bytes a factor, a
+    1.5 GB spike every iteration at 2M users x 64 factors (benchmarks/RESULTS.md)."""
+    g = np.zeros((y.shape[1], y.shape[1]), np.float64)
+    for lo in range(0, len(y), block_rows):
+        block = np.asarray(y[lo:lo + block_rows], np.float64)
+        g += block.T @ block
+    return g
+
+
 def solve_numba(x: np.ndarray, y: np.ndarray, m: Csr, *, regularization: float,
                 cg_steps: int, in_place: bool = False) -> np.ndarray:
     """:func:`solve` on the CPU with the numba kernel (same steps, same result to float32
@@ -243,7 +254,7 @@ def solve_numba(x: np.ndarray, y: np.ndarray, m: Csr, *, regularization: float,
     that row of ``x``), which :func:`fit` uses to hold one user table, not two (0.5 GB at 2M
     users x 64 factors)."""
     y = np.ascontiguousarray(y, np.float32)
-    gram = (y.T.astype(np.float64) @ y + regularization * np.eye(y.shape[1])).astype(np.float32)
+    gram = (gram_f64(y) + regularization * np.eye(y.shape[1])).astype(np.float32)
     if in_place and not (x.dtype == np.float32 and x.flags.c_contiguous and x.flags.writeable):
         raise ValueError("solve_numba(in_place=True) needs a writeable C-contiguous float32 x")
     out = x if in_place else np.array(x, np.float32, order="C", copy=True)
