@@ -349,7 +349,8 @@ def fit_mf(
     _seed_everything(seed)
     plan = device_plan(p["train.strategy"])
     x, y, w = schema.positive_columns(train, [schema.USER_IDX, schema.ITEM_IDX, schema.WEIGHT])
-    x, y, w = x.astype("int32", copy=False), y.astype("int32", copy=False), w.astype("float32")
+    x, y, w = (x.astype("int32", copy=False), y.astype("int32", copy=False),
+               w.astype("float32", copy=False))
     batch_size, learning_rate = mf_batch(p, len(x))
     with training_scope(plan):
         model = models.build_mf(
