@@ -82,30 +82,48 @@ def score_table(recs: dict[str, list[str]], holdout: pd.DataFrame, ks: list[int]
     return out
 
 
-def baselines(train: pd.DataFrame, k: int, ease_lambda: float) -> dict[str, dict[str, list]]:
-    """Popularity and EASE top-k per user on ``train`` (numpy, float64), seen excluded."""
+def interaction_matrix(train: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(users, items, x)``: the sorted user and item ids of ``train`` and its binary
+    (users x items) matrix, dense float64."""
     users = np.sort(train["u"].unique())
     items = np.sort(train["i"].unique())
-    ui = pd.Index(users).get_indexer(train["u"])
-    ii = pd.Index(items).get_indexer(train["i"])
     x = np.zeros((len(users), len(items)))
-    x[ui, ii] = 1.0
-    g = x.T @ x
-    p = np.linalg.inv(g + ease_lambda * np.eye(len(items)))
+    x[pd.Index(users).get_indexer(train["u"]), pd.Index(items).get_indexer(train["i"])] = 1.0
+    return users, items, x
+
+
+def ease_scores(x: np.ndarray, ease_lambda: float, gram: np.ndarray | None = None) -> np.ndarray:
+    """Plain EASE (closed form, no dropout) scores ``x @ B`` in float64; ``gram``: ``x.T @ x``
+    when already computed (a lambda grid shares it)."""
+    g = x.T @ x if gram is None else gram
+    p = np.linalg.inv(g + ease_lambda * np.eye(g.shape[0]))
     b = -p / np.diag(p)
     np.fill_diagonal(b, 0.0)
-    out = {}
-    for name, scores in (("popularity", np.tile(x.sum(0), (len(users), 1))), ("ease", x @ b)):
-        scores = np.where(x > 0, -np.inf, scores)
-        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        out[name] = {str(u): [str(i) for i in items[row]] for u, row in zip(users, top)}
-    return out
+    return x @ b
 
 
+def top_k_lists(scores: np.ndarray, x: np.ndarray, users: np.ndarray, items: np.ndarray,
+                k: int) -> dict[str, list[str]]:
+    """``{user: [item, ...]}``: each row's top ``k`` of ``scores``, the items ``x`` marks seen
+    excluded (ties broken by item order)."""
+    scores = np.where(x > 0, -np.inf, scores)
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return {str(u): [str(i) for i in items[row]] for u, row in zip(users, top)}
 
-def run_nightrec(train: pd.DataFrame, ml: Path, params: dict, work: Path) -> tuple[dict, float]:
+
+def baselines(train: pd.DataFrame, k: int, ease_lambda: float) -> dict[str, dict[str, list]]:
+    """Popularity and EASE top-k per user on ``train`` (numpy, float64), seen excluded."""
+    users, items, x = interaction_matrix(train)
+    return {"popularity": top_k_lists(np.tile(x.sum(0), (len(users), 1)), x, users, items, k),
+            "ease": top_k_lists(ease_scores(x, ease_lambda), x, users, items, k)}
+
+
+def run_nightrec(train: pd.DataFrame, ml: Path, params: dict, work: Path,
+                 outputs: dict | None = None) -> tuple[dict, float]:
     """``nightrec run`` on ``train`` in a private state folder and S3 server; the published table
-    as ``{user: [items]}`` and the wall time."""
+    as ``{user: [items]}`` and the wall time. ``outputs``, when given, receives the run's
+    ``evaluate/metrics.json`` (``"metrics"``) and ``train/selection.json`` (``"selection"``),
+    each None when it could not be read."""
     from nightrec.store import s3server
 
     data = work / "u.data"
@@ -133,19 +151,35 @@ def run_nightrec(train: pd.DataFrame, ml: Path, params: dict, work: Path) -> tup
         out = work / "recs.parquet"
         subprocess.run([str(bin_dir / "nightrec"), "export", "--out", str(out)], env=env,
                        check=True, capture_output=True)
-        read_metrics = ("import json; from tasks import layout, storage; print(json.dumps("
-                        f"storage.read_json(layout.run_uri('{DS}', 'evaluate', 'metrics.json'))))")
-        metrics_json = subprocess.run([sys.executable, "-c", read_metrics], env=env,
+        read_outputs = (
+            "import json\nfrom nightrec.store import layout, storage\nout = {}\n"
+            "for step, name, key in (('evaluate', 'metrics.json', 'metrics'), "
+            "('train', 'selection.json', 'selection')):\n"
+            "    try:\n"
+            f"        out[key] = storage.read_json(layout.run_uri('{DS}', step, name))\n"
+            "    except Exception:\n"
+            "        out[key] = None\n"
+            "print(json.dumps(out))")
+        outputs_json = subprocess.run([sys.executable, "-c", read_outputs], env=env,
                                       capture_output=True, text=True, check=False)
     finally:
         s3server.down(cfg)
     table = pd.read_parquet(out).sort_values(["user_id", "rank"])
     recs = table.groupby("user_id")["item_id"].apply(list).to_dict()
     try:
-        internal = json.loads(metrics_json.stdout)
-        print(f"  nightrec chose {internal['selection']['chosen']} "
-              f"(valid: {internal['selection']['candidates']}); model {internal['model_version']}")
-    except (json.JSONDecodeError, KeyError, TypeError):
+        read = json.loads(outputs_json.stdout)
+    except json.JSONDecodeError:
+        read = {"metrics": None, "selection": None}
+    if outputs is not None:
+        outputs.update(read)
+    try:
+        internal = read["metrics"]
+        valid = {name: round(c[f"valid_{internal['selection'].get('metric', 'ndcg_at_10')}"], 4)
+                 if isinstance(c, dict) else c
+                 for name, c in internal["selection"]["candidates"].items()}
+        print(f"  nightrec chose {internal['selection']['chosen']} (valid: {valid}); "
+              f"model {internal['model_version']}")
+    except (KeyError, TypeError):
         pass
     return recs, wall
 

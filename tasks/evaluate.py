@@ -133,10 +133,11 @@ class Sampling:
         return {"samples": self.bootstrap_samples, "level": self.ci_level}
 
 
-def recommend(emb: dict, seen, users: np.ndarray, k: int) -> np.ndarray:
+def recommend(emb: dict, seen, users: np.ndarray, k: int, ranks=None) -> np.ndarray:
     """Top-``k`` item indices (n_users, k) of ``users`` for either model kind, ``seen`` excluded
-    (and, for an item-item model, used as the user vectors: nightrec/ml/models.py)."""
-    user_vecs, item_vecs, bias = models.scoring_inputs(emb, seen)
+    (and, for an item-item model, used as the user vectors: nightrec/ml/models.py; weighted by
+    recency with ``ranks``, :func:`known_ranks`, when the model has a half-life)."""
+    user_vecs, item_vecs, bias = models.scoring_inputs(emb, seen, ranks)
     chunks = ranking.iter_top_k(user_vecs, item_vecs, bias, models.ranked_seen(emb, seen), users,
                                 k=k)
     return models.to_items(emb, np.concatenate([items for _, items, _ in chunks]))
@@ -186,15 +187,34 @@ def targets(known: pd.DataFrame | list[pd.DataFrame], target: pd.DataFrame, *, n
     return seen, users, metrics.Relevant.from_pairs(row[warm], item[warm], n_rows=len(users))
 
 
+def known_ranks(known: pd.DataFrame | list[pd.DataFrame], *, n_users: int, n_items: int,
+                models_: tuple[dict, ...] = ()):
+    """The recency ranks (``models.pair_ranks``) of the ``known`` pairs, what a
+    recency-weighted item-item model weights its user rows by, when one of ``models_`` is one
+    and the frames have timestamps; else None (0/1 rows)."""
+    if not any(models.recency_half_life(e) is not None for e in models_):
+        return None
+    frames = known if isinstance(known, list) else [known]
+    if not all(schema.TIMESTAMP in f for f in frames):
+        return None
+    cols = [schema.USER_IDX, schema.ITEM_IDX, schema.TIMESTAMP]
+    u, i, t = (np.concatenate([f[c].to_numpy() for f in frames]) for c in cols)
+    return models.pair_ranks(u, i, t, n_users=n_users, n_items=n_items)
+
+
 def ranking_metric(emb: dict, known: pd.DataFrame, target: pd.DataFrame, *, metric: str,
-                   n_users: int) -> float:
+                   n_users: int, ranks=None) -> float:
     """One metric (``ndcg_at_10``...) of ``emb`` on ``target``, ``known`` excluded: what train
-    uses to choose candidates and epochs on the valid split."""
+    uses to choose candidates and epochs on the valid split. ``ranks``: :func:`known_ranks` of
+    ``known`` when the caller has them (a search scores many models on the same users)."""
     k = int(metric.rsplit("_at_", 1)[1])
-    seen, users, rel = targets(known, target, n_users=n_users, n_items=models.n_items(emb))
+    n_items = models.n_items(emb)
+    seen, users, rel = targets(known, target, n_users=n_users, n_items=n_items)
     if len(users) == 0:
         raise ValueError("no positive target events to measure a ranking metric on")
-    return metrics.all_metrics(recommend(emb, seen, users, k), rel, [k])[metric]
+    if ranks is None:
+        ranks = known_ranks(known, n_users=n_users, n_items=n_items, models_=(emb,))
+    return metrics.all_metrics(recommend(emb, seen, users, k, ranks), rel, [k])[metric]
 
 
 def popularity_model(train: pd.DataFrame | list[pd.DataFrame], *, n_users: int,
@@ -247,13 +267,14 @@ def evaluate_embeddings(
     if known is None:
         known = [parts["train"], parts["valid"]]  # not concatenated
     seen, users, rel = targets(known, parts["test"], n_users=n_users, n_items=n_items)
+    ranks = known_ranks(known, n_users=n_users, n_items=n_items, models_=(emb,))
     n_test_users = len(users)
     users, rel, sampled = _sample(users, rel, sampling)
     k = max(ks)
     pop = popularity_model(known, n_users=n_users, n_items=n_items)
     share = pop["item_bias"] / max(1, known_users(seen))
     ci = sampling if sampled else None
-    out = {name: _side_metrics(recommend(e, seen, users, k), rel, ks, share=share,
+    out = {name: _side_metrics(recommend(e, seen, users, k, ranks), rel, ks, share=share,
                                n_items=n_items, ci=ci)
            for name, e in (("model", emb), ("popularity", pop))}
     out.update(n_test_users=n_test_users, evaluated_users=len(users), sampled=sampled,
@@ -299,8 +320,9 @@ def compare_with_champion(
     pop = popularity_model(known, n_users=n_users, n_items=n_items)
     share = pop["item_bias"] / max(1, known_users(seen))
     k = max(ks)
+    ranks = known_ranks(known, n_users=n_users, n_items=n_items, models_=(emb, champion))
     for name, e in (("model", emb), ("champion", champion)):
-        out[name] = _side_metrics(recommend(e, seen, users, k), rel, ks, share=share,
+        out[name] = _side_metrics(recommend(e, seen, users, k, ranks), rel, ks, share=share,
                                   n_items=n_items, ci=sampling if sampled else None)
     return {**out, "compared": True,
             "reason": f"on the {len(later)} test events after the champion's train_cutoff"}
@@ -450,7 +472,9 @@ def run(trained: Trained, params: dict | None = None) -> Evaluated:
     uris = [getattr(trained.split, n) for n in split.PARTS]
     constant = split.column_ranges(uris, [schema.LABEL])[schema.LABEL] == (1, 1)
     columns = [c for c in PART_COLUMNS if not (c == schema.LABEL and constant)]
-    known, (n_train, _) = split.read_parts(uris[:2], columns=columns[:-1])
+    # a recency-weighted item-item model ranks the known items by time: their timestamps too
+    recency = models.recency_half_life(emb) is not None
+    known, (n_train, _) = split.read_parts(uris[:2], columns=columns if recency else columns[:-1])
     test, _ = split.read_parts(uris[2:], columns=columns)
     parts = {"train": known.iloc[:n_train], "valid": known.iloc[n_train:], "test": test,
              "known": known}

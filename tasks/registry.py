@@ -236,10 +236,25 @@ def register(model: dict, *, ds: str, metrics_uri: str | None, gate: dict | None
         "metrics": storage.read_json(metrics_uri) if metrics_uri else None,
         "gate": gate,
         "files": sorted(copies),
+        "selection": selection_summary(artifacts.get("selection")),
         "registered_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     storage.write_json(_file(version, "meta.json"), record)  # written last: its presence means complete
     return model_uris(version)
+
+
+def selection_summary(uri: str | None) -> dict | None:
+    """What meta.json keeps of train's selection.json: the metric, the chosen family, and per
+    candidate its valid figure and the hyperparameters tuned in the run (``params``: the point
+    chosen on the valid split; the whole search stays in selection.json)."""
+    if not uri:
+        return None
+    sel = storage.read_json(uri)
+    key = f"valid_{sel.get('metric')}"
+    return {"metric": sel.get("metric"), "chosen": sel.get("chosen"),
+            "candidates": {n: {k: c[k] for k in (key, "params", "components") if k in c}
+                           for n, c in (sel.get("candidates") or {}).items()},
+            "skipped": sel.get("skipped") or {}}
 
 
 def champion_record() -> dict | None:

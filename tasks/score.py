@@ -249,7 +249,8 @@ def read_seen(uri: str, columns: list[str], *, first: str | None = None,
         table = (pf.read_row_groups(groups, columns=read) if groups
                  else pf.schema_arrow.empty_table().select(read))
         _tally(reads, f, row_groups=len(groups), rows=table.num_rows)
-    table = table.cast(pa.schema([(c, pa.string()) for c in read]))
+    table = table.cast(pa.schema([(c, pa.string() if c in (schema.USER_ID, schema.ITEM_ID)
+                                   else table.schema.field(c).type) for c in read]))
     if first is not None:
         table = table.filter(_in_range(table.column(schema.USER_ID), first, last))
     return table.select(columns)
@@ -303,9 +304,10 @@ def model_users_in_range(uri: str, first: str, last: str, *,
 
 
 def read_embeddings(uri: str, *, user_rows: np.ndarray | None = None,
-                    reads: dict | None = None) -> dict[str, np.ndarray]:
-    """The arrays of an ``embeddings.npz``; of ``user``, only rows ``user_rows`` (int, in that
-    order) when given.
+                    reads: dict | None = None, only: tuple[str, ...] | None = None
+                    ) -> dict[str, np.ndarray]:
+    """The arrays of an ``embeddings.npz`` (only the members named in ``only`` when given); of
+    ``user``, only rows ``user_rows`` (int, in that order) when given.
 
     ``np.savez`` stores each ``.npy`` member uncompressed, so a member's data sits at a known
     offset: the zip directory (the object's tail) gives the member's local header, which with
@@ -319,6 +321,8 @@ def read_embeddings(uri: str, *, user_rows: np.ndarray | None = None,
     with ObjectFile(uri) as f, zipfile.ZipFile(f) as zf:
         for info in zf.infolist():
             name = info.filename.removesuffix(".npy")
+            if only is not None and name not in only:
+                continue
             rows = user_rows if name == "user" else None
             if info.compress_type != zipfile.ZIP_STORED:
                 arr = np.lib.format.read_array(zf.open(info), allow_pickle=False)
@@ -437,8 +441,32 @@ def seen_rows(seen: pa.Table, user_ids, item_ids: np.ndarray) -> sparse.csr_matr
                                n_items=len(item_ids), user_col="u", item_col="i")
 
 
+def seen_ranks(seen: pa.Table, user_ids, item_ids: np.ndarray) -> sparse.csr_matrix:
+    """The recency ranks (``models.pair_ranks``'s form) of the seen pairs over the model's
+    items, from the table's ``recency_rank`` column (the seen step ranks each user's pairs:
+    no sort here)."""
+    from nightrec.tasks import seen as seen_step
+
+    u = _positions(seen.column(schema.USER_ID), user_ids)
+    i = _positions(seen.column(schema.ITEM_ID), item_ids)
+    rank = seen.column(seen_step.RECENCY).to_numpy(zero_copy_only=False).astype(np.float32)
+    keep = (i >= 0) & (u >= 0)
+    m = sparse.csr_matrix((rank[keep], (u[keep], i[keep])), shape=(len(user_ids), len(item_ids)))
+    m.sort_indices()
+    return m
+
+
+def has_recency(seen_uri: str) -> bool:
+    """Whether a seen table carries the pairs' recency ranks (tables written before issue 16
+    do not: a recency-weighted model then scores with 0/1 rows, as before)."""
+    from nightrec.tasks import seen as seen_step
+
+    with ObjectFile(seen_uri) as f:
+        return seen_step.RECENCY in pq.ParquetFile(f).schema_arrow.names
+
+
 def user_inputs(emb: dict, seen: sparse.csr_matrix, model_rows: np.ndarray, *,
-                fold_in_l2: float):
+                fold_in_l2: float, ranks: sparse.csr_matrix | None = None):
     """``(user_vecs, item_vecs, item_bias, cold, folded)`` for the users that are ``seen``'s rows.
 
     ``model_rows``: each user's index in the model, -1 for a user it does not know. ``cold``
@@ -447,9 +475,23 @@ def user_inputs(emb: dict, seen: sparse.csr_matrix, model_rows: np.ndarray, *,
     vector :func:`nightrec.ml.models.fold_in` solved from their seen items.
     """
     has_seen = np.diff(seen.indptr) > 0
+    if models.is_hybrid(emb):  # a blend of an item-item and a factor model: both inputs
+        known = model_rows >= 0
+        folded = ~known & has_seen
+        factor = np.zeros((len(model_rows), emb["user"].shape[1]), np.float32)
+        factor[known] = emb["user"][model_rows[known]]
+        if folded.any():  # the factor part's new users, folded in as for a factor model
+            # (on its unweighted item vectors, no prior), then weighted as the blend's users
+            weight = float(np.asarray(emb.get("factor_weight", [1.0])).reshape(-1)[0])
+            factor[folded] = weight * models.fold_in(
+                emb["item"], np.zeros(emb["item"].shape[0], np.float32), seen[folded],
+                l2=fold_in_l2)
+        user_vecs, item_vecs, bias = models.hybrid_inputs(emb, seen, factor, ranks)
+        return user_vecs, item_vecs, bias, ~has_seen & ~known, folded
     if models.is_item_item(emb):
-        # the seen row is the user vector, for known and new users alike
-        user_vecs, item_vecs, bias = models.scoring_inputs(emb, seen)
+        # the seen row (recency-weighted with ``ranks`` when the model asks) is the user
+        # vector, for known and new users alike
+        user_vecs, item_vecs, bias = models.scoring_inputs(emb, seen, ranks)
         return user_vecs, item_vecs, bias, ~has_seen, np.zeros(len(has_seen), bool)
     known = model_rows >= 0
     folded = ~known & has_seen
@@ -603,7 +645,8 @@ def plan(ds: str, model: dict, seen_uri: str, run_key: str, params: dict | None 
 
 
 def shard_users(spec: dict, model_user_ids: np.ndarray, *,
-                reads: dict | None = None) -> tuple[np.ndarray, pa.Table]:
+                reads: dict | None = None, recency: bool = False
+                ) -> tuple[np.ndarray, pa.Table]:
     """The shard's users (sorted ids, object array) and its seen pairs; raises if the range does
     not hold the ``hi - lo`` users the plan counted (the model or the seen table changed).
     ``model_user_ids``: the model's user ids (those outside the range are ignored: pass
@@ -613,7 +656,10 @@ def shard_users(spec: dict, model_user_ids: np.ndarray, *,
         empty = pa.schema([(schema.USER_ID, pa.string()), (schema.ITEM_ID, pa.string())])
         return np.array([], dtype=object), empty.empty_table()
     first, last = spec["user_ids"]
-    seen = read_seen(spec["seen"], [schema.USER_ID, schema.ITEM_ID], first=first, last=last,
+    from nightrec.tasks import seen as seen_step
+
+    seen = read_seen(spec["seen"], [schema.USER_ID, schema.ITEM_ID]
+                     + ([seen_step.RECENCY] if recency else []), first=first, last=last,
                      reads=reads)
     in_range = scorable(model_user_ids[(model_user_ids >= first) & (model_user_ids <= last)])
     users = sorted_union(in_range, seen.column(schema.USER_ID)).to_numpy(zero_copy_only=False)
@@ -635,8 +681,13 @@ def run_shard(spec: dict, params: dict | None = None) -> dict:
     if spec.get("user_ids"):
         in_model, in_model_rows = model_users_in_range(model["users"], *spec["user_ids"],
                                                        reads=reads["model_users"])
-    users, seen_pairs = shard_users(spec, in_model, reads=reads["seen"])
+    # a recency-weighted item-item model ranks each user's seen items by time
+    recency = (models.recency_half_life(read_embeddings(
+        model["embeddings"], only=("recency_half_life",))) is not None
+               and has_recency(spec["seen"]))
+    users, seen_pairs = shard_users(spec, in_model, reads=reads["seen"], recency=recency)
     seen = seen_rows(seen_pairs, users, item_ids)
+    ranks = seen_ranks(seen_pairs, users, item_ids) if recency else None
     del seen_pairs
     at = pd.Index(in_model).get_indexer(users)
     known = at >= 0
@@ -646,7 +697,8 @@ def run_shard(spec: dict, params: dict | None = None) -> dict:
     model_rows = np.full(len(users), -1, np.int64)
     model_rows[known] = np.arange(int(known.sum()))
     user_vecs, item_vecs, bias, cold, folded = user_inputs(
-        emb, seen, model_rows, fold_in_l2=float(p["score.fold_in_l2"]))
+        emb, seen, model_rows, fold_in_l2=float(p["score.fold_in_l2"]), ranks=ranks)
+    ranks = None
     popular = popular_bias(spec["seen"], item_ids) if cold.any() else None
     prefix = layout.shard_prefix(ds, spec["run_key"], shard)
     storage.delete(storage.list_uris(prefix))  # a retried shard starts from its own empty folder

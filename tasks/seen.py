@@ -17,8 +17,10 @@ no model ever learns it (training reads the clean table), so it can never be rec
 needs no exclusion. ``timestamp_out_of_range`` rows are included: a clock before
 ``clean.min_timestamp`` or after ds's end is bad data about *when*, not about *whether*.
 
-Output: ``runs/ds=<ds>/seen/interactions.parquet`` with ``user_id, item_id`` (strings), one row
-per distinct pair, sorted by ``(user_id, item_id)`` (row groups of :data:`ROW_GROUP_ROWS`, so a
+Output: ``runs/ds=<ds>/seen/interactions.parquet`` with ``user_id, item_id`` (strings) and
+``timestamp`` (int64 unix seconds: the pair's latest clean event; null for a pair only the
+quarantine knows) and ``recency_rank`` (int32: 1 for the user's latest pair, 2 for the one
+before, ties to the greater item_id, untimed pairs last), one row per distinct pair, sorted by ``(user_id, item_id)`` (row groups of :data:`ROW_GROUP_ROWS`, so a
 score shard reading one ``user_id`` range skips the others); ``item_counts.parquet`` beside it,
 ``item_id, count`` (int64: the item's rows, i.e. the users who met it), one row per item, sorted
 by item_id, aggregated from the same pairs in the same engine session; and ``stats.json``.
@@ -64,6 +66,7 @@ INCLUDED_REASONS = (
 ROW_GROUP_ROWS = 1 << 17  # a layout choice (pushdown granularity), not a tunable
 SEEN_SCHEMA = pa.schema([(schema.USER_ID, pa.string()), (schema.ITEM_ID, pa.string())])
 COUNT = "count"  # item_counts.parquet: an item's rows in the seen table
+RECENCY = "recency_rank"  # interactions.parquet: 1 for a user's latest pair, 2 the one before
 COUNTS_NAME = "item_counts.parquet"
 COUNTS_SCHEMA = pa.schema([(schema.ITEM_ID, pa.string()), (COUNT, pa.int64())])
 log = logging.getLogger(__name__)
@@ -115,16 +118,28 @@ def write_seen(con, clean_glob: str, quarantine: Iterable[pa.RecordBatch | pa.Ta
         CREATE OR REPLACE TEMP TABLE seen_quarantine AS
         SELECT {engine.bucket_sql("user_id", n)} AS bucket, user_id, item_id
         FROM read_parquet({engine.quote(spill)}) ORDER BY bucket""")
-    con.execute("CREATE OR REPLACE TEMP TABLE seen_pairs (user_id VARCHAR, item_id VARCHAR)")
+    con.execute("CREATE OR REPLACE TEMP TABLE seen_pairs "
+                "(user_id VARCHAR, item_id VARCHAR, ts BIGINT, recency INTEGER)")
     for b in range(n):
-        own = (f"SELECT {schema.USER_ID} AS user_id, {schema.ITEM_ID} AS item_id "
+        own = (f"SELECT {schema.USER_ID} AS user_id, {schema.ITEM_ID} AS item_id, "
+               f"{schema.TIMESTAMP}::BIGINT AS ts "
                f"FROM read_parquet({_file_list(groups[b])}) UNION ALL " if groups.get(b) else "")
+        # one row per pair, with its latest clean timestamp (NULL for a pair only the
+        # quarantine knows: its time is what was wrong with it) and its recency rank among the
+        # user's pairs (1 = latest; ties: the greater item_id first, NULLs last), what a
+        # recency-weighted model's scoring reads (models.pair_ranks computes the same from
+        # frames): a user's pairs are all in one bucket
         con.execute(f"""
-            INSERT INTO seen_pairs SELECT DISTINCT user_id, item_id FROM (
-                {own}SELECT user_id, item_id FROM seen_quarantine WHERE bucket = {b})""")
+            INSERT INTO seen_pairs
+            SELECT user_id, item_id, ts, row_number() OVER (
+                PARTITION BY user_id ORDER BY ts DESC NULLS LAST, item_id DESC)::INTEGER
+            FROM (SELECT user_id, item_id, max(ts) AS ts FROM (
+                {own}SELECT user_id, item_id, NULL::BIGINT AS ts FROM seen_quarantine
+                WHERE bucket = {b}) GROUP BY user_id, item_id)""")
     con.execute("DROP TABLE seen_quarantine")
     con.execute(f"""
-        COPY (SELECT user_id, item_id FROM seen_pairs ORDER BY user_id, item_id)
+        COPY (SELECT user_id, item_id, ts AS {schema.TIMESTAMP}, recency AS {RECENCY}
+              FROM seen_pairs ORDER BY user_id, item_id)
         TO {engine.quote(out_path)} (FORMAT parquet, COMPRESSION zstd,
                                      ROW_GROUP_SIZE {ROW_GROUP_ROWS})
     """)
@@ -171,7 +186,10 @@ def _file_list(files: list[str]) -> str:
 
 def table_bytes(table: pa.Table) -> bytes:
     buf = io.BytesIO()
-    pq.write_table(table.cast(SEEN_SCHEMA), buf, compression="zstd",
+    # the pairs, and their timestamps when the table has them (the written table always does)
+    extra = [pa.field(schema.TIMESTAMP, pa.int64()), pa.field(RECENCY, pa.int32())]
+    target = pa.schema([*SEEN_SCHEMA, *(f for f in extra if f.name in table.column_names)])
+    pq.write_table(table.cast(target), buf, compression="zstd",
                    row_group_size=ROW_GROUP_ROWS, write_statistics=True,
                    sorting_columns=[pq.SortingColumn(0), pq.SortingColumn(1)])
     return buf.getvalue()

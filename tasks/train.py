@@ -44,6 +44,7 @@ import contextlib
 import gc
 import hashlib
 import io
+import itertools
 import json
 import logging
 import tempfile
@@ -69,6 +70,27 @@ PARAMS = [
     "train.ease.l2",
     "train.ease.dropout",
     "train.ease.max_items",
+    "train.ease.recency_half_life",
+    "train.rp3beta.recency_half_life",
+    "train.blend.enabled",
+    "train.blend.weights",
+    "train.rp3beta.alpha",
+    "train.rp3beta.beta",
+    "train.rp3beta.max_items",
+    "train.sasrec.max_len",
+    "train.sasrec.dim",
+    "train.sasrec.blocks",
+    "train.sasrec.heads",
+    "train.sasrec.dropout",
+    "train.sasrec.epochs",
+    "train.sasrec.batch_size",
+    "train.sasrec.learning_rate",
+    "train.sasrec.l2",
+    "train.sasrec.patience",
+    "train.sasrec.loss",
+    "train.sasrec.full_softmax_max_items",
+    "train.sasrec.n_negatives",
+    "train.sasrec.cpu_max_events",
     "train.time_budget.s_per_million_events",
     "train.time_budget.min_s",
     "train.time_budget.max_s",
@@ -417,21 +439,127 @@ def fit_mf(
     return models.mf_weights(model), history, model
 
 
-def fit_ease(train: pd.DataFrame, *, n_users: int, n_items: int, p: settings.StepParams):
-    """Fit EASE/EDLAE on the positive rows of ``train``; returns ``(weights, history)``."""
-    # two columns (views when every row is positive), not the frame
+def _pairs_matrix(train: pd.DataFrame, *, n_users: int, n_items: int):
+    """The 0/1 user x item matrix of ``train``'s positive rows, as the transpose of an items x
+    users CSR (a CSC view): the item-item fits need that orientation, and a user x item CSR
+    would be copied into it (8 bytes a pair more at the peak). Two columns are read (views
+    when every row is positive), not the frame."""
     cols = (schema.USER_IDX, schema.ITEM_IDX)
     pairs = pd.DataFrame(dict(zip(cols, schema.positive_columns(train, list(cols)), strict=True)),
                          copy=False)
-    # built items x users and passed transposed (a CSC view): fit_ease needs that orientation,
-    # and a user x item CSR would be copied into it (8 bytes a pair more at the peak)
-    x = models.interaction_matrix(pairs, n_users=n_items, n_items=n_users,
-                                  user_col=schema.ITEM_IDX, item_col=schema.USER_IDX).T
-    del pairs
+    return models.interaction_matrix(pairs, n_users=n_items, n_items=n_users,
+                                     user_col=schema.ITEM_IDX, item_col=schema.USER_IDX).T
+
+
+# The hyperparameters each family searches on the valid sample: a list in params.yaml is
+# searched (every combination), a single value is used as is.
+# The item-item families' ``recency_half_life`` changes only how user rows are weighted at
+# scoring, not the fit: listed last, its values reuse one fit each.
+SEARCHED = {"ease": ("l2", "dropout", "recency_half_life"),
+            "rp3beta": ("alpha", "beta", "recency_half_life"), "ials": ("regularization",)}
+
+
+def search_values(p: settings.StepParams, family: str, key: str) -> list[float | None]:
+    """``train.<family>.<key>`` as a list of floats: one value, or the values searched (a
+    ``recency_half_life`` may be null: 0/1 user rows)."""
+    value = p[f"train.{family}.{key}"]
+    values = [None if v is None and key == "recency_half_life" else float(v)
+              for v in (value if isinstance(value, list | tuple) else [value])]
+    if not values:
+        raise ValueError(f"train.{family}.{key} must be a number or a non-empty list")
+    if key == "recency_half_life" and any(v is not None and v <= 0 for v in values):
+        raise ValueError(f"train.{family}.recency_half_life must be > 0 or null, got {value}")
+    return values
+
+
+def needs_timestamps(p: settings.StepParams, names: list[str]) -> bool:
+    """Whether a fit or search of ``names`` reads event timestamps: the sequential candidate,
+    or an item-item family with a recency half-life to search."""
+    return "sasrec" in names or any(
+        name in names and any(h is not None for h in search_values(p, name,
+                                                                   "recency_half_life"))
+        for name in ("ease", "rp3beta"))
+
+
+def search_points(p: settings.StepParams, family: str) -> list[dict[str, float]]:
+    """Every combination of :data:`SEARCHED` values of ``family``, in params.yaml's order."""
+    keys = SEARCHED[family]
+    return [dict(zip(keys, combo, strict=True))
+            for combo in itertools.product(*(search_values(p, family, k) for k in keys))]
+
+
+def point_key(point: dict[str, float]) -> str:
+    """How a searched point is named in selection.json: ``"300.0"`` for one searched key,
+    ``"l2=200.0,dropout=0.5"`` for several."""
+    if len(point) == 1:
+        return str(next(iter(point.values())))
+    return ",".join(f"{k}={v}" for k, v in point.items())
+
+
+def search(family: str, points: list[dict[str, float]], fit_one, sample: pd.DataFrame, *,
+           known: pd.DataFrame, n_users: int, metric: str, deadline: float,
+           interruptible: bool = False) -> tuple[dict, dict]:
+    """The selection fit of a family with searched hyperparameters (tuning in the loop).
+
+    ``fit_one(point, deadline) -> (weights, history)`` fits one point; each gets an equal share
+    of the time to ``deadline`` (an ``interruptible`` fit stops at its share; a closed-form one
+    is not started when the last fit's duration says it would overrun ``deadline``: the points
+    left are recorded as not fitted). Each fit is scored on the valid ``sample`` by
+    ``evaluate.ranking_metric``, the same figure every candidate is compared by; the best is
+    the family's selection fit, and the refit on train + valid repeats its point. Its history
+    records every point's figure (``search``) and the choice (``params``).
+
+    Nothing here can read the test split: the fits get train rows and the score ``sample`` (valid
+    rows) and ``known`` (train rows), and this function is all the tuning there is."""
+    from nightrec.tasks import evaluate
+
+    best, record, last_s = None, {}, 0.0
+    ranks: dict = {}  # the sample users' recency ranks, built once for every point that asks
+    for n, point in enumerate(points):
+        now = time.monotonic()
+        if n and not interruptible and now + last_s > deadline:
+            for rest in points[n:]:
+                record[point_key(rest)] = {"skipped": "time budget"}
+            log.info("%s search: %d of %d points left unfitted (time budget)", family,
+                     len(points) - n, len(points))
+            break
+        own = now + max(0.0, deadline - now) / (len(points) - n)
+        started = time.perf_counter()
+        emb, hist = fit_one(point, own)
+        last_s = time.perf_counter() - started
+        value = None
+        if len(points) > 1:
+            if models.recency_half_life(emb) is not None and "r" not in ranks:
+                ranks["r"] = evaluate.known_ranks(known, n_users=n_users,
+                                                  n_items=models.n_items(emb), models_=(emb,))
+            value = evaluate.ranking_metric(emb, known, sample, metric=metric, n_users=n_users,
+                                            ranks=ranks.get("r") if models.recency_half_life(
+                                                emb) is not None else None)
+        record[point_key(point)] = {f"valid_{metric}": value, "fit_s": round(last_s, 2),
+                                    **({"iterations": hist["iterations"]}
+                                       if "iterations" in hist else {})}
+        log.info("%s %s: valid %s = %s (%.1f s)", family, point, metric, value, last_s)
+        if best is None or (value is not None and value > best[0]):
+            # the best so far waits on disk while the next point's fit runs
+            best = (value, point, _parked(emb) if n + 1 < len(points) else emb, hist)
+        emb = None
+    value, point, emb, hist = best
+    hist["params"], hist["search"] = dict(point), record
+    if value is not None:  # already scored on the sample: train_both need not rank it again
+        hist[f"valid_{metric}"] = value
+    return emb, hist
+
+
+def fit_ease(train: pd.DataFrame, *, n_users: int, n_items: int, p: settings.StepParams,
+             point: dict[str, float] | None = None):
+    """Fit EASE/EDLAE on the positive rows of ``train`` with ``point`` (``l2``, ``dropout``;
+    default: the first of each searched list); returns ``(weights, history)``."""
+    point = point or search_points(p, "ease")[0]
+    x = _pairs_matrix(train, n_users=n_users, n_items=n_items)
     max_items = int(p["train.ease.max_items"])
-    emb = models.fit_ease(x, l2=float(p["train.ease.l2"]), dropout=float(p["train.ease.dropout"]),
-                          max_items=max_items)
-    hist = {"l2": float(p["train.ease.l2"]), "dropout": float(p["train.ease.dropout"])}
+    emb = _recency(models.fit_ease(x, l2=point["l2"], dropout=point["dropout"],
+                                   max_items=max_items), point)
+    hist = dict(point)
     if models.item_index(emb) is not None:
         hist["head_items"] = max_items
         log.info("ease: %d items > train.ease.max_items %d: fitted on the %d most interacted "
@@ -439,49 +567,101 @@ def fit_ease(train: pd.DataFrame, *, n_users: int, n_items: int, p: settings.Ste
     return emb, hist
 
 
+def search_item_item(family: str, train: pd.DataFrame, sample: pd.DataFrame, *, n_users: int,
+                     n_items: int, p: settings.StepParams, deadline: float,
+                     known: pd.DataFrame | None = None) -> tuple[dict, dict]:
+    """The selection fit of ``ease`` or ``rp3beta``: :func:`search` over its points, the
+    co-occurrence (Gram) matrix built once and copied per point (EASE's solve overwrites it;
+    RP3beta's depends on alpha only)."""
+    x = _pairs_matrix(train, n_users=n_users, n_items=n_items)
+    max_items = int(p[f"train.{family}.max_items"])
+    grams: dict = {}
+    last: dict = {}  # the last fit, reused by the points that differ only in recency
+
+    def fit_one(point, deadline):
+        base = {k: v for k, v in point.items() if k != "recency_half_life"}
+        if last.get("base") != base:
+            last.clear()
+            last["base"], last["emb"] = base, fit_base(base)
+        return _recency(dict(last["emb"]), point), dict(point, **(
+            {"head_items": max_items} if models.item_index(last["emb"]) is not None else {}))
+
+    def fit_base(point):
+        if family == "ease":
+            if "g" not in grams:
+                grams["g"] = models.item_gram(x, max_items=max_items)
+            g, head = grams["g"]
+            emb = models.ease_from_gram(g.copy(), head, n_items, l2=point["l2"],
+                                        dropout=point["dropout"])
+        else:
+            if grams.get("alpha") != point["alpha"]:
+                grams.clear()
+                grams["alpha"] = point["alpha"]
+                grams["g"] = models.item_gram(x, max_items=max_items, user_weight=(
+                    models.rp3_user_weight(x, point["alpha"])))
+            emb = models.fit_rp3beta(x, alpha=point["alpha"], beta=point["beta"], gram=grams["g"])
+        return emb
+
+    try:
+        return search(family, search_points(p, family), fit_one, sample,
+                      known=train if known is None else known, n_users=n_users,
+                      metric=p["train.select_metric"], deadline=deadline)
+    finally:
+        grams.clear()
+        last.clear()
+
+
+def _recency(emb: dict, point: dict) -> dict:
+    """An item-item export with the point's ``recency_half_life`` (none: 0/1 user rows)."""
+    emb.pop("recency_half_life", None)
+    h = point.get("recency_half_life")
+    if h is not None:
+        emb["recency_half_life"] = np.array([h], np.float32)
+    return emb
+
+
+def fit_rp3beta(train: pd.DataFrame, *, n_users: int, n_items: int, p: settings.StepParams,
+                point: dict[str, float] | None = None):
+    """Fit RP3beta (``models.fit_rp3beta``) on the positive rows of ``train`` with ``point``
+    (``alpha``, ``beta``; default: the first of each list); returns ``(weights, history)``."""
+    point = point or search_points(p, "rp3beta")[0]
+    x = _pairs_matrix(train, n_users=n_users, n_items=n_items)
+    max_items = int(p["train.rp3beta.max_items"])
+    emb = _recency(models.fit_rp3beta(x, alpha=point["alpha"], beta=point["beta"],
+                                      max_items=max_items), point)
+    hist = dict(point)
+    if models.item_index(emb) is not None:
+        hist["head_items"] = max_items
+    return emb, hist
+
+
 def ials_regularizations(p: settings.StepParams) -> list[float]:
     """``train.ials.regularization`` as a list: one value, or the values searched on valid."""
-    value = p["train.ials.regularization"]
-    values = [float(v) for v in (value if isinstance(value, list | tuple) else [value])]
-    if not values or any(v <= 0 for v in values):
-        raise ValueError(f"train.ials.regularization must be > 0 (or a list of such), got {value}")
+    values = search_values(p, "ials", "regularization")
+    if any(v <= 0 for v in values):
+        raise ValueError(f"train.ials.regularization must be > 0 (or a list of such), got "
+                         f"{p['train.ials.regularization']}")
     return values
 
 
 def search_ials(train: pd.DataFrame, sample: pd.DataFrame, *, n_users: int, n_items: int,
                 p: settings.StepParams, init: dict[str, np.ndarray] | None,
                 deadline: float, known: pd.DataFrame | None = None) -> tuple[dict, dict]:
-    """The iALS selection fit: one fit per value of ``train.ials.regularization`` (an equal
-    share of the time to ``deadline`` each), each scored on the valid ``sample`` by
-    ``evaluate.ranking_metric``; the best is the selection fit. Its history records every
-    value's figure and iteration count (``search``) and the choice (``regularization``). The
-    test split is not an argument: nothing here can read it. ``known``: the train rows of the
-    sample's users (:func:`sample_known`; default ``train``), what the metric excludes."""
-    from nightrec.tasks import evaluate
-
-    values = ials_regularizations(p)
-    metric = p["train.select_metric"]
-    known = train if known is None else known
+    """The iALS selection fit: :func:`search` over ``train.ials.regularization`` (an equal
+    share of the time to ``deadline`` each), the pairs built once. Its history also names the
+    choice as ``regularization``. ``known``: the train rows of the sample's users
+    (:func:`sample_known`; default ``train``), what the metric excludes."""
+    ials_regularizations(p)
     data = ials_pairs(train, n_users=n_users, n_items=n_items, p=p)  # once for every value
-    best, search = None, {}
-    for n, reg in enumerate(values):
-        now = time.monotonic()
-        own = now + max(0.0, deadline - now) / (len(values) - n)
-        emb, hist = fit_ials(None, n_users=n_users, n_items=n_items, p=p, init=init,
-                             deadline=own, regularization=reg, data=data)
-        value = (evaluate.ranking_metric(emb, known, sample, metric=metric, n_users=n_users)
-                 if len(values) > 1 else None)
-        search[str(reg)] = {f"valid_{metric}": value, "iterations": hist["iterations"]}
-        log.info("ials regularization %s: valid %s = %s (%d iterations)", reg, metric, value,
-                 hist["iterations"])
-        if best is None or (value is not None and value > best[0]):
-            # the best so far waits on disk while the next value's fit runs
-            best = (value, reg, _parked(emb) if n + 1 < len(values) else emb, hist)
-        emb = None
-    value, reg, emb, hist = best
-    hist["regularization"], hist["search"] = reg, search
-    if value is not None:  # already scored on the sample: train_both need not rank it again
-        hist[f"valid_{metric}"] = value
+
+    def fit_one(point, own):
+        return fit_ials(None, n_users=n_users, n_items=n_items, p=p, init=init, deadline=own,
+                        regularization=point["regularization"], data=data)
+
+    emb, hist = search("ials", search_points(p, "ials"), fit_one, sample,
+                       known=train if known is None else known, n_users=n_users,
+                       metric=p["train.select_metric"], deadline=deadline, interruptible=True)
+    hist["regularization"] = hist["params"]["regularization"]
     return emb, hist
 
 
@@ -543,6 +723,47 @@ def fit_ials(train: pd.DataFrame | None, *, n_users: int, n_items: int, p: setti
     return emb, hist
 
 
+def fit_sasrec(train: pd.DataFrame, sample: pd.DataFrame | None, *, n_users: int, n_items: int,
+               p: settings.StepParams, deadline: float | None = None,
+               known: pd.DataFrame | None = None, epochs: int | None = None
+               ) -> tuple[dict, dict]:
+    """Fit the sequential candidate (nightrec/ml/sequential.py) on the positive rows of
+    ``train`` in time order; with ``sample`` (valid rows), early-stop on ``train.select_metric``
+    measured on it by ``evaluate.ranking_metric`` after each epoch (the best epoch's weights
+    come back); ``epochs`` fixes the count (the refit). Its user vectors are the sequence's
+    last state, so it scores like any factor model. ``deadline``: no epoch starts that is
+    projected to end after it (the first always runs)."""
+    from nightrec.ml import sequential
+    from nightrec.tasks import evaluate
+
+    metric = p["train.select_metric"]
+    user, item, ts = schema.positive_columns(train, [schema.USER_IDX, schema.ITEM_IDX,
+                                                     schema.TIMESTAMP])
+    valid_fn = None
+    if sample is not None and len(sample):
+        seen_by = sample_known(train, sample) if known is None else known
+
+        def valid_fn(emb):
+            return evaluate.ranking_metric(emb, seen_by, sample, metric=metric, n_users=n_users)
+
+    q = "train.sasrec."
+    loss = p[q + "loss"]
+    if loss == "auto":
+        loss = "full" if n_items <= int(p[q + "full_softmax_max_items"]) else "sampled"
+    emb, hist = sequential.fit(
+        np.asarray(user), np.asarray(item), np.asarray(ts), n_users=n_users, n_items=n_items,
+        max_len=int(p[q + "max_len"]), dim=int(p[q + "dim"]), blocks=int(p[q + "blocks"]),
+        heads=int(p[q + "heads"]), dropout=float(p[q + "dropout"]),
+        epochs=int(epochs or p[q + "epochs"]), batch_size=int(p[q + "batch_size"]),
+        learning_rate=float(p[q + "learning_rate"]), l2=float(p[q + "l2"]), loss=loss,
+        n_negatives=int(p[q + "n_negatives"]), seed=int(p["seed"]), deadline=deadline,
+        valid_fn=valid_fn, patience=int(p[q + "patience"]))
+    hist["loss_kind"] = loss
+    if valid_fn is not None:  # the best epoch's figure, the weights returned
+        hist[f"valid_{metric}"] = float(hist["valid"][hist["best_epoch"] - 1])
+    return emb, hist
+
+
 def budget_s(p: settings.StepParams, events: int) -> float:
     """The step's fitting budget in seconds: ``train.time_budget.s_per_million_events`` x
     ``events`` / 1e6, clamped to ``[min_s, max_s]``. Linear in events because every candidate's
@@ -568,17 +789,19 @@ def candidates(p: settings.StepParams, n_items: int, *, events: int = 0,
     if not names or unknown:
         raise ValueError(f"train.candidates must be a non-empty subset of {models.KINDS}, "
                          f"got {names}")
-    if int(p["train.ease.max_items"]) < 1:
-        raise ValueError("train.ease.max_items must be >= 1")
+    for family in ("ease", "rp3beta"):
+        if int(p[f"train.{family}.max_items"]) < 1:
+            raise ValueError(f"train.{family}.max_items must be >= 1")
     skipped = {}
-    limit = int(p["train.mf_softmax.cpu_max_events"])
-    if "mf_softmax" in names and events > limit and len(names) > 1:
-        from nightrec.ml import ials
+    for name in ("mf_softmax", "sasrec"):
+        limit = int(p[f"train.{name}.cpu_max_events"])
+        if name in names and events > limit and len(names) > 1:
+            from nightrec.ml import ials
 
-        if not (ials.gpu_count() if gpus is None else gpus):
-            skipped["mf_softmax"] = (f"no GPU and {events:,} train events > "
-                                     f"train.mf_softmax.cpu_max_events {limit:,}")
-            names.remove("mf_softmax")
+            if not (ials.gpu_count() if gpus is None else gpus):
+                skipped[name] = (f"no GPU and {events:,} train events > "
+                                 f"train.{name}.cpu_max_events {limit:,}")
+                names.remove(name)
     return names, skipped
 
 
@@ -606,11 +829,13 @@ def train_both(
     parts: dict[str, pd.DataFrame], *, n_users: int, n_items: int, p: settings.StepParams,
     workdir: Path, init: dict[str, dict[str, np.ndarray]] | None = None,
     side: dict[str, np.ndarray | None] | None = None, cutoff: int | None = None,
+    timestamps: np.ndarray | None = None,
 ) -> dict:
     """Select the best candidate on the valid split, then refit it on train + valid (what ships).
 
     ``init``: per family (``ials``, ``mf_softmax``), the champion's factors aligned to this run
-    (warm start), when it is of that family. The fits share :func:`budget_s`: each candidate's
+    (warm start), when it is of that family. ``timestamps``: the train rows' timestamps when
+    the frames have none (run()), for the valid sample's recency ranks. The fits share :func:`budget_s`: each candidate's
     selection fit gets an equal share of what is left (one share kept for the refit), and stops
     at the iteration or epoch that would overrun it; an mf_softmax whose first epoch is projected
     to overrun is skipped (``selection["skipped"]``, logged).
@@ -635,6 +860,11 @@ def train_both(
     # One seeded valid-user sample, scored by one function, for every candidate.
     sample = valid_sample(parts["valid"], max_users=int(p["train.valid_users"]), seed=int(p["seed"]))
     known = sample_known(parts["train"], sample)
+    if timestamps is not None and schema.TIMESTAMP not in known:
+        # run(): the train rows' timestamps apart from the frame; the sample's rows take theirs
+        mask = parts["train"][schema.USER_IDX].isin(sample[schema.USER_IDX].unique()).to_numpy()
+        known = known.assign(**{schema.TIMESTAMP: timestamps[mask]})
+    timestamps = None
     fits, selection = {}, {"metric": metric, "candidates": {}, "skipped": skipped,
                            "valid_users": int(sample[schema.USER_IDX].nunique()),
                            "valid_rows": len(sample), "time_budget_s": round(budget, 1)}
@@ -642,11 +872,15 @@ def train_both(
     for n, name in enumerate(names):
         started = time.perf_counter()
         share = _share(deadline, len(names) - n)
-        if name == "ease":
-            emb, hist = fit_ease(parts["train"], n_users=n_users, n_items=n_items, p=p)
+        if name in ("ease", "rp3beta"):
+            emb, hist = search_item_item(name, parts["train"], sample, n_users=n_users,
+                                         n_items=n_items, p=p, deadline=share, known=known)
         elif name == "ials":
             emb, hist = search_ials(parts["train"], sample, n_users=n_users, n_items=n_items,
                                     p=p, init=init.get("ials"), deadline=share, known=known)
+        elif name == "sasrec":
+            emb, hist = fit_sasrec(parts["train"], sample, n_users=n_users, n_items=n_items,
+                                   p=p, deadline=share, known=known)
         else:
             emb, hist, keras_models[name] = fit_mf(
                 parts["train"], sample, n_users=n_users, n_items=n_items, p=p,
@@ -670,13 +904,32 @@ def train_both(
             selection["candidates"][name]["best_epoch"] = hist["best_epoch"]
         if "head_items" in hist:  # ease above max_items: fitted on the catalogue's head
             selection["candidates"][name]["head_items"] = hist["head_items"]
-        if "search" in hist:  # ials: the regularization chosen on valid
-            selection["candidates"][name]["regularization"] = hist["regularization"]
+        if "search" in hist:  # tuning in the loop: every point's valid figure and the choice
+            selection["candidates"][name]["params"] = hist["params"]
             selection["candidates"][name]["search"] = hist["search"]
+        if "regularization" in hist:
+            selection["candidates"][name]["regularization"] = hist["regularization"]
         log.info("candidate %s: valid %s = %.4f", name, metric, value)
     if not fits:
         raise ValueError(f"no candidate could be fitted within the budget: {skipped}")
     fitted = [n for n in names if n in fits]
+    if p["train.blend.enabled"] and len(fitted) >= 2:
+        started = time.perf_counter()
+        emb, hist = search_blend(fits, sample, known=known, n_users=n_users, n_items=n_items,
+                                 p=p)
+        if emb is None:
+            skipped["blend"] = hist["skipped"]
+        else:
+            fits["blend"] = (emb, hist)
+            fitted.append("blend")
+            selection["candidates"]["blend"] = {
+                f"valid_{metric}": hist[f"valid_{metric}"],
+                "fit_s": round(time.perf_counter() - started, 2),
+                "components": hist["components"], "params": hist["params"],
+                "search": hist["search"]}
+            log.info("candidate blend of %s: valid %s = %.4f", hist["components"], metric,
+                     hist[f"valid_{metric}"])
+        emb = hist = None
     chosen = choose(fitted, {n: c[f"valid_{metric}"] for n, c in selection["candidates"].items()},
                     min_gain=float(p["train.select_min_gain"]))
     selection["chosen"] = chosen
@@ -694,20 +947,19 @@ def train_both(
     shipped_on = parts.get("shipped")
     if shipped_on is None:
         shipped_on = pd.concat([parts["train"], parts["valid"]], ignore_index=True)
-    if chosen == "ease":
-        full = fit_ease(shipped_on, n_users=n_users, n_items=n_items, p=p)
-    elif chosen == "ials":
-        full = fit_ials(shipped_on, n_users=n_users, n_items=n_items, p=p,
-                        init=init.get("ials"), iterations=fits[chosen][1]["best_epoch"],
-                        regularization=fits[chosen][1]["regularization"])
-        full[1]["regularization"] = fits[chosen][1]["regularization"]
+    if chosen == "blend":
+        hist = fits[chosen][1]
+        parts_full = {}
+        for name in hist["components"]:
+            parts_full[name], _ = _refit(name, hist["component_fits"][name], shipped_on,
+                                         n_users=n_users, n_items=n_items, p=p, init=init,
+                                         workdir=workdir, tb=tb, side=side)
+        full = blend_refit(parts_full, hist)
+        parts_full = None
     else:
-        emb, hist, keras_models["full"] = fit_mf(
-            shipped_on, None, n_users=n_users, n_items=n_items, p=p, workdir=workdir,
-            epochs=fits[chosen][1]["best_epoch"], init=init.get("mf_softmax"),
-            tensorboard_dir=tb / "full", side=side,
-        )
-        full = (emb, hist)
+        full, keras_models["full"] = _refit(chosen, fits[chosen][1], shipped_on, n_users=n_users,
+                                            n_items=n_items, p=p, init=init, workdir=workdir,
+                                            tb=tb, side=side)
     if cutoff is None:
         cutoff = train_cutoff(shipped_on)
     full[1]["fitted_on"] = ["train", "valid"]
@@ -716,6 +968,125 @@ def train_both(
     selection["train_s"] = round(time.monotonic() - t_start, 1)
     return {"chosen": chosen, "selection": selection, "holdout": fits[chosen], "full": full,
             "train_cutoff": cutoff, "keras": keras_models, "tensorboard": tb}
+
+
+def _refit(name: str, hist: dict, shipped_on: pd.DataFrame, *, n_users: int, n_items: int,
+           p: settings.StepParams, init: dict, workdir: Path, tb: Path, side) -> tuple:
+    """``((weights, history), keras model or None)``: family ``name`` refit from scratch on
+    ``shipped_on`` with what its selection fit chose (``hist``: the searched point, the
+    iteration or epoch count)."""
+    point = hist.get("params")
+    keras_model = None
+    if name == "ease":
+        full = fit_ease(shipped_on, n_users=n_users, n_items=n_items, p=p, point=point)
+    elif name == "rp3beta":
+        full = fit_rp3beta(shipped_on, n_users=n_users, n_items=n_items, p=p, point=point)
+    elif name == "ials":
+        full = fit_ials(shipped_on, n_users=n_users, n_items=n_items, p=p,
+                        init=init.get("ials"), iterations=hist["best_epoch"],
+                        regularization=hist["regularization"])
+        full[1]["regularization"] = hist["regularization"]
+    elif name == "sasrec":
+        full = fit_sasrec(shipped_on, None, n_users=n_users, n_items=n_items, p=p,
+                          epochs=hist["best_epoch"])
+    else:
+        emb, h, keras_model = fit_mf(
+            shipped_on, None, n_users=n_users, n_items=n_items, p=p, workdir=workdir,
+            epochs=hist["best_epoch"], init=init.get("mf_softmax"),
+            tensorboard_dir=tb / "full", side=side,
+        )
+        full = (emb, h)
+    if point is not None:
+        full[1]["params"] = point
+    return full, keras_model
+
+
+def blend_weights(p: settings.StepParams) -> list[float]:
+    """``train.blend.weights``: the second component's shares searched, each in (0, 1)."""
+    values = [float(w) for w in p["train.blend.weights"]]
+    if not values or any(not 0.0 < w < 1.0 for w in values):
+        raise ValueError(f"train.blend.weights must be values in (0, 1), got {values}")
+    return values
+
+
+def _scale_users(known: pd.DataFrame, sample: pd.DataFrame, *, n_users: int, n_items: int,
+                 seed: int, max_users: int = 500):
+    """``(seen CSR, users)``: up to ``max_users`` seeded users of the valid ``sample`` and what
+    they are known to have seen, on which a blend measures each model's score scale."""
+    from nightrec.tasks import evaluate
+
+    seen, users, _ = evaluate.targets(known, sample, n_users=n_users, n_items=n_items)
+    if len(users) > max_users:
+        users = np.sort(np.random.default_rng(seed).choice(users, max_users, replace=False))
+    return seen, users
+
+
+def search_blend(fits: dict, sample: pd.DataFrame, *, known: pd.DataFrame, n_users: int,
+                 n_items: int, p: settings.StepParams) -> tuple[dict | None, dict]:
+    """A blend of the two best candidates on the valid sample (:func:`nightrec.ml.models.blend`):
+    ``(1 - w) * score_a / s_a + w * score_b / s_b``, ``s`` each model's score scale on sampled
+    valid users (``models.score_scale``), ``w`` searched over ``train.blend.weights`` on the
+    same sample and figure as every candidate (tuning in the loop; never the test split).
+    ``(None, {"skipped": why})`` when the two cannot be blended exactly."""
+    from nightrec.tasks import evaluate
+
+    metric = p["train.select_metric"]
+    ranked = sorted(fits, key=lambda n: -fits[n][1][f"valid_{metric}"])
+    a = ranked[0]
+    # the best with the next best it blends with exactly
+    pair = [b for b in ranked[1:] if models.blend(*(_probe(fits[n][0]) for n in (a, b)),
+                                                  wa=1.0, wb=1.0) is not None]
+    if not pair:
+        return None, {"skipped": f"{a} blends exactly with none of {ranked[1:]} (a head "
+                                 "item-item model and a factor model, two different heads, or "
+                                 "differently weighted user rows)"}
+    b = pair[0]
+    seen, users = _scale_users(known, sample, n_users=n_users, n_items=n_items,
+                               seed=int(p["seed"]))
+    ranks = evaluate.known_ranks(known, n_users=n_users, n_items=n_items,
+                                 models_=(fits[a][0], fits[b][0]))
+    scales = [models.score_scale(fits[n][0], seen, users, ranks) for n in (a, b)]
+    best, record = None, {}
+    for w in blend_weights(p):
+        emb = models.blend(fits[a][0], fits[b][0], wa=(1 - w) / scales[0], wb=w / scales[1])
+        value = evaluate.ranking_metric(emb, known, sample, metric=metric, n_users=n_users,
+                                        ranks=ranks)
+        record[str(w)] = {f"valid_{metric}": value}
+        if best is None or value > best[0]:
+            best = (value, w, emb)
+        emb = None
+    value, w, emb = best
+    keep = ("params", "best_epoch", "regularization")
+    return emb, {"components": [a, b], "params": {"weight": w}, "scales": scales,
+                 "search": record, f"valid_{metric}": value,
+                 "component_fits": {n: {k: fits[n][1][k] for k in keep if k in fits[n][1]}
+                                    for n in (a, b)}}
+
+
+def _probe(emb: dict) -> dict:
+    """A stand-in of ``emb`` with what ``models.blend`` decides blendability on and tiny arrays
+    (so asking costs nothing)."""
+    out = {k: emb[k] for k in ("item_index", "recency_half_life") if k in emb}
+    n = 1
+    if models.is_item_item(emb):
+        out["item_item"] = np.zeros((n, n), np.float32)
+    if "user" in emb:
+        out["user"], out["item"] = np.zeros((n, 1), np.float32), np.zeros((n, 1), np.float32)
+    out["item_bias"] = np.zeros(n, np.float32)
+    return out
+
+
+def blend_refit(full: dict, hist: dict) -> tuple[dict, dict]:
+    """The shipped blend: the components refit on train + valid (``full``: name -> (weights,
+    history)), blended with the weight and the score scales the selection chose and measured
+    (a refit's scores keep their scale: same hyperparameters, a few more events)."""
+    a, b = hist["components"]
+    w = hist["params"]["weight"]
+    scales = hist["scales"]
+    emb = models.blend(full[a][0], full[b][0], wa=(1 - w) / scales[0], wb=w / scales[1])
+    out = {"components": [a, b], "params": {"weight": w}, "scales": scales,
+           "component_histories": {n: full[n][1] for n in (a, b)}}
+    return emb, out
 
 
 def train_cutoff(fitted_on: pd.DataFrame) -> int:
@@ -848,15 +1219,30 @@ def run(split_out: Split, params: dict | None = None) -> Trained:
              columns, "" if cutoff is None else f", cutoff {cutoff} from the parts' statistics")
     parts = {"train": shipped.iloc[:n_train], "valid": shipped.iloc[n_train:], "shipped": shipped}
     n_users, n_items = _sizes(split_out)
+    fitted = candidates(p, n_items, events=n_train)[0]
+    timestamps = None
+    if needs_timestamps(p, fitted) and schema.TIMESTAMP not in columns:
+        # the sequential candidate orders each user's events, a recency search ranks the
+        # valid sample's: their timestamps, read alone (the same objects in the same order, so
+        # the rows line up); kept in the frame for sasrec (a small log: cpu_max_events), else
+        # only for the sample's rows (train_both), 8 bytes an event for a moment
+        ts, _ = split.read_parts(uris, columns=[schema.TIMESTAMP])
+        if "sasrec" in fitted:
+            shipped[schema.TIMESTAMP] = ts[schema.TIMESTAMP].to_numpy()
+            parts = {"train": shipped.iloc[:n_train], "valid": shipped.iloc[n_train:],
+                     "shipped": shipped}
+        else:
+            timestamps = ts[schema.TIMESTAMP].to_numpy()[:n_train]
+        del ts
     init = _warm_start_init(split_out, p)
     # side features feed only mf_softmax: not read when it is no candidate (a 2M-user feature
     # table is ~1 GB as a frame)
-    side = (side_features(split_out, p)
-            if "mf_softmax" in candidates(p, n_items, events=n_train)[0] else None)
+    side = side_features(split_out, p) if "mf_softmax" in fitted else None
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         result = train_both(parts, n_users=n_users, n_items=n_items, p=p, workdir=work, init=init,
-                            side=side, cutoff=cutoff)
+                            side=side, cutoff=cutoff, timestamps=timestamps)
+        timestamps = None
         version = model_version(ds, split_out.data_version, result["chosen"], p)
         artifacts = {}
         for name in ("holdout", "full"):

@@ -40,6 +40,7 @@ TEST_PARAMS = _TMP / "params.yaml"
 _params = yaml.safe_load((ROOT / "params.yaml").read_text())
 _params["sample"].update(n_users=600, n_items=300, n_interactions=15000)
 _params["train"]["mf_softmax"].update(epochs=8)
+_params["train"]["sasrec"].update(epochs=4, dim=16, max_len=20)  # the DAG runs: seconds
 TEST_PARAMS.write_text(yaml.safe_dump(_params))
 os.environ["NIGHTREC_PARAMS"] = str(TEST_PARAMS)
 

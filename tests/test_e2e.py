@@ -184,7 +184,14 @@ def test_registry_holds_the_models_lineage_and_training_artifacts(first_run):
     assert {"embeddings.npz", "holdout_embeddings.npz", "selection.json", "history.json",
             "users.parquet", "items.parquet"} <= set(meta["files"])
     selection = storage.read_json(registry.model_prefix(version) + "selection.json")
-    assert set(selection["candidates"]) == {"ease", "ials", "mf_softmax"}
+    assert set(selection["candidates"]) == {"ease", "rp3beta", "ials", "sasrec", "mf_softmax",
+                                            "blend"}
+    # the hyperparameters tuned in the run on valid, in meta.json as in selection.json
+    assert meta["selection"]["chosen"] == selection["chosen"]
+    for name in ("ease", "rp3beta", "ials"):
+        assert meta["selection"]["candidates"][name]["params"] == (
+            selection["candidates"][name]["params"])
+        assert len(selection["candidates"][name]["search"]) >= 1
     assert version.startswith(selection["chosen"].split("_")[0] + "-")
     metrics = storage.read_json(layout.run_uri(DS1, "evaluate", "metrics.json"))
     for key in ("ndcg_at_10", "recall_at_10", "map_at_10", "mrr_at_10", "hit_rate_at_10",

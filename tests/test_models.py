@@ -170,7 +170,8 @@ def test_cpu_training_is_seeded_and_deterministic(parts, tmp_path):
 
 def test_candidates_are_chosen_by_valid_metric_and_the_winner_shipped_from_train_and_valid(
         parts, tmp_path):
-    p = settings.step_params(train.PARAMS, _params())
+    p = settings.step_params(train.PARAMS, _params(candidates=["ease", "ials", "mf_softmax"],
+                                                   **{"blend.enabled": False}))
     res = train.train_both(parts, n_users=parts["n_users"], n_items=parts["n_items"], p=p,
                            workdir=tmp_path)
     sel = res["selection"]
@@ -187,13 +188,16 @@ def test_candidates_are_chosen_by_valid_metric_and_the_winner_shipped_from_train
         x = models.interaction_matrix(shipped_on, n_users=parts["n_users"],
                                       n_items=parts["n_items"], user_col=schema.USER_IDX,
                                       item_col=schema.ITEM_IDX)
-        want = models.fit_ease(x, l2=float(p["train.ease.l2"]), dropout=float(p["train.ease.dropout"]))
+        point = res["holdout"][1]["params"]  # chosen on valid (tests/test_tuning.py)
+        assert res["full"][1]["params"] == point
+        want = models.fit_ease(x, l2=point["l2"], dropout=point["dropout"])
         assert np.allclose(res["full"][0]["item_item"], want["item_item"])
     elif res["chosen"] == "ials":
         assert res["full"][1]["iterations"] == res["holdout"][1]["best_epoch"]
     else:
         assert len(res["full"][1]["loss"]) == res["holdout"][1]["best_epoch"]
-        p_mf = settings.step_params(train.PARAMS, _params())
+        p_mf = settings.step_params(train.PARAMS, _params(candidates=["ease", "ials",
+                                                                  "mf_softmax"]))
         again, _, _ = train.fit_mf(shipped_on, None, n_users=parts["n_users"],
                                    n_items=parts["n_items"], p=p_mf, workdir=tmp_path,
                                    epochs=res["holdout"][1]["best_epoch"])
@@ -249,7 +253,8 @@ def test_choose_keeps_the_preferred_candidate_unless_another_clearly_wins():
 
 
 def test_candidate_list_is_checked_and_ease_fits_the_head_above_its_catalogue_limit():
-    p = settings.step_params(train.PARAMS, _params(**{"ease.max_items": 100}))
+    p = settings.step_params(train.PARAMS, _params(**{"ease.max_items": 100},
+                                                   candidates=["ease", "ials", "mf_softmax"]))
     assert train.candidates(p, 101) == (["ease", "ials", "mf_softmax"], {})
     for bad in ([], ["ease", "deep_magic"]):
         with pytest.raises(ValueError, match="train.candidates"):

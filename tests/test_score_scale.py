@@ -179,6 +179,9 @@ def test_read_embeddings_rows_equal_those_of_the_whole_load(where, request, tmp_
 
 
 def write_clean(pairs: pd.DataFrame) -> None:
+    """``pairs`` as a clean table (which always has timestamps: the seen table keeps each
+    pair's latest)."""
+    pairs = pairs.assign(**{schema.TIMESTAMP: np.arange(len(pairs), dtype=np.int64)})
     storage.write_parquet(pairs, layout.bucket_uri(DS, "clean", "interactions", 0))
     storage.write_parquet(pd.DataFrame({"user_id": [], "item_id": [], "reason": []}, dtype=str),
                           layout.run_uri(DS, "clean", "quarantine.parquet"))

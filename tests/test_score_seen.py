@@ -19,6 +19,7 @@ import pyarrow as pa
 import pytest
 
 from nightrec.core import schema, settings
+from nightrec.ml import models
 from nightrec.store import layout, storage
 from nightrec.tasks import clean, ingest, score, seen
 
@@ -62,8 +63,8 @@ def write_clean_outputs() -> dict:
 
 def pairs(uri: str) -> set[tuple[str, str]]:
     df = storage.read_parquet(uri)
-    assert list(df.columns) == [schema.USER_ID, schema.ITEM_ID]
-    assert not df.duplicated().any()
+    assert list(df.columns) == [schema.USER_ID, schema.ITEM_ID, schema.TIMESTAMP, seen.RECENCY]
+    assert not df[[schema.USER_ID, schema.ITEM_ID]].duplicated().any()
     return set(zip(df[schema.USER_ID], df[schema.ITEM_ID], strict=True))
 
 
@@ -83,6 +84,14 @@ def test_seen_table_adds_value_and_policy_quarantine_rows_of_valid_ids_only(buck
     }
     df = storage.read_parquet(uri)
     assert df[schema.USER_ID].is_monotonic_increasing  # sorted: shards read their range only
+    # each pair's latest clean timestamp (a's i1: T0, not the older duplicate's T0 - 5); a pair
+    # only the quarantine knows has none (its value or time was what was wrong)
+    ts = df.set_index([schema.USER_ID, schema.ITEM_ID])[schema.TIMESTAMP]
+    assert ts[("a", "i1")] == T0 and ts[("a", "i2")] == T0 + 1
+    assert pd.isna(ts[("a", "i3")]) and pd.isna(ts[("c", "i6")])
+    # recency ranks per user, latest first, untimed last: a's i2 (T0 + 1), i1 (T0), i3 (none)
+    rank = df.set_index([schema.USER_ID, schema.ITEM_ID])[seen.RECENCY]
+    assert [rank[("a", i)] for i in ("i2", "i1", "i3")] == [1, 2, 3]
     info = storage.read_json(layout.run_uri(DS, "seen", "stats.json"))
     assert info["pairs_only_in_quarantine"] == 6
 
@@ -243,6 +252,7 @@ def test_seen_pairs_are_distinct_per_bucket_and_sorted_over_all_buckets(tmp_path
     users = [f"u{k}" for k in range(40)]
     clean_pairs = {(u, f"i{j}") for u in users for j in rng.choice(30, 6, replace=False)}
     frame = pd.DataFrame(sorted(clean_pairs), columns=[schema.USER_ID, schema.ITEM_ID])
+    frame[schema.TIMESTAMP] = rng.integers(1_700_000_000, 1_800_000_000, len(frame))
     frame["bucket"] = [engine.bucket_of(u, n) for u in frame[schema.USER_ID]]
     assert frame["bucket"].nunique() == n
     for b in range(n):
@@ -267,6 +277,49 @@ def test_seen_pairs_are_distinct_per_bucket_and_sorted_over_all_buckets(tmp_path
     want = sorted(clean_pairs | set(zip(quarantine[schema.USER_ID][:5],
                                         quarantine[schema.ITEM_ID][:5])))
     assert list(zip(got[schema.USER_ID], got[schema.ITEM_ID])) == want
+    # a clean pair keeps its timestamp (the quarantine's duplicate of one adds none)
+    clean_ts = frame.set_index([schema.USER_ID, schema.ITEM_ID])[schema.TIMESTAMP]
+    got_ts = got.set_index([schema.USER_ID, schema.ITEM_ID])[schema.TIMESTAMP]
+    assert (got_ts[clean_ts.index] == clean_ts).all()
+    assert got_ts.drop(clean_ts.index).isna().all()
+    # the seen step's ranks are models.pair_ranks's (what evaluate and train compute), item ids
+    # ordered as augment indexes them (sorted)
+    items = sorted(got[schema.ITEM_ID].unique())
+    users_all = sorted(got[schema.USER_ID].unique())
+    want_ranks = models.pair_ranks(
+        pd.Index(users_all).get_indexer(got[schema.USER_ID]),
+        pd.Index(items).get_indexer(got[schema.ITEM_ID]),
+        got[schema.TIMESTAMP].fillna(-1).astype(np.int64).to_numpy(), n_users=len(users_all),
+        n_items=len(items))
+    got_ranks = score.seen_ranks(pa.Table.from_pandas(got), np.array(users_all, dtype=object),
+                                 np.array(items, dtype=object))
+    assert (got_ranks != want_ranks).nnz == 0
     assert stats["clean_rows"] == len(clean_pairs)
     assert stats["pairs"] == len(want) == len(clean_pairs) + 3
     assert stats["users"] == len(users) + 1
+
+
+def test_a_recency_weighted_item_item_model_scores_the_latest_seen_items_most(bucket):
+    """Score reads the seen table's recency ranks for a model with a recency half-life: a user
+    who met q items long ago and a p item lately gets q items first; with the same seen pairs
+    and no ranks (a table from before they were kept), 0/1 rows, as before."""
+    b = np.zeros((10, 10), np.float32)
+    b[0, 5:] = 1.0  # p0 points at the q items
+    b[6, 1:5] = 0.9  # q1 at the p items, a little less
+    b[7, 1:5] = 0.9  # and q2
+    emb = {"item_item": b, "item_bias": np.zeros(10, np.float32),
+           "recency_half_life": np.array([1.0], np.float32)}
+    model = write_model(storage.s3_uri("models/ease-20261101-0000dddd/"), emb, ["u"], ITEMS,
+                        "ease-20261101-0000dddd")
+    uri = layout.run_uri(DS, "seen", "interactions.parquet")
+    table = pa.table({schema.USER_ID: ["u", "u", "u"], schema.ITEM_ID: ["p0", "q1", "q2"],
+                      schema.TIMESTAMP: pa.array([T0 + 100, T0, T0 + 1], pa.int64()),
+                      seen.RECENCY: pa.array([1, 3, 2], pa.int32())})
+    storage.write_bytes(uri, seen.table_bytes(table))
+    recs = recommendations(score.run(DS, model, uri, "recency", top_k=3))
+    # p0 is the latest (weight 1), q2 0.5, q1 0.25: q items 1 each, p1..p4 0.675 each
+    assert recs["u"] == ["q0", "q3", "q4"]
+    storage.write_bytes(uri, seen.table_bytes(table.drop_columns([schema.TIMESTAMP,
+                                                                  seen.RECENCY])))
+    recs = recommendations(score.run(DS, model, uri, "flat", top_k=3))
+    assert recs["u"] == ["p1", "p2", "p3"]  # 0/1 rows: p items 1.8, q items 1

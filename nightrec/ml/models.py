@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-KINDS = ("ease", "ials", "mf_softmax")
+KINDS = ("ease", "rp3beta", "ials", "sasrec", "mf_softmax")
 UNKNOWN_ITEM_BIAS = -1e30  # an item a model never saw ranks below every item it knows
 
 
@@ -65,10 +65,10 @@ def interaction_matrix(df: pd.DataFrame, *, n_users: int, n_items: int, user_col
 
 def fit_ease(x: sparse.csr_matrix, *, l2: float, dropout: float,
              max_items: int | None = None) -> dict[str, np.ndarray]:
-    """EASE/EDLAE weights for the 0/1 matrix ``x``, computed with ``keras.ops`` in float64.
+    """EASE/EDLAE weights for the 0/1 matrix ``x``, computed in float64.
 
     The Gram matrix is a sparse product (scipy); the regularised inverse, the only O(n^3) part,
-    runs on the Keras backend, so a GPU does it when one is present.
+    runs on the Keras backend when a GPU is present, in LAPACK otherwise.
 
     ``max_items``: with more items than this, EASE is fitted on the ``max_items`` items with the
     most interactions (the *head*; ties to the lower index) and the export carries
@@ -77,10 +77,15 @@ def fit_ease(x: sparse.csr_matrix, *, l2: float, dropout: float,
     approximation whose memory (3 head^2 float64) and time (head^3) are bounded whatever the
     catalogue; benchmarks/RESULTS.md measures it against EASE over every item.
     """
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"train.ease.dropout must be in [0, 1), got {dropout}")
-    if l2 <= 0:
-        raise ValueError(f"train.ease.l2 must be > 0, got {l2}")
+    gram, head = item_gram(x, max_items=max_items)
+    return ease_from_gram(gram, head, x.shape[1], l2=l2, dropout=dropout)
+
+
+def item_gram(x, *, max_items: int | None = None, user_weight: np.ndarray | None = None
+              ) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(X^T W X as dense float64, head)`` of the user x item 0/1 matrix ``x``: over the
+    ``max_items`` most interacted items (``head``, ascending indices) when there are more, else
+    every item (``head`` None). ``user_weight``: a weight per user (W's diagonal; 1 if None)."""
     n_items = x.shape[1]
     head = None
     # items x users, an item's row its users: no copy when x is the transpose of such a CSR
@@ -90,31 +95,81 @@ def fit_ease(x: sparse.csr_matrix, *, l2: float, dropout: float,
         counts = np.diff(xt.indptr)
         head = np.sort(np.argsort(-counts, kind="stable")[:max_items]).astype(np.int64)
         xt = xt[head]
-    gram = gram_matrix(xt)
-    del xt
-    from nightrec.ml import ials
+    if user_weight is None:
+        return gram_matrix(xt), head
+    weighted = xt.multiply(np.asarray(user_weight, np.float64)[None, :]).tocsr()
+    return gram_matrix(weighted, right=xt), head
 
-    b = _ease_solve_keras(gram, l2, dropout) if ials.gpu_count() else _ease_solve_lapack(
-        gram, l2, dropout)
-    n = b.shape[0]
-    np.fill_diagonal(b, 0.0)  # zero diagonal: no self-loops
+
+def _head_export(b: np.ndarray, head: np.ndarray | None, n_items: int) -> dict[str, np.ndarray]:
+    """An item-item export (module docstring) of ``b`` over ``head`` (None: every item)."""
     if head is None:
-        return {"item_item": b, "item_bias": np.zeros(n, np.float32)}
+        return {"item_item": b, "item_bias": np.zeros(b.shape[0], np.float32)}
     bias = np.full(n_items, UNKNOWN_ITEM_BIAS, np.float32)
     bias[head] = 0.0
     return {"item_item": b, "item_bias": bias, "item_index": head}
 
 
-def gram_matrix(xt: sparse.csr_matrix, block: int = 1024) -> np.ndarray:
+def ease_from_gram(gram: np.ndarray, head: np.ndarray | None, n_items: int, *, l2: float,
+                   dropout: float) -> dict[str, np.ndarray]:
+    """:func:`fit_ease` from :func:`item_gram`'s output; ``gram`` is overwritten on the CPU
+    (pass a copy to solve it again with other values: the in-loop search does)."""
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"train.ease.dropout must be in [0, 1), got {dropout}")
+    if l2 <= 0:
+        raise ValueError(f"train.ease.l2 must be > 0, got {l2}")
+    from nightrec.ml import ials
+
+    b = _ease_solve_keras(gram, l2, dropout) if ials.gpu_count() else _ease_solve_lapack(
+        gram, l2, dropout)
+    np.fill_diagonal(b, 0.0)  # zero diagonal: no self-loops
+    return _head_export(b, head, n_items)
+
+
+def fit_rp3beta(x, *, alpha: float, beta: float, max_items: int | None = None,
+                gram: tuple[np.ndarray, np.ndarray | None] | None = None) -> dict[str, np.ndarray]:
+    """RP3beta (Paudel et al. 2016; the form of Ferrari Dacrema et al. 2019), an item-item
+    random walk item -> user -> item re-weighted by popularity, for the 0/1 matrix ``x``:
+
+    ``W[i, j] = deg(i)^-alpha * sum_u x_ui x_uj deg(u)^-alpha * deg(j)^-beta``, zero diagonal:
+    the transition probabilities of the walk raised to ``alpha``, and the arrival item's
+    popularity to the power ``-beta`` (beta > 0 lifts the long tail). Dense, as EASE's B, and
+    over the same head above ``max_items`` items. ``gram``: :func:`item_gram` of ``x`` with
+    ``user_weight = deg(u)^-alpha`` when a search already has it (it depends on alpha only)."""
+    if alpha <= 0 or beta < 0:
+        raise ValueError(f"train.rp3beta needs alpha > 0 and beta >= 0, got {alpha}, {beta}")
+    n_items = x.shape[1]
+    if gram is None:
+        gram = item_gram(x, max_items=max_items, user_weight=rp3_user_weight(x, alpha))
+    g, head = gram
+    xt = (x if sparse.issparse(x) else sparse.csr_matrix(x)).T.tocsr()
+    deg = np.diff(xt.indptr).astype(np.float64)
+    if head is not None:
+        deg = deg[head]
+    safe = np.maximum(deg, 1.0)
+    w = (g * (safe ** -alpha)[:, None] * (safe ** -beta)[None, :]).astype(np.float32)
+    np.fill_diagonal(w, 0.0)
+    return _head_export(w, head, n_items)
+
+
+def rp3_user_weight(x, alpha: float) -> np.ndarray:
+    """``deg(u)^-alpha`` per user of ``x`` (users without interactions: 0)."""
+    deg = np.asarray((x if sparse.issparse(x) else sparse.csr_matrix(x)).sum(axis=1)).ravel()
+    return np.where(deg > 0, np.maximum(deg, 1.0) ** -alpha, 0.0)
+
+
+def gram_matrix(xt: sparse.csr_matrix, block: int = 1024, right=None) -> np.ndarray:
     """``X^T X`` as a dense float64 array, from ``xt`` = X^T (items x users, CSR), a block of
     ``block`` columns at a time: the sparse product of the whole would hold up to n^2 nonzeros
     (12 bytes each) and a float32 copy beside the result (~1.3 GB more at 8,000 items); a block
-    holds n x block. Entries are co-occurrence counts: exact in float32 below 2^24."""
+    holds n x block. Entries are co-occurrence counts: exact in float32 below 2^24. ``right``:
+    the other factor's X^T when it differs from ``xt`` (a user-weighted product)."""
     n = xt.shape[0]
+    right = xt if right is None else right
     gram = np.empty((n, n), np.float64)
     for lo in range(0, n, block):
         hi = min(n, lo + block)
-        gram[:, lo:hi] = (xt @ xt[lo:hi].T).toarray()
+        gram[:, lo:hi] = (xt @ right[lo:hi].T).toarray()
     return gram
 
 
@@ -220,19 +275,177 @@ class InteractionRows:
         return self.seen[rows].toarray()
 
 
-def scoring_inputs(emb: dict, seen: sparse.csr_matrix):
+def scoring_inputs(emb: dict, seen: sparse.csr_matrix, ranks: sparse.csr_matrix | None = None):
     """``(user_vecs, item_vecs, item_bias)`` for ``ranking.iter_top_k``; ``seen`` is the CSR of
-    what each user interacted with (rows = the model's users, columns = its items).
+    what each user interacted with (rows = the model's users, columns = its items); ``ranks``
+    (:func:`pair_ranks`, same shape) weights an item-item model's rows by recency when the
+    model has a ``recency_half_life`` (:func:`recency_rows`; 0/1 rows without ``ranks``).
 
     An item-item model's user vectors are :func:`interaction_rows` (sparse) and its item vectors
     ``item_item.T``, a view whose transpose is ``B`` itself, so the sparse path adds rows of
     ``B`` without copying it.
     """
+    if is_hybrid(emb):
+        return hybrid_inputs(emb, seen, emb["user"][: seen.shape[0]], ranks)
     if is_item_item(emb):
         index = item_index(emb)
         bias = emb["item_bias"] if index is None else emb["item_bias"][index]
-        return interaction_rows(ranked_seen(emb, seen)), emb["item_item"].T, bias
+        rows = recency_rows(ranked_seen(emb, seen),
+                            None if ranks is None else ranked_seen(emb, ranks),
+                            recency_half_life(emb))
+        return rows, emb["item_item"].T, bias
     return emb["user"], emb["item"], emb["item_bias"]
+
+
+def recency_half_life(emb: dict) -> float | None:
+    """An item-item model's recency half-life in events (``recency_half_life`` in its export),
+    or None: its user rows are then 0/1."""
+    h = emb.get("recency_half_life")
+    if h is None:
+        return None
+    h = float(np.asarray(h).reshape(-1)[0])
+    return h if np.isfinite(h) and h > 0 else None
+
+
+def pair_ranks(user: np.ndarray, item: np.ndarray, timestamp: np.ndarray, *, n_users: int,
+               n_items: int) -> sparse.csr_matrix:
+    """Each (user, item) pair's recency rank among the user's pairs, as a float32 CSR (n_users
+    x n_items, column indices sorted): 1 for the user's latest pair, 2 for the one before...
+    A pair met several times counts at its latest timestamp; ties go to the higher item index
+    first (any fixed order would do: this one is deterministic). A pair with no timestamp
+    (``timestamp`` < 0, e.g. a seen pair known only from the quarantine) ranks after every
+    timed one. The recency weights of :func:`recency_rows` are a function of these ranks."""
+    user = np.asarray(user, np.int64)
+    item = np.asarray(item, np.int64)
+    ts = np.asarray(timestamp, np.int64)
+    if len(user) == 0:
+        return sparse.csr_matrix((n_users, n_items), dtype=np.float32)
+    # the latest timestamp per pair: sort by (user, item, ts), keep each pair's last row
+    order = np.lexsort((ts, item, user))
+    u, i, t = user[order], item[order], ts[order]
+    last = np.ones(len(u), bool)
+    last[:-1] = (u[1:] != u[:-1]) | (i[1:] != i[:-1])
+    u, i, t = u[last], i[last], t[last]
+    # rank within the user, latest first: sort by (user, -ts, -item)
+    by_recency = np.lexsort((-i, -t, u))
+    starts = np.r_[0, np.flatnonzero(np.diff(u[by_recency])) + 1]
+    counts = np.diff(np.r_[starts, len(by_recency)])
+    rank = np.arange(len(by_recency)) - np.repeat(starts, counts) + 1
+    ranks = np.empty(len(u), np.float32)
+    ranks[by_recency] = rank
+    m = sparse.csr_matrix((ranks, (u, i)), shape=(n_users, n_items))
+    m.sort_indices()
+    return m
+
+
+def recency_rows(seen: sparse.csr_matrix, ranks: sparse.csr_matrix | None,
+                 half_life: float | None) -> sparse.csr_matrix:
+    """An item-item model's user rows: :func:`interaction_rows` of ``seen`` (0/1), or, with a
+    ``half_life`` and ``ranks`` (:func:`pair_ranks` of the same users and items), each seen
+    item weighted ``0.5 ** ((rank - 1) / half_life)``: the latest item 1, the one
+    ``half_life`` events earlier 0.5. A seen pair ``ranks`` lacks counts as the oldest."""
+    rows = interaction_rows(seen)
+    if half_life is None or ranks is None:
+        return rows
+    r = sparse.csr_matrix(ranks, dtype=np.float32)
+    if r.shape != rows.shape:
+        raise ValueError(f"ranks {r.shape} do not match the seen rows {rows.shape}")
+    r.sort_indices()
+    if np.array_equal(r.indptr, rows.indptr) and np.array_equal(r.indices, rows.indices):
+        # the common case: ranks of exactly the seen pairs, in the same order
+        rows.data = (0.5 ** ((r.data - 1.0) / float(half_life))).astype(np.float32)
+        return rows
+    # ranks at the seen pairs (a seen pair without one gets the user's count + 1: the oldest)
+    looked = np.asarray(r[rows.nonzero()]).reshape(-1) if rows.nnz else np.zeros(0, np.float32)
+    per_user = np.diff(r.indptr)
+    oldest = np.repeat(per_user + 1, np.diff(rows.indptr)).astype(np.float32)
+    rank = np.where(looked > 0, looked, oldest)
+    rows.data = (0.5 ** ((rank - 1.0) / float(half_life))).astype(np.float32)
+    return rows
+
+
+def is_hybrid(emb: dict) -> bool:
+    """A blend of an item-item model and a factor model (:func:`blend`): both ``item_item`` and
+    ``user``/``item``."""
+    return "item_item" in emb and "user" in emb
+
+
+def hybrid_inputs(emb: dict, seen: sparse.csr_matrix, user_vecs: np.ndarray,
+                  ranks: sparse.csr_matrix | None = None):
+    """``(user_vecs, item_vecs, item_bias)`` of a hybrid for the users of ``seen``'s rows, whose
+    factor vectors are ``user_vecs``: each user's row is its 0/1 seen row followed by its factor
+    vector (sparse, so ``ranking.iter_top_k`` takes its sparse path: the rows of ``B`` of the
+    seen items plus the ``d`` factor rows of ``V^T``), the items' ``[B; V^T]`` transposed."""
+    rows = sparse.hstack([recency_rows(seen, ranks, recency_half_life(emb)),
+                          sparse.csr_matrix(np.asarray(user_vecs, np.float32))], format="csr")
+    weights = np.vstack([np.asarray(emb["item_item"], np.float32),
+                         np.asarray(emb["item"], np.float32).T])
+    return rows, weights.T, emb["item_bias"]
+
+
+def blend(a: dict, b: dict, *, wa: float, wb: float) -> dict | None:
+    """The score blend ``wa * score_a + wb * score_b`` as one export that the scoring kernel
+    ranks as it is, or None when the two cannot be combined exactly:
+
+    - two factor models: the vectors side by side (user ``[wa u_a, wb u_b]``, item ``[v_a,
+      v_b]``), biases summed;
+    - two item-item models over the same items: ``wa B_a + wb B_b``;
+    - an item-item model over every item and a factor model: a *hybrid* (:func:`is_hybrid`,
+      :func:`hybrid_inputs`). A head item-item model (``item_index``) does not blend with a
+      factor model (None)."""
+    bias = (wa * np.asarray(a["item_bias"], np.float32) + wb * np.asarray(b["item_bias"], np.float32))
+    if not is_item_item(a) and not is_item_item(b):
+        return {"user": np.hstack([wa * a["user"], wb * b["user"]]).astype(np.float32),
+                "item": np.hstack([a["item"], b["item"]]).astype(np.float32),
+                "item_bias": bias.astype(np.float32)}
+    if is_item_item(a) and is_item_item(b):
+        ia, ib = item_index(a), item_index(b)
+        if (ia is None) != (ib is None) or (ia is not None and not np.array_equal(ia, ib)):
+            return None
+        if recency_half_life(a) != recency_half_life(b):  # differently weighted user rows
+            return None
+        out = {"item_item": (wa * a["item_item"] + wb * b["item_item"]).astype(np.float32),
+               "item_bias": np.where(np.asarray(a["item_bias"]) <= UNKNOWN_ITEM_BIAS,
+                                     UNKNOWN_ITEM_BIAS, bias).astype(np.float32)}
+        if ia is not None:
+            out["item_index"] = ia
+        return _with_recency(out, a)
+    ii, fac, wi, wf = (a, b, wa, wb) if is_item_item(a) else (b, a, wb, wa)
+    if item_index(ii) is not None:
+        return None
+    return _with_recency({
+        "item_item": (wi * ii["item_item"]).astype(np.float32),
+        "user": (wf * fac["user"]).astype(np.float32), "item": fac["item"].astype(np.float32),
+        "item_bias": (wi * ii["item_bias"] + wf * fac["item_bias"]).astype(np.float32),
+        "factor_weight": np.array([wf], np.float32)}, ii)  # scoring folds new users in with it
+
+
+def _with_recency(out: dict, item_item: dict) -> dict:
+    """``out`` with ``item_item``'s recency half-life (its user rows' weighting), if any."""
+    h = recency_half_life(item_item)
+    if h is not None:
+        out["recency_half_life"] = np.array([h], np.float32)
+    return out
+
+
+def score_scale(emb: dict, seen: sparse.csr_matrix, users: np.ndarray,
+                ranks: sparse.csr_matrix | None = None) -> float:
+    """The standard deviation of ``emb``'s scores over every item for ``users`` (rows of
+    ``seen``): what a blend divides each model's scores by so that its weights compare like
+    with like (an EASE score and a softmax logit differ in scale by orders of magnitude)."""
+    users = np.asarray(users, np.int64)
+    if is_item_item(emb) and not is_hybrid(emb):
+        x = recency_rows(ranked_seen(emb, seen[users]),
+                         None if ranks is None else ranked_seen(emb, ranks[users]),
+                         recency_half_life(emb))
+        scores = np.asarray(x @ emb["item_item"], np.float64)
+    else:
+        user_vecs, item_vecs, bias = scoring_inputs(emb, seen, ranks)
+        scores = np.asarray(user_vecs[users] @ np.asarray(item_vecs).T, np.float64) + bias
+    scores = scores[:, np.asarray(emb["item_bias"]) > UNKNOWN_ITEM_BIAS] if (
+        item_index(emb) is None) else scores
+    std = float(np.std(scores))
+    return std if std > 0 and np.isfinite(std) else 1.0
 
 
 def fold_in(item_vecs: np.ndarray, item_bias: np.ndarray, seen: sparse.csr_matrix, *,

@@ -28,6 +28,18 @@ PARAMS = ["report.history_runs", "report.sample_rows", "publish.max_age_hours"]
 log = logging.getLogger(__name__)
 
 
+def _tuned(candidate: dict) -> str:
+    """A candidate's hyperparameters chosen in the run on the valid split (and how many points
+    were searched), or its blend's components."""
+    out = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                    for k, v in (candidate.get("params") or {}).items())
+    if candidate.get("search"):
+        out += f" (of {len(candidate['search'])})"
+    if candidate.get("components"):
+        out = " + ".join(candidate["components"]) + (f"; {out}" if out else "")
+    return out or "-"
+
+
 def _maybe_json(uri: str):
     return storage.read_json(uri) if storage.exists(uri) else None
 
@@ -262,9 +274,10 @@ def build_report(ds: str, *, run_id: str, task_states: dict[str, str], p) -> tup
         rows = "".join(
             f"<tr><td>{html.escape(n)}</td><td>{c.get(f'valid_{metric}', float('nan')):.4f}</td>"
             f"<td>{c.get('fit_s', '-')}</td><td>{c.get('best_epoch', '-')}</td>"
+            f"<td>{html.escape(_tuned(c))}</td>"
             f"<td>{'chosen' if n == selection.get('chosen') else ''}</td></tr>"
             for n, c in selection.get("candidates", {}).items())
-        rows += "".join(f"<tr><td>{html.escape(n)}</td><td colspan=\"4\">skipped: "
+        rows += "".join(f"<tr><td>{html.escape(n)}</td><td colspan=\"5\">skipped: "
                         f"{html.escape(str(why))}</td></tr>"
                         for n, why in (selection.get("skipped") or {}).items())
         add("Model selection",
@@ -272,7 +285,7 @@ def build_report(ds: str, *, run_id: str, task_states: dict[str, str], p) -> tup
             f"{html.escape(metric)}; time budget {selection.get('time_budget_s', '?')} s, train "
             f"took {selection.get('train_s', '?')} s.</p><table><tr><th>candidate</th>"
             f"<th>valid {html.escape(metric)}</th><th>fit s</th><th>epochs / iterations</th>"
-            f"<th></th></tr>{rows}</table>")
+            f"<th>tuned on valid</th><th></th></tr>{rows}</table>")
 
     metrics = _maybe_json(layout.run_uri(ds, "evaluate", "metrics.json"))
     if metrics:

@@ -1,0 +1,298 @@
+"""Tuning in the loop, RP3beta and the blend (issue 16): every choice is made on the valid split,
+and nothing that tunes can read the test split.
+
+Small seeded data from the project's own generator; no S3.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import sparse
+
+from nightrec.core import schema, settings
+from nightrec.ml import models, ranking
+from nightrec.tasks import evaluate, score, split, train, tune
+from tests.conftest import labelled_events
+
+N_USERS, N_ITEMS = 300, 120
+
+
+@pytest.fixture(scope="module")
+def parts():
+    df = labelled_events(n_users=N_USERS, n_items=N_ITEMS, n_interactions=9000, seed=11)
+    return split.split_interactions(df, valid_fraction=0.1, test_fraction=0.1,
+                                    min_user_events_for_holdout=5)
+
+
+class TrainAndValidOnly(dict):
+    """The split parts with the test split behind a tripwire: any read of it fails the test.
+    ``train_both`` and the tune DAG's search get this; they must complete without touching it."""
+
+    def __init__(self, parts: dict):
+        super().__init__({k: parts[k] for k in ("train", "valid")})
+        self.reads: list[str] = []
+
+    def __getitem__(self, key):
+        if key not in ("train", "valid"):
+            raise AssertionError(f"the tuning read parts[{key!r}]")
+        self.reads.append(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        if key == "test":
+            raise AssertionError("the tuning asked for the test split")
+        return super().get(key, default)
+
+
+def _p(**overrides) -> settings.StepParams:
+    base = {"train.sasrec.epochs": 3, "train.sasrec.dim": 16, "train.sasrec.max_len": 20,
+            "train.mf_softmax.epochs": 2, "train.mf_softmax.embedding_dim": 8,
+            "train.ials.factors": 8, "train.ials.iterations": 3}
+    return settings.step_params(train.PARAMS, settings.with_overrides(
+        settings.load_params(), {**base, **overrides}))
+
+
+def test_the_tuning_never_reads_the_test_split_by_construction(parts, tmp_path):
+    """Every family with searched hyperparameters and the blend, selected and refit, from parts
+    that hold no test split and fail on any attempt to read one; the tune DAG's study too."""
+    guarded = TrainAndValidOnly(parts)
+    p = _p(**{"train.candidates": ["ease", "rp3beta", "ials", "sasrec"],
+              "train.ease.l2": [10.0, 1000.0], "train.ease.dropout": [0.0, 0.5],
+              "train.ease.recency_half_life": [None, 5.0],
+              "train.ials.regularization": [0.1, 100.0]})
+    res = train.train_both(guarded, n_users=N_USERS, n_items=N_ITEMS, p=p, workdir=tmp_path)
+    sel = res["selection"]
+    assert set(sel["candidates"]) == {"ease", "rp3beta", "ials", "sasrec", "blend"}
+    assert "test" not in guarded.reads and {"train", "valid"} <= set(guarded.reads)
+    ease = sel["candidates"]["ease"]
+    assert len(ease["search"]) == 8
+    assert set(ease["params"]) == {"l2", "dropout", "recency_half_life"}
+    # the choice is the best valid figure of the search, and what the refit used
+    figures = {k: v["valid_ndcg_at_10"] for k, v in ease["search"].items()}
+    assert train.point_key(ease["params"]) == max(figures, key=figures.get)
+    assert ease["valid_ndcg_at_10"] == max(figures.values())
+    # the tune DAG's study, the same way
+    params = settings.with_overrides(settings.load_params(), {"tune.model": "ease",
+                                                               "tune.n_trials": 2})
+    best, _ = tune.search(TrainAndValidOnly(parts), params, n_users=N_USERS, n_items=N_ITEMS,
+                          workdir=tmp_path)
+    assert best["n_trials"] == 2
+
+
+def test_a_searched_family_refits_its_chosen_point_on_train_and_valid(parts, tmp_path):
+    p = _p(**{"train.candidates": ["ease"], "train.ease.l2": [5.0, 50.0, 5000.0],
+              "train.ease.dropout": [0.0], "train.ease.recency_half_life": [None]})
+    res = train.train_both(parts, n_users=N_USERS, n_items=N_ITEMS, p=p, workdir=tmp_path)
+    cand = res["selection"]["candidates"]["ease"]
+    assert [float(k.split(",")[0].split("=")[1]) for k in cand["search"]] == [5.0, 50.0, 5000.0]
+    point = cand["params"]
+    assert res["full"][1]["params"] == point
+    shipped = pd.concat([parts["train"], parts["valid"]])
+    x = models.interaction_matrix(shipped, n_users=N_USERS, n_items=N_ITEMS,
+                                  user_col=schema.USER_IDX, item_col=schema.ITEM_IDX)
+    want = models.fit_ease(x, l2=point["l2"], dropout=point["dropout"])
+    assert np.allclose(res["full"][0]["item_item"], want["item_item"], atol=1e-5)
+    # a single value is used as it is: nothing to score, nothing searched
+    one = train.train_both(parts, n_users=N_USERS, n_items=N_ITEMS, workdir=tmp_path, p=_p(**{
+        "train.candidates": ["ease"], "train.ease.l2": 50.0, "train.ease.dropout": 0.0,
+        "train.ease.recency_half_life": None}))
+    assert one["selection"]["candidates"]["ease"]["params"] == {
+        "l2": 50.0, "dropout": 0.0, "recency_half_life": None}
+
+
+def test_a_closed_form_search_past_its_share_stops_and_says_so(parts):
+    calls = []
+
+    def fit_one(point, _deadline):
+        calls.append(point)
+        return models.fit_ease(sparse.csr_matrix(np.eye(4)), l2=point["l2"], dropout=0.0), {}
+
+    sample = pd.DataFrame({schema.USER_IDX: [0], schema.ITEM_IDX: [1]})
+    known = pd.DataFrame({schema.USER_IDX: [0], schema.ITEM_IDX: [0]})
+    import time
+
+    emb, hist = train.search("ease", [{"l2": 1.0}, {"l2": 2.0}, {"l2": 3.0}], fit_one, sample,
+                             known=known, n_users=4, metric="ndcg_at_10",
+                             deadline=time.monotonic() - 1)
+    assert calls == [{"l2": 1.0}]  # the first point always runs
+    assert hist["search"]["2.0"] == hist["search"]["3.0"] == {"skipped": "time budget"}
+
+
+def _dense_rp3beta(x: np.ndarray, alpha: float, beta: float, user_deg=None) -> np.ndarray:
+    user_deg = x.sum(1, keepdims=True) if user_deg is None else user_deg
+    pui = x / np.maximum(user_deg, 1)  # user -> item transition
+    piu = x.T / np.maximum(x.sum(0)[:, None], 1)  # item -> user transition
+    w = (piu ** alpha) @ (pui ** alpha)
+    w = w * np.maximum(x.sum(0), 1)[None, :] ** -beta
+    np.fill_diagonal(w, 0.0)
+    return w
+
+
+@pytest.mark.parametrize(("alpha", "beta"), [(1.0, 0.0), (0.5, 0.5)])
+def test_rp3beta_matches_the_random_walk_written_out(alpha, beta):
+    rng = np.random.default_rng(2)
+    x = (rng.random((50, 20)) < 0.3).astype(np.float64)
+    got = models.fit_rp3beta(sparse.csr_matrix(x), alpha=alpha, beta=beta)
+    assert np.allclose(got["item_item"], _dense_rp3beta(x, alpha, beta), atol=1e-6)
+    head = models.fit_rp3beta(sparse.csr_matrix(x), alpha=alpha, beta=beta, max_items=8)
+    index = models.item_index(head)
+    assert len(index) == 8
+    # the walk over the head's items, a user's step probability over all of theirs
+    want = _dense_rp3beta(x[:, index], alpha, beta, user_deg=x.sum(1, keepdims=True))
+    assert np.allclose(head["item_item"], want, atol=1e-6)
+
+
+def _scores(emb: dict, seen: sparse.csr_matrix) -> np.ndarray:
+    """Every user's score of every item, written out (no kernel)."""
+    if models.is_hybrid(emb):
+        return (seen.toarray() @ emb["item_item"] + emb["user"] @ emb["item"].T
+                + emb["item_bias"])
+    if models.is_item_item(emb):
+        return seen.toarray() @ emb["item_item"] + emb["item_bias"]
+    return emb["user"] @ emb["item"].T + emb["item_bias"]
+
+
+def test_a_blend_scores_exactly_the_weighted_sum_of_its_parts():
+    rng = np.random.default_rng(4)
+    n_users, n_items = 40, 30
+    seen = sparse.csr_matrix((rng.random((n_users, n_items)) < 0.2).astype(np.float32))
+    factor = {"user": rng.normal(size=(n_users, 5)).astype(np.float32),
+              "item": rng.normal(size=(n_items, 5)).astype(np.float32),
+              "item_bias": rng.normal(size=n_items).astype(np.float32)}
+    other = {"user": rng.normal(size=(n_users, 3)).astype(np.float32),
+             "item": rng.normal(size=(n_items, 3)).astype(np.float32),
+             "item_bias": rng.normal(size=n_items).astype(np.float32)}
+    ii = models.fit_ease(seen, l2=2.0, dropout=0.0)
+    jj = models.fit_rp3beta(seen, alpha=1.0, beta=0.2)
+    users = np.arange(n_users)
+    for a, b in ((factor, other), (ii, jj), (ii, factor), (factor, ii)):
+        emb = models.blend(a, b, wa=0.3, wb=1.7)
+        want = 0.3 * _scores(a, seen) + 1.7 * _scores(b, seen)
+        assert np.allclose(_scores(emb, seen), want, atol=1e-4)
+        # ranked by the kernel as scoring ranks it: the top 5 of the written-out scores
+        top = evaluate.recommend(emb, seen, users, 5)
+        masked = np.where(seen.toarray() > 0, -np.inf, want)
+        got = np.take_along_axis(masked, top, axis=1)
+        assert np.allclose(got, -np.sort(-masked, axis=1)[:, :5], atol=1e-4)
+    # a head item-item model and a factor model do not blend exactly: no blend
+    head = models.fit_ease(seen, l2=2.0, dropout=0.0, max_items=10)
+    assert models.blend(head, factor, wa=1.0, wb=1.0) is None
+
+
+def test_scoring_a_hybrid_folds_new_users_into_its_factor_part():
+    rng = np.random.default_rng(6)
+    n_items = 12
+    seen = sparse.csr_matrix((rng.random((5, n_items)) < 0.4).astype(np.float32))
+    ii = models.fit_ease(seen, l2=2.0, dropout=0.0)
+    fac = {"user": rng.normal(size=(3, 4)).astype(np.float32),
+           "item": rng.normal(size=(n_items, 4)).astype(np.float32),
+           "item_bias": np.zeros(n_items, np.float32)}
+    emb = models.blend(ii, fac, wa=1.0, wb=0.5)
+    model_rows = np.array([0, 1, 2, -1, -1])  # the last two are new to the model
+    user_vecs, item_vecs, bias, cold, folded = score.user_inputs(emb, seen, model_rows,
+                                                                 fold_in_l2=1.0)
+    assert folded.tolist() == [False, False, False] + (np.diff(seen.indptr)[3:] > 0).tolist()
+    dense = user_vecs.toarray()
+    assert np.allclose(dense[:3, n_items:], 0.5 * fac["user"])
+    want_new = 0.5 * models.fold_in(fac["item"], np.zeros(n_items, np.float32), seen[3:], l2=1.0)
+    assert np.allclose(dense[3:, n_items:], want_new, atol=1e-6)
+    assert np.array_equal(dense[:, :n_items], seen.toarray() > 0)
+    got = next(ranking.iter_top_k(user_vecs, item_vecs, bias, seen, np.arange(5), k=3))[1]
+    full = dense @ item_vecs.T + bias
+    full[seen.toarray() > 0] = -np.inf
+    assert np.array_equal(got, np.argsort(-full, axis=1, kind="stable")[:, :3])
+
+
+def test_the_blend_is_a_candidate_with_its_weight_chosen_on_valid(parts, tmp_path):
+    p = _p(**{"train.candidates": ["ease", "ials"], "train.ease.l2": [50.0],
+              "train.ease.dropout": [0.0], "train.ials.regularization": [1.0],
+              "train.ease.recency_half_life": [None],
+              "train.blend.weights": [0.2, 0.5, 0.8], "train.select_min_gain": 0.0})
+    res = train.train_both(parts, n_users=N_USERS, n_items=N_ITEMS, p=p, workdir=tmp_path)
+    blend = res["selection"]["candidates"]["blend"]
+    figures = {float(w): v["valid_ndcg_at_10"] for w, v in blend["search"].items()}
+    assert set(figures) == {0.2, 0.5, 0.8}
+    assert blend["params"]["weight"] == max(figures, key=figures.get)
+    assert blend["valid_ndcg_at_10"] == max(figures.values())
+    assert sorted(blend["components"]) == ["ease", "ials"]
+    # its figure is the blend of the two selection fits, re-measured by the same function
+    sample = train.valid_sample(parts["valid"], max_users=int(p["train.valid_users"]),
+                                seed=int(p["seed"]))
+    # on this seeded data the blend beats both parts on valid (no minimum gain asked): shipped,
+    # both components refit on train + valid and blended with that weight
+    assert res["chosen"] == "blend" and blend["valid_ndcg_at_10"] > max(
+        res["selection"]["candidates"][n]["valid_ndcg_at_10"] for n in ("ease", "ials"))
+    assert models.is_hybrid(res["full"][0])
+    assert set(res["full"][1]["component_histories"]) == {"ease", "ials"}
+    assert res["full"][1]["params"]["weight"] == blend["params"]["weight"]
+    value = evaluate.ranking_metric(res["holdout"][0], parts["train"], sample,
+                                    metric="ndcg_at_10", n_users=N_USERS)
+    assert value == pytest.approx(blend["valid_ndcg_at_10"], abs=1e-9)
+    off = train.train_both(parts, n_users=N_USERS, n_items=N_ITEMS, workdir=tmp_path,
+                           p=_p(**{"train.candidates": ["ease", "ials"],
+                                   "train.ials.regularization": [1.0],
+                                   "train.blend.enabled": False}))
+    assert "blend" not in off["selection"]["candidates"]
+
+
+def test_pair_ranks_count_from_each_users_latest_pair():
+    # user 0: item 2 at t=5 (and again at t=9: its latest), item 0 at t=7, item 1 untimed
+    ranks = models.pair_ranks(np.array([0, 0, 0, 0, 1, 1]), np.array([2, 0, 2, 1, 3, 0]),
+                              np.array([5, 7, 9, -1, 4, 4]), n_users=2, n_items=4)
+    assert ranks.toarray().tolist() == [[2, 3, 1, 0], [2, 0, 0, 1]]  # a tie: higher item first
+    seen = sparse.csr_matrix(ranks > 0, dtype=np.float32)
+    rows = models.recency_rows(seen, ranks, 1.0)
+    assert rows.toarray().tolist() == [[0.5, 0.25, 1.0, 0.0], [0.5, 0, 0, 1.0]]
+    assert models.recency_rows(seen, ranks, None).toarray().tolist() == (seen > 0).toarray(
+    ).astype(float).tolist()
+    # a seen pair without a rank counts as the user's oldest
+    more = seen.tolil()
+    more[1, 1] = 1
+    rows = models.recency_rows(sparse.csr_matrix(more), ranks, 1.0)
+    assert rows.toarray()[1].tolist() == [0.5, 0.25, 0.0, 1.0]
+
+
+def test_a_recency_model_scores_the_latest_items_rows_most_in_train_evaluate_and_score():
+    """The weighted rows are what every consumer ranks with: ``scoring_inputs`` (evaluate,
+    train's search) and score's ``user_inputs`` give the same vectors for the same ranks."""
+    rng = np.random.default_rng(8)
+    seen = sparse.csr_matrix((rng.random((6, 10)) < 0.5).astype(np.float32))
+    u, i = seen.nonzero()
+    ranks = models.pair_ranks(u, i, rng.integers(0, 50, len(u)), n_users=6, n_items=10)
+    emb = models.fit_ease(seen, l2=1.0, dropout=0.0)
+    emb["recency_half_life"] = np.array([2.0], np.float32)
+    rows, item_vecs, _ = models.scoring_inputs(emb, seen, ranks)
+    want = 0.5 ** ((ranks.toarray() - 1) / 2.0) * (ranks.toarray() > 0)
+    assert np.allclose(rows.toarray(), want)
+    got, *_ = score.user_inputs(emb, seen, np.arange(6), fold_in_l2=1.0, ranks=ranks)
+    assert np.allclose(got.toarray(), want)
+    top = evaluate.recommend(emb, seen, np.arange(6), 3, ranks)
+    scores = np.where(seen.toarray() > 0, -np.inf, want @ emb["item_item"])
+    assert np.allclose(np.take_along_axis(scores, top, 1), -np.sort(-scores, 1)[:, :3])
+
+
+def test_the_recency_search_picks_recency_when_valid_is_each_users_next_events(tmp_path):
+    """Users walk a catalogue in order (each user's next items follow their latest ones): with
+    the valid split of later events, the search picks a short half-life; with a random valid
+    split of the same log, none. The choice follows the data, not a default."""
+    rng = np.random.default_rng(3)
+    rows = []
+    for user in range(200):
+        start = int(rng.integers(0, 60))
+        for step, item in enumerate(range(start, start + 25)):
+            rows.append((user, item % 80, 1_700_000_000 + step * 60))
+    df = pd.DataFrame(rows, columns=[schema.USER_IDX, schema.ITEM_IDX, schema.TIMESTAMP])
+    df[schema.LABEL], df[schema.WEIGHT] = np.int8(1), np.float32(1)
+    chosen = {}
+    for method in ("leave_last_fraction", "random_per_user"):
+        parts = split.split_interactions(df, **split.split_kwargs(settings.step_params(
+            split.PARAMS, settings.with_overrides(settings.load_params(),
+                                                  {"split.method": method}))))
+        res = train.train_both(parts, n_users=200, n_items=80, workdir=tmp_path, p=_p(**{
+            "train.candidates": ["ease"], "train.ease.l2": [10.0], "train.ease.dropout": [0.0],
+            "train.ease.recency_half_life": [None, 2.0]}))
+        chosen[method] = res["selection"]["candidates"]["ease"]["params"]["recency_half_life"]
+        assert models.recency_half_life(res["full"][0]) == chosen[method]
+    assert chosen == {"leave_last_fraction": 2.0, "random_per_user": None}
