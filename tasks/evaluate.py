@@ -137,7 +137,7 @@ def recommend(emb: dict, seen, users: np.ndarray, k: int, ranks=None) -> np.ndar
     """Top-``k`` item indices (n_users, k) of ``users`` for either model kind, ``seen`` excluded
     (and, for an item-item model, used as the user vectors: nightrec/ml/models.py; weighted by
     recency with ``ranks``, :func:`known_ranks`, when the model has a half-life)."""
-    user_vecs, item_vecs, bias = models.scoring_inputs(emb, seen, ranks)
+    user_vecs, item_vecs, bias = models.scoring_inputs(emb, seen, ranks, users)
     chunks = ranking.iter_top_k(user_vecs, item_vecs, bias, models.ranked_seen(emb, seen), users,
                                 k=k)
     return models.to_items(emb, np.concatenate([items for _, items, _ in chunks]))
@@ -188,17 +188,21 @@ def targets(known: pd.DataFrame | list[pd.DataFrame], target: pd.DataFrame, *, n
 
 
 def known_ranks(known: pd.DataFrame | list[pd.DataFrame], *, n_users: int, n_items: int,
-                models_: tuple[dict, ...] = ()):
+                models_: tuple[dict, ...] = (), users: np.ndarray | None = None):
     """The recency ranks (``models.pair_ranks``) of the ``known`` pairs, what a
     recency-weighted item-item model weights its user rows by, when one of ``models_`` is one
-    and the frames have timestamps; else None (0/1 rows)."""
-    if not any(models.recency_half_life(e) is not None for e in models_):
+    and the frames have timestamps; else None (0/1 rows). ``users``: only those users' pairs
+    are ranked (the ones a metric ranks: the sort is of their rows, not of every known row)."""
+    if not any(models.recency_half_life(e) is not None for e in models_ if e is not None):
         return None
     frames = known if isinstance(known, list) else [known]
     if not all(schema.TIMESTAMP in f for f in frames):
         return None
     cols = [schema.USER_IDX, schema.ITEM_IDX, schema.TIMESTAMP]
+    if users is not None:
+        frames = [f[np.isin(f[schema.USER_IDX].to_numpy(), users)] for f in frames]
     u, i, t = (np.concatenate([f[c].to_numpy() for f in frames]) for c in cols)
+    frames = None
     return models.pair_ranks(u, i, t, n_users=n_users, n_items=n_items)
 
 
@@ -213,7 +217,7 @@ def ranking_metric(emb: dict, known: pd.DataFrame, target: pd.DataFrame, *, metr
     if len(users) == 0:
         raise ValueError("no positive target events to measure a ranking metric on")
     if ranks is None:
-        ranks = known_ranks(known, n_users=n_users, n_items=n_items, models_=(emb,))
+        ranks = known_ranks(known, n_users=n_users, n_items=n_items, models_=(emb,), users=users)
     return metrics.all_metrics(recommend(emb, seen, users, k, ranks), rel, [k])[metric]
 
 
@@ -267,9 +271,9 @@ def evaluate_embeddings(
     if known is None:
         known = [parts["train"], parts["valid"]]  # not concatenated
     seen, users, rel = targets(known, parts["test"], n_users=n_users, n_items=n_items)
-    ranks = known_ranks(known, n_users=n_users, n_items=n_items, models_=(emb,))
     n_test_users = len(users)
     users, rel, sampled = _sample(users, rel, sampling)
+    ranks = known_ranks(known, n_users=n_users, n_items=n_items, models_=(emb,), users=users)
     k = max(ks)
     pop = popularity_model(known, n_users=n_users, n_items=n_items)
     share = pop["item_bias"] / max(1, known_users(seen))
@@ -320,7 +324,8 @@ def compare_with_champion(
     pop = popularity_model(known, n_users=n_users, n_items=n_items)
     share = pop["item_bias"] / max(1, known_users(seen))
     k = max(ks)
-    ranks = known_ranks(known, n_users=n_users, n_items=n_items, models_=(emb, champion))
+    ranks = known_ranks(known, n_users=n_users, n_items=n_items, models_=(emb, champion),
+                        users=users)
     for name, e in (("model", emb), ("champion", champion)):
         out[name] = _side_metrics(recommend(e, seen, users, k, ranks), rel, ks, share=share,
                                   n_items=n_items, ci=sampling if sampled else None)
@@ -437,6 +442,18 @@ def _champion(trained: Trained):
     return version, None if cutoff is None else int(cutoff), load
 
 
+def _recency_champion(version: str | None) -> bool:
+    """Whether the champion ``version`` weights its user rows by recency (one small member of
+    its embeddings read)."""
+    if version is None:
+        return False
+    from nightrec.tasks import registry, score
+
+    head = score.read_embeddings(registry.model_uris(version)["embeddings"],
+                                 only=("recency_half_life",))
+    return models.recency_half_life(head) is not None
+
+
 def _evaluate(emb, parts, p: settings.StepParams, *, n_users: int, champion=None) -> dict:
     """Test metrics, the champion comparison (``champion``: :func:`_champion`'s triple, or
     None) and the gate's verdict."""
@@ -472,14 +489,15 @@ def run(trained: Trained, params: dict | None = None) -> Evaluated:
     uris = [getattr(trained.split, n) for n in split.PARTS]
     constant = split.column_ranges(uris, [schema.LABEL])[schema.LABEL] == (1, 1)
     columns = [c for c in PART_COLUMNS if not (c == schema.LABEL and constant)]
-    # a recency-weighted item-item model ranks the known items by time: their timestamps too
-    recency = models.recency_half_life(emb) is not None
+    # a recency-weighted item-item model (this one or the champion) ranks the known items by
+    # time: their timestamps too
+    champion = _champion(trained)
+    recency = models.recency_half_life(emb) is not None or _recency_champion(champion[0])
     known, (n_train, _) = split.read_parts(uris[:2], columns=columns if recency else columns[:-1])
     test, _ = split.read_parts(uris[2:], columns=columns)
     parts = {"train": known.iloc[:n_train], "valid": known.iloc[n_train:], "test": test,
              "known": known}
     n_users = len(storage.read_parquet(trained.split.user_features, columns=[schema.USER_IDX]))
-    champion = _champion(trained)
     result = _evaluate(emb, parts, p, n_users=n_users, champion=champion)
     result.update(
         ds=ds, model_version=trained.model_version, data_version=trained.data_version,

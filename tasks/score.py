@@ -687,7 +687,7 @@ def run_shard(spec: dict, params: dict | None = None) -> dict:
                and has_recency(spec["seen"]))
     users, seen_pairs = shard_users(spec, in_model, reads=reads["seen"], recency=recency)
     seen = seen_rows(seen_pairs, users, item_ids)
-    ranks = seen_ranks(seen_pairs, users, item_ids) if recency else None
+    ranks = seen_ranks(seen_pairs, users, item_ids) if recency and len(users) else None
     del seen_pairs
     at = pd.Index(in_model).get_indexer(users)
     known = at >= 0

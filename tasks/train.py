@@ -343,12 +343,16 @@ def valid_sample(valid: pd.DataFrame, *, max_users: int, seed: int) -> pd.DataFr
     return valid[valid[schema.USER_IDX].isin(keep)]
 
 
+def _sample_rows(train: pd.DataFrame, sample: pd.DataFrame) -> np.ndarray:
+    """The mask of ``train``'s rows that :func:`sample_known` keeps."""
+    return train[schema.USER_IDX].isin(sample[schema.USER_IDX].unique()).to_numpy()
+
+
 def sample_known(train: pd.DataFrame, sample: pd.DataFrame) -> pd.DataFrame:
     """The rows of ``train`` whose user is in ``sample``: all a valid metric on the sample
     excludes (the same figure as with every train row, without a seen matrix of every user
     built per call: 72M rows at 100M events)."""
-    users = sample[schema.USER_IDX].unique()
-    return train[train[schema.USER_IDX].isin(users)]
+    return train[_sample_rows(train, sample)]
 
 
 def fit_mf(
@@ -503,7 +507,7 @@ def search(family: str, points: list[dict[str, float]], fit_one, sample: pd.Data
 
     ``fit_one(point, deadline) -> (weights, history)`` fits one point; each gets an equal share
     of the time to ``deadline`` (an ``interruptible`` fit stops at its share; a closed-form one
-    is not started when the last fit's duration says it would overrun ``deadline``: the points
+    is not started when the slowest fit so far says it would overrun ``deadline``: the points
     left are recorded as not fitted). Each fit is scored on the valid ``sample`` by
     ``evaluate.ranking_metric``, the same figure every candidate is compared by; the best is
     the family's selection fit, and the refit on train + valid repeats its point. Its history
@@ -513,11 +517,11 @@ def search(family: str, points: list[dict[str, float]], fit_one, sample: pd.Data
     rows) and ``known`` (train rows), and this function is all the tuning there is."""
     from nightrec.tasks import evaluate
 
-    best, record, last_s = None, {}, 0.0
+    best, record, slowest = None, {}, 0.0
     ranks: dict = {}  # the sample users' recency ranks, built once for every point that asks
     for n, point in enumerate(points):
         now = time.monotonic()
-        if n and not interruptible and now + last_s > deadline:
+        if n and not interruptible and now + slowest > deadline:
             for rest in points[n:]:
                 record[point_key(rest)] = {"skipped": "time budget"}
             log.info("%s search: %d of %d points left unfitted (time budget)", family,
@@ -527,6 +531,7 @@ def search(family: str, points: list[dict[str, float]], fit_one, sample: pd.Data
         started = time.perf_counter()
         emb, hist = fit_one(point, own)
         last_s = time.perf_counter() - started
+        slowest = max(slowest, last_s)  # a point reusing a fit is quick: the next may not be
         value = None
         if len(points) > 1:
             if models.recency_half_life(emb) is not None and "r" not in ranks:
@@ -834,8 +839,8 @@ def train_both(
     """Select the best candidate on the valid split, then refit it on train + valid (what ships).
 
     ``init``: per family (``ials``, ``mf_softmax``), the champion's factors aligned to this run
-    (warm start), when it is of that family. ``timestamps``: the train rows' timestamps when
-    the frames have none (run()), for the valid sample's recency ranks. The fits share :func:`budget_s`: each candidate's
+    (warm start), when it is of that family. ``timestamps``: when the frames have none (run()),
+    those of the valid sample's train rows (:func:`sample_known`'s), for its recency ranks. The fits share :func:`budget_s`: each candidate's
     selection fit gets an equal share of what is left (one share kept for the refit), and stops
     at the iteration or epoch that would overrun it; an mf_softmax whose first epoch is projected
     to overrun is skipped (``selection["skipped"]``, logged).
@@ -861,9 +866,8 @@ def train_both(
     sample = valid_sample(parts["valid"], max_users=int(p["train.valid_users"]), seed=int(p["seed"]))
     known = sample_known(parts["train"], sample)
     if timestamps is not None and schema.TIMESTAMP not in known:
-        # run(): the train rows' timestamps apart from the frame; the sample's rows take theirs
-        mask = parts["train"][schema.USER_IDX].isin(sample[schema.USER_IDX].unique()).to_numpy()
-        known = known.assign(**{schema.TIMESTAMP: timestamps[mask]})
+        # run(): the timestamps of these rows (the sample's train rows) apart from the frame
+        known = known.assign(**{schema.TIMESTAMP: timestamps})
     timestamps = None
     fits, selection = {}, {"metric": metric, "candidates": {}, "skipped": skipped,
                            "valid_users": int(sample[schema.USER_IDX].nunique()),
@@ -1231,8 +1235,12 @@ def run(split_out: Split, params: dict | None = None) -> Trained:
             shipped[schema.TIMESTAMP] = ts[schema.TIMESTAMP].to_numpy()
             parts = {"train": shipped.iloc[:n_train], "valid": shipped.iloc[n_train:],
                      "shipped": shipped}
-        else:
-            timestamps = ts[schema.TIMESTAMP].to_numpy()[:n_train]
+        else:  # the train rows of train_both's valid sample (the same seeded sample)
+            sample = valid_sample(parts["valid"], max_users=int(p["train.valid_users"]),
+                                  seed=int(p["seed"]))
+            timestamps = ts[schema.TIMESTAMP].to_numpy()[:n_train][_sample_rows(
+                parts["train"], sample)]
+            sample = None
         del ts
     init = _warm_start_init(split_out, p)
     # side features feed only mf_softmax: not read when it is no candidate (a 2M-user feature

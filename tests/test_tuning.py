@@ -296,3 +296,24 @@ def test_the_recency_search_picks_recency_when_valid_is_each_users_next_events(t
         chosen[method] = res["selection"]["candidates"]["ease"]["params"]["recency_half_life"]
         assert models.recency_half_life(res["full"][0]) == chosen[method]
     assert chosen == {"leave_last_fraction": 2.0, "random_per_user": None}
+
+
+def test_a_champion_keeps_its_recency_and_both_halves_of_a_hybrid_when_aligned():
+    """The gate ranks a champion as it ships: ``models.align`` keeps an item-item model's
+    recency half-life and a hybrid's factor half (they were dropped before)."""
+    rng = np.random.default_rng(9)
+    seen = sparse.csr_matrix((rng.random((6, 8)) < 0.5).astype(np.float32))
+    ease = models.fit_ease(seen, l2=1.0, dropout=0.0)
+    ease["recency_half_life"] = np.array([3.0], np.float32)
+    fac = {"user": rng.normal(size=(6, 2)).astype(np.float32),
+           "item": rng.normal(size=(8, 2)).astype(np.float32),
+           "item_bias": np.zeros(8, np.float32)}
+    users, items = np.array([f"u{k}" for k in range(6)]), np.array([f"i{k}" for k in range(8)])
+    for emb in (ease, models.blend(ease, fac, wa=1.0, wb=0.5)):
+        got = models.align(emb, model_users=users, model_items=items, user_ids=users,
+                           item_ids=items)
+        assert set(got) == set(emb) - {"item_index"}
+        u, i = seen.nonzero()
+        ranks = models.pair_ranks(u, i, rng.integers(0, 9, len(u)), n_users=6, n_items=8)
+        assert np.array_equal(evaluate.recommend(got, seen, np.arange(6), 3, ranks),
+                              evaluate.recommend(emb, seen, np.arange(6), 3, ranks))

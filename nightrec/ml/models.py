@@ -275,7 +275,8 @@ class InteractionRows:
         return self.seen[rows].toarray()
 
 
-def scoring_inputs(emb: dict, seen: sparse.csr_matrix, ranks: sparse.csr_matrix | None = None):
+def scoring_inputs(emb: dict, seen: sparse.csr_matrix, ranks: sparse.csr_matrix | None = None,
+                   users: np.ndarray | None = None):
     """``(user_vecs, item_vecs, item_bias)`` for ``ranking.iter_top_k``; ``seen`` is the CSR of
     what each user interacted with (rows = the model's users, columns = its items); ``ranks``
     (:func:`pair_ranks`, same shape) weights an item-item model's rows by recency when the
@@ -285,8 +286,11 @@ def scoring_inputs(emb: dict, seen: sparse.csr_matrix, ranks: sparse.csr_matrix 
     ``item_item.T``, a view whose transpose is ``B`` itself, so the sparse path adds rows of
     ``B`` without copying it.
     """
-    if is_hybrid(emb):
-        return hybrid_inputs(emb, seen, emb["user"][: seen.shape[0]], ranks)
+    if is_hybrid(emb):  # factor rows of ``users`` only (all when None), the others empty
+        factor = emb["user"][: seen.shape[0]]
+        if users is not None:
+            factor = _rows_only(factor, np.asarray(users, np.int64))
+        return hybrid_inputs(emb, seen, factor, ranks)
     if is_item_item(emb):
         index = item_index(emb)
         bias = emb["item_bias"] if index is None else emb["item_bias"][index]
@@ -370,14 +374,28 @@ def is_hybrid(emb: dict) -> bool:
     return "item_item" in emb and "user" in emb
 
 
-def hybrid_inputs(emb: dict, seen: sparse.csr_matrix, user_vecs: np.ndarray,
+def _rows_only(vecs: np.ndarray, rows: np.ndarray) -> sparse.csr_matrix:
+    """``vecs`` as a CSR that holds only ``rows`` (the rest empty): a hybrid's factor part for
+    the users a metric ranks, not every user's (128M stored values at 2M users x 64)."""
+    n, d = vecs.shape
+    counts = np.zeros(n + 1, np.int64)
+    rows = np.unique(rows)
+    counts[rows + 1] = d
+    data = np.asarray(vecs[rows], np.float32).reshape(-1)
+    indices = np.tile(np.arange(d, dtype=np.int32), len(rows))
+    return sparse.csr_matrix((data, indices, np.cumsum(counts)), shape=(n, d))
+
+
+def hybrid_inputs(emb: dict, seen: sparse.csr_matrix, user_vecs,
                   ranks: sparse.csr_matrix | None = None):
     """``(user_vecs, item_vecs, item_bias)`` of a hybrid for the users of ``seen``'s rows, whose
     factor vectors are ``user_vecs``: each user's row is its 0/1 seen row followed by its factor
     vector (sparse, so ``ranking.iter_top_k`` takes its sparse path: the rows of ``B`` of the
     seen items plus the ``d`` factor rows of ``V^T``), the items' ``[B; V^T]`` transposed."""
-    rows = sparse.hstack([recency_rows(seen, ranks, recency_half_life(emb)),
-                          sparse.csr_matrix(np.asarray(user_vecs, np.float32))], format="csr")
+    factor = (user_vecs if sparse.issparse(user_vecs)
+              else sparse.csr_matrix(np.asarray(user_vecs, np.float32)))
+    rows = sparse.hstack([recency_rows(seen, ranks, recency_half_life(emb)), factor],
+                         format="csr")
     weights = np.vstack([np.asarray(emb["item_item"], np.float32),
                          np.asarray(emb["item"], np.float32).T])
     return rows, weights.T, emb["item_bias"]
@@ -505,29 +523,23 @@ def align(emb: dict, *, model_users: np.ndarray, model_items: np.ndarray, user_i
 
     Users it never saw get a zero vector (a factor model then ranks them by item bias alone);
     items it never saw get a bias of ``UNKNOWN_ITEM_BIAS``, so they rank below every item it
-    knows. An item-item model needs no users: its user vectors come from the seen matrix.
+    knows. An item-item model needs no users: its user vectors come from the seen matrix (its
+    recency half-life comes along); a hybrid aligns both halves.
     """
+    if is_hybrid(emb):  # both halves, each aligned as its kind; the bias is the blend's
+        ii = align({k: emb[k] for k in ("item_item", "item_bias", "recency_half_life")
+                    if k in emb}, model_users=model_users, model_items=model_items,
+                   user_ids=user_ids, item_ids=item_ids)
+        fac = align({k: emb[k] for k in ("user", "item", "item_bias")}, model_users=model_users,
+                    model_items=model_items, user_ids=user_ids, item_ids=item_ids)
+        return {**ii, "user": fac["user"], "item": fac["item"],
+                **({"factor_weight": emb["factor_weight"]} if "factor_weight" in emb else {})}
     i = pd.Index(model_items).get_indexer(item_ids)
     known = i >= 0
     bias = np.full(len(item_ids), UNKNOWN_ITEM_BIAS, np.float32)
     bias[known] = emb["item_bias"][i[known]]
     if is_item_item(emb):
-        index = item_index(emb)
-        if index is None:
-            b = np.zeros((len(item_ids), len(item_ids)), np.float32)
-            b[np.ix_(known, known)] = emb["item_item"][np.ix_(i[known], i[known])]
-            return {"item_item": b, "item_bias": bias}
-        # a head model stays a head model: this run's items that are in its head, in order
-        row = np.full(int(emb["item_bias"].shape[0]), -1, np.int64)
-        row[index] = np.arange(len(index))
-        in_head = known.copy()
-        in_head[known] = row[i[known]] >= 0
-        new_index = np.flatnonzero(in_head)
-        rows = row[i[new_index]]
-        bias = np.full(len(item_ids), UNKNOWN_ITEM_BIAS, np.float32)
-        bias[new_index] = 0.0
-        return {"item_item": emb["item_item"][np.ix_(rows, rows)], "item_bias": bias,
-                "item_index": new_index}
+        return _with_recency(_align_item_item(emb, i, known, bias, len(item_ids)), emb)
     u = pd.Index(model_users).get_indexer(user_ids)
     d = emb["user"].shape[1]
     user = np.zeros((len(user_ids), d), np.float32)
@@ -535,6 +547,28 @@ def align(emb: dict, *, model_users: np.ndarray, model_items: np.ndarray, user_i
     item = np.zeros((len(item_ids), d), np.float32)
     item[known] = emb["item"][i[known]]
     return {"user": user, "item": item, "item_bias": bias}
+
+
+def _align_item_item(emb: dict, i: np.ndarray, known: np.ndarray, bias: np.ndarray,
+                     n: int) -> dict:
+    """:func:`align` of an item-item model onto ``n`` items (``i``: each one's index in the
+    model, -1 for an item it does not know; ``bias``: aligned already)."""
+    index = item_index(emb)
+    if index is None:
+        b = np.zeros((n, n), np.float32)
+        b[np.ix_(known, known)] = emb["item_item"][np.ix_(i[known], i[known])]
+        return {"item_item": b, "item_bias": bias}
+    # a head model stays a head model: this run's items that are in its head, in order
+    row = np.full(int(emb["item_bias"].shape[0]), -1, np.int64)
+    row[index] = np.arange(len(index))
+    in_head = known.copy()
+    in_head[known] = row[i[known]] >= 0
+    new_index = np.flatnonzero(in_head)
+    rows = row[i[new_index]]
+    bias = np.full(n, UNKNOWN_ITEM_BIAS, np.float32)
+    bias[new_index] = 0.0
+    return {"item_item": emb["item_item"][np.ix_(rows, rows)], "item_bias": bias,
+            "item_index": new_index}
 
 
 def side_matrix(table: pd.DataFrame, spec: dict, *, max_categories: int = 64) -> np.ndarray | None:
