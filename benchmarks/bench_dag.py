@@ -333,7 +333,9 @@ def quality(params_path: Path) -> dict:
     out["nightrec_ials"] = {"ndcg_at_10": ndcg(mine), "fit_s": secs,
                             "s_per_iteration": float(np.mean(hist["iteration_s"])),
                             "kernel": hist["kernel"]}
-    e = params["train"]["ease"]
+    # EASE over every item at the first point of train.ease's searched lists (issue 16: the
+    # run searches them; this reference keeps one fixed point)
+    e = {k: (v[0] if isinstance(v, list) else v) for k, v in params["train"]["ease"].items()}
     t0 = time.perf_counter()
     gram = (x.T @ x).toarray().astype(np.float32)
     diag = np.diag(gram).copy()
