@@ -120,9 +120,14 @@ def write_seen(con, clean_glob: str, quarantine: Iterable[pa.RecordBatch | pa.Ta
         FROM read_parquet({engine.quote(spill)}) ORDER BY bucket""")
     con.execute("CREATE OR REPLACE TEMP TABLE seen_pairs "
                 "(user_id VARCHAR, item_id VARCHAR, ts BIGINT, recency INTEGER)")
+    # a clean table has timestamps; an interactions table without them (a rescore's input
+    # may be pairs only) gives untimed pairs: 0/1 rows for a recency model
+    files = sum(groups.values(), [])
+    timed = bool(files) and schema.TIMESTAMP in pq.read_schema(files[0]).names
+    ts_sql = f"{schema.TIMESTAMP}::BIGINT" if timed else "NULL::BIGINT"
     for b in range(n):
         own = (f"SELECT {schema.USER_ID} AS user_id, {schema.ITEM_ID} AS item_id, "
-               f"{schema.TIMESTAMP}::BIGINT AS ts "
+               f"{ts_sql} AS ts "
                f"FROM read_parquet({_file_list(groups[b])}) UNION ALL " if groups.get(b) else "")
         # one row per pair, with its latest clean timestamp (NULL for a pair only the
         # quarantine knows: its time is what was wrong with it) and its recency rank among the

@@ -236,9 +236,9 @@ def _spy(monkeypatch) -> list[np.ndarray]:
     """Record the users every side is ranked for."""
     calls, real = [], evaluate.recommend
 
-    def recommend(emb, seen, users, k):
+    def recommend(emb, seen, users, k, ranks=None):
         calls.append(np.array(users))
-        return real(emb, seen, users, k)
+        return real(emb, seen, users, k, ranks)
 
     monkeypatch.setattr(evaluate, "recommend", recommend)
     return calls
