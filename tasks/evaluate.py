@@ -1,20 +1,23 @@
 """Step 7, evaluate and gate: full-ranking metrics on the test split, against popularity.
 
-What is gated is what ships: the ``full_embeddings`` of train, the chosen candidate refit on
-train + valid (tasks/train.py), scored on the test split it never saw. For each test user,
-every item is ranked (the user's train and valid items excluded) and the top ``max(evaluate.k)``
-is compared with the user's held-out positives (see nightrec/ml/metrics.py). The popularity baseline
-ranks items by their count of train + valid positives (the data the model was fitted on), with
+What is gated is train's ``gated_embeddings``, a fit that never saw the test split
+(tasks/train.py, ``train.ship_fit``): with ``all`` the chosen candidate's selection fit (train
+only; the same family and hyperparameters as the shipped refit on train + valid + test), with
+``train_valid`` the shipped train + valid refit itself. For each test user, every item is ranked
+(the user's train and valid items excluded) and the top ``max(evaluate.k)`` is compared with the
+user's held-out positives (see nightrec/ml/metrics.py). The popularity baseline ranks items by
+their count of positives in the data the gated fit was fitted on (train, or train + valid), with
 the same exclusions.
 
-The current champion (tasks/registry.py), when there is one, is compared only on events it
-never trained on: the test events later than its ``train_cutoff`` (registry meta, unix
-seconds). The new model and the champion's shipped model (its ``embeddings``, re-indexed onto
-this run's users and items by external id) are both scored on that subset, every other event of
-a user counting as known (excluded from ranking). ``metrics.json`` records the subset's size
-and both figures under ``champion_comparison``; with no later test event, or a champion without
-a ``train_cutoff`` (registered before it existed), there is no comparison and the reason is
-recorded.
+The current champion (tasks/registry.py), when there is one, is compared only on events its
+gated fit never trained on: the test events later than its ``gated_cutoff`` (registry meta,
+unix seconds; ``train_cutoff`` for a version registered before ``ship_fit``). The new gated fit
+and the champion's (its ``gated_embeddings``, re-indexed onto this run's users and items by
+external id) are both scored on that subset, every other event of a user counting as known
+(excluded from ranking): gated fit against gated fit, each fitted on the same share of its own
+night's data. ``metrics.json`` records the subset's size and both figures under
+``champion_comparison``; with no later test event, or a champion without a cutoff (registered
+before it existed), there is no comparison and the reason is recorded.
 
 The gate blesses the model when both hold (``evaluate.gate_metric``):
 
@@ -261,21 +264,23 @@ def _sample(users: np.ndarray, rel: metrics.Relevant, sampling: Sampling | None)
 
 def evaluate_embeddings(
     emb: dict[str, np.ndarray], parts: dict[str, pd.DataFrame], *, ks: list[int], n_users: int,
-    sampling: Sampling | None = None,
+    sampling: Sampling | None = None, fitted_on: list[str] | None = None,
 ) -> dict:
-    """Metrics on ``parts['test']`` of the model and of popularity counted on train + valid,
-    the user's train and valid items excluded from ranking. ``sampling`` None: every eligible
-    user is ranked (no interval); else see the module doc, Sampling."""
+    """Metrics on ``parts['test']`` of the model and of popularity counted on the parts
+    ``fitted_on`` (default train + valid: what the model was fitted on), the user's train and
+    valid items excluded from ranking. ``sampling`` None: every eligible user is ranked (no
+    interval); else see the module doc, Sampling."""
     n_items = models.n_items(emb)
     known = parts.get("known")
     if known is None:
         known = [parts["train"], parts["valid"]]  # not concatenated
+    counted = known if fitted_on in (None, ["train", "valid"]) else [parts[n] for n in fitted_on]
     seen, users, rel = targets(known, parts["test"], n_users=n_users, n_items=n_items)
     n_test_users = len(users)
     users, rel, sampled = _sample(users, rel, sampling)
     ranks = known_ranks(known, n_users=n_users, n_items=n_items, models_=(emb,), users=users)
     k = max(ks)
-    pop = popularity_model(known, n_users=n_users, n_items=n_items)
+    pop = popularity_model(counted, n_users=n_users, n_items=n_items)
     share = pop["item_bias"] / max(1, known_users(seen))
     ci = sampling if sampled else None
     out = {name: _side_metrics(recommend(e, seen, users, k, ranks), rel, ks, share=share,
@@ -416,19 +421,20 @@ def record_decision(ds: str, verdict: dict, *, forced: bool) -> dict:
 
 
 def _champion(trained: Trained):
-    """``(champion version or None, its train_cutoff or None, load)``: ``load()`` gives the
-    champion's shipped weights (``embeddings``: it trained only up to its cutoff) aligned to
-    this run by external id."""
+    """``(champion version or None, its gated fit's cutoff or None, load)``: ``load()`` gives
+    the champion's gated weights (``gated_embeddings``: that fit trained only up to the cutoff)
+    aligned to this run by external id."""
     from nightrec.tasks import registry, score
 
     version = registry.champion()
     if version is None:
         return None, None, None
-    cutoff = registry.meta(version).get("train_cutoff")
+    meta = registry.meta(version)
+    cutoff = meta.get("gated_cutoff", meta.get("train_cutoff"))
 
     def load() -> dict:
         model = registry.model_uris(version)
-        emb = dict(np.load(io.BytesIO(storage.read_bytes(model["embeddings"]))))
+        emb = dict(np.load(io.BytesIO(storage.read_bytes(model["gated_embeddings"]))))
         return models.align(
             emb,
             model_users=score.ids_by_index(model["users"], schema.USER_IDX, schema.USER_ID),
@@ -449,17 +455,19 @@ def _recency_champion(version: str | None) -> bool:
         return False
     from nightrec.tasks import registry, score
 
-    head = score.read_embeddings(registry.model_uris(version)["embeddings"],
+    head = score.read_embeddings(registry.model_uris(version)["gated_embeddings"],
                                  only=("recency_half_life",))
     return models.recency_half_life(head) is not None
 
 
-def _evaluate(emb, parts, p: settings.StepParams, *, n_users: int, champion=None) -> dict:
+def _evaluate(emb, parts, p: settings.StepParams, *, n_users: int, champion=None,
+              fitted_on: list[str] | None = None) -> dict:
     """Test metrics, the champion comparison (``champion``: :func:`_champion`'s triple, or
-    None) and the gate's verdict."""
+    None) and the gate's verdict. ``fitted_on``: the parts the gated fit saw (popularity's)."""
     ks = list(p["evaluate.k"])
     sampling = Sampling.from_params(p)
-    result = evaluate_embeddings(emb, parts, ks=ks, n_users=n_users, sampling=sampling)
+    result = evaluate_embeddings(emb, parts, ks=ks, n_users=n_users, sampling=sampling,
+                                 fitted_on=fitted_on)
     version, cutoff, load = champion or (None, None, None)
     if version is None:
         comparison = {"compared": False, "reason": "no champion"}
@@ -480,8 +488,13 @@ def _evaluate(emb, parts, p: settings.StepParams, *, n_users: int, champion=None
 def run(trained: Trained, params: dict | None = None) -> Evaluated:
     ds = trained.ds
     p = settings.step_params(PARAMS, params)
-    # the shipped model (the train + valid refit) is what the gate scores
-    emb = dict(np.load(io.BytesIO(storage.read_bytes(trained.full_embeddings))))
+    # the fit that never saw the test split: the selection fit when the shipped refit saw it
+    # (train.ship_fit: all), else the shipped train + valid refit itself
+    gated = trained.gated_embeddings or trained.full_embeddings
+    gated_fit = "holdout" if gated == trained.holdout_embeddings else "full"
+    fitted_on = ["train"] if gated_fit == "holdout" else ["train", "valid"]
+    gated_cutoff = trained.gated_cutoff if trained.gated_embeddings else trained.train_cutoff
+    emb = dict(np.load(io.BytesIO(storage.read_bytes(gated))))
     # only what targets, popularity and the champion's cutoff read: not weights, ratings, ids;
     # not the label when the parts' statistics say every label is 1, and the timestamps of
     # the test part only. "known" (train + valid, what ranking excludes) is one frame, part
@@ -498,10 +511,12 @@ def run(trained: Trained, params: dict | None = None) -> Evaluated:
     parts = {"train": known.iloc[:n_train], "valid": known.iloc[n_train:], "test": test,
              "known": known}
     n_users = len(storage.read_parquet(trained.split.user_features, columns=[schema.USER_IDX]))
-    result = _evaluate(emb, parts, p, n_users=n_users, champion=champion)
+    result = _evaluate(emb, parts, p, n_users=n_users, champion=champion, fitted_on=fitted_on)
     result.update(
         ds=ds, model_version=trained.model_version, data_version=trained.data_version,
-        train_cutoff=trained.train_cutoff, champion_version=champion[0],
+        train_cutoff=trained.train_cutoff, gated_fit=gated_fit, gated_fitted_on=fitted_on,
+        gated_cutoff=gated_cutoff, shipped_on=trained.selection.get("shipped_on"),
+        champion_version=champion[0],
         champion_compared=result["champion_comparison"]["compared"],
         selection=trained.selection,
     )
@@ -510,6 +525,8 @@ def run(trained: Trained, params: dict | None = None) -> Evaluated:
     model = {
         "embeddings": trained.full_embeddings,
         "holdout_embeddings": trained.holdout_embeddings,
+        "gated_embeddings": gated,
+        "gated_cutoff": gated_cutoff,
         "users": trained.split.user_features,
         "items": trained.split.item_features,
         "model_version": trained.model_version,

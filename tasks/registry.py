@@ -1,15 +1,19 @@
 """The model registry in the bucket: ``models/<version>/`` plus a champion pointer.
 
 ```
-models/<version>/embeddings.npz          the shipped model (train + valid refit; the gated one)
-models/<version>/holdout_embeddings.npz  the train-only selection fit (a record; nothing scores it)
+models/<version>/embeddings.npz          the shipped model (the refit on train + valid + test, or on
+                                         train + valid: train.ship_fit)
+models/<version>/holdout_embeddings.npz  the train-only selection fit: the gated fit when the
+                                         shipped one saw the test split (meta gated_fit)
 models/<version>/model.weights.h5        Keras weights of an mf_softmax refit (absent for ease)
 models/<version>/history.json            training curves of the refit; holdout_history.json
 models/<version>/selection.json          every candidate's valid metric, and the chosen one
 models/<version>/users.parquet           user_idx -> user_id, the model's user index
 models/<version>/items.parquet           item_idx -> item_id
 models/<version>/meta.json               model_version, data_version, code_version, ds, params,
-                                         metrics, gate (the blessing), registered_at
+                                         metrics, gate (the blessing), train_cutoff (shipped fit),
+                                         gated_fit and gated_cutoff (what the gate judged, and
+                                         what a later run compares as champion), registered_at
 models/<version>/_registered.json        create-if-absent marker: the version's content, once
 models/_champion.json                    {"model_version", "ds", "previous", "history",
                                           "updated_at", "reason"}
@@ -101,6 +105,10 @@ def model_uris(version: str) -> dict:
     }
     if "holdout_embeddings.npz" in meta.get("files", []):
         out["holdout_embeddings"] = _file(version, "holdout_embeddings.npz")
+    # the fit the gate judged (and later runs compare as champion): the selection fit when the
+    # shipped refit saw the test split; before train.ship_fit, always the shipped one
+    out["gated_embeddings"] = (out["holdout_embeddings"] if meta.get("gated_fit") == "holdout"
+                               else out["embeddings"])
     return out
 
 
@@ -232,6 +240,8 @@ def register(model: dict, *, ds: str, metrics_uri: str | None, gate: dict | None
         "code_version": content["code_version"],
         "ds": ds,
         "train_cutoff": model.get("train_cutoff"),
+        "gated_fit": gated_fit(model),
+        "gated_cutoff": model.get("gated_cutoff", model.get("train_cutoff")),
         "params": params,
         "metrics": storage.read_json(metrics_uri) if metrics_uri else None,
         "gate": gate,
@@ -241,6 +251,14 @@ def register(model: dict, *, ds: str, metrics_uri: str | None, gate: dict | None
     }
     storage.write_json(_file(version, "meta.json"), record)  # written last: its presence means complete
     return model_uris(version)
+
+
+def gated_fit(model: dict) -> str:
+    """``holdout`` when the gate judged the selection fit (the shipped refit saw the test
+    split: train.ship_fit all), else ``full`` (the shipped fit itself)."""
+    gated = model.get("gated_embeddings")
+    return ("holdout" if gated and gated != model["embeddings"]
+            and gated == model.get("holdout_embeddings") else "full")
 
 
 def selection_summary(uri: str | None) -> dict | None:

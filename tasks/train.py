@@ -16,15 +16,17 @@ from ``augment.sample_negatives``; without a GPU not a candidate above
    absorbs that). The first listed candidate wins unless a later one beats it by
    ``train.select_min_gain`` (relative; see :func:`choose`). This selection fit is kept as the
    ``holdout`` fit (a record; nothing scores or gates it).
-2. **ship**: the winner is refit from scratch on train + valid with the same hyperparameters
-   (and, for mf_softmax, the best epoch count). That refit is the model that ships, and the one
-   evaluate gates on the test split, which it never saw: the gate checks exactly what scores
-   users. ``train_cutoff`` is the latest event timestamp it was fitted on (int unix seconds); a
-   later run compares this model, as champion, only on test events after it (tasks/evaluate.py).
-   With ``split.method: global_time`` the test split is the latest ``split.test_fraction`` of
-   events, so the shipped model has not seen the last days before ds; seen-item exclusion at
-   scoring still covers them, and an item-item model (EASE) uses them as its users' rows
-   (benchmarks/RESULTS.md measures the cost on the next period: "Gating what ships").
+2. **ship** (``train.ship_fit``): the winner is refit from scratch with the same
+   hyperparameters (and, for the iterative families, the best iteration or epoch count) on
+   ``all`` of train + valid + test, the ``full`` fit, which ships; evaluate then gates the
+   selection fit (the ``holdout``, train only: the same family and point) on the test split it
+   never saw. With ``train_valid`` (issue 12's rule) the refit is on train + valid only, and
+   evaluate gates that refit itself: what ships is exactly what is gated, but it has not seen
+   the test period (with ``split.method: global_time``, the last ``split.test_fraction`` of
+   events before ds; benchmarks/RESULTS.md measures what that costs). ``train_cutoff`` is the
+   latest event timestamp the shipped fit saw, ``gated_cutoff`` the gated fit's (int unix
+   seconds); a later run compares this model's gated fit, as champion, only on test events
+   after ``gated_cutoff`` (tasks/evaluate.py): gated fit against gated fit.
 
 Training uses every visible GPU (``MirroredStrategy`` when there are several, mixed precision on
 GPU) and the CPU otherwise; ``train.strategy: mirrored`` forces the distributed path on CPU too.
@@ -32,7 +34,7 @@ On CPU it is seeded and deterministic (TensorFlow op determinism). With
 ``train.mf_softmax.warm_start`` an mf_softmax fit starts from the champion's embeddings (matched
 by external id) instead of random ones.
 
-Outputs under ``runs/ds=<ds>/train/{holdout,full}/`` (``full``: the shipped train + valid refit;
+Outputs under ``runs/ds=<ds>/train/{holdout,full}/`` (``full``: the shipped refit;
 ``holdout``: the train-only selection fit): ``embeddings.npz`` (what scoring reads, numpy only), ``model.weights.h5`` (mf_softmax), ``history.json`` (training curves, device
 plan); ``selection.json`` (every candidate's valid metric); TensorBoard logs under
 ``reports/ds=<ds>/tensorboard/``.
@@ -63,6 +65,7 @@ from nightrec.tasks import split
 PARAMS = [
     "seed",
     "train.candidates",
+    "train.ship_fit",
     "train.select_metric",
     "train.select_min_gain",
     "train.valid_users",
@@ -119,6 +122,7 @@ PARAMS = [
     "augment.user_features",
 ]
 STRATEGIES = ("auto", "mirrored", "default")
+SHIP_FITS = {"all": ["train", "valid", "test"], "train_valid": ["train", "valid"]}
 log = logging.getLogger(__name__)
 
 
@@ -510,7 +514,7 @@ def search(family: str, points: list[dict[str, float]], fit_one, sample: pd.Data
     is not started when the slowest fit so far says it would overrun ``deadline``: the points
     left are recorded as not fitted). Each fit is scored on the valid ``sample`` by
     ``evaluate.ranking_metric``, the same figure every candidate is compared by; the best is
-    the family's selection fit, and the refit on train + valid repeats its point. Its history
+    the family's selection fit, and the shipped refit repeats its point. Its history
     records every point's figure (``search``) and the choice (``params``).
 
     Nothing here can read the test split: the fits get train rows and the score ``sample`` (valid
@@ -824,6 +828,14 @@ def choose(names: list[str], valid: dict[str, float], *, min_gain: float) -> str
     return chosen
 
 
+def ship_parts(p: settings.StepParams) -> list[str]:
+    """The split parts the shipped refit is fitted on (``train.ship_fit``)."""
+    value = p["train.ship_fit"]
+    if value not in SHIP_FITS:
+        raise ValueError(f"train.ship_fit must be one of {sorted(SHIP_FITS)}, got {value!r}")
+    return SHIP_FITS[value]
+
+
 def _share(deadline: float, remaining: int) -> float:
     """The deadline of the next of ``remaining`` fits, one more share kept for the refit."""
     now = time.monotonic()
@@ -834,9 +846,10 @@ def train_both(
     parts: dict[str, pd.DataFrame], *, n_users: int, n_items: int, p: settings.StepParams,
     workdir: Path, init: dict[str, dict[str, np.ndarray]] | None = None,
     side: dict[str, np.ndarray | None] | None = None, cutoff: int | None = None,
-    timestamps: np.ndarray | None = None,
+    timestamps: np.ndarray | None = None, holdout_cutoff: int | None = None,
 ) -> dict:
-    """Select the best candidate on the valid split, then refit it on train + valid (what ships).
+    """Select the best candidate on the valid split, then refit it on the parts of
+    :func:`ship_parts` (what ships).
 
     ``init``: per family (``ials``, ``mf_softmax``), the champion's factors aligned to this run
     (warm start), when it is of that family. ``timestamps``: when the frames have none (run()),
@@ -846,10 +859,15 @@ def train_both(
     to overrun is skipped (``selection["skipped"]``, logged).
 
     Returns ``{"chosen", "selection", "holdout": (weights, history), "full": (weights,
-    history), "train_cutoff", "keras": {fit: model}, "tensorboard": dir}``; ``full`` is the
-    shipped model (never fitted on ``parts["test"]``), ``train_cutoff`` the latest timestamp
-    (unix seconds) it was fitted on: ``cutoff`` when given (run(): from the parts' statistics,
-    the frames then have no timestamp column), else the frames' latest timestamp.
+    history), "train_cutoff", "gated", "gated_cutoff", "keras": {fit: model}, "tensorboard":
+    dir}``; ``full`` is the shipped model, ``train_cutoff`` the latest timestamp (unix seconds)
+    it was fitted on: ``cutoff`` when given (run(): from the parts' statistics, the frames then
+    have no timestamp column), else the frames' latest timestamp. ``gated`` names the fit
+    evaluate gates (``holdout`` when the shipped refit saw the test split, else ``full``), and
+    ``gated_cutoff`` its latest timestamp (``holdout_cutoff`` when given, else train's).
+
+    Nothing before the choice reads ``parts["test"]``: the selection fits, the searches and the
+    blend see train and the valid sample only (tests/test_tuning.py checks it).
     """
     from nightrec.tasks import evaluate
 
@@ -946,11 +964,13 @@ def train_both(
         models.keras_module().backend.clear_session()
     gc.collect()
     engine.release_memory()
-    # The shipped fit excludes the test split, so the gate scores it on events it never saw.
-    # parts["shipped"] (run(): one frame whose head is train and tail valid) saves a copy.
+    # The choice is made: from here on the shipped refit may read the test split
+    # (train.ship_fit: all), and the gate then scores the selection fit, which never saw it.
+    # parts["shipped"] (run(): one frame, the parts one after another) saves a copy.
+    fitted_on = ship_parts(p)
     shipped_on = parts.get("shipped")
     if shipped_on is None:
-        shipped_on = pd.concat([parts["train"], parts["valid"]], ignore_index=True)
+        shipped_on = pd.concat([parts[n] for n in fitted_on], ignore_index=True)
     if chosen == "blend":
         hist = fits[chosen][1]
         parts_full = {}
@@ -966,12 +986,20 @@ def train_both(
                                             tb=tb, side=side)
     if cutoff is None:
         cutoff = train_cutoff(shipped_on)
-    full[1]["fitted_on"] = ["train", "valid"]
+    gated = "holdout" if "test" in fitted_on else "full"
+    if gated == "full":
+        gated_cutoff = cutoff
+    else:
+        gated_cutoff = train_cutoff(parts["train"]) if holdout_cutoff is None else holdout_cutoff
+    full[1]["fitted_on"] = fitted_on
     full[1]["train_cutoff"] = cutoff
-    selection["train_cutoff"] = cutoff
-    selection["train_s"] = round(time.monotonic() - t_start, 1)
+    if gated == "holdout":
+        fits[chosen][1]["train_cutoff"] = gated_cutoff
+    selection.update(train_cutoff=cutoff, shipped_on=fitted_on, gated=gated,
+                     gated_cutoff=gated_cutoff, train_s=round(time.monotonic() - t_start, 1))
     return {"chosen": chosen, "selection": selection, "holdout": fits[chosen], "full": full,
-            "train_cutoff": cutoff, "keras": keras_models, "tensorboard": tb}
+            "train_cutoff": cutoff, "gated": gated, "gated_cutoff": gated_cutoff,
+            "keras": keras_models, "tensorboard": tb}
 
 
 def _refit(name: str, hist: dict, shipped_on: pd.DataFrame, *, n_users: int, n_items: int,
@@ -1081,7 +1109,7 @@ def _probe(emb: dict) -> dict:
 
 
 def blend_refit(full: dict, hist: dict) -> tuple[dict, dict]:
-    """The shipped blend: the components refit on train + valid (``full``: name -> (weights,
+    """The shipped blend: the components refit on the shipped parts (``full``: name -> (weights,
     history)), blended with the weight and the score scales the selection chose and measured
     (a refit's scores keep their scale: same hyperparameters, a few more events)."""
     a, b = hist["components"]
@@ -1215,13 +1243,27 @@ def run(split_out: Split, params: dict | None = None) -> Trained:
     # the columns the fits and the valid metric read: the split's other columns (ids, rating,
     # side features) would double the frames at 100M events; of these, the ones the parts'
     # statistics make constant (columns_to_read)
-    uris = [split_out.train, split_out.valid]
+    shipped_on = ship_parts(p)
+    uris = [getattr(split_out, n) for n in shipped_on]
     columns, cutoff = columns_to_read(split.column_ranges(uris, COLUMNS[2:]))
-    # train and valid as one frame (train's rows first): the refit on both needs no copy
-    shipped, (n_train, _) = split.read_parts(uris, columns=columns)
-    log.info("train: %d train + %d valid rows, columns %s%s", n_train, len(shipped) - n_train,
-             columns, "" if cutoff is None else f", cutoff {cutoff} from the parts' statistics")
-    parts = {"train": shipped.iloc[:n_train], "valid": shipped.iloc[n_train:], "shipped": shipped}
+    holdout_cutoff = None
+    if "test" in shipped_on:  # the gated fit is the selection fit: train's own latest event
+        ts_range = split.column_ranges(uris[:1], [schema.TIMESTAMP])[schema.TIMESTAMP]
+        holdout_cutoff = None if ts_range is None else int(ts_range[1])
+    # the parts as one frame (train's rows first, then valid's, then test's when it ships):
+    # the refit on all of them needs no copy, train and valid are views
+    shipped, lengths = split.read_parts(uris, columns=columns)
+    n_train, n_valid = lengths[0], lengths[1]
+    log.info("train: %s rows, columns %s%s; ships a refit on %s",
+             " + ".join(f"{n} {name}" for n, name in zip(lengths, shipped_on, strict=True)),
+             columns, "" if cutoff is None else f", cutoff {cutoff} from the parts' statistics",
+             " + ".join(shipped_on))
+
+    def views(frame):
+        return {"train": frame.iloc[:n_train], "valid": frame.iloc[n_train:n_train + n_valid],
+                "shipped": frame}
+
+    parts = views(shipped)
     n_users, n_items = _sizes(split_out)
     fitted = candidates(p, n_items, events=n_train)[0]
     timestamps = None
@@ -1233,8 +1275,7 @@ def run(split_out: Split, params: dict | None = None) -> Trained:
         ts, _ = split.read_parts(uris, columns=[schema.TIMESTAMP])
         if "sasrec" in fitted:
             shipped[schema.TIMESTAMP] = ts[schema.TIMESTAMP].to_numpy()
-            parts = {"train": shipped.iloc[:n_train], "valid": shipped.iloc[n_train:],
-                     "shipped": shipped}
+            parts = views(shipped)
         else:  # the train rows of train_both's valid sample (the same seeded sample)
             sample = valid_sample(parts["valid"], max_users=int(p["train.valid_users"]),
                                   seed=int(p["seed"]))
@@ -1249,7 +1290,8 @@ def run(split_out: Split, params: dict | None = None) -> Trained:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         result = train_both(parts, n_users=n_users, n_items=n_items, p=p, workdir=work, init=init,
-                            side=side, cutoff=cutoff, timestamps=timestamps)
+                            side=side, cutoff=cutoff, timestamps=timestamps,
+                            holdout_cutoff=holdout_cutoff)
         timestamps = None
         version = model_version(ds, split_out.data_version, result["chosen"], p)
         artifacts = {}
@@ -1273,5 +1315,6 @@ def run(split_out: Split, params: dict | None = None) -> Trained:
                    chosen=result["chosen"], selection=result["selection"],
                    train_cutoff=result["train_cutoff"],
                    full_embeddings=artifacts["full"]["embeddings"],
-                   holdout_embeddings=artifacts["holdout"]["embeddings"], artifacts=artifacts,
-                   split=split_out)
+                   holdout_embeddings=artifacts["holdout"]["embeddings"],
+                   gated_embeddings=artifacts[result["gated"]]["embeddings"],
+                   gated_cutoff=result["gated_cutoff"], artifacts=artifacts, split=split_out)

@@ -138,15 +138,26 @@ def _free_port_below(limit: int) -> int:
 def s3():
     from nightrec.store import s3server, storage
 
-    cfg = s3server.ServerConfig(
-        data_dir=_TMP / "s3",
-        s3_port=free_port(),
-        master_port=_free_port_below(55000),
-        volume_port=_free_port_below(55000),
-        filer_port=_free_port_below(55000),
-        admin_port=_free_port_below(55000),
-    )
-    s3server.up(cfg)
+    # Ports are probed free, then bound by weed a moment later: another process (the suite's
+    # other sessions start their own weed at the same time, and any client connection takes
+    # an ephemeral port) can take one in between, and weed exits "address already in use".
+    # Fresh ports, up to three times.
+    for attempt in range(3):
+        cfg = s3server.ServerConfig(
+            data_dir=_TMP / "s3",
+            s3_port=free_port(),
+            master_port=_free_port_below(55000),
+            volume_port=_free_port_below(55000),
+            filer_port=_free_port_below(55000),
+            admin_port=_free_port_below(55000),
+        )
+        try:
+            s3server.up(cfg)
+            break
+        except RuntimeError:
+            s3server.down(cfg)
+            if attempt == 2:
+                raise
     os.environ.update(s3server.client_env(cfg))
     storage._client.cache_clear()
     yield cfg

@@ -5,9 +5,10 @@
   wins on the whole test split, but the comparison leaves those events out and scores both
   models on the later ones only, where the new model wins; no later event, or no cutoff: no
   comparison, with the reason;
-- ``evaluate.run`` against the real SeaweedFS: it gates ``full_embeddings`` (the shipped train +
-  valid refit, not the holdout fit), reads the champion's ``train_cutoff`` from the registry's
-  meta.json, scores the champion's shipped ``embeddings``, and records the subset's size and
+- ``evaluate.run`` against the real SeaweedFS: with ``train.ship_fit: train_valid`` it gates
+  ``full_embeddings`` (the shipped train + valid refit, not the holdout fit); with ``all`` the
+  selection fit (the shipped refit saw the test split). It reads the champion's cutoff from the
+  registry's meta.json, scores the champion's gated fit, and records the subset's size and
   both figures in metrics.json.
 """
 
@@ -195,3 +196,49 @@ def test_evaluate_gates_the_shipped_model_and_compares_the_champion_on_unseen_ev
     m = storage.read_json(evaluate.run(trained, params).metrics)
     assert not m["champion_compared"] and "train_cutoff" in m["champion_comparison"]["reason"]
     assert m["gate"]["champion"] is None and m["gate"]["blessed"]
+
+
+def test_with_ship_fit_all_the_selection_fit_is_gated_and_compared_and_the_refit_ships(
+        bucket, parts):
+    """``train.ship_fit: all``: the shipped refit saw the test split, so evaluate gates the
+    selection fit (train only) against popularity counted on train; registry records which fit
+    was gated and its cutoff, and a later run compares the champion's gated fit, not its
+    shipped one (which trained on every test event and would leave nothing to compare on)."""
+    ds = "2026-11-29"
+    everything = [parts["train"], parts["valid"], parts["test"]]
+    shipped, gated = _ease(everything), _ease([parts["train"]])
+    base = _trained(ds, parts, full=shipped, holdout=gated, version="ease-20261129-00000002")
+    gated_cutoff = int(parts["train"][schema.TIMESTAMP].max())
+    trained = Trained(**{**{f: getattr(base, f) for f in base.__dataclass_fields__},
+                         "gated_embeddings": base.holdout_embeddings,
+                         "gated_cutoff": gated_cutoff,
+                         "train_cutoff": int(pd.concat(everything)[schema.TIMESTAMP].max())})
+    params = settings.load_params()
+    out = evaluate.run(trained, params)
+    m = storage.read_json(out.metrics)
+    want = evaluate.evaluate_embeddings(gated, parts, ks=list(params["evaluate"]["k"]),
+                                        n_users=N_USERS, fitted_on=["train"])
+    assert m["model"]["ndcg_at_10"] == pytest.approx(want["model"]["ndcg_at_10"])
+    assert m["popularity"]["ndcg_at_10"] == pytest.approx(want["popularity"]["ndcg_at_10"])
+    on_both = evaluate.evaluate_embeddings(gated, parts, ks=[10], n_users=N_USERS)
+    assert m["popularity"]["ndcg_at_10"] != pytest.approx(on_both["popularity"]["ndcg_at_10"])
+    assert m["gated_fit"] == "holdout" and m["gated_cutoff"] == gated_cutoff
+    assert out.model["embeddings"] == trained.full_embeddings  # what scores users
+    assert out.model["gated_embeddings"] == trained.holdout_embeddings
+
+    # registered as a blessed model would be (this small fixture's gated fit need not clear the
+    # popularity floor: the gate's verdict is not what this test is about)
+    model = registry.register(out.model, ds=ds, metrics_uri=out.metrics, gate=out.gate,
+                              params=params)
+    version = trained.model_version
+    meta = registry.meta(version)
+    assert meta["gated_fit"] == "holdout" and meta["gated_cutoff"] == gated_cutoff
+    assert meta["train_cutoff"] == trained.train_cutoff
+    assert model["gated_embeddings"].endswith("holdout_embeddings.npz")
+    registry.set_champion(version)
+    # the next night (the same parts): the champion's gated fit is today's, on every test event
+    again = storage.read_json(evaluate.run(trained, params).metrics)
+    c = again["champion_comparison"]
+    assert c["version"] == version and c["compared"] and c["train_cutoff"] == gated_cutoff
+    assert c["later_events"] == c["test_events"] == len(parts["test"])
+    assert c["champion"]["ndcg_at_10"] == pytest.approx(c["model"]["ndcg_at_10"])

@@ -108,10 +108,22 @@ def _independent(ds: str, table_ds: str, k: int) -> dict:
 DAYS = ["2026-08-29", "2026-08-30", "2026-08-31"]
 
 
+def _one_ease(p: dict) -> None:
+    """EASE alone at one point (the first listed): each night's gate then compares fits that
+    differ by their data only. With the in-run search two nights can choose different points
+    whose test figures differ by more than ``max_regression_vs_champion`` on this small log,
+    and the night publishes a fallback: the lifecycle is under test here, not the search."""
+    p["train"]["candidates"] = ["ease"]
+    ease = p["train"]["ease"]
+    for key in ("l2", "dropout", "recency_half_life"):
+        if isinstance(ease[key], list):
+            ease[key] = ease[key][0]
+
+
 @pytest.fixture(scope="module")
 def replay(s3, sample, tmp_path_factory):
-    """Three generated days through ``nightrec run`` (EASE alone: the lifecycle, not model
-    choice), in a bucket of their own; yields the bucket."""
+    """Three generated days through ``nightrec run`` (EASE alone at one point: the
+    lifecycle, not model choice), in a bucket of their own; yields the bucket."""
     import uuid
 
     from tests.conftest import params_with
@@ -121,8 +133,7 @@ def replay(s3, sample, tmp_path_factory):
     storage.s3_client().create_bucket(Bucket=name)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NIGHTREC_BUCKET", name)
-        mp.setenv("NIGHTREC_PARAMS", str(params_with(
-            tmp / "ease-only.yaml", lambda p: p["train"].update(candidates=["ease"]))))
+        mp.setenv("NIGHTREC_PARAMS", str(params_with(tmp / "ease-only.yaml", _one_ease)))
         log = pd.read_csv(sample["interactions"])
         for ds in DAYS:
             snap = tmp / f"interactions-{ds}.csv"
@@ -130,7 +141,7 @@ def replay(s3, sample, tmp_path_factory):
             run = subprocess.run([NIGHTREC, "run", "--interactions", str(snap), "--items",
                                   str(sample["items"]), "--users", str(sample["users"]),
                                   "--ds", ds], capture_output=True, text=True, check=False)
-            assert run.returncode == 0, run.stderr[-3000:]
+            assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
         yield mp
     client = storage.s3_client()  # a bucket is a SeaweedFS collection: give it back
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):

@@ -56,9 +56,12 @@ def _p(**overrides) -> settings.StepParams:
 
 def test_the_tuning_never_reads_the_test_split_by_construction(parts, tmp_path):
     """Every family with searched hyperparameters and the blend, selected and refit, from parts
-    that hold no test split and fail on any attempt to read one; the tune DAG's study too."""
+    that hold no test split and fail on any attempt to read one; the tune DAG's study too.
+    (With ``train.ship_fit: train_valid``: with ``all`` the shipped refit, after the choice,
+    reads the test split, and the next test shows that nothing chosen depends on it.)"""
     guarded = TrainAndValidOnly(parts)
     p = _p(**{"train.candidates": ["ease", "rp3beta", "ials", "sasrec"],
+              "train.ship_fit": "train_valid",
               "train.ease.l2": [10.0, 1000.0], "train.ease.dropout": [0.0, 0.5],
               "train.ease.recency_half_life": [None, 5.0],
               "train.ials.regularization": [0.1, 100.0]})
@@ -81,7 +84,55 @@ def test_the_tuning_never_reads_the_test_split_by_construction(parts, tmp_path):
     assert best["n_trials"] == 2
 
 
-def test_a_searched_family_refits_its_chosen_point_on_train_and_valid(parts, tmp_path):
+def _without_timings(value):
+    """A selection record without its wall-clock figures (``train_s``, every ``fit_s``)."""
+    if isinstance(value, dict):
+        return {k: _without_timings(v) for k, v in value.items() if k not in ("train_s", "fit_s")}
+    return value
+
+
+def test_what_ships_sees_the_test_split_and_nothing_chosen_depends_on_it(parts, tmp_path):
+    """``train.ship_fit: all`` (the default): the chosen point refit on train + valid + test
+    ships, and the selection fit, which never saw the test split, is the one gated. The same
+    run with another test split (its items scrambled) makes every valid figure, every choice and
+    the gated fit identical: nothing that tunes read it. Only the shipped refit differs."""
+    p = _p(**{"train.candidates": ["ease", "rp3beta"], "train.ease.l2": [5.0, 500.0],
+              "train.ease.dropout": [0.0, 0.5], "train.ease.recency_half_life": [None, 3.0],
+              "train.rp3beta.recency_half_life": [None]})
+    assert p["train.ship_fit"] == "all"
+    res = train.train_both(parts, n_users=N_USERS, n_items=N_ITEMS, p=p, workdir=tmp_path)
+    scrambled = parts["test"].assign(**{schema.ITEM_IDX: np.random.default_rng(3).permutation(
+        parts["test"][schema.ITEM_IDX].to_numpy())})
+    other = train.train_both({**parts, "test": scrambled}, n_users=N_USERS, n_items=N_ITEMS,
+                             p=p, workdir=tmp_path)
+    assert _without_timings(res["selection"]) == _without_timings(other["selection"])
+    assert res["chosen"] == other["chosen"]
+    hold, hold_other = res["holdout"][0], other["holdout"][0]
+    assert all(np.array_equal(hold[k], hold_other[k]) for k in hold)
+    assert res["gated"] == "holdout" and res["full"][1]["fitted_on"] == ["train", "valid", "test"]
+    assert res["gated_cutoff"] == int(parts["train"][schema.TIMESTAMP].max())
+    everything = pd.concat([parts["train"], parts["valid"], parts["test"]])
+    assert res["train_cutoff"] == int(everything[schema.TIMESTAMP].max())
+    key = "item_item"
+    assert not np.array_equal(res["full"][0][key], other["full"][0][key])
+    if res["chosen"] == "ease":
+        point = res["selection"]["candidates"]["ease"]["params"]
+        x = models.interaction_matrix(everything, n_users=N_USERS, n_items=N_ITEMS,
+                                      user_col=schema.USER_IDX, item_col=schema.ITEM_IDX)
+        want = models.fit_ease(x, l2=point["l2"], dropout=point["dropout"])
+        assert np.allclose(res["full"][0][key], want[key], atol=1e-5)
+    # train_valid: issue 12's rule, the train + valid refit ships and is itself gated
+    tv = train.train_both(parts, n_users=N_USERS, n_items=N_ITEMS, workdir=tmp_path,
+                          p=_p(**{**{k: p[k] for k in ("train.candidates", "train.ease.l2",
+                                                       "train.ease.dropout")},
+                                  "train.ship_fit": "train_valid"}))
+    assert tv["gated"] == "full" and tv["full"][1]["fitted_on"] == ["train", "valid"]
+    assert tv["gated_cutoff"] == tv["train_cutoff"] < int(parts["test"][schema.TIMESTAMP].min())
+    with pytest.raises(ValueError, match="train.ship_fit"):
+        train.ship_parts(_p(**{"train.ship_fit": "everything"}))
+
+
+def test_a_searched_family_refits_its_chosen_point_on_the_shipped_parts(parts, tmp_path):
     p = _p(**{"train.candidates": ["ease"], "train.ease.l2": [5.0, 50.0, 5000.0],
               "train.ease.dropout": [0.0], "train.ease.recency_half_life": [None]})
     res = train.train_both(parts, n_users=N_USERS, n_items=N_ITEMS, p=p, workdir=tmp_path)
@@ -89,7 +140,7 @@ def test_a_searched_family_refits_its_chosen_point_on_train_and_valid(parts, tmp
     assert [float(k.split(",")[0].split("=")[1]) for k in cand["search"]] == [5.0, 50.0, 5000.0]
     point = cand["params"]
     assert res["full"][1]["params"] == point
-    shipped = pd.concat([parts["train"], parts["valid"]])
+    shipped = pd.concat([parts["train"], parts["valid"], parts["test"]])
     x = models.interaction_matrix(shipped, n_users=N_USERS, n_items=N_ITEMS,
                                   user_col=schema.USER_IDX, item_col=schema.ITEM_IDX)
     want = models.fit_ease(x, l2=point["l2"], dropout=point["dropout"])
@@ -221,7 +272,7 @@ def test_the_blend_is_a_candidate_with_its_weight_chosen_on_valid(parts, tmp_pat
     sample = train.valid_sample(parts["valid"], max_users=int(p["train.valid_users"]),
                                 seed=int(p["seed"]))
     # on this seeded data the blend beats both parts on valid (no minimum gain asked): shipped,
-    # both components refit on train + valid and blended with that weight
+    # both components refit on the shipped parts and blended with that weight
     assert res["chosen"] == "blend" and blend["valid_ndcg_at_10"] > max(
         res["selection"]["candidates"][n]["valid_ndcg_at_10"] for n in ("ease", "ials"))
     assert models.is_hybrid(res["full"][0])

@@ -130,15 +130,18 @@ class Split(StepRecord):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Trained(StepRecord):
-    """train: the selection (holdout) fit and the shipped train + valid refit."""
+    """train: the selection (holdout) fit and the shipped refit (``full``: on train + valid +
+    test, or on train + valid: ``train.ship_fit``), and which of the two evaluate gates."""
 
     model_version: str
     data_version: str
     chosen: str  # the model family selected on the valid split
     selection: dict  # per candidate: the valid metric, and why the chosen one won
     train_cutoff: int | None  # latest event (unix s) the shipped model saw
-    full_embeddings: str
-    holdout_embeddings: str
+    full_embeddings: str  # the shipped fit
+    holdout_embeddings: str  # the train-only selection fit
+    gated_embeddings: str | None = None  # the fit evaluate gates on test (None: full_embeddings)
+    gated_cutoff: int | None = None  # latest event (unix s) the gated fit saw
     artifacts: dict  # per fit: embeddings, history, weights; the selection; TensorBoard logs
     split: Split  # the parts the fits came from (evaluate scores on them)
 
