@@ -15,18 +15,18 @@ from ``augment.sample_negatives``; without a GPU not a candidate above
    it stopped on: slightly optimistic next to EASE's single fit (``train.select_min_gain``
    absorbs that). The first listed candidate wins unless a later one beats it by
    ``train.select_min_gain`` (relative; see :func:`choose`). This selection fit is kept as the
-   ``holdout`` fit (a record; nothing scores or gates it).
+   ``holdout`` fit (with ``train.ship_fit: all``, the gated one).
 2. **ship** (``train.ship_fit``): the winner is refit from scratch with the same
-   hyperparameters (and, for the iterative families, the best iteration or epoch count) on
-   ``all`` of train + valid + test, the ``full`` fit, which ships; evaluate then gates the
-   selection fit (the ``holdout``, train only: the same family and point) on the test split it
-   never saw. With ``train_valid`` (issue 12's rule) the refit is on train + valid only, and
-   evaluate gates that refit itself: what ships is exactly what is gated, but it has not seen
-   the test period (with ``split.method: global_time``, the last ``split.test_fraction`` of
-   events before ds; benchmarks/RESULTS.md measures what that costs). ``train_cutoff`` is the
-   latest event timestamp the shipped fit saw, ``gated_cutoff`` the gated fit's (int unix
-   seconds); a later run compares this model's gated fit, as champion, only on test events
-   after ``gated_cutoff`` (tasks/evaluate.py): gated fit against gated fit.
+   hyperparameters (and, for the iterative families, the best iteration or epoch count). With
+   ``train_valid`` (the default, issue 12's rule) the refit is on train + valid, the ``full``
+   fit, which ships and which evaluate gates on the test split it never saw: what ships is what
+   is gated, but it has not seen the test period (with ``split.method: global_time``, the last
+   ``split.test_fraction`` of events before ds; benchmarks/RESULTS.md measures what that
+   costs). With ``all`` the refit is on train + valid + test and ships, and evaluate gates the
+   selection fit (the ``holdout``, train only: the same family and point) instead.
+   ``train_cutoff`` is the latest event timestamp the shipped fit saw, ``gated_cutoff`` the
+   gated fit's (int unix seconds); a later run compares this model's gated fit, as champion,
+   only on test events after ``gated_cutoff`` (tasks/evaluate.py): gated fit against gated fit.
 
 Training uses every visible GPU (``MirroredStrategy`` when there are several, mixed precision on
 GPU) and the CPU otherwise; ``train.strategy: mirrored`` forces the distributed path on CPU too.

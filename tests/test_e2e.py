@@ -459,7 +459,8 @@ def test_two_nights_on_a_growing_movielens_log_at_its_own_dates(bucket, ml100k, 
     assert registry.champion() == manifest["model_version"]
     metrics = storage.read_json(layout.run_uri("1998-04-23", "evaluate", "metrics.json"))
     assert metrics["gate"]["blessed"] is True and metrics["champion_version"] == champion
-    # the champion's gated fit (train.ship_fit: all, its selection fit) saw up to gated_cutoff
+    # the champion's gated fit (with the default train.ship_fit, its shipped one) saw up to
+    # gated_cutoff
     train_cutoff = registry.meta(champion)["gated_cutoff"]
     test = storage.read_parquet(layout.bucketed_prefix("1998-04-23", "split", "test"))
     compared = metrics["champion_comparison"]

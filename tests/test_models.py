@@ -170,8 +170,8 @@ def test_cpu_training_is_seeded_and_deterministic(parts, tmp_path):
 
 def test_candidates_are_chosen_by_valid_metric_and_the_winner_shipped_from_train_and_valid(
         parts, tmp_path):
-    """issue 12's rule (``train.ship_fit: train_valid``); the default, ``all``, is
-    tests/test_tuning.py's."""
+    """issue 12's rule (``train.ship_fit: train_valid``, the default; ``all`` is
+    tests/test_tuning.py's)."""
     p = settings.step_params(train.PARAMS, _params(candidates=["ease", "ials", "mf_softmax"],
                                                    ship_fit="train_valid",
                                                    **{"blend.enabled": False}))

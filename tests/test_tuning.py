@@ -92,14 +92,13 @@ def _without_timings(value):
 
 
 def test_what_ships_sees_the_test_split_and_nothing_chosen_depends_on_it(parts, tmp_path):
-    """``train.ship_fit: all`` (the default): the chosen point refit on train + valid + test
+    """``train.ship_fit: all``: the chosen point refit on train + valid + test
     ships, and the selection fit, which never saw the test split, is the one gated. The same
     run with another test split (its items scrambled) makes every valid figure, every choice and
     the gated fit identical: nothing that tunes read it. Only the shipped refit differs."""
     p = _p(**{"train.candidates": ["ease", "rp3beta"], "train.ease.l2": [5.0, 500.0],
               "train.ease.dropout": [0.0, 0.5], "train.ease.recency_half_life": [None, 3.0],
-              "train.rp3beta.recency_half_life": [None]})
-    assert p["train.ship_fit"] == "all"
+              "train.rp3beta.recency_half_life": [None], "train.ship_fit": "all"})
     res = train.train_both(parts, n_users=N_USERS, n_items=N_ITEMS, p=p, workdir=tmp_path)
     scrambled = parts["test"].assign(**{schema.ITEM_IDX: np.random.default_rng(3).permutation(
         parts["test"][schema.ITEM_IDX].to_numpy())})
@@ -132,15 +131,18 @@ def test_what_ships_sees_the_test_split_and_nothing_chosen_depends_on_it(parts, 
         train.ship_parts(_p(**{"train.ship_fit": "everything"}))
 
 
-def test_a_searched_family_refits_its_chosen_point_on_the_shipped_parts(parts, tmp_path):
+@pytest.mark.parametrize("ship_fit", ["train_valid", "all"])
+def test_a_searched_family_refits_its_chosen_point_on_the_shipped_parts(parts, tmp_path,
+                                                                       ship_fit):
     p = _p(**{"train.candidates": ["ease"], "train.ease.l2": [5.0, 50.0, 5000.0],
-              "train.ease.dropout": [0.0], "train.ease.recency_half_life": [None]})
+              "train.ease.dropout": [0.0], "train.ease.recency_half_life": [None],
+              "train.ship_fit": ship_fit})
     res = train.train_both(parts, n_users=N_USERS, n_items=N_ITEMS, p=p, workdir=tmp_path)
     cand = res["selection"]["candidates"]["ease"]
     assert [float(k.split(",")[0].split("=")[1]) for k in cand["search"]] == [5.0, 50.0, 5000.0]
     point = cand["params"]
     assert res["full"][1]["params"] == point
-    shipped = pd.concat([parts["train"], parts["valid"], parts["test"]])
+    shipped = pd.concat([parts[n] for n in train.SHIP_FITS[ship_fit]])
     x = models.interaction_matrix(shipped, n_users=N_USERS, n_items=N_ITEMS,
                                   user_col=schema.USER_IDX, item_col=schema.ITEM_IDX)
     want = models.fit_ease(x, l2=point["l2"], dropout=point["dropout"])
