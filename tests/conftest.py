@@ -2,7 +2,8 @@
 
 - ``s3``: a real SeaweedFS server (nightrec/store/s3server.py) on free ports in a temp folder, for the
   session; the environment points boto3, DVC and nightrec at it.
-- ``test_params``: params.yaml with a smaller sample and fewer epochs, via NIGHTREC_PARAMS.
+- ``test_params``: params.yaml with a smaller sample, fewer epochs, no SASRec and shorter
+  search grids (the DAG runs test the lifecycle), via NIGHTREC_PARAMS.
 - Services (PostgreSQL, Redis, Chromium): a test that needs one says so with
   ``@pytest.mark.service(name, available=..., reason=...)`` or calls :func:`require_service`;
   without it the test skips, or fails under NIGHTREC_REQUIRE_SERVICES=1 (what CI sets).
@@ -41,6 +42,18 @@ _params = yaml.safe_load((ROOT / "params.yaml").read_text())
 _params["sample"].update(n_users=600, n_items=300, n_interactions=15000)
 _params["train"]["mf_softmax"].update(epochs=8)
 _params["train"]["sasrec"].update(epochs=4, dim=16, max_len=20)  # the DAG runs: seconds
+# The DAG runs test the lifecycle; each family and the search are tested on their own
+# (test_models, test_tuning, test_sequential, test_ials). With params.yaml's candidates and grids
+# a DAG run's train took ~40 s on the sample (SASRec 28 s of it, 75 EASE points), and the suite's
+# ~40 DAG runs took it from 12 to 25 minutes on 2 cores (benchmarks/RESULTS.md, "Test suite").
+# So here: every family but SASRec (which test_tuning runs through train_both, and
+# test_sequential on its own), and two values per searched hyperparameter.
+_params["train"]["candidates"] = [c for c in _params["train"]["candidates"] if c != "sasrec"]
+_params["train"]["ease"].update(l2=[300.0, 1000.0], dropout=[0.0, 0.5],
+                                recency_half_life=[None, 3.0])
+_params["train"]["rp3beta"].update(alpha=[0.5], beta=[0.0, 0.5], recency_half_life=[None])
+_params["train"]["ials"].update(regularization=[100.0, 1000.0])
+_params["train"]["blend"].update(weights=[0.3, 0.5, 0.7])
 TEST_PARAMS.write_text(yaml.safe_dump(_params))
 os.environ["NIGHTREC_PARAMS"] = str(TEST_PARAMS)
 
