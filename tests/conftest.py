@@ -44,10 +44,10 @@ _params["train"]["mf_softmax"].update(epochs=8)
 _params["train"]["sasrec"].update(epochs=4, dim=16, max_len=20)  # the DAG runs: seconds
 # The DAG runs test the lifecycle; each family and the search are tested on their own
 # (test_models, test_tuning, test_sequential, test_ials). With params.yaml's candidates and grids
-# a DAG run's train took ~40 s on the sample (SASRec 28 s of it, 75 EASE points), and the suite's
-# ~40 DAG runs took it from 12 to 25 minutes on 2 cores (benchmarks/RESULTS.md, "Test suite").
-# So here: every family but SASRec (which test_tuning runs through train_both, and
-# test_sequential on its own), and two values per searched hyperparameter.
+# a DAG run's train took ~40 s on the sample under the suite's load: SASRec 28 s of it, the
+# other families (75 EASE points among them) and the blend about 10 s. So here: every family but SASRec (which test_tuning
+# runs through train_both, and test_sequential on its own), two values per searched
+# hyperparameter. Where the suite's time goes: benchmarks/RESULTS.md, "Test suite".
 _params["train"]["candidates"] = [c for c in _params["train"]["candidates"] if c != "sasrec"]
 _params["train"]["ease"].update(l2=[300.0, 1000.0], dropout=[0.0, 0.5],
                                 recency_half_life=[None, 3.0])
