@@ -514,7 +514,7 @@ def run(trained: Trained, params: dict | None = None) -> Evaluated:
     result = _evaluate(emb, parts, p, n_users=n_users, champion=champion, fitted_on=fitted_on)
     result.update(
         ds=ds, model_version=trained.model_version, data_version=trained.data_version,
-        train_cutoff=trained.train_cutoff, gated_fit=gated_fit, gated_fitted_on=fitted_on,
+        train_cutoff=trained.train_cutoff, gated_fit=gated_fit,
         gated_cutoff=gated_cutoff, shipped_on=trained.selection.get("shipped_on"),
         champion_version=champion[0],
         champion_compared=result["champion_comparison"]["compared"],
@@ -526,6 +526,7 @@ def run(trained: Trained, params: dict | None = None) -> Evaluated:
         "embeddings": trained.full_embeddings,
         "holdout_embeddings": trained.holdout_embeddings,
         "gated_embeddings": gated,
+        "gated_fit": gated_fit,
         "gated_cutoff": gated_cutoff,
         "users": trained.split.user_features,
         "items": trained.split.item_features,

@@ -240,7 +240,7 @@ def register(model: dict, *, ds: str, metrics_uri: str | None, gate: dict | None
         "code_version": content["code_version"],
         "ds": ds,
         "train_cutoff": model.get("train_cutoff"),
-        "gated_fit": gated_fit(model),
+        "gated_fit": model.get("gated_fit", "full"),  # evaluate's record of what it gated
         "gated_cutoff": model.get("gated_cutoff", model.get("train_cutoff")),
         "params": params,
         "metrics": storage.read_json(metrics_uri) if metrics_uri else None,
@@ -251,14 +251,6 @@ def register(model: dict, *, ds: str, metrics_uri: str | None, gate: dict | None
     }
     storage.write_json(_file(version, "meta.json"), record)  # written last: its presence means complete
     return model_uris(version)
-
-
-def gated_fit(model: dict) -> str:
-    """``holdout`` when the gate judged the selection fit (the shipped refit saw the test
-    split: train.ship_fit all), else ``full`` (the shipped fit itself)."""
-    gated = model.get("gated_embeddings")
-    return ("holdout" if gated and gated != model["embeddings"]
-            and gated == model.get("holdout_embeddings") else "full")
 
 
 def selection_summary(uri: str | None) -> dict | None:
