@@ -157,8 +157,8 @@ def nightly_recommendations():
 
         return versioning.finish(Augmented.from_xcom(prev), list(done)).to_xcom()
 
-    @task(doc_md="Fit the selection (holdout) model and the shipped refit (train.ship_fit: "
-                 "train + valid + test, the holdout gated; or train + valid, itself gated).")
+    @task(doc_md="Fit the candidates, choose on valid, refit the choice: shipped on "
+                 "train.ship_fit's parts, gated on train.gate_fit's (never the test split).")
     def train(prev: dict) -> dict:
         from nightrec.core.records import Split
         from nightrec.tasks import train as step

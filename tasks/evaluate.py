@@ -210,10 +210,12 @@ def known_ranks(known: pd.DataFrame | list[pd.DataFrame], *, n_users: int, n_ite
 
 
 def ranking_metric(emb: dict, known: pd.DataFrame, target: pd.DataFrame, *, metric: str,
-                   n_users: int, ranks=None) -> float:
+                   n_users: int, ranks=None, per_user: bool = False) -> float | np.ndarray:
     """One metric (``ndcg_at_10``...) of ``emb`` on ``target``, ``known`` excluded: what train
     uses to choose candidates and epochs on the valid split. ``ranks``: :func:`known_ranks` of
-    ``known`` when the caller has them (a search scores many models on the same users)."""
+    ``known`` when the caller has them (a search scores many models on the same users).
+    ``per_user``: the metric of each target user (in user index order) instead of their mean,
+    for a paired comparison of two models on the same users."""
     k = int(metric.rsplit("_at_", 1)[1])
     n_items = models.n_items(emb)
     seen, users, rel = targets(known, target, n_users=n_users, n_items=n_items)
@@ -221,7 +223,8 @@ def ranking_metric(emb: dict, known: pd.DataFrame, target: pd.DataFrame, *, metr
         raise ValueError("no positive target events to measure a ranking metric on")
     if ranks is None:
         ranks = known_ranks(known, n_users=n_users, n_items=n_items, models_=(emb,), users=users)
-    return metrics.all_metrics(recommend(emb, seen, users, k, ranks), rel, [k])[metric]
+    values = metrics.user_metrics(recommend(emb, seen, users, k, ranks), rel, [k])[metric]
+    return values if per_user else float(np.mean(values))
 
 
 def popularity_model(train: pd.DataFrame | list[pd.DataFrame], *, n_users: int,
@@ -488,10 +491,10 @@ def _evaluate(emb, parts, p: settings.StepParams, *, n_users: int, champion=None
 def run(trained: Trained, params: dict | None = None) -> Evaluated:
     ds = trained.ds
     p = settings.step_params(PARAMS, params)
-    # the fit that never saw the test split: the selection fit when the shipped refit saw it
-    # (train.ship_fit: all), else the shipped train + valid refit itself
+    # the fit that never saw the test split (train.gate_fit): the train + valid refit (the
+    # shipped one with train.ship_fit: train_valid, else one of its own) or the selection fit
     gated = trained.gated_embeddings or trained.full_embeddings
-    gated_fit = "holdout" if gated == trained.holdout_embeddings else "full"
+    gated_fit = trained.gated_fit if trained.gated_embeddings else "full"
     fitted_on = ["train"] if gated_fit == "holdout" else ["train", "valid"]
     gated_cutoff = trained.gated_cutoff if trained.gated_embeddings else trained.train_cutoff
     emb = dict(np.load(io.BytesIO(storage.read_bytes(gated))))

@@ -3,8 +3,10 @@
 ```
 models/<version>/embeddings.npz          the shipped model (the refit on train + valid + test, or on
                                          train + valid: train.ship_fit)
-models/<version>/holdout_embeddings.npz  the train-only selection fit: the gated fit when the
-                                         shipped one saw the test split (meta gated_fit)
+models/<version>/holdout_embeddings.npz  the train-only selection fit (the gated fit with
+                                         train.gate_fit: train; meta gated_fit)
+models/<version>/gated_embeddings.npz    the train + valid refit, the gated fit, when the shipped
+                                         one saw the test split (train.ship_fit: all, the default)
 models/<version>/model.weights.h5        Keras weights of an mf_softmax refit (absent for ease)
 models/<version>/history.json            training curves of the refit; holdout_history.json
 models/<version>/selection.json          every candidate's valid metric, and the chosen one
@@ -105,9 +107,12 @@ def model_uris(version: str) -> dict:
     }
     if "holdout_embeddings.npz" in meta.get("files", []):
         out["holdout_embeddings"] = _file(version, "holdout_embeddings.npz")
-    # the fit the gate judged (and later runs compare as champion): the selection fit when the
-    # shipped refit saw the test split; before train.ship_fit, always the shipped one
-    out["gated_embeddings"] = (out["holdout_embeddings"] if meta.get("gated_fit") == "holdout"
+    # the fit the gate judged (and later runs compare as champion): the train + valid refit
+    # (gated, when the shipped refit saw the test split), or the selection fit (holdout); the
+    # shipped one itself when it is the gated fit, or for a version registered before ship_fit
+    fit = meta.get("gated_fit")
+    out["gated_embeddings"] = (out["holdout_embeddings"] if fit == "holdout"
+                               else _file(version, "gated_embeddings.npz") if fit == "gated"
                                else out["embeddings"])
     return out
 
@@ -224,8 +229,10 @@ def register(model: dict, *, ds: str, metrics_uri: str | None, gate: dict | None
               "items.parquet": model["items"]}
     if model.get("holdout_embeddings"):
         copies["holdout_embeddings.npz"] = model["holdout_embeddings"]
+    if model.get("gated_fit") == "gated":  # the train + valid refit of its own (train.gate_fit)
+        copies["gated_embeddings.npz"] = model["gated_embeddings"]
     artifacts = model.get("artifacts") or {}
-    for fit, name in (("full", ""), ("holdout", "holdout_")):
+    for fit, name in (("full", ""), ("holdout", "holdout_"), ("gated", "gated_")):
         for kind, file in (("history", "history.json"), ("model", "model.weights.h5")):
             src = (artifacts.get(fit) or {}).get(kind)
             if src:
@@ -254,9 +261,10 @@ def register(model: dict, *, ds: str, metrics_uri: str | None, gate: dict | None
 
 
 def selection_summary(uri: str | None) -> dict | None:
-    """What meta.json keeps of train's selection.json: the metric, the chosen family, and per
+    """What meta.json keeps of train's selection.json: the metric, the chosen family, per
     candidate its valid figure and the hyperparameters tuned in the run (``params``: the point
-    chosen on the valid split; the whole search stays in selection.json)."""
+    chosen on the valid split; the whole search stays in selection.json), and ``choice`` (each
+    challenger's paired gain against the choice so far)."""
     if not uri:
         return None
     sel = storage.read_json(uri)
@@ -264,7 +272,7 @@ def selection_summary(uri: str | None) -> dict | None:
     return {"metric": sel.get("metric"), "chosen": sel.get("chosen"),
             "candidates": {n: {k: c[k] for k in (key, "params", "components") if k in c}
                            for n, c in (sel.get("candidates") or {}).items()},
-            "skipped": sel.get("skipped") or {}}
+            "skipped": sel.get("skipped") or {}, "choice": sel.get("choice")}
 
 
 def champion_record() -> dict | None:

@@ -12,18 +12,22 @@ from ``augment.sample_negatives``; without a GPU not a candidate above
    excluded) on one seeded sample of at most ``train.valid_users`` valid users, the same sample
    for every candidate. ``mf_softmax`` early-stops on that same figure (per epoch, best weights
    kept, checkpointed, TensorBoard logs), so its figure is the best of its epochs on the sample
-   it stopped on: slightly optimistic next to EASE's single fit (``train.select_min_gain``
-   absorbs that). The first listed candidate wins unless a later one beats it by
-   ``train.select_min_gain`` (relative; see :func:`choose`). This selection fit is kept as the
-   ``holdout`` fit (with ``train.ship_fit: all``, the gated one).
-2. **ship** (``train.ship_fit``): the winner is refit from scratch with the same
-   hyperparameters (and, for the iterative families, the best iteration or epoch count). With
-   ``train_valid`` (the default, issue 12's rule) the refit is on train + valid, the ``full``
-   fit, which ships and which evaluate gates on the test split it never saw: what ships is what
-   is gated, but it has not seen the test period (with ``split.method: global_time``, the last
-   ``split.test_fraction`` of events before ds; benchmarks/RESULTS.md measures what that
-   costs). With ``all`` the refit is on train + valid + test and ships, and evaluate gates the
-   selection fit (the ``holdout``, train only: the same family and point) instead.
+   it stopped on: slightly optimistic next to EASE's single fit. The first listed candidate
+   wins unless a later one beats the choice so far by ``train.select_min_gain`` (relative) at
+   ``train.select_confidence``: the lower end of the one-sided interval of its paired per-user
+   gain on the sample must exceed it (:func:`choose`). This selection fit is kept as the
+   ``holdout`` fit.
+2. **ship and gate** (``train.ship_fit``, ``train.gate_fit``): the winner is refit from
+   scratch with the same hyperparameters (and, for the iterative families, the best iteration
+   or epoch count). The defaults make three fits: the shipped refit on train + valid + test
+   (``ship_fit: all``: the model users get has seen every event before ds), and the gated
+   refit on train + valid (``gate_fit: train_valid``), which evaluate scores on the test split
+   it never saw. Both are the same family and point, fitted the same way on nested data; the
+   gated one is stored beside the shipped one (``gated``). ``ship_fit: train_valid`` makes the
+   gated refit the shipped one (two fits: what ships is what is gated, but it never sees the
+   test period, 2-3% of NDCG on MovieLens-100K, benchmarks/RESULTS.md); ``gate_fit: train``
+   gates the train-only selection fit instead (no third fit, but a fit two periods from the
+   test split under ``split.method: global_time``).
    ``train_cutoff`` is the latest event timestamp the shipped fit saw, ``gated_cutoff`` the
    gated fit's (int unix seconds); a later run compares this model's gated fit, as champion,
    only on test events after ``gated_cutoff`` (tasks/evaluate.py): gated fit against gated fit.
@@ -34,8 +38,9 @@ On CPU it is seeded and deterministic (TensorFlow op determinism). With
 ``train.mf_softmax.warm_start`` an mf_softmax fit starts from the champion's embeddings (matched
 by external id) instead of random ones.
 
-Outputs under ``runs/ds=<ds>/train/{holdout,full}/`` (``full``: the shipped refit;
-``holdout``: the train-only selection fit): ``embeddings.npz`` (what scoring reads, numpy only), ``model.weights.h5`` (mf_softmax), ``history.json`` (training curves, device
+Outputs under ``runs/ds=<ds>/train/{holdout,full,gated}/`` (``full``: the shipped refit;
+``holdout``: the train-only selection fit; ``gated``: the train + valid refit, when it is a fit
+of its own): ``embeddings.npz`` (what scoring reads, numpy only), ``model.weights.h5`` (mf_softmax), ``history.json`` (training curves, device
 plan); ``selection.json`` (every candidate's valid metric); TensorBoard logs under
 ``reports/ds=<ds>/tensorboard/``.
 """
@@ -66,8 +71,10 @@ PARAMS = [
     "seed",
     "train.candidates",
     "train.ship_fit",
+    "train.gate_fit",
     "train.select_metric",
     "train.select_min_gain",
+    "train.select_confidence",
     "train.valid_users",
     "train.strategy",
     "train.ease.l2",
@@ -123,6 +130,7 @@ PARAMS = [
 ]
 STRATEGIES = ("auto", "mirrored", "default")
 SHIP_FITS = {"all": ["train", "valid", "test"], "train_valid": ["train", "valid"]}
+GATE_FITS = {"train": ["train"], "train_valid": ["train", "valid"]}
 log = logging.getLogger(__name__)
 
 
@@ -814,16 +822,40 @@ def candidates(p: settings.StepParams, n_items: int, *, events: int = 0,
     return names, skipped
 
 
-def choose(names: list[str], valid: dict[str, float], *, min_gain: float) -> str:
+def choose(names: list[str], valid: dict[str, float], *, min_gain: float,
+           per_user: dict[str, np.ndarray] | None = None, confidence: float = 0.0,
+           record: dict | None = None) -> str:
     """The first of ``names`` unless a later one beats the current choice's valid metric by
-    more than ``min_gain`` (relative). Listing order is preference order: on a 10% valid split,
-    close candidates swap places with the split's seed (measured on MovieLens-100K: EASE vs
-    mf_softmax differed by -0.4% to +3.8% over four splits while EASE was 3.5% better on a
-    20% holdout), so a small win on valid is not evidence enough to give up the preferred one.
+    more than ``min_gain`` (relative). Listing order is preference order.
+
+    With ``per_user`` (each candidate's metric per valid user: the same users, in the same
+    order) and ``confidence`` in (0, 1), the gain that must exceed ``min_gain`` is the lower
+    end of the one-sided ``confidence`` interval of the paired mean gain (normal approximation
+    over the users), not the point estimate: a challenger wins on evidence, and how much
+    evidence a valid split holds follows its size. (Before, a flat 10% stood in for the noise:
+    on MovieLens-100K's ~900 valid users close candidates swap places with the split's seed; on
+    20,000 users the same 10% threw away real gains.) ``min_gain`` is then what a change of
+    family must be worth beyond the noise. ``record`` (a dict) gets, per challenger, the
+    choice it was compared with, the paired gain, its lower bound and the gain it needed.
     """
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(confidence) if per_user is not None and confidence > 0 else None
     chosen = names[0]
     for name in names[1:]:
-        if valid[name] > valid[chosen] * (1.0 + min_gain):
+        needed = valid[chosen] * min_gain
+        if z is None:
+            gain = lower = valid[name] - valid[chosen]
+        else:
+            diff = np.asarray(per_user[name], np.float64) - np.asarray(per_user[chosen],
+                                                                         np.float64)
+            gain = float(diff.mean())
+            spread = float(diff.std(ddof=1)) / np.sqrt(len(diff)) if len(diff) > 1 else np.inf
+            lower = gain - z * spread
+        if record is not None:
+            record[name] = {"against": chosen, "gain": round(float(gain), 6),
+                            "lower": round(float(lower), 6), "needed": round(float(needed), 6)}
+        if lower > needed:
             chosen = name
     return chosen
 
@@ -836,6 +868,25 @@ def ship_parts(p: settings.StepParams) -> list[str]:
     return SHIP_FITS[value]
 
 
+def gate_parts(p: settings.StepParams) -> list[str]:
+    """The split parts the gated fit is fitted on (``train.gate_fit``): never the test split."""
+    value = p["train.gate_fit"]
+    if value not in GATE_FITS:
+        raise ValueError(f"train.gate_fit must be one of {sorted(GATE_FITS)}, got {value!r}")
+    return GATE_FITS[value]
+
+
+def gated_fit(p: settings.StepParams) -> str:
+    """Which fit evaluate gates: ``full`` when the shipped refit is fitted on the gate's parts
+    (``ship_fit`` and ``gate_fit`` both ``train_valid``), ``holdout`` (the train-only selection
+    fit) when ``gate_fit`` is ``train``, else ``gated``: a refit of its own on train + valid
+    (``ship_fit: all``, ``gate_fit: train_valid``, the defaults: three fits)."""
+    shipped, gate = ship_parts(p), gate_parts(p)
+    if gate == shipped:
+        return "full"
+    return "holdout" if gate == ["train"] else "gated"
+
+
 def _share(deadline: float, remaining: int) -> float:
     """The deadline of the next of ``remaining`` fits, one more share kept for the refit."""
     now = time.monotonic()
@@ -846,7 +897,7 @@ def train_both(
     parts: dict[str, pd.DataFrame], *, n_users: int, n_items: int, p: settings.StepParams,
     workdir: Path, init: dict[str, dict[str, np.ndarray]] | None = None,
     side: dict[str, np.ndarray | None] | None = None, cutoff: int | None = None,
-    timestamps: np.ndarray | None = None, holdout_cutoff: int | None = None,
+    timestamps: np.ndarray | None = None, gated_cutoff: int | None = None,
 ) -> dict:
     """Select the best candidate on the valid split, then refit it on the parts of
     :func:`ship_parts` (what ships).
@@ -859,12 +910,14 @@ def train_both(
     to overrun is skipped (``selection["skipped"]``, logged).
 
     Returns ``{"chosen", "selection", "holdout": (weights, history), "full": (weights,
-    history), "train_cutoff", "gated", "gated_cutoff", "keras": {fit: model}, "tensorboard":
-    dir}``; ``full`` is the shipped model, ``train_cutoff`` the latest timestamp (unix seconds)
-    it was fitted on: ``cutoff`` when given (run(): from the parts' statistics, the frames then
-    have no timestamp column), else the frames' latest timestamp. ``gated`` names the fit
-    evaluate gates (``holdout`` when the shipped refit saw the test split, else ``full``), and
-    ``gated_cutoff`` its latest timestamp (``holdout_cutoff`` when given, else train's).
+    history), ["gated_refit": (weights, history),] "train_cutoff", "gated", "gated_cutoff",
+    "keras": {fit: model}, "tensorboard": dir}``; ``full`` is the shipped model,
+    ``train_cutoff`` the latest timestamp (unix seconds) it was fitted on: ``cutoff`` when given
+    (run(): from the parts' statistics, the frames then have no timestamp column), else the
+    frames' latest timestamp. ``gated`` names the fit evaluate gates (:func:`gated_fit`:
+    ``full``, ``holdout``, or ``gated``, the ``gated_refit`` on train + valid, parked on disk;
+    ``parts["gated"]``, when given, is that frame), and ``gated_cutoff`` its latest timestamp
+    (the argument when given, else from the frames).
 
     Nothing before the choice reads ``parts["test"]``: the selection fits, the searches and the
     blend see train and the valid sample only (tests/test_tuning.py checks it).
@@ -952,8 +1005,18 @@ def train_both(
             log.info("candidate blend of %s: valid %s = %.4f", hist["components"], metric,
                      hist[f"valid_{metric}"])
         emb = hist = None
+    # the paired comparison: each candidate's metric per valid user of the one sample
+    confidence = float(p["train.select_confidence"])
+    per_user = None
+    if confidence > 0 and len(fitted) > 1:
+        per_user = {n: evaluate.ranking_metric(fits[n][0], known, sample, metric=metric,
+                                               n_users=n_users, per_user=True) for n in fitted}
+    selection["choice"] = {"min_gain": float(p["train.select_min_gain"]),
+                           "confidence": confidence, "challengers": {}}
     chosen = choose(fitted, {n: c[f"valid_{metric}"] for n, c in selection["candidates"].items()},
-                    min_gain=float(p["train.select_min_gain"]))
+                    min_gain=float(p["train.select_min_gain"]), per_user=per_user,
+                    confidence=confidence, record=selection["choice"]["challengers"])
+    per_user = None
     selection["chosen"] = chosen
     keras_models = {"holdout": keras_models.get(chosen)}
     # the others' weights and Keras models go before the refit; the chosen one's selection fit
@@ -971,35 +1034,49 @@ def train_both(
     shipped_on = parts.get("shipped")
     if shipped_on is None:
         shipped_on = pd.concat([parts[n] for n in fitted_on], ignore_index=True)
-    if chosen == "blend":
-        hist = fits[chosen][1]
-        parts_full = {}
-        for name in hist["components"]:
-            parts_full[name], _ = _refit(name, hist["component_fits"][name], shipped_on,
-                                         n_users=n_users, n_items=n_items, p=p, init=init,
-                                         workdir=workdir, tb=tb, side=side)
-        full = blend_refit(parts_full, hist)
-        parts_full = None
-    else:
-        full, keras_models["full"] = _refit(chosen, fits[chosen][1], shipped_on, n_users=n_users,
-                                            n_items=n_items, p=p, init=init, workdir=workdir,
-                                            tb=tb, side=side)
+    gated = gated_fit(p)
+    refit = {"chosen": chosen, "hist": fits[chosen][1], "n_users": n_users, "n_items": n_items,
+             "p": p, "init": init, "workdir": workdir, "tb": tb, "side": side}
+    out = {"chosen": chosen, "selection": selection, "holdout": fits[chosen],
+           "keras": keras_models, "tensorboard": tb}
+    if gated == "gated":
+        # the gated refit first (on train + valid, a view in run()), parked while the shipped
+        # one runs: the same family and point, fitted the way the default's shipped fit is
+        gate_on = parts.get("gated")
+        if gate_on is None:
+            gate_on = pd.concat([parts[n] for n in gate_parts(p)], ignore_index=True)
+        emb, hist = _refit_chosen(gate_on, **refit)[0]
+        hist["fitted_on"] = gate_parts(p)
+        hist["train_cutoff"] = train_cutoff(gate_on) if gated_cutoff is None else gated_cutoff
+        out["gated_refit"] = (_parked(emb), hist)
+        gated_cutoff = hist["train_cutoff"]
+        gate_on = emb = hist = None
+        gc.collect()
+    full, keras_models["full"] = _refit_chosen(shipped_on, **refit)
     if cutoff is None:
         cutoff = train_cutoff(shipped_on)
-    gated = "holdout" if "test" in fitted_on else "full"
     if gated == "full":
         gated_cutoff = cutoff
-    else:
-        gated_cutoff = train_cutoff(parts["train"]) if holdout_cutoff is None else holdout_cutoff
+    elif gated == "holdout":
+        gated_cutoff = train_cutoff(parts["train"]) if gated_cutoff is None else gated_cutoff
+        fits[chosen][1]["train_cutoff"] = gated_cutoff
     full[1]["fitted_on"] = fitted_on
     full[1]["train_cutoff"] = cutoff
-    if gated == "holdout":
-        fits[chosen][1]["train_cutoff"] = gated_cutoff
     selection.update(train_cutoff=cutoff, shipped_on=fitted_on, gated=gated,
-                     gated_cutoff=gated_cutoff, train_s=round(time.monotonic() - t_start, 1))
-    return {"chosen": chosen, "selection": selection, "holdout": fits[chosen], "full": full,
-            "train_cutoff": cutoff, "gated": gated, "gated_cutoff": gated_cutoff,
-            "keras": keras_models, "tensorboard": tb}
+                     gated_on=gate_parts(p), gated_cutoff=gated_cutoff,
+                     train_s=round(time.monotonic() - t_start, 1))
+    return {**out, "full": full, "train_cutoff": cutoff, "gated": gated,
+            "gated_cutoff": gated_cutoff}
+
+
+def _refit_chosen(frame: pd.DataFrame, *, chosen: str, hist: dict, **kw) -> tuple:
+    """``((weights, history), keras model or None)``: the chosen candidate refit from scratch on
+    ``frame`` (a blend: each component refit, then blended with the weight chosen on valid)."""
+    if chosen != "blend":
+        return _refit(chosen, hist, frame, **kw)
+    components = {name: _refit(name, hist["component_fits"][name], frame, **kw)[0]
+                  for name in hist["components"]}
+    return blend_refit(components, hist), None
 
 
 def _refit(name: str, hist: dict, shipped_on: pd.DataFrame, *, n_users: int, n_items: int,
@@ -1246,10 +1323,12 @@ def run(split_out: Split, params: dict | None = None) -> Trained:
     shipped_on = ship_parts(p)
     uris = [getattr(split_out, n) for n in shipped_on]
     columns, cutoff = columns_to_read(split.column_ranges(uris, COLUMNS[2:]))
-    holdout_cutoff = None
-    if "test" in shipped_on:  # the gated fit is the selection fit: train's own latest event
-        ts_range = split.column_ranges(uris[:1], [schema.TIMESTAMP])[schema.TIMESTAMP]
-        holdout_cutoff = None if ts_range is None else int(ts_range[1])
+    gated = gated_fit(p)
+    gated_cutoff = None
+    if gated != "full":  # the gated fit saw the first parts only (gate_parts): their latest event
+        ts_range = split.column_ranges(uris[:len(gate_parts(p))],
+                                       [schema.TIMESTAMP])[schema.TIMESTAMP]
+        gated_cutoff = None if ts_range is None else int(ts_range[1])
     # the parts as one frame (train's rows first, then valid's, then test's when it ships):
     # the refit on all of them needs no copy, train and valid are views
     shipped, lengths = split.read_parts(uris, columns=columns)
@@ -1260,8 +1339,11 @@ def run(split_out: Split, params: dict | None = None) -> Trained:
              " + ".join(shipped_on))
 
     def views(frame):
-        return {"train": frame.iloc[:n_train], "valid": frame.iloc[n_train:n_train + n_valid],
-                "shipped": frame}
+        out = {"train": frame.iloc[:n_train], "valid": frame.iloc[n_train:n_train + n_valid],
+               "shipped": frame}
+        if gated == "gated":  # train + valid, the first rows
+            out["gated"] = frame.iloc[:n_train + n_valid]
+        return out
 
     parts = views(shipped)
     n_users, n_items = _sizes(split_out)
@@ -1291,14 +1373,17 @@ def run(split_out: Split, params: dict | None = None) -> Trained:
         work = Path(tmp)
         result = train_both(parts, n_users=n_users, n_items=n_items, p=p, workdir=work, init=init,
                             side=side, cutoff=cutoff, timestamps=timestamps,
-                            holdout_cutoff=holdout_cutoff)
+                            gated_cutoff=gated_cutoff)
         timestamps = None
         version = model_version(ds, split_out.data_version, result["chosen"], p)
         artifacts = {}
-        for name in ("holdout", "full"):
-            emb, hist = result[name]
+        fits = {"holdout": result["holdout"], "full": result["full"]}
+        if "gated_refit" in result:
+            fits["gated"] = result["gated_refit"]
+        for name, (emb, hist) in fits.items():
             artifacts[name] = _save(emb, hist, result["keras"].get(name), ds=ds, fit=name,
                                     workdir=work)
+        fits = emb = hist = None
         artifacts["selection"] = layout.run_uri(ds, "train", "selection.json")
         storage.write_json(artifacts["selection"], result["selection"])
         if result["tensorboard"].exists():
@@ -1317,4 +1402,5 @@ def run(split_out: Split, params: dict | None = None) -> Trained:
                    full_embeddings=artifacts["full"]["embeddings"],
                    holdout_embeddings=artifacts["holdout"]["embeddings"],
                    gated_embeddings=artifacts[result["gated"]]["embeddings"],
-                   gated_cutoff=result["gated_cutoff"], artifacts=artifacts, split=split_out)
+                   gated_fit=result["gated"], gated_cutoff=result["gated_cutoff"],
+                   artifacts=artifacts, split=split_out)

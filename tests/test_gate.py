@@ -6,8 +6,9 @@
   models on the later ones only, where the new model wins; no later event, or no cutoff: no
   comparison, with the reason;
 - ``evaluate.run`` against the real SeaweedFS: with ``train.ship_fit: train_valid`` it gates
-  ``full_embeddings`` (the shipped train + valid refit, not the holdout fit); with ``all`` the
-  selection fit (the shipped refit saw the test split). It reads the champion's cutoff from the
+  ``full_embeddings`` (the shipped train + valid refit, not the holdout fit); with ``all`` (the
+  shipped refit saw the test split) the train + valid refit of its own (``gate_fit:
+  train_valid``) or the selection fit (``gate_fit: train``). It reads the champion's cutoff from the
   registry's meta.json, scores the champion's gated fit, and records the subset's size and
   both figures in metrics.json.
 """
@@ -198,33 +199,45 @@ def test_evaluate_gates_the_shipped_model_and_compares_the_champion_on_unseen_ev
     assert m["gate"]["champion"] is None and m["gate"]["blessed"]
 
 
-def test_with_ship_fit_all_the_selection_fit_is_gated_and_compared_and_the_refit_ships(
-        bucket, parts):
-    """``train.ship_fit: all``: the shipped refit saw the test split, so evaluate gates the
-    selection fit (train only) against popularity counted on train; registry records which fit
-    was gated and its cutoff, and a later run compares the champion's gated fit, not its
-    shipped one (which trained on every test event and would leave nothing to compare on)."""
-    ds = "2026-11-29"
+@pytest.mark.parametrize("gate_fit", ["train_valid", "train"])
+def test_with_ship_fit_all_a_fit_that_never_saw_test_is_gated_and_compared_and_the_refit_ships(
+        bucket, parts, gate_fit):
+    """``train.ship_fit: all``: the shipped refit saw the test split, so evaluate gates another
+    fit of the same point: the train + valid refit (``gate_fit: train_valid``, the default: a
+    third fit, ``gated``) or the selection fit (``train``: ``holdout``), against popularity
+    counted on the parts that fit saw. The registry keeps that fit and records which it is and
+    its cutoff, and a later run compares the champion's gated fit, not its shipped one (which
+    trained on every test event and would leave nothing to compare on)."""
+    ds = "2026-11-29" if gate_fit == "train" else "2026-11-30"
     everything = [parts["train"], parts["valid"], parts["test"]]
-    shipped, gated = _ease(everything), _ease([parts["train"]])
-    base = _trained(ds, parts, full=shipped, holdout=gated, version="ease-20261129-00000002")
-    gated_cutoff = int(parts["train"][schema.TIMESTAMP].max())
+    gate_parts = [parts["train"]] if gate_fit == "train" else everything[:2]
+    fit = "holdout" if gate_fit == "train" else "gated"
+    shipped, gated = _ease(everything), _ease(gate_parts)
+    holdout = gated if fit == "holdout" else _ease([parts["train"]])
+    base = _trained(ds, parts, full=shipped, holdout=holdout,
+                    version=f"ease-{ds.replace('-', '')}-00000002")
+    gated_uri = (base.holdout_embeddings if fit == "holdout"
+                 else _npz(layout.run_uri(ds, "train", "gated", "embeddings.npz"), gated))
+    gated_cutoff = int(pd.concat(gate_parts)[schema.TIMESTAMP].max())
     trained = Trained(**{**{f: getattr(base, f) for f in base.__dataclass_fields__},
-                         "gated_embeddings": base.holdout_embeddings,
+                         "gated_embeddings": gated_uri, "gated_fit": fit,
                          "gated_cutoff": gated_cutoff,
                          "train_cutoff": int(pd.concat(everything)[schema.TIMESTAMP].max())})
     params = settings.load_params()
     out = evaluate.run(trained, params)
     m = storage.read_json(out.metrics)
+    seen = ["train"] if fit == "holdout" else ["train", "valid"]
     want = evaluate.evaluate_embeddings(gated, parts, ks=list(params["evaluate"]["k"]),
-                                        n_users=N_USERS, fitted_on=["train"])
+                                        n_users=N_USERS, fitted_on=seen)
     assert m["model"]["ndcg_at_10"] == pytest.approx(want["model"]["ndcg_at_10"])
     assert m["popularity"]["ndcg_at_10"] == pytest.approx(want["popularity"]["ndcg_at_10"])
-    on_both = evaluate.evaluate_embeddings(gated, parts, ks=[10], n_users=N_USERS)
-    assert m["popularity"]["ndcg_at_10"] != pytest.approx(on_both["popularity"]["ndcg_at_10"])
-    assert m["gated_fit"] == "holdout" and m["gated_cutoff"] == gated_cutoff
+    other = ["train", "valid"] if fit == "holdout" else ["train"]
+    on_other = evaluate.evaluate_embeddings(gated, parts, ks=[10], n_users=N_USERS,
+                                            fitted_on=other)
+    assert m["popularity"]["ndcg_at_10"] != pytest.approx(on_other["popularity"]["ndcg_at_10"])
+    assert m["gated_fit"] == fit and m["gated_cutoff"] == gated_cutoff
     assert out.model["embeddings"] == trained.full_embeddings  # what scores users
-    assert out.model["gated_embeddings"] == trained.holdout_embeddings
+    assert out.model["gated_embeddings"] == gated_uri
 
     # registered as a blessed model would be (this small fixture's gated fit need not clear the
     # popularity floor: the gate's verdict is not what this test is about)
@@ -232,9 +245,12 @@ def test_with_ship_fit_all_the_selection_fit_is_gated_and_compared_and_the_refit
                               params=params)
     version = trained.model_version
     meta = registry.meta(version)
-    assert meta["gated_fit"] == "holdout" and meta["gated_cutoff"] == gated_cutoff
+    assert meta["gated_fit"] == fit and meta["gated_cutoff"] == gated_cutoff
     assert meta["train_cutoff"] == trained.train_cutoff
-    assert model["gated_embeddings"].endswith("holdout_embeddings.npz")
+    assert model["gated_embeddings"].endswith(f"{fit}_embeddings.npz")
+    assert model["gated_embeddings"] != model["embeddings"]
+    kept = dict(np.load(io.BytesIO(storage.read_bytes(model["gated_embeddings"]))))
+    assert all(np.array_equal(kept[k], gated[k]) for k in gated)  # the gated fit, as it was
     registry.set_champion(version)
     # the next night (the same parts): the champion's gated fit is today's, on every test event
     again = storage.read_json(evaluate.run(trained, params).metrics)

@@ -180,7 +180,11 @@ def test_candidates_are_chosen_by_valid_metric_and_the_winner_shipped_from_train
     sel = res["selection"]
     scores = {n: c["valid_ndcg_at_10"] for n, c in sel["candidates"].items()}
     assert set(scores) == {"ease", "ials", "mf_softmax"}
-    assert sel["chosen"] == train.choose(["ease", "ials", "mf_softmax"], scores, min_gain=0.10)
+    chosen = "ease"  # each challenger against the choice so far, on its paired gain
+    for name, rec in sel["choice"]["challengers"].items():
+        assert rec["against"] == chosen
+        chosen = name if rec["lower"] > rec["needed"] else chosen
+    assert sel["chosen"] == chosen and list(sel["choice"]["challengers"]) == ["ials", "mf_softmax"]
     assert sel["chosen"] == res["chosen"]
     # what ships is refit on train + valid, never on the test split the gate scores it on
     shipped_on = pd.concat([parts["train"], parts["valid"]])

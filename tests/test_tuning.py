@@ -91,14 +91,17 @@ def _without_timings(value):
     return value
 
 
-def test_what_ships_sees_the_test_split_and_nothing_chosen_depends_on_it(parts, tmp_path):
-    """``train.ship_fit: all``: the chosen point refit on train + valid + test
-    ships, and the selection fit, which never saw the test split, is the one gated. The same
-    run with another test split (its items scrambled) makes every valid figure, every choice and
-    the gated fit identical: nothing that tunes read it. Only the shipped refit differs."""
+def test_what_ships_sees_the_test_split_and_nothing_chosen_or_gated_depends_on_it(parts,
+                                                                                 tmp_path):
+    """The defaults (``train.ship_fit: all``, ``train.gate_fit: train_valid``): three fits of
+    the chosen point. The refit on train + valid + test ships; the refit on train + valid is
+    gated. The same run with another test split (its items scrambled) makes every valid
+    figure, every choice, the selection fit and the gated fit identical: nothing that tunes or
+    is gated read it. Only the shipped refit differs."""
     p = _p(**{"train.candidates": ["ease", "rp3beta"], "train.ease.l2": [5.0, 500.0],
               "train.ease.dropout": [0.0, 0.5], "train.ease.recency_half_life": [None, 3.0],
-              "train.rp3beta.recency_half_life": [None], "train.ship_fit": "all"})
+              "train.rp3beta.recency_half_life": [None], "train.ship_fit": "all",
+              "train.gate_fit": "train_valid"})
     res = train.train_both(parts, n_users=N_USERS, n_items=N_ITEMS, p=p, workdir=tmp_path)
     scrambled = parts["test"].assign(**{schema.ITEM_IDX: np.random.default_rng(3).permutation(
         parts["test"][schema.ITEM_IDX].to_numpy())})
@@ -106,29 +109,49 @@ def test_what_ships_sees_the_test_split_and_nothing_chosen_depends_on_it(parts, 
                              p=p, workdir=tmp_path)
     assert _without_timings(res["selection"]) == _without_timings(other["selection"])
     assert res["chosen"] == other["chosen"]
-    hold, hold_other = res["holdout"][0], other["holdout"][0]
-    assert all(np.array_equal(hold[k], hold_other[k]) for k in hold)
-    assert res["gated"] == "holdout" and res["full"][1]["fitted_on"] == ["train", "valid", "test"]
-    assert res["gated_cutoff"] == int(parts["train"][schema.TIMESTAMP].max())
+    for fit in ("holdout", "gated_refit"):
+        mine, theirs = res[fit][0], other[fit][0]
+        assert all(np.array_equal(mine[k], theirs[k]) for k in mine), fit
+    assert res["gated"] == "gated" and res["full"][1]["fitted_on"] == ["train", "valid", "test"]
+    gated = res["gated_refit"][1]
+    train_valid = pd.concat([parts["train"], parts["valid"]])
+    assert gated["fitted_on"] == ["train", "valid"]
+    assert res["gated_cutoff"] == gated["train_cutoff"] == int(
+        train_valid[schema.TIMESTAMP].max()) == res["selection"]["gated_cutoff"]
     everything = pd.concat([parts["train"], parts["valid"], parts["test"]])
     assert res["train_cutoff"] == int(everything[schema.TIMESTAMP].max())
     key = "item_item"
     assert not np.array_equal(res["full"][0][key], other["full"][0][key])
-    if res["chosen"] == "ease":
-        point = res["selection"]["candidates"]["ease"]["params"]
-        x = models.interaction_matrix(everything, n_users=N_USERS, n_items=N_ITEMS,
-                                      user_col=schema.USER_IDX, item_col=schema.ITEM_IDX)
-        want = models.fit_ease(x, l2=point["l2"], dropout=point["dropout"])
-        assert np.allclose(res["full"][0][key], want[key], atol=1e-5)
+    chosen = res["selection"]["candidates"][res["chosen"]]
+    if res["chosen"] == "ease":  # the same point, refit from scratch on each fit's own parts
+        point = chosen["params"]
+        assert res["full"][1]["params"] == gated["params"] == point
+        for frame, emb in ((everything, res["full"][0]), (train_valid, res["gated_refit"][0])):
+            x = models.interaction_matrix(frame, n_users=N_USERS, n_items=N_ITEMS,
+                                          user_col=schema.USER_IDX, item_col=schema.ITEM_IDX)
+            want = models.fit_ease(x, l2=point["l2"], dropout=point["dropout"])
+            assert np.allclose(emb[key], want[key], atol=1e-5)
+    # gate_fit: train: the selection fit is gated, no third fit
+    hold = train.train_both(parts, n_users=N_USERS, n_items=N_ITEMS, workdir=tmp_path,
+                            p=_p(**{**{k: p[k] for k in ("train.candidates", "train.ease.l2",
+                                                         "train.ease.dropout",
+                                                         "train.ship_fit")},
+                                    "train.gate_fit": "train"}))
+    assert hold["gated"] == "holdout" and "gated_refit" not in hold
+    assert hold["gated_cutoff"] == int(parts["train"][schema.TIMESTAMP].max())
+    assert hold["full"][1]["fitted_on"] == ["train", "valid", "test"]
     # train_valid: issue 12's rule, the train + valid refit ships and is itself gated
     tv = train.train_both(parts, n_users=N_USERS, n_items=N_ITEMS, workdir=tmp_path,
                           p=_p(**{**{k: p[k] for k in ("train.candidates", "train.ease.l2",
                                                        "train.ease.dropout")},
                                   "train.ship_fit": "train_valid"}))
     assert tv["gated"] == "full" and tv["full"][1]["fitted_on"] == ["train", "valid"]
+    assert "gated_refit" not in tv
     assert tv["gated_cutoff"] == tv["train_cutoff"] < int(parts["test"][schema.TIMESTAMP].min())
     with pytest.raises(ValueError, match="train.ship_fit"):
         train.ship_parts(_p(**{"train.ship_fit": "everything"}))
+    with pytest.raises(ValueError, match="train.gate_fit"):
+        train.gate_parts(_p(**{"train.gate_fit": "all"}))
 
 
 @pytest.mark.parametrize("ship_fit", ["train_valid", "all"])
@@ -262,7 +285,8 @@ def test_the_blend_is_a_candidate_with_its_weight_chosen_on_valid(parts, tmp_pat
     p = _p(**{"train.candidates": ["ease", "ials"], "train.ease.l2": [50.0],
               "train.ease.dropout": [0.0], "train.ials.regularization": [1.0],
               "train.ease.recency_half_life": [None],
-              "train.blend.weights": [0.2, 0.5, 0.8], "train.select_min_gain": 0.0})
+              "train.blend.weights": [0.2, 0.5, 0.8], "train.select_min_gain": 0.0,
+              "train.select_confidence": 0.0})  # the point estimates decide
     res = train.train_both(parts, n_users=N_USERS, n_items=N_ITEMS, p=p, workdir=tmp_path)
     blend = res["selection"]["candidates"]["blend"]
     figures = {float(w): v["valid_ndcg_at_10"] for w, v in blend["search"].items()}
@@ -370,3 +394,68 @@ def test_a_champion_keeps_its_recency_and_both_halves_of_a_hybrid_when_aligned()
         ranks = models.pair_ranks(u, i, rng.integers(0, 9, len(u)), n_users=6, n_items=8)
         assert np.array_equal(evaluate.recommend(got, seen, np.arange(6), 3, ranks),
                               evaluate.recommend(emb, seen, np.arange(6), 3, ranks))
+
+
+def test_a_challenger_wins_on_the_lower_end_of_its_paired_gain_over_the_valid_users():
+    """``train.select_confidence``: the gain that must exceed ``select_min_gain`` is the lower
+    end of the one-sided interval of the paired per-user gain, so the same mean gain wins on a
+    consistent improvement and loses on noise, and more users make a smaller gain count."""
+    rng = np.random.default_rng(5)
+    base = rng.uniform(0.0, 0.4, 900)
+    valid = {"ease": float(base.mean())}
+    consistent = base + 0.01  # +0.01 for every user
+    noisy = base + 0.01 + rng.normal(0.0, 0.3, 900)  # the same mean gain, wildly spread
+    noisy += 0.01 - (noisy - base).mean()
+    for name, values in (("consistent", consistent), ("noisy", noisy)):
+        valid[name] = float(values.mean())
+    per_user = {"ease": base, "consistent": consistent, "noisy": noisy}
+    rec = {}
+    assert train.choose(["ease", "noisy"], valid, min_gain=0.0, per_user=per_user,
+                        confidence=0.95, record=rec) == "ease"
+    assert rec["noisy"]["gain"] == pytest.approx(0.01) and rec["noisy"]["lower"] < 0
+    assert train.choose(["ease", "consistent"], valid, min_gain=0.0, per_user=per_user,
+                        confidence=0.95, record=rec) == "consistent"
+    assert rec["consistent"]["lower"] == pytest.approx(0.01, abs=1e-6)
+    # the gain must still clear min_gain (relative to the current choice's figure)
+    assert train.choose(["ease", "consistent"], valid, min_gain=0.10, per_user=per_user,
+                        confidence=0.95, record=rec) == "ease"
+    assert rec["consistent"]["needed"] == pytest.approx(0.10 * valid["ease"], abs=1e-6)
+    # no per-user figures, or confidence 0: the point estimates, as before
+    assert train.choose(["ease", "noisy"], valid, min_gain=0.0) == "noisy"
+    assert train.choose(["ease", "noisy"], valid, min_gain=0.0, per_user=per_user,
+                        confidence=0.0) == "noisy"
+    # the same spread over 100x the users: the interval narrows 10x and the gain counts
+    many = {k: np.tile(v, 100) for k, v in per_user.items()}
+    assert train.choose(["ease", "noisy"], valid, min_gain=0.0, per_user=many,
+                        confidence=0.95) == "noisy"
+    # a later challenger is measured against the current choice, not the first listed
+    rec = {}
+    better = consistent + 0.02
+    valid["better"] = float(better.mean())
+    got = train.choose(["ease", "consistent", "better"], valid, min_gain=0.0,
+                       per_user={**per_user, "better": better}, confidence=0.95, record=rec)
+    assert got == "better" and rec["better"]["against"] == "consistent"
+    assert rec["better"]["gain"] == pytest.approx(0.02)
+
+
+def test_train_records_each_challengers_paired_gain_and_follows_it(parts, tmp_path):
+    p = _p(**{"train.candidates": ["ease", "rp3beta", "ials"], "train.ease.l2": [50.0],
+              "train.ease.dropout": [0.0], "train.ease.recency_half_life": [None],
+              "train.ials.regularization": [1.0], "train.rp3beta.recency_half_life": [None],
+              "train.select_min_gain": 0.0, "train.select_confidence": 0.9})
+    sel = train.train_both(parts, n_users=N_USERS, n_items=N_ITEMS, p=p,
+                           workdir=tmp_path)["selection"]
+    choice = sel["choice"]
+    assert choice["confidence"] == 0.9 and choice["min_gain"] == 0.0
+    names = ["ease", "rp3beta", "ials", "blend"]
+    assert list(choice["challengers"]) == names[1:]
+    chosen = "ease"  # replay: each challenger against the choice so far
+    for name in names[1:]:
+        rec = choice["challengers"][name]
+        assert rec["against"] == chosen and rec["lower"] < rec["gain"]
+        figures = sel["candidates"]
+        assert rec["gain"] == pytest.approx(figures[name]["valid_ndcg_at_10"]
+                                            - figures[chosen]["valid_ndcg_at_10"], abs=1e-5)
+        if rec["lower"] > rec["needed"]:
+            chosen = name
+    assert sel["chosen"] == chosen

@@ -130,8 +130,9 @@ class Split(StepRecord):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Trained(StepRecord):
-    """train: the selection (holdout) fit and the shipped refit (``full``: on train + valid +
-    test, or on train + valid: ``train.ship_fit``), and which of the two evaluate gates."""
+    """train: the selection (holdout) fit, the shipped refit (``full``: on train + valid +
+    test, or on train + valid: ``train.ship_fit``) and the fit evaluate gates (``gated_fit``:
+    ``full``, ``holdout``, or ``gated``, a train + valid refit of its own: ``train.gate_fit``)."""
 
     model_version: str
     data_version: str
@@ -142,6 +143,7 @@ class Trained(StepRecord):
     holdout_embeddings: str  # the train-only selection fit
     gated_embeddings: str | None = None  # the fit evaluate gates on test (None: full_embeddings)
     gated_cutoff: int | None = None  # latest event (unix s) the gated fit saw
+    gated_fit: str = "full"  # which fit gated_embeddings is: full, holdout or gated
     artifacts: dict  # per fit: embeddings, history, weights; the selection; TensorBoard logs
     split: Split  # the parts the fits came from (evaluate scores on them)
 

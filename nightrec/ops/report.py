@@ -28,6 +28,14 @@ PARAMS = ["report.history_runs", "report.sample_rows", "publish.max_age_hours"]
 log = logging.getLogger(__name__)
 
 
+def _challenge(rec: dict | None) -> str:
+    """One challenger's paired comparison (selection.json ``choice``), for the report."""
+    if not rec:
+        return "-"
+    return (f"{rec['gain']:+.4f} vs {rec['against']} ({rec['lower']:+.4f} / "
+            f"{rec['needed']:.4f})")
+
+
 def _tuned(candidate: dict) -> str:
     """A candidate's hyperparameters chosen in the run on the valid split (and how many points
     were searched), or its blend's components."""
@@ -271,21 +279,27 @@ def build_report(ds: str, *, run_id: str, task_states: dict[str, str], p) -> tup
     selection = _maybe_json(layout.run_uri(ds, "train", "selection.json"))
     if selection:
         metric = selection.get("metric", "")
+        choice = selection.get("choice") or {}
         rows = "".join(
             f"<tr><td>{html.escape(n)}</td><td>{c.get(f'valid_{metric}', float('nan')):.4f}</td>"
             f"<td>{c.get('fit_s', '-')}</td><td>{c.get('best_epoch', '-')}</td>"
             f"<td>{html.escape(_tuned(c))}</td>"
+            f"<td>{html.escape(_challenge((choice.get('challengers') or {}).get(n)))}</td>"
             f"<td>{'chosen' if n == selection.get('chosen') else ''}</td></tr>"
             for n, c in selection.get("candidates", {}).items())
-        rows += "".join(f"<tr><td>{html.escape(n)}</td><td colspan=\"5\">skipped: "
+        rows += "".join(f"<tr><td>{html.escape(n)}</td><td colspan=\"6\">skipped: "
                         f"{html.escape(str(why))}</td></tr>"
                         for n, why in (selection.get("skipped") or {}).items())
         add("Model selection",
             f"<p>Candidates on {selection.get('valid_users', '?')} valid users by valid "
             f"{html.escape(metric)}; time budget {selection.get('time_budget_s', '?')} s, train "
-            f"took {selection.get('train_s', '?')} s.</p><table><tr><th>candidate</th>"
-            f"<th>valid {html.escape(metric)}</th><th>fit s</th><th>epochs / iterations</th>"
-            f"<th>tuned on valid</th><th></th></tr>{rows}</table>")
+            f"took {selection.get('train_s', '?')} s. A challenger wins when the lower end of "
+            f"its paired gain (confidence {choice.get('confidence', '-')}) exceeds "
+            f"{choice.get('min_gain', '-')} of the choice so far.</p><table><tr>"
+            f"<th>candidate</th><th>valid {html.escape(metric)}</th><th>fit s</th>"
+            f"<th>epochs / iterations</th><th>tuned on valid</th>"
+            f"<th>gain vs the choice so far (lower end / needed)</th><th></th></tr>{rows}"
+            f"</table>")
 
     metrics = _maybe_json(layout.run_uri(ds, "evaluate", "metrics.json"))
     if metrics:

@@ -30,7 +30,7 @@ ds's publish claim, a new manifest), every per-run Parquet table holding externa
 (event tables lose the user's rows; the per-run index table ``augment/user_features.parquet``
 keeps the row with a tombstone id and blank features, so indices stay valid), models'
 ``users.parquet`` (a tombstone, and the user's rows of ``embeddings.npz``/
-``holdout_embeddings.npz`` zeroed), and what earlier versions kept (``clean/user_ids.parquet``,
+``holdout_embeddings.npz``/``gated_embeddings.npz`` zeroed), and what earlier versions kept (``clean/user_ids.parquet``,
 ``state/id_map/``: the id becomes its tombstone). The README's "Retention and erasure"
 says what is not erased.
 """
@@ -667,14 +667,14 @@ def _rewrite_table(entry: dict, user_id: str) -> bool:
 
 def _scrub_model(entry: dict, user_id: str) -> None:
     """A tombstone (and blank side features) at the user's row of the model's users.parquet, and
-    zeros in its rows of the factor embeddings (full refit and holdout fit)."""
+    zeros in its rows of the factor embeddings (the shipped, selection and gated fits)."""
     prefix = entry["uri"].rsplit("/", 1)[0] + "/"
     hit = _parquet_with_user(entry["uri"], user_id)
     if hit is not None:
         frame, mask, etag = hit
         storage.write_bytes(entry["uri"], storage.parquet_bytes(_blank(frame, mask, user_id)),
                             if_match=etag)
-    for name in ("embeddings.npz", "holdout_embeddings.npz"):
+    for name in ("embeddings.npz", "holdout_embeddings.npz", "gated_embeddings.npz"):
         _zero_user_rows(prefix + name, entry["user_idx"])
 
 
