@@ -265,6 +265,7 @@ def _index_tables() -> None:
     np.savez(buf, user=np.ones((60, 4), np.float32), item=np.ones((9, 4), np.float32),
              item_bias=np.zeros(9, np.float32))
     storage.write_bytes(prefix + "embeddings.npz", buf.getvalue())
+    storage.write_bytes(prefix + "gated_embeddings.npz", buf.getvalue())  # the gated refit
     storage.write_bytes(layout.run_uri(DS, "train", "full") + "/embeddings.npz", buf.getvalue())
     storage.write_json(prefix + "meta.json", {"model_version": MODEL, "data_version": "d" * 32})
     storage.write_parquet(pd.DataFrame({"user_id": ids, "user_stable_idx": np.arange(100, 160),
@@ -342,6 +343,7 @@ def test_forget_erases_the_user_from_retained_data_and_keeps_indices(bucket, sta
     assert users.loc[52, "user_id"] == retention.tombstone(USER) and len(users) == 60
     assert np.isnan(users.loc[52, "age"]) and (users.drop(52)["age"] == 30.0).all()
     for uri, row in ((registry.model_prefix(MODEL) + "embeddings.npz", 52),
+                     (registry.model_prefix(MODEL) + "gated_embeddings.npz", 52),
                      (layout.run_uri(DS, "train", "full") + "/embeddings.npz", 7)):
         emb = np.load(io.BytesIO(storage.read_bytes(uri)))
         assert not emb["user"][row].any() and emb["user"][np.arange(60) != row].all()
