@@ -20,7 +20,8 @@ Rows, all on the same split and scored the same way:
    leave_last_fraction, global_time -> global_time), so that its own model selection validates
    the way it is measured. Its train step's ``selection.json`` gives the chosen family and each
    candidate's valid figure and fit seconds; "train s" is the step's ``train_s`` (every
-   selection fit plus the refit).
+   selection fit plus the refits: the shipped one and, with the default ``train.gate_fit``,
+   the gated one).
 2. ``EASE, lambda chosen on valid``: a validation split carved out of the 80% the way the
    protocol carves the test (random: a seeded random 10% of each user's 80%; temporal: each
    user's latest 10%; global_time: the events after the 90% time quantile of the 80%); plain
