@@ -20,7 +20,7 @@ import yaml
 
 from nightrec.store import layout, storage
 from nightrec.table.reader import RecommendationReader
-from tests.conftest import TEST_PARAMS, params_with
+from tests.conftest import params_with
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.e2e
@@ -184,6 +184,9 @@ def test_registry_holds_the_models_lineage_and_training_artifacts(first_run):
         layout.run_uri(DS1, "split", "meta.json"))["data_version"]
     assert {"embeddings.npz", "holdout_embeddings.npz", "selection.json", "history.json",
             "users.parquet", "items.parquet"} <= set(meta["files"])
+    # the defaults' three fits: the gated one (train + valid) kept beside the shipped one
+    assert meta["gated_fit"] == "gated" and "gated_embeddings.npz" in meta["files"]
+    assert meta["gated_cutoff"] <= meta["train_cutoff"]
     selection = storage.read_json(registry.model_prefix(version) + "selection.json")
     from tests.conftest import TEST_PARAMS
 
@@ -289,7 +292,10 @@ def test_a_first_night_publishes_popularity_and_a_model_is_champion_only_once_pu
     top = seen["item_id"].value_counts()
     unseen_top = table[table["rank"] == 1]["item_id"]
     assert top[unseen_top].min() >= top.iloc[len(top) // 2]  # rank 1 is a popular item
-    monkeypatch.setenv("NIGHTREC_PARAMS", str(TEST_PARAMS))  # the suite's own again
+    # The next night's model: EASE alone (closed form), blessed against popularity; the
+    # lifecycle (registered, not champion) is under test here, not model choice (first_run's).
+    monkeypatch.setenv("NIGHTREC_PARAMS", str(params_with(
+        tmp_path / "ease-only.yaml", lambda p: p["train"].update(candidates=["ease"]))))
 
     upload(second, sample)
 
@@ -462,8 +468,8 @@ def test_two_nights_on_a_growing_movielens_log_at_its_own_dates(bucket, ml100k, 
     assert registry.champion() == manifest["model_version"]
     metrics = storage.read_json(layout.run_uri("1998-04-23", "evaluate", "metrics.json"))
     assert metrics["gate"]["blessed"] is True and metrics["champion_version"] == champion
-    # the champion's gated fit (with the default train.ship_fit, its shipped one) saw up to
-    # gated_cutoff
+    # the champion's gated fit (with the defaults its train + valid refit, not the shipped
+    # one) saw up to gated_cutoff
     train_cutoff = registry.meta(champion)["gated_cutoff"]
     test = storage.read_parquet(layout.bucketed_prefix("1998-04-23", "split", "test"))
     compared = metrics["champion_comparison"]

@@ -31,7 +31,7 @@ from .airflow_stack import (
     runs,
     wait,
 )
-from .conftest import free_port, require_service
+from .conftest import free_port, params_with, require_service
 
 pytestmark = pytest.mark.e2e
 DS = "2026-11-20"
@@ -61,6 +61,11 @@ def airflow_stack(s3, own_bucket, sample, tmp_path_factory):
     port = free_port()
     env = core_env(home, port=port, executor="LocalExecutor",
                    db_url=pg or f"sqlite:///{home}/airflow.db")
+    # EASE the only candidate (closed form, seconds), as in tests/test_celery.py: the scheduler,
+    # the executor and the asset-triggered re-score are under test here, not model choice
+    # (tests/test_e2e.py's first run). Each LocalExecutor task is a process of its own.
+    env["NIGHTREC_PARAMS"] = str(params_with(home / "ease-only.yaml",
+                                             lambda p: p["train"].update(candidates=["ease"])))
     migrate(env)
     components = {name: (args, env) for name, args in core_commands(port).items()}
     with running(home, components, port=port,
