@@ -1009,8 +1009,13 @@ def train_both(
     confidence = float(p["train.select_confidence"])
     per_user = None
     if confidence > 0 and len(fitted) > 1:
+        # the known pairs' recency ranks once for every candidate (None when none is weighted)
+        ranks = evaluate.known_ranks(known, n_users=n_users, n_items=n_items,
+                                     models_=tuple(fits[n][0] for n in fitted))
         per_user = {n: evaluate.ranking_metric(fits[n][0], known, sample, metric=metric,
-                                               n_users=n_users, per_user=True) for n in fitted}
+                                               n_users=n_users, ranks=ranks, per_user=True)
+                    for n in fitted}
+        ranks = None
     selection["choice"] = {"min_gain": float(p["train.select_min_gain"]),
                            "confidence": confidence, "challengers": {}}
     chosen = choose(fitted, {n: c[f"valid_{metric}"] for n, c in selection["candidates"].items()},

@@ -29,9 +29,9 @@ removes the user from retained derived data: the published tables (parts rewritt
 ds's publish claim, a new manifest), every per-run Parquet table holding external user ids
 (event tables lose the user's rows; the per-run index table ``augment/user_features.parquet``
 keeps the row with a tombstone id and blank features, so indices stay valid), models'
-``users.parquet`` (a tombstone, and the user's rows of ``embeddings.npz``/
-``holdout_embeddings.npz``/``gated_embeddings.npz`` zeroed), and what earlier versions kept (``clean/user_ids.parquet``,
-``state/id_map/``: the id becomes its tombstone). The README's "Retention and erasure"
+``users.parquet`` (a tombstone, and the user's rows of ``embeddings.npz``,
+``holdout_embeddings.npz`` and ``gated_embeddings.npz`` zeroed), and what earlier versions
+kept (``clean/user_ids.parquet``, ``state/id_map/``: the id becomes its tombstone). The README's "Retention and erasure"
 says what is not erased.
 """
 
