@@ -41,8 +41,8 @@ by external id) instead of random ones.
 Outputs under ``runs/ds=<ds>/train/{holdout,full,gated}/`` (``full``: the shipped refit;
 ``holdout``: the train-only selection fit; ``gated``: the train + valid refit, when it is a fit
 of its own): ``embeddings.npz`` (what scoring reads, numpy only), ``model.weights.h5`` (mf_softmax), ``history.json`` (training curves, device
-plan); ``selection.json`` (every candidate's valid metric); TensorBoard logs under
-``reports/ds=<ds>/tensorboard/``.
+plan); ``selection.json`` (every candidate's valid metric); TensorBoard logs (mf_softmax) under
+``reports/ds=<ds>/tensorboard/{holdout,full,gated}/``, one folder per fit.
 """
 
 from __future__ import annotations
@@ -1050,14 +1050,14 @@ def train_both(
         gate_on = parts.get("gated")
         if gate_on is None:
             gate_on = pd.concat([parts[n] for n in gate_parts(p)], ignore_index=True)
-        emb, hist = _refit_chosen(gate_on, **refit)[0]
+        emb, hist = _refit_chosen(gate_on, **refit, fit="gated")[0]
         hist["fitted_on"] = gate_parts(p)
         hist["train_cutoff"] = train_cutoff(gate_on) if gated_cutoff is None else gated_cutoff
         out["gated_refit"] = (_parked(emb), hist)
         gated_cutoff = hist["train_cutoff"]
         gate_on = emb = hist = None
         gc.collect()
-    full, keras_models["full"] = _refit_chosen(shipped_on, **refit)
+    full, keras_models["full"] = _refit_chosen(shipped_on, **refit, fit="full")
     if cutoff is None:
         cutoff = train_cutoff(shipped_on)
     if gated == "full":
@@ -1076,7 +1076,8 @@ def train_both(
 
 def _refit_chosen(frame: pd.DataFrame, *, chosen: str, hist: dict, **kw) -> tuple:
     """``((weights, history), keras model or None)``: the chosen candidate refit from scratch on
-    ``frame`` (a blend: each component refit, then blended with the weight chosen on valid)."""
+    ``frame`` (a blend: each component refit, then blended with the weight chosen on valid).
+    ``fit`` (``full`` or ``gated``) names the TensorBoard folder an mf_softmax refit logs to."""
     if chosen != "blend":
         return _refit(chosen, hist, frame, **kw)
     components = {name: _refit(name, hist["component_fits"][name], frame, **kw)[0]
@@ -1085,7 +1086,8 @@ def _refit_chosen(frame: pd.DataFrame, *, chosen: str, hist: dict, **kw) -> tupl
 
 
 def _refit(name: str, hist: dict, shipped_on: pd.DataFrame, *, n_users: int, n_items: int,
-           p: settings.StepParams, init: dict, workdir: Path, tb: Path, side) -> tuple:
+           p: settings.StepParams, init: dict, workdir: Path, tb: Path, side,
+           fit: str = "full") -> tuple:
     """``((weights, history), keras model or None)``: family ``name`` refit from scratch on
     ``shipped_on`` with what its selection fit chose (``hist``: the searched point, the
     iteration or epoch count)."""
@@ -1107,7 +1109,7 @@ def _refit(name: str, hist: dict, shipped_on: pd.DataFrame, *, n_users: int, n_i
         emb, h, keras_model = fit_mf(
             shipped_on, None, n_users=n_users, n_items=n_items, p=p, workdir=workdir,
             epochs=hist["best_epoch"], init=init.get("mf_softmax"),
-            tensorboard_dir=tb / "full", side=side,
+            tensorboard_dir=tb / fit, side=side,
         )
         full = (emb, h)
     if point is not None:

@@ -154,6 +154,22 @@ def test_what_ships_sees_the_test_split_and_nothing_chosen_or_gated_depends_on_i
         train.gate_parts(_p(**{"train.gate_fit": "all"}))
 
 
+def test_each_fit_of_an_mf_softmax_logs_to_its_own_tensorboard_folder(parts, tmp_path):
+    """The selection fit, the gated refit (train + valid) and the shipped refit each write their
+    own TensorBoard run, so the logs of one are never mixed into another's."""
+    res = train.train_both(parts, n_users=N_USERS, n_items=N_ITEMS, workdir=tmp_path,
+                           p=_p(**{"train.candidates": ["mf_softmax"], "train.ship_fit": "all",
+                                   "train.gate_fit": "train_valid"}))
+    assert res["gated"] == "gated"
+    runs = {d.name: sorted(f.relative_to(d).as_posix() for f in d.rglob("events.out.tfevents*"))
+            for d in res["tensorboard"].iterdir()}
+    assert set(runs) == {"holdout", "gated", "full"}, runs
+    assert all(runs.values()), runs
+    # one training run's event files per folder (train, and validation for the selection fit)
+    assert [f.split("/")[0] for f in runs["gated"]] == ["train"]
+    assert [f.split("/")[0] for f in runs["full"]] == ["train"]
+
+
 @pytest.mark.parametrize("ship_fit", ["train_valid", "all"])
 def test_a_searched_family_refits_its_chosen_point_on_the_shipped_parts(parts, tmp_path,
                                                                        ship_fit):

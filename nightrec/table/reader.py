@@ -268,9 +268,15 @@ class PublishedTable:
 
     def iter_parts(self) -> Iterator[pa.Table]:
         """The whole table, one part (at most ``publish.rows_per_part`` rows) at a time, each
-        checked against the manifest's sha256."""
+        checked against the manifest's sha256.
+
+        Each part is decoded by ``pq.ParquetFile(...).read()``, not ``pq.read_table``: the
+        latter goes through Arrow's dataset scanner, whose background threads can still be
+        alive when a short script that has just read exits, and then the process aborts
+        (SIGABRT, "terminate called without an active exception"; apache/arrow#39862). Measured
+        here with pyarrow 26.0.1: benchmarks/RESULTS.md, "Reader exit"."""
         for part in self.parts:
-            yield pq.read_table(io.BytesIO(self._part_bytes(part)))
+            yield pq.ParquetFile(io.BytesIO(self._part_bytes(part))).read()
 
     def iter_batches(self) -> Iterator[pa.RecordBatch]:
         """:meth:`iter_parts`, each part as one RecordBatch (empty parts skipped)."""
