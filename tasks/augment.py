@@ -398,7 +398,7 @@ def run(validated: Validated, params: dict | None = None) -> Augmented:
         storage.delete(storage.list_uris(out["interactions"]))  # a rerun's older buckets
         for path in bucket_files(local) or [Path(glob)]:
             labelled = label_interactions(
-                pd.read_parquet(path),
+                storage.parquet_frame(path),
                 positive_min_rating=p["augment.positive_min_rating"],
                 weight_by_rating=p["augment.weight_by_rating"],
                 max_rating=p["clean.max_rating"],

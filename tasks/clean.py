@@ -633,7 +633,7 @@ def read_buckets(out_dir: Path) -> pd.DataFrame:
     """A local bucketed clean table as one frame in the order of the unbucketed one (user
     index, time, item index). For small tables: tests and the pure core's callers."""
     files = sorted(Path(out_dir).glob("bucket=*/*.parquet"))
-    frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    frame = pd.concat([storage.parquet_frame(f) for f in files], ignore_index=True)
     return frame.sort_values([schema.USER_IDX, schema.TIMESTAMP, schema.ITEM_IDX],
                              kind="stable").reset_index(drop=True)
 

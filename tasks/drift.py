@@ -193,8 +193,8 @@ def run_checks(ds: str, clean_glob: str, clean_stats: dict, *, con, params: dict
         return {"ds": ds, "previous": None, "checks": [], "stop": [], "warn": [],
                 "note": "no earlier ds recorded: nothing to compare with (a first run)"}
     prev = storage.read_json(layout.run_uri(prev_ds, "drift", "stats.json"))
-    prev_counts = pd.read_parquet(io.BytesIO(storage.read_bytes(
-        layout.run_uri(prev_ds, "drift", "item_counts.parquet"))))
+    prev_counts = storage.parquet_frame(storage.read_bytes(
+        layout.run_uri(prev_ds, "drift", "item_counts.parquet")))
     row = figures(stats, prev, counts, prev_counts)
     used = bounds(prev, p)
     # NaN (not measurable) goes to GE as null: expect_column_values_to_be_between skips nulls

@@ -210,11 +210,17 @@ def known_ranks(known: pd.DataFrame | list[pd.DataFrame], *, n_users: int, n_ite
 
 
 def ranking_metric(emb: dict, known: pd.DataFrame, target: pd.DataFrame, *, metric: str,
-                   n_users: int, ranks=None, per_user: bool = False) -> float | np.ndarray:
+                   n_users: int, ranks=None) -> float:
     """One metric (``ndcg_at_10``...) of ``emb`` on ``target``, ``known`` excluded: what train
     uses to choose candidates and epochs on the valid split. ``ranks``: :func:`known_ranks` of
-    ``known`` when the caller has them (a search scores many models on the same users).
-    ``per_user``: the metric of each target user (in user index order) instead of their mean,
+    ``known`` when the caller has them (a search scores many models on the same users)."""
+    return float(np.mean(ranking_metric_per_user(emb, known, target, metric=metric,
+                                                 n_users=n_users, ranks=ranks)))
+
+
+def ranking_metric_per_user(emb: dict, known: pd.DataFrame, target: pd.DataFrame, *,
+                            metric: str, n_users: int, ranks=None) -> np.ndarray:
+    """:func:`ranking_metric` of each target user (in user index order) instead of their mean,
     for a paired comparison of two models on the same users."""
     k = int(metric.rsplit("_at_", 1)[1])
     n_items = models.n_items(emb)
@@ -223,8 +229,7 @@ def ranking_metric(emb: dict, known: pd.DataFrame, target: pd.DataFrame, *, metr
         raise ValueError("no positive target events to measure a ranking metric on")
     if ranks is None:
         ranks = known_ranks(known, n_users=n_users, n_items=n_items, models_=(emb,), users=users)
-    values = metrics.user_metrics(recommend(emb, seen, users, k, ranks), rel, [k])[metric]
-    return values if per_user else float(np.mean(values))
+    return metrics.user_metrics(recommend(emb, seen, users, k, ranks), rel, [k])[metric]
 
 
 def popularity_model(train: pd.DataFrame | list[pd.DataFrame], *, n_users: int,

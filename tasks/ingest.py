@@ -581,7 +581,7 @@ def read_side_table(data: bytes) -> pd.DataFrame:
     if data[:2] == _GZIP_MAGIC:
         data = gzip.decompress(data)
     if data[:4] == _PARQUET_MAGIC:
-        df = pd.read_parquet(io.BytesIO(data)).astype("string")
+        df = storage.parquet_frame(data).astype("string")
     else:
         df = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False, na_values=[""],
                          encoding="utf-8-sig")

@@ -139,7 +139,7 @@ class Summary:
             return None
         out = cls(int(meta["limit"]))
         data = storage.read_bytes(layout.run_uri(ds, "publish", "output_summary.parquet"))
-        out._frames = [pd.read_parquet(io.BytesIO(data))]
+        out._frames = [storage.parquet_frame(data)]
         return out, int(meta["items"])
 
 

@@ -146,7 +146,7 @@ def split_bucket(path: Path, out_dir: Path, *, bucket: int, kwargs: dict,
     A bucket holds whole users, so the per-user methods need nothing else; ``global_time``
     takes the cutoffs computed over every bucket."""
     kw = {**kwargs, "seed": bucket_seed(kwargs.get("seed", 0), bucket)}
-    frame = pd.read_parquet(path)
+    frame = storage.parquet_frame(path)
     if kw["method"] == "global_time" and cutoffs is None and len(frame):
         raise ValueError("global_time needs the cutoffs over every bucket")
     parts = split_interactions(frame, cutoffs=cutoffs, **kw)
@@ -214,11 +214,10 @@ def read_parts(uris: list[str], columns: list[str] | None = None) -> tuple[pd.Da
     (``self_destruct``), so the peak is about one copy of the rows, where :func:`read_part`
     per part, a concat and a sort held three."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     tables, lengths = [], []
     for uri in uris:
-        part = [pq.read_table(pa.BufferReader(storage.read_bytes(u)), columns=columns)
+        part = [storage.parquet_table(storage.read_bytes(u), columns)
                 for u in _objects(uri)]
         lengths.append(sum(t.num_rows for t in part))
         tables.extend(part)

@@ -1012,8 +1012,9 @@ def train_both(
         # the known pairs' recency ranks once for every candidate (None when none is weighted)
         ranks = evaluate.known_ranks(known, n_users=n_users, n_items=n_items,
                                      models_=tuple(fits[n][0] for n in fitted))
-        per_user = {n: evaluate.ranking_metric(fits[n][0], known, sample, metric=metric,
-                                               n_users=n_users, ranks=ranks, per_user=True)
+        per_user = {n: evaluate.ranking_metric_per_user(fits[n][0], known, sample,
+                                                        metric=metric, n_users=n_users,
+                                                        ranks=ranks)
                     for n in fitted}
         ranks = None
     selection["choice"] = {"min_gain": float(p["train.select_min_gain"]),

@@ -439,7 +439,7 @@ def add_forgotten(user_hash: str, *, owner: str) -> bool:
     with locks.short_lock(layout.forgotten_users_lock_uri(), owner=owner, ttl_s=FORGET_LOCK_TTL_S, busy=busy):
         target = layout.forgotten_users_uri()
         found = storage.read_versioned(target)
-        table = (pd.read_parquet(io.BytesIO(found[0])) if found else
+        table = (storage.parquet_frame(found[0]) if found else
                  pd.DataFrame({"user_sha256": pd.Series([], dtype=object),
                                "added_at": pd.Series([], dtype=object)}))
         if user_hash in set(table["user_sha256"].astype(str)):
@@ -494,11 +494,11 @@ def _parquet_with_user(uri: str, user_id: str):
         return None
     if schema.USER_ID not in names:
         return None
-    ids = pq.read_table(io.BytesIO(data), columns=[schema.USER_ID]).column(0).to_pandas()
+    ids = storage.parquet_table(data, [schema.USER_ID]).column(0).to_pandas()
     mask = _matches(ids, user_id)
     if not mask.any():
         return None
-    return pd.read_parquet(io.BytesIO(data)), mask, etag
+    return storage.parquet_frame(data), mask, etag
 
 
 def _run_tables(user_id: str) -> list[dict]:
@@ -592,8 +592,6 @@ def _rewrite_published(ds: str, user_id: str, *, owner: str, ttl_s: float,
     keys, a new manifest (conditional on the one read), the latest pointer's publish_id when it
     names ds; the replaced parts are deleted at once (erasure does not wait for readers: a reader
     holding the old manifest gets TableChanged and reopens). No other part moves."""
-    import pyarrow.parquet as pq
-
     from nightrec.tasks import score
 
     claim = publish.claim_ds(ds, owner=owner, ttl_s=ttl_s)
@@ -626,7 +624,7 @@ def _rewrite_published(ds: str, user_id: str, *, owner: str, ttl_s: float,
             uri = layout.part_uri(ds, pid, i)
             part_etag = storage.write_bytes(uri, data)
             written.append(uri)
-            desc = publish.describe_part(data, pq.read_table(io.BytesIO(data)))
+            desc = publish.describe_part(data, storage.parquet_table(data))
             new_parts[i] = {"key": storage.split_uri(uri)[1], "etag": part_etag, **desc}
         new_manifest = {
             **manifest, "parts": new_parts, "publish_id": pid,

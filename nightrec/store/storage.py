@@ -336,6 +336,31 @@ def write_json(uri: str, obj: Any, *, if_match: str | None = None,
                        if_none_match=if_none_match)
 
 
+def parquet_table(data: bytes | str | Path, columns: list[str] | None = None, *,
+                  pandas_metadata: bool = False):
+    """One Parquet object (its bytes, or a local file's path) as an Arrow table.
+
+    Decoded by ``pq.ParquetFile(...).read()``, never by ``pq.read_table`` or
+    ``pd.read_parquet`` (which calls it): those go through Arrow's dataset scanner, whose
+    background threads can outlive a short process that has just read, and the process then
+    aborts at exit (SIGABRT, "terminate called without an active exception";
+    apache/arrow#39862): a CLI command, a DVC stage or a task that did its work exits -6.
+    Measured with pyarrow 26.0.1: benchmarks/RESULTS.md, "Parquet reads and the exit abort".
+    ``pandas_metadata``: also read the index columns the pandas metadata names, as
+    ``pd.read_parquet`` does."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    source = str(data) if isinstance(data, (str, Path)) else pa.BufferReader(data)
+    return pq.ParquetFile(source).read(columns=columns, use_pandas_metadata=pandas_metadata)
+
+
+def parquet_frame(data: bytes | str | Path, columns: list[str] | None = None):
+    """One Parquet object (its bytes, or a local file's path) as a pandas frame: what
+    ``pd.read_parquet`` returns, without its exit abort (:func:`parquet_table`)."""
+    return parquet_table(data, columns, pandas_metadata=True).to_pandas()
+
+
 def read_parquet(uri: str, columns: list[str] | None = None):
     """One Parquet object, or a bucketed table (a prefix ending in ``/``: its parts
     concatenated in key order), as a pandas frame. For small tables: the data steps read big
@@ -343,12 +368,12 @@ def read_parquet(uri: str, columns: list[str] | None = None):
     import pandas as pd
 
     if uri.endswith("/"):
-        parts = [pd.read_parquet(io.BytesIO(read_bytes(u)), columns=columns)
+        parts = [parquet_frame(read_bytes(u), columns)
                  for u in list_uris(uri) if u.endswith(".parquet")]
         if not parts:
             raise FileNotFoundError(f"no Parquet parts under {uri}")
         return pd.concat(parts, ignore_index=True)
-    return pd.read_parquet(io.BytesIO(read_bytes(uri)), columns=columns)
+    return parquet_frame(read_bytes(uri), columns)
 
 
 def download_table(uri: str, dest: Path) -> str:

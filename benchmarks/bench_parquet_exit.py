@@ -1,0 +1,98 @@
+"""How often a short process that has just read Parquet aborts at exit, by read path.
+
+Each trial starts a fresh Python that reads one small Parquet object (bytes in memory, as every
+step reads from S3) twice, writes a copy, and exits: once through ``pd.read_parquet`` (which
+calls ``pq.read_table``, Arrow's dataset scanner) and once through
+``nightrec.store.storage.parquet_frame`` (``pq.ParquetFile(...).read()``). A process that exits
+with SIGABRT ("terminate called without an active exception", apache/arrow#39862) counts as an
+abort. The two paths alternate, so both see the same machine load; ``--load N`` keeps N busy
+processes running beside them (the abort is a race at exit, more frequent on a loaded machine,
+like CI running three pytest sessions on two cores).
+
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_parquet_exit.py --trials 300 --load 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from nightrec.dev.bench_scoring import machine
+from nightrec.store import storage
+
+CHILD = """
+import sys
+import pandas as pd
+from nightrec.store import storage
+data = open(sys.argv[2], "rb").read()
+read = {"pd.read_parquet": lambda: pd.read_parquet(__import__("io").BytesIO(data)),
+        "storage.parquet_frame": lambda: storage.parquet_frame(data)}[sys.argv[1]]
+frames = [read(), read()]
+storage.write_parquet(pd.concat(frames), sys.argv[3])
+"""
+PATHS = ("pd.read_parquet", "storage.parquet_frame")
+
+
+def _busy(stop) -> None:
+    while not stop.is_set():
+        sum(i * i for i in range(10_000))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--trials", type=int, default=300, help="processes per read path")
+    ap.add_argument("--load", type=int, default=0, help="busy processes running beside them")
+    args = ap.parse_args(argv)
+    print(machine(), flush=True)
+    import pyarrow
+
+    print(f"pyarrow {pyarrow.__version__}, pandas {pd.__version__}, python "
+          f"{sys.version.split()[0]}; {args.trials} trials per path, load {args.load}", flush=True)
+    rng = np.random.default_rng(0)
+    n = 150
+    frame = pd.DataFrame({"user_id": [f"u{i // 5:05d}" for i in range(n)],
+                          "item_id": [f"i{i}" for i in range(n)],
+                          "score": rng.random(n, dtype=np.float32),
+                          "rank": np.arange(n) % 5 + 1})
+    stop = mp.Event()
+    workers = [mp.Process(target=_busy, args=(stop,), daemon=True) for _ in range(args.load)]
+    for w in workers:
+        w.start()
+    aborts, other = dict.fromkeys(PATHS, 0), dict.fromkeys(PATHS, 0)
+    t0 = time.monotonic()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            src = Path(tmp) / "part.parquet"
+            src.write_bytes(storage.parquet_bytes(frame))
+            for trial in range(args.trials):
+                for path in PATHS:
+                    rc = subprocess.run([sys.executable, "-c", CHILD, path, str(src),
+                                         str(Path(tmp) / "out.parquet")],
+                                        capture_output=True, check=False).returncode
+                    if rc == -6:
+                        aborts[path] += 1
+                    elif rc != 0:
+                        other[path] += 1
+                if (trial + 1) % 50 == 0:
+                    print(f"  after {trial + 1} trials: aborts {aborts}", flush=True)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join()
+    out = {"trials": args.trials, "load": args.load, "aborts": aborts, "other_failures": other,
+           "wall_s": round(time.monotonic() - t0, 1)}
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
