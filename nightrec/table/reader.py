@@ -274,7 +274,7 @@ class PublishedTable:
         latter goes through Arrow's dataset scanner, whose background threads can still be
         alive when a short script that has just read exits, and then the process aborts
         (SIGABRT, "terminate called without an active exception"; apache/arrow#39862). Measured
-        here with pyarrow 26.0.1: benchmarks/RESULTS.md, "Reader exit"."""
+        here with pyarrow 26.0.1: benchmarks/RESULTS.md, "Parquet reads and the exit abort"."""
         for part in self.parts:
             yield pq.ParquetFile(io.BytesIO(self._part_bytes(part))).read()
 
