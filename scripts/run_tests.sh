@@ -12,16 +12,14 @@ HEAVY=(tests/test_faults.py tests/test_scheduler.py tests/test_celery.py)
 RUNS=(tests/test_e2e.py tests/test_cli_lifecycle.py)
 mkdir -p .nightrec
 # Bytecode: the suite starts hundreds of Python processes (nightrec run, run_dag.py, every task
-# of the real schedulers and Celery workers, Airflow's components, dvc). uv installs the
-# environment without .pyc files, and with PYTHONDONTWRITEBYTECODE set (as in this machine's
-# environment) none is ever written, so each process compiled every module it imported from
-# source again: Great Expectations 7 CPU-s, TensorFlow 8, Airflow 3 per process, measured.
-# Here every process of the suite reads and writes one bytecode cache of its own (under
-# .nightrec/, ignored by git; the venv and the sources stay as they are), so a module is
-# compiled once, by the first process that imports it. Measured on one `nightrec run` test:
-# 28 CPU-s without, 18 with a warm cache.
+# of the real schedulers and Celery workers, Airflow's components, dvc). Without .pyc files each
+# of them compiles what it imports from source again: Great Expectations 7 CPU-s, TensorFlow 8,
+# Airflow 3 per process, measured. `make setup` compiles the environment at install
+# (uv pip sync --compile-bytecode); this machine's environment sets PYTHONDONTWRITEBYTECODE,
+# which would also keep the repo's own modules (and an environment installed before that flag)
+# from ever being cached, so it is unset here: the first process to import a module writes its
+# .pyc next to it (__pycache__/, ignored by git). Measured: benchmarks/RESULTS.md, "Test suite".
 unset PYTHONDONTWRITEBYTECODE
-export PYTHONPYCACHEPREFIX="$PWD/.nightrec/pycache"
 "$PY" -m pytest -q --durations=10 -p no:cacheprovider "${HEAVY[@]}" > .nightrec/test-heavy.log 2>&1 &
 heavy=$!
 "$PY" -m pytest -q --durations=10 -p no:cacheprovider "${RUNS[@]}" > .nightrec/test-runs.log 2>&1 &
