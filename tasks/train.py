@@ -81,6 +81,9 @@ PARAMS = [
     "train.ease.dropout",
     "train.ease.max_items",
     "train.ease.recency_half_life",
+    "train.ease.window",
+    "train.ease.window_weight",
+    "train.ease.window_max_events",
     "train.rp3beta.recency_half_life",
     "train.blend.enabled",
     "train.blend.weights",
@@ -470,8 +473,10 @@ def _pairs_matrix(train: pd.DataFrame, *, n_users: int, n_items: int):
 # The hyperparameters each family searches on the valid sample: a list in params.yaml is
 # searched (every combination), a single value is used as is.
 # The item-item families' ``recency_half_life`` changes only how user rows are weighted at
-# scoring, not the fit: listed last, its values reuse one fit each.
-SEARCHED = {"ease": ("l2", "dropout", "recency_half_life"),
+# scoring, not the fit: listed last, its values reuse one fit each. EASE's ``window`` changes
+# the Gram matrix: listed first, so that every point of the plain Gram (null, listed first in
+# params.yaml) is fitted before a time budget cuts the search short.
+SEARCHED = {"ease": ("window", "l2", "dropout", "recency_half_life"),
             "rp3beta": ("alpha", "beta", "recency_half_life"), "ials": ("regularization",)}
 
 
@@ -479,22 +484,48 @@ def search_values(p: settings.StepParams, family: str, key: str) -> list[float |
     """``train.<family>.<key>`` as a list of floats: one value, or the values searched (a
     ``recency_half_life`` may be null: 0/1 user rows)."""
     value = p[f"train.{family}.{key}"]
-    values = [None if v is None and key == "recency_half_life" else float(v)
+    values = [None if v is None and key in NULLABLE else float(v)
               for v in (value if isinstance(value, list | tuple) else [value])]
     if not values:
         raise ValueError(f"train.{family}.{key} must be a number or a non-empty list")
-    if key == "recency_half_life" and any(v is not None and v <= 0 for v in values):
-        raise ValueError(f"train.{family}.recency_half_life must be > 0 or null, got {value}")
+    if key == "window" and any(v is not None and (v < 1 or v != int(v)) for v in values):
+        raise ValueError(f"train.{family}.window must be a whole number >= 1 or null, "
+                         f"got {value}")
+    if key in NULLABLE and any(v is not None and v <= 0 for v in values):
+        raise ValueError(f"train.{family}.{key} must be > 0 or null, got {value}")
     return values
 
 
-def needs_timestamps(p: settings.StepParams, names: list[str]) -> bool:
-    """Whether a fit or search of ``names`` reads event timestamps: the sequential candidate,
-    or an item-item family with a recency half-life to search."""
-    return "sasrec" in names or any(
+NULLABLE = ("recency_half_life", "window")  # null: 0/1 user rows; the plain Gram matrix
+
+
+def ease_windows(p: settings.StepParams, events: int) -> list[float | None]:
+    """The ``train.ease.window`` values searched on ``events`` train events: all of them up to
+    ``train.ease.window_max_events``, above it only null (the windowed Gram's cost grows with
+    events x window: a bound on run time, logged, not a quality choice)."""
+    values = search_values(p, "ease", "window")
+    if events > int(p["train.ease.window_max_events"]) and any(v is not None for v in values):
+        log.info("ease: %d train events > train.ease.window_max_events %d: the window is not "
+                 "searched (plain Gram only)", events, int(p["train.ease.window_max_events"]))
+        return [None]
+    return values
+
+
+def needs_timestamps(p: settings.StepParams, names: list[str], events: int = 0) -> bool:
+    """Whether a fit or search of ``names`` on ``events`` train events reads event timestamps:
+    the sequential candidate, EASE with a window to search, or an item-item family with a
+    recency half-life to search."""
+    return "sasrec" in names or windowed(p, names, events) or any(
         name in names and any(h is not None for h in search_values(p, name,
                                                                    "recency_half_life"))
         for name in ("ease", "rp3beta"))
+
+
+def windowed(p: settings.StepParams, names: list[str], events: int) -> bool:
+    """Whether an EASE fit of ``names`` on ``events`` train events may use a windowed Gram
+    (:func:`ease_windows`): the fits then order every user's events, so the frames keep their
+    timestamps."""
+    return "ease" in names and any(w is not None for w in ease_windows(p, events))
 
 
 def search_points(p: settings.StepParams, family: str) -> list[dict[str, float]]:
@@ -569,13 +600,15 @@ def search(family: str, points: list[dict[str, float]], fit_one, sample: pd.Data
 
 def fit_ease(train: pd.DataFrame, *, n_users: int, n_items: int, p: settings.StepParams,
              point: dict[str, float] | None = None):
-    """Fit EASE/EDLAE on the positive rows of ``train`` with ``point`` (``l2``, ``dropout``;
-    default: the first of each searched list); returns ``(weights, history)``."""
+    """Fit EASE/EDLAE on the positive rows of ``train`` with ``point`` (``l2``, ``dropout``,
+    ``window``; default: the first of each searched list); returns ``(weights, history)``."""
     point = point or search_points(p, "ease")[0]
     x = _pairs_matrix(train, n_users=n_users, n_items=n_items)
     max_items = int(p["train.ease.max_items"])
-    emb = _recency(models.fit_ease(x, l2=point["l2"], dropout=point["dropout"],
-                                   max_items=max_items), point)
+    gram, head = ease_gram(x, train, n_users=n_users, p=p, window=point.get("window"))
+    emb = _recency(models.ease_from_gram(gram, head, n_items, l2=point["l2"],
+                                         dropout=point["dropout"]), point)
+    gram = None
     hist = dict(point)
     if models.item_index(emb) is not None:
         hist["head_items"] = max_items
@@ -584,12 +617,30 @@ def fit_ease(train: pd.DataFrame, *, n_users: int, n_items: int, p: settings.Ste
     return emb, hist
 
 
+def ease_gram(x, train: pd.DataFrame, *, n_users: int, p: settings.StepParams,
+              window: float | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(gram, head)`` that EASE solves: ``models.item_gram`` of ``x`` (the 0/1 pairs of
+    ``train``'s positive rows) over the ``train.ease.max_items`` head, plus, with a
+    ``window``, ``train.ease.window_weight`` x ``models.window_gram`` of each user's event
+    order in ``train`` (its timestamps)."""
+    gram, head = models.item_gram(x, max_items=int(p["train.ease.max_items"]))
+    if window is not None:
+        if schema.TIMESTAMP not in train:
+            raise ValueError("train.ease.window needs the events' timestamps")
+        cols = [schema.USER_IDX, schema.ITEM_IDX, schema.TIMESTAMP]
+        user, item, ts = schema.positive_columns(train, cols)
+        ranks = models.pair_ranks(user, item, ts, n_users=n_users, n_items=x.shape[1])
+        gram += float(p["train.ease.window_weight"]) * models.window_gram(ranks, head,
+                                                                          window=int(window))
+    return gram, head
+
+
 def search_item_item(family: str, train: pd.DataFrame, sample: pd.DataFrame, *, n_users: int,
                      n_items: int, p: settings.StepParams, deadline: float,
                      known: pd.DataFrame | None = None) -> tuple[dict, dict]:
     """The selection fit of ``ease`` or ``rp3beta``: :func:`search` over its points, the
-    co-occurrence (Gram) matrix built once and copied per point (EASE's solve overwrites it;
-    RP3beta's depends on alpha only)."""
+    co-occurrence (Gram) matrix built once per EASE window and copied per point (EASE's solve
+    overwrites it; RP3beta's depends on alpha only)."""
     x = _pairs_matrix(train, n_users=n_users, n_items=n_items)
     max_items = int(p[f"train.{family}.max_items"])
     grams: dict = {}
@@ -605,8 +656,10 @@ def search_item_item(family: str, train: pd.DataFrame, sample: pd.DataFrame, *, 
 
     def fit_base(point):
         if family == "ease":
-            if "g" not in grams:
-                grams["g"] = models.item_gram(x, max_items=max_items)
+            if "g" not in grams or grams["window"] != point["window"]:
+                grams.clear()
+                grams["window"] = point["window"]
+                grams["g"] = ease_gram(x, train, n_users=n_users, p=p, window=point["window"])
             g, head = grams["g"]
             emb = models.ease_from_gram(g.copy(), head, n_items, l2=point["l2"],
                                         dropout=point["dropout"])
@@ -619,8 +672,12 @@ def search_item_item(family: str, train: pd.DataFrame, sample: pd.DataFrame, *, 
             emb = models.fit_rp3beta(x, alpha=point["alpha"], beta=point["beta"], gram=grams["g"])
         return emb
 
+    points = search_points(p, family)
+    if family == "ease":  # above window_max_events, the plain Gram only
+        allowed = ease_windows(p, len(train))
+        points = [point for point in points if point["window"] in allowed]
     try:
-        return search(family, search_points(p, family), fit_one, sample,
+        return search(family, points, fit_one, sample,
                       known=train if known is None else known, n_users=n_users,
                       metric=p["train.select_metric"], deadline=deadline)
     finally:
@@ -1088,7 +1145,7 @@ def _refit_chosen(frame: pd.DataFrame, *, chosen: str, hist: dict, **kw) -> tupl
 
 def _refit(name: str, hist: dict, shipped_on: pd.DataFrame, *, n_users: int, n_items: int,
            p: settings.StepParams, init: dict, workdir: Path, tb: Path, side,
-           fit: str = "full") -> tuple:
+           fit: str) -> tuple:
     """``((weights, history), keras model or None)``: family ``name`` refit from scratch on
     ``shipped_on`` with what its selection fit chose (``hist``: the searched point, the
     iteration or epoch count)."""
@@ -1357,13 +1414,14 @@ def run(split_out: Split, params: dict | None = None) -> Trained:
     n_users, n_items = _sizes(split_out)
     fitted = candidates(p, n_items, events=n_train)[0]
     timestamps = None
-    if needs_timestamps(p, fitted) and schema.TIMESTAMP not in columns:
+    if needs_timestamps(p, fitted, n_train) and schema.TIMESTAMP not in columns:
         # the sequential candidate orders each user's events, a recency search ranks the
         # valid sample's: their timestamps, read alone (the same objects in the same order, so
-        # the rows line up); kept in the frame for sasrec (a small log: cpu_max_events), else
+        # the rows line up); kept in the frame for sasrec (a small log: cpu_max_events) and EASE's window
+        # (window_max_events), else
         # only for the sample's rows (train_both), 8 bytes an event for a moment
         ts, _ = split.read_parts(uris, columns=[schema.TIMESTAMP])
-        if "sasrec" in fitted:
+        if "sasrec" in fitted or windowed(p, fitted, n_train):
             shipped[schema.TIMESTAMP] = ts[schema.TIMESTAMP].to_numpy()
             parts = views(shipped)
         else:  # the train rows of train_both's valid sample (the same seeded sample)

@@ -108,6 +108,25 @@ def labelled_events(**sample_kwargs):
     })
 
 
+def reference_ease(frame, point: dict, *, n_users: int, n_items: int, window_weight: float):
+    """EASE at ``point`` (``l2``, ``dropout``, ``window``) on ``frame``'s pairs, built from
+    nightrec.ml.models' pieces directly (not through tasks/train.py), for a test to compare a
+    refit with: the plain Gram, plus ``window_weight`` x the windowed one when ``window`` is
+    set (each user's order from the frame's timestamps)."""
+    from nightrec.core import schema
+    from nightrec.ml import models
+
+    x = models.interaction_matrix(frame, n_users=n_users, n_items=n_items,
+                                  user_col=schema.USER_IDX, item_col=schema.ITEM_IDX)
+    gram, head = models.item_gram(x)
+    if point.get("window") is not None:
+        ranks = models.pair_ranks(*(frame[c].to_numpy() for c in (
+            schema.USER_IDX, schema.ITEM_IDX, schema.TIMESTAMP)), n_users=n_users,
+            n_items=n_items)
+        gram += window_weight * models.window_gram(ranks, head, window=int(point["window"]))
+    return models.ease_from_gram(gram, head, n_items, l2=point["l2"], dropout=point["dropout"])
+
+
 def params_with(path: Path, change) -> Path:
     """The suite's params with ``change(params)`` applied, written to ``path`` (for a test to
     point NIGHTREC_PARAMS at; subprocesses it starts inherit it)."""

@@ -20,7 +20,7 @@ from scipy import sparse
 from nightrec.core import schema, settings
 from nightrec.ml import models
 from nightrec.tasks import evaluate, split, train
-from tests.conftest import labelled_events
+from tests.conftest import labelled_events, reference_ease
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -192,12 +192,11 @@ def test_candidates_are_chosen_by_valid_metric_and_the_winner_shipped_from_train
     assert res["train_cutoff"] < int(parts["test"][schema.TIMESTAMP].min())  # global_time
     assert res["full"][1]["fitted_on"] == ["train", "valid"]
     if res["chosen"] == "ease":
-        x = models.interaction_matrix(shipped_on, n_users=parts["n_users"],
-                                      n_items=parts["n_items"], user_col=schema.USER_IDX,
-                                      item_col=schema.ITEM_IDX)
         point = res["holdout"][1]["params"]  # chosen on valid (tests/test_tuning.py)
         assert res["full"][1]["params"] == point
-        want = models.fit_ease(x, l2=point["l2"], dropout=point["dropout"])
+        want = reference_ease(shipped_on, point, n_users=parts["n_users"],
+                              n_items=parts["n_items"], window_weight=_params()["train"]["ease"][
+                                  "window_weight"])
         assert np.allclose(res["full"][0]["item_item"], want["item_item"])
     elif res["chosen"] == "ials":
         assert res["full"][1]["iterations"] == res["holdout"][1]["best_epoch"]
@@ -414,3 +413,75 @@ def test_l2_penalises_only_the_rows_a_batch_uses():
         from_logits=True))
     x, y = np.zeros(8, np.int32), np.arange(8, dtype=np.int32)
     assert penalised.evaluate(x, y, verbose=0) > plain.evaluate(x, y, verbose=0)
+
+
+def _window_gram_by_pairs(user, item, ts, *, n_items, head, window):
+    """window_gram the slow way: every pair of each user's events, ordered by time, weighted
+    1 - d / (window + 1) up to ``window`` apart, each user-item pair once on the diagonal."""
+    keep = np.arange(n_items) if head is None else head
+    pos = {int(i): k for k, i in enumerate(keep)}
+    w = np.zeros((len(keep), len(keep)))
+    for u in np.unique(user):
+        seq = [int(i) for _, i in sorted(zip(ts[user == u], item[user == u]))]
+        for a in range(len(seq)):
+            if seq[a] in pos:
+                w[pos[seq[a]], pos[seq[a]]] += 1.0
+            for b in range(a + 1, min(len(seq), a + window + 1)):
+                if seq[a] in pos and seq[b] in pos:
+                    w[pos[seq[a]], pos[seq[b]]] += 1.0 - (b - a) / (window + 1)
+                    w[pos[seq[b]], pos[seq[a]]] += 1.0 - (b - a) / (window + 1)
+    return w
+
+
+@pytest.mark.parametrize("head", [None, np.array([0, 2, 3, 5, 8])])
+@pytest.mark.parametrize("window", [1, 3, 20])
+def test_window_gram_weighs_each_users_pairs_by_their_distance_and_stays_psd(head, window):
+    rng = np.random.default_rng(3)
+    rows = [(u, i) for u in range(12) for i in rng.choice(10, size=rng.integers(1, 9),
+                                                          replace=False)]
+    user = np.array([r[0] for r in rows])
+    item = np.array([r[1] for r in rows])
+    ts = rng.permutation(len(rows)).astype(np.int64) * 60  # distinct times: one order
+    ranks = models.pair_ranks(user, item, ts, n_users=12, n_items=10)
+    got = models.window_gram(ranks, head, window=window)
+    want = _window_gram_by_pairs(user, item, ts, n_items=10, head=head, window=window)
+    assert got.shape == want.shape and np.allclose(got, want)
+    # the plain Gram's diagonal, and positive semi-definite: EASE's Cholesky needs no more l2
+    x = sparse.csr_matrix((np.ones(len(rows)), (user, item)), shape=(12, 10))
+    plain = models.item_gram(x)[0]
+    assert np.allclose(np.diag(got), np.diag(plain)[slice(None) if head is None else head])
+    assert np.linalg.eigvalsh(got).min() > -1e-9
+    with pytest.raises(ValueError, match="window"):
+        models.window_gram(ranks, head, window=0)
+
+
+def test_a_windowed_ease_ranks_the_session_partner_first_where_plain_co_occurrence_ties():
+    """Items 0..9 come in five session pairs (0, 1), (2, 3), ...; every user meets every item,
+    the five sessions in a random order, a session's two items one after the other. Plain
+    co-occurrence is the same for every pair of items (every user has both): it cannot find
+    an item's partner. The windowed Gram can: partners are one event apart for every user."""
+    from nightrec.tasks import train
+
+    rng = np.random.default_rng(5)
+    rows, t = [], 0
+    for u in range(40):
+        for s in rng.permutation(5):
+            for i in rng.permutation([2 * s, 2 * s + 1]):
+                rows.append((u, int(i), t))
+                t += 1
+    df = pd.DataFrame(rows, columns=[schema.USER_IDX, schema.ITEM_IDX, schema.TIMESTAMP])
+    n_users = int(df[schema.USER_IDX].max()) + 1
+    p = settings.step_params(train.PARAMS, _params())
+    x = models.interaction_matrix(df, n_users=n_users, n_items=10, user_col=schema.USER_IDX,
+                                  item_col=schema.ITEM_IDX)
+    plain, _ = train.ease_gram(x, df, n_users=n_users, p=p, window=None)
+    windowed, _ = train.ease_gram(x, df, n_users=n_users, p=p, window=1)
+    for i in range(10):
+        partner = i ^ 1
+        others = [j for j in range(10) if j not in (i, partner)]
+        assert plain[i, partner] == max(plain[i, j] for j in others)  # plain: a tie
+        assert windowed[i, partner] > max(windowed[i, j] for j in others)
+    b = models.ease_from_gram(windowed, None, 10, l2=1.0, dropout=0.0)["item_item"]
+    assert all(np.argmax(b[i]) == i ^ 1 for i in range(10))
+    with pytest.raises(ValueError, match="timestamps"):
+        train.ease_gram(x, df.drop(columns=schema.TIMESTAMP), n_users=n_users, p=p, window=1)

@@ -14,7 +14,7 @@ from scipy import sparse
 from nightrec.core import schema, settings
 from nightrec.ml import models, ranking
 from nightrec.tasks import evaluate, score, split, train, tune
-from tests.conftest import labelled_events
+from tests.conftest import labelled_events, reference_ease
 
 N_USERS, N_ITEMS = 300, 120
 
@@ -70,8 +70,9 @@ def test_the_tuning_never_reads_the_test_split_by_construction(parts, tmp_path):
     assert set(sel["candidates"]) == {"ease", "rp3beta", "ials", "sasrec", "blend"}
     assert "test" not in guarded.reads and {"train", "valid"} <= set(guarded.reads)
     ease = sel["candidates"]["ease"]
-    assert len(ease["search"]) == 8
-    assert set(ease["params"]) == {"l2", "dropout", "recency_half_life"}
+    assert len(ease["search"]) == 16  # params.yaml's two windows (null, 20) x the 8 above
+    assert {point.split(",")[0] for point in ease["search"]} == {"window=None", "window=20.0"}
+    assert set(ease["params"]) == {"window", "l2", "dropout", "recency_half_life"}
     # the choice is the best valid figure of the search, and what the refit used
     figures = {k: v["valid_ndcg_at_10"] for k, v in ease["search"].items()}
     assert train.point_key(ease["params"]) == max(figures, key=figures.get)
@@ -127,9 +128,8 @@ def test_what_ships_sees_the_test_split_and_nothing_chosen_or_gated_depends_on_i
         point = chosen["params"]
         assert res["full"][1]["params"] == gated["params"] == point
         for frame, emb in ((everything, res["full"][0]), (train_valid, res["gated_refit"][0])):
-            x = models.interaction_matrix(frame, n_users=N_USERS, n_items=N_ITEMS,
-                                          user_col=schema.USER_IDX, item_col=schema.ITEM_IDX)
-            want = models.fit_ease(x, l2=point["l2"], dropout=point["dropout"])
+            want = reference_ease(frame, point, n_users=N_USERS, n_items=N_ITEMS,
+                                  window_weight=p["train.ease.window_weight"])
             assert np.allclose(emb[key], want[key], atol=1e-5)
     # gate_fit: train: the selection fit is gated, no third fit
     hold = train.train_both(parts, n_users=N_USERS, n_items=N_ITEMS, workdir=tmp_path,
@@ -178,20 +178,21 @@ def test_a_searched_family_refits_its_chosen_point_on_the_shipped_parts(parts, t
               "train.ship_fit": ship_fit})
     res = train.train_both(parts, n_users=N_USERS, n_items=N_ITEMS, p=p, workdir=tmp_path)
     cand = res["selection"]["candidates"]["ease"]
-    assert [float(k.split(",")[0].split("=")[1]) for k in cand["search"]] == [5.0, 50.0, 5000.0]
+    searched = [dict(kv.split("=") for kv in k.split(",")) for k in cand["search"]]
+    assert [(s["window"], float(s["l2"])) for s in searched] == [
+        (w, l2) for w in ("None", "20.0") for l2 in (5.0, 50.0, 5000.0)]  # window outermost
     point = cand["params"]
     assert res["full"][1]["params"] == point
     shipped = pd.concat([parts[n] for n in train.SHIP_FITS[ship_fit]])
-    x = models.interaction_matrix(shipped, n_users=N_USERS, n_items=N_ITEMS,
-                                  user_col=schema.USER_IDX, item_col=schema.ITEM_IDX)
-    want = models.fit_ease(x, l2=point["l2"], dropout=point["dropout"])
+    want = reference_ease(shipped, point, n_users=N_USERS, n_items=N_ITEMS,
+                          window_weight=p["train.ease.window_weight"])
     assert np.allclose(res["full"][0]["item_item"], want["item_item"], atol=1e-5)
     # a single value is used as it is: nothing to score, nothing searched
     one = train.train_both(parts, n_users=N_USERS, n_items=N_ITEMS, workdir=tmp_path, p=_p(**{
         "train.candidates": ["ease"], "train.ease.l2": 50.0, "train.ease.dropout": 0.0,
-        "train.ease.recency_half_life": None}))
+        "train.ease.recency_half_life": None, "train.ease.window": None}))
     assert one["selection"]["candidates"]["ease"]["params"] == {
-        "l2": 50.0, "dropout": 0.0, "recency_half_life": None}
+        "window": None, "l2": 50.0, "dropout": 0.0, "recency_half_life": None}
 
 
 def test_a_closed_form_search_past_its_share_stops_and_says_so(parts):

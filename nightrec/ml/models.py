@@ -101,6 +101,72 @@ def item_gram(x, *, max_items: int | None = None, user_weight: np.ndarray | None
     return gram_matrix(weighted, right=xt), head
 
 
+WINDOW_CHUNK = 8_000_000  # pairs accumulated per bincount (bounds window_gram's temporaries)
+
+
+def window_gram(ranks: sparse.csr_matrix, head: np.ndarray | None, *, window: int) -> np.ndarray:
+    """The order-local co-occurrence of each user's items, dense float64 over ``head`` (None:
+    every item): entry (i, j) sums ``1 - d / (window + 1)`` over the users who have both items
+    ``d`` events apart in their order (0 < d <= ``window``); the diagonal is each item's user
+    count (d = 0), as in the plain Gram. ``ranks``: :func:`pair_ranks` of the fitted pairs (users
+    x items; a pair met several times sits at its latest event).
+
+    It is ``sum_u X_u' K X_u`` over users, with ``X_u`` the user's items in order and ``K`` the
+    triangular (Bartlett) kernel of the distances: the autocorrelation of a box, so ``K`` is
+    positive semi-definite, and so is this matrix and the plain Gram plus any non-negative
+    multiple of it. EASE's Cholesky solve then needs no more ``l2`` than before (an
+    exponential kernel cut off at some distance has no such guarantee).
+
+    Added to :func:`item_gram` (``train.ease.window``) it weights the pairs a user met close
+    together (one session, one page of a rating form) above pairs months apart, which plain
+    co-occurrence counts alike. Cost: one pass per distance over the events (events x
+    ``window`` pairs), so the train step bounds it by ``window_max_events``."""
+    window = int(window)
+    if window < 1:
+        raise ValueError(f"train.ease.window must be >= 1 or null, got {window}")
+    r = sparse.csr_matrix(ranks)
+    n_items = r.shape[1]
+    users = np.repeat(np.arange(r.shape[0], dtype=np.int64), np.diff(r.indptr))
+    # each user's items oldest first: the highest rank (1 is the latest) first
+    order = np.lexsort((-r.data, users))
+    seq, users = r.indices[order].astype(np.int64), users[order]
+    if head is not None:
+        lookup = np.full(n_items, -1, np.int64)
+        lookup[head] = np.arange(len(head))
+        seq = lookup[seq]
+    n = n_items if head is None else len(head)
+    flat = np.zeros(n * n)
+    keys, weights, held = [], [], 0
+
+    def flush():
+        nonlocal held
+        if keys:
+            flat[:] += np.bincount(np.concatenate(keys), np.concatenate(weights), minlength=n * n)
+            keys.clear()
+            weights.clear()
+            held = 0
+
+    for d in range(1, window + 1):
+        if d >= len(seq):
+            break
+        same = users[d:] == users[:-d]
+        if not same.any():
+            break  # no user has d + 1 events: none has more
+        a, b = seq[d:], seq[:-d]
+        keep = same & (a >= 0) & (b >= 0)
+        k = a[keep] * n + b[keep]
+        keys.append(k)
+        weights.append(np.full(len(k), 1.0 - d / (window + 1)))
+        held += len(k)
+        if held >= WINDOW_CHUNK:
+            flush()
+    flush()
+    w = flat.reshape(n, n)
+    w += w.T.copy()
+    w[np.diag_indices(n)] += np.bincount(seq[seq >= 0], minlength=n)  # d = 0: each pair once
+    return w
+
+
 def _head_export(b: np.ndarray, head: np.ndarray | None, n_items: int) -> dict[str, np.ndarray]:
     """An item-item export (module docstring) of ``b`` over ``head`` (None: every item)."""
     if head is None:

@@ -270,11 +270,10 @@ class PublishedTable:
         """The whole table, one part (at most ``publish.rows_per_part`` rows) at a time, each
         checked against the manifest's sha256.
 
-        Each part is decoded by ``pq.ParquetFile(...).read()``, not ``pq.read_table``: the
-        latter goes through Arrow's dataset scanner, whose background threads can still be
-        alive when a short script that has just read exits, and then the process aborts
-        (SIGABRT, "terminate called without an active exception"; apache/arrow#39862). Measured
-        here with pyarrow 26.0.1: benchmarks/RESULTS.md, "Parquet reads and the exit abort"."""
+        Each part is decoded by ``pq.ParquetFile(...).read()``, not ``pq.read_table``, whose
+        dataset-scanner threads can abort a short script at exit: the same call, and the why,
+        as ``nightrec.store.storage.parquet_table`` (which this package, installed alone,
+        cannot import); benchmarks/RESULTS.md, "Parquet reads and the exit abort"."""
         for part in self.parts:
             yield pq.ParquetFile(io.BytesIO(self._part_bytes(part))).read()
 
