@@ -7,8 +7,10 @@ with the latest one on:
 
 - **users dropped**: the share of the latest table's users with no list today
   (``monitor.output.max_users_dropped``);
-- **catalogue coverage**: distinct items recommended today over distinct items in the latest
-  table (``monitor.output.min_coverage_ratio``);
+- **catalogue coverage**: distinct items in the lists' heads today over those of the latest
+  table, at the depth both tables have (the first ``TOP`` ranks, fewer when a table's
+  ``top_k`` is smaller: a manual run with ``top_k`` 5 is compared with the latest table's first
+  5 ranks, not its 100), over every user (``monitor.output.min_coverage_ratio``);
 - **overlap@10**: for the users in both tables, ``|today's top 10 & latest top 10| / min(sizes)``,
   averaged (``monitor.output.min_overlap_at_10``), and the same against a *chance* pairing (each
   user's list today against another user's list in the latest table, a fixed rotation of the
@@ -86,22 +88,34 @@ def threshold(users: int, sample_users: int) -> int:
 
 class Summary:
     """What the comparison needs of one table, built a batch at a time: the top ``TOP`` rows of
-    the users below ``limit`` (user_id, item_id, rank, score) and the distinct items."""
+    the users below ``limit`` (user_id, item_id, rank, score), the distinct items, and each
+    item's best rank within the first ``TOP`` over every user (``head_rank``: what coverage
+    at a given depth counts)."""
 
     def __init__(self, limit: int):
         self.limit = int(limit)
         self.items: set = set()
+        self.head_rank: dict = {}
+        self.depth = 0  # the deepest rank (at most TOP) the table's lists reach
         self._frames: list[pd.DataFrame] = []
         self._top: pd.DataFrame | None = None
 
     def add(self, batch) -> None:
         """One Arrow table or record batch of the table's rows (any columns order)."""
+        import pyarrow as pa
         import pyarrow.compute as pc
 
         self.items.update(pc.unique(batch.column(schema.ITEM_ID)).to_pylist())
         head = batch.filter(pc.less_equal(batch.column(schema.RANK), TOP))
         if not head.num_rows:
             return
+        self.depth = max(self.depth, int(pc.max(head.column(schema.RANK)).as_py()))
+        best = pa.table({"i": head.column(schema.ITEM_ID), "r": head.column(schema.RANK)}
+                        ).group_by("i").aggregate([("r", "min")])
+        for item, rank in zip(best.column("i").to_pylist(), best.column("r_min").to_pylist(),
+                              strict=True):
+            if rank < self.head_rank.get(item, TOP + 1):
+                self.head_rank[item] = int(rank)
         cols = [schema.USER_ID, schema.ITEM_ID, schema.RANK, schema.SCORE]
         frame = head.select(cols).to_pandas()
         if self.limit < HASH_SPACE:
@@ -119,15 +133,25 @@ class Summary:
             self._frames = [self._top] if len(self._top) else []
         return self._top
 
+    def head_items(self, depth: int) -> int:
+        """Distinct items in the first ``depth`` ranks of any user's list."""
+        return sum(1 for r in self.head_rank.values() if r <= depth)
+
     def to_store(self, ds: str, *, publish_id: str, model_version: str) -> None:
         """Written next to the run, for the next publish to compare against."""
         buf = io.BytesIO()
         self.top.to_parquet(buf, index=False)
         storage.write_bytes(layout.run_uri(ds, "publish", "output_summary.parquet"),
                             buf.getvalue())
+        buf = io.BytesIO()
+        pd.DataFrame({schema.ITEM_ID: list(self.head_rank),
+                      schema.RANK: np.array(list(self.head_rank.values()), np.int16)}
+                     ).to_parquet(buf, index=False)
+        storage.write_bytes(layout.run_uri(ds, "publish", "output_head_items.parquet"),
+                            buf.getvalue())
         storage.write_json(layout.run_uri(ds, "publish", "output_summary.json"), {
             "publish_id": publish_id, "model_version": model_version, "limit": str(self.limit),
-            "items": len(self.items)})
+            "items": len(self.items), "depth": self.depth})
 
     @classmethod
     def from_store(cls, ds: str, publish_id: str | None) -> tuple[Summary, int] | None:
@@ -135,11 +159,17 @@ class Summary:
         there is none (or it is another publish's)."""
         uri = layout.run_uri(ds, "publish", "output_summary.json")
         meta = storage.read_json(uri) if storage.exists(uri) else None
-        if not meta or meta.get("publish_id") != publish_id:
-            return None
+        heads = layout.run_uri(ds, "publish", "output_head_items.parquet")
+        if (not meta or meta.get("publish_id") != publish_id or "depth" not in meta
+                or not storage.exists(heads)):
+            return None  # none, another publish's, or written before head_rank existed
         out = cls(int(meta["limit"]))
+        out.depth = int(meta["depth"])
         data = storage.read_bytes(layout.run_uri(ds, "publish", "output_summary.parquet"))
         out._frames = [storage.parquet_frame(data)]
+        ranks = storage.parquet_frame(storage.read_bytes(heads))
+        out.head_rank = dict(zip(ranks[schema.ITEM_ID], ranks[schema.RANK].astype(int),
+                                 strict=True))
         return out, int(meta["items"])
 
 
@@ -200,7 +230,9 @@ def compare(new: Summary, new_items: int, old: Summary, old_items: int, *,
              if scale_new > 0 and scale_old > 0 else math.nan)
     personal = not math.isnan(chance) and chance < float(
         p["monitor.output.personal_max_chance_overlap"])
-    coverage = new_items / old_items if old_items else math.nan
+    depth = min(new.depth, old.depth)  # the ranks both tables have, at most TOP
+    old_head = old.head_items(depth)
+    coverage = new.head_items(depth) / old_head if old_head else math.nan
     checks = [
         _check("users_dropped", dropped, "<=", float(p["monitor.output.max_users_dropped"])),
         _check("coverage_ratio", coverage, ">=", float(p["monitor.output.min_coverage_ratio"])),
@@ -214,6 +246,8 @@ def compare(new: Summary, new_items: int, old: Summary, old_items: int, *,
     ]
     figures = {"sampled_users_latest": len(old_lists), "sampled_users_today": len(new_lists),
                "common_users": len(common), "items_latest": old_items, "items_today": new_items,
+               "coverage_depth": depth, "head_items_latest": old_head,
+               "head_items_today": new.head_items(depth),
                "chance_overlap_at_10": chance, "score_scale_today": scale_new,
                "score_scale_latest": scale_old}
     return {"figures": figures, "checks": checks,

@@ -136,6 +136,28 @@ def params_with(path: Path, change) -> Path:
     return path
 
 
+def pin_ease(params: dict) -> None:
+    """EASE alone, at one point (the first listed value of each searched key): a test of two
+    or more nights whose gate then compares fits that differ by their data only. With the in-run
+    search two nights can choose different points (the co-occurrence window on one night, not
+    on the next) whose test figures differ by more than ``max_regression_vs_champion`` on a
+    small log, and the night rightly publishes a fallback: the lifecycle is under test there,
+    not the search (test_tuning, test_models)."""
+    params["train"]["candidates"] = ["ease"]
+    ease = params["train"]["ease"]
+    for key in ("window", "l2", "dropout", "recency_half_life"):
+        if isinstance(ease[key], list):
+            ease[key] = ease[key][0]
+
+
+@pytest.fixture
+def ease_pinned(tmp_path, monkeypatch):
+    """NIGHTREC_PARAMS with :func:`pin_ease` applied."""
+    path = params_with(tmp_path / "ease-pinned.yaml", pin_ease)
+    monkeypatch.setenv("NIGHTREC_PARAMS", str(path))
+    return path
+
+
 @pytest.fixture
 def ease_only(tmp_path, monkeypatch):
     """NIGHTREC_PARAMS with the EASE candidate alone (closed form: seconds, not mf epochs), for

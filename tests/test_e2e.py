@@ -435,13 +435,15 @@ def test_invalid_rows_past_threshold_fail_and_keep_previous_table(first_run, sam
 
 
 def test_two_nights_on_a_growing_movielens_log_at_its_own_dates(bucket, ml100k, tmp_path,
-                                                                ease_only):
+                                                                ease_pinned):
     """Acceptance (issues 2 and 12): night 1 is MovieLens-100K up to 1998-03-15, night 2 the
     whole log, each at its own (1998) date through `nightrec run`. Night 2 publishes a new
     blessed model (not the champion, not a fallback), compared with night 1's champion only on
     events that champion never trained on; 943 users x K rows, nothing seen recommended.
-    EASE is the only candidate here (it is the one chosen on both nights with the suite's
-    params: benchmarks/RESULTS.md), which halves the test's time."""
+    EASE is the only candidate here, at one point (conftest.pin_ease): the lifecycle across
+    nights is under test, not the search. With the search, night 1 chose plain EASE and night 2
+    the co-occurrence window, which scored 2.8% under the champion on night 2's later events,
+    and the gate rightly published the champion instead."""
     env_bin = Path(sys.executable).parent
     rated = pd.read_csv(ml100k / "u.data", sep="\t", names=["u", "i", "r", "t"], dtype=str)
     cutoff = int(dt.datetime(1998, 3, 15, tzinfo=dt.UTC).timestamp())
@@ -457,11 +459,11 @@ def test_two_nights_on_a_growing_movielens_log_at_its_own_dates(bucket, ml100k, 
     from nightrec.tasks import registry
 
     run1 = nightrec_run(night1, "1998-03-15")
-    assert run1.returncode == 0, run1.stderr[-3000:]
+    assert run1.returncode == 0, run1.stdout[-2000:] + run1.stderr[-3000:]
     champion = registry.champion()
     assert champion and registry.meta(champion)["ds"] == "1998-03-15"
     run2 = nightrec_run(ml100k / "u.data", "1998-04-23")
-    assert run2.returncode == 0, run2.stderr[-3000:]
+    assert run2.returncode == 0, run2.stdout[-2000:] + run2.stderr[-3000:]
     assert "recommendations/ds=1998-04-23/" in run2.stdout
     manifest = storage.read_json(layout.manifest_uri("1998-04-23"))
     assert manifest["source"] == "model" and manifest["model_version"] != champion

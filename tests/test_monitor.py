@@ -108,32 +108,20 @@ def _independent(ds: str, table_ds: str, k: int) -> dict:
 DAYS = ["2026-08-29", "2026-08-30", "2026-08-31"]
 
 
-def _one_ease(p: dict) -> None:
-    """EASE alone at one point (the first listed): each night's gate then compares fits that
-    differ by their data only. With the in-run search two nights can choose different points
-    whose test figures differ by more than ``max_regression_vs_champion`` on this small log,
-    and the night publishes a fallback: the lifecycle is under test here, not the search."""
-    p["train"]["candidates"] = ["ease"]
-    ease = p["train"]["ease"]
-    for key in ("l2", "dropout", "recency_half_life"):
-        if isinstance(ease[key], list):
-            ease[key] = ease[key][0]
-
-
 @pytest.fixture(scope="module")
 def replay(s3, sample, tmp_path_factory):
     """Three generated days through ``nightrec run`` (EASE alone at one point: the
     lifecycle, not model choice), in a bucket of their own; yields the bucket."""
     import uuid
 
-    from tests.conftest import params_with
+    from tests.conftest import params_with, pin_ease
 
     tmp = tmp_path_factory.mktemp("replay")
     name = f"t-{uuid.uuid4().hex[:12]}"
     storage.s3_client().create_bucket(Bucket=name)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NIGHTREC_BUCKET", name)
-        mp.setenv("NIGHTREC_PARAMS", str(params_with(tmp / "ease-only.yaml", _one_ease)))
+        mp.setenv("NIGHTREC_PARAMS", str(params_with(tmp / "ease-only.yaml", pin_ease)))
         log = pd.read_csv(sample["interactions"])
         for ds in DAYS:
             snap = tmp / f"interactions-{ds}.csv"

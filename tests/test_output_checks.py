@@ -148,3 +148,28 @@ def test_samples_taken_at_different_rates_compare_the_same_users_exactly():
     # the hash is the same in every process and version (a summary written last night is
     # compared tonight): pandas' SipHash with its fixed key gives this value
     assert int(output_checks.user_hash(["user-1"])[0]) == 10727632427313137042
+
+
+def test_coverage_compares_the_depth_both_tables_have():
+    """A top-5 table against a top-12 one: the items of the first 5 ranks against the latest
+    table's first 5, not against every item its 12 ranks hold (issue 16's run found a manual
+    top_k 5 run refused for "coverage" that way)."""
+    users = [f"user-{i}" for i in range(200)]
+    rng = np.random.default_rng(1)
+    # the first five ranks from 30 popular items, the next seven from the long tail
+    lists = {u: [f"i{j}" for j in rng.choice(30, 5, replace=False)]
+             + [f"i{j}" for j in 30 + rng.choice(370, 7, replace=False)] for u in users}
+    latest = _summary(users, lists, output_checks.HASH_SPACE)
+    today = _summary(users, {u: lists[u][:5] for u in users}, output_checks.HASH_SPACE)
+    flat = {f"monitor.output.{k}": v for k, v in params()["monitor"]["output"].items()}
+    out = output_checks.compare(today, len(today.items), latest, len(latest.items),
+                                same_family=True, p=flat)
+    cov = next(c for c in out["checks"] if c["name"] == "coverage_ratio")
+    assert out["figures"]["coverage_depth"] == 5
+    assert cov["value"] == 1.0 and cov["ok"]  # the same first five ranks: the same items
+    assert len(today.items) / len(latest.items) < 0.25  # the whole-table ratio: a breach
+    # a table that recommends a fifth of the items at the same depth is still caught
+    narrow = {u: [f"i{j}" for j in rng.choice(20, 12, replace=False)] for u in users}
+    out = output_checks.compare(_summary(users, narrow, output_checks.HASH_SPACE), 20, latest,
+                                len(latest.items), same_family=True, p=flat)
+    assert "coverage_ratio" in out["breaches"] and out["figures"]["coverage_depth"] == 10
