@@ -15,11 +15,12 @@ Variants (the Gram matrix EASE solves; nothing else changes):
 
 - ``plain``: ``X'X``;
 - ``tri w=W c=C``: ``X'X + C * models.window_gram(window=W)``, the shipped kernel (triangular,
-  ``1 - d / (W + 1)`` for pairs ``d <= W`` events apart in the user's order, the user count on
-  the diagonal; positive semi-definite);
-- ``exp tau=T c=C``: ``X'X + C * E``, ``E`` summing ``exp(-d / T)`` over pairs ``d <= 5 T``
-  apart, no diagonal (the first kernel tried; not positive semi-definite: a small ``l2`` can
-  fail the Cholesky solve).
+  ``1 - d / (W + 1)`` for items ``d`` positions apart in the user's order, a position per
+  distinct timestamp: events of the same second share one; positive semi-definite);
+- ``index-order w=W c=C``: the first version (commit c91f461), the same kernel over each
+  user's events one position each, ties broken by item index (``models.pair_ranks``' order).
+  On MovieLens-100K half the events share their second with another of the user's, so part
+  of its pairs followed the item ids: kept here to show what that did on validation.
 
 Prints the machine (CPU vectors, BLAS) and a table of valid NDCG@10 per variant and seed, with
 the gain over plain EASE. The data is read from ``--ml100k`` and never copied into the repo;
@@ -43,8 +44,8 @@ import bench_protocol as bp  # noqa: E402
 VALID_SEED_OFFSET = 777
 VALID_FRACTION = 0.125
 LAMBDAS = [100.0, 300.0, 1000.0, 3000.0]
-TRI = [(20, 1.0), (20, 3.0), (40, 1.0), (40, 3.0), (80, 1.0), (80, 3.0)]
-EXP = [(10, 3.0), (20, 3.0), (40, 3.0)]
+TRI = [(5, 1.0), (10, 1.0), (20, 1.0), (40, 1.0), (5, 0.3), (10, 0.3), (20, 0.3), (40, 0.3)]
+INDEX_ORDER = [(20, 1.0)]
 
 
 def _ease(gram: np.ndarray, lam: float) -> np.ndarray:
@@ -58,27 +59,28 @@ def _ndcg(scores, x, users, items, held) -> float:
     return bp._score(bm.top_k_lists(scores, x, users, items, 10), held)["ndcg_at_10"]
 
 
-def _ranks(fit: pd.DataFrame, users, items):
+def _index_order_gram(fit: pd.DataFrame, users, items, window: int) -> np.ndarray:
+    """c91f461's kernel: one position per event in ``models.pair_ranks``' order (ties by item
+    index), ``1 - d / (window + 1)`` for pairs ``d <= window`` apart, the user count on the
+    diagonal."""
     from nightrec.ml import models
 
-    return models.pair_ranks(pd.Index(users).get_indexer(fit["u"]),
-                             pd.Index(items).get_indexer(fit["i"]), fit["t"].to_numpy(),
-                             n_users=len(users), n_items=len(items))
-
-
-def _exp_gram(ranks, n_items: int, tau: float) -> np.ndarray:
-    """``E``: exp(-d / tau) over each user's pairs up to 5 tau apart, both orders, no diagonal."""
-    r = ranks.tocsr()
-    users = np.repeat(np.arange(r.shape[0]), np.diff(r.indptr))
-    order = np.lexsort((-r.data, users))
-    seq, users = r.indices[order].astype(np.int64), users[order]
-    flat = np.zeros(n_items * n_items)
-    for d in range(1, int(5 * tau) + 1):
-        same = users[d:] == users[:-d]
-        keys = seq[d:][same] * n_items + seq[:-d][same]
-        flat += np.exp(-d / tau) * np.bincount(keys, minlength=n_items * n_items)
-    e = flat.reshape(n_items, n_items)
-    return e + e.T
+    r = models.pair_ranks(pd.Index(users).get_indexer(fit["u"]),
+                          pd.Index(items).get_indexer(fit["i"]), fit["t"].to_numpy(),
+                          n_users=len(users), n_items=len(items)).tocsr()
+    owner = np.repeat(np.arange(r.shape[0]), np.diff(r.indptr))
+    order = np.lexsort((-r.data, owner))
+    seq, owner = r.indices[order].astype(np.int64), owner[order]
+    n = len(items)
+    flat = np.zeros(n * n)
+    for d in range(1, window + 1):
+        same = owner[d:] == owner[:-d]
+        keys = seq[d:][same] * n + seq[:-d][same]
+        flat += (1.0 - d / (window + 1)) * np.bincount(keys, minlength=n * n)
+    w = flat.reshape(n, n)
+    w = w + w.T
+    w[np.diag_indices(n)] += np.bincount(seq, minlength=n)
+    return w
 
 
 def variants(fit: pd.DataFrame, held: pd.DataFrame) -> dict[str, tuple[float, float]]:
@@ -87,12 +89,14 @@ def variants(fit: pd.DataFrame, held: pd.DataFrame) -> dict[str, tuple[float, fl
 
     users, items, x = bm.interaction_matrix(fit)
     g = x.T @ x
-    ranks = _ranks(fit, users, items)
+    u = pd.Index(users).get_indexer(fit["u"])
+    i = pd.Index(items).get_indexer(fit["i"])
     grams = {"plain": g}
     for w, c in TRI:
-        grams[f"tri w={w} c={c:g}"] = g + c * models.window_gram(ranks, None, window=w)
-    for tau, c in EXP:
-        grams[f"exp tau={tau} c={c:g}"] = g + c * _exp_gram(ranks, len(items), tau)
+        grams[f"tri w={w} c={c:g}"] = g + c * models.window_gram(
+            u, i, fit["t"].to_numpy(), n_items=len(items), head=None, window=w)
+    for w, c in INDEX_ORDER:
+        grams[f"index-order w={w} c={c:g}"] = g + c * _index_order_gram(fit, users, items, w)
     out = {}
     for name, gram in grams.items():
         best = (-1.0, None)

@@ -605,7 +605,7 @@ def fit_ease(train: pd.DataFrame, *, n_users: int, n_items: int, p: settings.Ste
     point = point or search_points(p, "ease")[0]
     x = _pairs_matrix(train, n_users=n_users, n_items=n_items)
     max_items = int(p["train.ease.max_items"])
-    gram, head = ease_gram(x, train, n_users=n_users, p=p, window=point.get("window"))
+    gram, head = ease_gram(x, train, p=p, window=point.get("window"))
     emb = _recency(models.ease_from_gram(gram, head, n_items, l2=point["l2"],
                                          dropout=point["dropout"]), point)
     gram = None
@@ -617,7 +617,7 @@ def fit_ease(train: pd.DataFrame, *, n_users: int, n_items: int, p: settings.Ste
     return emb, hist
 
 
-def ease_gram(x, train: pd.DataFrame, *, n_users: int, p: settings.StepParams,
+def ease_gram(x, train: pd.DataFrame, *, p: settings.StepParams,
               window: float | None) -> tuple[np.ndarray, np.ndarray | None]:
     """``(gram, head)`` that EASE solves: ``models.item_gram`` of ``x`` (the 0/1 pairs of
     ``train``'s positive rows) over the ``train.ease.max_items`` head, plus, with a
@@ -629,9 +629,8 @@ def ease_gram(x, train: pd.DataFrame, *, n_users: int, p: settings.StepParams,
             raise ValueError("train.ease.window needs the events' timestamps")
         cols = [schema.USER_IDX, schema.ITEM_IDX, schema.TIMESTAMP]
         user, item, ts = schema.positive_columns(train, cols)
-        ranks = models.pair_ranks(user, item, ts, n_users=n_users, n_items=x.shape[1])
-        gram += float(p["train.ease.window_weight"]) * models.window_gram(ranks, head,
-                                                                          window=int(window))
+        gram += float(p["train.ease.window_weight"]) * models.window_gram(
+            user, item, ts, n_items=x.shape[1], head=head, window=int(window))
     return gram, head
 
 
@@ -659,7 +658,7 @@ def search_item_item(family: str, train: pd.DataFrame, sample: pd.DataFrame, *, 
             if "g" not in grams or grams["window"] != point["window"]:
                 grams.clear()
                 grams["window"] = point["window"]
-                grams["g"] = ease_gram(x, train, n_users=n_users, p=p, window=point["window"])
+                grams["g"] = ease_gram(x, train, p=p, window=point["window"])
             g, head = grams["g"]
             emb = models.ease_from_gram(g.copy(), head, n_items, l2=point["l2"],
                                         dropout=point["dropout"])

@@ -120,10 +120,10 @@ def reference_ease(frame, point: dict, *, n_users: int, n_items: int, window_wei
                                   user_col=schema.USER_IDX, item_col=schema.ITEM_IDX)
     gram, head = models.item_gram(x)
     if point.get("window") is not None:
-        ranks = models.pair_ranks(*(frame[c].to_numpy() for c in (
-            schema.USER_IDX, schema.ITEM_IDX, schema.TIMESTAMP)), n_users=n_users,
-            n_items=n_items)
-        gram += window_weight * models.window_gram(ranks, head, window=int(point["window"]))
+        user, item, ts = (frame[c].to_numpy() for c in (schema.USER_IDX, schema.ITEM_IDX,
+                                                         schema.TIMESTAMP))
+        gram += window_weight * models.window_gram(user, item, ts, n_items=n_items, head=head,
+                                                   window=int(point["window"]))
     return models.ease_from_gram(gram, head, n_items, l2=point["l2"], dropout=point["dropout"])
 
 

@@ -416,43 +416,54 @@ def test_l2_penalises_only_the_rows_a_batch_uses():
 
 
 def _window_gram_by_pairs(user, item, ts, *, n_items, head, window):
-    """window_gram the slow way: every pair of each user's events, ordered by time, weighted
-    1 - d / (window + 1) up to ``window`` apart, each user-item pair once on the diagonal."""
+    """window_gram the slow way: each user's items (latest event per item) at the position of
+    their timestamp among the user's distinct timestamps, every pair weighted
+    max(0, 1 - d / (window + 1)) by its distance d in positions, the diagonal once per user."""
     keep = np.arange(n_items) if head is None else head
     pos = {int(i): k for k, i in enumerate(keep)}
     w = np.zeros((len(keep), len(keep)))
     for u in np.unique(user):
-        seq = [int(i) for _, i in sorted(zip(ts[user == u], item[user == u]))]
-        for a in range(len(seq)):
-            if seq[a] in pos:
-                w[pos[seq[a]], pos[seq[a]]] += 1.0
-            for b in range(a + 1, min(len(seq), a + window + 1)):
-                if seq[a] in pos and seq[b] in pos:
-                    w[pos[seq[a]], pos[seq[b]]] += 1.0 - (b - a) / (window + 1)
-                    w[pos[seq[b]], pos[seq[a]]] += 1.0 - (b - a) / (window + 1)
+        latest = {}
+        for i, t in zip(item[user == u], ts[user == u], strict=True):
+            latest[int(i)] = max(latest.get(int(i), t), t)
+        times = sorted(set(latest.values()))
+        at = {i: times.index(t) for i, t in latest.items() if i in pos}
+        for a in at:
+            for b in at:
+                d = abs(at[a] - at[b])
+                w[pos[a], pos[b]] += max(0.0, 1.0 - d / (window + 1))
     return w
 
 
 @pytest.mark.parametrize("head", [None, np.array([0, 2, 3, 5, 8])])
 @pytest.mark.parametrize("window", [1, 3, 20])
-def test_window_gram_weighs_each_users_pairs_by_their_distance_and_stays_psd(head, window):
+@pytest.mark.parametrize("ties", [False, True])
+def test_window_gram_weighs_each_users_pairs_by_their_distance_and_stays_psd(head, window,
+                                                                               ties):
     rng = np.random.default_rng(3)
     rows = [(u, i) for u in range(12) for i in rng.choice(10, size=rng.integers(1, 9),
                                                           replace=False)]
+    rows += rows[:6]  # pairs met twice: counted once, at their latest event
     user = np.array([r[0] for r in rows])
     item = np.array([r[1] for r in rows])
-    ts = rng.permutation(len(rows)).astype(np.int64) * 60  # distinct times: one order
-    ranks = models.pair_ranks(user, item, ts, n_users=12, n_items=10)
-    got = models.window_gram(ranks, head, window=window)
+    # distinct times, or (ties) a few seconds only, so that most events share theirs
+    ts = (rng.integers(0, 4, len(rows)) if ties else rng.permutation(len(rows))).astype(np.int64)
+    got = models.window_gram(user, item, ts, n_items=10, head=head, window=window)
     want = _window_gram_by_pairs(user, item, ts, n_items=10, head=head, window=window)
     assert got.shape == want.shape and np.allclose(got, want)
     # the plain Gram's diagonal, and positive semi-definite: EASE's Cholesky needs no more l2
     x = sparse.csr_matrix((np.ones(len(rows)), (user, item)), shape=(12, 10))
+    x.data[:] = 1.0
     plain = models.item_gram(x)[0]
     assert np.allclose(np.diag(got), np.diag(plain)[slice(None) if head is None else head])
     assert np.linalg.eigvalsh(got).min() > -1e-9
+    # the order of tied events plays no part: renaming the items permutes the matrix only
+    perm = rng.permutation(10)
+    renamed = models.window_gram(user, perm[item], ts, n_items=10, head=None, window=window)
+    full = models.window_gram(user, item, ts, n_items=10, head=None, window=window)
+    assert np.allclose(renamed[np.ix_(perm, perm)], full)
     with pytest.raises(ValueError, match="window"):
-        models.window_gram(ranks, head, window=0)
+        models.window_gram(user, item, ts, n_items=10, head=head, window=0)
 
 
 def test_a_windowed_ease_ranks_the_session_partner_first_where_plain_co_occurrence_ties():
@@ -474,8 +485,8 @@ def test_a_windowed_ease_ranks_the_session_partner_first_where_plain_co_occurren
     p = settings.step_params(train.PARAMS, _params())
     x = models.interaction_matrix(df, n_users=n_users, n_items=10, user_col=schema.USER_IDX,
                                   item_col=schema.ITEM_IDX)
-    plain, _ = train.ease_gram(x, df, n_users=n_users, p=p, window=None)
-    windowed, _ = train.ease_gram(x, df, n_users=n_users, p=p, window=1)
+    plain, _ = train.ease_gram(x, df, p=p, window=None)
+    windowed, _ = train.ease_gram(x, df, p=p, window=1)
     for i in range(10):
         partner = i ^ 1
         others = [j for j in range(10) if j not in (i, partner)]
@@ -484,4 +495,4 @@ def test_a_windowed_ease_ranks_the_session_partner_first_where_plain_co_occurren
     b = models.ease_from_gram(windowed, None, 10, l2=1.0, dropout=0.0)["item_item"]
     assert all(np.argmax(b[i]) == i ^ 1 for i in range(10))
     with pytest.raises(ValueError, match="timestamps"):
-        train.ease_gram(x, df.drop(columns=schema.TIMESTAMP), n_users=n_users, p=p, window=1)
+        train.ease_gram(x, df.drop(columns=schema.TIMESTAMP), p=p, window=1)

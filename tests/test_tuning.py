@@ -70,8 +70,9 @@ def test_the_tuning_never_reads_the_test_split_by_construction(parts, tmp_path):
     assert set(sel["candidates"]) == {"ease", "rp3beta", "ials", "sasrec", "blend"}
     assert "test" not in guarded.reads and {"train", "valid"} <= set(guarded.reads)
     ease = sel["candidates"]["ease"]
-    assert len(ease["search"]) == 16  # params.yaml's two windows (null, 20) x the 8 above
-    assert {point.split(",")[0] for point in ease["search"]} == {"window=None", "window=20.0"}
+    assert len(ease["search"]) == 24  # params.yaml's windows (null, 5, 20) x the 8 above
+    assert {point.split(",")[0] for point in ease["search"]} == {
+        "window=None", "window=5.0", "window=20.0"}
     assert set(ease["params"]) == {"window", "l2", "dropout", "recency_half_life"}
     # the choice is the best valid figure of the search, and what the refit used
     figures = {k: v["valid_ndcg_at_10"] for k, v in ease["search"].items()}
@@ -180,7 +181,7 @@ def test_a_searched_family_refits_its_chosen_point_on_the_shipped_parts(parts, t
     cand = res["selection"]["candidates"]["ease"]
     searched = [dict(kv.split("=") for kv in k.split(",")) for k in cand["search"]]
     assert [(s["window"], float(s["l2"])) for s in searched] == [
-        (w, l2) for w in ("None", "20.0") for l2 in (5.0, 50.0, 5000.0)]  # window outermost
+        (w, l2) for w in ("None", "5.0", "20.0") for l2 in (5.0, 50.0, 5000.0)]  # outermost
     point = cand["params"]
     assert res["full"][1]["params"] == point
     shipped = pd.concat([parts[n] for n in train.SHIP_FITS[ship_fit]])

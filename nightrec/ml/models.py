@@ -101,70 +101,73 @@ def item_gram(x, *, max_items: int | None = None, user_weight: np.ndarray | None
     return gram_matrix(weighted, right=xt), head
 
 
-WINDOW_CHUNK = 8_000_000  # pairs accumulated per bincount (bounds window_gram's temporaries)
+WINDOW_CHUNK = 20_000_000  # nonzeros of the sliding-window matrix per block of users
 
 
-def window_gram(ranks: sparse.csr_matrix, head: np.ndarray | None, *, window: int) -> np.ndarray:
+def window_gram(user: np.ndarray, item: np.ndarray, timestamp: np.ndarray, *, n_items: int,
+                head: np.ndarray | None, window: int) -> np.ndarray:
     """The order-local co-occurrence of each user's items, dense float64 over ``head`` (None:
-    every item): entry (i, j) sums ``1 - d / (window + 1)`` over the users who have both items
-    ``d`` events apart in their order (0 < d <= ``window``); the diagonal is each item's user
-    count (d = 0), as in the plain Gram. ``ranks``: :func:`pair_ranks` of the fitted pairs (users
-    x items; a pair met several times sits at its latest event).
+    every item): entry (i, j) sums ``max(0, 1 - d / (window + 1))`` over the users who have
+    both items, ``d`` the distance of their positions in the user's order. A position is a
+    distinct timestamp of the user: items met at the same second share one (``d`` = 0, weight
+    1), so the order of tied events, which the log does not give, plays no part. A pair met
+    several times counts once, at its latest event; the diagonal is each item's user count, as
+    in the plain Gram.
 
-    It is ``sum_u X_u' K X_u`` over users, with ``X_u`` the user's items in order and ``K`` the
-    triangular (Bartlett) kernel of the distances: the autocorrelation of a box, so ``K`` is
-    positive semi-definite, and so is this matrix and the plain Gram plus any non-negative
-    multiple of it. EASE's Cholesky solve then needs no more ``l2`` than before (an
-    exponential kernel cut off at some distance has no such guarantee).
-
-    Added to :func:`item_gram` (``train.ease.window``) it weights the pairs a user met close
-    together (one session, one page of a rating form) above pairs months apart, which plain
-    co-occurrence counts alike. Cost: one pass per distance over the events (events x
-    ``window`` pairs), so the train step bounds it by ``window_max_events``."""
+    Built as ``Z'Z / (window + 1)``, ``Z`` holding a row per user and window start ``r`` with the
+    items at positions ``r - window .. r``: two items ``d`` positions apart share ``window + 1 -
+    d`` of those rows, which is the triangular (Bartlett) kernel. Being a Gram matrix it is
+    positive semi-definite, so EASE's Cholesky solve of the plain Gram plus any non-negative
+    multiple of it needs no more ``l2`` than before. ``Z`` has ``window + 1`` nonzeros per event;
+    it is built for a block of users at a time (``WINDOW_CHUNK``), and the train step bounds
+    the events by ``window_max_events``."""
     window = int(window)
     if window < 1:
         raise ValueError(f"train.ease.window must be >= 1 or null, got {window}")
-    r = sparse.csr_matrix(ranks)
-    n_items = r.shape[1]
-    users = np.repeat(np.arange(r.shape[0], dtype=np.int64), np.diff(r.indptr))
-    # each user's items oldest first: the highest rank (1 is the latest) first
-    order = np.lexsort((-r.data, users))
-    seq, users = r.indices[order].astype(np.int64), users[order]
+    user = np.asarray(user, np.int64)
+    item = np.asarray(item, np.int64)
+    ts = np.asarray(timestamp, np.int64)
+    n = n_items if head is None else len(head)
+    out = np.zeros((n, n))
+    if len(user) == 0:
+        return out
+    # one event per (user, item), at its latest timestamp
+    order = np.lexsort((ts, item, user))
+    u, i, t = user[order], item[order], ts[order]
+    last = np.ones(len(u), bool)
+    last[:-1] = (u[1:] != u[:-1]) | (i[1:] != i[:-1])
+    u, i, t = u[last], i[last], t[last]
+    # each user's events in time order; a position per distinct timestamp
+    by_time = np.lexsort((t, u))
+    u, i, t = u[by_time], i[by_time], t[by_time]
+    first = np.r_[True, u[1:] != u[:-1]]
+    step = first | np.r_[True, t[1:] != t[:-1]]
+    # rows of Z: users kept apart by `window` empty starts between them
+    row0 = np.cumsum(step) - 1 + (np.cumsum(first) - 1) * window
     if head is not None:
         lookup = np.full(n_items, -1, np.int64)
         lookup[head] = np.arange(len(head))
-        seq = lookup[seq]
-    n = n_items if head is None else len(head)
-    flat = np.zeros(n * n)
-    keys, weights, held = [], [], 0
-
-    def flush():
-        nonlocal held
-        if keys:
-            flat[:] += np.bincount(np.concatenate(keys), np.concatenate(weights), minlength=n * n)
-            keys.clear()
-            weights.clear()
-            held = 0
-
-    for d in range(1, window + 1):
-        if d >= len(seq):
-            break
-        same = users[d:] == users[:-d]
-        if not same.any():
-            break  # no user has d + 1 events: none has more
-        a, b = seq[d:], seq[:-d]
-        keep = same & (a >= 0) & (b >= 0)
-        k = a[keep] * n + b[keep]
-        keys.append(k)
-        weights.append(np.full(len(k), 1.0 - d / (window + 1)))
-        held += len(k)
-        if held >= WINDOW_CHUNK:
-            flush()
-    flush()
-    w = flat.reshape(n, n)
-    w += w.T.copy()
-    w[np.diag_indices(n)] += np.bincount(seq[seq >= 0], minlength=n)  # d = 0: each pair once
-    return w
+        i = lookup[i]
+        keep = i >= 0
+        row0, i, first = row0[keep], i[keep], first[keep]
+    starts = np.flatnonzero(first) if len(first) else np.zeros(0, np.int64)
+    bounds = [0]  # blocks of whole users, about WINDOW_CHUNK nonzeros each
+    per_block = max(1, WINDOW_CHUNK // (window + 1))
+    for s in starts[1:]:
+        if s - bounds[-1] >= per_block:
+            bounds.append(int(s))
+    bounds.append(len(i))
+    span = np.arange(window + 1)
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        if hi <= lo:
+            continue
+        rows = (row0[lo:hi, None] - row0[lo] + span[None, :]).ravel()
+        cols = np.repeat(i[lo:hi], window + 1)
+        zt = sparse.csr_matrix((np.ones(len(rows), np.float32), (cols, rows)),
+                               shape=(n, int(rows.max()) + 1))
+        out += gram_matrix(zt)
+    out /= window + 1
+    return out
 
 
 def _head_export(b: np.ndarray, head: np.ndarray | None, n_items: int) -> dict[str, np.ndarray]:
