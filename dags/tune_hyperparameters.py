@@ -3,7 +3,7 @@
 
 A small hyperparameter search (optuna, seeded TPE) over the ranges in `params.yaml`'s `tune`
 group, on the train/valid split of a ds that `nightly_recommendations` has already split.
-**Manual trigger only**; it trains nothing that is published and changes no params.
+**Manual trigger only**; it trains nothing that is published and edits no params.
 
 | param | default | meaning |
 |---|---|---|
@@ -11,7 +11,9 @@ group, on the train/valid split of a ds that `nightly_recommendations` has alrea
 | `n_trials` | `tune.n_trials` | trials, 1..200 |
 
 Writes `reports/ds=<ds>/tune/trials.csv` and `best_params.json` (params.yaml keys, the best
-valid metric and the current params' value): adopting them is a reviewed params.yaml change.
+valid metric, the current params' value and the searched data's fingerprint). A nightly run of
+this ds or up to `tune.max_age_days` later adopts them when they come from the same data family
+(README, "Tuning in the loop"), and records why it did or did not.
 """
 
 from __future__ import annotations

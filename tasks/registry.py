@@ -264,7 +264,8 @@ def selection_summary(uri: str | None) -> dict | None:
     """What meta.json keeps of train's selection.json: the metric, the chosen family, per
     candidate its valid figure and the hyperparameters tuned in the run (``params``: the point
     chosen on the valid split; the whole search stays in selection.json), and ``choice`` (each
-    challenger's paired gain against the choice so far)."""
+    challenger's paired gain against the choice so far), and ``tune`` (whether the tune DAG's
+    latest result was adopted, and why: ``train.tune_adoption``)."""
     if not uri:
         return None
     sel = storage.read_json(uri)
@@ -272,7 +273,8 @@ def selection_summary(uri: str | None) -> dict | None:
     return {"metric": sel.get("metric"), "chosen": sel.get("chosen"),
             "candidates": {n: {k: c[k] for k in (key, "params", "components") if k in c}
                            for n, c in (sel.get("candidates") or {}).items()},
-            "skipped": sel.get("skipped") or {}, "choice": sel.get("choice")}
+            "skipped": sel.get("skipped") or {}, "choice": sel.get("choice"),
+            "tune": sel.get("tune")}
 
 
 def champion_record() -> dict | None:

@@ -130,6 +130,9 @@ PARAMS = [
     "train.mf_softmax.cpu_max_events",
     "augment.item_features",
     "augment.user_features",
+    "split.method",
+    "tune.max_age_days",
+    "tune.max_size_ratio",
 ]
 STRATEGIES = ("auto", "mirrored", "default")
 SHIP_FITS = {"all": ["train", "valid", "test"], "train_valid": ["train", "valid"]}
@@ -529,10 +532,111 @@ def windowed(p: settings.StepParams, names: list[str], events: int) -> bool:
 
 
 def search_points(p: settings.StepParams, family: str) -> list[dict[str, float]]:
-    """Every combination of :data:`SEARCHED` values of ``family``, in params.yaml's order."""
+    """Every combination of :data:`SEARCHED` values of ``family``, in params.yaml's order.
+
+    With an adopted tune result for ``family`` (``p["tune.adopted"]``, :func:`adopt`), its
+    point joins the search: its values of the keys it tuned, every listed value of the others,
+    each such point ahead of the grid's points that share its first key's value (so EASE's
+    points stay grouped by window, and a search the time budget cuts short has tried the tuned
+    point of each window first)."""
     keys = SEARCHED[family]
-    return [dict(zip(keys, combo, strict=True))
-            for combo in itertools.product(*(search_values(p, family, k) for k in keys))]
+    lists = [search_values(p, family, k) for k in keys]
+    grid = [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*lists)]
+    adopted = p.get("tune.adopted") or {}
+    tuned = {k: float(v) for k, v in (adopted.get("params") or {}).items() if k in keys}
+    if adopted.get("family") != family or not tuned:
+        return grid
+    extra = [dict(zip(keys, combo, strict=True)) for combo in itertools.product(
+        *([tuned[k]] if k in tuned else values for k, values in zip(keys, lists, strict=True)))]
+    extra = [point for point in extra if point not in grid]
+    first = {v: n for n, v in enumerate(lists[0])}  # a tuned value of it: first of all
+    ordered = sorted([(first.get(pt[keys[0]], -1), 0, n, pt) for n, pt in enumerate(extra)]
+                     + [(first[pt[keys[0]]], 1, n, pt) for n, pt in enumerate(grid)],
+                     key=lambda row: row[:3])
+    return [row[3] for row in ordered]
+
+
+TUNE_FAMILIES = ("ease", "mf_softmax")  # what tasks/tune.py searches (tune.model)
+
+
+def tune_adoption(best: dict | None, *, ds: str, tune_ds: str | None,
+                  p: settings.StepParams, n_items: int, events: int,
+                  seen_until: int | None) -> dict:
+    """Whether the nightly train of ``ds`` adopts the tune DAG's result ``best`` (tasks/tune.py's
+    ``best_params.json`` of ``tune_ds``, the latest within ``tune.max_age_days``; None: none).
+
+    Adopted only when it comes from the same data family and cannot carry this run's test
+    events: both runs split by ``global_time`` and the latest train or valid event the study
+    read is no later than this run's train + valid (``seen_until``), so none of its events is
+    in this run's test split; its best point beat the params of its day on its valid split;
+    the catalogue and the train events are within ``tune.max_size_ratio`` of this run's
+    (``n_items``, ``events``); and it tuned a candidate of this run. Pure: returns the verdict
+    (``adopted``, ``why``, the result's ``ds``, ``model``, ``params``, ``value``,
+    ``baseline_value``), which train records in selection.json."""
+    max_age = p["tune.max_age_days"]
+    if best is None:
+        return {"adopted": False, "why": f"no tune result for ds {ds} or the {max_age} days "
+                                         "before it"}
+    out = {"ds": tune_ds, "model": best.get("model"), "params": best.get("params") or {},
+           "value": best.get("value"), "baseline_value": best.get("baseline_value")}
+    data = best.get("data") or {}
+    ratio = float(p["tune.max_size_ratio"])
+
+    def far(a, b) -> bool:
+        return not (a and b) or max(a / b, b / a) > ratio
+
+    why = None
+    if out["model"] not in TUNE_FAMILIES or out["model"] not in p["train.candidates"]:
+        why = f"tune.model {out['model']!r} is not a candidate of this run"
+    elif not (out["value"] is not None and out["baseline_value"] is not None
+              and out["value"] > out["baseline_value"]):
+        why = (f"its best point ({out['value']}) did not beat the params of its day "
+               f"({out['baseline_value']}) on its valid split")
+    elif data.get("split_method") != "global_time" or p["split.method"] != "global_time":
+        why = (f"split methods {data.get('split_method')!r} and {p['split.method']!r}: only "
+               "under global_time do a study's events all precede a later run's test split")
+    elif data.get("valid_until") is None or seen_until is None or data["valid_until"] > seen_until:
+        why = (f"the study read events up to {data.get('valid_until')}, after this run's "
+               f"train + valid ({seen_until}): they may be in this run's test split")
+    elif far(data.get("n_items"), n_items) or far(data.get("train_events"), events):
+        why = (f"another data family: {data.get('n_items')} items and "
+               f"{data.get('train_events')} train events against {n_items} and {events} "
+               f"(tune.max_size_ratio {ratio:g})")
+    return {**out, "adopted": why is None, "why": why or "same data family"}
+
+
+def adopt(p: settings.StepParams, adoption: dict | None) -> settings.StepParams:
+    """``p`` with an adopted tune result applied (else ``p`` itself): ``tune.adopted`` names it
+    (so the model version's hash covers it) and, for ease, :func:`search_points` adds its point
+    to the search; mf_softmax, which searches nothing in the run, takes its values."""
+    if not (adoption and adoption.get("adopted")):
+        return p
+    family = adoption["model"]
+    short = {k.removeprefix(f"train.{family}."): v for k, v in adoption["params"].items()
+             if k.startswith(f"train.{family}.")}
+    out = settings.StepParams({}, [])
+    out.update(p)
+    out["tune.adopted"] = {"family": family, "ds": adoption["ds"], "params": short}
+    if family == "mf_softmax":
+        for k, v in short.items():
+            if f"train.mf_softmax.{k}" in out:
+                out[f"train.mf_softmax.{k}"] = v
+    return out
+
+
+def latest_tune(ds: str, max_age_days: int) -> tuple[dict | None, str | None]:
+    """``(best_params.json, its ds)`` of the latest tune run of ``ds`` or the ``max_age_days``
+    days before it (never a later ds: a backfill does not adopt what a later night learned);
+    ``(None, None)`` when there is none."""
+    import datetime as dt
+
+    day = dt.date.fromisoformat(ds)
+    for back in range(int(max_age_days) + 1):
+        tune_ds = (day - dt.timedelta(days=back)).isoformat()
+        uri = layout.report_uri(tune_ds, "tune", "best_params.json")
+        if storage.exists(uri):
+            return storage.read_json(uri), tune_ds
+    return None, None
 
 
 def point_key(point: dict[str, float]) -> str:
@@ -1411,6 +1515,15 @@ def run(split_out: Split, params: dict | None = None) -> Trained:
 
     parts = views(shipped)
     n_users, n_items = _sizes(split_out)
+    adoption = None
+    if p["tune.max_age_days"] is not None:  # the tune DAG's latest result, if it applies here
+        best, tune_ds = latest_tune(ds, int(p["tune.max_age_days"]))
+        seen = split.column_ranges(uris[:2], [schema.TIMESTAMP])[schema.TIMESTAMP]
+        adoption = tune_adoption(best, ds=ds, tune_ds=tune_ds, p=p, n_items=n_items,
+                                 events=n_train, seen_until=None if seen is None else int(seen[1]))
+        log.info("tune result %s: %s (%s)", tune_ds, "adopted" if adoption["adopted"]
+                 else "not adopted", adoption["why"])
+        p = adopt(p, adoption)
     fitted = candidates(p, n_items, events=n_train)[0]
     timestamps = None
     if needs_timestamps(p, fitted, n_train) and schema.TIMESTAMP not in columns:
@@ -1440,6 +1553,8 @@ def run(split_out: Split, params: dict | None = None) -> Trained:
                             side=side, cutoff=cutoff, timestamps=timestamps,
                             gated_cutoff=gated_cutoff)
         timestamps = None
+        if adoption is not None:
+            result["selection"]["tune"] = adoption
         version = model_version(ds, split_out.data_version, result["chosen"], p)
         artifacts = {}
         fits = {"holdout": result["holdout"], "full": result["full"]}

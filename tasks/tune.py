@@ -7,8 +7,10 @@ candidate selection does, so the test split stays untouched for the gate.
 
 Writes ``reports/ds=<ds>/tune/trials.csv`` (one row per trial: number, params, value, seconds,
 state) and ``best_params.json`` (the best point as ``params.yaml`` keys, ready to paste, with
-its value and the baseline value of the current params). Nothing is changed automatically:
-adopting the result is a reviewed edit of ``params.yaml``.
+its value, the baseline value of the current params and ``data``, what the nightly train checks
+before adopting it: the split method, the sizes and the latest valid timestamp). params.yaml is
+never edited: the nightly train of a later ds (up to ``tune.max_age_days``) adopts the result
+when it came from the same data family (``train.tune_adoption``), and records its verdict.
 
 ``tune.space`` entries are ``<key under train>: [low, high, scale]`` with scale ``log``,
 ``linear`` or ``int``; only the keys of ``tune.model`` are searched.
@@ -22,11 +24,11 @@ import time
 import numpy as np
 import pandas as pd
 
-from nightrec.core import settings
+from nightrec.core import schema, settings
 from nightrec.store import layout, storage
 from nightrec.tasks import evaluate, split, train
 
-PARAMS = ["seed", "tune.model", "tune.n_trials", "tune.timeout_s", "tune.space"]
+PARAMS = ["seed", "tune.model", "tune.n_trials", "tune.timeout_s", "tune.space", "split.method"]
 SCALES = ("log", "linear", "int")
 log = logging.getLogger(__name__)
 
@@ -110,8 +112,21 @@ def search(parts: dict, params: dict, *, n_users: int, n_items: int, workdir,
         "baseline_value": float(baseline),
         "params": {f"train.{k}": v for k, v in study.best_params.items()},
         "n_trials": len(study.trials),
+        "data": fingerprint(parts, split_method=p["split.method"], n_users=n_users,
+                            n_items=n_items),
     }
     return best, trials
+
+
+def fingerprint(parts: dict, *, split_method: str, n_users: int, n_items: int) -> dict:
+    """What a later nightly train compares before adopting a result (``train.tune_adoption``):
+    how the searched data was split, its sizes, and the latest timestamp of the train and
+    valid parts the study read (the test part is not read)."""
+    stamps = [int(parts[n][schema.TIMESTAMP].max()) for n in ("train", "valid")
+              if schema.TIMESTAMP in parts[n] and len(parts[n])]
+    until = max(stamps) if stamps else None  # None: never adopted (nothing to compare)
+    return {"split_method": split_method, "n_users": int(n_users), "n_items": int(n_items),
+            "train_events": len(parts["train"]), "valid_until": until}
 
 
 def load_split(ds: str) -> tuple[dict, int, int]:

@@ -332,6 +332,31 @@ def test_tune_dag_searches_the_declared_space_and_records_trials(first_run):
     for key, value in best["params"].items():
         low, high, _ = space[key.removeprefix("train.")]
         assert low <= value <= high
+    # what a later night's train checks before adopting it (tune.max_age_days): the study's
+    # data, whose latest event is DS1's train + valid's (global_time: none of DS1's test)
+    from nightrec.tasks import registry, split, train, tune
+
+    sel = storage.read_json(layout.run_uri(DS1, "train", "selection.json"))
+    assert not sel["tune"]["adopted"] and "no tune result" in sel["tune"]["why"]  # ran before
+    version = storage.read_json(layout.manifest_uri(DS1))["model_version"]
+    assert registry.meta(version)["selection"]["tune"] == sel["tune"]
+    page = storage.read_bytes(storage.s3_uri(f"reports/ds={DS1}/report.html")).decode()
+    assert "Tune DAG result: not adopted, no tune result for ds" in page
+    seen = split.column_ranges([layout.bucketed_prefix(DS1, "split", n) for n in ("train", "valid")],
+                               ["timestamp"])["timestamp"]
+    parts, _, n_items = tune.load_split(DS1)
+    assert best["data"]["split_method"] == settings.load_params()["split"]["method"]
+    assert best["data"]["valid_until"] == seen[1] < parts["test"]["timestamp"].min()
+    assert (best["data"]["train_events"], best["data"]["n_items"]) == (len(parts["train"]),
+                                                                       n_items)
+    found, tune_ds = train.latest_tune(DS2, 14)  # the next night finds it ...
+    assert tune_ds == DS1 and found == best
+    p = settings.step_params(train.PARAMS)
+    verdict = train.tune_adoption(found, ds=DS2, tune_ds=tune_ds, p=p,
+                                  n_items=best["data"]["n_items"],
+                                  events=best["data"]["train_events"], seen_until=seen[1])
+    # ... and adopts it when its best point beat the params of its day
+    assert verdict["adopted"] == (best["value"] > best["baseline_value"]), verdict
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -477,3 +477,105 @@ def test_train_records_each_challengers_paired_gain_and_follows_it(parts, tmp_pa
         if rec["lower"] > rec["needed"]:
             chosen = name
     assert sel["chosen"] == chosen
+
+
+TUNED = {"ds": "2026-11-20", "model": "ease", "value": 0.21, "baseline_value": 0.19,
+         "params": {"train.ease.l2": 137.0, "train.ease.dropout": 0.3},
+         "data": {"split_method": "global_time", "n_users": 300, "n_items": 120,
+                  "train_events": 7000, "valid_until": 1_000}}
+
+
+@pytest.mark.parametrize(("change", "why"), [
+    ({}, None),
+    ({"best": None}, "no tune result"),
+    ({"value": 0.19}, "did not beat the params of its day"),
+    ({"model": "mf_softmax"}, "not a candidate of this run"),
+    ({"data.split_method": "random_per_user"}, "split methods"),
+    ({"split.method": "leave_last_fraction"}, "split methods"),
+    ({"data": {}}, "split methods"),  # written before the fingerprint
+    ({"data.valid_until": 1_001}, "may be in this run's test split"),
+    ({"data.n_items": 250}, "another data family"),
+    ({"data.train_events": 3_000}, "another data family"),
+])
+def test_a_tune_result_is_adopted_only_from_the_same_data_family_and_before_this_test(change,
+                                                                                      why):
+    """The tune DAG's result joins a nightly run only when none of the events it was chosen on
+    can be in this run's test split (both split by global_time, the study's latest event no
+    later than this run's train + valid), it beat the params of its day, the sizes are within
+    tune.max_size_ratio (2) and it tuned a candidate of this run."""
+    best = {**TUNED, "data": dict(TUNED["data"])}
+    for key, value in change.items():
+        if key.startswith("data."):
+            best["data"][key.removeprefix("data.")] = value
+        elif key in best:
+            best[key] = value
+    if change.get("best", best) is None:
+        best = None
+    p = _p(**{"train.candidates": ["ease", "rp3beta"],
+              "split.method": change.get("split.method", "global_time")})
+    out = train.tune_adoption(best, ds="2026-11-30", tune_ds="2026-11-20", p=p, n_items=120,
+                              events=7000, seen_until=1_000)
+    assert out["adopted"] == (why is None), out
+    if why is not None:
+        assert why in out["why"]
+        assert train.adopt(p, out) is p  # nothing changes
+    else:
+        assert out["params"] == TUNED["params"] and out["ds"] == "2026-11-20"
+
+
+def test_an_adopted_point_joins_the_search_and_the_choice_stays_on_valid(parts, tmp_path):
+    """An adopted EASE point is searched beside the grid (its l2 and dropout with every window
+    and recency value, ahead of the grid's points of the same window, the windows still in
+    params.yaml's order), the choice is still the best valid figure, the test split is never
+    read, and the model version's hash covers the adoption."""
+    p = _p(**{"train.candidates": ["ease"], "train.ship_fit": "train_valid",
+              "train.ease.window": [None, 5], "train.ease.l2": [300.0, 1000.0],
+              "train.ease.dropout": [0.0], "train.ease.recency_half_life": [None],
+              "split.method": "global_time"})
+    verdict = train.tune_adoption(TUNED, ds="2026-11-30", tune_ds="2026-11-20", p=p,
+                                  n_items=120, events=7000, seen_until=1_000)
+    adopted = train.adopt(p, verdict)
+    assert adopted is not p and "tune.adopted" not in p
+    points = train.search_points(adopted, "ease")
+    assert [(pt["window"], pt["l2"], pt["dropout"]) for pt in points] == [
+        (None, 137.0, 0.3), (None, 300.0, 0.0), (None, 1000.0, 0.0),
+        (5.0, 137.0, 0.3), (5.0, 300.0, 0.0), (5.0, 1000.0, 0.0)]
+    assert train.search_points(p, "ease") == [pt for pt in points if pt["l2"] != 137.0]
+    res = train.train_both(TrainAndValidOnly(parts), n_users=N_USERS, n_items=N_ITEMS,
+                           p=adopted, workdir=tmp_path)
+    search = res["selection"]["candidates"]["ease"]["search"]
+    assert "window=None,l2=137.0,dropout=0.3,recency_half_life=None" in search
+    figures = {k: v["valid_ndcg_at_10"] for k, v in search.items()}
+    assert train.point_key(res["selection"]["candidates"]["ease"]["params"]) == max(
+        figures, key=figures.get)
+    assert train.model_version("2026-11-30", "d", "ease", adopted, code_version="c") != \
+        train.model_version("2026-11-30", "d", "ease", p, code_version="c")
+
+
+def test_an_adopted_mf_softmax_result_replaces_its_params():
+    """mf_softmax searches nothing in the run: an adopted result's values are its params."""
+    p = _p(**{"train.candidates": ["ease", "mf_softmax"], "split.method": "global_time"})
+    best = {**TUNED, "model": "mf_softmax",
+            "params": {"train.mf_softmax.l2": 0.2, "train.mf_softmax.embedding_dim": 16}}
+    verdict = train.tune_adoption(best, ds="2026-11-30", tune_ds="2026-11-20", p=p,
+                                  n_items=120, events=7000, seen_until=1_000)
+    adopted = train.adopt(p, verdict)
+    assert verdict["adopted"]
+    assert (adopted["train.mf_softmax.l2"], adopted["train.mf_softmax.embedding_dim"]) == (0.2, 16)
+    assert p["train.mf_softmax.l2"] != 0.2  # the run's params are untouched
+    assert train.search_points(adopted, "ease") == train.search_points(p, "ease")
+
+
+def test_the_latest_tune_result_is_of_this_ds_or_earlier_within_max_age(bucket):
+    """A backfill never adopts what a later night's study learned, and a result older than
+    tune.max_age_days is not looked for."""
+    from nightrec.store import layout, storage
+
+    for ds, value in (("2026-11-20", 0.1), ("2026-11-24", 0.2), ("2026-11-28", 0.3)):
+        storage.write_json(layout.report_uri(ds, "tune", "best_params.json"),
+                           {**TUNED, "value": value})
+    assert train.latest_tune("2026-11-27", 14)[0]["value"] == 0.2
+    assert train.latest_tune("2026-11-27", 14)[1] == "2026-11-24"
+    assert train.latest_tune("2026-11-28", 14)[1] == "2026-11-28"
+    assert train.latest_tune("2026-11-23", 2) == (None, None)
+    assert train.latest_tune("2026-11-19", 14) == (None, None)

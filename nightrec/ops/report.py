@@ -28,6 +28,19 @@ PARAMS = ["report.history_runs", "report.sample_rows", "publish.max_age_hours"]
 log = logging.getLogger(__name__)
 
 
+def _tune_line(tune: dict | None) -> str:
+    """The tune DAG's result as this run's train saw it (selection.json ``tune``), for the
+    report: adopted or not, and why."""
+    if not tune:
+        return ""
+    verdict = "adopted" if tune.get("adopted") else "not adopted"
+    found = (f" of ds {tune['ds']} ({tune.get('model')}: {tune.get('params')}, valid "
+             f"{tune.get('value')} against {tune.get('baseline_value')})" if tune.get("ds")
+             else "")
+    return html.escape(f"Tune DAG result{found}: {verdict}, {tune.get('why')}.").join(
+        ("<p>", "</p>"))
+
+
 def _challenge(rec: dict | None) -> str:
     """One challenger's paired comparison (selection.json ``choice``), for the report."""
     if not rec:
@@ -299,7 +312,7 @@ def build_report(ds: str, *, run_id: str, task_states: dict[str, str], p) -> tup
             f"<th>candidate</th><th>valid {html.escape(metric)}</th><th>fit s</th>"
             f"<th>epochs / iterations</th><th>tuned on valid</th>"
             f"<th>gain vs the choice so far (lower end / needed)</th><th></th></tr>{rows}"
-            f"</table>")
+            f"</table>{_tune_line(selection.get('tune'))}")
 
     metrics = _maybe_json(layout.run_uri(ds, "evaluate", "metrics.json"))
     if metrics:
