@@ -579,3 +579,47 @@ def test_the_latest_tune_result_is_of_this_ds_or_earlier_within_max_age(bucket):
     assert train.latest_tune("2026-11-28", 14)[1] == "2026-11-28"
     assert train.latest_tune("2026-11-23", 2) == (None, None)
     assert train.latest_tune("2026-11-19", 14) == (None, None)
+
+
+def test_the_nightly_train_adopts_an_earlier_tune_result_and_records_it(bucket, parts):
+    """train.run() end to end on S3 parts (global_time, the module's split): the tune result of
+    an earlier ds whose study read nothing after this run's train + valid is found, adopted,
+    searched, and recorded in selection.json; one of a later ds is not looked at."""
+    from nightrec.core.records import Split
+    from nightrec.store import layout, storage
+
+    ds = "2026-11-30"
+    uris = {}
+    for name in ("train", "valid", "test"):
+        uris[name] = layout.run_uri(ds, "split", f"{name}.parquet")
+        storage.write_parquet(parts[name], uris[name])
+    for kind, idx, n in (("user", schema.USER_IDX, N_USERS), ("item", schema.ITEM_IDX, N_ITEMS)):
+        uris[f"{kind}_features"] = layout.run_uri(ds, "augment", f"{kind}_features.parquet")
+        storage.write_parquet(pd.DataFrame({idx: np.arange(n)}), uris[f"{kind}_features"])
+    split_out = Split(ds=ds, data_version="0" * 32, feature_encoding="", validation="",
+                      meta="", **uris)
+    seen = int(pd.concat([parts["train"], parts["valid"]])[schema.TIMESTAMP].max())
+    assert seen < parts["test"][schema.TIMESTAMP].min()  # global_time
+    params = settings.with_overrides(settings.load_params(), {
+        "split.method": "global_time", "train.candidates": ["ease"],
+        "train.ease.window": [None], "train.ease.l2": [300.0], "train.ease.dropout": [0.0],
+        "train.ease.recency_half_life": [None]})
+    later = {**TUNED, "data": {**TUNED["data"], "valid_until": seen,
+                               "train_events": len(parts["train"])}}
+    storage.write_json(layout.report_uri("2026-12-01", "tune", "best_params.json"), later)
+    out = train.run(split_out, params)
+    assert not out.selection["tune"]["adopted"]
+    assert "no tune result" in out.selection["tune"]["why"]
+    assert list(out.selection["candidates"]["ease"]["search"]) == [
+        "window=None,l2=300.0,dropout=0.0,recency_half_life=None"]
+    storage.write_json(layout.report_uri("2026-11-27", "tune", "best_params.json"), later)
+    out = train.run(split_out, params)
+    record = storage.read_json(layout.run_uri(ds, "train", "selection.json"))
+    assert record["tune"] == out.selection["tune"]
+    assert record["tune"]["adopted"] and record["tune"]["ds"] == "2026-11-27", record["tune"]
+    search = record["candidates"]["ease"]["search"]
+    assert list(search) == ["window=None,l2=137.0,dropout=0.3,recency_half_life=None",
+                            "window=None,l2=300.0,dropout=0.0,recency_half_life=None"]
+    figures = {k: v["valid_ndcg_at_10"] for k, v in search.items()}
+    assert train.point_key(out.selection["candidates"]["ease"]["params"]) == max(
+        figures, key=figures.get)
