@@ -477,8 +477,8 @@ def _pairs_matrix(train: pd.DataFrame, *, n_users: int, n_items: int):
 # searched (every combination), a single value is used as is.
 # The item-item families' ``recency_half_life`` changes only how user rows are weighted at
 # scoring, not the fit: listed last, its values reuse one fit each. EASE's ``window`` changes
-# the Gram matrix: listed first, the points grouped by window (each Gram built once); the search
-# fits every window at the first l2 and dropout before the rest (:func:`windows_first`).
+# the Gram matrix: listed first, so that every point of the plain Gram (null, listed first in
+# params.yaml) is fitted before a time budget cuts the search short.
 SEARCHED = {"ease": ("window", "l2", "dropout", "recency_half_life"),
             "rp3beta": ("alpha", "beta", "recency_half_life"), "ials": ("regularization",)}
 
@@ -554,21 +554,6 @@ def search_points(p: settings.StepParams, family: str) -> list[dict[str, float]]
                      + [(first[pt[keys[0]]], 1, n, pt) for n, pt in enumerate(grid)],
                      key=lambda row: row[:3])
     return [row[3] for row in ordered]
-
-
-def windows_first(points: list[dict]) -> list[dict]:
-    """EASE's points in the order its search fits them: every window at the first point's
-    ``l2`` and ``dropout`` (each with its recency values) first, then the rest in
-    :func:`search_points`' order. A time budget that cuts the search short has then tried
-    every window at the likeliest point, not only the plain Gram's grid (at ~1M events the plain
-    points alone filled EASE's share: RESULTS.md); a search that completes fits the same
-    points, one solve each, and chooses the same best."""
-    if not points:
-        return points
-    base = {k: points[0][k] for k in ("l2", "dropout")}
-    probe = [pt for pt in points if all(pt[k] == v for k, v in base.items())]
-    probe.sort(key=lambda pt: [q["window"] for q in points].index(pt["window"]))
-    return probe + [pt for pt in points if pt not in probe]
 
 
 TUNE_FAMILIES = ("ease", "mf_softmax")  # what tasks/tune.py searches (tune.model)
@@ -761,7 +746,7 @@ def search_item_item(family: str, train: pd.DataFrame, sample: pd.DataFrame, *, 
     overwrites it; RP3beta's depends on alpha only)."""
     x = _pairs_matrix(train, n_users=n_users, n_items=n_items)
     max_items = int(p[f"train.{family}.max_items"])
-    grams: dict = {}  # EASE: the Gram matrix of each window met so far (each built once)
+    grams: dict = {}
     last: dict = {}  # the last fit, reused by the points that differ only in recency
 
     def fit_one(point, deadline):
@@ -774,9 +759,11 @@ def search_item_item(family: str, train: pd.DataFrame, sample: pd.DataFrame, *, 
 
     def fit_base(point):
         if family == "ease":
-            if point["window"] not in grams:
-                grams[point["window"]] = ease_gram(x, train, p=p, window=point["window"])
-            g, head = grams[point["window"]]
+            if "g" not in grams or grams["window"] != point["window"]:
+                grams.clear()
+                grams["window"] = point["window"]
+                grams["g"] = ease_gram(x, train, p=p, window=point["window"])
+            g, head = grams["g"]
             emb = models.ease_from_gram(g.copy(), head, n_items, l2=point["l2"],
                                         dropout=point["dropout"])
         else:
@@ -791,7 +778,7 @@ def search_item_item(family: str, train: pd.DataFrame, sample: pd.DataFrame, *, 
     points = search_points(p, family)
     if family == "ease":  # above window_max_events, the plain Gram only
         allowed = ease_windows(p, len(train))
-        points = windows_first([point for point in points if point["window"] in allowed])
+        points = [point for point in points if point["window"] in allowed]
     try:
         return search(family, points, fit_one, sample,
                       known=train if known is None else known, n_users=n_users,
