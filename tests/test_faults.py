@@ -240,9 +240,11 @@ def test_kill_9_in_each_writing_stage_leaves_the_latest_table_intact(fault_env):
             time.sleep(11)  # the killed publisher's claim (claim_ttl_s 10 here) expires
 
     # The last run, with no kill, also meets an S3 outage: the real server is stopped (SIGINT)
-    # as soon as this run's ingest has rewritten its output, and started again 25 s later
-    # (boto3's own retries ride out shorter outages). The task that meets the dead endpoint
-    # fails that try; its retry (after NIGHTREC_RETRY_DELAY_S) finds the server back.
+    # as soon as this run's ingest has rewritten its output, and started again 40 s later
+    # (boto3's own retries, 5 attempts in standard mode, ride out ~15 s: a task whose first
+    # call came late in a 25 s outage rode it out, and no try failed, CI 2026-12-07). The task
+    # that meets the dead endpoint fails that try; a retry (after NIGHTREC_RETRY_DELAY_S, two
+    # allowed) finds the server back.
     marker = layout.run_uri(DS, "ingest", "files.json")
     storage.delete([marker])  # its reappearance marks this run's ingest as done
     outage = {}
@@ -253,7 +255,7 @@ def test_kill_9_in_each_writing_stage_leaves_the_latest_table_intact(fault_env):
             time.sleep(0.2)
         outage["down_at"] = time.monotonic()
         s3server.down(fault_env["s3"])
-        time.sleep(25)
+        time.sleep(40)
         s3server.up(fault_env["s3"])
         outage["up_after_s"] = time.monotonic() - outage["down_at"]
 
