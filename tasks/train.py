@@ -549,11 +549,10 @@ def search_points(p: settings.StepParams, family: str) -> list[dict[str, float]]
     extra = [dict(zip(keys, combo, strict=True)) for combo in itertools.product(
         *([tuned[k]] if k in tuned else values for k, values in zip(keys, lists, strict=True)))]
     extra = [point for point in extra if point not in grid]
-    first = {v: n for n, v in enumerate(lists[0])}  # a tuned value of it: first of all
-    ordered = sorted([(first.get(pt[keys[0]], -1), 0, n, pt) for n, pt in enumerate(extra)]
-                     + [(first[pt[keys[0]]], 1, n, pt) for n, pt in enumerate(grid)],
-                     key=lambda row: row[:3])
-    return [row[3] for row in ordered]
+    # grouped by the first key's value (a tuned value of it outside the list: first of all),
+    # the tuned points ahead of the grid's in each group
+    groups = [v for v in {pt[keys[0]]: None for pt in extra} if v not in lists[0]] + lists[0]
+    return [pt for v in groups for pt in (*extra, *grid) if pt[keys[0]] == v]
 
 
 TUNE_FAMILIES = ("ease", "mf_softmax")  # what tasks/tune.py searches (tune.model)
@@ -1492,11 +1491,18 @@ def run(split_out: Split, params: dict | None = None) -> Trained:
     uris = [getattr(split_out, n) for n in shipped_on]
     columns, cutoff = columns_to_read(split.column_ranges(uris, COLUMNS[2:]))
     gated = gated_fit(p)
-    gated_cutoff = None
-    if gated != "full":  # the gated fit saw the first parts only (gate_parts): their latest event
-        ts_range = split.column_ranges(uris[:len(gate_parts(p))],
-                                       [schema.TIMESTAMP])[schema.TIMESTAMP]
-        gated_cutoff = None if ts_range is None else int(ts_range[1])
+    latest: dict[int, int | None] = {}
+
+    def latest_event(n_parts: int) -> int | None:
+        """The latest timestamp of the first ``n_parts`` parts, from their footers (read once
+        per count: the gated cutoff and the tune adoption both ask for train + valid's)."""
+        if n_parts not in latest:
+            found = split.column_ranges(uris[:n_parts], [schema.TIMESTAMP])[schema.TIMESTAMP]
+            latest[n_parts] = None if found is None else int(found[1])
+        return latest[n_parts]
+
+    # the gated fit saw the first parts only (gate_parts): their latest event
+    gated_cutoff = None if gated == "full" else latest_event(len(gate_parts(p)))
     # the parts as one frame (train's rows first, then valid's, then test's when it ships):
     # the refit on all of them needs no copy, train and valid are views
     shipped, lengths = split.read_parts(uris, columns=columns)
@@ -1518,9 +1524,8 @@ def run(split_out: Split, params: dict | None = None) -> Trained:
     adoption = None
     if p["tune.max_age_days"] is not None:  # the tune DAG's latest result, if it applies here
         best, tune_ds = latest_tune(ds, int(p["tune.max_age_days"]))
-        seen = split.column_ranges(uris[:2], [schema.TIMESTAMP])[schema.TIMESTAMP]
         adoption = tune_adoption(best, ds=ds, tune_ds=tune_ds, p=p, n_items=n_items,
-                                 events=n_train, seen_until=None if seen is None else int(seen[1]))
+                                 events=n_train, seen_until=latest_event(2))  # train + valid
         log.info("tune result %s: %s (%s)", tune_ds, "adopted" if adoption["adopted"]
                  else "not adopted", adoption["why"])
         p = adopt(p, adoption)
