@@ -241,8 +241,9 @@ def test_kill_9_in_each_writing_stage_leaves_the_latest_table_intact(fault_env):
 
     # The last run, with no kill, also meets an S3 outage: the real server is stopped (SIGINT)
     # as soon as this run's ingest has rewritten its output, and started again 40 s later
-    # (boto3's own retries, 5 attempts in standard mode, ride out ~15 s: a task whose first
-    # call came late in a 25 s outage rode it out, and no try failed, CI 2026-12-07). The task
+    # (boto3's own retries, 5 attempts in standard mode, wait at most about 15 s in all by
+    # botocore's documented backoff: a task whose first call comes late in a 25 s outage can
+    # ride it out, the likely cause of one CI run, 2026-12-07, where no try failed). The task
     # that meets the dead endpoint fails that try; a retry (after NIGHTREC_RETRY_DELAY_S, two
     # allowed) finds the server back.
     marker = layout.run_uri(DS, "ingest", "files.json")
