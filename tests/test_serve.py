@@ -320,3 +320,24 @@ def test_metrics_count_requests_by_route_and_status_and_describe_the_served_tabl
         assert _value(m, "nightrec_serve_table_info", ds=DS2) == 1
         assert len(m["nightrec_serve_table_info"]) == 1  # the old table's series is gone
         assert _value(m, "nightrec_serve_table_rows") == 200
+
+
+def test_a_request_is_counted_before_its_response_leaves(s3, monkeypatch):
+    """A client that holds its answer and then scrapes sees the request counted, however slow
+    the recording: the handler thread's count used to follow the write (one CI run scraped
+    before a 405 was counted)."""
+    observe = serve.ServeMetrics.observe
+
+    def slow_observe(self, route, status, seconds):
+        if route != "metrics":
+            time.sleep(0.3)  # a handler thread descheduled between answer and count
+        observe(self, route, status, seconds)
+
+    monkeypatch.setattr(serve.ServeMetrics, "observe", slow_observe)
+    with running() as port:
+        for method in ("GET", "DELETE", "HEAD"):
+            request(port, "/healthz", method=method)
+            count = {(s.labels["route"], s.labels["status"]): s.value
+                     for s in scrape(port)["nightrec_serve_requests_total"]}
+            status = {"GET": "503", "DELETE": "405", "HEAD": "503"}[method]
+            assert count.get(("healthz", status)) == (2 if method == "HEAD" else 1), method

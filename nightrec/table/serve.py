@@ -36,7 +36,9 @@ error is a JSON body ``{"error": ...}``, never a traceback; a client idle for
 for TLS and connection limits.
 
 ``/metrics`` (one registry per server, :class:`ServeMetrics`): ``nightrec_serve_requests_total``
-by route and status, ``nightrec_serve_request_duration_seconds`` (a histogram by route),
+by route and status, counted before the response is written so a client holding its answer
+sees it counted; ``nightrec_serve_request_duration_seconds`` (a histogram by route, from the
+parsed request to the response ready, the socket write not included),
 ``nightrec_serve_table_age_seconds`` (now minus the served manifest's ``created_at``),
 ``nightrec_serve_table_ds_timestamp_seconds`` (the ds, midnight UTC), ``nightrec_serve_table_rows``,
 ``nightrec_serve_table_info`` (ds, publish_id and model_version as labels, value 1) and
@@ -343,8 +345,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _not_allowed(self) -> None:
         self._send(HTTPStatus.METHOD_NOT_ALLOWED,
                    {"error": f"method {self.command} not allowed", "allowed": ["GET", "HEAD"]},
-                   headers={"Allow": "GET, HEAD"}, close=True)
-        self.server.metrics.observe(route_of(self.path), HTTPStatus.METHOD_NOT_ALLOWED, 0.0)
+                   route=route_of(self.path), headers={"Allow": "GET, HEAD"}, close=True)
 
     def _handle(self, *, head: bool) -> None:
         # A body on a GET is not read; close after answering so it cannot be taken for the next
@@ -353,8 +354,8 @@ class _Handler(BaseHTTPRequestHandler):
         started = time.perf_counter()
         if urlsplit(self.path).path == "/metrics" and len(self.path) <= 256:
             data = prometheus_text(self.server.metrics.registry)
-            self._send_bytes(HTTPStatus.OK, data, CONTENT_TYPE_LATEST, head=head, close=close)
-            self.server.metrics.observe("metrics", HTTPStatus.OK, time.perf_counter() - started)
+            self._send_bytes(HTTPStatus.OK, data, CONTENT_TYPE_LATEST, route="metrics",
+                             started=started, head=head, close=close)
             return
         try:
             status, body = self._answer()
@@ -363,8 +364,8 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception:  # the client gets a JSON 500; the traceback goes to our log only
             log.exception("lookup failed: %s", self.path[:200])
             status, body = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error"}
-        self._send(status, body, head=head, close=close)
-        self.server.metrics.observe(route_of(self.path), status, time.perf_counter() - started)
+        self._send(status, body, route=route_of(self.path), started=started, head=head,
+                   close=close)
 
     def _answer(self) -> tuple[HTTPStatus, dict]:
         cfg, watcher = self.server.config, self.server.watcher
@@ -386,13 +387,19 @@ class _Handler(BaseHTTPRequestHandler):
                 return HTTPStatus.SERVICE_UNAVAILABLE, {"error": "no published table now"}
             return recommendations_body(table, user_id, k, cfg)
 
-    def _send(self, status: int, body: dict, *, head: bool = False, close: bool = False,
-              headers: dict | None = None) -> None:
-        self._send_bytes(status, json.dumps(body).encode(), "application/json", head=head,
-                         close=close, headers=headers)
+    def _send(self, status: int, body: dict, *, route: str, started: float | None = None,
+              head: bool = False, close: bool = False, headers: dict | None = None) -> None:
+        self._send_bytes(status, json.dumps(body).encode(), "application/json", route=route,
+                         started=started, head=head, close=close, headers=headers)
 
-    def _send_bytes(self, status: int, data: bytes, content_type: str, *, head: bool = False,
-                    close: bool = False, headers: dict | None = None) -> None:
+    def _send_bytes(self, status: int, data: bytes, content_type: str, *, route: str,
+                    started: float | None = None, head: bool = False, close: bool = False,
+                    headers: dict | None = None) -> None:
+        """Answer, counting the request in /metrics *before* the response leaves: a client
+        that has its answer (and then scrapes) sees it counted. The latency observed runs
+        from the request's parse to the response being ready, not through the socket write."""
+        elapsed = 0.0 if started is None else time.perf_counter() - started
+        self.server.metrics.observe(route, status, elapsed)
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
@@ -423,8 +430,8 @@ class _Handler(BaseHTTPRequestHandler):
             phrase = HTTPStatus(code).phrase
         except ValueError:
             phrase = "error"
-        self._send(code, {"error": message or phrase}, head=self.command == "HEAD", close=True)
-        self.server.metrics.observe("other", code, 0.0)
+        self._send(code, {"error": message or phrase}, route="other",
+                   head=self.command == "HEAD", close=True)
 
     def log_message(self, format: str, *args) -> None:  # http.server's signature
         log.debug("%s %s", self.address_string(), format % args)
