@@ -185,22 +185,33 @@ def weights_digest(npz: bytes) -> str:
     Not of the ``.npz`` file, whose bytes depend on how it was written (compressed or not, the
     numpy version's zip layout). Bytes that are not an npz archive hash as they are.
     """
-    import hashlib
     import io
     import zipfile
 
     import numpy as np
 
-    h = hashlib.sha256()
     try:
         arrays = np.load(io.BytesIO(npz), allow_pickle=False)
     except (ValueError, OSError, zipfile.BadZipFile):
         return storage.sha256(npz)
     with arrays:
-        for name in sorted(arrays.files):
-            a = np.ascontiguousarray(arrays[name])
-            h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
-            h.update(a.tobytes())
+        return arrays_digest(arrays)
+
+
+def arrays_digest(arrays) -> str:
+    """:func:`weights_digest` of named arrays (a mapping, or an open npz): what the npz
+    ``np.savez(**arrays)`` writes digests to, without writing it (train names its model
+    version by it)."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    names = sorted(arrays.files if hasattr(arrays, "files") else arrays)
+    for name in names:
+        a = np.ascontiguousarray(np.asanyarray(arrays[name]))
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(memoryview(a).cast("B") if a.size else b"")
     return h.hexdigest()
 
 

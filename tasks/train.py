@@ -1089,6 +1089,11 @@ def train_both(
     names, skipped = candidates(p, n_items, events=len(parts["train"]))
     for name, why in skipped.items():
         log.warning("candidate %s skipped: %s", name, why)
+    from nightrec.ml import ranking
+
+    # numba's first compile of the scoring kernels (~16 s cold) is not any candidate's fitting
+    warm = ranking.warm_up()
+    log.info("scoring kernels ready in %.1f s (before the time budget starts)", warm)
     budget = budget_s(p, len(parts["train"]) + len(parts["valid"]))
     deadline = time.monotonic() + budget
     tb = workdir / "tensorboard"
@@ -1391,16 +1396,20 @@ def _save(emb: dict, history: dict, keras_model, *, ds: str, fit: str, workdir: 
 
 
 def model_version(ds: str, data_version: str, chosen: str, p: settings.StepParams,
-                  code_version: str | None = None) -> str:
-    """``<family>-YYYYMMDD-<8 hex>``: the hash covers the data version, the training params and
+                  code_version: str | None = None, weights: str | None = None) -> str:
+    """``<family>-YYYYMMDD-<8 hex>``: the hash covers the data version, the training params,
     the code version (``registry.code_version()`` unless given), so two code versions never
-    share a model version."""
+    share a model version, and ``weights``, the shipped fit's :func:`registry.arrays_digest`
+    (run() always passes it). A version names its content: a rerun that fits the same weights
+    gets the same version (registered once), one whose fits came out otherwise (the time
+    budget cut a search at another point on a busier machine) a new one, never a
+    ``VersionConflict`` with the first."""
     if code_version is None:
         from nightrec.tasks import registry
 
         code_version = registry.code_version()
-    h = hashlib.sha256(json.dumps([data_version, dict(p), code_version],
-                                  sort_keys=True).encode()).hexdigest()
+    key = [data_version, dict(p), code_version] + ([weights] if weights is not None else [])
+    h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
     return f"{chosen.split('_')[0]}-{ds.replace('-', '')}-{h[:8]}"
 
 
@@ -1560,7 +1569,10 @@ def run(split_out: Split, params: dict | None = None) -> Trained:
         timestamps = None
         if adoption is not None:
             result["selection"]["tune"] = adoption
-        version = model_version(ds, split_out.data_version, result["chosen"], p)
+        from nightrec.tasks import registry
+
+        version = model_version(ds, split_out.data_version, result["chosen"], p,
+                                weights=registry.arrays_digest(result["full"][0]))
         artifacts = {}
         fits = {"holdout": result["holdout"], "full": result["full"]}
         if "gated_refit" in result:

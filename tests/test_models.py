@@ -248,6 +248,13 @@ def test_model_version_includes_the_code_version(monkeypatch):
     assert train.model_version("2026-11-28", "d" * 32, "ease", p) == a
     monkeypatch.setenv("NIGHTREC_CODE_VERSION", "abc124")
     assert train.model_version("2026-11-28", "d" * 32, "ease", p) == b
+    # and the shipped weights: the same inputs fitted to other weights are another version
+    w1 = train.model_version("2026-11-28", "d" * 32, "ease", p, code_version="abc123",
+                             weights="1" * 64)
+    assert w1 == train.model_version("2026-11-28", "d" * 32, "ease", p, code_version="abc123",
+                                     weights="1" * 64)
+    assert w1 != train.model_version("2026-11-28", "d" * 32, "ease", p, code_version="abc123",
+                                     weights="2" * 64)
 
 
 def test_choose_keeps_the_preferred_candidate_unless_another_clearly_wins():

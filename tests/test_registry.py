@@ -175,3 +175,10 @@ def test_the_weights_digest_is_of_the_arrays_not_of_the_file():
     assert plain != packed  # two files ...
     assert registry.weights_digest(plain) == registry.weights_digest(packed)  # ... one model
     assert registry.weights_digest(npz(1.5)) != registry.weights_digest(plain)
+    # train names a version by the arrays in memory: the same digest as the npz it writes
+    arrays = {"user": np.ones((3, 2), np.float32), "item": np.eye(2, dtype=np.float32),
+              "scale": np.float64(2.0), "empty": np.zeros((0, 4), np.float32)}
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    assert registry.arrays_digest(arrays) == registry.weights_digest(buf.getvalue())
+    assert registry.arrays_digest(arrays) != registry.arrays_digest({**arrays, "scale": 2.5})
