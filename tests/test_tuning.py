@@ -581,14 +581,11 @@ def test_the_latest_tune_result_is_of_this_ds_or_earlier_within_max_age(bucket):
     assert train.latest_tune("2026-11-19", 14) == (None, None)
 
 
-def test_the_nightly_train_adopts_an_earlier_tune_result_and_records_it(bucket, parts):
-    """train.run() end to end on S3 parts (global_time, the module's split): the tune result of
-    an earlier ds whose study read nothing after this run's train + valid is found, adopted,
-    searched, and recorded in selection.json; one of a later ds is not looked at."""
+def _staged_split(parts: dict, ds: str):
+    """The module's split parts on S3 where split leaves them: the Split record train.run takes."""
     from nightrec.core.records import Split
     from nightrec.store import layout, storage
 
-    ds = "2026-11-30"
     uris = {}
     for name in ("train", "valid", "test"):
         uris[name] = layout.run_uri(ds, "split", f"{name}.parquet")
@@ -596,8 +593,43 @@ def test_the_nightly_train_adopts_an_earlier_tune_result_and_records_it(bucket, 
     for kind, idx, n in (("user", schema.USER_IDX, N_USERS), ("item", schema.ITEM_IDX, N_ITEMS)):
         uris[f"{kind}_features"] = layout.run_uri(ds, "augment", f"{kind}_features.parquet")
         storage.write_parquet(pd.DataFrame({idx: np.arange(n)}), uris[f"{kind}_features"])
-    split_out = Split(ds=ds, data_version="0" * 32, feature_encoding="", validation="",
-                      meta="", **uris)
+    return Split(ds=ds, data_version="0" * 32, feature_encoding="", validation="", meta="",
+                 **uris)
+
+
+def test_a_rerun_names_its_model_by_what_it_fitted(bucket, parts, monkeypatch):
+    """Same data, params and code: the same version when the fit is the same; a rerun whose
+    fit came out otherwise (on a busy machine the time budget cuts a search elsewhere) gets a
+    version of its own, so register never meets the first run's version with other weights."""
+    split_out = _staged_split(parts, "2026-11-30")
+    params = settings.with_overrides(settings.load_params(), {
+        "split.method": "global_time", "train.candidates": ["ease"], "tune.max_age_days": None,
+        "train.ease.window": [None], "train.ease.l2": [30000.0, 300.0],
+        "train.ease.dropout": [0.0], "train.ease.recency_half_life": [None]})
+    first = train.run(split_out, params)
+    assert train.run(split_out, params).model_version == first.model_version
+    # the rerun's search is cut after its first point (l2 30000); the first run chose l2 300
+    assert first.selection["candidates"]["ease"]["params"]["l2"] == 300.0
+    real = train.search_item_item
+
+    def cut(*args, **kwargs):
+        return real(*args, **{**kwargs, "deadline": 0.0})
+
+    monkeypatch.setattr(train, "search_item_item", cut)
+    rerun = train.run(split_out, params)
+    assert rerun.selection["candidates"]["ease"]["params"]["l2"] == 30000.0
+    assert rerun.model_version != first.model_version
+    assert rerun.model_version.split("-")[:2] == first.model_version.split("-")[:2]
+
+
+def test_the_nightly_train_adopts_an_earlier_tune_result_and_records_it(bucket, parts):
+    """train.run() end to end on S3 parts (global_time, the module's split): the tune result of
+    an earlier ds whose study read nothing after this run's train + valid is found, adopted,
+    searched, and recorded in selection.json; one of a later ds is not looked at."""
+    from nightrec.store import layout, storage
+
+    ds = "2026-11-30"
+    split_out = _staged_split(parts, ds)
     seen = int(pd.concat([parts["train"], parts["valid"]])[schema.TIMESTAMP].max())
     assert seen < parts["test"][schema.TIMESTAMP].min()  # global_time
     params = settings.with_overrides(settings.load_params(), {
