@@ -581,6 +581,36 @@ def test_the_latest_tune_result_is_of_this_ds_or_earlier_within_max_age(bucket):
     assert train.latest_tune("2026-11-19", 14) == (None, None)
 
 
+def test_the_time_budget_starts_after_the_kernels_are_compiled(parts, tmp_path, monkeypatch):
+    """A compile as long as the whole budget (a cold numba cache on a busy machine) leaves the
+    candidates' shares whole: both EASE points are fitted. Charged to the budget, the search
+    would stop after its first point (at least one always runs), as a first run after a deploy
+    did."""
+    import time
+
+    from nightrec.ml import ials, ranking
+
+    compiled = []
+
+    def slow_compile(*args):
+        compiled.append(args)
+        if not args:  # the scoring kernels': as long as the budget
+            time.sleep(10.0)
+        return 0.0
+
+    monkeypatch.setattr(ranking, "warm_up", slow_compile)
+    monkeypatch.setattr(ials, "warm_up", slow_compile)
+    p = _p(**{"train.candidates": ["ease", "ials"], "train.blend.enabled": False,
+              "train.ease.window": [None], "train.ease.l2": [30000.0, 300.0],
+              "train.ease.dropout": [0.0], "train.ease.recency_half_life": [None],
+              "train.ials.regularization": [100.0], "train.time_budget.min_s": 10.0,
+              "train.time_budget.max_s": 10.0})
+    res = train.train_both(parts, n_users=N_USERS, n_items=N_ITEMS, p=p, workdir=tmp_path)
+    assert compiled == [(), (p["train.ials.kernel"],)]  # scoring's and iALS's
+    search = res["selection"]["candidates"]["ease"]["search"]
+    assert len(search) == 2 and all("valid_ndcg_at_10" in v for v in search.values()), search
+
+
 def _staged_split(parts: dict, ds: str):
     """The module's split parts on S3 where split leaves them: the Split record train.run takes."""
     from nightrec.core.records import Split
