@@ -38,7 +38,8 @@ for TLS and connection limits.
 ``/metrics`` (one registry per server, :class:`ServeMetrics`): ``nightrec_serve_requests_total``
 by route and status, counted before the response is written so a client holding its answer
 sees it counted; ``nightrec_serve_request_duration_seconds`` (a histogram by route, from the
-parsed request to the response ready, the socket write not included),
+parsed request to the response ready, the socket write not included; 405s and http.server's
+own errors record 0),
 ``nightrec_serve_table_age_seconds`` (now minus the served manifest's ``created_at``),
 ``nightrec_serve_table_ds_timestamp_seconds`` (the ds, midnight UTC), ``nightrec_serve_table_rows``,
 ``nightrec_serve_table_info`` (ds, publish_id and model_version as labels, value 1) and
@@ -192,11 +193,13 @@ class ServeMetrics(Collector):
     def __init__(self, watcher: TableWatcher, *, clock=time.time):
         self.watcher, self.clock = watcher, clock
         self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("nightrec_serve_requests", "HTTP requests answered, by route "
-                                "and status", ["route", "status"], registry=self.registry)
-        self.latency = Histogram("nightrec_serve_request_duration_seconds", "Time to answer a "
-                                 "request, by route", ["route"], buckets=LATENCY_BUCKETS,
-                                 registry=self.registry)
+        self.requests = Counter("nightrec_serve_requests", "HTTP requests, by route and "
+                                "status, counted when the response is ready (before its write)",
+                                ["route", "status"], registry=self.registry)
+        self.latency = Histogram("nightrec_serve_request_duration_seconds", "Time from the "
+                                 "parsed request to the response ready (socket write excluded; "
+                                 "405s and http.server's own errors record 0), by route",
+                                 ["route"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.registry.register(self)
 
     def observe(self, route: str, status: int, seconds: float) -> None:
