@@ -237,7 +237,10 @@ def _budget_callback(deadline: float, steps: int, probe: int = 20):
     """Stops mf_softmax's fit at the epoch that would end after ``deadline`` (``time.monotonic``
     seconds; every epoch must have ended by then, except the first). Within the first epoch, after
     ``probe`` steps, it projects the epoch's end from their pace: past the deadline, it stops and
-    sets ``over_budget`` (the candidate is then skipped: a fraction of an epoch is not a model)."""
+    sets ``over_budget`` (the candidate is then skipped: a fraction of an epoch is not a model).
+    The first step (where Keras traces and compiles the train function, seconds on a busy CPU)
+    counts once, the other ``steps - 1`` at the pace of steps 2 to ``probe``: averaged over the
+    probe, the trace was projected onto every step of the epoch."""
     keras = models.keras_module()
 
     class Budget(keras.callbacks.Callback):
@@ -249,13 +252,23 @@ def _budget_callback(deadline: float, steps: int, probe: int = 20):
             self.t0 = time.monotonic()
 
         def on_train_batch_end(self, batch, logs=None):
-            if self.epoch_s or batch + 1 != min(probe, steps):
+            if self.epoch_s:
+                return
+            if batch == 0:
+                self.t1 = time.monotonic()  # the first step's end: tracing done
+            if batch + 1 != min(probe, steps):
                 return
             now = time.monotonic()
-            projected = (now - self.t0) / (batch + 1) * steps
+            if batch:  # the first step once, the rest at the pace of the steps after it
+                pace = (now - self.t1) / batch
+                projected = (self.t1 - self.t0) + pace * (steps - 1)
+            else:
+                pace = now - self.t0
+                projected = pace * steps
             if self.t0 + projected > deadline and steps > batch + 1:
                 self.over_budget = (f"first epoch projected at {projected:.0f} s ({steps} steps "
-                                    f"at {(now - self.t0) / (batch + 1) * 1000:.0f} ms), past its "
+                                    f"at {pace * 1000:.0f} ms after a first of "
+                                    f"{self.t1 - self.t0:.1f} s), past its "
                                     f"time budget share of {deadline - self.t0:.0f} s")
                 self.model.stop_training = True
 

@@ -294,3 +294,32 @@ def test_a_machine_without_gpu_device_files_counts_none_without_loading_tensorfl
             "print(n, 'tensorflow' in sys.modules, 'keras' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["0", "False", "False"]
+
+
+def test_the_first_epoch_projection_counts_the_tracing_step_once(monkeypatch):
+    """mf_softmax's first epoch is projected from a probe of its first steps. The first step
+    traces and compiles the train function (seconds on a busy CPU): counted once, not spread
+    over every step of the epoch, so a fit that fits its share is not skipped for it."""
+    clock = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+
+    def probe(step_s: float):
+        cb = train._budget_callback(deadline=130.0, steps=1000, probe=20)
+
+        class Model:
+            stop_training = False
+
+        cb.set_model(Model())
+        clock[0] = 100.0
+        cb.on_epoch_begin(0)
+        clock[0] += 5.0  # the tracing step
+        cb.on_train_batch_end(0)
+        for batch in range(1, 20):
+            clock[0] += step_s
+            cb.on_train_batch_end(batch)
+        return cb
+
+    fits = probe(0.02)  # 5 s + 999 x 20 ms = 25 s of a 30 s share (the mean pace said 269 s)
+    assert fits.over_budget is None and not fits.model.stop_training
+    slow = probe(0.04)  # 5 s + 999 x 40 ms = 45 s: skipped, and the message says why
+    assert slow.model.stop_training and "projected at 45 s" in slow.over_budget
