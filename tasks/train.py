@@ -1106,10 +1106,12 @@ def train_both(
 
     # numba's first compile (scoring: ~16 s cold; iALS: ~20 s cold, ~3 s from its cache) is
     # not any candidate's fitting: done before the budget's clock starts
-    warm = ranking.warm_up()
+    started = time.perf_counter()
+    ranking.warm_up()
     if "ials" in names:
-        warm += ials.warm_up(p["train.ials.kernel"])
-    log.info("numba kernels ready in %.1f s (before the time budget starts)", warm)
+        ials.warm_up(p["train.ials.kernel"])
+    log.info("numba kernels ready in %.1f s (before the time budget starts)",
+             time.perf_counter() - started)
     budget = budget_s(p, len(parts["train"]) + len(parts["valid"]))
     deadline = time.monotonic() + budget
     tb = workdir / "tensorboard"

@@ -307,19 +307,15 @@ def gpu_count() -> int:
     return 0
 
 
-def warm_up(kernel: str = "auto") -> float:
+def warm_up(kernel: str = "auto") -> None:
     """Compile the numba kernel (or load it from numba's cache) with a one-iteration fit of a
-    3 x 3 log, when ``kernel`` resolves to numba; returns the seconds it took. Cold, ~20 s on
-    2 busy cores, and ~3 s from the cache (a parallel kernel): train calls this before its time
-    budget starts, so iALS's share goes to iterations."""
-    import time
-
-    started = time.perf_counter()
+    3 x 3 log, when ``kernel`` resolves to numba. Cold, ~20 s on 2 busy cores; from the cache
+    0.7 s (3 s under load): train calls this before its time budget starts, so iALS's share
+    goes to iterations."""
     if pick_kernel(kernel) == "numba":
         idx = np.arange(3)
         fit(idx, (idx + 1) % 3, None, n_users=3, n_items=3, factors=4, iterations=1,
             regularization=1.0, alpha=1.0, cg_steps=1, seed=0, kernel="numba")
-    return time.perf_counter() - started
 
 
 def fit(user_idx: np.ndarray, item_idx: np.ndarray, weight: np.ndarray | None, *,

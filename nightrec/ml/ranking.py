@@ -590,15 +590,12 @@ def iter_top_k(
             yield batch, items, best
 
 
-def warm_up() -> float:
+def warm_up() -> None:
     """Compile the kernels of both paths (dense and sparse user rows) on a tiny input, or load
-    them from numba's on-disk cache; returns the seconds it took. A cold compile costs ~16 s
-    on 2 cores (0.6 s from the cache): train calls this before its time budget starts, so the
-    first candidate's share is not spent compiling (it was: a first run on a fresh install
-    under load fitted 1 of EASE's points, a rerun all of them)."""
-    import time
-
-    started = time.perf_counter()
+    them from numba's on-disk cache. A cold compile costs ~16 s on 2 cores (0.6 s from the
+    cache): train calls this before its time budget starts, so the first candidate's share is
+    not spent compiling (it was: a first run on a fresh install under load fitted 1 of EASE's
+    points, a rerun all of them)."""
     rng = np.random.default_rng(0)
     items = rng.random((2 * NR, 8), dtype=np.float32)
     seen = sparse.csr_matrix(np.eye(MR, 2 * NR, dtype=np.float32))
@@ -606,7 +603,6 @@ def warm_up() -> float:
     for vecs in (dense, sparse.csr_matrix(dense)):
         for _ in iter_top_k(vecs, items, None, seen, np.arange(MR), k=3, threads=1):
             pass
-    return time.perf_counter() - started
 
 
 def _canonical_rows(user_vecs, d: int) -> sparse.csr_matrix:
