@@ -2,10 +2,13 @@
 
 Each trial starts a fresh Python that imports pyarrow alone, reads one small Parquet object
 (bytes in memory, as every step reads from S3) twice, writes a copy with ``pq.write_table`` and
-exits: once through ``pq.read_table`` (Arrow's dataset scanner; what ``pd.read_parquet`` calls)
-and once through ``pq.ParquetFile(pa.BufferReader(data)).read()``, the one call
+exits: once through ``pq.read_table`` (Arrow's dataset scanner; what ``pd.read_parquet`` calls),
+once through ``pq.ParquetFile(pa.BufferReader(data)).read()``, the one call
 ``nightrec.store.storage.parquet_table`` makes (``parquet_frame`` converts its result to pandas;
-tests/test_parquet_reads.py checks both return what the scanner returned). With nightrec's
+tests/test_parquet_reads.py checks both return what the scanner returned), and once with
+``use_threads=False``, as the reader (``nightrec.table.reader``) decodes. Each child also
+prints how many threads its reads started (``/proc/self/task``): the abort needs an Arrow pool
+thread, so a path that starts none cannot abort that way. With nightrec's
 modules imported first (3 s of imports under load), neither path aborted in 50 trials each:
 the race needs the exit to follow the read closely, as in a short script. A process that exits
 with SIGABRT ("terminate called without an active exception", apache/arrow#39862) counts as an
@@ -34,17 +37,21 @@ from nightrec.dev.bench_scoring import machine
 from nightrec.store import storage
 
 CHILD = """
-import io, sys
+import io, os, sys
 import pyarrow as pa
 import pyarrow.parquet as pq
 data = open(sys.argv[2], "rb").read()
+before = len(os.listdir("/proc/self/task"))
 if sys.argv[1] == "pq.read_table":
     tables = [pq.read_table(io.BytesIO(data)) for _ in range(2)]
-else:  # the one call storage.parquet_table makes
+elif sys.argv[1] == "pq.ParquetFile.read":  # the one call storage.parquet_table makes
     tables = [pq.ParquetFile(pa.BufferReader(data)).read() for _ in range(2)]
+else:  # the reader's (nightrec.table.reader): decoded on the calling thread
+    tables = [pq.ParquetFile(pa.BufferReader(data)).read(use_threads=False) for _ in range(2)]
+print(len(os.listdir("/proc/self/task")) - before)
 pq.write_table(pa.concat_tables(tables), sys.argv[3])
 """
-PATHS = ("pq.read_table", "pq.ParquetFile.read")
+PATHS = ("pq.read_table", "pq.ParquetFile.read", "ParquetFile.read(use_threads=False)")
 
 
 def _busy(stop) -> None:
@@ -73,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     for w in workers:
         w.start()
     aborts, other = dict.fromkeys(PATHS, 0), dict.fromkeys(PATHS, 0)
+    threads = {path: set() for path in PATHS}  # threads the reads started, as the child saw
     t0 = time.monotonic()
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -80,9 +88,12 @@ def main(argv: list[str] | None = None) -> int:
             src.write_bytes(storage.parquet_bytes(frame))
             for trial in range(args.trials):
                 for path in PATHS:
-                    rc = subprocess.run([sys.executable, "-c", CHILD, path, str(src),
-                                         str(Path(tmp) / "out.parquet")],
-                                        capture_output=True, check=False).returncode
+                    done = subprocess.run([sys.executable, "-c", CHILD, path, str(src),
+                                           str(Path(tmp) / "out.parquet")],
+                                          capture_output=True, text=True, check=False)
+                    rc = done.returncode
+                    if done.stdout.strip():
+                        threads[path].add(int(done.stdout.split()[0]))
                     if rc == -6:
                         aborts[path] += 1
                     elif rc != 0:
@@ -94,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         for w in workers:
             w.join()
     out = {"trials": args.trials, "load": args.load, "aborts": aborts, "other_failures": other,
+           "threads_started": {path: sorted(v) for path, v in threads.items()},
            "wall_s": round(time.monotonic() - t0, 1)}
     print(json.dumps(out))
     return 0

@@ -41,20 +41,25 @@ NOT_INSTALLED = {"pandas": "pandas", "numpy": "numpy", "tensorflow": "tensorflow
 
 # Run by the virtualenv's python, outside the checkout (so `nightrec` is the installed one).
 IN_VENV = """
-import json, sys
+import json, os, sys
 import pyarrow as pa
 import pyarrow.parquet as pq
 import nightrec
 from nightrec.table import contract, serve  # noqa: F401 - serve's imports count too
 from nightrec.table.reader import RecommendationReader
 
+threads = lambda: len(os.listdir("/proc/self/task"))
 reader = RecommendationReader()
+before = threads()
 whole = reader.table()
 batches = list(reader.iter_batches())
+user_rows = reader.for_user(sys.argv[1]).to_pylist()
+started = threads() - before
 pq.write_table(whole, sys.argv[2])
 print(json.dumps({
+    "threads_started": started,
     "file": nightrec.__file__,
-    "user_rows": reader.for_user(sys.argv[1]).to_pylist(),
+    "user_rows": user_rows,
     "schema_ok": whole.schema.equals(contract.arrow_schema()),
     "batch_rows": [b.num_rows for b in batches],
     "batches_are_the_table": pa.Table.from_batches(batches).equals(whole),
@@ -118,6 +123,8 @@ def test_the_reader_installs_alone_and_reads_what_the_pipeline_published(reader_
     got = json.loads(out.stdout)
     assert Path(got["file"]).is_relative_to(reader_venv)  # the installed copy, not the checkout
     assert got["heavy_modules"] == []
+    # no read started a thread: Arrow's pool threads are what can abort a short script at exit
+    assert got["threads_started"] == 0
     assert all(m in ("nightrec", "nightrec.table") or m.startswith("nightrec.table.")
                for m in got["nightrec_modules"]), got["nightrec_modules"]
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "table.parquet"), written)

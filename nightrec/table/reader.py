@@ -20,8 +20,9 @@ of one committed manifest: never a table still being written, never two tables m
 parts are checked against the manifest's sha256. A single-user lookup reads only what it needs:
 the manifest's per-part ``min_user_id``/``max_user_id`` pick the one part, the part's Parquet
 footer (one range request, then cached per part) gives each row group's ``user_id`` min/max, and
-only the row groups that can hold the user are fetched, as byte ranges conditional on the part's
-ETag, with their Parquet page CRCs verified.
+only the row groups that can hold the user are fetched, in one byte range conditional on the
+part's ETag, with their Parquet page CRCs verified. Every read decodes on the calling thread: the
+reader starts no Arrow thread, so a short script cannot abort at exit (:meth:`iter_parts`).
 
 Parts are content-addressed and never rewritten. A newer publish of the same ds retires the
 parts the new manifest does not list (``_retired.json``) and they are deleted
@@ -86,7 +87,8 @@ class _RangeFile(io.RawIOBase):
                  tail: int = 0):
         super().__init__()
         self.bucket, self.key, self.size, self.etag, self.stats = bucket, key, size, etag, stats
-        self.tail_len, self.tail = min(tail, size), None
+        self.tail_len = min(tail, size)
+        self.held: list[tuple[int, bytes]] = []  # ranges fetched once and kept: (start, bytes)
         self.pos = 0
 
     def readable(self) -> bool:
@@ -120,14 +122,26 @@ class _RangeFile(io.RawIOBase):
         if end <= self.pos:
             return b""
         tail_start = self.size - self.tail_len
-        if self.tail_len and self.pos >= tail_start:
-            if self.tail is None:
-                self.tail = self._fetch(tail_start, self.tail_len)
-            out = self.tail[self.pos - tail_start : end - tail_start]
+        if self.tail_len and self.pos >= tail_start and not self._holding(self.pos, end):
+            self.hold(tail_start, self.size)
+        for start, data in self.held:
+            if start <= self.pos and end <= start + len(data):
+                out = data[self.pos - start : end - start]
+                break
         else:
             out = self._fetch(self.pos, end - self.pos)
         self.pos += len(out)
         return out
+
+    def _holding(self, start: int, end: int) -> bool:
+        return any(s <= start and end <= s + len(d) for s, d in self.held)
+
+    def hold(self, start: int, end: int) -> None:
+        """Fetch bytes ``[start, end)`` in one request and serve every later read inside
+        them from memory (a lookup's row groups, so that pyarrow's column-by-column reads cost
+        one request without its read-ahead, which runs on Arrow's I/O threads)."""
+        if not self._holding(start, end):
+            self.held.append((start, self._fetch(start, end - start)))
 
     def readinto(self, buf) -> int:
         data = self.read(len(buf))
@@ -141,14 +155,24 @@ class _Footer:
     def __init__(self, metadata):
         self.metadata = metadata
         col = metadata.schema.names.index(contract.USER_ID)
-        self.ranges = []
+        self.ranges, self.spans = [], []
         for i in range(metadata.num_row_groups):
-            st = metadata.row_group(i).column(col).statistics
+            group = metadata.row_group(i)
+            st = group.column(col).statistics
             ok = st is not None and st.has_min_max
             self.ranges.append((st.min, st.max) if ok else None)
+            chunks = [group.column(c) for c in range(group.num_columns)]
+            starts = [c.dictionary_page_offset if c.has_dictionary_page else c.data_page_offset
+                      for c in chunks]
+            self.spans.append((min(starts), max(s + c.total_compressed_size
+                                                for s, c in zip(starts, chunks, strict=True))))
 
     def row_groups_for(self, user_id: str) -> list[int]:
         return [i for i, r in enumerate(self.ranges) if r is None or r[0] <= user_id <= r[1]]
+
+    def span(self, groups: list[int]) -> tuple[int, int]:
+        """The bytes ``[start, end)`` that hold the column chunks of ``groups``."""
+        return min(self.spans[g][0] for g in groups), max(self.spans[g][1] for g in groups)
 
 
 class FooterCache:
@@ -243,8 +267,10 @@ class PublishedTable:
             groups = footer.row_groups_for(user_id)
             if not groups:
                 continue
-            pf = pq.ParquetFile(f, metadata=footer.metadata, page_checksum_verification=True)
-            t = pf.read_row_groups(groups)
+            f.hold(*footer.span(groups))
+            pf = pq.ParquetFile(f, metadata=footer.metadata, page_checksum_verification=True,
+                                pre_buffer=False)
+            t = pf.read_row_groups(groups, use_threads=False)
             self.stats.add(row_groups=len(groups))
             found.append(t.filter(pc.equal(t[contract.USER_ID], user_id)))
         if not found:
@@ -270,12 +296,14 @@ class PublishedTable:
         """The whole table, one part (at most ``publish.rows_per_part`` rows) at a time, each
         checked against the manifest's sha256.
 
-        Each part is decoded by ``pq.ParquetFile(...).read()``, not ``pq.read_table``, whose
-        dataset-scanner threads can abort a short script at exit: the same call, and the why,
-        as ``nightrec.store.storage.parquet_table`` (which this package, installed alone,
-        cannot import); benchmarks/RESULTS.md, "Parquet reads and the exit abort"."""
+        Each part is decoded on the calling thread (``pq.ParquetFile(pa.BufferReader(...))
+        .read(use_threads=False)``), as :meth:`lookup` reads its row groups: the reader starts
+        no Arrow thread, so a short script that reads and exits cannot abort at exit (Arrow's
+        pool threads can still be joinable then: SIGABRT, "terminate called without an active
+        exception", apache/arrow#39862); benchmarks/RESULTS.md, "Parquet reads and the exit
+        abort"."""
         for part in self.parts:
-            yield pq.ParquetFile(io.BytesIO(self._part_bytes(part))).read()
+            yield pq.ParquetFile(pa.BufferReader(self._part_bytes(part))).read(use_threads=False)
 
     def iter_batches(self) -> Iterator[pa.RecordBatch]:
         """:meth:`iter_parts`, each part as one RecordBatch (empty parts skipped)."""
