@@ -503,3 +503,19 @@ def test_a_windowed_ease_ranks_the_session_partner_first_where_plain_co_occurren
     assert all(np.argmax(b[i]) == i ^ 1 for i in range(10))
     with pytest.raises(ValueError, match="timestamps"):
         train.ease_gram(x, df.drop(columns=schema.TIMESTAMP), p=p, window=1)
+
+
+def test_keras_tensor_conversions_leave_no_numpy_2_warning_in_the_task_log():
+    # Keras converts variables with np.array(x); TensorFlow's __array__ has no copy keyword,
+    # so NumPy 2 warns once per conversion: dozens of lines per fit in an Airflow task's log.
+    import warnings
+
+    keras = models.keras_module()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        keras.ops.convert_to_numpy(keras.Variable([1.0, 2.0]))
+        assert any("copy keyword" in str(w.message) for w in caught)  # the warning exists
+        del caught[:]
+        models.keras_module()  # what every model-building path calls first
+        assert keras.ops.convert_to_numpy(keras.Variable([1.0, 2.0])).tolist() == [1.0, 2.0]
+    assert [str(w.message) for w in caught if w.category is DeprecationWarning] == []

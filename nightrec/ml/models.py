@@ -26,6 +26,7 @@ A trained model is exported as ``embeddings.npz`` that scoring reads with numpy 
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -39,6 +40,12 @@ def keras_module():
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
+
+    # Keras' TensorFlow backend converts tensors with np.array(x), and TensorFlow's __array__
+    # predates NumPy 2's copy keyword: one DeprecationWarning per conversion, dozens per fit
+    # in a task's log (Airflow records warnings), none of them about nightrec's code.
+    warnings.filterwarnings("ignore", category=DeprecationWarning,
+                            message="__array__ implementation doesn't accept a copy keyword")
 
     return keras
 
