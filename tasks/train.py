@@ -1065,6 +1065,9 @@ def _share(deadline: float, remaining: int) -> float:
     return now + max(0.0, deadline - now) / (remaining + 1)
 
 
+KERAS_FAMILIES = frozenset({"mf_softmax", "sasrec"})  # the candidates fitted by Keras
+
+
 def train_both(
     parts: dict[str, pd.DataFrame], *, n_users: int, n_items: int, p: settings.StepParams,
     workdir: Path, init: dict[str, dict[str, np.ndarray]] | None = None,
@@ -1104,13 +1107,17 @@ def train_both(
         log.warning("candidate %s skipped: %s", name, why)
     from nightrec.ml import ials, ranking
 
-    # numba's first compile (scoring: ~16 s cold; iALS: ~20 s cold, ~3 s from its cache) is
-    # not any candidate's fitting: done before the budget's clock starts
+    # numba's first compile (scoring: ~16 s cold; iALS: ~20 s cold, ~3 s from its cache) and
+    # TensorFlow's import (6-7 s on 2 busy cores, measured) are not any candidate's fitting:
+    # done before the budget's clock starts. A run with no Keras candidate never imports it.
     started = time.perf_counter()
     ranking.warm_up()
     if "ials" in names:
         ials.warm_up(p["train.ials.kernel"])
-    log.info("numba kernels ready in %.1f s (before the time budget starts)",
+    if KERAS_FAMILIES.intersection(names):
+        models.keras_module()
+    log.info("numba kernels%s ready in %.1f s (before the time budget starts)",
+             " and Keras" if KERAS_FAMILIES.intersection(names) else "",
              time.perf_counter() - started)
     budget = budget_s(p, len(parts["train"]) + len(parts["valid"]))
     deadline = time.monotonic() + budget

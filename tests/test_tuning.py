@@ -612,6 +612,31 @@ def test_the_time_budget_starts_after_the_kernels_are_compiled(parts, tmp_path, 
     assert len(search) == 2 and all("valid_ndcg_at_10" in v for v in search.values()), search
 
 
+@pytest.mark.parametrize("names", [["ease", "mf_softmax"], ["ease", "ials"]])
+def test_tensorflow_is_imported_before_the_budget_only_when_a_keras_candidate_runs(
+        parts, tmp_path, monkeypatch, names):
+    """TensorFlow's import (6-7 s on 2 busy cores) is not a fit: with a Keras candidate it
+    happens before the budget's clock starts, not inside that candidate's share; without one,
+    the run never asks for Keras (a CPU run of EASE and iALS does not pay TensorFlow's memory)."""
+    from nightrec.ml import models
+
+    events = []
+    real_keras, real_budget = models.keras_module, train.budget_s
+    monkeypatch.setattr(models, "keras_module",
+                        lambda: events.append("keras") or real_keras())
+    monkeypatch.setattr(train, "budget_s",
+                        lambda *a, **k: events.append("budget starts") or real_budget(*a, **k))
+    p = _p(**{"train.candidates": names, "train.blend.enabled": False,
+              "train.ease.window": [None], "train.ease.l2": [300.0], "train.ease.dropout": [0.0],
+              "train.ease.recency_half_life": [None], "train.ials.regularization": [100.0]})
+    res = train.train_both(parts, n_users=N_USERS, n_items=N_ITEMS, p=p, workdir=tmp_path)
+    assert set(res["selection"]["candidates"]) == set(names)
+    if "mf_softmax" in names:
+        assert events[:2] == ["keras", "budget starts"], events[:5]
+    else:
+        assert events == ["budget starts"], events
+
+
 def _staged_split(parts: dict, ds: str):
     """The module's split parts on S3 where split leaves them: the Split record train.run takes."""
     from nightrec.core.records import Split
