@@ -23,7 +23,6 @@ to EASE window 5, the blend chosen, and its ratio to EASE window 5 on the other 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,14 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_models as bm  # noqa: E402 - the shared helpers, next to this file
 import bench_protocol as bp  # noqa: E402
-from window_valid import VALID_FRACTION, VALID_SEED_OFFSET, _ease  # noqa: E402
+from window_valid import (  # noqa: E402
+    VALID_FRACTION,
+    VALID_SEED_OFFSET,
+    _ease,
+    ml100k_arg,
+    ratings_or_none,
+    valid_carve,
+)
 
 DISCOUNT = 1.0 / np.log2(np.arange(2, 12))
 WEIGHTS = [0.1, 0.2, 0.35, 0.5, 0.75, 1.0]
@@ -119,25 +125,17 @@ def choose_and_measure(cands: dict[str, dict], x, held, pick, other) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--ml100k", type=Path, default=Path(os.environ.get(
-        "NIGHTREC_ML100K", bm.ROOT.parent / "shared" / "data" / "ml-100k")))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    ml100k_arg(parser)
     args = parser.parse_args(argv)
-    if not (args.ml100k / "u.data").exists():
-        print(f"MovieLens-100K not found at {args.ml100k}; nothing to measure")
+    ratings = ratings_or_none(args.ml100k)
+    if ratings is None:
         return {}
-    from nightrec.dev import bench_scoring
-
-    print(bench_scoring.machine())
     print(f"commit {bp._git('log', '-1', '--format=%h')}; valid = {VALID_FRACTION:g} of the 80% "
           f"(seed + {VALID_SEED_OFFSET}), cut in two halves; the 20% test part is never read")
-    ratings = pd.read_csv(args.ml100k / "u.data", sep="\t", names=["u", "i", "r", "t"])
     out = {}
     runs = [("random", s) for s in args.seeds] + [("temporal", args.seeds[0])]
     for protocol, seed in runs:
-        eighty, _test = bp.carve(ratings, protocol, seed, bp.TEST_FRACTION)
-        del _test  # never read
-        fit, valid = bp.carve(eighty, protocol, seed + VALID_SEED_OFFSET, VALID_FRACTION)
+        fit, valid = valid_carve(ratings, protocol, seed)
         users, items, x = bm.interaction_matrix(fit)
         held = np.zeros_like(x)
         hu, hi = pd.Index(users).get_indexer(valid["u"]), pd.Index(items).get_indexer(valid["i"])

@@ -83,6 +83,32 @@ def _index_order_gram(fit: pd.DataFrame, users, items, window: int) -> np.ndarra
     return w
 
 
+def ml100k_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ml100k", type=Path, default=Path(os.environ.get(
+        "NIGHTREC_ML100K", bm.ROOT.parent / "shared" / "data" / "ml-100k")))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+
+
+def ratings_or_none(ml100k: Path) -> pd.DataFrame | None:
+    """MovieLens-100K's events (read where they are, never copied), after printing the
+    machine; None (and a line saying so) when the data is absent."""
+    if not (ml100k / "u.data").exists():
+        print(f"MovieLens-100K not found at {ml100k}; nothing to measure")
+        return None
+    from nightrec.dev import bench_scoring
+
+    print(bench_scoring.machine())
+    return pd.read_csv(ml100k / "u.data", sep="\t", names=["u", "i", "r", "t"])
+
+
+def valid_carve(ratings: pd.DataFrame, protocol: str, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(fit, valid)``: bench_protocol's 80% for ``protocol`` and ``seed``, carved again into
+    a validation split; the 20% test part is never read."""
+    eighty, _test = bp.carve(ratings, protocol, seed, bp.TEST_FRACTION)
+    del _test  # never read
+    return bp.carve(eighty, protocol, seed + VALID_SEED_OFFSET, VALID_FRACTION)
+
+
 def variants(fit: pd.DataFrame, held: pd.DataFrame) -> dict[str, tuple[float, float]]:
     """``{variant: (best valid NDCG@10, its lambda)}`` on one carve."""
     from nightrec.ml import models
@@ -112,29 +138,20 @@ def variants(fit: pd.DataFrame, held: pd.DataFrame) -> dict[str, tuple[float, fl
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--ml100k", type=Path, default=Path(os.environ.get(
-        "NIGHTREC_ML100K", bm.ROOT.parent / "shared" / "data" / "ml-100k")))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    ml100k_arg(parser)
     parser.add_argument("--protocols", nargs="+", choices=["random", "temporal"],
                         default=["random", "temporal"])
     args = parser.parse_args(argv)
-    if not (args.ml100k / "u.data").exists():
-        print(f"MovieLens-100K not found at {args.ml100k}; nothing to measure")
+    ratings = ratings_or_none(args.ml100k)
+    if ratings is None:
         return {}
-    from nightrec.dev import bench_scoring
-
-    print(bench_scoring.machine())
     print(f"commit {bp._git('log', '-1', '--format=%h')}; valid = {VALID_FRACTION:g} of the 80% "
           f"(seed + {VALID_SEED_OFFSET}); the 20% test part is never read; lambdas {LAMBDAS}")
-    ratings = pd.read_csv(args.ml100k / "u.data", sep="\t", names=["u", "i", "r", "t"])
     results = {}
     for protocol in args.protocols:
         seeds = args.seeds if protocol == "random" else args.seeds[:1]
         for seed in seeds:
-            eighty, _test = bp.carve(ratings, protocol, seed, bp.TEST_FRACTION)
-            del _test  # never read
-            fit, held = bp.carve(eighty, protocol, seed + VALID_SEED_OFFSET, VALID_FRACTION)
-            results[(protocol, seed)] = variants(fit, held)
+            results[(protocol, seed)] = variants(*valid_carve(ratings, protocol, seed))
     names = list(next(iter(results.values())))
     cols = list(results)
     print("\n| variant | " + " | ".join(f"{p} {s}" for p, s in cols) + " |")
