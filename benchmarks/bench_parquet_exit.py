@@ -9,7 +9,7 @@ tests/test_parquet_reads.py checks both return what the scanner returned), and o
 ``use_threads=False``, as the reader (``nightrec.table.reader``) decodes. Each child also
 prints how many threads its reads started (``/proc/self/task``): the abort needs an Arrow pool
 thread, so a path that starts none cannot abort that way. With nightrec's
-modules imported first (3 s of imports under load), neither path aborted in 50 trials each:
+modules imported first (3 s of imports under load), neither threaded path aborted in 50 trials each:
 the race needs the exit to follow the read closely, as in a short script. A process that exits
 with SIGABRT ("terminate called without an active exception", apache/arrow#39862) counts as an
 abort. The two paths alternate, so both see the same machine load; ``--load N`` keeps N busy

@@ -8,7 +8,8 @@ For each protocol and seed: the benchmark's 80% / 20% split (bench_protocol.carv
 test part is never read**. From the 80%, the validation split of window_valid.py (12.5%, seed +
 777). The valid users are cut in two random halves: every choice (each candidate's
 hyperparameters from a small grid, then a greedy forward blend of per-user standardised scores
-starting from EASE with window 5, up to three more terms, weights from a grid) is made on one
+starting from EASE with window 5, up to three more terms, weights from a grid; a candidate
+may be added again, which adds to its weight) is made on one
 half and measured on the other, both ways, so the printed gain is not the figure it was chosen
 on. Candidates: EASE plain and with window 5 (l2 100 / 300 / 1000), iALS (implicit, 64 / 128
 factors, reg 1 / 10, alpha 1 / 5, 15 iterations), RP3beta (alpha 1, beta 0.2 / 0.4), and a

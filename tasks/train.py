@@ -1109,16 +1109,18 @@ def train_both(
 
     # numba's first compile (scoring: ~16 s cold; iALS: ~20 s cold, ~3 s from its cache) and
     # TensorFlow's import (6-7 s on 2 busy cores, measured) are not any candidate's fitting:
-    # done before the budget's clock starts. A run with no Keras candidate never imports it.
+    # done before the budget's clock starts. A CPU run with no Keras fit never imports it
+    # (ials.gpu_count answers from /dev without importing a backend).
     started = time.perf_counter()
     ranking.warm_up()
     if "ials" in names:
         ials.warm_up(p["train.ials.kernel"])
-    if KERAS_FAMILIES.intersection(names):
+    uses_keras = bool(KERAS_FAMILIES.intersection(names)) or ials.gpu_count() > 0 or (
+        "ials" in names and ials.pick_kernel(p["train.ials.kernel"]) == "keras")
+    if uses_keras:  # with a GPU, EASE's solve and iALS run on Keras too
         models.keras_module()
     log.info("numba kernels%s ready in %.1f s (before the time budget starts)",
-             " and Keras" if KERAS_FAMILIES.intersection(names) else "",
-             time.perf_counter() - started)
+             " and Keras" if uses_keras else "", time.perf_counter() - started)
     budget = budget_s(p, len(parts["train"]) + len(parts["valid"]))
     deadline = time.monotonic() + budget
     tb = workdir / "tensorboard"

@@ -514,7 +514,8 @@ def test_keras_tensor_conversions_leave_no_numpy_2_warning_in_the_task_log():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         keras.ops.convert_to_numpy(keras.Variable([1.0, 2.0]))
-        assert any("copy keyword" in str(w.message) for w in caught)  # the warning exists
+        if not any("copy keyword" in str(w.message) for w in caught):
+            pytest.skip("this TensorFlow no longer warns: the filter has nothing to hide")
         del caught[:]
         models.keras_module()  # what every model-building path calls first
         assert keras.ops.convert_to_numpy(keras.Variable([1.0, 2.0])).tolist() == [1.0, 2.0]

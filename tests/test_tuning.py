@@ -612,14 +612,17 @@ def test_the_time_budget_starts_after_the_kernels_are_compiled(parts, tmp_path, 
     assert len(search) == 2 and all("valid_ndcg_at_10" in v for v in search.values()), search
 
 
-@pytest.mark.parametrize("names", [["ease", "mf_softmax"], ["ease", "ials"]])
-def test_tensorflow_is_imported_before_the_budget_only_when_a_keras_candidate_runs(
-        parts, tmp_path, monkeypatch, names):
-    """TensorFlow's import (6-7 s on 2 busy cores) is not a fit: with a Keras candidate it
-    happens before the budget's clock starts, not inside that candidate's share; without one,
-    the run never asks for Keras (a CPU run of EASE and iALS does not pay TensorFlow's memory)."""
-    from nightrec.ml import models
+@pytest.mark.parametrize("names, gpus", [(["ease", "mf_softmax"], 0), (["ease", "ials"], 0),
+                                         (["ease", "ials"], 1)])
+def test_tensorflow_is_imported_before_the_budget_only_when_a_keras_fit_runs(
+        parts, tmp_path, monkeypatch, names, gpus):
+    """TensorFlow's import (6-7 s on 2 busy cores) is not a fit: with a Keras candidate, or a
+    GPU (EASE's solve and iALS then run on Keras), it happens before the budget's clock starts,
+    not inside a candidate's share; on CPU without one, the run never asks for Keras (EASE and
+    iALS alone do not pay TensorFlow's memory). ``gpus``: what ials.gpu_count answers."""
+    from nightrec.ml import ials, models
 
+    monkeypatch.setattr(ials, "gpu_count", lambda: gpus)
     events = []
     real_keras, real_budget = models.keras_module, train.budget_s
     monkeypatch.setattr(models, "keras_module",
@@ -631,7 +634,7 @@ def test_tensorflow_is_imported_before_the_budget_only_when_a_keras_candidate_ru
               "train.ease.recency_half_life": [None], "train.ials.regularization": [100.0]})
     res = train.train_both(parts, n_users=N_USERS, n_items=N_ITEMS, p=p, workdir=tmp_path)
     assert set(res["selection"]["candidates"]) == set(names)
-    if "mf_softmax" in names:
+    if "mf_softmax" in names or gpus:
         assert events[:2] == ["keras", "budget starts"], events[:5]
     else:
         assert events == ["budget starts"], events

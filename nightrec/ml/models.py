@@ -26,6 +26,7 @@ A trained model is exported as ``embeddings.npz`` that scoring reads with numpy 
 from __future__ import annotations
 
 import os
+import re
 import warnings
 
 import numpy as np
@@ -36,6 +37,10 @@ KINDS = ("ease", "rp3beta", "ials", "sasrec", "mf_softmax")
 UNKNOWN_ITEM_BIAS = -1e30  # an item a model never saw ranks below every item it knows
 
 
+_KERAS_COPY_WARNING = ("ignore", re.compile("__array__ implementation doesn't accept a copy keyword", re.I),
+                       DeprecationWarning, None, 0)
+
+
 def keras_module():
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -43,9 +48,12 @@ def keras_module():
 
     # Keras' TensorFlow backend converts tensors with np.array(x), and TensorFlow's __array__
     # predates NumPy 2's copy keyword: one DeprecationWarning per conversion, dozens per fit
-    # in a task's log (Airflow records warnings), none of them about nightrec's code.
-    warnings.filterwarnings("ignore", category=DeprecationWarning,
-                            message="__array__ implementation doesn't accept a copy keyword")
+    # in a task's log (Airflow records warnings), none of them about nightrec's code. Put
+    # first once, and again only if another filter has gone in front of it since (each
+    # filterwarnings call resets the registry of warnings already shown once).
+    if warnings.filters[:1] != [_KERAS_COPY_WARNING]:
+        warnings.filterwarnings("ignore", category=DeprecationWarning,
+                                message="__array__ implementation doesn't accept a copy keyword")
 
     return keras
 

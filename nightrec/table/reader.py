@@ -149,6 +149,15 @@ class _RangeFile(io.RawIOBase):
         return len(data)
 
 
+def _chunk_start(chunk) -> int:
+    """Where a column chunk starts: its dictionary page when it has one, as Arrow computes
+    it (a writer that records a dictionary offset of 0, or one past the data page, is not
+    trusted)."""
+    start = chunk.data_page_offset
+    dictionary = chunk.dictionary_page_offset if chunk.has_dictionary_page else None
+    return dictionary if dictionary and 0 < dictionary < start else start
+
+
 class _Footer:
     """One part's Parquet metadata and its row groups' user_id min/max."""
 
@@ -162,8 +171,7 @@ class _Footer:
             ok = st is not None and st.has_min_max
             self.ranges.append((st.min, st.max) if ok else None)
             chunks = [group.column(c) for c in range(group.num_columns)]
-            starts = [c.dictionary_page_offset if c.has_dictionary_page else c.data_page_offset
-                      for c in chunks]
+            starts = [_chunk_start(c) for c in chunks]
             self.spans.append((min(starts), max(s + c.total_compressed_size
                                                 for s, c in zip(starts, chunks, strict=True))))
 
@@ -171,7 +179,9 @@ class _Footer:
         return [i for i, r in enumerate(self.ranges) if r is None or r[0] <= user_id <= r[1]]
 
     def span(self, groups: list[int]) -> tuple[int, int]:
-        """The bytes ``[start, end)`` that hold the column chunks of ``groups``."""
+        """The bytes ``[start, end)`` that hold the column chunks of ``groups``: one range,
+        so groups that are not adjacent (only when a part has no ``user_id`` statistics) bring
+        the groups between them too. A read outside it is still served (one more request)."""
         return min(self.spans[g][0] for g in groups), max(self.spans[g][1] for g in groups)
 
 
