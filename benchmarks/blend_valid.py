@@ -33,10 +33,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_models as bm  # noqa: E402 - the shared helpers, next to this file
-import bench_protocol as bp  # noqa: E402
 from window_valid import (  # noqa: E402
-    VALID_FRACTION,
-    VALID_SEED_OFFSET,
     _ease,
     ml100k_arg,
     ratings_or_none,
@@ -128,11 +125,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ml100k_arg(parser)
     args = parser.parse_args(argv)
-    ratings = ratings_or_none(args.ml100k)
+    ratings = ratings_or_none(args.ml100k, ", cut in two halves")
     if ratings is None:
         return {}
-    print(f"commit {bp._git('log', '-1', '--format=%h')}; valid = {VALID_FRACTION:g} of the 80% "
-          f"(seed + {VALID_SEED_OFFSET}), cut in two halves; the 20% test part is never read")
     out = {}
     runs = [("random", s) for s in args.seeds] + [("temporal", args.seeds[0])]
     for protocol, seed in runs:

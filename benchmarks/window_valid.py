@@ -89,15 +89,18 @@ def ml100k_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
 
 
-def ratings_or_none(ml100k: Path) -> pd.DataFrame | None:
+def ratings_or_none(ml100k: Path, carve_note: str = "") -> pd.DataFrame | None:
     """MovieLens-100K's events (read where they are, never copied), after printing the
-    machine; None (and a line saying so) when the data is absent."""
+    machine, the commit and how the valid split is carved (``carve_note`` appended); None (and
+    a line saying so) when the data is absent."""
     if not (ml100k / "u.data").exists():
         print(f"MovieLens-100K not found at {ml100k}; nothing to measure")
         return None
     from nightrec.dev import bench_scoring
 
     print(bench_scoring.machine())
+    print(f"commit {bp._git('log', '-1', '--format=%h')}; valid = {VALID_FRACTION:g} of the 80% "
+          f"(seed + {VALID_SEED_OFFSET}){carve_note}; the 20% test part is never read")
     return pd.read_csv(ml100k / "u.data", sep="\t", names=["u", "i", "r", "t"])
 
 
@@ -145,8 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     ratings = ratings_or_none(args.ml100k)
     if ratings is None:
         return {}
-    print(f"commit {bp._git('log', '-1', '--format=%h')}; valid = {VALID_FRACTION:g} of the 80% "
-          f"(seed + {VALID_SEED_OFFSET}); the 20% test part is never read; lambdas {LAMBDAS}")
+    print(f"lambdas {LAMBDAS}")
     results = {}
     for protocol in args.protocols:
         seeds = args.seeds if protocol == "random" else args.seeds[:1]

@@ -964,6 +964,9 @@ def budget_s(p: settings.StepParams, events: int) -> float:
     return min(hi, max(lo, float(p["train.time_budget.s_per_million_events"]) * events / 1e6))
 
 
+KERAS_FAMILIES = ("mf_softmax", "sasrec")  # the candidates fitted by Keras
+
+
 def candidates(p: settings.StepParams, n_items: int, *, events: int = 0,
                gpus: int | None = None) -> tuple[list[str], dict[str, str]]:
     """``(names to fit, {skipped name: why})`` from ``train.candidates``. Nothing is skipped
@@ -982,7 +985,7 @@ def candidates(p: settings.StepParams, n_items: int, *, events: int = 0,
         if int(p[f"train.{family}.max_items"]) < 1:
             raise ValueError(f"train.{family}.max_items must be >= 1")
     skipped = {}
-    for name in ("mf_softmax", "sasrec"):
+    for name in KERAS_FAMILIES:
         limit = int(p[f"train.{name}.cpu_max_events"])
         if name in names and events > limit and len(names) > 1:
             from nightrec.ml import ials
@@ -1065,9 +1068,6 @@ def _share(deadline: float, remaining: int) -> float:
     return now + max(0.0, deadline - now) / (remaining + 1)
 
 
-KERAS_FAMILIES = frozenset({"mf_softmax", "sasrec"})  # the candidates fitted by Keras
-
-
 def train_both(
     parts: dict[str, pd.DataFrame], *, n_users: int, n_items: int, p: settings.StepParams,
     workdir: Path, init: dict[str, dict[str, np.ndarray]] | None = None,
@@ -1115,8 +1115,8 @@ def train_both(
     ranking.warm_up()
     if "ials" in names:
         ials.warm_up(p["train.ials.kernel"])
-    uses_keras = bool(KERAS_FAMILIES.intersection(names)) or ials.gpu_count() > 0 or (
-        "ials" in names and ials.pick_kernel(p["train.ials.kernel"]) == "keras")
+    uses_keras = (any(n in KERAS_FAMILIES for n in names) or ials.gpu_count() > 0
+                  or ("ials" in names and p["train.ials.kernel"] == "keras"))
     if uses_keras:  # with a GPU, EASE's solve and iALS run on Keras too
         models.keras_module()
     log.info("numba kernels%s ready in %.1f s (before the time budget starts)",

@@ -26,7 +26,6 @@ A trained model is exported as ``embeddings.npz`` that scoring reads with numpy 
 from __future__ import annotations
 
 import os
-import re
 import warnings
 
 import numpy as np
@@ -37,8 +36,7 @@ KINDS = ("ease", "rp3beta", "ials", "sasrec", "mf_softmax")
 UNKNOWN_ITEM_BIAS = -1e30  # an item a model never saw ranks below every item it knows
 
 
-_KERAS_COPY_WARNING = ("ignore", re.compile("__array__ implementation doesn't accept a copy keyword", re.I),
-                       DeprecationWarning, None, 0)
+_KERAS_COPY_WARNING = "__array__ implementation doesn't accept a copy keyword"
 
 
 def keras_module():
@@ -51,9 +49,10 @@ def keras_module():
     # in a task's log (Airflow records warnings), none of them about nightrec's code. Put
     # first once, and again only if another filter has gone in front of it since (each
     # filterwarnings call resets the registry of warnings already shown once).
-    if warnings.filters[:1] != [_KERAS_COPY_WARNING]:
-        warnings.filterwarnings("ignore", category=DeprecationWarning,
-                                message="__array__ implementation doesn't accept a copy keyword")
+    first = warnings.filters[0] if warnings.filters else None
+    if not (first and first[0] == "ignore"
+            and getattr(first[1], "pattern", None) == _KERAS_COPY_WARNING):
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=_KERAS_COPY_WARNING)
 
     return keras
 
