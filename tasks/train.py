@@ -1062,10 +1062,53 @@ def gated_fit(p: settings.StepParams) -> str:
     return "holdout" if gate == ["train"] else "gated"
 
 
-def _share(deadline: float, remaining: int) -> float:
-    """The deadline of the next of ``remaining`` fits, one more share kept for the refit."""
+def _share(deadline: float, remaining: int, reserve: float = 1.0) -> float:
+    """The deadline of the next of ``remaining`` fits, ``reserve`` more shares kept for the
+    refits (:func:`refit_reserve`)."""
     now = time.monotonic()
-    return now + max(0.0, deadline - now) / (remaining + 1)
+    return now + max(0.0, deadline - now) / (remaining + reserve)
+
+
+def refit_rows(parts: dict, p: settings.StepParams) -> list[int]:
+    """The row counts of the refits that follow the choice, in order: the gated refit when it is
+    a fit of its own (:func:`gated_fit`), then the shipped one. Sizes only: ``parts["shipped"]``
+    and ``parts["gated"]`` when given (run(): one frame), else the sum of their parts' lengths
+    (the test split's too, when ``ship_fit: all`` and no ``shipped`` frame is given)."""
+    def rows(key: str, names: list[str]) -> int:
+        frame = parts.get(key)
+        return len(frame) if frame is not None else sum(len(parts[n]) for n in names)
+
+    out = [rows("gated", gate_parts(p))] if gated_fit(p) == "gated" else []
+    return out + [rows("shipped", ship_parts(p))]
+
+
+def refit_reserve(parts: dict, p: settings.StepParams) -> float:
+    """How many selection shares the refits take: each refit repeats the chosen fit (its point,
+    its iteration or epoch count) on more rows, at a cost linear in them, so the reserve is
+    the refits' rows over train's (with the defaults about 2.3: train + valid, then every
+    part)."""
+    return sum(refit_rows(parts, p)) / max(1, len(parts["train"]))
+
+
+def one_fit_s(hist: dict, fit_s: float) -> float:
+    """The seconds one refit of a selection fit is projected to take on the train split's rows:
+    the epochs it repeats (mf_softmax, sasrec: ``epoch_s`` up to ``best_epoch``, validation
+    included), else a search's slowest point (a refit builds its own Gram, or runs the chosen
+    point's iterations), else the whole selection fit (``fit_s``)."""
+    epochs = hist.get("epoch_s")
+    if epochs and hist.get("best_epoch"):
+        return float(sum(epochs[:int(hist["best_epoch"])]))
+    points = [r["fit_s"] for r in (hist.get("search") or {}).values() if "fit_s" in r]
+    return float(max(points)) if points else float(fit_s)
+
+
+def affordable(names: list[str], refit_s: dict[str, float], left: float) -> dict[str, str]:
+    """Which of ``names`` cannot be chosen because their refits (``refit_s``: projected seconds,
+    all refits together) do not fit in the ``left`` seconds of the time budget, with why. The
+    cheapest is always allowed: a run ships a model."""
+    cheapest = min(names, key=lambda n: refit_s[n])
+    return {n: (f"its refits projected at {refit_s[n]:.0f} s, {max(0.0, left):.0f} s left in "
+                f"the time budget") for n in names if n != cheapest and refit_s[n] > left}
 
 
 def train_both(
@@ -1080,9 +1123,12 @@ def train_both(
     ``init``: per family (``ials``, ``mf_softmax``), the champion's factors aligned to this run
     (warm start), when it is of that family. ``timestamps``: when the frames have none (run()),
     those of the valid sample's train rows (:func:`sample_known`'s), for its recency ranks. The fits share :func:`budget_s`: each candidate's
-    selection fit gets an equal share of what is left (one share kept for the refit), and stops
-    at the iteration or epoch that would overrun it; an mf_softmax whose first epoch is projected
-    to overrun is skipped (``selection["skipped"]``, logged).
+    selection fit gets an equal share of what is left, :func:`refit_reserve` shares kept for
+    the refits, and stops at the iteration or epoch that would overrun it; an mf_softmax whose
+    first epoch is projected to overrun is skipped (``selection["skipped"]``, logged). A
+    candidate (a blend: its components together) whose refits are projected
+    (:func:`one_fit_s` x the reserve) past what is left of the budget when the fits end is not
+    a choice (``selection["skipped"]``, logged); the cheapest always is.
 
     Returns ``{"chosen", "selection", "holdout": (weights, history), "full": (weights,
     history), ["gated_refit": (weights, history),] "train_cutoff", "gated", "gated_cutoff",
@@ -1123,6 +1169,7 @@ def train_both(
              " and Keras" if uses_keras else "", time.perf_counter() - started)
     budget = budget_s(p, len(parts["train"]) + len(parts["valid"]))
     deadline = time.monotonic() + budget
+    reserve = refit_reserve(parts, p)
     tb = workdir / "tensorboard"
     # One seeded valid-user sample, scored by one function, for every candidate.
     sample = valid_sample(parts["valid"], max_users=int(p["train.valid_users"]), seed=int(p["seed"]))
@@ -1133,11 +1180,13 @@ def train_both(
     timestamps = None
     fits, selection = {}, {"metric": metric, "candidates": {}, "skipped": skipped,
                            "valid_users": int(sample[schema.USER_IDX].nunique()),
-                           "valid_rows": len(sample), "time_budget_s": round(budget, 1)}
+                           "valid_rows": len(sample), "time_budget_s": round(budget, 1),
+                           "refit_reserve_shares": round(reserve, 2)}
     keras_models = {}
+    refit_s = {}  # each candidate's refits, projected (seconds, all of them)
     for n, name in enumerate(names):
         started = time.perf_counter()
-        share = _share(deadline, len(names) - n)
+        share = _share(deadline, len(names) - n, reserve)
         if name in ("ease", "rp3beta"):
             emb, hist = search_item_item(name, parts["train"], sample, n_users=n_users,
                                          n_items=n_items, p=p, deadline=share, known=known)
@@ -1164,8 +1213,10 @@ def train_both(
             value = evaluate.ranking_metric(emb, known, sample, metric=metric, n_users=n_users)
         hist[f"valid_{metric}"] = value
         fits[name] = (emb, hist)
-        selection["candidates"][name] = {f"valid_{metric}": value,
-                                         "fit_s": round(time.perf_counter() - started, 2)}
+        fit_s = time.perf_counter() - started
+        refit_s[name] = reserve * one_fit_s(hist, fit_s)
+        selection["candidates"][name] = {f"valid_{metric}": value, "fit_s": round(fit_s, 2),
+                                         "refits_projected_s": round(refit_s[name], 1)}
         if "best_epoch" in hist:  # the iterative families
             selection["candidates"][name]["best_epoch"] = hist["best_epoch"]
         if "head_items" in hist:  # ease above max_items: fitted on the catalogue's head
@@ -1178,6 +1229,7 @@ def train_both(
         log.info("candidate %s: valid %s = %.4f", name, metric, value)
     if not fits:
         raise ValueError(f"no candidate could be fitted within the budget: {skipped}")
+    left = deadline - time.monotonic()  # for the refits (scoring on valid is not fitting)
     fitted = [n for n in names if n in fits]
     if p["train.blend.enabled"] and len(fitted) >= 2:
         started = time.perf_counter()
@@ -1188,14 +1240,24 @@ def train_both(
         else:
             fits["blend"] = (emb, hist)
             fitted.append("blend")
+            refit_s["blend"] = sum(refit_s[c] for c in hist["components"])
             selection["candidates"]["blend"] = {
                 f"valid_{metric}": hist[f"valid_{metric}"],
                 "fit_s": round(time.perf_counter() - started, 2),
+                "refits_projected_s": round(refit_s["blend"], 1),
                 "components": hist["components"], "params": hist["params"],
                 "search": hist["search"]}
             log.info("candidate blend of %s: valid %s = %.4f", hist["components"], metric,
                      hist[f"valid_{metric}"])
         emb = hist = None
+    # the time budget bounds the refits too: a candidate whose refits would not end in time
+    # (a blend refits each component, the defaults refit twice) is not a choice
+    too_slow = affordable(fitted, refit_s, left)
+    for name, why in too_slow.items():
+        skipped[name] = why
+        log.warning("candidate %s not chosen: %s", name, why)
+    fitted = [n for n in fitted if n not in too_slow]
+    selection["refits_left_s"] = round(left, 1)
     # the paired comparison: each candidate's metric per valid user of the one sample
     confidence = float(p["train.select_confidence"])
     per_user = None

@@ -581,6 +581,68 @@ def test_the_latest_tune_result_is_of_this_ds_or_earlier_within_max_age(bucket):
     assert train.latest_tune("2026-11-19", 14) == (None, None)
 
 
+def test_the_refits_reserve_follows_the_refits_that_will_run(parts):
+    """The shares kept for the refits: each refit's rows over train's. Sizes only, and with
+    ``ship_fit: train_valid`` (the gated refit is the shipped one) not even the test split's."""
+    n_train, n_valid, n_test = (len(parts[k]) for k in ("train", "valid", "test"))
+    defaults = _p()  # ship_fit all, gate_fit train_valid: two refits
+    assert train.refit_rows(parts, defaults) == [n_train + n_valid, n_train + n_valid + n_test]
+    assert train.refit_reserve(parts, defaults) == pytest.approx(
+        (2 * n_train + 2 * n_valid + n_test) / n_train)
+    assert train.refit_rows(parts, _p(**{"train.gate_fit": "train"})) == [
+        n_train + n_valid + n_test]  # the selection fit is gated: one refit
+    guarded = TrainAndValidOnly(parts)
+    assert train.refit_rows(guarded, _p(**{"train.ship_fit": "train_valid"})) == [
+        n_train + n_valid]
+    # run() passes the frames: their lengths
+    frames = {"train": parts["train"], "shipped": parts["train"].iloc[:7],
+              "gated": parts["train"].iloc[:5]}
+    assert train.refit_rows(frames, defaults) == [5, 7]
+
+
+def test_a_refit_is_projected_from_what_it_repeats():
+    # the epochs up to the best (tracing in the first), not the epochs after it
+    assert train.one_fit_s({"epoch_s": [3.0, 2.0, 2.0, 2.0], "best_epoch": 2}, 99.0) == 5.0
+    # a search's slowest point (EASE's first builds the Gram its refit builds again)
+    search = {"a": {"fit_s": 4.0, "valid_ndcg_at_10": 0.1}, "b": {"fit_s": 0.5},
+              "c": {"skipped": "time budget"}}
+    assert train.one_fit_s({"search": search}, 99.0) == 4.0
+    assert train.one_fit_s({}, 7.5) == 7.5  # else the whole selection fit
+    # only candidates whose refits fit in what is left; the cheapest always can be chosen
+    refits = {"ease": 2.0, "ials": 30.0, "blend": 32.0}
+    assert set(train.affordable(["ease", "ials", "blend"], refits, 31.0)) == {"blend"}
+    assert "32 s, 31 s left" in train.affordable(["ease", "blend"], refits, 31.0)["blend"]
+    assert train.affordable(["ials", "blend"], refits, -1.0) == {
+        "blend": "its refits projected at 32 s, 0 s left in the time budget"}
+
+
+def test_a_blend_whose_refits_would_overrun_the_budget_is_not_chosen(parts, tmp_path,
+                                                                     monkeypatch):
+    """The setting where the blend of EASE and iALS wins (the test above), with iALS's fit
+    projected at 500 s: its refits and the blend's (which refits iALS too) would not end within
+    the budget (900 s in the tests): EASE ships, and selection.json says why the others did
+    not."""
+    real = train.one_fit_s
+    monkeypatch.setattr(train, "one_fit_s", lambda hist, fit_s: (
+        500.0 if "regularization" in hist else real(hist, fit_s)))
+    p = _p(**{"train.candidates": ["ease", "ials"], "train.ease.l2": [50.0],
+              "train.ease.dropout": [0.0], "train.ials.regularization": [1.0],
+              "train.ease.recency_half_life": [None],
+              "train.blend.weights": [0.2, 0.5, 0.8], "train.select_min_gain": 0.0,
+              "train.select_confidence": 0.0})
+    res = train.train_both(parts, n_users=N_USERS, n_items=N_ITEMS, p=p, workdir=tmp_path)
+    sel = res["selection"]
+    reserve = train.refit_reserve(parts, p)
+    assert sel["refit_reserve_shares"] == pytest.approx(reserve, abs=0.01)
+    assert sel["candidates"]["ials"]["refits_projected_s"] == pytest.approx(500 * reserve, 0.01)
+    assert sel["candidates"]["blend"]["refits_projected_s"] > 500 * reserve
+    assert res["chosen"] == "ease" and sel["chosen"] == "ease"
+    assert set(sel["skipped"]) == {"ials", "blend"}
+    assert all("left in the time budget" in why for why in sel["skipped"].values())
+    assert sel["refits_left_s"] < 500 * reserve
+    assert "blend" not in sel["choice"]["challengers"]
+
+
 def test_the_time_budget_starts_after_the_kernels_are_compiled(parts, tmp_path, monkeypatch):
     """A compile as long as the whole budget (a cold numba cache on a busy machine) leaves the
     candidates' shares whole: both EASE points are fitted. Charged to the budget, the search
