@@ -1102,7 +1102,8 @@ def one_fit_s(hist: dict, fit_s: float) -> float:
     return float(max(points)) if points else float(fit_s)
 
 
-def affordable(names: list[str], refit_s: dict[str, float], left: float) -> dict[str, str]:
+def refits_over_budget(names: list[str], refit_s: dict[str, float],
+                       left: float) -> dict[str, str]:
     """Which of ``names`` cannot be chosen because their refits (``refit_s``: projected seconds,
     all refits together) do not fit in the ``left`` seconds of the time budget, with why. The
     cheapest is always allowed: a run ships a model."""
@@ -1252,7 +1253,7 @@ def train_both(
         emb = hist = None
     # the time budget bounds the refits too: a candidate whose refits would not end in time
     # (a blend refits each component, the defaults refit twice) is not a choice
-    too_slow = affordable(fitted, refit_s, left)
+    too_slow = refits_over_budget(fitted, refit_s, left)
     for name, why in too_slow.items():
         skipped[name] = why
         log.warning("candidate %s not chosen: %s", name, why)

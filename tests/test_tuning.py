@@ -610,9 +610,10 @@ def test_a_refit_is_projected_from_what_it_repeats():
     assert train.one_fit_s({}, 7.5) == 7.5  # else the whole selection fit
     # only candidates whose refits fit in what is left; the cheapest always can be chosen
     refits = {"ease": 2.0, "ials": 30.0, "blend": 32.0}
-    assert set(train.affordable(["ease", "ials", "blend"], refits, 31.0)) == {"blend"}
-    assert "32 s, 31 s left" in train.affordable(["ease", "blend"], refits, 31.0)["blend"]
-    assert train.affordable(["ials", "blend"], refits, -1.0) == {
+    over = train.refits_over_budget
+    assert set(over(["ease", "ials", "blend"], refits, 31.0)) == {"blend"}
+    assert "32 s, 31 s left" in over(["ease", "blend"], refits, 31.0)["blend"]
+    assert over(["ials", "blend"], refits, -1.0) == {
         "blend": "its refits projected at 32 s, 0 s left in the time budget"}
 
 
