@@ -87,9 +87,11 @@ def test_the_tuning_never_reads_the_test_split_by_construction(parts, tmp_path):
 
 
 def _without_timings(value):
-    """A selection record without its wall-clock figures (``train_s``, every ``fit_s``)."""
+    """A selection record without its wall-clock figures (``train_s``, every ``fit_s``, the
+    refits' projections and what was left for them)."""
+    timings = ("train_s", "fit_s", "refits_projected_s", "refits_left_s")
     if isinstance(value, dict):
-        return {k: _without_timings(v) for k, v in value.items() if k not in ("train_s", "fit_s")}
+        return {k: _without_timings(v) for k, v in value.items() if k not in timings}
     return value
 
 
