@@ -549,9 +549,9 @@ def search_points(p: settings.StepParams, family: str) -> list[dict[str, float]]
 
     With an adopted tune result for ``family`` (``p["tune.adopted"]``, :func:`adopt`), its
     point joins the search: its values of the keys it tuned, every listed value of the others,
-    each such point ahead of the grid's points that share its first key's value (so EASE's
-    points stay grouped by window, and a search the time budget cuts short has tried the tuned
-    point of each window first)."""
+    each such point ahead of the grid's points that share its first key's value (so the tuned
+    point is the first fitted, where :func:`search`'s coordinate search starts, and comes
+    first among each window's points)."""
     keys = SEARCHED[family]
     lists = [search_values(p, family, k) for k in keys]
     grid = [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*lists)]
@@ -659,6 +659,21 @@ def point_key(point: dict[str, float]) -> str:
     return ",".join(f"{k}={v}" for k, v in point.items())
 
 
+def next_point(points: list[dict], done: set[int], best: dict | None) -> int:
+    """The index of the next point to fit: the first not yet fitted, in ``points``' order, that
+    differs from ``best`` (the best point so far) in one key, else the first not yet fitted.
+    From the grid's first point this is a coordinate search: every key is moved from the best
+    point before the grid's later combinations are tried (a windowed EASE Gram, say, at the
+    best plain point, not after the 75 plain ones), and with the whole grid fitted it is the
+    grid again. One searched key: ``points``' order."""
+    left = [i for i in range(len(points)) if i not in done]
+    if best is not None:
+        for i in left:
+            if sum(points[i].get(k) != v for k, v in best.items()) <= 1:
+                return i
+    return left[0]
+
+
 def search(family: str, points: list[dict[str, float]], fit_one, sample: pd.DataFrame, *,
            known: pd.DataFrame, n_users: int, metric: str, deadline: float,
            interruptible: bool = False) -> tuple[dict, dict]:
@@ -667,7 +682,10 @@ def search(family: str, points: list[dict[str, float]], fit_one, sample: pd.Data
     ``fit_one(point, deadline) -> (weights, history)`` fits one point; each gets an equal share
     of the time to ``deadline`` (an ``interruptible`` fit stops at its share; a closed-form one
     is not started when the slowest fit so far says it would overrun ``deadline``: the points
-    left are recorded as not fitted). Each fit is scored on the valid ``sample`` by
+    left are recorded as not fitted). The points are taken in :func:`next_point`'s order (a
+    coordinate search from the first: the best so far's neighbours first), so that a search
+    the budget cuts short has moved every key from its best, not exhausted the grid's first
+    keys (the record lists them in ``points``' order). Each fit is scored on the valid ``sample`` by
     ``evaluate.ranking_metric``, the same figure every candidate is compared by; the best is
     the family's selection fit, and the shipped refit repeats its point. Its history
     records every point's figure (``search``) and the choice (``params``).
@@ -678,14 +696,19 @@ def search(family: str, points: list[dict[str, float]], fit_one, sample: pd.Data
 
     best, record, slowest = None, {}, 0.0
     ranks: dict = {}  # the sample users' recency ranks, built once for every point that asks
-    for n, point in enumerate(points):
+    done: set[int] = set()
+    for n in range(len(points)):
+        i = next_point(points, done, None if best is None or best[0] is None else best[1])
+        point = points[i]
         now = time.monotonic()
         if n and not interruptible and now + slowest > deadline:
-            for rest in points[n:]:
-                record[point_key(rest)] = {"skipped": "time budget"}
+            for j, rest in enumerate(points):
+                if j not in done:
+                    record[point_key(rest)] = {"skipped": "time budget"}
             log.info("%s search: %d of %d points left unfitted (time budget)", family,
                      len(points) - n, len(points))
             break
+        done.add(i)
         own = now + max(0.0, deadline - now) / (len(points) - n)
         started = time.perf_counter()
         emb, hist = fit_one(point, own)
@@ -708,7 +731,8 @@ def search(family: str, points: list[dict[str, float]], fit_one, sample: pd.Data
             best = (value, point, _parked(emb) if n + 1 < len(points) else emb, hist)
         emb = None
     value, point, emb, hist = best
-    hist["params"], hist["search"] = dict(point), record
+    hist["params"] = dict(point)
+    hist["search"] = {point_key(pt): record[point_key(pt)] for pt in points}
     if value is not None:  # already scored on the sample: train_both need not rank it again
         hist[f"valid_{metric}"] = value
     return emb, hist

@@ -216,6 +216,35 @@ def test_a_closed_form_search_past_its_share_stops_and_says_so(parts):
     assert hist["search"]["2.0"] == hist["search"]["3.0"] == {"skipped": "time budget"}
 
 
+def test_a_search_moves_every_key_from_its_best_before_the_rest_of_the_grid(monkeypatch):
+    """A coordinate search: from the grid's first point, the best so far's neighbours (one key
+    changed) in the grid's order, then what is left. The windowed Gram is tried at the best
+    plain l2 as the fifth fit, not after every plain point (a budget that allows five fits
+    has tried it); the choice is still the best valid figure; the record keeps the grid's
+    order."""
+    grid = [{"window": w, "l2": l2} for w in (None, 5.0) for l2 in (1.0, 2.0, 3.0, 4.0)]
+    valid = {(None, 1.0): 0.1, (None, 2.0): 0.2, (None, 3.0): 0.3, (None, 4.0): 0.25,
+             (5.0, 1.0): 0.05, (5.0, 2.0): 0.15, (5.0, 3.0): 0.4, (5.0, 4.0): 0.35}
+    calls = []
+
+    def fit_one(point, _deadline):
+        calls.append((point["window"], point["l2"]))
+        return {"tag": calls[-1]}, {}
+
+    monkeypatch.setattr(evaluate, "ranking_metric", lambda emb, *a, **k: valid[emb["tag"]])
+    sample = pd.DataFrame({schema.USER_IDX: [0], schema.ITEM_IDX: [1]})
+    emb, hist = train.search("ease", grid, fit_one, sample, known=sample, n_users=1,
+                             metric="ndcg_at_10", deadline=float("inf"))
+    assert calls == [(None, 1.0), (None, 2.0), (None, 3.0), (None, 4.0), (5.0, 3.0),
+                     (5.0, 1.0), (5.0, 2.0), (5.0, 4.0)]
+    assert hist["params"] == {"window": 5.0, "l2": 3.0} and emb["tag"] == (5.0, 3.0)
+    assert list(hist["search"]) == [train.point_key(pt) for pt in grid]
+    # the order alone
+    assert train.next_point(grid, set(), None) == 0
+    assert train.next_point(grid, {0, 1, 2, 3}, {"window": None, "l2": 3.0}) == 6
+    assert train.next_point(grid, {0, 1, 2, 3, 6}, {"window": None, "l2": 9.0}) == 4
+
+
 def _dense_rp3beta(x: np.ndarray, alpha: float, beta: float, user_deg=None) -> np.ndarray:
     user_deg = x.sum(1, keepdims=True) if user_deg is None else user_deg
     pui = x / np.maximum(user_deg, 1)  # user -> item transition
