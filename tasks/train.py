@@ -726,11 +726,13 @@ def search(family: str, points: list[dict[str, float]], fit_one, sample: pd.Data
                                     **({"iterations": hist["iterations"]}
                                        if "iterations" in hist else {})}
         log.info("%s %s: valid %s = %s (%.1f s)", family, point, metric, value, last_s)
-        if best is None or (value is not None and value > best[0]):
-            # the best so far waits on disk while the next point's fit runs
-            best = (value, point, _parked(emb) if n + 1 < len(points) else emb, hist)
+        if best is None or (value is not None and (
+                value > best[0] or (value == best[0] and i < best[4]))):
+            # the best so far waits on disk while the next point's fit runs; a tie goes to
+            # the point listed first, as in the listed order
+            best = (value, point, _parked(emb) if n + 1 < len(points) else emb, hist, i)
         emb = None
-    value, point, emb, hist = best
+    value, point, emb, hist, _ = best
     hist["params"] = dict(point)
     hist["search"] = {point_key(pt): record[point_key(pt)] for pt in points}
     if value is not None:  # already scored on the sample: train_both need not rank it again
@@ -1152,8 +1154,9 @@ def train_both(
     the refits, and stops at the iteration or epoch that would overrun it; an mf_softmax whose
     first epoch is projected to overrun is skipped (``selection["skipped"]``, logged). A
     candidate (a blend: its components together) whose refits are projected
-    (:func:`one_fit_s` x the reserve) past what is left of the budget when the fits end is not
-    a choice (``selection["skipped"]``, logged); the cheapest always is.
+    (:func:`one_fit_s` x the reserve) past what is left of the budget once the fits and the
+    blend search are done is not a choice (``selection["not_chosen"]``, logged); the cheapest
+    always is.
 
     Returns ``{"chosen", "selection", "holdout": (weights, history), "full": (weights,
     history), ["gated_refit": (weights, history),] "train_cutoff", "gated", "gated_cutoff",
@@ -1166,7 +1169,9 @@ def train_both(
     (the argument when given, else from the frames).
 
     Nothing before the choice reads ``parts["test"]``: the selection fits, the searches and the
-    blend see train and the valid sample only (tests/test_tuning.py checks it).
+    blend see train and the valid sample only (tests/test_tuning.py checks it). Its row count
+    alone sizes the refits' reserve (:func:`refit_rows`) when ``ship_fit`` is ``all`` and no
+    ``shipped`` frame is given; run() gives one.
     """
     from nightrec.tasks import evaluate
 
@@ -1254,7 +1259,6 @@ def train_both(
         log.info("candidate %s: valid %s = %.4f", name, metric, value)
     if not fits:
         raise ValueError(f"no candidate could be fitted within the budget: {skipped}")
-    left = deadline - time.monotonic()  # for the refits (scoring on valid is not fitting)
     fitted = [n for n in names if n in fits]
     if p["train.blend.enabled"] and len(fitted) >= 2:
         started = time.perf_counter()
@@ -1277,11 +1281,12 @@ def train_both(
         emb = hist = None
     # the time budget bounds the refits too: a candidate whose refits would not end in time
     # (a blend refits each component, the defaults refit twice) is not a choice
+    left = deadline - time.monotonic()
     too_slow = refits_over_budget(fitted, refit_s, left)
     for name, why in too_slow.items():
-        skipped[name] = why
         log.warning("candidate %s not chosen: %s", name, why)
     fitted = [n for n in fitted if n not in too_slow]
+    selection["not_chosen"] = too_slow
     selection["refits_left_s"] = round(left, 1)
     # the paired comparison: each candidate's metric per valid user of the one sample
     confidence = float(p["train.select_confidence"])

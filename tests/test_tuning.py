@@ -219,9 +219,10 @@ def test_a_closed_form_search_past_its_share_stops_and_says_so(parts):
 def test_a_search_moves_every_key_from_its_best_before_the_rest_of_the_grid(monkeypatch):
     """A coordinate search: from the grid's first point, the best so far's neighbours (one key
     changed) in the grid's order, then what is left. The windowed Gram is tried at the best
-    plain l2 as the fifth fit, not after every plain point (a budget that allows five fits
-    has tried it); the choice is still the best valid figure; the record keeps the grid's
-    order."""
+    plain l2 as the fifth fit, not after every plain point (a search cut after five fits has
+    tried it; in the listed order it would have had to reach the sixth); the choice is still
+    the best valid figure, a tie goes to the point listed first, and the record keeps the
+    grid's order."""
     grid = [{"window": w, "l2": l2} for w in (None, 5.0) for l2 in (1.0, 2.0, 3.0, 4.0)]
     valid = {(None, 1.0): 0.1, (None, 2.0): 0.2, (None, 3.0): 0.3, (None, 4.0): 0.25,
              (5.0, 1.0): 0.05, (5.0, 2.0): 0.15, (5.0, 3.0): 0.4, (5.0, 4.0): 0.35}
@@ -239,6 +240,16 @@ def test_a_search_moves_every_key_from_its_best_before_the_rest_of_the_grid(monk
                      (5.0, 1.0), (5.0, 2.0), (5.0, 4.0)]
     assert hist["params"] == {"window": 5.0, "l2": 3.0} and emb["tag"] == (5.0, 3.0)
     assert list(hist["search"]) == [train.point_key(pt) for pt in grid]
+    # a tie with the best (5.0, 3.0): (5.0, 4.0) is fitted and listed after it, (5.0, 1.0)
+    # fitted after it but listed before it: the one listed first is chosen either way
+    for tie, chosen in (((5.0, 4.0), (5.0, 3.0)), ((5.0, 1.0), (5.0, 1.0))):
+        calls.clear()
+        monkeypatch.setitem(valid, tie, 0.4)
+        _, hist = train.search("ease", grid, fit_one, sample, known=sample, n_users=1,
+                               metric="ndcg_at_10", deadline=float("inf"))
+        assert (hist["params"]["window"], hist["params"]["l2"]) == chosen
+        monkeypatch.undo()
+        monkeypatch.setattr(evaluate, "ranking_metric", lambda emb, *a, **k: valid[emb["tag"]])
     # the order alone
     assert train.next_point(grid, set(), None) == 0
     assert train.next_point(grid, {0, 1, 2, 3}, {"window": None, "l2": 3.0}) == 6
@@ -653,7 +664,7 @@ def test_a_blend_whose_refits_would_overrun_the_budget_is_not_chosen(parts, tmp_
     """The setting where the blend of EASE and iALS wins (the test above), with iALS's fit
     projected at 500 s: its refits and the blend's (which refits iALS too) would not end within
     the budget (900 s in the tests): EASE ships, and selection.json says why the others did
-    not."""
+    not (``not_chosen``; ``skipped`` stays for what was not fitted)."""
     real = train.one_fit_s
     monkeypatch.setattr(train, "one_fit_s", lambda hist, fit_s: (
         500.0 if "regularization" in hist else real(hist, fit_s)))
@@ -669,8 +680,8 @@ def test_a_blend_whose_refits_would_overrun_the_budget_is_not_chosen(parts, tmp_
     assert sel["candidates"]["ials"]["refits_projected_s"] == pytest.approx(500 * reserve, 0.01)
     assert sel["candidates"]["blend"]["refits_projected_s"] > 500 * reserve
     assert res["chosen"] == "ease" and sel["chosen"] == "ease"
-    assert set(sel["skipped"]) == {"ials", "blend"}
-    assert all("left in the time budget" in why for why in sel["skipped"].values())
+    assert set(sel["not_chosen"]) == {"ials", "blend"} and sel["skipped"] == {}
+    assert all("left in the time budget" in why for why in sel["not_chosen"].values())
     assert sel["refits_left_s"] < 500 * reserve
     assert "blend" not in sel["choice"]["challengers"]
 

@@ -293,12 +293,18 @@ def build_report(ds: str, *, run_id: str, task_states: dict[str, str], p) -> tup
     if selection:
         metric = selection.get("metric", "")
         choice = selection.get("choice") or {}
+
+        def not_chosen(name: str) -> str:  # fitted, but its refits would overrun the budget
+            why = (selection.get("not_chosen") or {}).get(name)
+            return f"not chosen: {why}" if why else ""
+
         rows = "".join(
             f"<tr><td>{html.escape(n)}</td><td>{c.get(f'valid_{metric}', float('nan')):.4f}</td>"
             f"<td>{c.get('fit_s', '-')}</td><td>{c.get('best_epoch', '-')}</td>"
             f"<td>{html.escape(_tuned(c))}</td>"
             f"<td>{html.escape(_challenge((choice.get('challengers') or {}).get(n)))}</td>"
-            f"<td>{'chosen' if n == selection.get('chosen') else ''}</td></tr>"
+            f"<td>{'chosen' if n == selection.get('chosen') else html.escape(not_chosen(n))}"
+            f"</td></tr>"
             for n, c in selection.get("candidates", {}).items())
         rows += "".join(f"<tr><td>{html.escape(n)}</td><td colspan=\"6\">skipped: "
                         f"{html.escape(str(why))}</td></tr>"
