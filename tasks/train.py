@@ -1088,7 +1088,7 @@ def gated_fit(p: settings.StepParams) -> str:
     return "holdout" if gate == ["train"] else "gated"
 
 
-def _share(deadline: float, remaining: int, reserve: float = 1.0) -> float:
+def _share(deadline: float, remaining: int, reserve: float) -> float:
     """The deadline of the next of ``remaining`` fits, ``reserve`` more shares kept for the
     refits (:func:`refit_reserve`)."""
     now = time.monotonic()
