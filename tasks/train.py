@@ -659,19 +659,38 @@ def point_key(point: dict[str, float]) -> str:
     return ",".join(f"{k}={v}" for k, v in point.items())
 
 
-def next_point(points: list[dict], done: set[int], best: dict | None) -> int:
-    """The index of the next point to fit: the first not yet fitted, in ``points``' order, that
-    differs from ``best`` (the best point so far) in one key, else the first not yet fitted.
-    From the grid's first point this is a coordinate search: every key is moved from the best
-    point before the grid's later combinations are tried (a windowed EASE Gram, say, at the
-    best plain point, not after the 75 plain ones), and with the whole grid fitted it is the
+def next_point(points: list[dict], done: set[int], best: dict | None,
+               cursor: int = 0) -> tuple[int, int]:
+    """``(index, cursor)``: the next point to fit in a cyclic coordinate search, and the key
+    it moves (``cursor``, an index into :func:`cycle_keys`). From ``best`` (the best point so
+    far), the first point not yet fitted, in ``points``' order, that differs from it in the
+    cursor's key only; when the best has none left along that key, the next key's, cyclically;
+    when it has none along any key (or there is no best yet), the first point not yet fitted.
+
+    So every key is moved once from the best before any key is moved twice: a search the time
+    budget cuts after ``1 + sum(len(values) - 1)`` fits has tried every value of every key
+    (EASE's window among them) next to the best, where restarting from the first key on each
+    new best could spend the whole share on one key. With the whole grid fitted it is the
     grid again. One searched key: ``points``' order."""
     left = [i for i in range(len(points)) if i not in done]
-    if best is not None:
-        for i in left:
-            if sum(points[i].get(k) != v for k, v in best.items()) <= 1:
-                return i
-    return left[0]
+    if best is not None and left:
+        keys = cycle_keys(points)
+        for step in range(len(keys)):
+            at = (cursor + step) % len(keys)
+            key = keys[at]
+            for i in left:
+                if points[i].get(key) != best.get(key) and all(
+                        points[i].get(k) == v for k, v in best.items() if k != key):
+                    return i, at
+    return left[0], cursor
+
+
+def cycle_keys(points: list[dict]) -> list[str]:
+    """The keys a coordinate search moves, in turn: the grid's keys from the one that varies
+    fastest in ``points`` (its last) to the slowest. A grid lists its costly keys first (EASE's
+    window: each value a Gram matrix to build; RP3beta's alpha, the same), so a turn takes the
+    cheap moves (a recency half-life reuses the last solve) before the ones that rebuild."""
+    return list(reversed(list(points[0]))) if points else []
 
 
 def search(family: str, points: list[dict[str, float]], fit_one, sample: pd.DataFrame, *,
@@ -683,9 +702,9 @@ def search(family: str, points: list[dict[str, float]], fit_one, sample: pd.Data
     of the time to ``deadline`` (an ``interruptible`` fit stops at its share; a closed-form one
     is not started when the slowest fit so far says it would overrun ``deadline``: the points
     left are recorded as not fitted). The points are taken in :func:`next_point`'s order (a
-    coordinate search from the first: the best so far's neighbours first), so that a search
-    the budget cuts short has moved every key from its best, not exhausted the grid's first
-    keys (the record lists them in ``points``' order). Each fit is scored on the valid ``sample`` by
+    cyclic coordinate search from the first: each key in turn moved from the best so far), so
+    that a search the budget cuts short has moved every key from its best, not exhausted the
+    grid's first keys (the record lists them in ``points``' order). Each fit is scored on the valid ``sample`` by
     ``evaluate.ranking_metric``, the same figure every candidate is compared by; the best is
     the family's selection fit, and the shipped refit repeats its point. Its history
     records every point's figure (``search``) and the choice (``params``).
@@ -697,8 +716,10 @@ def search(family: str, points: list[dict[str, float]], fit_one, sample: pd.Data
     best, record, slowest = None, {}, 0.0
     ranks: dict = {}  # the sample users' recency ranks, built once for every point that asks
     done: set[int] = set()
+    cursor = 0  # the key the coordinate search moves now (next_point)
     for n in range(len(points)):
-        i = next_point(points, done, None if best is None or best[0] is None else best[1])
+        i, cursor = next_point(points, done, None if best is None or best[0] is None
+                               else best[1], cursor)
         point = points[i]
         now = time.monotonic()
         if n and not interruptible and now + slowest > deadline:

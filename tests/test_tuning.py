@@ -251,9 +251,33 @@ def test_a_search_moves_every_key_from_its_best_before_the_rest_of_the_grid(monk
         monkeypatch.undo()
         monkeypatch.setattr(evaluate, "ranking_metric", lambda emb, *a, **k: valid[emb["tag"]])
     # the order alone
-    assert train.next_point(grid, set(), None) == 0
-    assert train.next_point(grid, {0, 1, 2, 3}, {"window": None, "l2": 3.0}) == 6
-    assert train.next_point(grid, {0, 1, 2, 3, 6}, {"window": None, "l2": 9.0}) == 4
+    assert train.next_point(grid, set(), None) == (0, 0)
+    assert train.next_point(grid, {0, 1, 2, 3}, {"window": None, "l2": 3.0}) == (6, 1)
+    assert train.next_point(grid, {0, 1, 2, 3, 6}, {"window": None, "l2": 9.0}) == (4, 0)
+
+
+def test_a_search_moves_each_key_in_turn_not_the_first_key_again_on_every_new_best(
+        monkeypatch):
+    """A cyclic coordinate search: every key is moved once from the best before any is moved
+    twice, so a search cut after 1 + 2 + 2 + 1 fits has tried the costly outer key (EASE's
+    window) too. Here every move along a key improves: a search that restarted from the first
+    key on each new best would still be moving c and b at the sixth fit."""
+    grid = [{"a": a, "b": b, "c": c} for a in (0, 1) for b in (0, 1, 2) for c in (0, 1, 2)]
+    assert train.cycle_keys(grid) == ["c", "b", "a"]  # the fastest-varying (cheapest) first
+    calls = []
+
+    def fit_one(point, _deadline):
+        calls.append((point["a"], point["b"], point["c"]))
+        return {"tag": calls[-1]}, {}
+
+    monkeypatch.setattr(evaluate, "ranking_metric",
+                        lambda emb, *a, **k: 0.5 * emb["tag"][0] + emb["tag"][1] + emb["tag"][2])
+    sample = pd.DataFrame({schema.USER_IDX: [0], schema.ITEM_IDX: [1]})
+    _, hist = train.search("ease", grid, fit_one, sample, known=sample, n_users=1,
+                           metric="ndcg_at_10", deadline=float("inf"))
+    assert calls[:6] == [(0, 0, 0), (0, 0, 1), (0, 0, 2), (0, 1, 2), (0, 2, 2), (1, 2, 2)]
+    assert sorted(calls) == sorted((pt["a"], pt["b"], pt["c"]) for pt in grid)  # then the rest
+    assert hist["params"] == {"a": 1, "b": 2, "c": 2}
 
 
 def _dense_rp3beta(x: np.ndarray, alpha: float, beta: float, user_deg=None) -> np.ndarray:
