@@ -695,13 +695,14 @@ def cycle_keys(points: list[dict]) -> list[str]:
 
 def search(family: str, points: list[dict[str, float]], fit_one, sample: pd.DataFrame, *,
            known: pd.DataFrame, n_users: int, metric: str, deadline: float,
-           interruptible: bool = False) -> tuple[dict, dict]:
+           interruptible: bool = False, projected_s=None) -> tuple[dict, dict]:
     """The selection fit of a family with searched hyperparameters (tuning in the loop).
 
     ``fit_one(point, deadline) -> (weights, history)`` fits one point; each gets an equal share
     of the time to ``deadline`` (an ``interruptible`` fit stops at its share; a closed-form one
-    is not started when the slowest fit so far says it would overrun ``deadline``: the points
-    left are recorded as not fitted). The points are taken in :func:`next_point`'s order (a
+    is not started when it is projected to overrun ``deadline``: the points left are recorded
+    as not fitted; ``projected_s(point)`` says what a point will take, None or no function: the
+    slowest fit so far). The points are taken in :func:`next_point`'s order (a
     cyclic coordinate search from the first: each key in turn moved from the best so far), so
     that a search the budget cuts short has moved every key from its best, not exhausted the
     grid's first keys (the record lists them in ``points``' order). Each fit is scored on the valid ``sample`` by
@@ -722,7 +723,8 @@ def search(family: str, points: list[dict[str, float]], fit_one, sample: pd.Data
                                else best[1], cursor)
         point = points[i]
         now = time.monotonic()
-        if n and not interruptible and now + slowest > deadline:
+        need = None if projected_s is None else projected_s(point)
+        if n and not interruptible and now + (slowest if need is None else need) > deadline:
             for j, rest in enumerate(points):
                 if j not in done:
                     record[point_key(rest)] = {"skipped": "time budget"}
@@ -805,8 +807,10 @@ def search_item_item(family: str, train: pd.DataFrame, sample: pd.DataFrame, *, 
     overwrites it; RP3beta's depends on alpha only)."""
     x = _pairs_matrix(train, n_users=n_users, n_items=n_items)
     max_items = int(p[f"train.{family}.max_items"])
+    by = "window" if family == "ease" else "alpha"  # the key a Gram matrix depends on
     grams: dict = {}
     last: dict = {}  # the last fit, reused by the points that differ only in recency
+    cost: dict = {"gram": {}, "solve": 0.0}  # seconds: each Gram's build, the slowest solve
 
     def fit_one(point, deadline):
         base = {k: v for k, v in point.items() if k != "recency_half_life"}
@@ -817,22 +821,35 @@ def search_item_item(family: str, train: pd.DataFrame, sample: pd.DataFrame, *, 
             {"head_items": max_items} if models.item_index(last["emb"]) is not None else {}))
 
     def fit_base(point):
+        if "g" not in grams or grams[by] != point[by]:
+            grams.clear()
+            started = time.perf_counter()
+            grams[by] = point[by]
+            grams["g"] = (ease_gram(x, train, p=p, window=point["window"]) if family == "ease"
+                          else models.item_gram(x, max_items=max_items, user_weight=(
+                              models.rp3_user_weight(x, point["alpha"]))))
+            cost["gram"][point[by]] = time.perf_counter() - started
+        started = time.perf_counter()
         if family == "ease":
-            if "g" not in grams or grams["window"] != point["window"]:
-                grams.clear()
-                grams["window"] = point["window"]
-                grams["g"] = ease_gram(x, train, p=p, window=point["window"])
             g, head = grams["g"]
             emb = models.ease_from_gram(g.copy(), head, n_items, l2=point["l2"],
                                         dropout=point["dropout"])
         else:
-            if grams.get("alpha") != point["alpha"]:
-                grams.clear()
-                grams["alpha"] = point["alpha"]
-                grams["g"] = models.item_gram(x, max_items=max_items, user_weight=(
-                    models.rp3_user_weight(x, point["alpha"])))
             emb = models.fit_rp3beta(x, alpha=point["alpha"], beta=point["beta"], gram=grams["g"])
+        cost["solve"] = max(cost["solve"], time.perf_counter() - started)
         return emb
+
+    def projected_s(point) -> float | None:
+        """What fitting ``point`` will take: nothing for a recency value of the last fit, a
+        solve on the Gram matrix held, a Gram matrix's build and a solve for another (a build
+        not yet timed: the slowest timed); None before the first fit."""
+        if last.get("base") == {k: v for k, v in point.items() if k != "recency_half_life"}:
+            return 0.0
+        if not cost["gram"]:
+            return None
+        build = 0.0 if grams.get(by) == point[by] else cost["gram"].get(
+            point[by], max(cost["gram"].values()))
+        return build + cost["solve"]
 
     points = search_points(p, family)
     if family == "ease":  # above window_max_events, the plain Gram only
@@ -841,7 +858,8 @@ def search_item_item(family: str, train: pd.DataFrame, sample: pd.DataFrame, *, 
     try:
         return search(family, points, fit_one, sample,
                       known=train if known is None else known, n_users=n_users,
-                      metric=p["train.select_metric"], deadline=deadline)
+                      metric=p["train.select_metric"], deadline=deadline,
+                      projected_s=projected_s)
     finally:
         grams.clear()
         last.clear()

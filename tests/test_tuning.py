@@ -280,6 +280,33 @@ def test_a_search_moves_each_key_in_turn_not_the_first_key_again_on_every_new_be
     assert hist["params"] == {"a": 1, "b": 2, "c": 2}
 
 
+def test_a_closed_form_search_projects_each_point_by_what_it_must_rebuild(monkeypatch):
+    """A point the family says is cheap (a solve on the Gram matrix held, a recency value of
+    the last solve) is fitted when the slowest fit so far (a Gram build) would overrun the
+    deadline; one projected past it is not started and is recorded as such. Without the
+    projection the slowest fit decides, as before."""
+    import time
+
+    grid = [{"l2": v} for v in (1.0, 2.0, 3.0)]
+
+    def fit_one(point, _deadline):
+        if point["l2"] == 1.0:
+            time.sleep(1.0)  # the first fit builds the Gram matrix
+        return {"tag": point["l2"]}, {}
+
+    monkeypatch.setattr(evaluate, "ranking_metric", lambda emb, *a, **k: emb["tag"])
+    sample = pd.DataFrame({schema.USER_IDX: [0], schema.ITEM_IDX: [1]})
+    projected = {1.0: None, 2.0: 0.0, 3.0: 100.0}
+    for projected_s, fitted in ((lambda pt: projected[pt["l2"]], [1.0, 2.0]), (None, [1.0])):
+        _, hist = train.search("ease", grid, fit_one, sample, known=sample, n_users=1,
+                               metric="ndcg_at_10", deadline=time.monotonic() + 1.5,
+                               projected_s=projected_s)
+        for point in grid:
+            record = hist["search"][train.point_key(point)]
+            assert (record == {"skipped": "time budget"}) == (point["l2"] not in fitted)
+        assert hist["params"] == {"l2": fitted[-1]}
+
+
 def _dense_rp3beta(x: np.ndarray, alpha: float, beta: float, user_deg=None) -> np.ndarray:
     user_deg = x.sum(1, keepdims=True) if user_deg is None else user_deg
     pui = x / np.maximum(user_deg, 1)  # user -> item transition
