@@ -263,7 +263,8 @@ def quality(params_path: Path) -> dict:
     (``evaluate.targets`` / ``evaluate.recommend``, train and valid items excluded) on the same
     test users. implicit and nightrec's iALS run with the same factors, iterations,
     regularization, alpha and CG steps (params.yaml's ``train.ials``), so their seconds per
-    iteration and NDCG@10 compare at equal settings. EASE uses ``train.ease.l2`` / ``dropout``
+    iteration and NDCG@10 compare at equal settings. EASE uses the ``l2`` / ``dropout`` the
+    run's search chose on valid (the first of ``train.ease``'s lists when it searched none)
     without nightrec's ``max_items`` limit. The published table itself cannot be scored on the
     test split: it excludes every item seen up to ds, test events included."""
     import io
@@ -341,9 +342,12 @@ def quality(params_path: Path) -> dict:
     out["nightrec_ials"] = {"ndcg_at_10": ndcg(mine), "fit_s": secs,
                             "s_per_iteration": float(np.mean(hist["iteration_s"])),
                             "kernel": hist["kernel"]}
-    # EASE over every item at the first point of train.ease's searched lists (issue 16: the
-    # run searches them; this reference keeps one fixed point)
+    # EASE over every item at the l2 and dropout the run's own search chose on its valid
+    # sample (selection.json; never the test split), else the first of train.ease's lists:
+    # the peer gets the run's tuning, without nightrec's max_items head
     e = {k: (v[0] if isinstance(v, list) else v) for k, v in params["train"]["ease"].items()}
+    chose = ((selection.get("candidates") or {}).get("ease") or {}).get("params") or {}
+    e.update({k: chose[k] for k in ("l2", "dropout") if chose.get(k) is not None})
     t0 = time.perf_counter()
     gram = (x.T @ x).toarray().astype(np.float32)
     diag = np.diag(gram).copy()
@@ -357,7 +361,8 @@ def quality(params_path: Path) -> dict:
     out["ease_all_items"] = {"ndcg_at_10": ndcg({"item_item": b,
                                                   "item_bias": np.zeros(n_items, np.float32)}),
                              "fit_s": time.perf_counter() - t0, "l2": e["l2"],
-                             "dropout": e["dropout"]}
+                             "dropout": e["dropout"],
+                             "params_from": "the run's valid choice" if chose else "params.yaml"}
     del b
     best = max(out["implicit_ials"]["ndcg_at_10"], out["ease_all_items"]["ndcg_at_10"])
     out["gated_fit_over_best_baseline"] = out["nightrec_gated_fit"]["ndcg_at_10"] / best
