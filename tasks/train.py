@@ -661,28 +661,33 @@ def point_key(point: dict[str, float]) -> str:
 
 def next_point(points: list[dict], done: set[int], best: dict | None,
                cursor: int = 0) -> tuple[int, int]:
-    """``(index, cursor)``: the next point to fit in a cyclic coordinate search, and the key
-    it moves (``cursor``, an index into :func:`cycle_keys`). From ``best`` (the best point so
-    far), the first point not yet fitted, in ``points``' order, that differs from it in the
-    cursor's key only; when the best has none left along that key, the next key's, cyclically;
-    when it has none along any key (or there is no best yet), the first point not yet fitted.
+    """``(index, cursor)``: the next point to fit in a cyclic coordinate search, and the
+    cursor (an index into :func:`cycle_keys`: the key being moved). From ``best`` (the best
+    point so far), the first point not yet fitted, in ``points``' order, that differs from it
+    in the cursor's key only; when the best has none left along that key, the next key's,
+    cyclically; when it has none along any key, the point not yet fitted nearest to it (fewest
+    keys changed, then ``points``' order; the cursor stays); with no best yet, the first.
 
     So every key is moved once from the best before any key is moved twice: a search the time
     budget cuts after ``1 + sum(len(values) - 1)`` fits has tried every value of every key
     (EASE's window among them) next to the best, where restarting from the first key on each
-    new best could spend the whole share on one key. With the whole grid fitted it is the
-    grid again. One searched key: ``points``' order."""
+    new best could spend the whole share on one key. (A best off the lists, a tune DAG's
+    adopted point, has neighbours only along the keys it shares with the grid; then the nearest
+    points follow.) With the whole grid fitted it is the grid again, in another order. One
+    searched key: ``points``' order."""
     left = [i for i in range(len(points)) if i not in done]
-    if best is not None and left:
-        keys = cycle_keys(points)
-        for step in range(len(keys)):
-            at = (cursor + step) % len(keys)
-            key = keys[at]
-            for i in left:
-                if points[i].get(key) != best.get(key) and all(
-                        points[i].get(k) == v for k, v in best.items() if k != key):
-                    return i, at
-    return left[0], cursor
+    if best is None or not left:
+        return left[0], cursor
+    keys = cycle_keys(points)
+    for step in range(len(keys)):
+        at = (cursor + step) % len(keys)
+        key = keys[at]
+        for i in left:
+            if points[i].get(key) != best.get(key) and all(
+                    points[i].get(k) == v for k, v in best.items() if k != key):
+                return i, at
+    return min(left, key=lambda i: (sum(points[i].get(k) != v for k, v in best.items()),
+                                    i)), cursor
 
 
 def cycle_keys(points: list[dict]) -> list[str]:
@@ -700,12 +705,14 @@ def search(family: str, points: list[dict[str, float]], fit_one, sample: pd.Data
 
     ``fit_one(point, deadline) -> (weights, history)`` fits one point; each gets an equal share
     of the time to ``deadline`` (an ``interruptible`` fit stops at its share; a closed-form one
-    is not started when it is projected to overrun ``deadline``: the points left are recorded
-    as not fitted; ``projected_s(point)`` says what a point will take, None or no function: the
-    slowest fit so far). The points are taken in :func:`next_point`'s order (a
-    cyclic coordinate search from the first: each key in turn moved from the best so far), so
-    that a search the budget cuts short has moved every key from its best, not exhausted the
-    grid's first keys (the record lists them in ``points``' order). Each fit is scored on the valid ``sample`` by
+    is not started when its fit and its scoring are projected to overrun ``deadline``, and is
+    recorded as not fitted: ``projected_s(point)`` says what its fit will take (None, or no
+    function: the slowest fit so far), the slowest scoring so far is added; a point that would
+    rebuild is skipped, a cheaper one after it may still fit). The points are taken in
+    :func:`next_point`'s order (a cyclic coordinate search from the first: each key in turn
+    moved from the best so far), so that a search the budget cuts short has moved every key
+    from its best, not exhausted the grid's first keys (the record lists them in ``points``'
+    order). Each fit is scored on the valid ``sample`` by
     ``evaluate.ranking_metric``, the same figure every candidate is compared by; the best is
     the family's selection fit, and the shipped refit repeats its point. Its history
     records every point's figure (``search``) and the choice (``params``).
@@ -714,7 +721,7 @@ def search(family: str, points: list[dict[str, float]], fit_one, sample: pd.Data
     rows) and ``known`` (train rows), and this function is all the tuning there is."""
     from nightrec.tasks import evaluate
 
-    best, record, slowest = None, {}, 0.0
+    best, record, slowest, scoring = None, {}, 0.0, 0.0
     ranks: dict = {}  # the sample users' recency ranks, built once for every point that asks
     done: set[int] = set()
     cursor = 0  # the key the coordinate search moves now (next_point)
@@ -722,22 +729,20 @@ def search(family: str, points: list[dict[str, float]], fit_one, sample: pd.Data
         i, cursor = next_point(points, done, None if best is None or best[0] is None
                                else best[1], cursor)
         point = points[i]
+        done.add(i)
         now = time.monotonic()
         need = None if projected_s is None else projected_s(point)
-        if n and not interruptible and now + (slowest if need is None else need) > deadline:
-            for j, rest in enumerate(points):
-                if j not in done:
-                    record[point_key(rest)] = {"skipped": "time budget"}
-            log.info("%s search: %d of %d points left unfitted (time budget)", family,
-                     len(points) - n, len(points))
-            break
-        done.add(i)
+        if best is not None and not interruptible and now + scoring + (
+                slowest if need is None else need) > deadline:
+            record[point_key(point)] = {"skipped": "time budget"}
+            continue
         own = now + max(0.0, deadline - now) / (len(points) - n)
         started = time.perf_counter()
         emb, hist = fit_one(point, own)
         last_s = time.perf_counter() - started
         slowest = max(slowest, last_s)  # a point reusing a fit is quick: the next may not be
         value = None
+        started = time.perf_counter()
         if len(points) > 1:
             if models.recency_half_life(emb) is not None and "r" not in ranks:
                 ranks["r"] = evaluate.known_ranks(known, n_users=n_users,
@@ -745,6 +750,7 @@ def search(family: str, points: list[dict[str, float]], fit_one, sample: pd.Data
             value = evaluate.ranking_metric(emb, known, sample, metric=metric, n_users=n_users,
                                             ranks=ranks.get("r") if models.recency_half_life(
                                                 emb) is not None else None)
+        scoring = max(scoring, time.perf_counter() - started)
         record[point_key(point)] = {f"valid_{metric}": value, "fit_s": round(last_s, 2),
                                     **({"iterations": hist["iterations"]}
                                        if "iterations" in hist else {})}
@@ -755,6 +761,10 @@ def search(family: str, points: list[dict[str, float]], fit_one, sample: pd.Data
             # the point listed first, as in the listed order
             best = (value, point, _parked(emb) if n + 1 < len(points) else emb, hist, i)
         emb = None
+    unfitted = sum("skipped" in r for r in record.values())
+    if unfitted:
+        log.info("%s search: %d of %d points left unfitted (time budget)", family, unfitted,
+                 len(points))
     value, point, emb, hist, _ = best
     hist["params"] = dict(point)
     hist["search"] = {point_key(pt): record[point_key(pt)] for pt in points}
@@ -802,9 +812,12 @@ def ease_gram(x, train: pd.DataFrame, *, p: settings.StepParams,
 def search_item_item(family: str, train: pd.DataFrame, sample: pd.DataFrame, *, n_users: int,
                      n_items: int, p: settings.StepParams, deadline: float,
                      known: pd.DataFrame | None = None) -> tuple[dict, dict]:
-    """The selection fit of ``ease`` or ``rp3beta``: :func:`search` over its points, the
-    co-occurrence (Gram) matrix built once per EASE window and copied per point (EASE's solve
-    overwrites it; RP3beta's depends on alpha only)."""
+    """The selection fit of ``ease`` or ``rp3beta``: :func:`search` over its points. One
+    co-occurrence (Gram) matrix is held at a time, for one EASE window (RP3beta: alpha), and
+    copied per point (EASE's solve overwrites it); a point of another window builds its own
+    (the cyclic search can come back to a window). A point differing from the last fit only in
+    its recency half-life reuses that fit. Each point's projected cost (for :func:`search`'s
+    deadline) follows from this."""
     x = _pairs_matrix(train, n_users=n_users, n_items=n_items)
     max_items = int(p[f"train.{family}.max_items"])
     by = "window" if family == "ease" else "alpha"  # the key a Gram matrix depends on
@@ -840,9 +853,11 @@ def search_item_item(family: str, train: pd.DataFrame, sample: pd.DataFrame, *, 
         return emb
 
     def projected_s(point) -> float | None:
-        """What fitting ``point`` will take: nothing for a recency value of the last fit, a
-        solve on the Gram matrix held, a Gram matrix's build and a solve for another (a build
-        not yet timed: the slowest timed); None before the first fit."""
+        """What fitting ``point`` will take: nothing for a recency value of the last fit, the
+        slowest solve on the Gram matrix held, that and a Gram matrix's build for another (as
+        timed for that window or alpha; one not yet built: the slowest build timed, which for
+        a first window is the plain Gram's, low by the window's pairs); None before the first
+        fit."""
         if last.get("base") == {k: v for k, v in point.items() if k != "recency_half_life"}:
             return 0.0
         if not cost["gram"]:

@@ -217,12 +217,12 @@ def test_a_closed_form_search_past_its_share_stops_and_says_so(parts):
 
 
 def test_a_search_moves_every_key_from_its_best_before_the_rest_of_the_grid(monkeypatch):
-    """A coordinate search: from the grid's first point, the best so far's neighbours (one key
-    changed) in the grid's order, then what is left. The windowed Gram is tried at the best
-    plain l2 as the fifth fit, not after every plain point (a search cut after five fits has
-    tried it; in the listed order it would have had to reach the sixth); the choice is still
-    the best valid figure, a tie goes to the point listed first, and the record keeps the
-    grid's order."""
+    """A cyclic coordinate search: from the grid's first point, the best so far moved along
+    one key at a time (l2, then the window), then the nearest points left. The windowed Gram
+    is tried at the best plain l2 as the fifth fit, not after every plain point (a search cut
+    after five fits has tried it; in the listed order it would have had to reach the sixth);
+    the choice is still the best valid figure, a tie goes to the point listed first, and the
+    record keeps the grid's order."""
     grid = [{"window": w, "l2": l2} for w in (None, 5.0) for l2 in (1.0, 2.0, 3.0, 4.0)]
     valid = {(None, 1.0): 0.1, (None, 2.0): 0.2, (None, 3.0): 0.3, (None, 4.0): 0.25,
              (5.0, 1.0): 0.05, (5.0, 2.0): 0.15, (5.0, 3.0): 0.4, (5.0, 4.0): 0.35}
@@ -254,6 +254,12 @@ def test_a_search_moves_every_key_from_its_best_before_the_rest_of_the_grid(monk
     assert train.next_point(grid, set(), None) == (0, 0)
     assert train.next_point(grid, {0, 1, 2, 3}, {"window": None, "l2": 3.0}) == (6, 1)
     assert train.next_point(grid, {0, 1, 2, 3, 6}, {"window": None, "l2": 9.0}) == (4, 0)
+    # a best off the lists (an adopted tune point): its one-key neighbours, then the nearest
+    assert train.next_point(grid, {0, 1, 2, 3, 6}, {"window": 5.0, "l2": 3.5}) == (4, 0)
+    assert train.next_point(grid, {0, 1, 2, 3}, {"window": 5.0, "l2": 3.0}, 1) == (4, 0)
+    assert train.next_point(grid, {1, 2, 3, 4, 5, 6}, {"window": 5.0, "l2": 3.0}, 0) == (7, 0)
+    assert train.next_point(grid, {1, 2, 3, 4, 5, 6, 7}, {"window": 5.0, "l2": 3.0}, 0) == (
+        0, 0)  # two keys changed: the only point left
 
 
 def test_a_search_moves_each_key_in_turn_not_the_first_key_again_on_every_new_best(
@@ -278,6 +284,11 @@ def test_a_search_moves_each_key_in_turn_not_the_first_key_again_on_every_new_be
     assert calls[:6] == [(0, 0, 0), (0, 0, 1), (0, 0, 2), (0, 1, 2), (0, 2, 2), (1, 2, 2)]
     assert sorted(calls) == sorted((pt["a"], pt["b"], pt["c"]) for pt in grid)  # then the rest
     assert hist["params"] == {"a": 1, "b": 2, "c": 2}
+    # the one-key moves of the best all done: the nearest point left (two keys changed), not
+    # the grid's first (three)
+    near = {i for i, pt in enumerate(grid)
+            if sum(pt[k] != v for k, v in {"a": 1, "b": 2, "c": 2}.items()) <= 1}
+    assert train.next_point(grid, near, {"a": 1, "b": 2, "c": 2}, 2) == (2, 2)
 
 
 def test_a_closed_form_search_projects_each_point_by_what_it_must_rebuild(monkeypatch):
@@ -299,12 +310,41 @@ def test_a_closed_form_search_projects_each_point_by_what_it_must_rebuild(monkey
     projected = {1.0: None, 2.0: 0.0, 3.0: 100.0}
     for projected_s, fitted in ((lambda pt: projected[pt["l2"]], [1.0, 2.0]), (None, [1.0])):
         _, hist = train.search("ease", grid, fit_one, sample, known=sample, n_users=1,
-                               metric="ndcg_at_10", deadline=time.monotonic() + 1.5,
+                               metric="ndcg_at_10", deadline=time.monotonic() + 1.9,
                                projected_s=projected_s)
         for point in grid:
             record = hist["search"][train.point_key(point)]
             assert (record == {"skipped": "time budget"}) == (point["l2"] not in fitted)
         assert hist["params"] == {"l2": fitted[-1]}
+
+
+def test_ease_search_projects_a_window_by_its_gram_build_and_an_l2_by_its_solve(
+        parts, monkeypatch):
+    """search_item_item's projection, on real fits: each Gram matrix build is slowed to 1 s.
+    With 1.9 s to the deadline, every point on the plain Gram held (l2 values: a solve each;
+    a recency value: the last solve reused) is fitted after the first build, and each windowed
+    point, which would build its own Gram, is skipped; the slowest fit so far (the first, with
+    its build) would have stopped the search after one point."""
+    import time
+
+    real = train.ease_gram
+
+    def slow(*args, **kwargs):
+        time.sleep(1.0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "ease_gram", slow)
+    p = _p(**{"train.ease.window": [None, 5], "train.ease.l2": [300.0, 100.0, 1000.0],
+              "train.ease.dropout": [0.0], "train.ease.recency_half_life": [None, 3.0]})
+    sample = parts["valid"]
+    _, hist = train.search_item_item("ease", parts["train"], sample, n_users=N_USERS,
+                                     n_items=N_ITEMS, p=p, deadline=time.monotonic() + 1.9)
+    fitted = {k for k, r in hist["search"].items() if "skipped" not in r}
+    assert fitted == {train.point_key({"window": None, "l2": l2, "dropout": 0.0,
+                                       "recency_half_life": h})
+                      for l2 in (300.0, 100.0, 1000.0) for h in (None, 3.0)}
+    assert all(r == {"skipped": "time budget"} for k, r in hist["search"].items()
+               if k not in fitted)
 
 
 def _dense_rp3beta(x: np.ndarray, alpha: float, beta: float, user_deg=None) -> np.ndarray:
